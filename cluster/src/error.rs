@@ -1,0 +1,30 @@
+//! Errors of layouts and collectives.
+
+/// An error from a layout, a shard split or a collective.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A dimension cannot be split evenly across the tensor-parallel ranks.
+    #[error("{what} = {size} cannot be split across {parts} tensor-parallel ranks")]
+    UnevenSplit {
+        /// What is being split, e.g. `n_heads`.
+        what: String,
+        /// Its size.
+        size: usize,
+        /// The number of ranks.
+        parts: usize,
+    },
+    /// A rank outside its group.
+    #[error("rank {rank} is outside a group of {size}")]
+    RankOutOfRange {
+        /// The rank.
+        rank: usize,
+        /// The group size.
+        size: usize,
+    },
+    /// A tensor operation inside a collective failed.
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,16 @@
+//! Layouts, shard specs and collectives for FlexModel-rs.
+//!
+//! This crate knows how ranks split work and how they exchange tensors, and nothing
+//! about transformers. Models describe how each hook point is sharded with a
+//! [`ShardSpec`], hold the slice of their weights that their [`TpRank`] owns, and
+//! combine partial results through a [`Collective`].
+
+mod collective;
+mod error;
+mod shard_spec;
+mod tp_rank;
+
+pub use collective::{Collective, SingleRank};
+pub use error::{Error, Result};
+pub use shard_spec::ShardSpec;
+pub use tp_rank::TpRank;

@@ -1,0 +1,49 @@
+//! `flexmodel generate`: greedy continuation of a prompt, printed as it is produced.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::Args;
+use flexmodel::{Checkpoint, generate_greedy};
+
+use crate::layout::LayoutArgs;
+
+/// Options of `flexmodel generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// `smollm2`, a .gguf file or a Hugging Face model directory.
+    #[arg(long)]
+    model: String,
+    /// The text to continue.
+    #[arg(long)]
+    prompt: String,
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    #[command(flatten)]
+    layout: LayoutArgs,
+}
+
+/// Prints the continuation of the prompt (without the prompt) on stdout.
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    args.layout.require_single_shard()?;
+    let checkpoint = Checkpoint::open(&args.model)?;
+    let model = checkpoint.load_model()?;
+    let prompt = checkpoint.tokenizer.encode(&args.prompt)?;
+    let mut printed = String::new();
+    let mut generated = Vec::new();
+    let mut stdout = std::io::stdout().lock();
+    generate_greedy(&model, &prompt, args.max_new_tokens, |token| {
+        // Decode the whole continuation so multi-token characters print whole.
+        generated.push(token);
+        let text = checkpoint.tokenizer.decode(&generated)?;
+        if let Some(new) = text.strip_prefix(printed.as_str()) {
+            let _ = write!(stdout, "{new}").and_then(|_| stdout.flush());
+        }
+        printed = text;
+        Ok(())
+    })
+    .context("generation failed")?;
+    writeln!(stdout).context("writing to stdout")?;
+    Ok(())
+}

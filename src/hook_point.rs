@@ -1,0 +1,255 @@
+//! The named points of the forward pass that hooks can read and edit.
+//!
+//! Names follow TransformerLens (`blocks.3.attn.hook_pattern`); see the table in
+//! DESIGN.md. A [`HookPoint`] is a small value, cheap to pass on every call, and its
+//! name is only built when someone asks for it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use flexmodel_cluster::ShardSpec;
+
+use crate::models::LlamaConfig;
+
+/// A point inside one transformer block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BlockSite {
+    /// The residual stream entering the block.
+    ResidPre,
+    /// `x / rms(x)` before the attention norm's weight.
+    Ln1Normalized,
+    /// Queries, before RoPE.
+    Q,
+    /// Keys, before RoPE.
+    K,
+    /// Values.
+    V,
+    /// Queries after RoPE.
+    RotQ,
+    /// Keys after RoPE.
+    RotK,
+    /// `q·k/√d_head` with masked entries at −∞.
+    AttnScores,
+    /// The softmax of the scores.
+    Pattern,
+    /// The attention-weighted values of each head.
+    Z,
+    /// The attention output, after the output projection.
+    AttnOut,
+    /// The residual stream between attention and MLP.
+    ResidMid,
+    /// `x / rms(x)` before the MLP norm's weight.
+    Ln2Normalized,
+    /// The gate projection, before SiLU.
+    MlpPre,
+    /// The up projection.
+    MlpPreLinear,
+    /// `silu(gate) · up`.
+    MlpPost,
+    /// The MLP output, after the down projection.
+    MlpOut,
+    /// The residual stream leaving the block.
+    ResidPost,
+}
+
+impl BlockSite {
+    /// Every site, in the order the forward pass reaches them.
+    pub const ALL: [BlockSite; 18] = [
+        BlockSite::ResidPre,
+        BlockSite::Ln1Normalized,
+        BlockSite::Q,
+        BlockSite::K,
+        BlockSite::V,
+        BlockSite::RotQ,
+        BlockSite::RotK,
+        BlockSite::AttnScores,
+        BlockSite::Pattern,
+        BlockSite::Z,
+        BlockSite::AttnOut,
+        BlockSite::ResidMid,
+        BlockSite::Ln2Normalized,
+        BlockSite::MlpPre,
+        BlockSite::MlpPreLinear,
+        BlockSite::MlpPost,
+        BlockSite::MlpOut,
+        BlockSite::ResidPost,
+    ];
+
+    /// The name after `blocks.i.`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            BlockSite::ResidPre => "hook_resid_pre",
+            BlockSite::Ln1Normalized => "ln1.hook_normalized",
+            BlockSite::Q => "attn.hook_q",
+            BlockSite::K => "attn.hook_k",
+            BlockSite::V => "attn.hook_v",
+            BlockSite::RotQ => "attn.hook_rot_q",
+            BlockSite::RotK => "attn.hook_rot_k",
+            BlockSite::AttnScores => "attn.hook_attn_scores",
+            BlockSite::Pattern => "attn.hook_pattern",
+            BlockSite::Z => "attn.hook_z",
+            BlockSite::AttnOut => "hook_attn_out",
+            BlockSite::ResidMid => "hook_resid_mid",
+            BlockSite::Ln2Normalized => "ln2.hook_normalized",
+            BlockSite::MlpPre => "mlp.hook_pre",
+            BlockSite::MlpPreLinear => "mlp.hook_pre_linear",
+            BlockSite::MlpPost => "mlp.hook_post",
+            BlockSite::MlpOut => "hook_mlp_out",
+            BlockSite::ResidPost => "hook_resid_post",
+        }
+    }
+}
+
+/// A named tensor of the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HookPoint {
+    /// `hook_embed`: the token embeddings.
+    Embed,
+    /// `blocks.{layer}.{site}`.
+    Block {
+        /// The block's index.
+        layer: usize,
+        /// The point inside the block.
+        site: BlockSite,
+    },
+    /// `ln_final.hook_normalized`: `x / rms(x)` before the final norm's weight.
+    LnFinalNormalized,
+    /// `unembed.hook_out`: the logits.
+    UnembedOut,
+}
+
+impl HookPoint {
+    /// Every hook point of a model with `n_layers` blocks, in forward order.
+    pub fn all(n_layers: usize) -> Vec<HookPoint> {
+        let blocks = (0..n_layers)
+            .flat_map(|layer| BlockSite::ALL.map(|site| HookPoint::Block { layer, site }));
+        std::iter::once(HookPoint::Embed)
+            .chain(blocks)
+            .chain([HookPoint::LnFinalNormalized, HookPoint::UnembedOut])
+            .collect()
+    }
+
+    /// How the tensor at this point is split across tensor-parallel ranks.
+    pub fn shard_spec(self) -> ShardSpec {
+        match self {
+            HookPoint::Block { site, .. } => match site {
+                BlockSite::Q
+                | BlockSite::K
+                | BlockSite::V
+                | BlockSite::RotQ
+                | BlockSite::RotK
+                | BlockSite::Z
+                | BlockSite::MlpPre
+                | BlockSite::MlpPreLinear
+                | BlockSite::MlpPost => ShardSpec::Split { dim: 2 },
+                BlockSite::AttnScores | BlockSite::Pattern => ShardSpec::Split { dim: 1 },
+                _ => ShardSpec::Replicated,
+            },
+            HookPoint::UnembedOut => ShardSpec::Split { dim: 2 },
+            HookPoint::Embed | HookPoint::LnFinalNormalized => ShardSpec::Replicated,
+        }
+    }
+
+    /// The full (unsharded) shape of this point for `batch` sequences of `seq` tokens.
+    pub fn shape(self, config: &LlamaConfig, batch: usize, seq: usize) -> Vec<usize> {
+        let c = config;
+        match self {
+            HookPoint::Block { site, .. } => match site {
+                BlockSite::Q | BlockSite::RotQ | BlockSite::Z => {
+                    vec![batch, seq, c.n_heads, c.d_head]
+                }
+                BlockSite::K | BlockSite::V | BlockSite::RotK => {
+                    vec![batch, seq, c.n_kv_heads, c.d_head]
+                }
+                BlockSite::AttnScores | BlockSite::Pattern => vec![batch, c.n_heads, seq, seq],
+                BlockSite::MlpPre | BlockSite::MlpPreLinear | BlockSite::MlpPost => {
+                    vec![batch, seq, c.d_mlp]
+                }
+                _ => vec![batch, seq, c.d_model],
+            },
+            HookPoint::UnembedOut => vec![batch, seq, c.vocab_size],
+            HookPoint::Embed | HookPoint::LnFinalNormalized => vec![batch, seq, c.d_model],
+        }
+    }
+}
+
+impl fmt::Display for HookPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HookPoint::Embed => f.write_str("hook_embed"),
+            HookPoint::Block { layer, site } => write!(f, "blocks.{layer}.{}", site.suffix()),
+            HookPoint::LnFinalNormalized => f.write_str("ln_final.hook_normalized"),
+            HookPoint::UnembedOut => f.write_str("unembed.hook_out"),
+        }
+    }
+}
+
+/// A string that is not the name of any hook point.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a hook point name")]
+pub struct NotAHookPoint(pub String);
+
+impl FromStr for HookPoint {
+    type Err = NotAHookPoint;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        let fail = || NotAHookPoint(name.to_string());
+        match name {
+            "hook_embed" => return Ok(HookPoint::Embed),
+            "ln_final.hook_normalized" => return Ok(HookPoint::LnFinalNormalized),
+            "unembed.hook_out" => return Ok(HookPoint::UnembedOut),
+            _ => {}
+        }
+        let rest = name.strip_prefix("blocks.").ok_or_else(fail)?;
+        let (layer, suffix) = rest.split_once('.').ok_or_else(fail)?;
+        if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(fail());
+        }
+        let layer = layer.parse().map_err(|_| fail())?;
+        let site = BlockSite::ALL
+            .into_iter()
+            .find(|s| s.suffix() == suffix)
+            .ok_or_else(fail)?;
+        Ok(HookPoint::Block { layer, site })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_parses_back_to_its_point() {
+        for point in HookPoint::all(3) {
+            assert_eq!(point.to_string().parse::<HookPoint>(), Ok(point));
+        }
+    }
+
+    #[test]
+    fn a_model_has_eighteen_points_per_block_and_three_outside() {
+        assert_eq!(HookPoint::all(30).len(), 30 * 18 + 3);
+    }
+
+    #[test]
+    fn malformed_names_are_rejected() {
+        for name in [
+            "blocks.x.hook_resid_pre",
+            "blocks.1",
+            "blocks..hook_z",
+            "hook",
+            "",
+        ] {
+            assert!(name.parse::<HookPoint>().is_err(), "{name}");
+        }
+    }
+
+    #[test]
+    fn names_match_transformer_lens() {
+        let p = HookPoint::Block {
+            layer: 7,
+            site: BlockSite::Pattern,
+        };
+        assert_eq!(p.to_string(), "blocks.7.attn.hook_pattern");
+        assert_eq!(p.shard_spec(), ShardSpec::Split { dim: 1 });
+    }
+}

@@ -1,0 +1,34 @@
+//! The hook layer: the model hands the value of every hook point to it.
+
+use candle_core::Tensor;
+
+use crate::{HookPoint, Result};
+
+/// Receives the value of each hook point as the forward pass reaches it and returns
+/// the value the model continues with (the same tensor, or an edited one).
+///
+/// [`NoHooks`] returns every value untouched, so an unhooked pass costs one virtual
+/// call per point. Any `FnMut(HookPoint, Tensor) -> Result<Tensor>` is a hook layer.
+pub trait HookLayer {
+    /// The value at `point`; returns what the model continues with.
+    fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor>;
+}
+
+/// The hook layer of an unhooked pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHooks;
+
+impl HookLayer for NoHooks {
+    fn hook(&mut self, _point: HookPoint, value: Tensor) -> Result<Tensor> {
+        Ok(value)
+    }
+}
+
+impl<F> HookLayer for F
+where
+    F: FnMut(HookPoint, Tensor) -> Result<Tensor>,
+{
+    fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
+        self(point, value)
+    }
+}

@@ -1,0 +1,140 @@
+//! Grouped-query causal self-attention over this rank's heads.
+
+use candle_core::{D, Tensor};
+use flexmodel_cluster::{Collective, TpRank};
+
+use super::LlamaConfig;
+use super::rope::Rope;
+use crate::hook_point::{BlockSite, HookPoint};
+use crate::models::{ColumnParallelLinear, RowParallelLinear};
+use crate::weights::WeightSource;
+use crate::{HookLayer, Result};
+
+/// The attention of one block, holding the heads of one tensor-parallel rank.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: ColumnParallelLinear,
+    k_proj: ColumnParallelLinear,
+    v_proj: ColumnParallelLinear,
+    o_proj: RowParallelLinear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    d_head: usize,
+}
+
+impl Attention {
+    /// Loads the heads of `tp` from `{prefix}.self_attn.*`.
+    pub fn load(
+        weights: &dyn WeightSource,
+        prefix: &str,
+        config: &LlamaConfig,
+        tp: TpRank,
+    ) -> Result<Self> {
+        let (d, dh) = (config.d_model, config.d_head);
+        let heads = tp.slice_of("num_attention_heads", config.n_heads)?;
+        let kv_heads = tp.slice_of("num_key_value_heads", config.n_kv_heads)?;
+        let q_rows = heads.start * dh..heads.end * dh;
+        let kv_rows = kv_heads.start * dh..kv_heads.end * dh;
+        let p = format!("{prefix}.self_attn");
+        let bias = config.attention_bias;
+        let (q_out, kv_out) = (config.n_heads * dh, config.n_kv_heads * dh);
+        Ok(Self {
+            q_proj: ColumnParallelLinear::load(
+                weights,
+                &format!("{p}.q_proj"),
+                [q_out, d],
+                q_rows.clone(),
+                bias,
+            )?,
+            k_proj: ColumnParallelLinear::load(
+                weights,
+                &format!("{p}.k_proj"),
+                [kv_out, d],
+                kv_rows.clone(),
+                bias,
+            )?,
+            v_proj: ColumnParallelLinear::load(
+                weights,
+                &format!("{p}.v_proj"),
+                [kv_out, d],
+                kv_rows,
+                bias,
+            )?,
+            o_proj: RowParallelLinear::load(weights, &format!("{p}.o_proj"), [d, q_out], q_rows)?,
+            n_heads: heads.len(),
+            n_kv_heads: kv_heads.len(),
+            d_head: dh,
+        })
+    }
+
+    /// Attention of `x` (the normed residual, `[b, t, d_model]`), summed over all ranks.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        rope: &Rope,
+        mask: &Tensor,
+        hooks: &mut dyn HookLayer,
+        collective: &dyn Collective,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let mut hook = |site, value| hooks.hook(HookPoint::Block { layer, site }, value);
+        let split = |y: Tensor, heads| y.reshape((b, t, heads, self.d_head));
+        let q = hook(BlockSite::Q, split(self.q_proj.forward(x)?, self.n_heads)?)?;
+        let k = hook(
+            BlockSite::K,
+            split(self.k_proj.forward(x)?, self.n_kv_heads)?,
+        )?;
+        let v = hook(
+            BlockSite::V,
+            split(self.v_proj.forward(x)?, self.n_kv_heads)?,
+        )?;
+        let q = hook(BlockSite::RotQ, rope.apply(&q)?)?;
+        let k = hook(BlockSite::RotK, rope.apply(&k)?)?;
+
+        // [b, heads, t, d_head]; query head j reads key/value head j / group.
+        let group = self.n_heads / self.n_kv_heads;
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k = repeat_heads(&k.transpose(1, 2)?, group)?;
+        let v = repeat_heads(&v.transpose(1, 2)?, group)?;
+
+        let scale = 1.0 / (self.d_head as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let scores = hook(BlockSite::AttnScores, scores)?;
+        let pattern = hook(BlockSite::Pattern, softmax_last_dim(&scores)?)?;
+        let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?;
+        let z = hook(BlockSite::Z, z)?;
+        let out = self
+            .o_proj
+            .forward(&z.reshape((b, t, self.n_heads * self.d_head))?, collective)?;
+        hook(BlockSite::AttnOut, out)
+    }
+}
+
+/// `[b, kv_heads, t, d] → [b, kv_heads·group, t, d]`, each head repeated `group` times in place.
+fn repeat_heads(x: &Tensor, group: usize) -> Result<Tensor> {
+    if group == 1 {
+        return Ok(x.contiguous()?);
+    }
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, h, group, t, d))?
+        .contiguous()?
+        .reshape((b, h * group, t, d))?)
+}
+
+/// Softmax over the last dimension, from differentiable primitives (rows of −∞ but one
+/// finite entry are fine: the causal mask never hides the diagonal).
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// The causal mask `[t, t]`: 0 on and below the diagonal, −∞ above.
+pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|q| (0..t).map(move |k| if k > q { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, t), device)?)
+}

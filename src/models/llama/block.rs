@@ -1,0 +1,72 @@
+//! One transformer block: pre-norm attention and MLP on the residual stream.
+
+use candle_core::Tensor;
+use flexmodel_cluster::{Collective, TpRank};
+
+use super::LlamaConfig;
+use super::attention::Attention;
+use super::mlp::Mlp;
+use super::rms_norm::RmsNorm;
+use super::rope::Rope;
+use crate::hook_point::{BlockSite, HookPoint};
+use crate::weights::WeightSource;
+use crate::{HookLayer, Result};
+
+/// Block `layer` of the model, holding one tensor-parallel rank's slices.
+#[derive(Debug, Clone)]
+pub struct Block {
+    layer: usize,
+    ln1: RmsNorm,
+    attn: Attention,
+    ln2: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    /// Loads `model.layers.{layer}.*` for rank `tp`.
+    pub fn load(
+        weights: &dyn WeightSource,
+        layer: usize,
+        config: &LlamaConfig,
+        tp: TpRank,
+    ) -> Result<Self> {
+        let p = format!("model.layers.{layer}");
+        let (d, eps) = (config.d_model, config.rms_norm_eps);
+        Ok(Self {
+            layer,
+            ln1: RmsNorm::load(weights, &format!("{p}.input_layernorm.weight"), d, eps)?,
+            attn: Attention::load(weights, &p, config, tp)?,
+            ln2: RmsNorm::load(
+                weights,
+                &format!("{p}.post_attention_layernorm.weight"),
+                d,
+                eps,
+            )?,
+            mlp: Mlp::load(weights, &p, config, tp)?,
+        })
+    }
+
+    /// The residual stream after this block.
+    pub fn forward(
+        &self,
+        x: Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        hooks: &mut dyn HookLayer,
+        collective: &dyn Collective,
+    ) -> Result<Tensor> {
+        let layer = self.layer;
+        let point = |site| HookPoint::Block { layer, site };
+        let x = hooks.hook(point(BlockSite::ResidPre), x)?;
+        let n1 = hooks.hook(point(BlockSite::Ln1Normalized), self.ln1.normalize(&x)?)?;
+        let attn =
+            self.attn
+                .forward(&self.ln1.scale(&n1)?, layer, rope, mask, hooks, collective)?;
+        let x = hooks.hook(point(BlockSite::ResidMid), (x + attn)?)?;
+        let n2 = hooks.hook(point(BlockSite::Ln2Normalized), self.ln2.normalize(&x)?)?;
+        let mlp = self
+            .mlp
+            .forward(&self.ln2.scale(&n2)?, layer, hooks, collective)?;
+        hooks.hook(point(BlockSite::ResidPost), (x + mlp)?)
+    }
+}

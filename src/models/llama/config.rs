@@ -1,0 +1,268 @@
+//! The configuration of a LLaMA-family model and its Hugging Face `config.json` form.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The member of the LLaMA family, which decides the details that differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// LLaMA 2/3, SmolLM2 (`model_type: llama`).
+    Llama,
+    /// Mistral (`model_type: mistral`; sliding-window attention is not applied).
+    Mistral,
+    /// Qwen2 (`model_type: qwen2`): biases on the q/k/v projections.
+    Qwen2,
+}
+
+/// The shape and constants of a LLaMA-family transformer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Which member of the family.
+    pub architecture: Architecture,
+    /// Number of tokens in the vocabulary.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Number of query heads.
+    pub n_heads: usize,
+    /// Number of key/value heads (grouped-query attention).
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub d_head: usize,
+    /// Width of the MLP's hidden layer.
+    pub d_mlp: usize,
+    /// The ε inside RMSNorm.
+    pub rms_norm_eps: f64,
+    /// The RoPE base frequency.
+    pub rope_theta: f64,
+    /// Whether the LM head reuses the token embedding.
+    pub tie_word_embeddings: bool,
+    /// Whether the q/k/v projections have biases.
+    pub attention_bias: bool,
+    /// The longest context the model was trained for.
+    pub max_position_embeddings: usize,
+    /// The beginning-of-sequence token, if any.
+    pub bos_token_id: Option<u32>,
+    /// Tokens that end generation.
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl LlamaConfig {
+    /// Checks that the numbers describe a buildable model; `source` names where they came from.
+    pub fn validate(&self, source: &Path) -> Result<()> {
+        let fail = |message: String| {
+            Err(Error::BadConfig {
+                path: source.to_path_buf(),
+                message,
+            })
+        };
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.d_model),
+            ("num_hidden_layers", self.n_layers),
+            ("num_attention_heads", self.n_heads),
+            ("num_key_value_heads", self.n_kv_heads),
+            ("head_dim", self.d_head),
+            ("intermediate_size", self.d_mlp),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return fail(format!("{name} must be positive"));
+            }
+        }
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return fail(format!(
+                "num_attention_heads = {} is not a multiple of num_key_value_heads = {}",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if !self.d_head.is_multiple_of(2) {
+            return fail(format!("head_dim = {} must be even for RoPE", self.d_head));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
+            return fail("rms_norm_eps and rope_theta must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_hf_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bad = |message: String| Error::BadConfig {
+            path: path.to_path_buf(),
+            message,
+        };
+        let hf: HfConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if let Some(scaling) = hf.rope_scaling.as_ref().filter(|s| !s.is_null()) {
+            return Err(bad(format!("rope_scaling {scaling} is not supported")));
+        }
+        let architecture = match hf.model_type.as_str() {
+            "llama" => Architecture::Llama,
+            "mistral" => Architecture::Mistral,
+            "qwen2" => Architecture::Qwen2,
+            other => {
+                return Err(bad(format!(
+                    "unsupported architecture {other:?} (supported: llama, mistral, qwen2)"
+                )));
+            }
+        };
+        let n_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
+        let d_head = hf
+            .head_dim
+            .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
+        let config = LlamaConfig {
+            architecture,
+            vocab_size: hf.vocab_size,
+            d_model: hf.hidden_size,
+            n_layers: hf.num_hidden_layers,
+            n_heads: hf.num_attention_heads,
+            n_kv_heads,
+            d_head,
+            d_mlp: hf.intermediate_size,
+            rms_norm_eps: hf.rms_norm_eps,
+            rope_theta: hf.rope_theta.unwrap_or(10_000.0),
+            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+            attention_bias: architecture == Architecture::Qwen2
+                || hf.attention_bias.unwrap_or(false),
+            max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
+            bos_token_id: hf.bos_token_id,
+            eos_token_ids: match hf.eos_token_id {
+                None => vec![],
+                Some(TokenIds::One(id)) => vec![id],
+                Some(TokenIds::Many(ids)) => ids,
+            },
+        };
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// The Hugging Face `config.json` text of this configuration.
+    pub fn to_hf_json(&self) -> String {
+        let (model_type, class) = match self.architecture {
+            Architecture::Llama => ("llama", "LlamaForCausalLM"),
+            Architecture::Mistral => ("mistral", "MistralForCausalLM"),
+            Architecture::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        };
+        let hf = HfConfig {
+            architectures: vec![class.to_string()],
+            model_type: model_type.to_string(),
+            vocab_size: self.vocab_size,
+            hidden_size: self.d_model,
+            intermediate_size: self.d_mlp,
+            num_hidden_layers: self.n_layers,
+            num_attention_heads: self.n_heads,
+            num_key_value_heads: Some(self.n_kv_heads),
+            head_dim: Some(self.d_head),
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta: Some(self.rope_theta),
+            rope_scaling: None,
+            tie_word_embeddings: Some(self.tie_word_embeddings),
+            attention_bias: Some(self.attention_bias),
+            max_position_embeddings: Some(self.max_position_embeddings),
+            bos_token_id: self.bos_token_id,
+            eos_token_id: match self.eos_token_ids.as_slice() {
+                [] => None,
+                [id] => Some(TokenIds::One(*id)),
+                ids => Some(TokenIds::Many(ids.to_vec())),
+            },
+            hidden_act: "silu".to_string(),
+            torch_dtype: "float32".to_string(),
+        };
+        // Serializing a struct of plain fields cannot fail.
+        serde_json::to_string_pretty(&hf).unwrap_or_default()
+    }
+}
+
+/// The fields of a Hugging Face `config.json` that a LLaMA-family model uses.
+#[derive(Serialize, Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    model_type: String,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    max_position_embeddings: Option<usize>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<TokenIds>,
+    #[serde(default = "silu")]
+    hidden_act: String,
+    #[serde(default)]
+    torch_dtype: String,
+}
+
+fn silu() -> String {
+    "silu".to_string()
+}
+
+/// `eos_token_id` is a single id or a list of ids.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(json: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), json).unwrap();
+        file
+    }
+
+    #[test]
+    fn hf_json_round_trips() {
+        let config = crate::tiny::tiny_config();
+        let file = write(&config.to_hf_json());
+        assert_eq!(LlamaConfig::from_hf_json(file.path()).unwrap(), config);
+    }
+
+    #[test]
+    fn unsupported_architecture_is_named() {
+        let json = config_json("\"gpt2\"");
+        let err = LlamaConfig::from_hf_json(write(&json).path()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unsupported architecture \"gpt2\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn heads_must_be_a_multiple_of_kv_heads() {
+        let json = config_json("\"llama\"")
+            .replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3");
+        let err = LlamaConfig::from_hf_json(write(&json).path()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not a multiple of num_key_value_heads = 3"),
+            "{err}"
+        );
+    }
+
+    fn config_json(model_type: &str) -> String {
+        format!(
+            r#"{{"model_type": {model_type}, "vocab_size": 32, "hidden_size": 16,
+                "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "rms_norm_eps": 1e-5}}"#
+        )
+    }
+}

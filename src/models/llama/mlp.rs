@@ -1,0 +1,67 @@
+//! The SwiGLU MLP over this rank's slice of the hidden layer.
+
+use candle_core::Tensor;
+use flexmodel_cluster::{Collective, TpRank};
+
+use super::LlamaConfig;
+use crate::hook_point::{BlockSite, HookPoint};
+use crate::models::{ColumnParallelLinear, RowParallelLinear};
+use crate::weights::WeightSource;
+use crate::{HookLayer, Result};
+
+/// `down(silu(gate(x)) · up(x))`, holding hidden units of one tensor-parallel rank.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: ColumnParallelLinear,
+    up_proj: ColumnParallelLinear,
+    down_proj: RowParallelLinear,
+}
+
+impl Mlp {
+    /// Loads the hidden units of `tp` from `{prefix}.mlp.*`.
+    pub fn load(
+        weights: &dyn WeightSource,
+        prefix: &str,
+        config: &LlamaConfig,
+        tp: TpRank,
+    ) -> Result<Self> {
+        let (d, h) = (config.d_model, config.d_mlp);
+        let units = tp.slice_of("intermediate_size", h)?;
+        let p = format!("{prefix}.mlp");
+        Ok(Self {
+            gate_proj: ColumnParallelLinear::load(
+                weights,
+                &format!("{p}.gate_proj"),
+                [h, d],
+                units.clone(),
+                false,
+            )?,
+            up_proj: ColumnParallelLinear::load(
+                weights,
+                &format!("{p}.up_proj"),
+                [h, d],
+                units.clone(),
+                false,
+            )?,
+            down_proj: RowParallelLinear::load(weights, &format!("{p}.down_proj"), [d, h], units)?,
+        })
+    }
+
+    /// The MLP of `x` (the normed residual), summed over all ranks.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        hooks: &mut dyn HookLayer,
+        collective: &dyn Collective,
+    ) -> Result<Tensor> {
+        let mut hook = |site, value| hooks.hook(HookPoint::Block { layer, site }, value);
+        let gate = hook(BlockSite::MlpPre, self.gate_proj.forward(x)?)?;
+        let up = hook(BlockSite::MlpPreLinear, self.up_proj.forward(x)?)?;
+        let post = hook(BlockSite::MlpPost, (gate.silu()? * up)?)?;
+        hook(
+            BlockSite::MlpOut,
+            self.down_proj.forward(&post, collective)?,
+        )
+    }
+}

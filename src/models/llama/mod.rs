@@ -1,0 +1,20 @@
+//! The LLaMA family (LLaMA 2/3, Mistral, Qwen2, SmolLM2): one tensor-parallel shard.
+//!
+//! ```text
+//! x = embed(tokens)
+//! for each block:  x = x + attn(rmsnorm₁(x));  x = x + mlp(rmsnorm₂(x))
+//! logits = unembed(rmsnorm_f(x))
+//! ```
+//!
+//! Every hook point of DESIGN.md is a call into the [`HookLayer`](crate::HookLayer).
+
+mod attention;
+mod block;
+mod config;
+mod mlp;
+mod model;
+mod rms_norm;
+mod rope;
+
+pub use config::{Architecture, LlamaConfig};
+pub use model::Llama;

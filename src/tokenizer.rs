@@ -83,6 +83,11 @@ impl Tokenizer {
         self.inner.decode(ids, false).map_err(tokenizer_error)
     }
 
+    /// The vocabulary entry of `id` (e.g. `"ĠParis"`), if there is one.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// The number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

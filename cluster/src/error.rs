@@ -22,8 +22,17 @@ pub enum Error {
         size: usize,
     },
     /// A tensor operation inside a collective failed.
-    #[error(transparent)]
+    #[error("{}", tensor_error_message(.0))]
     Tensor(#[from] candle_core::Error),
+}
+
+/// The message of a candle error without the backtrace candle attaches when
+/// `RUST_BACKTRACE` is set: error messages are for people, not for debugging candle.
+pub fn tensor_error_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => tensor_error_message(inner),
+        e => e.to_string(),
+    }
 }
 
 /// Result with this crate's [`Error`].

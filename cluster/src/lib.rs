@@ -11,6 +11,6 @@ mod shard_spec;
 mod tp_rank;
 
 pub use collective::{Collective, SingleRank};
-pub use error::{Error, Result};
+pub use error::{Error, Result, tensor_error_message};
 pub use shard_spec::ShardSpec;
 pub use tp_rank::TpRank;

@@ -11,6 +11,7 @@ use super::{WeightSource, missing};
 use crate::models::{Architecture, LlamaConfig};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
+use flexmodel_cluster::tensor_error_message;
 
 /// Hugging Face names of the tensors outside the blocks, with their GGUF names.
 const GLOBAL_NAMES: [(&str, &str); 3] = [
@@ -71,8 +72,9 @@ impl GgufFile {
             Content::read(&mut BufReader::new(file)).map_err(|e| Error::BadWeightsFile {
                 path: path.to_path_buf(),
                 message: format!(
-                    "not a readable GGUF file ({e}); supported tensor types: F32, F16, BF16, \
-                 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K to Q8_K"
+                    "not a readable GGUF file ({}); supported tensor types: F32, F16, BF16, \
+                 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K to Q6_K",
+                    tensor_error_message(&e)
                 ),
             })?;
         let mut gguf = Self {
@@ -316,10 +318,10 @@ impl WeightSource for GgufFile {
         let qtensor = self
             .content
             .tensor(&mut BufReader::new(file), &gguf, &Device::Cpu)
-            .map_err(|e| bad(e.to_string()))?;
+            .map_err(|e| bad(tensor_error_message(&e)))?;
         let t = qtensor
             .dequantize(&Device::Cpu)
-            .map_err(|e| bad(e.to_string()))?;
+            .map_err(|e| bad(tensor_error_message(&e)))?;
         match self.permuted_heads(name) {
             Some(heads) if t.dim(0)? % (2 * heads) == 0 => unpermute_rows(&t, heads),
             Some(heads) => Err(bad(format!(

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{WeightSource, missing};
 use crate::{Error, Result};
+use flexmodel_cluster::tensor_error_message;
 
 /// The safetensors files of a model directory, read into memory at open.
 pub struct SafetensorsDir {
@@ -34,7 +35,10 @@ impl SafetensorsDir {
             let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
             let st = BufferedSafetensors::new(bytes).map_err(|e| Error::BadWeightsFile {
                 path: path.clone(),
-                message: format!("not a readable safetensors file: {e}"),
+                message: format!(
+                    "not a readable safetensors file: {}",
+                    tensor_error_message(&e)
+                ),
             })?;
             for (name, _) in st.tensors() {
                 routing.insert(name, i);
@@ -90,7 +94,7 @@ impl WeightSource for SafetensorsDir {
         let t = st.load(name, &Device::Cpu).map_err(|e| Error::BadTensor {
             path: path.clone(),
             tensor: name.to_string(),
-            message: e.to_string(),
+            message: tensor_error_message(&e),
         })?;
         Ok(t.to_dtype(DType::F32)?)
     }

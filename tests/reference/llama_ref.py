@@ -4,14 +4,19 @@ Everything is computed in float64 straight from the math of the architecture
 (RMSNorm, rotate-half RoPE, grouped-query causal attention, SwiGLU), with hook names
 from FlexModel-rs's DESIGN.md. Nothing here shares code with the Rust implementation.
 
-    python3 tests/reference/llama_ref.py MODEL.gguf OUT.safetensors
+    python3 tests/reference/llama_ref.py fixture MODEL.gguf OUT.safetensors
 
-writes the fixture that `tests/reference_parity.rs` compares against.
+writes the committed fixture that `tests/reference_parity.rs` compares against;
+
+    python3 tests/reference/llama_ref.py hooks MODEL "1 2 3;4 5 6" OUT.safetensors
+
+writes every hook point of a batch for a .gguf file or a Hugging Face directory.
 """
 
+import argparse
 import json
+import os
 import struct
-import sys
 
 import numpy as np
 
@@ -29,34 +34,86 @@ def unpermute_rows(w, n_heads):
 
 
 class Llama:
-    def __init__(self, path):
+    """The model's numbers and weights (Hugging Face names and layout), in float64."""
+
+    def __init__(self, config, weights):
+        self.n_layers = config["n_layers"]
+        self.n_heads = config["n_heads"]
+        self.n_kv_heads = config["n_kv_heads"]
+        self.d_head = config["d_head"]
+        self.eps = config["eps"]
+        self.theta = config["theta"]
+        self.embed = weights["model.embed_tokens.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embed)
+        self.final_norm = weights["model.norm.weight"]
+        self.layers = []
+        for i in range(self.n_layers):
+            p = f"model.layers.{i}."
+            w = {
+                "ln1": "input_layernorm.weight", "ln2": "post_attention_layernorm.weight",
+                "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
+                "v": "self_attn.v_proj.weight", "o": "self_attn.o_proj.weight",
+                "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
+                "down": "mlp.down_proj.weight",
+            }
+            layer = {key: weights[p + name] for key, name in w.items()}
+            for key in "qkv":  # Qwen2-style biases, zero where absent
+                bias = weights.get(p + f"self_attn.{key}_proj.bias")
+                layer[key + "_bias"] = 0.0 if bias is None else bias
+            self.layers.append(layer)
+
+    @classmethod
+    def from_gguf(cls, path):
         f = GGUFFile(path)
         m = f.metadata
         arch = m["general.architecture"]
-        self.n_layers = m[f"{arch}.block_count"]
-        self.d_model = m[f"{arch}.embedding_length"]
-        self.n_heads = m[f"{arch}.attention.head_count"]
-        self.n_kv_heads = m[f"{arch}.attention.head_count_kv"]
-        self.eps = m[f"{arch}.attention.layer_norm_rms_epsilon"]
-        self.theta = m[f"{arch}.rope.freq_base"]
-        self.d_head = self.d_model // self.n_heads
-        self.embed = f.tensor("token_embd.weight")
-        self.lm_head = f.tensor("output.weight") if "output.weight" in f.tensors else self.embed
-        self.final_norm = f.tensor("output_norm.weight")
-        self.layers = []
-        for i in range(self.n_layers):
-            t = lambda name: f.tensor(f"blk.{i}.{name}.weight")  # noqa: E731
-            self.layers.append({
-                "ln1": t("attn_norm"),
-                "q": unpermute_rows(t("attn_q"), self.n_heads),
-                "k": unpermute_rows(t("attn_k"), self.n_kv_heads),
-                "v": t("attn_v"),
-                "o": t("attn_output"),
-                "ln2": t("ffn_norm"),
-                "gate": t("ffn_gate"),
-                "up": t("ffn_up"),
-                "down": t("ffn_down"),
-            })
+        n_heads = m[f"{arch}.attention.head_count"]
+        n_kv_heads = m.get(f"{arch}.attention.head_count_kv", n_heads)
+        config = {
+            "n_layers": m[f"{arch}.block_count"],
+            "n_heads": n_heads,
+            "n_kv_heads": n_kv_heads,
+            "d_head": m[f"{arch}.embedding_length"] // n_heads,
+            "eps": m[f"{arch}.attention.layer_norm_rms_epsilon"],
+            "theta": m.get(f"{arch}.rope.freq_base", 10000.0),
+        }
+        names = {"token_embd.weight": "model.embed_tokens.weight",
+                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+        block = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
+                 "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                 "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+        weights = {}
+        for name in f.tensors:
+            if name in names:
+                weights[names[name]] = f.tensor(name)
+                continue
+            _, layer, module, kind = name.split(".")
+            hf = f"model.layers.{layer}.{block[module]}.{kind}"
+            w = f.tensor(name)
+            if arch == "llama" and module in ("attn_q", "attn_k"):
+                w = unpermute_rows(w.reshape(w.shape[0], -1),
+                                   n_heads if module == "attn_q" else n_kv_heads).reshape(w.shape)
+            weights[hf] = w
+        return cls(config, weights)
+
+    @classmethod
+    def from_hf_dir(cls, path):
+        with open(os.path.join(path, "config.json")) as f:
+            c = json.load(f)
+        n_heads = c["num_attention_heads"]
+        config = {
+            "n_layers": c["num_hidden_layers"],
+            "n_heads": n_heads,
+            "n_kv_heads": c.get("num_key_value_heads", n_heads),
+            "d_head": c.get("head_dim") or c["hidden_size"] // n_heads,
+            "eps": c["rms_norm_eps"],
+            "theta": c.get("rope_theta", 10000.0),
+        }
+        weights = load_safetensors(os.path.join(path, "model.safetensors"))
+        if c.get("tie_word_embeddings"):
+            weights.pop("lm_head.weight", None)
+        return cls(config, weights)
 
     def normalized(self, x):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps)
@@ -84,9 +141,9 @@ class Llama:
             n1 = self.normalized(x)
             hooks[p + "ln1.hook_normalized"] = n1
             h = n1 * w["ln1"]
-            q = (h @ w["q"].T).reshape(b, t, self.n_heads, self.d_head)
-            k = (h @ w["k"].T).reshape(b, t, self.n_kv_heads, self.d_head)
-            v = (h @ w["v"].T).reshape(b, t, self.n_kv_heads, self.d_head)
+            q = (h @ w["q"].T + w["q_bias"]).reshape(b, t, self.n_heads, self.d_head)
+            k = (h @ w["k"].T + w["k_bias"]).reshape(b, t, self.n_kv_heads, self.d_head)
+            v = (h @ w["v"].T + w["v_bias"]).reshape(b, t, self.n_kv_heads, self.d_head)
             hooks[p + "attn.hook_q"], hooks[p + "attn.hook_k"], hooks[p + "attn.hook_v"] = q, k, v
             rq, rk = self.rope(q), self.rope(k)
             hooks[p + "attn.hook_rot_q"], hooks[p + "attn.hook_rot_k"] = rq, rk
@@ -144,17 +201,53 @@ def save_safetensors(path, tensors):
             f.write(raw)
 
 
+def load_safetensors(path):
+    """name -> float64 array of a safetensors file (F32, F16 or BF16)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        raw = np.frombuffer(data, np.uint8, end - start, 8 + n + start)
+        if info["dtype"] == "BF16":
+            values = (raw.view("<u2").astype(np.uint32) << 16).view("<f4")
+        else:
+            values = raw.view({"F32": "<f4", "F16": "<f2"}[info["dtype"]])
+        out[name] = values.astype(np.float64).reshape(info["shape"])
+    return out
+
+
 def main():
-    model_path, out_path = sys.argv[1], sys.argv[2]
-    model = Llama(model_path)
-    hooks = model.forward(TOKENS)
-    fixture = {"tokens": TOKENS, "unembed.hook_out": hooks["unembed.hook_out"]}
-    for i in range(model.n_layers):
-        fixture[f"blocks.{i}.hook_resid_pre"] = hooks[f"blocks.{i}.hook_resid_pre"]
-    last = f"blocks.{model.n_layers - 1}.hook_resid_post"
-    fixture[last] = hooks[last]
-    save_safetensors(out_path, fixture)
-    print(f"wrote {len(fixture)} tensors to {out_path}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    fixture = sub.add_parser("fixture", help="the committed SmolLM2 fixture")
+    fixture.add_argument("gguf")
+    fixture.add_argument("out")
+    hooks = sub.add_parser("hooks", help="every hook point of one batch")
+    hooks.add_argument("model", help="a .gguf file or a Hugging Face directory")
+    hooks.add_argument("tokens", help="sequences separated by ';', ids by spaces")
+    hooks.add_argument("out")
+    args = parser.parse_args()
+
+    if args.command == "fixture":
+        model = Llama.from_gguf(args.gguf)
+        hooks = model.forward(TOKENS)
+        out = {"tokens": TOKENS, "unembed.hook_out": hooks["unembed.hook_out"]}
+        for i in range(model.n_layers):
+            out[f"blocks.{i}.hook_resid_pre"] = hooks[f"blocks.{i}.hook_resid_pre"]
+        last = f"blocks.{model.n_layers - 1}.hook_resid_post"
+        out[last] = hooks[last]
+    else:
+        path = args.model
+        model = Llama.from_hf_dir(path) if os.path.isdir(path) else Llama.from_gguf(path)
+        tokens = np.array([[int(x) for x in seq.split()] for seq in args.tokens.split(";")])
+        out = model.forward(tokens)
+    save_safetensors(args.out, out)
+    print(f"wrote {len(out)} tensors to {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,201 @@
+//! Helpers shared by the integration tests: the SmolLM2 model loaded once, hook
+//! capture, relative errors, the numpy reference and a GGUF writer.
+#![allow(dead_code)] // each test binary uses its own part of these helpers
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use flexmodel::models::Llama;
+use flexmodel::{Checkpoint, HookPoint};
+
+/// SmolLM2-135M-Instruct (fetched into the cache on first use) and its model, loaded
+/// once per test binary.
+pub fn smollm2() -> &'static (Checkpoint, Llama) {
+    static MODEL: OnceLock<(Checkpoint, Llama)> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let checkpoint = Checkpoint::open("smollm2").expect("open smollm2");
+        let model = checkpoint.load_model().expect("build smollm2");
+        (checkpoint, model)
+    })
+}
+
+/// The path of the cached SmolLM2 GGUF.
+pub fn smollm2_path() -> PathBuf {
+    smollm2();
+    flexmodel::pretrained::SMOLLM2.path().expect("smollm2 path")
+}
+
+/// A `[b, t]` u32 batch.
+pub fn batch(rows: &[&[u32]]) -> Tensor {
+    let t = rows[0].len();
+    let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu).unwrap()
+}
+
+/// The logits and every hook point's value of one forward pass.
+pub fn capture_all(model: &Llama, tokens: &Tensor) -> (Tensor, BTreeMap<String, Tensor>) {
+    let mut captured = BTreeMap::new();
+    let logits = model
+        .forward(tokens, &mut |point: HookPoint, x: Tensor| {
+            captured.insert(point.to_string(), x.clone());
+            Ok(x)
+        })
+        .expect("forward");
+    (logits, captured)
+}
+
+/// `‖actual − expected‖ / ‖expected‖` over the whole tensor, in f64. Entries that are
+/// −∞ in `expected` (masked attention scores) must be −∞ in `actual` and are left out.
+pub fn rel_error(actual: &Tensor, expected: &Tensor) -> f64 {
+    assert_eq!(actual.dims(), expected.dims(), "shapes differ");
+    let values = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (a, e) = (values(actual), values(expected));
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for (x, y) in a.iter().zip(&e) {
+        if y.is_infinite() {
+            assert_eq!(x, y, "an infinite entry differs");
+            continue;
+        }
+        diff += (x - y) * (x - y);
+        norm += y * y;
+    }
+    (diff / norm).sqrt()
+}
+
+/// Runs the numpy reference (`tests/reference/llama_ref.py hooks`) on `model` (a .gguf
+/// file or a Hugging Face directory) and returns every hook point it computed.
+pub fn numpy_reference(model: &Path, rows: &[&[u32]]) -> BTreeMap<String, Tensor> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama_ref.py");
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let tokens: Vec<String> = rows
+        .iter()
+        .map(|r| r.iter().map(u32::to_string).collect::<Vec<_>>().join(" "))
+        .collect();
+    let output = Command::new("python3")
+        .arg(&script)
+        .arg("hooks")
+        .arg(model)
+        .arg(tokens.join(";"))
+        .arg(out.path())
+        .output()
+        .expect(
+            "run python3 (the numpy reference needs python3 with numpy: scripts/test installs it)",
+        );
+    assert!(
+        output.status.success(),
+        "numpy reference failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    candle_core::safetensors::load(out.path(), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// Writes `checkpoint` as a llama.cpp-style GGUF: q/k rows permuted for interleaved
+/// RoPE, each tensor stored as `dtype_of(hf_name)`, byte-level BPE tokenizer metadata.
+pub fn write_gguf(checkpoint: &Checkpoint, path: &Path, dtype_of: impl Fn(&str) -> GgmlDType) {
+    let c = &checkpoint.config;
+    let mut tensors = Vec::new();
+    for name in checkpoint.weights.names() {
+        let mut t = checkpoint.weights.tensor(&name).unwrap();
+        let heads = if name.contains("q_proj") {
+            Some(c.n_heads)
+        } else if name.contains("k_proj") {
+            Some(c.n_kv_heads)
+        } else {
+            None
+        };
+        if let Some(h) = heads {
+            // llama.cpp: reshape(h, 2, rows/h/2, ..).swapaxes(1, 2)
+            let dims = t.dims().to_vec();
+            let cols = t.elem_count() / dims[0];
+            t = t
+                .reshape((h, 2, dims[0] / h / 2, cols))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape(dims)
+                .unwrap();
+        }
+        let dtype = if t.rank() == 1 {
+            GgmlDType::F32
+        } else {
+            dtype_of(&name)
+        };
+        tensors.push((gguf_name(&name), QTensor::quantize(&t, dtype).unwrap()));
+    }
+    let tokens: Vec<Value> = (0..c.vocab_size as u32)
+        .map(|i| Value::String(checkpoint.tokenizer.id_to_token(i).unwrap()))
+        .collect();
+    let metadata: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.block_count", Value::U32(c.n_layers as u32)),
+        ("llama.embedding_length", Value::U32(c.d_model as u32)),
+        ("llama.feed_forward_length", Value::U32(c.d_mlp as u32)),
+        ("llama.attention.head_count", Value::U32(c.n_heads as u32)),
+        (
+            "llama.attention.head_count_kv",
+            Value::U32(c.n_kv_heads as u32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+        ("llama.rope.freq_base", Value::F32(c.rope_theta as f32)),
+        (
+            "llama.context_length",
+            Value::U32(c.max_position_embeddings as u32),
+        ),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens)),
+        ("tokenizer.ggml.merges", Value::Array(vec![])),
+    ];
+    let mut file = std::fs::File::create(path).unwrap();
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+}
+
+/// llama.cpp's name of a Hugging Face tensor name.
+fn gguf_name(hf: &str) -> String {
+    let global = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = global.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let (layer, rest) = rest.split_once('.').unwrap();
+    let module = match rest.rsplit_once('.').unwrap().0 {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        other => panic!("no GGUF name for {other}"),
+    };
+    let kind = rest.rsplit_once('.').unwrap().1;
+    format!("blk.{layer}.{module}.{kind}")
+}

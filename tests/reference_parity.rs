@@ -1,0 +1,190 @@
+//! The model against the independent numpy reference (`tests/reference/`).
+
+mod common;
+
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+use common::{batch, capture_all, numpy_reference, rel_error, smollm2, smollm2_path, write_gguf};
+use flexmodel::Checkpoint;
+use flexmodel::tiny::{random_checkpoint, tiny_checkpoint, tiny_config};
+
+const TOLERANCE: f64 = 1e-3;
+
+/// Asserts that every tensor of `reference` matches the capture (or the logits) within
+/// `tolerance`; returns the worst relative error.
+fn compare(
+    reference: &std::collections::BTreeMap<String, candle_core::Tensor>,
+    captured: &std::collections::BTreeMap<String, candle_core::Tensor>,
+    tolerance: f64,
+) -> f64 {
+    let mut worst = (0.0, String::new());
+    for (name, expected) in reference {
+        let actual = captured
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} was not captured"));
+        let err = rel_error(actual, expected);
+        assert!(
+            err <= tolerance,
+            "{name}: relative error {err:.3e} > {tolerance:e}"
+        );
+        if err > worst.0 {
+            worst = (err, name.clone());
+        }
+    }
+    eprintln!(
+        "worst relative error {:.3e} at {} over {} tensors",
+        worst.0,
+        worst.1,
+        reference.len()
+    );
+    worst.0
+}
+
+#[test]
+fn smollm2_logits_and_residual_stream_match_committed_numpy_fixture() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/smollm2_reference.safetensors"
+    );
+    let mut fixture = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let tokens = fixture
+        .remove("tokens")
+        .unwrap()
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
+    let (_, model) = smollm2();
+    let (_, captured) = capture_all(model, &tokens);
+    assert_eq!(
+        fixture.len(),
+        model.config().n_layers + 2,
+        "resid_pre of every layer, the last resid_post, logits"
+    );
+    compare(&fixture.into_iter().collect(), &captured, TOLERANCE);
+}
+
+#[test]
+fn smollm2_every_hook_point_matches_numpy_reference() {
+    let rows: &[&[u32]] = &[
+        &[504, 3575, 282, 4649, 314, 7042],
+        &[1, 9690, 198, 2683, 359, 30],
+    ];
+    let reference = numpy_reference(&smollm2_path(), rows);
+    let (_, model) = smollm2();
+    let (_, captured) = capture_all(model, &batch(rows));
+    assert_eq!(
+        reference.len(),
+        captured.len(),
+        "the reference has every hook point"
+    );
+    compare(&reference, &captured, TOLERANCE);
+}
+
+#[test]
+fn tiny_model_every_hook_point_matches_numpy_reference() {
+    let checkpoint = tiny_checkpoint(11).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint.save_hf_dir(dir.path()).unwrap();
+    let rows: &[&[u32]] = &[&[3, 200, 17, 99, 255, 0, 42], &[7, 7, 7, 128, 64, 32, 16]];
+    let reference = numpy_reference(dir.path(), rows);
+    let (_, captured) = capture_all(&checkpoint.load_model().unwrap(), &batch(rows));
+    assert_eq!(reference.len(), captured.len());
+    compare(&reference, &captured, TOLERANCE);
+}
+
+#[test]
+fn qwen2_style_biases_and_tied_embeddings_match_numpy_reference() {
+    let mut config = tiny_config();
+    config.architecture = flexmodel::models::Architecture::Qwen2;
+    config.attention_bias = true;
+    config.tie_word_embeddings = true;
+    let checkpoint = random_checkpoint(config, 5).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint.save_hf_dir(dir.path()).unwrap();
+    let rows: &[&[u32]] = &[&[1, 2, 3, 4, 5]];
+    let reference = numpy_reference(dir.path(), rows);
+    let (_, captured) = capture_all(
+        &Checkpoint::open_hf_dir(dir.path())
+            .unwrap()
+            .load_model()
+            .unwrap(),
+        &batch(rows),
+    );
+    compare(&reference, &captured, TOLERANCE);
+}
+
+/// A model wide enough (rows of 256) for every GGUF block format, K-quants included.
+fn wide_checkpoint() -> Checkpoint {
+    let mut config = tiny_config();
+    (
+        config.d_model,
+        config.n_heads,
+        config.n_kv_heads,
+        config.d_head,
+        config.d_mlp,
+        config.n_layers,
+    ) = (256, 4, 2, 64, 512, 2);
+    random_checkpoint(config, 3).unwrap()
+}
+
+#[test]
+fn gguf_quantizations_dequantize_like_the_numpy_reference() {
+    // The numpy reader implements these formats itself; each weight matrix gets one.
+    let formats = [
+        GgmlDType::F32,
+        GgmlDType::F16,
+        GgmlDType::BF16,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ];
+    let checkpoint = wide_checkpoint();
+    let names = checkpoint.weights.names();
+    let dtype_of =
+        |name: &str| formats[names.iter().position(|n| n == name).unwrap() % formats.len()];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wide.gguf");
+    write_gguf(&checkpoint, &path, dtype_of);
+    let rows: &[&[u32]] = &[&[10, 20, 30, 40, 50, 60]];
+    let reference = numpy_reference(&path, rows);
+    let gguf = Checkpoint::open_gguf(&path).unwrap();
+    let (_, captured) = capture_all(&gguf.load_model().unwrap(), &batch(rows));
+    compare(&reference, &captured, TOLERANCE);
+}
+
+#[test]
+fn gguf_of_every_block_format_loads_close_to_the_f32_weights() {
+    let checkpoint = wide_checkpoint();
+    let rows: &[&[u32]] = &[&[10, 20, 30, 40, 50, 60]];
+    let (exact, _) = capture_all(&checkpoint.load_model().unwrap(), &batch(rows));
+    // Bound on the logits' relative error for each format (4-bit formats are coarse).
+    let formats = [
+        (GgmlDType::F32, 1e-6),
+        (GgmlDType::F16, 1e-3),
+        (GgmlDType::BF16, 1e-2),
+        (GgmlDType::Q8_0, 2e-2),
+        (GgmlDType::Q5_0, 0.1),
+        (GgmlDType::Q5_1, 0.1),
+        (GgmlDType::Q4_0, 0.2),
+        (GgmlDType::Q4_1, 0.2),
+        (GgmlDType::Q2K, 0.8),
+        (GgmlDType::Q3K, 0.4),
+        (GgmlDType::Q4K, 0.2),
+        (GgmlDType::Q5K, 0.1),
+        (GgmlDType::Q6K, 5e-2),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (dtype, bound) in formats {
+        let path = dir.path().join(format!("{dtype:?}.gguf"));
+        write_gguf(&checkpoint, &path, |_| dtype);
+        let model = Checkpoint::open_gguf(&path).unwrap().load_model().unwrap();
+        let (logits, _) = capture_all(&model, &batch(rows));
+        let err = rel_error(&logits, &exact);
+        eprintln!("{dtype:?}: logits relative error {err:.2e}");
+        assert!(
+            err <= bound,
+            "{dtype:?}: logits relative error {err:.3e} > {bound}"
+        );
+    }
+}

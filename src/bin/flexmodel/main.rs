@@ -1,5 +1,6 @@
 //! The `flexmodel` command line (DESIGN.md, "Command line").
 
+mod bench;
 mod generate;
 mod layout;
 
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Greedy generation from a prompt.
     Generate(generate::GenerateArgs),
+    /// Time forward passes over a random batch.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -31,6 +34,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

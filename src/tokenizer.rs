@@ -64,10 +64,15 @@ impl Tokenizer {
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
         inner.with_decoder(Some(ByteLevel::default()));
-        let special: Vec<AddedToken> = special
+        let special = special
             .iter()
-            .map(|&id| AddedToken::from(tokens[id as usize].clone(), true))
-            .collect();
+            .map(|&id| match tokens.get(id as usize) {
+                Some(token) => Ok(AddedToken::from(token.clone(), true)),
+                None => Err(Error::Tokenizer(format!(
+                    "special token id {id} is not in the vocabulary"
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
         inner.add_special_tokens(&special);
         Ok(Self { inner })
     }

@@ -179,3 +179,103 @@ impl VocabParallelEmbedding {
         Ok(summed.reshape((b, t, d))?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use candle_core::Device;
+    use flexmodel_cluster::TpRank;
+
+    use super::*;
+    use crate::weights::TensorMap;
+
+    /// Rank `rank` of `size` whose collectives return the local piece, so a test can
+    /// combine the pieces of every rank itself.
+    struct LocalPiece(TpRank);
+
+    impl Collective for LocalPiece {
+        fn tp_rank(&self) -> TpRank {
+            self.0
+        }
+        fn all_reduce_sum(&self, x: &Tensor) -> flexmodel_cluster::Result<Tensor> {
+            Ok(x.clone())
+        }
+        fn all_gather(&self, x: &Tensor, _dim: usize) -> flexmodel_cluster::Result<Tensor> {
+            Ok(x.clone())
+        }
+    }
+
+    fn weights(shape: (usize, usize)) -> TensorMap {
+        let n = (shape.0 * shape.1) as f32;
+        let w = Tensor::arange(0f32, n, &Device::Cpu).unwrap();
+        let w = ((w / n as f64).unwrap().sin().unwrap())
+            .reshape(shape)
+            .unwrap();
+        TensorMap::new("test", BTreeMap::from([("w.weight".to_string(), w)]))
+    }
+
+    fn input(rows: usize, cols: usize) -> Tensor {
+        Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)
+            .unwrap()
+            .cos()
+            .unwrap()
+            .reshape((1, rows, cols))
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        d.max(0).unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn column_slices_concatenate_to_the_full_output() {
+        let src = weights((6, 4));
+        let x = input(3, 4);
+        let full = ColumnParallelLinear::load(&src, "w", [6, 4], 0..6, false).unwrap();
+        let pieces: Vec<Tensor> = [0..2, 2..4, 4..6]
+            .into_iter()
+            .map(|rows| ColumnParallelLinear::load(&src, "w", [6, 4], rows, false).unwrap())
+            .map(|layer| layer.forward(&x).unwrap())
+            .collect();
+        let joined = Tensor::cat(&pieces, 2).unwrap();
+        assert!(max_diff(&joined, &full.forward(&x).unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn row_slices_sum_to_the_full_output() {
+        let src = weights((5, 6));
+        let x = input(3, 6);
+        let full = RowParallelLinear::load(&src, "w", [5, 6], 0..6).unwrap();
+        let full = full.forward(&x, &LocalPiece(TpRank::SOLE)).unwrap();
+        let mut sum = Tensor::zeros_like(&full).unwrap();
+        for (rank, cols) in [0..3, 3..6].into_iter().enumerate() {
+            let layer = RowParallelLinear::load(&src, "w", [5, 6], cols.clone()).unwrap();
+            let piece = layer.forward(
+                &x.narrow(2, cols.start, 3).unwrap(),
+                &LocalPiece(TpRank::new(rank, 2).unwrap()),
+            );
+            sum = (sum + piece.unwrap()).unwrap();
+        }
+        assert!(max_diff(&sum, &full) < 1e-5);
+    }
+
+    #[test]
+    fn vocabulary_slices_sum_to_the_full_embedding() {
+        let src = weights((8, 3));
+        let ids = Tensor::new(&[[0u32, 3, 4, 7]], &Device::Cpu).unwrap();
+        let full = VocabParallelEmbedding::load(&src, "w.weight", [8, 3], 0..8).unwrap();
+        let full = full.forward(&ids, &LocalPiece(TpRank::SOLE)).unwrap();
+        let mut sum = Tensor::zeros_like(&full).unwrap();
+        for (rank, rows) in [0..4, 4..8].into_iter().enumerate() {
+            let e = VocabParallelEmbedding::load(&src, "w.weight", [8, 3], rows).unwrap();
+            assert_eq!(e.weight().dims(), [4, 3], "a rank holds only its rows");
+            let piece = e
+                .forward(&ids, &LocalPiece(TpRank::new(rank, 2).unwrap()))
+                .unwrap();
+            sum = (sum + piece).unwrap();
+        }
+        assert!(max_diff(&sum, &full) < 1e-6);
+    }
+}

@@ -279,8 +279,8 @@ impl GgufFile {
 /// `(h, half, i)` for head `h`, `i < d_head/2`, `half ∈ {0, 1}`.
 fn unpermute_rows(w: &Tensor, n_heads: usize) -> Result<Tensor> {
     let dims = w.dims().to_vec();
-    let rows = dims[0];
-    let cols = w.elem_count() / rows;
+    let rows = w.dim(0)?;
+    let cols = w.elem_count() / rows.max(1);
     let per_head = rows / n_heads;
     Ok(w.reshape((n_heads, per_head / 2, 2, cols))?
         .transpose(1, 2)?
@@ -323,7 +323,9 @@ impl WeightSource for GgufFile {
             .dequantize(&Device::Cpu)
             .map_err(|e| bad(tensor_error_message(&e)))?;
         match self.permuted_heads(name) {
-            Some(heads) if t.dim(0)? % (2 * heads) == 0 => unpermute_rows(&t, heads),
+            Some(heads) if heads > 0 && t.rank() > 0 && t.dim(0)? % (2 * heads) == 0 => {
+                unpermute_rows(&t, heads)
+            }
             Some(heads) => Err(bad(format!(
                 "{} rows cannot be split into {heads} heads",
                 t.dim(0)?

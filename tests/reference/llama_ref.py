@@ -128,55 +128,74 @@ class Llama:
         rotated = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], axis=-1)
         return x * cos + rotated * sin
 
-    def forward(self, tokens):
-        """All hook points of the pass, name -> array (batch first)."""
+    def forward(self, tokens, edits=None):
+        """Every hook point's value (before any edit), name -> array (batch first).
+
+        `edits` maps hook names to functions of the value; the pass continues with
+        the edited value, as FlexModel-rs's hooks do.
+        """
         b, t = tokens.shape
-        hooks = {}
-        x = self.embed[tokens]
-        hooks["hook_embed"] = x
+        hooks, edits = {}, edits or {}
+
+        def hook(name, value):
+            hooks[name] = value
+            return edits[name](value) if name in edits else value
+
+        x = hook("hook_embed", self.embed[tokens])
         mask = np.triu(np.ones((t, t), dtype=bool), k=1)
+        group = self.n_heads // self.n_kv_heads
         for i, w in enumerate(self.layers):
             p = f"blocks.{i}."
-            hooks[p + "hook_resid_pre"] = x
-            n1 = self.normalized(x)
-            hooks[p + "ln1.hook_normalized"] = n1
-            h = n1 * w["ln1"]
-            q = (h @ w["q"].T + w["q_bias"]).reshape(b, t, self.n_heads, self.d_head)
-            k = (h @ w["k"].T + w["k_bias"]).reshape(b, t, self.n_kv_heads, self.d_head)
-            v = (h @ w["v"].T + w["v_bias"]).reshape(b, t, self.n_kv_heads, self.d_head)
-            hooks[p + "attn.hook_q"], hooks[p + "attn.hook_k"], hooks[p + "attn.hook_v"] = q, k, v
-            rq, rk = self.rope(q), self.rope(k)
-            hooks[p + "attn.hook_rot_q"], hooks[p + "attn.hook_rot_k"] = rq, rk
-            group = self.n_heads // self.n_kv_heads
-            kh = np.repeat(rk, group, axis=2)  # query head j reads kv head j // group
-            vh = np.repeat(v, group, axis=2)
-            scores = np.einsum("bqhd,bkhd->bhqk", rq, kh) / np.sqrt(self.d_head)
-            scores = np.where(mask, -np.inf, scores)
-            hooks[p + "attn.hook_attn_scores"] = scores
+            x = hook(p + "hook_resid_pre", x)
+            h = hook(p + "ln1.hook_normalized", self.normalized(x)) * w["ln1"]
+            q = hook(p + "attn.hook_q",
+                     (h @ w["q"].T + w["q_bias"]).reshape(b, t, self.n_heads, self.d_head))
+            k = hook(p + "attn.hook_k",
+                     (h @ w["k"].T + w["k_bias"]).reshape(b, t, self.n_kv_heads, self.d_head))
+            v = hook(p + "attn.hook_v",
+                     (h @ w["v"].T + w["v_bias"]).reshape(b, t, self.n_kv_heads, self.d_head))
+            q = hook(p + "attn.hook_rot_q", self.rope(q))
+            k = hook(p + "attn.hook_rot_k", self.rope(k))
+            k = np.repeat(k, group, axis=2)  # query head j reads kv head j // group
+            v = np.repeat(v, group, axis=2)
+            scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(self.d_head)
+            scores = hook(p + "attn.hook_attn_scores", np.where(mask, -np.inf, scores))
             e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            pattern = e / e.sum(axis=-1, keepdims=True)
-            hooks[p + "attn.hook_pattern"] = pattern
-            z = np.einsum("bhqk,bkhd->bqhd", pattern, vh)
-            hooks[p + "attn.hook_z"] = z
-            attn_out = z.reshape(b, t, -1) @ w["o"].T
-            hooks[p + "hook_attn_out"] = attn_out
-            x = x + attn_out
-            hooks[p + "hook_resid_mid"] = x
-            n2 = self.normalized(x)
-            hooks[p + "ln2.hook_normalized"] = n2
-            h = n2 * w["ln2"]
-            gate, up = h @ w["gate"].T, h @ w["up"].T
-            post = gate / (1.0 + np.exp(-gate)) * up
-            hooks[p + "mlp.hook_pre"], hooks[p + "mlp.hook_pre_linear"] = gate, up
-            hooks[p + "mlp.hook_post"] = post
-            mlp_out = post @ w["down"].T
-            hooks[p + "hook_mlp_out"] = mlp_out
-            x = x + mlp_out
-            hooks[p + "hook_resid_post"] = x
-        nf = self.normalized(x)
-        hooks["ln_final.hook_normalized"] = nf
-        hooks["unembed.hook_out"] = (nf * self.final_norm) @ self.lm_head.T
+            pattern = hook(p + "attn.hook_pattern", e / e.sum(axis=-1, keepdims=True))
+            z = hook(p + "attn.hook_z", np.einsum("bhqk,bkhd->bqhd", pattern, v))
+            x = x + hook(p + "hook_attn_out", z.reshape(b, t, -1) @ w["o"].T)
+            x = hook(p + "hook_resid_mid", x)
+            h = hook(p + "ln2.hook_normalized", self.normalized(x)) * w["ln2"]
+            gate = hook(p + "mlp.hook_pre", h @ w["gate"].T)
+            up = hook(p + "mlp.hook_pre_linear", h @ w["up"].T)
+            post = hook(p + "mlp.hook_post", gate / (1.0 + np.exp(-gate)) * up)
+            x = x + hook(p + "hook_mlp_out", post @ w["down"].T)
+            x = hook(p + "hook_resid_post", x)
+        nf = hook("ln_final.hook_normalized", self.normalized(x))
+        hook("unembed.hook_out", (nf * self.final_norm) @ self.lm_head.T)
         return hooks
+
+
+def parse_edit(spec):
+    """`NAME=zero-head:H`, `NAME=scale:F` or `NAME=add:FILE` -> (NAME, function)."""
+    name, action = spec.split("=", 1)
+    kind, arg = action.split(":", 1)
+    if kind == "scale":
+        return name, lambda x: x * float(arg)
+    if kind == "zero-head":
+        head_dim = 1 if name.endswith(("hook_attn_scores", "hook_pattern")) else 2
+
+        def zero_head(x):
+            x = x.copy()
+            index = [slice(None)] * x.ndim
+            index[head_dim] = int(arg)
+            x[tuple(index)] = 0.0
+            return x
+        return name, zero_head
+    if kind == "add":
+        delta = load_safetensors(arg)[name]
+        return name, lambda x: x + delta
+    raise ValueError(f"unknown edit {spec!r}")
 
 
 def save_safetensors(path, tensors):
@@ -231,6 +250,8 @@ def main():
     hooks.add_argument("model", help="a .gguf file or a Hugging Face directory")
     hooks.add_argument("tokens", help="sequences separated by ';', ids by spaces")
     hooks.add_argument("out")
+    hooks.add_argument("--edit", action="append", default=[],
+                       help="NAME=zero-head:H, NAME=scale:F or NAME=add:FILE (repeatable)")
     args = parser.parse_args()
 
     if args.command == "fixture":
@@ -245,7 +266,7 @@ def main():
         path = args.model
         model = Llama.from_hf_dir(path) if os.path.isdir(path) else Llama.from_gguf(path)
         tokens = np.array([[int(x) for x in seq.split()] for seq in args.tokens.split(";")])
-        out = model.forward(tokens)
+        out = model.forward(tokens, dict(parse_edit(e) for e in args.edit))
     save_safetensors(args.out, out)
     print(f"wrote {len(out)} tensors to {args.out}")
 

@@ -78,6 +78,53 @@ pub enum Error {
         "unknown model {0:?}: expected `smollm2`, a .gguf file or a Hugging Face model directory"
     )]
     UnknownModel(String),
+    /// A hook target names no hook point.
+    #[error("unknown {kind} hook target {name:?}{}", suggest(.suggestions))]
+    UnknownHookPoint {
+        /// The target as given.
+        name: String,
+        /// `forward` or `forward-pre`.
+        kind: &'static str,
+        /// The nearest valid names.
+        suggestions: Vec<String>,
+    },
+    /// A selector pattern matches no registered hook.
+    #[error("no registered hook has a hook point matching {0:?}")]
+    NoHookMatches(String),
+    /// A group name that no hook was ever tagged with.
+    #[error("unknown hook group {name:?} (known groups: {})", .known.join(", "))]
+    UnknownGroup {
+        /// The name as given.
+        name: String,
+        /// The groups that exist.
+        known: Vec<String>,
+    },
+    /// An attempt to create, join or leave the implicit group `all`.
+    #[error("the group `all` is implicit: every hook is in it, and none can leave it")]
+    ImplicitGroup,
+    /// A handle of a hook that is not registered (any more).
+    #[error("{0} is not registered")]
+    UnknownHandle(crate::HookHandle),
+    /// An edit closure failed.
+    #[error("hook {hook}: {source}")]
+    HookFailed {
+        /// The hook point's name.
+        hook: String,
+        /// What the closure returned (or that it panicked).
+        source: Box<Error>,
+    },
+    /// An edit returned a tensor of another shape or dtype.
+    #[error(
+        "hook {hook}: the edit returned {found}, expected {expected} (edits must keep shape and dtype)"
+    )]
+    EditChangedTensor {
+        /// The hook point's name.
+        hook: String,
+        /// Shape and dtype of the value given to the edit.
+        expected: String,
+        /// Shape and dtype the edit returned.
+        found: String,
+    },
     /// A layout or collective error.
     #[error(transparent)]
     Cluster(#[from] flexmodel_cluster::Error),
@@ -88,6 +135,13 @@ pub enum Error {
 
 /// Result with the library's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+fn suggest(names: &[String]) -> String {
+    match names {
+        [] => String::new(),
+        names => format!("; nearest: {}", names.join(", ")),
+    }
+}
 
 impl Error {
     /// An [`Error::Io`] for `path`.

@@ -129,6 +129,22 @@ impl HookPoint {
             .collect()
     }
 
+    /// The number of hook points of a model with `n_layers` blocks.
+    pub fn count(n_layers: usize) -> usize {
+        n_layers * BlockSite::ALL.len() + 3
+    }
+
+    /// This point's position in [`HookPoint::all`]: a dense index for lookup tables.
+    pub fn index(self, n_layers: usize) -> usize {
+        let per_block = BlockSite::ALL.len();
+        match self {
+            HookPoint::Embed => 0,
+            HookPoint::Block { layer, site } => 1 + layer * per_block + site as usize,
+            HookPoint::LnFinalNormalized => 1 + n_layers * per_block,
+            HookPoint::UnembedOut => 2 + n_layers * per_block,
+        }
+    }
+
     /// How the tensor at this point is split across tensor-parallel ranks.
     pub fn shard_spec(self) -> ShardSpec {
         match self {
@@ -228,6 +244,14 @@ mod tests {
     #[test]
     fn a_model_has_eighteen_points_per_block_and_three_outside() {
         assert_eq!(HookPoint::all(30).len(), 30 * 18 + 3);
+        assert_eq!(HookPoint::count(30), 30 * 18 + 3);
+    }
+
+    #[test]
+    fn index_is_the_position_in_forward_order() {
+        for (i, point) in HookPoint::all(4).into_iter().enumerate() {
+            assert_eq!(point.index(4), i, "{point}");
+        }
     }
 
     #[test]

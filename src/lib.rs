@@ -25,20 +25,40 @@
 //! # }
 //! ```
 
+mod activation_store;
 mod checkpoint;
+pub mod edits;
 mod error;
+mod flex_model;
 mod generate;
+mod hook_catalog;
+mod hook_dispatch;
+mod hook_function;
 pub mod hook_point;
+mod hook_registry;
 mod hooks;
+mod loss;
 pub mod models;
+mod pattern;
 pub mod pretrained;
+mod save_context;
 pub mod tiny;
+mod token_batch;
 mod tokenizer;
 pub mod weights;
 
+pub use activation_store::ActivationStore;
 pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
+pub use flex_model::FlexModel;
 pub use generate::generate_greedy;
+pub use hook_catalog::{HookCatalog, HookKind};
+pub use hook_function::{EditFn, HookCtx, HookFunction};
 pub use hook_point::{BlockSite, HookPoint};
+pub use hook_registry::{ALL, Groups, HookHandle, HookRegistry, HookSelector};
 pub use hooks::{HookLayer, NoHooks};
+pub use loss::next_token_loss;
+pub use pattern::glob_match;
+pub use save_context::SaveContext;
+pub use token_batch::read_tokens_file;
 pub use tokenizer::Tokenizer;

@@ -83,6 +83,26 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// A `[b, t]` u32 batch of `texts`, which must encode to the same number of tokens.
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<candle_core::Tensor> {
+        let rows = texts
+            .iter()
+            .map(|t| self.encode(t))
+            .collect::<Result<Vec<_>>>()?;
+        let t = rows.first().map_or(0, Vec::len);
+        if rows.is_empty() || t == 0 || rows.iter().any(|r| r.len() != t) {
+            let lengths: Vec<usize> = rows.iter().map(Vec::len).collect();
+            return Err(Error::BadInput(format!(
+                "a batch needs texts of equal, non-zero token counts, got {lengths:?}"
+            )));
+        }
+        Ok(candle_core::Tensor::from_vec(
+            rows.concat(),
+            (texts.len(), t),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+
     /// The text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(tokenizer_error)

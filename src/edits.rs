@@ -1,0 +1,204 @@
+//! Ready-made edits, and the `NAME=ACTION:ARG` edit specs of the command line.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::hook_function::HookCtx;
+use crate::hook_point::{BlockSite, HookPoint};
+use crate::{Error, HookFunction, Result};
+
+/// The dimension that indexes heads at `point`: 2 of `[b, t, h, ·]`, 1 of `[b, h, q, k]`.
+pub fn head_dim(point: HookPoint) -> Option<usize> {
+    match point {
+        HookPoint::Block { site, .. } => match site {
+            BlockSite::Q
+            | BlockSite::K
+            | BlockSite::V
+            | BlockSite::RotQ
+            | BlockSite::RotK
+            | BlockSite::Z => Some(2),
+            BlockSite::AttnScores | BlockSite::Pattern => Some(1),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// An edit that zeroes head `head` of a head-indexed hook point.
+pub fn zero_head(
+    head: usize,
+) -> impl FnMut(&mut HookCtx<'_>, Tensor) -> Result<Tensor> + Send + 'static {
+    move |ctx, x| {
+        let dim = head_dim(ctx.point()).ok_or_else(|| {
+            Error::BadInput(format!("zero-head: {} has no head dimension", ctx.name()))
+        })?;
+        let heads = x.dim(dim)?;
+        if head >= heads {
+            return Err(Error::BadInput(format!(
+                "zero-head: head {head} does not exist, {} has {heads} heads",
+                ctx.name()
+            )));
+        }
+        let mask: Vec<f32> = (0..heads)
+            .map(|h| if h == head { 0.0 } else { 1.0 })
+            .collect();
+        let mut shape = vec![1; x.rank()];
+        shape[dim] = heads;
+        let mask = Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?;
+        Ok(x.broadcast_mul(&mask)?)
+    }
+}
+
+/// An edit that multiplies the value by `factor`.
+pub fn scale(
+    factor: f64,
+) -> impl FnMut(&mut HookCtx<'_>, Tensor) -> Result<Tensor> + Send + 'static {
+    move |_, x| Ok((x * factor)?)
+}
+
+/// An edit that adds `delta`, broadcast to the value's shape.
+pub fn add(
+    delta: Tensor,
+) -> impl FnMut(&mut HookCtx<'_>, Tensor) -> Result<Tensor> + Send + 'static {
+    move |ctx, x| {
+        let delta = delta.to_dtype(x.dtype())?;
+        x.broadcast_add(&delta).map_err(|_| {
+            Error::BadInput(format!(
+                "add: a tensor of shape {:?} does not broadcast to {} of shape {:?}",
+                delta.dims(),
+                ctx.name(),
+                x.dims()
+            ))
+        })
+    }
+}
+
+/// One `--edit` of the command line: `NAME=zero-head:H`, `NAME=scale:F` or
+/// `NAME=add:FILE.safetensors` (the tensor under key `NAME`).
+#[derive(Debug, Clone)]
+pub struct EditSpec {
+    /// The hook point (or pattern) to edit.
+    pub target: String,
+    /// What to do to it.
+    pub action: EditAction,
+}
+
+/// The action of an [`EditSpec`].
+#[derive(Debug, Clone)]
+pub enum EditAction {
+    /// Zero one head.
+    ZeroHead(usize),
+    /// Multiply by a factor.
+    Scale(f64),
+    /// Add a tensor (broadcast).
+    Add(Tensor),
+}
+
+impl EditSpec {
+    /// Parses `spec`, reading the tensor of an `add:` from its file.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let bad = |why: &str| Error::BadInput(format!("malformed edit {spec:?}: {why}"));
+        let (target, action) = spec
+            .split_once('=')
+            .ok_or_else(|| bad("expected NAME=zero-head:H, NAME=scale:F or NAME=add:FILE"))?;
+        let (kind, arg) = action
+            .split_once(':')
+            .ok_or_else(|| bad("expected ACTION:ARGUMENT after '='"))?;
+        if target.is_empty() {
+            return Err(bad("no hook name before '='"));
+        }
+        let action = match kind {
+            "zero-head" => EditAction::ZeroHead(
+                arg.parse()
+                    .map_err(|_| bad("the head must be a non-negative integer"))?,
+            ),
+            "scale" => {
+                let factor: f64 = arg
+                    .parse()
+                    .map_err(|_| bad("the factor must be a number"))?;
+                if !factor.is_finite() {
+                    return Err(bad("the factor must be finite"));
+                }
+                EditAction::Scale(factor)
+            }
+            "add" => EditAction::Add(read_tensor(Path::new(arg), target)?),
+            other => {
+                return Err(bad(&format!(
+                    "unknown action {other:?} (zero-head, scale or add)"
+                )));
+            }
+        };
+        Ok(Self {
+            target: target.to_string(),
+            action,
+        })
+    }
+
+    /// The hook function that performs this edit (without capturing).
+    pub fn hook_function(&self) -> HookFunction {
+        let hook = HookFunction::new(self.target.clone()).without_capture();
+        match &self.action {
+            EditAction::ZeroHead(h) => hook.with_edit(zero_head(*h)),
+            EditAction::Scale(f) => hook.with_edit(scale(*f)),
+            EditAction::Add(t) => hook.with_edit(add(t.clone())),
+        }
+    }
+}
+
+/// The tensor under `key` in the safetensors file `path`, as f32.
+fn read_tensor(path: &Path, key: &str) -> Result<Tensor> {
+    let bad = |message: String| Error::BadWeightsFile {
+        path: path.to_path_buf(),
+        message,
+    };
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+        bad(format!(
+            "cannot read: {}",
+            flexmodel_cluster::tensor_error_message(&e)
+        ))
+    })?;
+    let t = tensors
+        .get(key)
+        .ok_or_else(|| bad(format!("has no tensor under the key {key:?}")))?;
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse() {
+        let spec = EditSpec::parse("blocks.1.attn.hook_z=zero-head:3").unwrap();
+        assert_eq!(spec.target, "blocks.1.attn.hook_z");
+        assert!(matches!(spec.action, EditAction::ZeroHead(3)));
+        assert!(
+            matches!(EditSpec::parse("x=scale:0.5").unwrap().action, EditAction::Scale(f) if f == 0.5)
+        );
+    }
+
+    #[test]
+    fn malformed_specs_say_what_is_wrong() {
+        for (spec, why) in [
+            ("blocks.1.attn.hook_z", "expected NAME="),
+            ("x=zero-head", "expected ACTION:ARGUMENT"),
+            ("x=zero-head:-1", "non-negative integer"),
+            ("x=scale:abc", "must be a number"),
+            ("x=scale:inf", "finite"),
+            ("x=shift:1", "unknown action \"shift\""),
+            ("=scale:2", "no hook name"),
+        ] {
+            let err = EditSpec::parse(spec).unwrap_err().to_string();
+            assert!(err.contains(why), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn add_from_a_missing_file_names_it() {
+        let err = EditSpec::parse("x=add:/no/such.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/no/such.safetensors"), "{err}");
+    }
+}

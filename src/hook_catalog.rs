@@ -1,0 +1,239 @@
+//! Every name a hook can target in one model: TransformerLens hook points, and the
+//! Hugging Face module paths whose output (forward) or input (forward-pre) is one.
+
+use std::collections::HashMap;
+
+use crate::hook_point::{BlockSite, HookPoint};
+use crate::models::LlamaConfig;
+use crate::pattern::{glob_match, is_glob, nearest};
+use crate::{Error, Result};
+
+/// When a hook runs relative to the module or point it targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HookKind {
+    /// On a hook point, or on a module's output.
+    Forward,
+    /// On a module's input (module names only).
+    ForwardPre,
+}
+
+impl HookKind {
+    fn describe(self) -> &'static str {
+        match self {
+            HookKind::Forward => "forward",
+            HookKind::ForwardPre => "forward-pre",
+        }
+    }
+}
+
+/// Module paths of block `i` (after `model.layers.{i}`) whose output is a hook point.
+const BLOCK_OUTPUTS: [(&str, BlockSite); 8] = [
+    ("", BlockSite::ResidPost),
+    (".self_attn", BlockSite::AttnOut),
+    (".self_attn.o_proj", BlockSite::AttnOut),
+    (".mlp", BlockSite::MlpOut),
+    (".mlp.down_proj", BlockSite::MlpOut),
+    (".mlp.gate_proj", BlockSite::MlpPre),
+    (".mlp.up_proj", BlockSite::MlpPreLinear),
+    (".mlp.act_fn", BlockSite::MlpPre),
+];
+
+/// Module paths of block `i` whose input is a hook point.
+const BLOCK_INPUTS: [(&str, BlockSite); 5] = [
+    ("", BlockSite::ResidPre),
+    (".input_layernorm", BlockSite::ResidPre),
+    (".post_attention_layernorm", BlockSite::ResidMid),
+    (".mlp.down_proj", BlockSite::MlpPost),
+    (".mlp.act_fn", BlockSite::MlpPre),
+];
+
+/// The names a hook can target in a model, and the hook point each one means.
+#[derive(Debug, Clone)]
+pub struct HookCatalog {
+    n_layers: usize,
+    /// `(name, kind, point)` in forward order: hook points first, then aliases.
+    names: Vec<(String, HookKind, HookPoint)>,
+    lookup: HashMap<(String, HookKind), HookPoint>,
+}
+
+impl HookCatalog {
+    /// The catalog of a model with `config`'s number of layers.
+    pub fn new(config: &LlamaConfig) -> Self {
+        let n = config.n_layers;
+        let mut names: Vec<(String, HookKind, HookPoint)> = HookPoint::all(n)
+            .into_iter()
+            .map(|p| (p.to_string(), HookKind::Forward, p))
+            .collect();
+        let alias = |name: String, kind, point| (name, kind, point);
+        names.push(alias(
+            "model.embed_tokens".into(),
+            HookKind::Forward,
+            HookPoint::Embed,
+        ));
+        for layer in 0..n {
+            let block = |site| HookPoint::Block { layer, site };
+            for (suffix, site) in BLOCK_OUTPUTS {
+                names.push(alias(
+                    format!("model.layers.{layer}{suffix}"),
+                    HookKind::Forward,
+                    block(site),
+                ));
+            }
+            for (suffix, site) in BLOCK_INPUTS {
+                names.push(alias(
+                    format!("model.layers.{layer}{suffix}"),
+                    HookKind::ForwardPre,
+                    block(site),
+                ));
+            }
+        }
+        if n > 0 {
+            let last = HookPoint::Block {
+                layer: n - 1,
+                site: BlockSite::ResidPost,
+            };
+            names.push(alias("model.norm".into(), HookKind::ForwardPre, last));
+        }
+        names.push(alias(
+            "lm_head".into(),
+            HookKind::Forward,
+            HookPoint::UnembedOut,
+        ));
+        let lookup = names
+            .iter()
+            .map(|(name, kind, point)| ((name.clone(), *kind), *point))
+            .collect();
+        Self {
+            n_layers: n,
+            names,
+            lookup,
+        }
+    }
+
+    /// The number of blocks of the model.
+    pub fn n_layers(&self) -> usize {
+        self.n_layers
+    }
+
+    /// The hook points `target` (an exact name or a glob) means for hooks of `kind`, in
+    /// forward order without repeats; an error suggesting the nearest names if none.
+    pub fn resolve(&self, target: &str, kind: HookKind) -> Result<Vec<HookPoint>> {
+        let mut points: Vec<HookPoint> = if is_glob(target) {
+            self.names
+                .iter()
+                .filter(|(name, k, _)| *k == kind && glob_match(target, name))
+                .map(|(_, _, p)| *p)
+                .collect()
+        } else {
+            self.lookup
+                .get(&(target.to_string(), kind))
+                .copied()
+                .into_iter()
+                .collect()
+        };
+        if points.is_empty() {
+            let candidates = self
+                .names
+                .iter()
+                .filter(|(_, k, _)| *k == kind)
+                .map(|(n, _, _)| n.as_str());
+            return Err(Error::UnknownHookPoint {
+                name: target.to_string(),
+                kind: kind.describe(),
+                suggestions: nearest(target, candidates, 3),
+            });
+        }
+        points.sort_by_key(|p| p.index(self.n_layers));
+        points.dedup();
+        Ok(points)
+    }
+
+    /// The module aliases of `point`, with their kinds.
+    pub fn aliases_of(&self, point: HookPoint) -> impl Iterator<Item = (&str, HookKind)> {
+        let own = point.to_string();
+        self.names
+            .iter()
+            .filter(move |(name, _, p)| *p == point && *name != own)
+            .map(|(name, kind, _)| (name.as_str(), *kind))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiny::tiny_config;
+
+    fn catalog() -> HookCatalog {
+        HookCatalog::new(&tiny_config())
+    }
+
+    #[test]
+    fn module_outputs_and_inputs_are_hook_points() {
+        let c = catalog();
+        let one = |name, kind| c.resolve(name, kind).unwrap();
+        let block = |layer, site| vec![HookPoint::Block { layer, site }];
+        assert_eq!(
+            one("model.layers.3.mlp", HookKind::Forward),
+            block(3, BlockSite::MlpOut)
+        );
+        assert_eq!(
+            one("model.layers.3", HookKind::ForwardPre),
+            block(3, BlockSite::ResidPre)
+        );
+        assert_eq!(
+            one("model.layers.3", HookKind::Forward),
+            block(3, BlockSite::ResidPost)
+        );
+        assert_eq!(
+            one("model.layers.1.mlp.down_proj", HookKind::ForwardPre),
+            block(1, BlockSite::MlpPost)
+        );
+        assert_eq!(
+            one("lm_head", HookKind::Forward),
+            vec![HookPoint::UnembedOut]
+        );
+    }
+
+    #[test]
+    fn globs_match_in_forward_order_without_repeats() {
+        let points = catalog()
+            .resolve("blocks.*.hook_resid_post", HookKind::Forward)
+            .unwrap();
+        let names: Vec<String> = points.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            names,
+            (0..4)
+                .map(|i| format!("blocks.{i}.hook_resid_post"))
+                .collect::<Vec<_>>()
+        );
+        let everything = catalog().resolve("*", HookKind::Forward).unwrap();
+        assert_eq!(everything.len(), HookPoint::count(4));
+    }
+
+    #[test]
+    fn unknown_names_suggest_the_nearest() {
+        let err = catalog()
+            .resolve("blocks.1.hook_resid_pots", HookKind::Forward)
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("blocks.1.hook_resid_post"), "{message}");
+    }
+
+    #[test]
+    fn forward_pre_targets_modules_not_hook_points() {
+        assert!(
+            catalog()
+                .resolve("blocks.1.hook_resid_pre", HookKind::ForwardPre)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_glob_that_matches_nothing_is_an_error() {
+        assert!(
+            catalog()
+                .resolve("blocks.*.hook_nothing", HookKind::Forward)
+                .is_err()
+        );
+    }
+}

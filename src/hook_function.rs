@@ -1,0 +1,115 @@
+//! A hook function: what it targets, when it runs, and what it does.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::Tensor;
+
+use crate::hook_catalog::HookKind;
+use crate::{HookPoint, Result, SaveContext};
+
+/// An edit: receives the full, unsharded value of a hook point and returns the value
+/// the model continues with (same shape and dtype).
+pub type EditFn = dyn FnMut(&mut HookCtx<'_>, Tensor) -> Result<Tensor> + Send;
+
+/// An edit shared by every hook point one registration matched.
+pub(crate) type SharedEdit = Arc<Mutex<Box<EditFn>>>;
+
+/// What an edit closure knows about the call it is running in.
+pub struct HookCtx<'a> {
+    pub(crate) point: HookPoint,
+    pub(crate) name: &'a str,
+    pub(crate) call: usize,
+    pub(crate) save: &'a mut SaveContext,
+}
+
+impl HookCtx<'_> {
+    /// The hook point being called.
+    pub fn point(&self) -> HookPoint {
+        self.point
+    }
+
+    /// Its TransformerLens name.
+    pub fn name(&self) -> &str {
+        self.name
+    }
+
+    /// How many times this hook point was called before in this pass (0 for the first).
+    pub fn call(&self) -> usize {
+        self.call
+    }
+
+    /// The save context shared by all hooks and kept across passes.
+    pub fn save(&mut self) -> &mut SaveContext {
+        self.save
+    }
+}
+
+/// A hook to register: a target (an exact hook or module name, or a glob), a kind, an
+/// optional edit, whether to capture, and group tags.
+///
+/// ```
+/// use flexmodel::{HookFunction, edits};
+///
+/// // Capture the residual stream after every block.
+/// let capture = HookFunction::new("blocks.*.hook_resid_post");
+/// // Zero head 3 of layer 5's pattern without keeping a copy, in group "ablation".
+/// let ablate = HookFunction::new("blocks.5.attn.hook_pattern")
+///     .with_edit(edits::zero_head(3))
+///     .without_capture()
+///     .tagged("ablation");
+/// # let _ = (capture, ablate);
+/// ```
+pub struct HookFunction {
+    pub(crate) target: String,
+    pub(crate) kind: HookKind,
+    pub(crate) edit: Option<Box<EditFn>>,
+    pub(crate) capture: bool,
+    pub(crate) tags: Vec<String>,
+}
+
+impl HookFunction {
+    /// A forward hook on `target` that captures its value.
+    pub fn new(target: impl Into<String>) -> Self {
+        Self {
+            target: target.into(),
+            kind: HookKind::Forward,
+            edit: None,
+            capture: true,
+            tags: Vec::new(),
+        }
+    }
+
+    /// A forward-pre hook on a module's input (`model.layers.7` = `blocks.7.hook_resid_pre`).
+    pub fn forward_pre(module: impl Into<String>) -> Self {
+        Self {
+            kind: HookKind::ForwardPre,
+            ..Self::new(module)
+        }
+    }
+
+    /// Runs `edit` on the full value at every call; the model continues with its result.
+    pub fn with_edit(
+        mut self,
+        edit: impl FnMut(&mut HookCtx<'_>, Tensor) -> Result<Tensor> + Send + 'static,
+    ) -> Self {
+        self.edit = Some(Box::new(edit));
+        self
+    }
+
+    /// Does not store the value in the activation store (edit-only hooks).
+    pub fn without_capture(mut self) -> Self {
+        self.capture = false;
+        self
+    }
+
+    /// Adds the hook to group `group`.
+    pub fn tagged(mut self, group: impl Into<String>) -> Self {
+        self.tags.push(group.into());
+        self
+    }
+
+    /// The target this hook was built with.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+}

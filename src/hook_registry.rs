@@ -1,0 +1,324 @@
+//! Registered hooks, their handles and group tags, and which of them run in a pass.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use crate::hook_catalog::HookCatalog;
+use crate::hook_function::SharedEdit;
+use crate::pattern::glob_match;
+use crate::{Error, HookFunction, HookPoint, Result};
+
+/// The group every hook belongs to; it cannot be removed.
+pub const ALL: &str = "all";
+
+/// Identifies one registered hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HookHandle(u64);
+
+impl fmt::Display for HookHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "hook #{}", self.0)
+    }
+}
+
+/// Which registered hooks a tag or enable operation applies to.
+#[derive(Debug, Clone)]
+pub enum HookSelector {
+    /// One hook.
+    Handle(HookHandle),
+    /// Every hook with a hook point whose name matches this glob.
+    Pattern(String),
+}
+
+impl From<HookHandle> for HookSelector {
+    fn from(h: HookHandle) -> Self {
+        HookSelector::Handle(h)
+    }
+}
+
+impl From<&str> for HookSelector {
+    fn from(pattern: &str) -> Self {
+        HookSelector::Pattern(pattern.to_string())
+    }
+}
+
+/// Which groups run in a pass.
+#[derive(Debug, Clone, Default)]
+pub enum Groups {
+    /// Every enabled hook (the implicit group `all`).
+    #[default]
+    All,
+    /// Enabled hooks in at least one of these groups.
+    Only(Vec<String>),
+    /// Enabled hooks in none of these groups (the complement).
+    Except(Vec<String>),
+}
+
+impl Groups {
+    /// Only the hooks of `groups`.
+    pub fn only<S: Into<String>>(groups: impl IntoIterator<Item = S>) -> Self {
+        Groups::Only(groups.into_iter().map(Into::into).collect())
+    }
+
+    /// Every hook outside `groups`.
+    pub fn except<S: Into<String>>(groups: impl IntoIterator<Item = S>) -> Self {
+        Groups::Except(groups.into_iter().map(Into::into).collect())
+    }
+}
+
+/// One registration.
+pub(crate) struct Entry {
+    pub(crate) handle: HookHandle,
+    pub(crate) points: Vec<HookPoint>,
+    pub(crate) edit: Option<SharedEdit>,
+    pub(crate) capture: bool,
+    tags: BTreeSet<String>,
+    enabled: bool,
+}
+
+/// The hooks registered with a model.
+pub struct HookRegistry {
+    catalog: HookCatalog,
+    entries: Vec<Entry>,
+    /// Group names ever used (tags, created groups), `all` included.
+    groups: BTreeSet<String>,
+    next_handle: u64,
+}
+
+/// For one pass: the indices of the entries that run at each hook point (by point index).
+pub(crate) struct PassPlan {
+    pub(crate) by_point: Vec<Vec<usize>>,
+}
+
+impl HookRegistry {
+    /// An empty registry for the model described by `catalog`.
+    pub fn new(catalog: HookCatalog) -> Self {
+        Self {
+            catalog,
+            entries: Vec::new(),
+            groups: BTreeSet::from([ALL.to_string()]),
+            next_handle: 0,
+        }
+    }
+
+    /// The names hooks can target.
+    pub fn catalog(&self) -> &HookCatalog {
+        &self.catalog
+    }
+
+    /// Registers `hook` at every point its target matches; one handle for all of them.
+    pub fn register(&mut self, hook: HookFunction) -> Result<HookHandle> {
+        let points = self.catalog.resolve(&hook.target, hook.kind)?;
+        let edit = hook.edit.map(|e| Arc::new(Mutex::new(e)));
+        Ok(self.add_entry(points, edit, hook.capture, &hook.tags))
+    }
+
+    /// Registers one hook per point `hook`'s target matches, each tagged `group` and
+    /// sharing `hook`'s edit. A pattern that matches nothing is an error, never an empty group.
+    pub fn create_hook_group(
+        &mut self,
+        group: &str,
+        hook: HookFunction,
+    ) -> Result<Vec<HookHandle>> {
+        check_group_name(group)?;
+        let points = self.catalog.resolve(&hook.target, hook.kind)?;
+        let edit = hook.edit.map(|e| Arc::new(Mutex::new(e)));
+        let mut tags = hook.tags;
+        tags.push(group.to_string());
+        self.groups.insert(group.to_string());
+        Ok(points
+            .into_iter()
+            .map(|p| self.add_entry(vec![p], edit.clone(), hook.capture, &tags))
+            .collect())
+    }
+
+    fn add_entry(
+        &mut self,
+        points: Vec<HookPoint>,
+        edit: Option<SharedEdit>,
+        capture: bool,
+        tags: &[String],
+    ) -> HookHandle {
+        let handle = HookHandle(self.next_handle);
+        self.next_handle += 1;
+        let mut tag_set = BTreeSet::from([ALL.to_string()]);
+        tag_set.extend(tags.iter().cloned());
+        self.groups.extend(tags.iter().cloned());
+        self.entries.push(Entry {
+            handle,
+            points,
+            edit,
+            capture,
+            tags: tag_set,
+            enabled: true,
+        });
+        handle
+    }
+
+    /// Removes one hook.
+    pub fn remove(&mut self, handle: HookHandle) -> Result<()> {
+        let i = self.position(handle)?;
+        self.entries.remove(i);
+        Ok(())
+    }
+
+    /// Removes every hook (group names stay known).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// The number of registered hooks.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no hook is registered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The hook points of a registered hook.
+    pub fn points(&self, handle: HookHandle) -> Result<&[HookPoint]> {
+        Ok(&self.entries[self.position(handle)?].points)
+    }
+
+    /// The groups of a registered hook, `all` included.
+    pub fn tags(&self, handle: HookHandle) -> Result<impl Iterator<Item = &str>> {
+        Ok(self.entries[self.position(handle)?]
+            .tags
+            .iter()
+            .map(String::as_str))
+    }
+
+    /// Every known group name, `all` included.
+    pub fn groups(&self) -> impl Iterator<Item = &str> {
+        self.groups.iter().map(String::as_str)
+    }
+
+    /// Adds the selected hooks to `group`; returns how many hooks were selected.
+    pub fn add_tag(&mut self, selector: impl Into<HookSelector>, group: &str) -> Result<usize> {
+        check_group_name(group)?;
+        let selected = self.select(&selector.into())?;
+        for &i in &selected {
+            self.entries[i].tags.insert(group.to_string());
+        }
+        self.groups.insert(group.to_string());
+        Ok(selected.len())
+    }
+
+    /// Removes the selected hooks from `group` (never from `all`); returns how many
+    /// hooks were selected.
+    pub fn remove_tag(&mut self, selector: impl Into<HookSelector>, group: &str) -> Result<usize> {
+        if group == ALL {
+            return Err(Error::ImplicitGroup);
+        }
+        self.check_known(group)?;
+        let selected = self.select(&selector.into())?;
+        for &i in &selected {
+            self.entries[i].tags.remove(group);
+        }
+        Ok(selected.len())
+    }
+
+    /// Enables or disables the selected hooks (a disabled hook never runs); returns how
+    /// many hooks were selected.
+    pub fn set_enabled(
+        &mut self,
+        selector: impl Into<HookSelector>,
+        enabled: bool,
+    ) -> Result<usize> {
+        let selected = self.select(&selector.into())?;
+        for &i in &selected {
+            self.entries[i].enabled = enabled;
+        }
+        Ok(selected.len())
+    }
+
+    /// Enables or disables every hook of `group`; returns how many there are.
+    pub fn set_group_enabled(&mut self, group: &str, enabled: bool) -> Result<usize> {
+        self.check_known(group)?;
+        let mut n = 0;
+        for e in self.entries.iter_mut().filter(|e| e.tags.contains(group)) {
+            e.enabled = enabled;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Which entries run at each hook point in a pass that runs `groups`.
+    pub(crate) fn plan(&self, groups: &Groups) -> Result<PassPlan> {
+        let wanted = |e: &Entry| -> bool {
+            match groups {
+                Groups::All => true,
+                Groups::Only(g) => g.iter().any(|g| e.tags.contains(g)),
+                Groups::Except(g) => !g.iter().any(|g| e.tags.contains(g)),
+            }
+        };
+        if let Groups::Only(g) | Groups::Except(g) = groups {
+            for name in g {
+                self.check_known(name)?;
+            }
+        }
+        let n_layers = self.catalog.n_layers();
+        let mut by_point = vec![Vec::new(); HookPoint::count(n_layers)];
+        for (i, entry) in self.entries.iter().enumerate() {
+            if entry.enabled && wanted(entry) {
+                for p in &entry.points {
+                    by_point[p.index(n_layers)].push(i);
+                }
+            }
+        }
+        Ok(PassPlan { by_point })
+    }
+
+    pub(crate) fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    fn position(&self, handle: HookHandle) -> Result<usize> {
+        self.entries
+            .iter()
+            .position(|e| e.handle == handle)
+            .ok_or(Error::UnknownHandle(handle))
+    }
+
+    fn check_known(&self, group: &str) -> Result<()> {
+        if self.groups.contains(group) {
+            return Ok(());
+        }
+        Err(Error::UnknownGroup {
+            name: group.to_string(),
+            known: self.groups.iter().cloned().collect(),
+        })
+    }
+
+    /// The entry indices `selector` picks; a pattern must pick at least one.
+    fn select(&self, selector: &HookSelector) -> Result<Vec<usize>> {
+        match selector {
+            HookSelector::Handle(h) => Ok(vec![self.position(*h)?]),
+            HookSelector::Pattern(pattern) => {
+                let picked: Vec<usize> = (0..self.entries.len())
+                    .filter(|&i| {
+                        let points = &self.entries[i].points;
+                        points.iter().any(|p| glob_match(pattern, &p.to_string()))
+                    })
+                    .collect();
+                if picked.is_empty() {
+                    return Err(Error::NoHookMatches(pattern.clone()));
+                }
+                Ok(picked)
+            }
+        }
+    }
+}
+
+fn check_group_name(group: &str) -> Result<()> {
+    if group.is_empty() {
+        return Err(Error::BadInput("a group name cannot be empty".into()));
+    }
+    if group == ALL {
+        return Err(Error::ImplicitGroup);
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Batches of token ids: from text, or from a tokens file.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::{Error, Result};
+
+/// Reads a tokens file: one sequence per line, ids separated by whitespace, every line
+/// of the same length, every id below `vocab_size`; blank lines are skipped. Returns
+/// the `[lines, length]` u32 batch.
+pub fn read_tokens_file(path: &Path, vocab_size: usize) -> Result<Tensor> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bad =
+        |line: usize, why: String| Error::BadInput(format!("{}:{line}: {why}", path.display()));
+    let mut rows: Vec<Vec<u32>> = Vec::new();
+    let mut first_line = 0;
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let row = line
+            .split_whitespace()
+            .map(|word| {
+                let id: u32 = word
+                    .parse()
+                    .map_err(|_| bad(i + 1, format!("{word:?} is not a token id")))?;
+                if id as usize >= vocab_size {
+                    return Err(bad(
+                        i + 1,
+                        format!("token id {id} is outside the vocabulary (size {vocab_size})"),
+                    ));
+                }
+                Ok(id)
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        match rows.first() {
+            None => first_line = i + 1,
+            Some(first) if first.len() != row.len() => {
+                return Err(bad(
+                    i + 1,
+                    format!(
+                        "{} tokens, but line {first_line} has {}: all lines must have equal length",
+                        row.len(),
+                        first.len()
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+        rows.push(row);
+    }
+    if rows.is_empty() {
+        return Err(Error::BadInput(format!("{}: no sequences", path.display())));
+    }
+    let (b, t) = (rows.len(), rows[0].len());
+    Ok(Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn lines_are_the_batch() {
+        let f = file("1 2 3\n\n4 5 6\n");
+        let t = read_tokens_file(f.path(), 10).unwrap();
+        assert_eq!(t.to_vec2::<u32>().unwrap(), [[1, 2, 3], [4, 5, 6]]);
+    }
+
+    #[test]
+    fn bad_files_name_the_line_and_the_problem() {
+        for (text, why) in [
+            ("1 2 3\n4 5\n", ":2: 2 tokens, but line 1 has 3"),
+            ("1 2 x\n", ":1: \"x\" is not a token id"),
+            ("1 2 -3\n", "\"-3\" is not a token id"),
+            (
+                "1 2 10\n",
+                ":1: token id 10 is outside the vocabulary (size 10)",
+            ),
+            ("\n  \n", "no sequences"),
+        ] {
+            let err = read_tokens_file(file(text).path(), 10)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{text:?}: {err}");
+        }
+    }
+}

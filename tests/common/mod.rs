@@ -77,6 +77,15 @@ pub fn rel_error(actual: &Tensor, expected: &Tensor) -> f64 {
 /// Runs the numpy reference (`tests/reference/llama_ref.py hooks`) on `model` (a .gguf
 /// file or a Hugging Face directory) and returns every hook point it computed.
 pub fn numpy_reference(model: &Path, rows: &[&[u32]]) -> BTreeMap<String, Tensor> {
+    numpy_reference_with_edits(model, rows, &[])
+}
+
+/// [`numpy_reference`] of a run with `--edit` specs applied (`NAME=scale:F`, ...).
+pub fn numpy_reference_with_edits(
+    model: &Path,
+    rows: &[&[u32]],
+    edits: &[String],
+) -> BTreeMap<String, Tensor> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama_ref.py");
     let out = tempfile::NamedTempFile::new().unwrap();
     let tokens: Vec<String> = rows
@@ -89,6 +98,7 @@ pub fn numpy_reference(model: &Path, rows: &[&[u32]]) -> BTreeMap<String, Tensor
         .arg(model)
         .arg(tokens.join(";"))
         .arg(out.path())
+        .args(edits.iter().flat_map(|e| ["--edit", e.as_str()]))
         .output()
         .expect(
             "run python3 (the numpy reference needs python3 with numpy: scripts/test installs it)",

@@ -27,7 +27,7 @@ impl HookKind {
 }
 
 /// Module paths of block `i` (after `model.layers.{i}`) whose output is a hook point.
-const BLOCK_OUTPUTS: [(&str, BlockSite); 8] = [
+const BLOCK_OUTPUTS: [(&str, BlockSite); 7] = [
     ("", BlockSite::ResidPost),
     (".self_attn", BlockSite::AttnOut),
     (".self_attn.o_proj", BlockSite::AttnOut),
@@ -35,7 +35,6 @@ const BLOCK_OUTPUTS: [(&str, BlockSite); 8] = [
     (".mlp.down_proj", BlockSite::MlpOut),
     (".mlp.gate_proj", BlockSite::MlpPre),
     (".mlp.up_proj", BlockSite::MlpPreLinear),
-    (".mlp.act_fn", BlockSite::MlpPre),
 ];
 
 /// Module paths of block `i` whose input is a hook point.

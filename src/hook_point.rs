@@ -168,23 +168,57 @@ impl HookPoint {
 
     /// The full (unsharded) shape of this point for `batch` sequences of `seq` tokens.
     pub fn shape(self, config: &LlamaConfig, batch: usize, seq: usize) -> Vec<usize> {
+        self.dims(config)
+            .into_iter()
+            .map(|d| match d {
+                Dim::Batch => batch,
+                Dim::Seq => seq,
+                Dim::Fixed(n) => n,
+            })
+            .collect()
+    }
+
+    /// The full shape of this point with the batch and sequence left symbolic.
+    pub fn dims(self, config: &LlamaConfig) -> Vec<Dim> {
         let c = config;
+        let (b, t, n) = (Dim::Batch, Dim::Seq, Dim::Fixed);
         match self {
             HookPoint::Block { site, .. } => match site {
                 BlockSite::Q | BlockSite::RotQ | BlockSite::Z => {
-                    vec![batch, seq, c.n_heads, c.d_head]
+                    vec![b, t, n(c.n_heads), n(c.d_head)]
                 }
                 BlockSite::K | BlockSite::V | BlockSite::RotK => {
-                    vec![batch, seq, c.n_kv_heads, c.d_head]
+                    vec![b, t, n(c.n_kv_heads), n(c.d_head)]
                 }
-                BlockSite::AttnScores | BlockSite::Pattern => vec![batch, c.n_heads, seq, seq],
+                BlockSite::AttnScores | BlockSite::Pattern => vec![b, n(c.n_heads), t, t],
                 BlockSite::MlpPre | BlockSite::MlpPreLinear | BlockSite::MlpPost => {
-                    vec![batch, seq, c.d_mlp]
+                    vec![b, t, n(c.d_mlp)]
                 }
-                _ => vec![batch, seq, c.d_model],
+                _ => vec![b, t, n(c.d_model)],
             },
-            HookPoint::UnembedOut => vec![batch, seq, c.vocab_size],
-            HookPoint::Embed | HookPoint::LnFinalNormalized => vec![batch, seq, c.d_model],
+            HookPoint::UnembedOut => vec![b, t, n(c.vocab_size)],
+            HookPoint::Embed | HookPoint::LnFinalNormalized => vec![b, t, n(c.d_model)],
+        }
+    }
+}
+
+/// One dimension of a hook point's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dim {
+    /// The batch: sequences.
+    Batch,
+    /// Positions in a sequence.
+    Seq,
+    /// A size fixed by the model.
+    Fixed(usize),
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Batch => f.write_str("b"),
+            Dim::Seq => f.write_str("t"),
+            Dim::Fixed(n) => write!(f, "{n}"),
         }
     }
 }

@@ -50,9 +50,7 @@ impl SaveContext {
 
     /// Removes and returns the value under `key` if it has type `T`.
     pub fn remove<T: Any>(&mut self, key: &str) -> Option<T> {
-        if self.get::<T>(key).is_none() {
-            return None;
-        }
+        self.get::<T>(key)?;
         self.values.remove(key)?.downcast().ok().map(|b| *b)
     }
 

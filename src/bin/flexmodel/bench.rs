@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{Context, ensure};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use flexmodel::{Checkpoint, NoHooks};
+use flexmodel::{Checkpoint, FlexModel, HookFunction};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 
@@ -23,7 +23,10 @@ pub struct BenchArgs {
     /// Tokens per sequence.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     seq: u32,
-    /// Timed forward passes (after one warm-up pass).
+    /// Hook points to capture in every pass: exact names or globs (repeatable).
+    #[arg(long = "hook", num_args = 1..)]
+    hooks: Vec<String>,
+    /// Timed forward passes of each variant (after one warm-up pass each).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     iters: u32,
     /// End with a JSON line of the statistics.
@@ -33,61 +36,126 @@ pub struct BenchArgs {
     layout: LayoutArgs,
 }
 
-/// Times `iters` forward passes and prints their median, mean and minimum.
+/// One way of running the pass.
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    /// No hook registered.
+    Unhooked,
+    /// The `--hook` points captured.
+    Capturing,
+    /// The same hooks registered but disabled.
+    Disabled,
+}
+
+/// Times forward passes: unhooked, and with `--hook` also capturing and with the hooks
+/// registered but disabled, interleaved so that the machine's noise hits all alike.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     args.layout.require_single_shard()?;
     let checkpoint = Checkpoint::open(&args.model)?;
-    let model = checkpoint.load_model()?;
+    let llama = checkpoint.load_model()?;
     let (batch, seq) = (args.batch as usize, args.seq as usize);
     ensure!(
-        seq <= model.config().max_position_embeddings,
+        seq <= llama.config().max_position_embeddings,
         "--seq {seq} is longer than the model's context of {} tokens",
-        model.config().max_position_embeddings
+        llama.config().max_position_embeddings
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let vocab = model.config().vocab_size as u32;
+    let vocab = llama.config().vocab_size as u32;
     let ids: Vec<u32> = (0..batch * seq)
         .map(|_| rng.random_range(0..vocab))
         .collect();
     let tokens = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
 
-    model
-        .forward(&tokens, &mut NoHooks)
-        .context("warm-up pass")?;
-    let progress = ProgressBar::new(args.iters as u64).with_style(
+    let mut unhooked = FlexModel::new(llama.clone());
+    let mut hooked = FlexModel::new(llama);
+    for pattern in &args.hooks {
+        hooked
+            .hooks_mut()
+            .register(HookFunction::new(pattern.clone()))?;
+    }
+    let variants: &[Variant] = match args.hooks.is_empty() {
+        true => &[Variant::Unhooked],
+        false => &[Variant::Unhooked, Variant::Capturing, Variant::Disabled],
+    };
+    let (mut captured_bytes, mut captured_points) = (0, 0);
+    let mut pass = |variant: Variant| -> anyhow::Result<f64> {
+        let model = match variant {
+            Variant::Unhooked => &mut unhooked,
+            Variant::Capturing | Variant::Disabled => &mut hooked,
+        };
+        if variant != Variant::Unhooked {
+            model
+                .hooks_mut()
+                .set_enabled("*", variant == Variant::Capturing)?;
+        }
+        let start = Instant::now();
+        model.forward(&tokens)?;
+        let elapsed = start.elapsed().as_secs_f64() * 1e3;
+        if variant == Variant::Capturing {
+            (captured_bytes, captured_points) = (model.store().bytes(), model.store().len());
+        }
+        model.store_mut().clear();
+        Ok(elapsed)
+    };
+    for &variant in variants {
+        pass(variant).context("warm-up pass")?;
+    }
+    let progress = ProgressBar::new(u64::from(args.iters) * variants.len() as u64).with_style(
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     progress.set_message("forward passes");
-    let mut times_ms = Vec::with_capacity(args.iters as usize);
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for _ in 0..args.iters {
-        let start = Instant::now();
-        model.forward(&tokens, &mut NoHooks)?;
-        times_ms.push(start.elapsed().as_secs_f64() * 1e3);
-        progress.inc(1);
+        for (i, &variant) in variants.iter().enumerate() {
+            times[i].push(pass(variant)?);
+            progress.inc(1);
+        }
     }
     progress.finish_and_clear();
 
-    let stats = Stats::of(&mut times_ms);
-    let tokens_per_s = (batch * seq) as f64 / (stats.median_ms / 1e3);
+    let stats: Vec<Stats> = times.iter_mut().map(|t| Stats::of(t)).collect();
+    let base = &stats[0];
+    let tokens_per_s = (batch * seq) as f64 / (base.median_ms / 1e3);
     println!(
-        "{}: batch {batch} × {seq} tokens, {} passes: median {:.1} ms, mean {:.1} ms, min {:.1} ms ({tokens_per_s:.0} tokens/s)",
-        args.model, args.iters, stats.median_ms, stats.mean_ms, stats.min_ms
+        "{}: batch {batch} × {seq} tokens, {} passes each; unhooked: median {:.1} ms, mean {:.1} ms, min {:.1} ms ({tokens_per_s:.0} tokens/s)",
+        args.model, args.iters, base.median_ms, base.mean_ms, base.min_ms
     );
+    let overhead = |s: &Stats| 100.0 * (s.median_ms / base.median_ms - 1.0);
+    let mut json = serde_json::json!({
+        "model": args.model,
+        "batch": batch,
+        "seq": seq,
+        "iters": args.iters,
+        "tp": args.layout.tp,
+        "pp": args.layout.pp,
+        "dp": args.layout.dp,
+        "median_ms": base.median_ms,
+        "mean_ms": base.mean_ms,
+        "min_ms": base.min_ms,
+        "tokens_per_s": tokens_per_s,
+    });
+    if let [_, capturing, disabled] = stats.as_slice() {
+        println!(
+            "capturing {} hook points ({:.1} MB per pass): median {:.1} ms ({:+.1}%); registered but disabled: median {:.1} ms ({:+.1}%)",
+            captured_points,
+            captured_bytes as f64 / 1e6,
+            capturing.median_ms,
+            overhead(capturing),
+            disabled.median_ms,
+            overhead(disabled)
+        );
+        json["hooks"] = serde_json::json!(args.hooks);
+        json["unhooked_median_ms"] = serde_json::json!(base.median_ms);
+        json["median_ms"] = serde_json::json!(capturing.median_ms);
+        json["mean_ms"] = serde_json::json!(capturing.mean_ms);
+        json["min_ms"] = serde_json::json!(capturing.min_ms);
+        json["overhead_pct"] = serde_json::json!(overhead(capturing));
+        json["disabled_median_ms"] = serde_json::json!(disabled.median_ms);
+        json["disabled_overhead_pct"] = serde_json::json!(overhead(disabled));
+        json["captured_bytes_per_pass"] = serde_json::json!(captured_bytes);
+    }
     if args.json {
-        let json = serde_json::json!({
-            "model": args.model,
-            "batch": batch,
-            "seq": seq,
-            "iters": args.iters,
-            "tp": args.layout.tp,
-            "pp": args.layout.pp,
-            "dp": args.layout.dp,
-            "median_ms": stats.median_ms,
-            "mean_ms": stats.mean_ms,
-            "min_ms": stats.min_ms,
-            "tokens_per_s": tokens_per_s,
-        });
         println!("{json}");
     }
     Ok(())

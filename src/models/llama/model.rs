@@ -16,7 +16,9 @@ use crate::{Error, HookLayer, HookPoint, Result};
 
 /// A LLaMA-family transformer: the slices of one tensor-parallel rank.
 ///
-/// With [`SingleRank`](flexmodel_cluster::SingleRank) it is the whole model.
+/// With [`SingleRank`](flexmodel_cluster::SingleRank) it is the whole model. Clones
+/// share the weights.
+#[derive(Clone)]
 pub struct Llama {
     config: LlamaConfig,
     embed: VocabParallelEmbedding,

@@ -1,0 +1,104 @@
+//! `flexmodel capture`: run one pass with capture hooks and edits, write a safetensors file.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Tensor};
+use clap::Args;
+use flexmodel::edits::EditSpec;
+use flexmodel::{Checkpoint, FlexModel, HookFunction, next_token_loss};
+
+use crate::input::InputArgs;
+use crate::layout::LayoutArgs;
+
+/// Options of `flexmodel capture`.
+#[derive(Args, Debug)]
+pub struct CaptureArgs {
+    /// `smollm2`, a .gguf file or a Hugging Face model directory.
+    #[arg(long)]
+    model: String,
+    #[command(flatten)]
+    input: InputArgs,
+    /// Hook points to capture: exact names or globs (`blocks.*.hook_resid_post`, `*`).
+    #[arg(long = "hook", required = true, num_args = 1..)]
+    hooks: Vec<String>,
+    /// `NAME=zero-head:H`, `NAME=scale:F` or `NAME=add:FILE.safetensors` (repeatable).
+    #[arg(long = "edit")]
+    edits: Vec<String>,
+    /// Also capture the gradient of the loss at each point (`NAME_grad`).
+    #[arg(long)]
+    grad: bool,
+    /// The safetensors file to write.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    layout: LayoutArgs,
+}
+
+/// Captures the hooked points (the last call of each) and the loss into `--out`.
+pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
+    args.layout.require_single_shard()?;
+    if args.grad {
+        bail!("--grad is not supported yet: this build has no backward pass");
+    }
+    let edits = args
+        .edits
+        .iter()
+        .map(|spec| EditSpec::parse(spec))
+        .collect::<flexmodel::Result<Vec<_>>>()?;
+    let checkpoint = Checkpoint::open(&args.model)?;
+    let tokens = args.input.tokens(&checkpoint)?;
+    let mut model = FlexModel::new(checkpoint.load_model()?);
+    for edit in &edits {
+        model.hooks_mut().register(edit.hook_function())?;
+    }
+    for pattern in &args.hooks {
+        model
+            .hooks_mut()
+            .register(HookFunction::new(pattern.clone()))?;
+    }
+    let logits = model.forward(&tokens)?;
+
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    for (name, calls) in model.store().iter() {
+        if let Some(last) = calls.last() {
+            out.insert(name.to_string(), last.to_dtype(DType::F32)?.contiguous()?);
+        }
+    }
+    let seq = tokens.dim(1)?;
+    if seq > 1 {
+        let loss = next_token_loss(&logits, &tokens)?.reshape(1)?;
+        eprintln!(
+            "loss (mean next-token cross-entropy): {:.4}",
+            loss.to_vec1::<f32>()?[0]
+        );
+        out.insert("loss".to_string(), loss);
+    }
+    write_safetensors(&out, &args.out)?;
+    eprintln!(
+        "wrote {} hook points ({:.1} MB) to {}",
+        model.store().len(),
+        model.store().bytes() as f64 / 1e6,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Writes `tensors` to `path` through a temporary file, so `path` is whole or untouched.
+fn write_safetensors(
+    tensors: &HashMap<String, Tensor>,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    candle_core::safetensors::save(tensors, tmp.path())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! `flexmodel hooks`: every hook point with its shape, shard spec and module aliases.
+
+use std::io::Write;
+
+use clap::Args;
+use flexmodel::{Checkpoint, HookCatalog, HookKind, HookPoint};
+
+use crate::layout::LayoutArgs;
+
+/// Options of `flexmodel hooks`.
+#[derive(Args, Debug)]
+pub struct HooksArgs {
+    /// `smollm2`, a .gguf file or a Hugging Face model directory.
+    #[arg(long)]
+    model: String,
+    #[command(flatten)]
+    layout: LayoutArgs,
+}
+
+/// Prints one line per hook point: name, shape, TP shard spec, module aliases.
+pub fn run(args: HooksArgs) -> anyhow::Result<()> {
+    args.layout.require_single_shard()?;
+    let checkpoint = Checkpoint::open(&args.model)?;
+    let config = &checkpoint.config;
+    let catalog = HookCatalog::new(config);
+    let rows: Vec<[String; 4]> = HookPoint::all(config.n_layers)
+        .into_iter()
+        .map(|point| {
+            let dims: Vec<String> = point.dims(config).iter().map(|d| d.to_string()).collect();
+            let aliases: Vec<String> = catalog
+                .aliases_of(point)
+                .map(|(name, kind)| match kind {
+                    HookKind::Forward => name.to_string(),
+                    HookKind::ForwardPre => format!("{name} (input)"),
+                })
+                .collect();
+            [
+                point.to_string(),
+                format!("[{}]", dims.join(", ")),
+                point.shard_spec().to_string(),
+                aliases.join(", "),
+            ]
+        })
+        .collect();
+    let width = |i: usize| rows.iter().map(|r| r[i].len()).max().unwrap_or(0);
+    let (w0, w1, w2) = (width(0), width(1), width(2));
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:w0$}  {:w1$}  {:w2$}  module aliases",
+        "hook point", "shape", "tp shard"
+    )?;
+    for [name, shape, spec, aliases] in rows {
+        let line = format!("{name:w0$}  {shape:w1$}  {spec:w2$}  {aliases}");
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}

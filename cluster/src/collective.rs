@@ -1,25 +1,36 @@
-//! Collective operations among the ranks of a tensor-parallel group.
+//! Collective operations among the ranks of a group.
 
 use candle_core::Tensor;
 
 use crate::{Result, TpRank};
 
-/// The collectives a tensor-parallel model needs inside its forward pass.
+/// The collectives a sharded model needs: among the tensor-parallel ranks of a stage
+/// (all-reduce after a row-parallel linear) and along a pipeline (send/recv between
+/// stages).
 ///
-/// Each call is made by every rank of the group with its local piece; the result is
-/// the same on every rank.
+/// Every member calls a collective operation with its local piece; the result is the
+/// same on every member. Ranks are positions in the group (`0..size`).
 pub trait Collective: Send + Sync {
-    /// This rank's place in the group.
+    /// This member's place in the group.
     fn tp_rank(&self) -> TpRank;
 
-    /// The element-wise sum of every rank's `x` (after a row-parallel linear).
+    /// The element-wise sum of every member's `x`, added in rank order.
     fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor>;
 
-    /// Every rank's `x` concatenated along `dim` in rank order (vocab-parallel logits).
+    /// Every member's `x` concatenated along `dim` in rank order.
     fn all_gather(&self, x: &Tensor, dim: usize) -> Result<Tensor>;
+
+    /// `root`'s `x` on every member (the others pass any tensor, or their own).
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor>;
+
+    /// Sends `x` to member `to`.
+    fn send(&self, x: &Tensor, to: usize) -> Result<()>;
+
+    /// Receives the tensor member `from` sent.
+    fn recv(&self, from: usize) -> Result<Tensor>;
 }
 
-/// The collective of a group of one rank: every operation is the identity.
+/// The collective of a group of one: every operation is the identity.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SingleRank;
 
@@ -34,5 +45,17 @@ impl Collective for SingleRank {
 
     fn all_gather(&self, x: &Tensor, _dim: usize) -> Result<Tensor> {
         Ok(x.clone())
+    }
+
+    fn broadcast(&self, x: &Tensor, _root: usize) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+
+    fn send(&self, _x: &Tensor, to: usize) -> Result<()> {
+        Err(crate::Error::RankOutOfRange { rank: to, size: 1 })
+    }
+
+    fn recv(&self, from: usize) -> Result<Tensor> {
+        Err(crate::Error::RankOutOfRange { rank: from, size: 1 })
     }
 }

@@ -13,6 +13,15 @@ pub enum Error {
         /// The number of ranks.
         parts: usize,
     },
+    /// A layout that cannot exist or cannot split the model.
+    #[error("bad layout: {0}")]
+    BadLayout(String),
+    /// A collective was abandoned because another rank failed.
+    #[error("collective aborted: another rank failed")]
+    Aborted,
+    /// A peer rank is gone (its thread or process ended).
+    #[error("rank {0} is gone")]
+    PeerGone(usize),
     /// A rank outside its group.
     #[error("rank {rank} is outside a group of {size}")]
     RankOutOfRange {

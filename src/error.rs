@@ -125,6 +125,13 @@ pub enum Error {
         /// Shape and dtype the edit returned.
         found: String,
     },
+    /// The hook protocol between a shard and the coordinator failed (usually because the
+    /// pass was aborted after another failure).
+    #[error("hook protocol: {0}")]
+    Protocol(String),
+    /// A sharded pass failed.
+    #[error(transparent)]
+    Sharded(#[from] flexmodel_actors::Error),
     /// A layout or collective error.
     #[error(transparent)]
     Cluster(#[from] flexmodel_cluster::Error),

@@ -1,12 +1,29 @@
 //! `FlexModel`: a model with registered hooks, an activation store and a save context.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
+use flexmodel_actors::{ShardModel, ShardRuntime, ShardSetup};
+use flexmodel_cluster::{Layout, PassControl};
 
 use crate::hook_catalog::HookCatalog;
 use crate::hook_dispatch::PassHooks;
 use crate::hook_registry::{Groups, HookRegistry};
 use crate::models::{Llama, LlamaConfig};
-use crate::{ActivationStore, NoHooks, Result, SaveContext};
+use crate::sharding::{LlamaShard, build_shards, geometry};
+use crate::weights::TensorMap;
+use crate::{ActivationStore, Checkpoint, HookPoint, NoHooks, Result, SaveContext};
+
+/// Where the model runs.
+enum Backend {
+    /// One shard, in the calling thread.
+    Single(Llama),
+    /// One shard actor per rank of a layout.
+    Sharded {
+        runtime: ShardRuntime,
+        shards: Vec<Arc<LlamaShard>>,
+    },
+}
 
 /// A model whose hook points can be read and edited by registered [`HookFunction`]s.
 ///
@@ -28,19 +45,69 @@ use crate::{ActivationStore, NoHooks, Result, SaveContext};
 ///
 /// [`HookFunction`]: crate::HookFunction
 pub struct FlexModel {
-    model: Llama,
+    config: LlamaConfig,
+    layout: Layout,
+    backend: Backend,
+    points: Vec<HookPoint>,
     registry: HookRegistry,
     store: ActivationStore,
     save: SaveContext,
 }
 
 impl FlexModel {
-    /// Wraps `model` with no hooks registered.
+    /// Wraps a single-shard `model` with no hooks registered.
     pub fn new(model: Llama) -> Self {
-        let registry = HookRegistry::new(HookCatalog::new(model.config()));
+        Self::with_backend(
+            model.config().clone(),
+            Layout::SINGLE,
+            Backend::Single(model),
+        )
+    }
+
+    /// Builds the model of `checkpoint` split over `layout`: one shard actor per rank,
+    /// each holding only its slices, or the whole model in this thread for one rank.
+    pub fn build(checkpoint: &Checkpoint, layout: Layout) -> Result<Self> {
+        let config = checkpoint.config.clone();
+        if layout == Layout::SINGLE {
+            return Ok(Self::new(checkpoint.load_model()?));
+        }
+        // Read (and dequantize) every tensor once; each shard copies its slices.
+        let weights = TensorMap::read_all(checkpoint.weights.as_ref())?;
+        let control = Arc::new(PassControl::default());
+        let shards = build_shards(&config, &weights, &layout, &control)?;
+        drop(weights);
+        let geometry = HookPoint::all(config.n_layers)
+            .into_iter()
+            .map(|p| geometry(p, &config, &layout))
+            .collect::<Result<Vec<_>>>()?;
+        let output = geometry[HookPoint::UnembedOut.index(config.n_layers)].clone();
+        let models = shards
+            .iter()
+            .map(|s| s.clone() as Arc<dyn ShardModel>)
+            .collect();
+        let runtime = ShardRuntime::start(
+            layout,
+            ShardSetup {
+                models,
+                control,
+                geometry,
+                output,
+            },
+        )?;
+        Ok(Self::with_backend(
+            config,
+            layout,
+            Backend::Sharded { runtime, shards },
+        ))
+    }
+
+    fn with_backend(config: LlamaConfig, layout: Layout, backend: Backend) -> Self {
         Self {
-            model,
-            registry,
+            points: HookPoint::all(config.n_layers),
+            registry: HookRegistry::new(HookCatalog::new(&config)),
+            config,
+            layout,
+            backend,
             store: ActivationStore::default(),
             save: SaveContext::default(),
         }
@@ -48,7 +115,22 @@ impl FlexModel {
 
     /// The model's configuration.
     pub fn config(&self) -> &LlamaConfig {
-        self.model.config()
+        &self.config
+    }
+
+    /// How the model is split.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The bytes of weights each rank holds, in rank order.
+    pub fn shard_weight_bytes(&self) -> Vec<usize> {
+        match &self.backend {
+            Backend::Single(model) => vec![model.weight_bytes()],
+            Backend::Sharded { shards, .. } => {
+                shards.iter().map(|s| s.model().weight_bytes()).collect()
+            }
+        }
     }
 
     /// The registered hooks.
@@ -71,13 +153,20 @@ impl FlexModel {
     /// If the pass fails (an edit errs, panics or changes the shape), the store is left
     /// as it was before the pass and the model stays usable.
     pub fn forward_groups(&mut self, tokens: &Tensor, groups: &Groups) -> Result<Tensor> {
-        if self.registry.is_empty() {
-            return self.model.forward(tokens, &mut NoHooks);
+        if let Backend::Single(model) = &self.backend
+            && self.registry.is_empty()
+        {
+            return model.forward(tokens, &mut NoHooks);
         }
         let plan = self.registry.plan(groups)?;
-        let n_layers = self.config().n_layers;
-        let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, n_layers);
-        let logits = self.model.forward(tokens, &mut hooks)?;
+        let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points);
+        let logits = match &mut self.backend {
+            Backend::Single(model) => model.forward(tokens, &mut hooks)?,
+            Backend::Sharded { runtime, .. } => {
+                let modes = hooks.modes();
+                runtime.run_pass(tokens, &modes, &mut hooks)?
+            }
+        };
         self.store.append(hooks.captures);
         Ok(logits)
     }

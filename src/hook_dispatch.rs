@@ -4,16 +4,20 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use candle_core::Tensor;
 
+use flexmodel_actors::{BoxError, HookSink, PointId, PointMode};
+
 use crate::hook_function::HookCtx;
 use crate::hook_registry::{Entry, PassPlan};
 use crate::{ActivationStore, Error, HookLayer, HookPoint, Result, SaveContext};
 
-/// Runs the registered hooks of one pass; its captures are kept apart until the pass
-/// succeeds, so a failed pass leaves the store as it was.
+/// Runs the registered hooks of one pass, on one shard (as its hook layer) or on the
+/// gathered tensors of a sharded pass (as the coordinator's sink). Its captures are kept
+/// apart until the pass succeeds, so a failed pass leaves the store as it was.
 pub(crate) struct PassHooks<'a> {
     plan: PassPlan,
     entries: &'a [Entry],
     save: &'a mut SaveContext,
+    points: &'a [HookPoint],
     n_layers: usize,
     /// Calls so far of each hook point in this pass, by point index.
     calls: Vec<usize>,
@@ -21,33 +25,46 @@ pub(crate) struct PassHooks<'a> {
 }
 
 impl<'a> PassHooks<'a> {
+    /// The hooks of `plan`; `points` lists the model's hook points in index order.
     pub(crate) fn new(
         plan: PassPlan,
         entries: &'a [Entry],
         save: &'a mut SaveContext,
-        n_layers: usize,
+        points: &'a [HookPoint],
     ) -> Self {
         let calls = vec![0; plan.by_point.len()];
         Self {
             plan,
             entries,
             save,
-            n_layers,
+            points,
+            n_layers: (points.len() - 3) / crate::BlockSite::ALL.len(),
             calls,
             captures: ActivationStore::default(),
         }
     }
-}
 
-impl HookLayer for PassHooks<'_> {
-    fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
-        let index = point.index(self.n_layers);
-        let active = &self.plan.by_point[index];
-        if active.is_empty() {
-            return Ok(value);
-        }
-        let call = self.calls[index];
-        self.calls[index] += 1;
+    /// How the runtime must treat each point: not at all, gather it, or gather and edit it.
+    pub(crate) fn modes(&self) -> Vec<PointMode> {
+        self.plan
+            .by_point
+            .iter()
+            .map(|active| {
+                let mut entries = active.iter().map(|&i| &self.entries[i]);
+                if entries.clone().any(|e| e.edit.is_some()) {
+                    PointMode::Edit
+                } else if entries.any(|e| e.capture) {
+                    PointMode::Observe
+                } else {
+                    PointMode::Off
+                }
+            })
+            .collect()
+    }
+
+    /// Captures `value` (call `call` of `point`) and runs the edits on it, in order.
+    fn apply(&mut self, point: HookPoint, call: usize, value: Tensor) -> Result<Tensor> {
+        let active = &self.plan.by_point[point.index(self.n_layers)];
         let name = point.to_string();
         if active.iter().any(|&i| self.entries[i].capture) {
             self.captures.push(name.clone(), value.detach());
@@ -94,5 +111,33 @@ impl HookLayer for PassHooks<'_> {
             x = edited;
         }
         Ok(x)
+    }
+}
+
+impl HookLayer for PassHooks<'_> {
+    fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
+        let index = point.index(self.n_layers);
+        if self.plan.by_point[index].is_empty() {
+            return Ok(value);
+        }
+        let call = self.calls[index];
+        self.calls[index] += 1;
+        self.apply(point, call, value)
+    }
+}
+
+impl HookSink for PassHooks<'_> {
+    fn gathered(
+        &mut self,
+        point: PointId,
+        call: usize,
+        full: Tensor,
+    ) -> std::result::Result<Option<Tensor>, BoxError> {
+        let point = self.points[point];
+        let edits = self.plan.by_point[point.index(self.n_layers)]
+            .iter()
+            .any(|&i| self.entries[i].edit.is_some());
+        let result = self.apply(point, call, full)?;
+        Ok(edits.then_some(result))
     }
 }

@@ -42,6 +42,7 @@ pub mod models;
 mod pattern;
 pub mod pretrained;
 mod save_context;
+pub mod sharding;
 pub mod tiny;
 mod token_batch;
 mod tokenizer;

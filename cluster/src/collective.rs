@@ -56,6 +56,9 @@ impl Collective for SingleRank {
     }
 
     fn recv(&self, from: usize) -> Result<Tensor> {
-        Err(crate::Error::RankOutOfRange { rank: from, size: 1 })
+        Err(crate::Error::RankOutOfRange {
+            rank: from,
+            size: 1,
+        })
     }
 }

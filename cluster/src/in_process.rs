@@ -37,7 +37,8 @@ impl PassControl {
         self.pass.load(Ordering::SeqCst)
     }
 
-    fn aborted(&self) -> bool {
+    /// Whether the current pass was aborted.
+    pub fn aborted(&self) -> bool {
         self.aborted.load(Ordering::SeqCst)
     }
 }
@@ -57,8 +58,9 @@ impl InProcessCollective {
     /// The members `0..size` of a new group.
     pub fn group(size: usize, control: Arc<PassControl>) -> Result<Vec<InProcessCollective>> {
         // channels[i][j] carries messages from member i to member j.
-        let channels: Vec<Vec<(Sender<Message>, Receiver<Message>)>> =
-            (0..size).map(|_| (0..size).map(|_| unbounded()).collect()).collect();
+        let channels: Vec<Vec<(Sender<Message>, Receiver<Message>)>> = (0..size)
+            .map(|_| (0..size).map(|_| unbounded()).collect())
+            .collect();
         (0..size)
             .map(|i| {
                 Ok(InProcessCollective {
@@ -78,13 +80,22 @@ impl InProcessCollective {
             self.send(x, peer)?;
         }
         (0..self.rank.size())
-            .map(|peer| if peer == me { Ok(x.clone()) } else { self.recv(peer) })
+            .map(|peer| {
+                if peer == me {
+                    Ok(x.clone())
+                } else {
+                    self.recv(peer)
+                }
+            })
             .collect()
     }
 
     fn check(&self, peer: usize) -> Result<()> {
         if peer >= self.rank.size() || peer == self.rank.rank() {
-            return Err(Error::RankOutOfRange { rank: peer, size: self.rank.size() });
+            return Err(Error::RankOutOfRange {
+                rank: peer,
+                size: self.rank.size(),
+            });
         }
         Ok(())
     }
@@ -132,7 +143,9 @@ impl Collective for InProcessCollective {
             match self.from[from].recv_timeout(ABORT_POLL) {
                 Ok((pass, t)) if pass == self.control.pass() => return Ok(t),
                 Ok(_stale) => continue,
-                Err(RecvTimeoutError::Timeout) if self.control.aborted() => return Err(Error::Aborted),
+                Err(RecvTimeoutError::Timeout) if self.control.aborted() => {
+                    return Err(Error::Aborted);
+                }
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return Err(Error::PeerGone(from)),
             }
@@ -169,19 +182,34 @@ mod tests {
 
     #[test]
     fn all_reduce_gives_every_member_the_sum() {
-        let sums = on_threads(3, |c| c.all_reduce_sum(&value(c.tp_rank().rank())).unwrap().to_vec1::<f32>().unwrap());
+        let sums = on_threads(3, |c| {
+            c.all_reduce_sum(&value(c.tp_rank().rank()))
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        });
         assert_eq!(sums, vec![vec![3.0, 30.0]; 3]);
     }
 
     #[test]
     fn all_gather_concatenates_in_rank_order() {
-        let gathered = on_threads(3, |c| c.all_gather(&value(c.tp_rank().rank()), 0).unwrap().to_vec1::<f32>().unwrap());
+        let gathered = on_threads(3, |c| {
+            c.all_gather(&value(c.tp_rank().rank()), 0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        });
         assert_eq!(gathered, vec![vec![0.0, 0.0, 1.0, 10.0, 2.0, 20.0]; 3]);
     }
 
     #[test]
     fn broadcast_copies_the_root() {
-        let got = on_threads(3, |c| c.broadcast(&value(c.tp_rank().rank()), 2).unwrap().to_vec1::<f32>().unwrap());
+        let got = on_threads(3, |c| {
+            c.broadcast(&value(c.tp_rank().rank()), 2)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        });
         assert_eq!(got, vec![vec![2.0, 20.0]; 3]);
     }
 
@@ -189,7 +217,11 @@ mod tests {
     fn send_and_recv_pass_along_a_pipeline() {
         let got = on_threads(3, |c| {
             let me = c.tp_rank().rank();
-            let x = if me == 0 { value(1) } else { c.recv(me - 1).unwrap() };
+            let x = if me == 0 {
+                value(1)
+            } else {
+                c.recv(me - 1).unwrap()
+            };
             let x = (x * 2.0).unwrap();
             if me < 2 {
                 c.send(&x, me + 1).unwrap();

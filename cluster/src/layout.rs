@@ -33,7 +33,11 @@ pub struct Layout {
 
 impl Layout {
     /// One rank: the whole model in one shard.
-    pub const SINGLE: Layout = Layout { dp: 1, pp: 1, tp: 1 };
+    pub const SINGLE: Layout = Layout {
+        dp: 1,
+        pp: 1,
+        tp: 1,
+    };
 
     /// A layout of `dp` replicas of `pp` stages of `tp` ranks; each must be at least 1.
     pub fn new(dp: usize, pp: usize, tp: usize) -> Result<Self> {
@@ -87,19 +91,25 @@ impl Layout {
     /// The ranks of `rank`'s tensor-parallel group (same stage and replica), in tp order.
     pub fn tp_group(&self, rank: usize) -> Vec<usize> {
         let c = self.coords(rank);
-        (0..self.tp).map(|tp| self.rank(RankCoords { tp, ..c })).collect()
+        (0..self.tp)
+            .map(|tp| self.rank(RankCoords { tp, ..c }))
+            .collect()
     }
 
     /// The ranks of `rank`'s pipeline (same replica and tp rank), in stage order.
     pub fn pp_group(&self, rank: usize) -> Vec<usize> {
         let c = self.coords(rank);
-        (0..self.pp).map(|pp| self.rank(RankCoords { pp, ..c })).collect()
+        (0..self.pp)
+            .map(|pp| self.rank(RankCoords { pp, ..c }))
+            .collect()
     }
 
     /// The ranks holding the same shard in every replica, in replica order.
     pub fn dp_group(&self, rank: usize) -> Vec<usize> {
         let c = self.coords(rank);
-        (0..self.dp).map(|dp| self.rank(RankCoords { dp, ..c })).collect()
+        (0..self.dp)
+            .map(|dp| self.rank(RankCoords { dp, ..c }))
+            .collect()
     }
 }
 
@@ -131,10 +141,38 @@ mod tests {
     fn ranks_follow_megatron_order() {
         let layout = Layout::new(2, 3, 2).unwrap();
         assert_eq!(layout.world_size(), 12);
-        assert_eq!(layout.coords(0), RankCoords { dp: 0, pp: 0, tp: 0 });
-        assert_eq!(layout.coords(1), RankCoords { dp: 0, pp: 0, tp: 1 });
-        assert_eq!(layout.coords(2), RankCoords { dp: 1, pp: 0, tp: 0 });
-        assert_eq!(layout.coords(4), RankCoords { dp: 0, pp: 1, tp: 0 });
+        assert_eq!(
+            layout.coords(0),
+            RankCoords {
+                dp: 0,
+                pp: 0,
+                tp: 0
+            }
+        );
+        assert_eq!(
+            layout.coords(1),
+            RankCoords {
+                dp: 0,
+                pp: 0,
+                tp: 1
+            }
+        );
+        assert_eq!(
+            layout.coords(2),
+            RankCoords {
+                dp: 1,
+                pp: 0,
+                tp: 0
+            }
+        );
+        assert_eq!(
+            layout.coords(4),
+            RankCoords {
+                dp: 0,
+                pp: 1,
+                tp: 0
+            }
+        );
         for rank in 0..12 {
             assert_eq!(layout.rank(layout.coords(rank)), rank);
         }

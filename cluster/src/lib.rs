@@ -13,8 +13,8 @@ mod shard_spec;
 mod tp_rank;
 
 pub use collective::{Collective, SingleRank};
-pub use in_process::{InProcessCollective, PassControl};
 pub use error::{Error, Result, tensor_error_message};
+pub use in_process::{InProcessCollective, PassControl};
 pub use layout::{Layout, RankCoords, split_evenly};
 pub use shard_spec::ShardSpec;
 pub use tp_rank::TpRank;

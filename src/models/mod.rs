@@ -1,8 +1,8 @@
 //! Transformer models whose every hook point goes through the hook layer and whose
 //! every linear layer can hold a tensor-parallel slice.
 
-mod llama;
+pub(crate) mod llama;
 mod parallel;
 
-pub use llama::{Architecture, Llama, LlamaConfig};
+pub use llama::{Architecture, Llama, LlamaConfig, Stage};
 pub use parallel::{ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding};

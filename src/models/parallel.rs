@@ -83,6 +83,11 @@ impl ColumnParallelLinear {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    /// The bias slice this rank holds, if the layer has a bias.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
 }
 
 /// A linear layer holding input columns `cols` of its `[out, in]` weight; its output is

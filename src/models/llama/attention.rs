@@ -32,7 +32,7 @@ impl Attention {
     ) -> Result<Self> {
         let (d, dh) = (config.d_model, config.d_head);
         let heads = tp.slice_of("num_attention_heads", config.n_heads)?;
-        let kv_heads = tp.slice_of("num_key_value_heads", config.n_kv_heads)?;
+        let kv_heads = kv_heads_of(tp, config.n_kv_heads)?;
         let q_rows = heads.start * dh..heads.end * dh;
         let kv_rows = kv_heads.start * dh..kv_heads.end * dh;
         let p = format!("{prefix}.self_attn");
@@ -65,6 +65,17 @@ impl Attention {
             n_kv_heads: kv_heads.len(),
             d_head: dh,
         })
+    }
+
+    /// Every weight tensor this rank holds (biases included).
+    pub fn weights(&self) -> Vec<&Tensor> {
+        let mut all = Vec::new();
+        for proj in [&self.q_proj, &self.k_proj, &self.v_proj] {
+            all.push(proj.weight());
+            all.extend(proj.bias());
+        }
+        all.push(self.o_proj.weight());
+        all
     }
 
     /// Attention of `x` (the normed residual, `[b, t, d_model]`), summed over all ranks.
@@ -109,6 +120,25 @@ impl Attention {
             .forward(&z.reshape((b, t, self.n_heads * self.d_head))?, collective)?;
         hook(BlockSite::AttnOut, out)
     }
+}
+
+/// The key/value heads of `tp`: an even slice when the heads split over the ranks, or
+/// the one head this rank's query heads read when there are more ranks than heads (each
+/// key/value head is then replicated on `tp / n_kv_heads` ranks).
+pub fn kv_heads_of(tp: TpRank, n_kv_heads: usize) -> Result<std::ops::Range<usize>> {
+    if tp.size() <= n_kv_heads {
+        return Ok(tp.slice_of("num_key_value_heads", n_kv_heads)?);
+    }
+    if !tp.size().is_multiple_of(n_kv_heads) {
+        return Err(flexmodel_cluster::Error::UnevenSplit {
+            what: "num_key_value_heads (replicated)".into(),
+            size: n_kv_heads,
+            parts: tp.size(),
+        }
+        .into());
+    }
+    let head = tp.rank() / (tp.size() / n_kv_heads);
+    Ok(head..head + 1)
 }
 
 /// `[b, kv_heads, t, d] → [b, kv_heads·group, t, d]`, each head repeated `group` times in place.

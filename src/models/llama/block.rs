@@ -46,6 +46,14 @@ impl Block {
         })
     }
 
+    /// Every weight tensor this block holds.
+    pub fn weights(&self) -> Vec<&Tensor> {
+        let mut all = vec![self.ln1.weight(), self.ln2.weight()];
+        all.extend(self.attn.weights());
+        all.extend(self.mlp.weights());
+        all
+    }
+
     /// The residual stream after this block.
     pub fn forward(
         &self,

@@ -47,6 +47,15 @@ impl Mlp {
         })
     }
 
+    /// Every weight tensor this rank holds.
+    pub fn weights(&self) -> Vec<&Tensor> {
+        vec![
+            self.gate_proj.weight(),
+            self.up_proj.weight(),
+            self.down_proj.weight(),
+        ]
+    }
+
     /// The MLP of `x` (the normed residual), summed over all ranks.
     pub fn forward(
         &self,

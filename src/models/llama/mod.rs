@@ -16,5 +16,6 @@ mod model;
 mod rms_norm;
 mod rope;
 
+pub use attention::kv_heads_of;
 pub use config::{Architecture, LlamaConfig};
-pub use model::Llama;
+pub use model::{Llama, Stage};

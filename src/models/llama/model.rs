@@ -1,5 +1,6 @@
 //! The whole LLaMA-family model as held by one tensor-parallel shard.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
@@ -14,48 +15,106 @@ use crate::models::{ColumnParallelLinear, VocabParallelEmbedding};
 use crate::weights::WeightSource;
 use crate::{Error, HookLayer, HookPoint, Result};
 
-/// A LLaMA-family transformer: the slices of one tensor-parallel rank.
+/// Which part of the model a shard holds: a contiguous run of blocks, plus the
+/// embedding on the first stage and the final norm and LM head on the last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage {
+    /// The blocks of this stage.
+    pub layers: Range<usize>,
+    /// Whether this stage starts with the token embedding.
+    pub first: bool,
+    /// Whether this stage ends with the final norm and the LM head.
+    pub last: bool,
+}
+
+impl Stage {
+    /// The whole model in one stage.
+    pub fn whole(n_layers: usize) -> Self {
+        Self {
+            layers: 0..n_layers,
+            first: true,
+            last: true,
+        }
+    }
+}
+
+/// A LLaMA-family transformer: one pipeline stage of one tensor-parallel rank.
 ///
-/// With [`SingleRank`](flexmodel_cluster::SingleRank) it is the whole model. Clones
-/// share the weights.
+/// With [`SingleRank`](flexmodel_cluster::SingleRank) and [`Stage::whole`] it is the
+/// whole model. Clones share the weights.
 #[derive(Clone)]
 pub struct Llama {
     config: LlamaConfig,
-    embed: VocabParallelEmbedding,
+    stage: Stage,
+    embed: Option<VocabParallelEmbedding>,
     blocks: Vec<Block>,
-    final_norm: RmsNorm,
-    lm_head: ColumnParallelLinear,
+    final_norm: Option<RmsNorm>,
+    lm_head: Option<ColumnParallelLinear>,
     collective: Arc<dyn Collective>,
 }
 
 impl Llama {
-    /// Builds the shard of `collective`'s rank from Hugging Face-named weights.
+    /// Builds the whole model for `collective`'s rank from Hugging Face-named weights.
     pub fn load(
         config: &LlamaConfig,
         weights: &dyn WeightSource,
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
+        Self::load_stage(config, weights, collective, Stage::whole(config.n_layers))
+    }
+
+    /// Builds `stage` of the model for `collective`'s tensor-parallel rank, holding only
+    /// that rank's slices of that stage's weights.
+    pub fn load_stage(
+        config: &LlamaConfig,
+        weights: &dyn WeightSource,
+        collective: Arc<dyn Collective>,
+        stage: Stage,
+    ) -> Result<Self> {
         let tp = collective.tp_rank();
         let (v, d) = (config.vocab_size, config.d_model);
         let vocab = tp.slice_of("vocab_size", v)?;
-        let embed = VocabParallelEmbedding::load(
-            weights,
-            "model.embed_tokens.weight",
-            [v, d],
-            vocab.clone(),
-        )?;
-        let lm_head = if config.tie_word_embeddings {
-            ColumnParallelLinear::from_weight(embed.weight(), 0..vocab.len())?
-        } else {
-            ColumnParallelLinear::load(weights, "lm_head", [v, d], vocab, false)?
+        let embed_name = "model.embed_tokens.weight";
+        let embed = match stage.first || (stage.last && config.tie_word_embeddings) {
+            true => Some(VocabParallelEmbedding::load(
+                weights,
+                embed_name,
+                [v, d],
+                vocab.clone(),
+            )?),
+            false => None,
         };
-        let blocks = (0..config.n_layers)
+        let lm_head = match (stage.last, &embed) {
+            (false, _) => None,
+            (true, Some(e)) if config.tie_word_embeddings => Some(
+                ColumnParallelLinear::from_weight(e.weight(), 0..vocab.len())?,
+            ),
+            (true, _) => Some(ColumnParallelLinear::load(
+                weights,
+                "lm_head",
+                [v, d],
+                vocab,
+                false,
+            )?),
+        };
+        let blocks = stage
+            .layers
+            .clone()
             .map(|layer| Block::load(weights, layer, config, tp))
             .collect::<Result<_>>()?;
-        let final_norm = RmsNorm::load(weights, "model.norm.weight", d, config.rms_norm_eps)?;
+        let final_norm = match stage.last {
+            true => Some(RmsNorm::load(
+                weights,
+                "model.norm.weight",
+                d,
+                config.rms_norm_eps,
+            )?),
+            false => None,
+        };
         Ok(Self {
             config: config.clone(),
-            embed,
+            embed: embed.filter(|_| stage.first),
+            stage,
             blocks,
             final_norm,
             lm_head,
@@ -68,22 +127,66 @@ impl Llama {
         &self.config
     }
 
-    /// Logits `[b, t, vocab / tp]` (this rank's vocabulary slice) of `tokens` (`[b, t]`,
-    /// u32), passing every hook point through `hooks`.
-    pub fn forward(&self, tokens: &Tensor, hooks: &mut dyn HookLayer) -> Result<Tensor> {
-        let (_, t) = self.check_tokens(tokens)?;
-        let device = tokens.device();
-        let rope = Rope::new(t, self.config.d_head, self.config.rope_theta, device)?;
-        let mask = causal_mask(t, device)?;
-        let collective = self.collective.as_ref();
+    /// The part of the model this shard holds.
+    pub fn stage(&self) -> &Stage {
+        &self.stage
+    }
 
-        let mut x = hooks.hook(HookPoint::Embed, self.embed.forward(tokens, collective)?)?;
+    /// The bytes of weights this shard holds.
+    pub fn weight_bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut tensors: Vec<&Tensor> = Vec::new();
+        tensors.extend(self.embed.as_ref().map(|e| e.weight()));
+        tensors.extend(self.lm_head.as_ref().map(|h| h.weight()));
+        tensors.extend(self.final_norm.as_ref().map(|n| n.weight()));
+        for block in &self.blocks {
+            tensors.extend(block.weights());
+        }
+        // Tied embeddings share one tensor: count it once.
+        let mut seen = std::collections::HashSet::new();
+        tensors
+            .into_iter()
+            .filter(|t| seen.insert(t.id()))
+            .map(size)
+            .sum()
+    }
+
+    /// Logits `[b, t, vocab / tp]` (this rank's vocabulary slice) of `tokens` (`[b, t]`,
+    /// u32), passing every hook point through `hooks`. The shard must hold the whole
+    /// model ([`Stage::whole`]).
+    pub fn forward(&self, tokens: &Tensor, hooks: &mut dyn HookLayer) -> Result<Tensor> {
+        if !(self.stage.first && self.stage.last) {
+            return Err(Error::BadInput(
+                "forward needs a shard with every stage; use forward_stage".into(),
+            ));
+        }
+        self.forward_stage(tokens, hooks)
+    }
+
+    /// Runs this stage: `input` is token ids `[b, t]` on the first stage and the hidden
+    /// state `[b, t, d]` otherwise; returns the hidden state, or on the last stage this
+    /// rank's logits `[b, t, vocab / tp]`.
+    pub fn forward_stage(&self, input: &Tensor, hooks: &mut dyn HookLayer) -> Result<Tensor> {
+        let collective = self.collective.as_ref();
+        let mut x = match &self.embed {
+            Some(embed) => {
+                self.check_tokens(input)?;
+                hooks.hook(HookPoint::Embed, embed.forward(input, collective)?)?
+            }
+            None => input.clone(),
+        };
+        let (_, t) = (x.dim(0)?, x.dim(1)?);
+        let device = x.device().clone();
+        let rope = Rope::new(t, self.config.d_head, self.config.rope_theta, &device)?;
+        let mask = causal_mask(t, &device)?;
         for block in &self.blocks {
             x = block.forward(x, &rope, &mask, hooks, collective)?;
         }
-        let normalized = self.final_norm.normalize(&x)?;
-        let normalized = hooks.hook(HookPoint::LnFinalNormalized, normalized)?;
-        let logits = self.lm_head.forward(&self.final_norm.scale(&normalized)?)?;
+        let (Some(norm), Some(head)) = (&self.final_norm, &self.lm_head) else {
+            return Ok(x);
+        };
+        let normalized = hooks.hook(HookPoint::LnFinalNormalized, norm.normalize(&x)?)?;
+        let logits = head.forward(&norm.scale(&normalized)?)?;
         hooks.hook(HookPoint::UnembedOut, logits)
     }
 

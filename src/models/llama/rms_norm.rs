@@ -21,6 +21,11 @@ impl RmsNorm {
         })
     }
 
+    /// The learned weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// `x / sqrt(mean(x²) + ε)` over the last dimension.
     pub fn normalize(&self, x: &Tensor) -> Result<Tensor> {
         let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;

@@ -1,0 +1,217 @@
+//! The hook coordinator: gathers pieces, hands full tensors to the driver, scatters edits.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Duration;
+
+use candle_core::Tensor;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use flexmodel_cluster::{Layout, PassControl, RankCoords};
+
+use crate::shard::{EditedPiece, ShardEvent};
+use crate::{BoxError, Error, PointGeometry, PointId, Result};
+
+/// How often the coordinator checks that the shards are alive while it waits.
+const LIVENESS_POLL: Duration = Duration::from_millis(200);
+
+/// The driver's side of a pass: it receives every full tensor once.
+pub trait HookSink {
+    /// The full tensor of call `call` of `point`. For a point hooked with an edit, returns
+    /// the edited tensor (same shape and dtype), which is split and sent back.
+    fn gathered(
+        &mut self,
+        point: PointId,
+        call: usize,
+        full: Tensor,
+    ) -> std::result::Result<Option<Tensor>, BoxError>;
+}
+
+/// Assembles the pieces of one pass: hook points as they complete, then the output.
+pub struct HookCoordinator<'a> {
+    layout: Layout,
+    pass: u64,
+    geometry: &'a [PointGeometry],
+    output: &'a PointGeometry,
+    edited: &'a [bool],
+    /// The batch rows of each data-parallel replica.
+    batches: &'a [Range<usize>],
+    /// `(point, call)` → pieces by `[dp][tp]`, with the count still missing.
+    pending: HashMap<(PointId, usize), (Vec<Vec<Option<Tensor>>>, usize)>,
+    outputs: Vec<Vec<Option<Tensor>>>,
+    finished: Vec<bool>,
+    /// The failure to report, and whether it is a cause (not a consequence of an abort).
+    failure: Option<(Error, bool)>,
+}
+
+impl<'a> HookCoordinator<'a> {
+    /// A coordinator for pass `pass`.
+    pub(crate) fn new(
+        layout: Layout,
+        pass: u64,
+        geometry: &'a [PointGeometry],
+        output: &'a PointGeometry,
+        edited: &'a [bool],
+        batches: &'a [Range<usize>],
+    ) -> Self {
+        Self {
+            layout,
+            pass,
+            geometry,
+            output,
+            edited,
+            batches,
+            pending: HashMap::new(),
+            outputs: vec![vec![None; layout.tp()]; layout.dp()],
+            finished: vec![false; layout.world_size()],
+            failure: None,
+        }
+    }
+
+    /// Handles events until every shard has finished the pass; returns the assembled
+    /// output, or the first failure (a shard's, or the sink's) after all shards stopped.
+    pub(crate) fn run(
+        mut self,
+        events: &Receiver<ShardEvent>,
+        replies: &[Sender<EditedPiece>],
+        control: &PassControl,
+        alive: impl Fn(usize) -> bool,
+        sink: &mut dyn HookSink,
+    ) -> Result<Tensor> {
+        while self.finished.iter().any(|f| !f) {
+            let event = match events.recv_timeout(LIVENESS_POLL) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(rank) =
+                        (0..self.finished.len()).find(|&r| !self.finished[r] && !alive(r))
+                    {
+                        self.fail(Error::ShardGone(rank), true, control);
+                        self.finished[rank] = true;
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Startup("all shards are gone".into()));
+                }
+            };
+            match event {
+                ShardEvent::Piece { pass, .. }
+                | ShardEvent::Done { pass, .. }
+                | ShardEvent::Failed { pass, .. }
+                    if pass != self.pass => {}
+                ShardEvent::Piece {
+                    rank,
+                    point,
+                    call,
+                    value,
+                    ..
+                } => {
+                    if let Err(e) = self.piece(rank, point, call, value, replies, sink) {
+                        self.fail(e, true, control);
+                    }
+                }
+                ShardEvent::Done { rank, output, .. } => {
+                    self.finished[rank] = true;
+                    if let Some(out) = output {
+                        let c = self.layout.coords(rank);
+                        self.outputs[c.dp][c.tp] = Some(out);
+                    }
+                }
+                ShardEvent::Failed {
+                    rank,
+                    point,
+                    message,
+                    after_abort,
+                    ..
+                } => {
+                    self.finished[rank] = true;
+                    let point = point
+                        .and_then(|p| self.geometry.get(p))
+                        .map(|g| g.name.clone());
+                    let coords = self.layout.coords(rank);
+                    let error = Error::ShardFailed {
+                        rank,
+                        coords,
+                        point,
+                        message,
+                    };
+                    self.fail(error, !after_abort, control);
+                }
+            }
+        }
+        if let Some((e, _)) = self.failure {
+            return Err(e);
+        }
+        let senders: Vec<Vec<Option<Tensor>>> = self
+            .outputs
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .enumerate()
+                    .map(|(tp, t)| t.clone().filter(|_| self.output.sends(tp)))
+                    .collect()
+            })
+            .collect();
+        self.output.assemble(&senders)
+    }
+
+    /// Records the first failure that is a cause (else the first consequence) and aborts
+    /// the pass so that no shard stays blocked.
+    fn fail(&mut self, error: Error, cause: bool, control: &PassControl) {
+        let replace = match &self.failure {
+            None => true,
+            Some((_, known_cause)) => cause && !known_cause,
+        };
+        if replace {
+            self.failure = Some((error, cause));
+        }
+        control.abort();
+    }
+
+    fn piece(
+        &mut self,
+        rank: usize,
+        point: PointId,
+        call: usize,
+        value: Tensor,
+        replies: &[Sender<EditedPiece>],
+        sink: &mut dyn HookSink,
+    ) -> Result<()> {
+        if self.failure.is_some() {
+            return Ok(());
+        }
+        let geometry = &self.geometry[point];
+        let RankCoords { dp, tp, .. } = self.layout.coords(rank);
+        let expected =
+            self.layout.dp() * (0..self.layout.tp()).filter(|&t| geometry.sends(t)).count();
+        let (pieces, missing) = self.pending.entry((point, call)).or_insert_with(|| {
+            (
+                vec![vec![None; self.layout.tp()]; self.layout.dp()],
+                expected,
+            )
+        });
+        pieces[dp][tp] = Some(value);
+        *missing -= 1;
+        if *missing > 0 {
+            return Ok(());
+        }
+        let (pieces, _) = self.pending.remove(&(point, call)).unwrap_or_default();
+        let full = geometry.assemble(&pieces)?;
+        let edited = sink.gathered(point, call, full).map_err(Error::Sink)?;
+        if !self.edited[point] {
+            return Ok(());
+        }
+        let edited = edited
+            .ok_or_else(|| Error::Sink(format!("no edited tensor for {}", geometry.name).into()))?;
+        for coords in self.layout.all().filter(|c| c.pp == geometry.stage) {
+            let value = geometry.piece(&edited, &self.batches[coords.dp], coords.tp)?;
+            let reply = EditedPiece {
+                pass: self.pass,
+                point,
+                call,
+                value,
+            };
+            let _ = replies[self.layout.rank(coords)].send(reply);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,22 @@
+//! Shard actors and the hook coordinator: one pass of a sharded model over messages.
+//!
+//! Each rank of a [`Layout`](flexmodel_cluster::Layout) is a [`ShardActor`] on its own
+//! OS thread, holding only its slice of the model (a [`ShardModel`]). In a pass, a shard
+//! sends its piece of every hooked point to the [`HookCoordinator`], which assembles
+//! the full tensor, hands it to the driver's [`HookSink`] (capture, edit) and scatters
+//! an edited tensor back. Nothing here knows about transformers: hook points are dense
+//! indices with a [`PointGeometry`].
+
+mod coordinator;
+mod error;
+mod geometry;
+mod runtime;
+mod shard;
+mod shard_model;
+
+pub use coordinator::{HookCoordinator, HookSink};
+pub use error::{BoxError, Error, Result};
+pub use geometry::{PointGeometry, PointMode, ShardAction};
+pub use runtime::{ShardRuntime, ShardSetup};
+pub use shard::ShardActor;
+pub use shard_model::{PointId, ShardHooks, ShardModel};

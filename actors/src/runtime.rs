@@ -1,0 +1,198 @@
+//! The sharded runtime: shard actors under a supervisor, and the driver's pass loop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Tensor;
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use flexmodel_cluster::{InProcessCollective, Layout, PassControl, split_evenly};
+use kameo::Actor;
+use kameo::actor::{ActorRef, Spawn};
+use kameo::error::Infallible;
+use kameo::supervision::RestartPolicy;
+
+use crate::coordinator::HookCoordinator;
+use crate::shard::{EditedPiece, RunPass, ShardArgs, ShardEvent};
+use crate::{
+    Error, HookSink, PointGeometry, PointMode, Result, ShardAction, ShardActor, ShardModel,
+};
+
+/// The supervisor of the shard actors: restarts a shard whose actor stopped.
+struct ShardSupervisor;
+
+impl Actor for ShardSupervisor {
+    type Args = ();
+    type Error = Infallible;
+
+    async fn on_start(_: Self::Args, _: ActorRef<Self>) -> std::result::Result<Self, Self::Error> {
+        Ok(ShardSupervisor)
+    }
+}
+
+/// What the driver provides to start the runtime.
+pub struct ShardSetup {
+    /// Every rank's model shard, in rank order, built with collectives sharing `control`.
+    pub models: Vec<Arc<dyn ShardModel>>,
+    /// The pass control shared by every collective of the runtime.
+    pub control: Arc<PassControl>,
+    /// The geometry of every hook point, by point id.
+    pub geometry: Vec<PointGeometry>,
+    /// The geometry of the last stage's output.
+    pub output: PointGeometry,
+}
+
+/// Shard actors for every rank of a layout, and the channels of the hook protocol.
+pub struct ShardRuntime {
+    layout: Layout,
+    runtime: tokio::runtime::Runtime,
+    _supervisor: ActorRef<ShardSupervisor>,
+    shards: Vec<ActorRef<ShardActor>>,
+    events: Receiver<ShardEvent>,
+    replies: Vec<Sender<EditedPiece>>,
+    control: Arc<PassControl>,
+    geometry: Vec<PointGeometry>,
+    output: PointGeometry,
+    next_pass: u64,
+}
+
+impl ShardRuntime {
+    /// Starts one supervised shard actor per rank, each on its own thread.
+    pub fn start(layout: Layout, setup: ShardSetup) -> Result<Self> {
+        if setup.models.len() != layout.world_size() {
+            return Err(Error::Startup(format!(
+                "{} model shards for {} ranks",
+                setup.models.len(),
+                layout.world_size()
+            )));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("flexmodel-supervisor")
+            .enable_time()
+            .build()
+            .map_err(|e| Error::Startup(e.to_string()))?;
+        let (events_tx, events) = unbounded();
+        let (replies, reply_rxs): (Vec<_>, Vec<_>) =
+            (0..layout.world_size()).map(|_| unbounded()).unzip();
+        // One pipeline group per (replica, tensor-parallel rank): member s is stage s.
+        let mut pipeline: Vec<Option<Arc<InProcessCollective>>> = vec![None; layout.world_size()];
+        for first in layout.all().filter(|c| c.pp == 0) {
+            let members = InProcessCollective::group(layout.pp(), setup.control.clone())?;
+            for (stage, member) in members.into_iter().enumerate() {
+                let rank = layout.rank(flexmodel_cluster::RankCoords { pp: stage, ..first });
+                pipeline[rank] = Some(Arc::new(member));
+            }
+        }
+        let args: Vec<ShardArgs> = (0..layout.world_size())
+            .map(|rank| ShardArgs {
+                rank,
+                coords: layout.coords(rank),
+                stages: layout.pp(),
+                model: setup.models[rank].clone(),
+                pipeline: pipeline[rank]
+                    .clone()
+                    .unwrap_or_else(|| unreachable!("every rank is in a pipeline")),
+                events: events_tx.clone(),
+                replies: reply_rxs[rank].clone(),
+                control: setup.control.clone(),
+            })
+            .collect();
+        let (supervisor, shards) = runtime.block_on(async {
+            let supervisor = ShardSupervisor::spawn(());
+            let mut shards = Vec::with_capacity(args.len());
+            for a in args {
+                let shard = ShardActor::supervise(&supervisor, a)
+                    .restart_policy(RestartPolicy::Permanent)
+                    .restart_limit(3, Duration::from_secs(60))
+                    .spawn_in_thread()
+                    .await;
+                shards.push(shard);
+            }
+            (supervisor, shards)
+        });
+        Ok(Self {
+            layout,
+            runtime,
+            _supervisor: supervisor,
+            shards,
+            events,
+            replies,
+            control: setup.control,
+            geometry: setup.geometry,
+            output: setup.output,
+            next_pass: 1,
+        })
+    }
+
+    /// The layout of the ranks.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Runs one pass over `tokens` (`[b, t]`; replicas get contiguous, possibly uneven,
+    /// runs of sequences) with each point hooked as `modes` says; returns the assembled
+    /// output.
+    pub fn run_pass(
+        &mut self,
+        tokens: &Tensor,
+        modes: &[PointMode],
+        sink: &mut dyn HookSink,
+    ) -> Result<Tensor> {
+        let batch = tokens.dim(0)?;
+        if batch < self.layout.dp() {
+            return Err(Error::Startup(format!(
+                "a batch of {batch} sequences cannot be split over {} data-parallel replicas",
+                self.layout.dp()
+            )));
+        }
+        let pass = self.next_pass;
+        self.next_pass += 1;
+        self.control.begin(pass);
+        let batches = split_evenly(batch, self.layout.dp());
+        let edited: Vec<bool> = modes.iter().map(|m| *m == PointMode::Edit).collect();
+        for (rank, shard) in self.shards.iter().enumerate() {
+            let coords = self.layout.coords(rank);
+            let actions: Vec<ShardAction> = self
+                .geometry
+                .iter()
+                .zip(modes)
+                .map(|(g, mode)| match mode {
+                    PointMode::Off => ShardAction::Skip,
+                    _ if g.stage != coords.pp => ShardAction::Skip,
+                    mode => g.action(coords.tp, *mode == PointMode::Edit),
+                })
+                .collect();
+            let rows = &batches[coords.dp];
+            let input = match coords.pp {
+                0 => Some(tokens.narrow(0, rows.start, rows.len())?.contiguous()?),
+                _ => None,
+            };
+            let run = RunPass {
+                pass,
+                input,
+                actions: Arc::new(actions),
+            };
+            shard
+                .tell(run)
+                .blocking_send()
+                .map_err(|_| Error::ShardGone(rank))?;
+        }
+        let coordinator = HookCoordinator::new(
+            self.layout,
+            pass,
+            &self.geometry,
+            &self.output,
+            &edited,
+            &batches,
+        );
+        let shards = &self.shards;
+        let _enter = self.runtime.enter();
+        coordinator.run(
+            &self.events,
+            &self.replies,
+            &self.control,
+            |r| shards[r].is_alive(),
+            sink,
+        )
+    }
+}

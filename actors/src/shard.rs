@@ -1,0 +1,235 @@
+//! The shard actor: one rank's slice of the model on its own OS thread.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Tensor;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use flexmodel_cluster::{Collective, InProcessCollective, PassControl, RankCoords};
+use kameo::actor::{ActorRef, WeakActorRef};
+use kameo::error::{ActorStopReason, Infallible, PanicError};
+use kameo::message::{Context, Message};
+
+use crate::geometry::ShardAction;
+use crate::{BoxError, Error, PointId, ShardHooks, ShardModel};
+
+/// How often a shard waiting for an edited piece checks whether the pass was aborted.
+const ABORT_POLL: Duration = Duration::from_millis(20);
+
+/// What a shard tells the coordinator.
+#[derive(Debug)]
+pub enum ShardEvent {
+    /// Its piece of one call of a hook point.
+    Piece {
+        pass: u64,
+        rank: usize,
+        point: PointId,
+        call: usize,
+        value: Tensor,
+    },
+    /// The pass is done; the last stage sends its slice of the output.
+    Done {
+        pass: u64,
+        rank: usize,
+        output: Option<Tensor>,
+    },
+    /// The pass failed on this shard (after an abort: a consequence, not the cause).
+    Failed {
+        pass: u64,
+        rank: usize,
+        point: Option<PointId>,
+        message: String,
+        after_abort: bool,
+    },
+}
+
+/// An edited piece the coordinator sends back.
+#[derive(Debug)]
+pub struct EditedPiece {
+    pub(crate) pass: u64,
+    pub(crate) point: PointId,
+    pub(crate) call: usize,
+    pub(crate) value: Tensor,
+}
+
+/// Everything a shard starts from; cloned to restart it.
+#[derive(Clone)]
+pub struct ShardArgs {
+    pub(crate) rank: usize,
+    pub(crate) coords: RankCoords,
+    pub(crate) stages: usize,
+    pub(crate) model: Arc<dyn ShardModel>,
+    /// This rank's member of its pipeline group (stage `s` is member `s`).
+    pub(crate) pipeline: Arc<InProcessCollective>,
+    pub(crate) events: Sender<ShardEvent>,
+    pub(crate) replies: Receiver<EditedPiece>,
+    pub(crate) control: Arc<PassControl>,
+}
+
+/// Runs one pass on this shard.
+pub struct RunPass {
+    pub(crate) pass: u64,
+    /// The replica's token ids (first stage only).
+    pub(crate) input: Option<Tensor>,
+    /// What to do at each hook point, by point id.
+    pub(crate) actions: Arc<Vec<ShardAction>>,
+}
+
+/// One rank: its stage of its tensor-parallel slice of the model, on a dedicated thread.
+///
+/// A pass that errs or panics is reported to the coordinator with the hook point the
+/// shard was at; the actor keeps running and serves the next pass.
+pub struct ShardActor {
+    args: ShardArgs,
+    pass: u64,
+    at: Option<PointId>,
+}
+
+impl kameo::Actor for ShardActor {
+    type Args = ShardArgs;
+    type Error = Infallible;
+
+    async fn on_start(args: Self::Args, _: ActorRef<Self>) -> Result<Self, Self::Error> {
+        Ok(Self {
+            args,
+            pass: 0,
+            at: None,
+        })
+    }
+
+    async fn on_panic(
+        &mut self,
+        _: WeakActorRef<Self>,
+        err: PanicError,
+    ) -> Result<ControlFlow<ActorStopReason>, Self::Error> {
+        self.report_failure(format!("panicked: {err}"));
+        Ok(ControlFlow::Continue(()))
+    }
+}
+
+impl Message<RunPass> for ShardActor {
+    type Reply = ();
+
+    async fn handle(&mut self, msg: RunPass, _: &mut Context<Self, Self::Reply>) {
+        self.pass = msg.pass;
+        self.at = None;
+        match self.run(msg) {
+            Ok(output) => {
+                let done = ShardEvent::Done {
+                    pass: self.pass,
+                    rank: self.args.rank,
+                    output,
+                };
+                let _ = self.args.events.send(done);
+            }
+            Err(e) => self.report_failure(e.to_string()),
+        }
+    }
+}
+
+impl ShardActor {
+    fn run(&mut self, msg: RunPass) -> Result<Option<Tensor>, BoxError> {
+        let args = &self.args;
+        let stage = args.coords.pp;
+        let input = match (stage, msg.input) {
+            (0, Some(tokens)) => tokens,
+            (0, None) => return Err("the first stage got no tokens".into()),
+            (_, _) => args.pipeline.recv(stage - 1)?,
+        };
+        let mut hooks = HookClient {
+            args,
+            pass: msg.pass,
+            actions: &msg.actions,
+            calls: vec![0; msg.actions.len()],
+            at: &mut self.at,
+        };
+        let out = args.model.forward(&input, &mut hooks)?;
+        if stage + 1 < args.stages {
+            args.pipeline.send(&out, stage + 1)?;
+            return Ok(None);
+        }
+        Ok(Some(out))
+    }
+
+    fn report_failure(&self, message: String) {
+        let failed = ShardEvent::Failed {
+            pass: self.pass,
+            rank: self.args.rank,
+            point: self.at,
+            message,
+            after_abort: self.args.control.aborted(),
+        };
+        let _ = self.args.events.send(failed);
+    }
+}
+
+/// The shard side of the hook protocol.
+struct HookClient<'a> {
+    args: &'a ShardArgs,
+    pass: u64,
+    actions: &'a [ShardAction],
+    calls: Vec<usize>,
+    at: &'a mut Option<PointId>,
+}
+
+impl HookClient<'_> {
+    fn send(&self, point: PointId, call: usize, value: &Tensor) -> Result<(), BoxError> {
+        let piece = ShardEvent::Piece {
+            pass: self.pass,
+            rank: self.args.rank,
+            point,
+            call,
+            value: value.clone(),
+        };
+        self.args
+            .events
+            .send(piece)
+            .map_err(|_| "the coordinator is gone".into())
+    }
+
+    /// The edited piece of `(point, call)`; stale replies of aborted passes are dropped.
+    fn wait(&self, point: PointId, call: usize) -> Result<Tensor, BoxError> {
+        loop {
+            match self.args.replies.recv_timeout(ABORT_POLL) {
+                Ok(r) if (r.pass, r.point, r.call) == (self.pass, point, call) => {
+                    return Ok(r.value);
+                }
+                Ok(_stale) => continue,
+                Err(RecvTimeoutError::Timeout) if self.args.control.aborted() => {
+                    return Err(Error::Aborted.into());
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Err("the coordinator is gone".into()),
+            }
+        }
+    }
+}
+
+impl ShardHooks for HookClient<'_> {
+    fn hook(&mut self, point: PointId, value: Tensor) -> Result<Tensor, BoxError> {
+        *self.at = Some(point);
+        let action = self
+            .actions
+            .get(point)
+            .copied()
+            .unwrap_or(ShardAction::Skip);
+        if action == ShardAction::Skip {
+            return Ok(value);
+        }
+        let call = self.calls[point];
+        self.calls[point] += 1;
+        match action {
+            ShardAction::Send => {
+                self.send(point, call, &value)?;
+                Ok(value)
+            }
+            ShardAction::SendAndWait => {
+                self.send(point, call, &value)?;
+                self.wait(point, call)
+            }
+            ShardAction::Wait => self.wait(point, call),
+            ShardAction::Skip => Ok(value),
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! What a shard runs: one pipeline stage of one tensor-parallel rank of a model.
+
+use candle_core::Tensor;
+
+use crate::BoxError;
+
+/// A hook point as the runtime sees it: its index in the model's list of points.
+pub type PointId = usize;
+
+/// The hook layer a shard model calls at every hook point with its local piece.
+pub trait ShardHooks {
+    /// The local piece at `point`; returns the piece the model continues with.
+    fn hook(&mut self, point: PointId, value: Tensor) -> Result<Tensor, BoxError>;
+}
+
+/// A model shard: the layers of one pipeline stage, the slices of one tensor-parallel rank.
+pub trait ShardModel: Send + Sync + 'static {
+    /// Runs the stage on `input` (token ids `[b, t]` on the first stage, the hidden state
+    /// `[b, t, d]` from the previous stage otherwise) and returns the hidden state, or
+    /// on the last stage this rank's slice of the output.
+    fn forward(&self, input: &Tensor, hooks: &mut dyn ShardHooks) -> Result<Tensor, BoxError>;
+}

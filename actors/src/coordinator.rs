@@ -14,6 +14,9 @@ use crate::{BoxError, Error, PointGeometry, PointId, Result};
 /// How often the coordinator checks that the shards are alive while it waits.
 const LIVENESS_POLL: Duration = Duration::from_millis(200);
 
+/// The pieces of one hook call by `[dp][tp]` (`None` until sent), and how many are missing.
+type Gathering = (Vec<Vec<Option<Tensor>>>, usize);
+
 /// The driver's side of a pass: it receives every full tensor once.
 pub trait HookSink {
     /// The full tensor of call `call` of `point`. For a point hooked with an edit, returns
@@ -36,7 +39,7 @@ pub struct HookCoordinator<'a> {
     /// The batch rows of each data-parallel replica.
     batches: &'a [Range<usize>],
     /// `(point, call)` → pieces by `[dp][tp]`, with the count still missing.
-    pending: HashMap<(PointId, usize), (Vec<Vec<Option<Tensor>>>, usize)>,
+    pending: HashMap<(PointId, usize), Gathering>,
     outputs: Vec<Vec<Option<Tensor>>>,
     finished: Vec<bool>,
     /// The failure to report, and whether it is a cause (not a consequence of an abort).

@@ -188,35 +188,18 @@ impl VocabParallelEmbedding {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::sync::Arc;
 
     use candle_core::Device;
-    use flexmodel_cluster::TpRank;
+    use flexmodel_cluster::{InProcessCollective, PassControl, SingleRank};
 
     use super::*;
     use crate::weights::TensorMap;
 
-    /// Rank `rank` of `size` whose collectives return the local piece, so a test can
-    /// combine the pieces of every rank itself.
-    struct LocalPiece(TpRank);
-
-    impl Collective for LocalPiece {
-        fn tp_rank(&self) -> TpRank {
-            self.0
-        }
-        fn all_reduce_sum(&self, x: &Tensor) -> flexmodel_cluster::Result<Tensor> {
-            Ok(x.clone())
-        }
-        fn all_gather(&self, x: &Tensor, _dim: usize) -> flexmodel_cluster::Result<Tensor> {
-            Ok(x.clone())
-        }
-    }
-
     fn weights(shape: (usize, usize)) -> TensorMap {
-        let n = (shape.0 * shape.1) as f32;
-        let w = Tensor::arange(0f32, n, &Device::Cpu).unwrap();
-        let w = ((w / n as f64).unwrap().sin().unwrap())
-            .reshape(shape)
-            .unwrap();
+        let n = (shape.0 * shape.1) as f64;
+        let w = Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap();
+        let w = ((w / n).unwrap().sin().unwrap()).reshape(shape).unwrap();
         TensorMap::new("test", BTreeMap::from([("w.weight".to_string(), w)]))
     }
 
@@ -234,6 +217,15 @@ mod tests {
         d.max(0).unwrap().to_scalar().unwrap()
     }
 
+    /// Runs `work` for every member of an in-process group of `size`, each on a thread.
+    fn on_group<T: Send>(size: usize, work: impl Fn(&InProcessCollective) -> T + Sync) -> Vec<T> {
+        let members = InProcessCollective::group(size, Arc::new(PassControl::default())).unwrap();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = members.iter().map(|m| s.spawn(|| work(m))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
     #[test]
     fn column_slices_concatenate_to_the_full_output() {
         let src = weights((6, 4));
@@ -249,38 +241,36 @@ mod tests {
     }
 
     #[test]
-    fn row_slices_sum_to_the_full_output() {
+    fn row_slices_all_reduce_to_the_full_output() {
         let src = weights((5, 6));
         let x = input(3, 6);
         let full = RowParallelLinear::load(&src, "w", [5, 6], 0..6).unwrap();
-        let full = full.forward(&x, &LocalPiece(TpRank::SOLE)).unwrap();
-        let mut sum = Tensor::zeros_like(&full).unwrap();
-        for (rank, cols) in [0..3, 3..6].into_iter().enumerate() {
+        let full = full.forward(&x, &SingleRank).unwrap();
+        let outputs = on_group(2, |member| {
+            let cols = member.tp_rank().slice_of("in", 6).unwrap();
             let layer = RowParallelLinear::load(&src, "w", [5, 6], cols.clone()).unwrap();
-            let piece = layer.forward(
-                &x.narrow(2, cols.start, 3).unwrap(),
-                &LocalPiece(TpRank::new(rank, 2).unwrap()),
-            );
-            sum = (sum + piece.unwrap()).unwrap();
+            assert_eq!(layer.weight().dims(), [5, 3], "a rank holds only its columns");
+            layer.forward(&x.narrow(2, cols.start, cols.len()).unwrap(), member).unwrap()
+        });
+        for out in outputs {
+            assert!(max_diff(&out, &full) < 1e-5);
         }
-        assert!(max_diff(&sum, &full) < 1e-5);
     }
 
     #[test]
-    fn vocabulary_slices_sum_to_the_full_embedding() {
+    fn vocabulary_slices_all_reduce_to_the_full_embedding() {
         let src = weights((8, 3));
         let ids = Tensor::new(&[[0u32, 3, 4, 7]], &Device::Cpu).unwrap();
         let full = VocabParallelEmbedding::load(&src, "w.weight", [8, 3], 0..8).unwrap();
-        let full = full.forward(&ids, &LocalPiece(TpRank::SOLE)).unwrap();
-        let mut sum = Tensor::zeros_like(&full).unwrap();
-        for (rank, rows) in [0..4, 4..8].into_iter().enumerate() {
+        let full = full.forward(&ids, &SingleRank).unwrap();
+        let outputs = on_group(2, |member| {
+            let rows = member.tp_rank().slice_of("vocab", 8).unwrap();
             let e = VocabParallelEmbedding::load(&src, "w.weight", [8, 3], rows).unwrap();
             assert_eq!(e.weight().dims(), [4, 3], "a rank holds only its rows");
-            let piece = e
-                .forward(&ids, &LocalPiece(TpRank::new(rank, 2).unwrap()))
-                .unwrap();
-            sum = (sum + piece).unwrap();
+            e.forward(&ids, member).unwrap()
+        });
+        for out in outputs {
+            assert!(max_diff(&out, &full) < 1e-6);
         }
-        assert!(max_diff(&sum, &full) < 1e-6);
     }
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use flexmodel_actors::{ShardModel, ShardRuntime, ShardSetup};
+use flexmodel_actors::{Fault, ShardModel, ShardRuntime, ShardSetup};
 use flexmodel_cluster::{Layout, PassControl};
 
 use crate::hook_catalog::HookCatalog;
@@ -12,7 +12,7 @@ use crate::hook_registry::{Groups, HookRegistry};
 use crate::models::{Llama, LlamaConfig};
 use crate::sharding::{LlamaShard, build_shards, geometry};
 use crate::weights::TensorMap;
-use crate::{ActivationStore, Checkpoint, HookPoint, NoHooks, Result, SaveContext};
+use crate::{ActivationStore, Checkpoint, Error, HookPoint, NoHooks, Result, SaveContext};
 
 /// Where the model runs.
 enum Backend {
@@ -169,6 +169,19 @@ impl FlexModel {
         };
         self.store.append(hooks.captures);
         Ok(logits)
+    }
+
+    /// Makes rank `rank` fail with `fault` on reaching hook point `hook` in the next
+    /// pass (sharded layouts only): for testing that failures are reported and survived.
+    pub fn inject_fault(&mut self, rank: usize, hook: HookPoint, fault: Fault) -> Result<()> {
+        match &mut self.backend {
+            Backend::Single(_) => Err(Error::BadInput(
+                "fault injection needs a sharded layout".into(),
+            )),
+            Backend::Sharded { runtime, .. } => {
+                Ok(runtime.inject_fault(rank, hook.index(self.config.n_layers), fault)?)
+            }
+        }
     }
 
     /// The captured activations.

@@ -16,14 +16,24 @@ fn layout(tp: usize, pp: usize, dp: usize) -> Layout {
 }
 
 fn tokens() -> Tensor {
-    batch(&[&[504, 3575, 282, 4649, 314, 7042], &[1, 9690, 198, 2683, 359, 30], &[19556, 2087, 260, 2463, 30, 2]])
+    batch(&[
+        &[504, 3575, 282, 4649, 314, 7042],
+        &[1, 9690, 198, 2683, 359, 30],
+        &[19556, 2087, 260, 2463, 30, 2],
+    ])
 }
 
 fn register_edits(model: &mut FlexModel) {
     let hooks = model.hooks_mut();
-    hooks.register(HookFunction::new("blocks.3.attn.hook_z").with_edit(edits::zero_head(4))).unwrap();
-    hooks.register(HookFunction::new("blocks.12.attn.hook_pattern").with_edit(edits::zero_head(7))).unwrap();
-    hooks.register(HookFunction::new("blocks.20.hook_mlp_out").with_edit(edits::scale(0.5))).unwrap();
+    hooks
+        .register(HookFunction::new("blocks.3.attn.hook_z").with_edit(edits::zero_head(4)))
+        .unwrap();
+    hooks
+        .register(HookFunction::new("blocks.12.attn.hook_pattern").with_edit(edits::zero_head(7)))
+        .unwrap();
+    hooks
+        .register(HookFunction::new("blocks.20.hook_mlp_out").with_edit(edits::scale(0.5)))
+        .unwrap();
 }
 
 /// Logits and the last capture of every point, with or without the edits.
@@ -35,7 +45,12 @@ fn run(layout: Layout, edited: bool) -> (Tensor, BTreeMap<String, Tensor>) {
     }
     model.hooks_mut().register(HookFunction::new("*")).unwrap();
     let logits = model.forward(&tokens()).unwrap();
-    let captured = model.store_mut().take_all().into_iter().map(|(n, mut c)| (n, c.pop().unwrap())).collect();
+    let captured = model
+        .store_mut()
+        .take_all()
+        .into_iter()
+        .map(|(n, mut c)| (n, c.pop().unwrap()))
+        .collect();
     (logits, captured)
 }
 
@@ -49,10 +64,15 @@ fn every_layout_matches_the_single_shard_at_every_point_plain_and_edited() {
             let mut worst = rel_error(&logits, &single.0);
             for (name, expected) in &single.1 {
                 let err = rel_error(&captured[name], expected);
-                assert!(err <= 1e-4, "tp={tp} pp={pp} dp={dp} edited={edited} {name}: {err:.3e}");
+                assert!(
+                    err <= 1e-4,
+                    "tp={tp} pp={pp} dp={dp} edited={edited} {name}: {err:.3e}"
+                );
                 worst = worst.max(err);
             }
-            eprintln!("smollm2 tp={tp} pp={pp} dp={dp} edited={edited}: worst relative error {worst:.2e}");
+            eprintln!(
+                "smollm2 tp={tp} pp={pp} dp={dp} edited={edited}: worst relative error {worst:.2e}"
+            );
         }
     }
 }
@@ -63,17 +83,27 @@ fn a_random_edit_is_drawn_once_per_call_and_every_shard_continues_with_that_draw
     let mut model = FlexModel::build(checkpoint, layout(3, 2, 2)).unwrap();
     let noisy = HookFunction::new("blocks.20.hook_mlp_out").with_edit(|ctx, x| {
         let noise = Tensor::randn(0f32, 1.0, x.shape(), x.device())?;
-        ctx.save().get_or_insert_with("draws", Vec::<Tensor>::new).push(noise.clone());
+        ctx.save()
+            .get_or_insert_with("draws", Vec::<Tensor>::new)
+            .push(noise.clone());
         Ok((x + noise)?)
     });
     model.hooks_mut().register(noisy).unwrap();
-    model.hooks_mut().register(HookFunction::new("blocks.20.hook_resid_*")).unwrap();
+    model
+        .hooks_mut()
+        .register(HookFunction::new("blocks.20.hook_resid_*"))
+        .unwrap();
     model.forward(&tokens()).unwrap();
-    let draws = model.save_ctx().get::<Vec<Tensor>>("draws").unwrap().clone();
+    let draws = model
+        .save_ctx()
+        .get::<Vec<Tensor>>("draws")
+        .unwrap()
+        .clone();
     assert_eq!(draws.len(), 1, "one draw for the one call");
     let store = model.store();
     let mlp_out = store.last("blocks.20.hook_mlp_out").unwrap();
-    let expected = ((store.last("blocks.20.hook_resid_mid").unwrap() + mlp_out).unwrap() + &draws[0]).unwrap();
+    let expected =
+        ((store.last("blocks.20.hook_resid_mid").unwrap() + mlp_out).unwrap() + &draws[0]).unwrap();
     // Every replica and rank continued with the same draw.
     assert!(rel_error(store.last("blocks.20.hook_resid_post").unwrap(), &expected) < 1e-5);
 }
@@ -84,28 +114,50 @@ fn each_shard_holds_its_share_of_the_weights() {
     let total = single.weight_bytes() as f64;
     let model = FlexModel::build(checkpoint, layout(3, 1, 1)).unwrap();
     let bytes = model.shard_weight_bytes();
-    eprintln!("SmolLM2 weights {:.1} MB; tp=3 shards hold {:?} MB", total / 1e6, bytes.iter().map(|b| *b as f64 / 1e6).collect::<Vec<_>>());
+    eprintln!(
+        "SmolLM2 weights {:.1} MB; tp=3 shards hold {:?} MB",
+        total / 1e6,
+        bytes.iter().map(|b| *b as f64 / 1e6).collect::<Vec<_>>()
+    );
     for b in &bytes {
         let share = *b as f64 / total;
-        assert!((share - 1.0 / 3.0).abs() < 0.01, "a tp=3 shard holds {share:.4} of the weights");
+        assert!(
+            (share - 1.0 / 3.0).abs() < 0.01,
+            "a tp=3 shard holds {share:.4} of the weights"
+        );
     }
     let model = FlexModel::build(checkpoint, layout(3, 3, 1)).unwrap();
     let bytes = model.shard_weight_bytes();
     for b in &bytes {
-        assert!((*b as f64) < 0.2 * total, "a tp=3 pp=3 shard holds {b} bytes");
+        assert!(
+            (*b as f64) < 0.2 * total,
+            "a tp=3 pp=3 shard holds {b} bytes"
+        );
     }
 }
 
 #[test]
 fn layouts_that_cannot_split_smollm2_are_refused_with_the_reason() {
     let (checkpoint, _) = smollm2();
-    let err = FlexModel::build(checkpoint, layout(2, 1, 1)).err().unwrap().to_string();
-    assert_eq!(err, "bad layout: tp=2 does not divide num_attention_heads = 9");
-    let err = FlexModel::build(checkpoint, layout(1, 31, 1)).err().unwrap().to_string();
+    let err = FlexModel::build(checkpoint, layout(2, 1, 1))
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        err,
+        "bad layout: tp=2 does not divide num_attention_heads = 9"
+    );
+    let err = FlexModel::build(checkpoint, layout(1, 31, 1))
+        .err()
+        .unwrap()
+        .to_string();
     assert_eq!(err, "bad layout: pp=31 exceeds the model's 30 layers");
     let two = FlexModel::build(checkpoint, layout(1, 1, 2)).unwrap();
     let mut two = two;
     let err = two.forward(&batch(&[&[1, 2, 3]])).unwrap_err().to_string();
-    assert!(err.contains("a batch of 1 sequences cannot be split over 2 data-parallel replicas"), "{err}");
+    assert!(
+        err.contains("a batch of 1 sequences cannot be split over 2 data-parallel replicas"),
+        "{err}"
+    );
     let _ = Device::Cpu;
 }

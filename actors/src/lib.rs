@@ -18,5 +18,5 @@ pub use coordinator::{HookCoordinator, HookSink};
 pub use error::{BoxError, Error, Result};
 pub use geometry::{PointGeometry, PointMode, ShardAction};
 pub use runtime::{ShardRuntime, ShardSetup};
-pub use shard::ShardActor;
+pub use shard::{Fault, ShardActor};
 pub use shard_model::{PointId, ShardHooks, ShardModel};

@@ -1,5 +1,6 @@
 //! The sharded runtime: shard actors under a supervisor, and the driver's pass loop.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +13,9 @@ use kameo::error::Infallible;
 use kameo::supervision::RestartPolicy;
 
 use crate::coordinator::HookCoordinator;
-use crate::shard::{EditedPiece, RunPass, ShardArgs, ShardEvent};
+use crate::shard::{EditedPiece, Fault, RunPass, ShardArgs, ShardEvent};
 use crate::{
-    Error, HookSink, PointGeometry, PointMode, Result, ShardAction, ShardActor, ShardModel,
+    Error, HookSink, PointGeometry, PointId, PointMode, Result, ShardAction, ShardActor, ShardModel,
 };
 
 /// The supervisor of the shard actors: restarts a shard whose actor stopped.
@@ -53,6 +54,8 @@ pub struct ShardRuntime {
     geometry: Vec<PointGeometry>,
     output: PointGeometry,
     next_pass: u64,
+    /// Faults to raise in the next pass, by rank.
+    faults: HashMap<usize, (PointId, Fault)>,
 }
 
 impl ShardRuntime {
@@ -121,12 +124,25 @@ impl ShardRuntime {
             geometry: setup.geometry,
             output: setup.output,
             next_pass: 1,
+            faults: HashMap::new(),
         })
     }
 
     /// The layout of the ranks.
     pub fn layout(&self) -> Layout {
         self.layout
+    }
+
+    /// Makes rank `rank` fail with `fault` when it reaches `point` in the next pass: for
+    /// testing that a failing shard is reported and that the runtime stays usable.
+    pub fn inject_fault(&mut self, rank: usize, point: PointId, fault: Fault) -> Result<()> {
+        if rank >= self.layout.world_size() || point >= self.geometry.len() {
+            return Err(Error::Startup(format!(
+                "no rank {rank} or point {point} to inject a fault at"
+            )));
+        }
+        self.faults.insert(rank, (point, fault));
+        Ok(())
     }
 
     /// Runs one pass over `tokens` (`[b, t]`; replicas get contiguous, possibly uneven,
@@ -167,10 +183,12 @@ impl ShardRuntime {
                 0 => Some(tokens.narrow(0, rows.start, rows.len())?.contiguous()?),
                 _ => None,
             };
+            let fault = self.faults.remove(&rank);
             let run = RunPass {
                 pass,
                 input,
                 actions: Arc::new(actions),
+                fault,
             };
             shard
                 .tell(run)

@@ -74,6 +74,17 @@ pub struct RunPass {
     pub(crate) input: Option<Tensor>,
     /// What to do at each hook point, by point id.
     pub(crate) actions: Arc<Vec<ShardAction>>,
+    /// A fault to raise on reaching a hook point (testing the failure path).
+    pub(crate) fault: Option<(PointId, Fault)>,
+}
+
+/// A deliberate failure of one shard, to test that failures are reported and survived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The shard's pass returns an error.
+    Error,
+    /// The shard's pass panics.
+    Panic,
 }
 
 /// One rank: its stage of its tensor-parallel slice of the model, on a dedicated thread.
@@ -143,6 +154,7 @@ impl ShardActor {
             actions: &msg.actions,
             calls: vec![0; msg.actions.len()],
             at: &mut self.at,
+            fault: msg.fault,
         };
         let out = args.model.forward(&input, &mut hooks)?;
         if stage + 1 < args.stages {
@@ -171,6 +183,7 @@ struct HookClient<'a> {
     actions: &'a [ShardAction],
     calls: Vec<usize>,
     at: &'a mut Option<PointId>,
+    fault: Option<(PointId, Fault)>,
 }
 
 impl HookClient<'_> {
@@ -209,6 +222,11 @@ impl HookClient<'_> {
 impl ShardHooks for HookClient<'_> {
     fn hook(&mut self, point: PointId, value: Tensor) -> Result<Tensor, BoxError> {
         *self.at = Some(point);
+        match self.fault {
+            Some((at, Fault::Error)) if at == point => return Err("injected fault".into()),
+            Some((at, Fault::Panic)) if at == point => panic!("injected fault"),
+            _ => {}
+        }
         let action = self
             .actions
             .get(point)

@@ -249,8 +249,14 @@ mod tests {
         let outputs = on_group(2, |member| {
             let cols = member.tp_rank().slice_of("in", 6).unwrap();
             let layer = RowParallelLinear::load(&src, "w", [5, 6], cols.clone()).unwrap();
-            assert_eq!(layer.weight().dims(), [5, 3], "a rank holds only its columns");
-            layer.forward(&x.narrow(2, cols.start, cols.len()).unwrap(), member).unwrap()
+            assert_eq!(
+                layer.weight().dims(),
+                [5, 3],
+                "a rank holds only its columns"
+            );
+            layer
+                .forward(&x.narrow(2, cols.start, cols.len()).unwrap(), member)
+                .unwrap()
         });
         for out in outputs {
             assert!(max_diff(&out, &full) < 1e-5);

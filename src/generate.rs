@@ -2,16 +2,15 @@
 
 use candle_core::{D, Device, Tensor};
 
-use crate::models::Llama;
-use crate::{Error, NoHooks, Result};
+use crate::{Error, FlexModel, Result};
 
 /// Extends `prompt` greedily by up to `max_new_tokens` tokens, calling `on_token` with
 /// each new token; stops early at an end-of-sequence token or the context limit.
 ///
-/// Each step runs the whole sequence again (no key/value cache), so hooks would see
-/// every position of every step. Returns the new tokens.
+/// Each step runs the whole sequence again (no key/value cache), with the model's
+/// registered hooks. Returns the new tokens.
 pub fn generate_greedy(
-    model: &Llama,
+    model: &mut FlexModel,
     prompt: &[u32],
     max_new_tokens: usize,
     mut on_token: impl FnMut(u32) -> Result<()>,
@@ -19,12 +18,12 @@ pub fn generate_greedy(
     if prompt.is_empty() {
         return Err(Error::BadInput("the prompt has no tokens".into()));
     }
-    let config = model.config();
+    let config = model.config().clone();
     let mut tokens = prompt.to_vec();
     let mut new = Vec::new();
     while new.len() < max_new_tokens && tokens.len() < config.max_position_embeddings {
         let input = Tensor::new(tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.forward(&input, &mut NoHooks)?;
+        let logits = model.forward(&input)?;
         let last = logits.squeeze(0)?.get(tokens.len() - 1)?;
         let next = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
         if config.eos_token_ids.contains(&next) {

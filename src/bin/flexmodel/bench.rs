@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{Context, ensure};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use flexmodel::{Checkpoint, FlexModel, HookFunction};
+use flexmodel::{Checkpoint, HookFunction};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 
@@ -50,28 +50,23 @@ enum Variant {
 /// Times forward passes: unhooked, and with `--hook` also capturing and with the hooks
 /// registered but disabled, interleaved so that the machine's noise hits all alike.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    args.layout.require_single_shard()?;
     let checkpoint = Checkpoint::open(&args.model)?;
-    let llama = checkpoint.load_model()?;
+    let mut model = args.layout.build(&checkpoint)?;
+    let config = model.config().clone();
     let (batch, seq) = (args.batch as usize, args.seq as usize);
     ensure!(
-        seq <= llama.config().max_position_embeddings,
+        seq <= config.max_position_embeddings,
         "--seq {seq} is longer than the model's context of {} tokens",
-        llama.config().max_position_embeddings
+        config.max_position_embeddings
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let vocab = llama.config().vocab_size as u32;
-    let ids: Vec<u32> = (0..batch * seq)
-        .map(|_| rng.random_range(0..vocab))
-        .collect();
+    let vocab = config.vocab_size as u32;
+    let ids: Vec<u32> = (0..batch * seq).map(|_| rng.random_range(0..vocab)).collect();
     let tokens = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
 
-    let mut unhooked = FlexModel::new(llama.clone());
-    let mut hooked = FlexModel::new(llama);
+    // Check the patterns once; each variant then sets up its hooks outside the timing.
     for pattern in &args.hooks {
-        hooked
-            .hooks_mut()
-            .register(HookFunction::new(pattern.clone()))?;
+        model.hooks_mut().register(HookFunction::new(pattern.clone()))?;
     }
     let variants: &[Variant] = match args.hooks.is_empty() {
         true => &[Variant::Unhooked],
@@ -79,14 +74,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let (mut captured_bytes, mut captured_points) = (0, 0);
     let mut pass = |variant: Variant| -> anyhow::Result<f64> {
-        let model = match variant {
-            Variant::Unhooked => &mut unhooked,
-            Variant::Capturing | Variant::Disabled => &mut hooked,
-        };
+        let hooks = model.hooks_mut();
+        hooks.clear();
         if variant != Variant::Unhooked {
-            model
-                .hooks_mut()
-                .set_enabled("*", variant == Variant::Capturing)?;
+            for pattern in &args.hooks {
+                hooks.register(HookFunction::new(pattern.clone()))?;
+            }
+            hooks.set_enabled("*", variant == Variant::Capturing)?;
         }
         let start = Instant::now();
         model.forward(&tokens)?;

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Tensor};
 use clap::Args;
 use flexmodel::edits::EditSpec;
-use flexmodel::{Checkpoint, FlexModel, HookFunction, next_token_loss};
+use flexmodel::{Checkpoint, HookFunction, next_token_loss};
 
 use crate::input::InputArgs;
 use crate::layout::LayoutArgs;
@@ -38,7 +38,6 @@ pub struct CaptureArgs {
 
 /// Captures the hooked points (the last call of each) and the loss into `--out`.
 pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
-    args.layout.require_single_shard()?;
     if args.grad {
         bail!("--grad is not supported yet: this build has no backward pass");
     }
@@ -49,7 +48,7 @@ pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
         .collect::<flexmodel::Result<Vec<_>>>()?;
     let checkpoint = Checkpoint::open(&args.model)?;
     let tokens = args.input.tokens(&checkpoint)?;
-    let mut model = FlexModel::new(checkpoint.load_model()?);
+    let mut model = args.layout.build(&checkpoint)?;
     for edit in &edits {
         model.hooks_mut().register(edit.hook_function())?;
     }

@@ -26,14 +26,13 @@ pub struct GenerateArgs {
 
 /// Prints the continuation of the prompt (without the prompt) on stdout.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    args.layout.require_single_shard()?;
     let checkpoint = Checkpoint::open(&args.model)?;
-    let model = checkpoint.load_model()?;
+    let mut model = args.layout.build(&checkpoint)?;
     let prompt = checkpoint.tokenizer.encode(&args.prompt)?;
     let mut printed = String::new();
     let mut generated = Vec::new();
     let mut stdout = std::io::stdout().lock();
-    generate_greedy(&model, &prompt, args.max_new_tokens, |token| {
+    generate_greedy(&mut model, &prompt, args.max_new_tokens, |token| {
         // Decode the whole continuation so multi-token characters print whole.
         generated.push(token);
         let text = checkpoint.tokenizer.decode(&generated)?;

@@ -19,9 +19,9 @@ pub struct HooksArgs {
 
 /// Prints one line per hook point: name, shape, TP shard spec, module aliases.
 pub fn run(args: HooksArgs) -> anyhow::Result<()> {
-    args.layout.require_single_shard()?;
     let checkpoint = Checkpoint::open(&args.model)?;
     let config = &checkpoint.config;
+    flexmodel::sharding::check_layout(config, &args.layout.layout()?)?;
     let catalog = HookCatalog::new(config);
     let rows: Vec<[String; 4]> = HookPoint::all(config.n_layers)
         .into_iter()

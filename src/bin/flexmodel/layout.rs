@@ -1,7 +1,8 @@
 //! The `[--tp N] [--pp N] [--dp N]` options every command takes.
 
-use anyhow::bail;
 use clap::Args;
+use flexmodel::{Checkpoint, FlexModel};
+use flexmodel_cluster::Layout;
 
 /// How the model is split: tensor × pipeline × data parallel.
 #[derive(Args, Debug, Clone, Copy)]
@@ -18,16 +19,13 @@ pub struct LayoutArgs {
 }
 
 impl LayoutArgs {
-    /// Fails unless the layout is one shard: sharded execution is not built yet.
-    pub fn require_single_shard(&self) -> anyhow::Result<()> {
-        if (self.tp, self.pp, self.dp) != (1, 1, 1) {
-            bail!(
-                "layout tp={} pp={} dp={} is not supported yet: this build runs one shard (tp=pp=dp=1)",
-                self.tp,
-                self.pp,
-                self.dp
-            );
-        }
-        Ok(())
+    /// The layout these options describe.
+    pub fn layout(&self) -> anyhow::Result<Layout> {
+        Ok(Layout::new(self.dp as usize, self.pp as usize, self.tp as usize)?)
+    }
+
+    /// The model of `checkpoint` split over this layout.
+    pub fn build(&self, checkpoint: &Checkpoint) -> anyhow::Result<FlexModel> {
+        Ok(FlexModel::build(checkpoint, self.layout()?)?)
     }
 }

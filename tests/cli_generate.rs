@@ -47,20 +47,38 @@ fn missing_model_file_fails_cleanly() {
 #[test]
 fn smollm2_under_tp3_pp2_says_paris_too() {
     let out = flexmodel(&[
-        "generate", "--model", "smollm2", "--prompt", "The capital of France is", "--max-new-tokens", "2",
-        "--tp", "3", "--pp", "2",
+        "generate",
+        "--model",
+        "smollm2",
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "2",
+        "--tp",
+        "3",
+        "--pp",
+        "2",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("Paris"), "continuation: {stdout:?}");
 }
 
 #[test]
 fn a_layout_that_cannot_split_the_model_is_refused_with_the_reason() {
-    let out = flexmodel(&["generate", "--model", "smollm2", "--prompt", "hi", "--tp", "2"]);
+    let out = flexmodel(&[
+        "generate", "--model", "smollm2", "--prompt", "hi", "--tp", "2",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("tp=2 does not divide num_attention_heads = 9"), "{stderr}");
+    assert!(
+        stderr.contains("tp=2 does not divide num_attention_heads = 9"),
+        "{stderr}"
+    );
 }
 
 #[test]

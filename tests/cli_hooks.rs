@@ -237,3 +237,35 @@ fn bench_json_reports_medians_and_hook_overhead() {
     }
     assert_eq!(json["captured_bytes_per_pass"], 30 * 8 * 576 * 4);
 }
+
+#[test]
+fn capture_under_a_sharded_layout_writes_what_one_shard_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = |name: &str, layout: &[&str]| {
+        let out_file = dir.path().join(name);
+        let mut args = vec![
+            "capture",
+            "--model",
+            "smollm2",
+            "--prompt",
+            "The capital of France is",
+            "--hook",
+            "blocks.4.attn.hook_pattern",
+            "blocks.*.hook_mlp_out",
+            "--edit",
+            "blocks.2.attn.hook_z=zero-head:3",
+            "--out",
+            out_file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(layout);
+        let out = flexmodel(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        candle_core::safetensors::load(&out_file, &Device::Cpu).unwrap()
+    };
+    let single = capture("single.safetensors", &[]);
+    let sharded = capture("sharded.safetensors", &["--tp", "3", "--pp", "2"]);
+    assert_eq!(single.len(), sharded.len());
+    for (name, expected) in &single {
+        assert!(rel_error(&sharded[name], expected) < 1e-4, "{name}");
+    }
+}

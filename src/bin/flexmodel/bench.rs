@@ -61,12 +61,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let vocab = config.vocab_size as u32;
-    let ids: Vec<u32> = (0..batch * seq).map(|_| rng.random_range(0..vocab)).collect();
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
     let tokens = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
 
     // Check the patterns once; each variant then sets up its hooks outside the timing.
     for pattern in &args.hooks {
-        model.hooks_mut().register(HookFunction::new(pattern.clone()))?;
+        model
+            .hooks_mut()
+            .register(HookFunction::new(pattern.clone()))?;
     }
     let variants: &[Variant] = match args.hooks.is_empty() {
         true => &[Variant::Unhooked],

@@ -21,7 +21,11 @@ pub struct LayoutArgs {
 impl LayoutArgs {
     /// The layout these options describe.
     pub fn layout(&self) -> anyhow::Result<Layout> {
-        Ok(Layout::new(self.dp as usize, self.pp as usize, self.tp as usize)?)
+        Ok(Layout::new(
+            self.dp as usize,
+            self.pp as usize,
+            self.tp as usize,
+        )?)
     }
 
     /// The model of `checkpoint` split over this layout.

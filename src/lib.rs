@@ -52,6 +52,8 @@ pub use activation_store::ActivationStore;
 pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
 pub use flex_model::FlexModel;
+pub use flexmodel_actors::Fault;
+pub use flexmodel_cluster::{Layout, RankCoords};
 pub use generate::generate_greedy;
 pub use hook_catalog::{HookCatalog, HookKind};
 pub use hook_function::{EditFn, HookCtx, HookFunction};

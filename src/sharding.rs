@@ -205,9 +205,12 @@ mod tests {
             "8 ranks replicate the 4 kv heads"
         );
         let mut odd = c.clone();
+        (odd.n_heads, odd.n_kv_heads) = (12, 6);
+        assert!(
+            err_of(&odd, layout(1, 1, 4)).contains("tp=4 does not divide num_key_value_heads = 6")
+        );
         odd.n_kv_heads = 3;
-        odd.n_heads = 12;
-        assert!(err_of(&odd, layout(1, 1, 4)).contains("does not divide num_key_value_heads = 3"));
+        assert!(err_of(&odd, layout(1, 1, 4)).contains("not a multiple of it"));
     }
 
     fn err_of(c: &LlamaConfig, l: Layout) -> String {

@@ -46,7 +46,7 @@ pub struct ShardSetup {
 pub struct ShardRuntime {
     layout: Layout,
     runtime: tokio::runtime::Runtime,
-    _supervisor: ActorRef<ShardSupervisor>,
+    supervisor: ActorRef<ShardSupervisor>,
     shards: Vec<ActorRef<ShardActor>>,
     events: Receiver<ShardEvent>,
     replies: Vec<Sender<EditedPiece>>,
@@ -116,7 +116,7 @@ impl ShardRuntime {
         Ok(Self {
             layout,
             runtime,
-            _supervisor: supervisor,
+            supervisor,
             shards,
             events,
             replies,
@@ -212,5 +212,22 @@ impl ShardRuntime {
             |r| shards[r].is_alive(),
             sink,
         )
+    }
+}
+
+impl Drop for ShardRuntime {
+    /// Stops the supervisor (so that nothing restarts), then every shard, and waits for
+    /// their threads to end; the shards' weights are freed with them.
+    fn drop(&mut self) {
+        let shards = std::mem::take(&mut self.shards);
+        let supervisor = self.supervisor.clone();
+        self.runtime.block_on(async move {
+            supervisor.kill();
+            supervisor.wait_for_shutdown().await;
+            for shard in &shards {
+                shard.kill();
+                shard.wait_for_shutdown().await;
+            }
+        });
     }
 }

@@ -5,32 +5,14 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::hook_function::HookCtx;
-use crate::hook_point::{BlockSite, HookPoint};
 use crate::{Error, HookFunction, Result};
-
-/// The dimension that indexes heads at `point`: 2 of `[b, t, h, ·]`, 1 of `[b, h, q, k]`.
-pub fn head_dim(point: HookPoint) -> Option<usize> {
-    match point {
-        HookPoint::Block { site, .. } => match site {
-            BlockSite::Q
-            | BlockSite::K
-            | BlockSite::V
-            | BlockSite::RotQ
-            | BlockSite::RotK
-            | BlockSite::Z => Some(2),
-            BlockSite::AttnScores | BlockSite::Pattern => Some(1),
-            _ => None,
-        },
-        _ => None,
-    }
-}
 
 /// An edit that zeroes head `head` of a head-indexed hook point.
 pub fn zero_head(
     head: usize,
 ) -> impl FnMut(&mut HookCtx<'_>, Tensor) -> Result<Tensor> + Send + 'static {
     move |ctx, x| {
-        let dim = head_dim(ctx.point()).ok_or_else(|| {
+        let dim = ctx.point().head_dim().ok_or_else(|| {
             Error::BadInput(format!("zero-head: {} has no head dimension", ctx.name()))
         })?;
         let heads = x.dim(dim)?;

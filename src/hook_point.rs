@@ -145,8 +145,9 @@ impl HookPoint {
         }
     }
 
-    /// How the tensor at this point is split across tensor-parallel ranks.
-    pub fn shard_spec(self) -> ShardSpec {
+    /// The dimension that indexes attention heads: 2 of `[b, t, h, d_head]`, 1 of
+    /// `[b, h, q, k]`; `None` for points without heads.
+    pub fn head_dim(self) -> Option<usize> {
         match self {
             HookPoint::Block { site, .. } => match site {
                 BlockSite::Q
@@ -154,15 +155,27 @@ impl HookPoint {
                 | BlockSite::V
                 | BlockSite::RotQ
                 | BlockSite::RotK
-                | BlockSite::Z
-                | BlockSite::MlpPre
-                | BlockSite::MlpPreLinear
-                | BlockSite::MlpPost => ShardSpec::Split { dim: 2 },
-                BlockSite::AttnScores | BlockSite::Pattern => ShardSpec::Split { dim: 1 },
-                _ => ShardSpec::Replicated,
+                | BlockSite::Z => Some(2),
+                BlockSite::AttnScores | BlockSite::Pattern => Some(1),
+                _ => None,
             },
-            HookPoint::UnembedOut => ShardSpec::Split { dim: 2 },
-            HookPoint::Embed | HookPoint::LnFinalNormalized => ShardSpec::Replicated,
+            _ => None,
+        }
+    }
+
+    /// How the tensor at this point is split across tensor-parallel ranks: heads,
+    /// MLP hidden units and the vocabulary are split, the residual stream is replicated.
+    pub fn shard_spec(self) -> ShardSpec {
+        if let Some(dim) = self.head_dim() {
+            return ShardSpec::Split { dim };
+        }
+        match self {
+            HookPoint::Block {
+                site: BlockSite::MlpPre | BlockSite::MlpPreLinear | BlockSite::MlpPost,
+                ..
+            }
+            | HookPoint::UnembedOut => ShardSpec::Split { dim: 2 },
+            _ => ShardSpec::Replicated,
         }
     }
 

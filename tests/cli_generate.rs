@@ -9,24 +9,32 @@ fn flexmodel(args: &[&str]) -> Output {
         .unwrap()
 }
 
-#[test]
-fn smollm2_says_paris_is_the_capital_of_france() {
-    let out = flexmodel(&[
+/// The continuation of "The capital of France is" by SmolLM2, with `extra` options.
+fn france(extra: &[&str]) -> String {
+    let mut args = vec![
         "generate",
         "--model",
         "smollm2",
         "--prompt",
         "The capital of France is",
-        "--max-new-tokens",
-        "4",
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    ];
+    args.extend_from_slice(extra);
+    let out = flexmodel(&args);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("Paris"), "continuation: {stdout:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn smollm2_says_paris_is_the_capital_of_france() {
+    let continuation = france(&["--max-new-tokens", "4"]);
+    assert!(
+        continuation.contains("Paris"),
+        "continuation: {continuation:?}"
+    );
 }
 
 #[test]
@@ -46,26 +54,11 @@ fn missing_model_file_fails_cleanly() {
 
 #[test]
 fn smollm2_under_tp3_pp2_says_paris_too() {
-    let out = flexmodel(&[
-        "generate",
-        "--model",
-        "smollm2",
-        "--prompt",
-        "The capital of France is",
-        "--max-new-tokens",
-        "2",
-        "--tp",
-        "3",
-        "--pp",
-        "2",
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let continuation = france(&["--max-new-tokens", "2", "--tp", "3", "--pp", "2"]);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        continuation.contains("Paris"),
+        "continuation: {continuation:?}"
     );
-    assert!(stdout.contains("Paris"), "continuation: {stdout:?}");
 }
 
 #[test]

@@ -4,23 +4,9 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{batch, capture_all, smollm2};
+use common::{batch, capture_all, max_abs_diff, smollm2};
 use flexmodel::Checkpoint;
 use flexmodel::tiny::tiny_checkpoint;
-
-/// The largest absolute difference between two tensors.
-fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
 
 #[test]
 fn smollm2_written_as_hf_directory_loads_back_with_identical_logits() {

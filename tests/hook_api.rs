@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::Tensor;
-use common::{batch, capture_all};
+use common::{batch, capture_all, max_abs_diff};
 use flexmodel::tiny::tiny_checkpoint;
 use flexmodel::{Error, FlexModel, HookFunction, HookPoint, edits};
 
@@ -14,19 +14,6 @@ fn tiny() -> FlexModel {
 
 fn tokens() -> Tensor {
     batch(&[&[5, 17, 200, 3, 99], &[1, 2, 3, 4, 5]])
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]
@@ -39,14 +26,14 @@ fn capturing_every_point_stores_what_the_pass_computed() {
     model.hooks_mut().register(HookFunction::new("*")).unwrap();
     let logits = model.forward(&tokens()).unwrap();
     assert_eq!(
-        max_diff(&logits, &raw_logits),
+        max_abs_diff(&logits, &raw_logits),
         0.0,
         "capturing changes nothing"
     );
     assert_eq!(model.store().len(), HookPoint::count(4));
     for (name, values) in model.store().iter() {
         assert_eq!(values.len(), 1, "{name}: one call per pass");
-        assert_eq!(max_diff(&values[0], &raw[name]), 0.0, "{name}");
+        assert_eq!(max_abs_diff(&values[0], &raw[name]), 0.0, "{name}");
     }
     let expected_bytes: usize = raw.values().map(|t| t.elem_count() * 4).sum();
     assert_eq!(model.store().bytes(), expected_bytes);
@@ -65,7 +52,7 @@ fn the_store_keeps_the_pre_edit_value_and_the_model_continues_with_the_edit() {
     model.forward(&tokens()).unwrap();
     let before = model.store().last("blocks.1.hook_resid_post").unwrap();
     let after = model.store().last("blocks.2.hook_resid_pre").unwrap();
-    assert!(max_diff(&(before * 2.0).unwrap(), after) < 1e-6);
+    assert!(max_abs_diff(&(before * 2.0).unwrap(), after) < 1e-6);
 }
 
 #[test]
@@ -116,7 +103,7 @@ fn edits_at_one_point_chain_in_registration_order() {
     let mlp = store.last("blocks.0.hook_mlp_out").unwrap();
     let mid = store.last("blocks.0.hook_resid_mid").unwrap();
     let expected = ((mid + ((mlp * 3.0).unwrap() + 1.0).unwrap()).unwrap()).clone();
-    assert!(max_diff(&expected, store.last("blocks.0.hook_resid_post").unwrap()) < 1e-5);
+    assert!(max_abs_diff(&expected, store.last("blocks.0.hook_resid_post").unwrap()) < 1e-5);
 }
 
 #[test]
@@ -141,7 +128,7 @@ fn module_names_hook_the_points_they_coincide_with() {
         ]
     );
     assert_eq!(
-        max_diff(model.store().last("unembed.hook_out").unwrap(), &logits),
+        max_abs_diff(model.store().last("unembed.hook_out").unwrap(), &logits),
         0.0
     );
 }

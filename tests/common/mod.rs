@@ -49,6 +49,20 @@ pub fn capture_all(model: &Llama, tokens: &Tensor) -> (Tensor, BTreeMap<String, 
     (logits, captured)
 }
 
+/// The largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 /// `‖actual − expected‖ / ‖expected‖` over the whole tensor, in f64. Entries that are
 /// −∞ in `expected` (masked attention scores) must be −∞ in `actual` and are left out.
 pub fn rel_error(actual: &Tensor, expected: &Tensor) -> f64 {

@@ -11,6 +11,7 @@ use crate::hook_dispatch::PassHooks;
 use crate::hook_registry::{Groups, HookRegistry};
 use crate::models::{Llama, LlamaConfig};
 use crate::sharding::{LlamaShard, build_shards, geometry};
+use crate::token_batch::check_tokens;
 use crate::weights::TensorMap;
 use crate::{ActivationStore, Checkpoint, Error, HookPoint, NoHooks, Result, SaveContext};
 
@@ -163,6 +164,7 @@ impl FlexModel {
         let logits = match &mut self.backend {
             Backend::Single(model) => model.forward(tokens, &mut hooks)?,
             Backend::Sharded { runtime, .. } => {
+                check_tokens(tokens, self.config.vocab_size)?;
                 let modes = hooks.modes();
                 runtime.run_pass(tokens, &modes, &mut hooks)?
             }

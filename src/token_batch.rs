@@ -58,6 +58,34 @@ pub fn read_tokens_file(path: &Path, vocab_size: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu)?)
 }
 
+/// Checks that `tokens` is a non-empty `[b, t]` u32 batch of ids below `vocab_size`;
+/// returns `(b, t)`.
+pub fn check_tokens(tokens: &Tensor, vocab_size: usize) -> Result<(usize, usize)> {
+    let (b, t) = tokens.dims2().map_err(|_| {
+        Error::BadInput(format!(
+            "tokens must be [batch, seq], got {:?}",
+            tokens.dims()
+        ))
+    })?;
+    if b == 0 || t == 0 {
+        return Err(Error::BadInput(format!("empty batch of shape [{b}, {t}]")));
+    }
+    if tokens.dtype() != candle_core::DType::U32 {
+        return Err(Error::BadInput(format!(
+            "tokens must be u32, got {:?}",
+            tokens.dtype()
+        )));
+    }
+    let max = tokens.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+    if max as usize >= vocab_size {
+        return Err(Error::TokenOutOfVocabulary {
+            id: max,
+            vocab_size,
+        });
+    }
+    Ok((b, t))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

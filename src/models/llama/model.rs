@@ -3,7 +3,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use flexmodel_cluster::Collective;
 
 use super::LlamaConfig;
@@ -12,6 +12,7 @@ use super::block::Block;
 use super::rms_norm::RmsNorm;
 use super::rope::Rope;
 use crate::models::{ColumnParallelLinear, VocabParallelEmbedding};
+use crate::token_batch::check_tokens;
 use crate::weights::WeightSource;
 use crate::{Error, HookLayer, HookPoint, Result};
 
@@ -170,7 +171,7 @@ impl Llama {
         let collective = self.collective.as_ref();
         let mut x = match &self.embed {
             Some(embed) => {
-                self.check_tokens(input)?;
+                check_tokens(input, self.config.vocab_size)?;
                 hooks.hook(HookPoint::Embed, embed.forward(input, collective)?)?
             }
             None => input.clone(),
@@ -188,33 +189,5 @@ impl Llama {
         let normalized = hooks.hook(HookPoint::LnFinalNormalized, norm.normalize(&x)?)?;
         let logits = head.forward(&norm.scale(&normalized)?)?;
         hooks.hook(HookPoint::UnembedOut, logits)
-    }
-
-    /// Checks that `tokens` is a non-empty `[b, t]` u32 batch of in-vocabulary ids.
-    fn check_tokens(&self, tokens: &Tensor) -> Result<(usize, usize)> {
-        let (b, t) = tokens.dims2().map_err(|_| {
-            Error::BadInput(format!(
-                "tokens must be [batch, seq], got {:?}",
-                tokens.dims()
-            ))
-        })?;
-        if b == 0 || t == 0 {
-            return Err(Error::BadInput(format!("empty batch of shape [{b}, {t}]")));
-        }
-        if tokens.dtype() != DType::U32 {
-            return Err(Error::BadInput(format!(
-                "tokens must be u32, got {:?}",
-                tokens.dtype()
-            )));
-        }
-        let vocab_size = self.config.vocab_size;
-        let max = tokens.flatten_all()?.max(0)?.to_scalar::<u32>()?;
-        if max as usize >= vocab_size {
-            return Err(Error::TokenOutOfVocabulary {
-                id: max,
-                vocab_size,
-            });
-        }
-        Ok((b, t))
     }
 }

@@ -6,6 +6,7 @@
 //! combine partial results through a [`Collective`].
 
 mod collective;
+pub mod conjugate;
 mod error;
 mod in_process;
 mod layout;

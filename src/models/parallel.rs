@@ -9,7 +9,7 @@
 use std::ops::Range;
 
 use candle_core::Tensor;
-use flexmodel_cluster::Collective;
+use flexmodel_cluster::{Collective, conjugate};
 
 use crate::Result;
 use crate::weights::WeightSource;
@@ -113,7 +113,10 @@ impl RowParallelLinear {
 
     /// `x_slice · W_sliceᵀ`, all-reduced: the full output on every rank.
     pub fn forward(&self, x: &Tensor, collective: &dyn Collective) -> Result<Tensor> {
-        Ok(collective.all_reduce_sum(&matmul_t(x, &self.weight)?)?)
+        Ok(conjugate::all_reduce_sum(
+            &matmul_t(x, &self.weight)?,
+            collective,
+        )?)
     }
 
     /// The weight slice this rank holds.
@@ -180,7 +183,7 @@ impl VocabParallelEmbedding {
             rows.broadcast_mul(&mask)?
         };
         let d = local.dim(1)?;
-        let summed = collective.all_reduce_sum(&local)?;
+        let summed = conjugate::all_reduce_sum(&local, collective)?;
         Ok(summed.reshape((b, t, d))?)
     }
 }

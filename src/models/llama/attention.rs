@@ -1,7 +1,9 @@
 //! Grouped-query causal self-attention over this rank's heads.
 
 use candle_core::{D, Tensor};
-use flexmodel_cluster::{Collective, TpRank};
+use std::sync::Arc;
+
+use flexmodel_cluster::{Collective, TpRank, conjugate};
 
 use super::LlamaConfig;
 use super::rope::Rope;
@@ -86,9 +88,10 @@ impl Attention {
         rope: &Rope,
         mask: &Tensor,
         hooks: &mut dyn HookLayer,
-        collective: &dyn Collective,
+        collective: &Arc<dyn Collective>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        let x = &conjugate::copy_to_group(x, collective)?;
         let mut hook = |site, value| hooks.hook(HookPoint::Block { layer, site }, value);
         let split = |y: Tensor, heads| y.reshape((b, t, heads, self.d_head));
         let q = hook(BlockSite::Q, split(self.q_proj.forward(x)?, self.n_heads)?)?;
@@ -115,9 +118,10 @@ impl Attention {
         let pattern = hook(BlockSite::Pattern, softmax_last_dim(&scores)?)?;
         let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?;
         let z = hook(BlockSite::Z, z)?;
-        let out = self
-            .o_proj
-            .forward(&z.reshape((b, t, self.n_heads * self.d_head))?, collective)?;
+        let out = self.o_proj.forward(
+            &z.reshape((b, t, self.n_heads * self.d_head))?,
+            collective.as_ref(),
+        )?;
         hook(BlockSite::AttnOut, out)
     }
 }

@@ -1,6 +1,8 @@
 //! One transformer block: pre-norm attention and MLP on the residual stream.
 
 use candle_core::Tensor;
+use std::sync::Arc;
+
 use flexmodel_cluster::{Collective, TpRank};
 
 use super::LlamaConfig;
@@ -61,7 +63,7 @@ impl Block {
         rope: &Rope,
         mask: &Tensor,
         hooks: &mut dyn HookLayer,
-        collective: &dyn Collective,
+        collective: &Arc<dyn Collective>,
     ) -> Result<Tensor> {
         let layer = self.layer;
         let point = |site| HookPoint::Block { layer, site };

@@ -1,7 +1,9 @@
 //! The SwiGLU MLP over this rank's slice of the hidden layer.
 
 use candle_core::Tensor;
-use flexmodel_cluster::{Collective, TpRank};
+use std::sync::Arc;
+
+use flexmodel_cluster::{Collective, TpRank, conjugate};
 
 use super::LlamaConfig;
 use crate::hook_point::{BlockSite, HookPoint};
@@ -62,15 +64,16 @@ impl Mlp {
         x: &Tensor,
         layer: usize,
         hooks: &mut dyn HookLayer,
-        collective: &dyn Collective,
+        collective: &Arc<dyn Collective>,
     ) -> Result<Tensor> {
+        let x = &conjugate::copy_to_group(x, collective)?;
         let mut hook = |site, value| hooks.hook(HookPoint::Block { layer, site }, value);
         let gate = hook(BlockSite::MlpPre, self.gate_proj.forward(x)?)?;
         let up = hook(BlockSite::MlpPreLinear, self.up_proj.forward(x)?)?;
         let post = hook(BlockSite::MlpPost, (gate.silu()? * up)?)?;
         hook(
             BlockSite::MlpOut,
-            self.down_proj.forward(&post, collective)?,
+            self.down_proj.forward(&post, collective.as_ref())?,
         )
     }
 }

@@ -4,7 +4,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use flexmodel_cluster::Collective;
+use flexmodel_cluster::{Collective, conjugate};
 
 use super::LlamaConfig;
 use super::attention::causal_mask;
@@ -168,11 +168,11 @@ impl Llama {
     /// state `[b, t, d]` otherwise; returns the hidden state, or on the last stage this
     /// rank's logits `[b, t, vocab / tp]`.
     pub fn forward_stage(&self, input: &Tensor, hooks: &mut dyn HookLayer) -> Result<Tensor> {
-        let collective = self.collective.as_ref();
+        let collective = &self.collective;
         let mut x = match &self.embed {
             Some(embed) => {
                 check_tokens(input, self.config.vocab_size)?;
-                hooks.hook(HookPoint::Embed, embed.forward(input, collective)?)?
+                hooks.hook(HookPoint::Embed, embed.forward(input, collective.as_ref())?)?
             }
             None => input.clone(),
         };
@@ -187,7 +187,10 @@ impl Llama {
             return Ok(x);
         };
         let normalized = hooks.hook(HookPoint::LnFinalNormalized, norm.normalize(&x)?)?;
-        let logits = head.forward(&norm.scale(&normalized)?)?;
+        let logits = head.forward(&conjugate::copy_to_group(
+            &norm.scale(&normalized)?,
+            collective,
+        )?)?;
         hooks.hook(HookPoint::UnembedOut, logits)
     }
 }

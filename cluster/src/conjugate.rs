@@ -1,0 +1,162 @@
+//! Collectives as steps of the autograd graph, each with its conjugate in backward
+//! (Megatron's `f` and `g`): the all-reduce after a row-parallel linear passes the
+//! gradient through unchanged, and the identity before a column-parallel linear
+//! all-reduces the gradient.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+
+use crate::{Collective, Result};
+
+/// The sum of every member's `x`; in backward, each member's `x` gets the gradient of
+/// the sum unchanged.
+pub fn all_reduce_sum(x: &Tensor, collective: &dyn Collective) -> Result<Tensor> {
+    if collective.tp_rank().size() == 1 {
+        return Ok(x.clone());
+    }
+    let sum = collective.all_reduce_sum(&x.detach())?.contiguous()?;
+    Ok(x.apply_op2(&sum, ValueOfSecond)?)
+}
+
+/// `x` unchanged; in backward, the gradients of every member are summed. For the
+/// replicated input of a column-parallel linear, whose ranks each see part of its use.
+pub fn copy_to_group(x: &Tensor, collective: &Arc<dyn Collective>) -> Result<Tensor> {
+    if collective.tp_rank().size() == 1 {
+        return Ok(x.clone());
+    }
+    Ok(x.apply_op1(SumGradients(collective.clone()))?)
+}
+
+/// A contiguous copy of the elements `layout` selects from `storage` (CPU).
+fn copy_of(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("collective autograd ops need contiguous tensors")
+    };
+    let copy = match storage {
+        CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
+        CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
+        CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
+        CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
+        _ => candle_core::bail!("collective autograd ops need f32, f64, f16 or bf16 tensors"),
+    };
+    Ok((copy, layout.shape().clone()))
+}
+
+/// Forward: the value of the second argument; backward: the gradient goes to the first.
+struct ValueOfSecond;
+
+impl CustomOp2 for ValueOfSecond {
+    fn name(&self) -> &'static str {
+        "all-reduce-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy_of(s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), None))
+    }
+}
+
+/// Forward: the identity; backward: the all-reduced gradient.
+struct SumGradients(Arc<dyn Collective>);
+
+impl CustomOp1 for SumGradients {
+    fn name(&self) -> &'static str {
+        "copy-to-group"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy_of(storage, layout)
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let summed = self
+            .0
+            .all_reduce_sum(grad)
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Some(summed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+    use crate::{InProcessCollective, PassControl};
+
+    /// Runs `work` for every member of a group of `size` on its own thread.
+    fn on_group<T: Send>(size: usize, work: impl Fn(Arc<dyn Collective>) -> T + Sync) -> Vec<T> {
+        let members = InProcessCollective::group(size, Arc::new(PassControl::default())).unwrap();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = members
+                .into_iter()
+                .map(|m| {
+                    let work = &work;
+                    s.spawn(move || work(Arc::new(m) as Arc<dyn Collective>))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn vector(values: &[f32]) -> Tensor {
+        Tensor::new(values, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn all_reduce_passes_the_gradient_through_unchanged() {
+        let results = on_group(2, |c| {
+            let r = c.tp_rank().rank() as f32;
+            let x = Var::new(&[1.0 + r, 2.0 * r][..], &Device::Cpu).unwrap();
+            let y = all_reduce_sum(x.as_tensor(), c.as_ref()).unwrap();
+            let loss = (&y * &vector(&[3.0, 5.0])).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            (
+                y.to_vec1::<f32>().unwrap(),
+                grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+            )
+        });
+        for (y, grad) in results {
+            assert_eq!(y, [3.0, 2.0]);
+            assert_eq!(grad, [3.0, 5.0]);
+        }
+    }
+
+    #[test]
+    fn copy_to_group_sums_the_gradients_of_every_member() {
+        let grads = on_group(3, |c| {
+            let r = c.tp_rank().rank() as f32;
+            let x = Var::new(&[1.0f32, 1.0][..], &Device::Cpu).unwrap();
+            let z = copy_to_group(x.as_tensor(), &c).unwrap();
+            // Each member uses the input with its own weights, as a column-parallel slice does.
+            let loss = (&z * &vector(&[r, 10.0 * r])).unwrap().sum_all().unwrap();
+            loss.backward()
+                .unwrap()
+                .get(x.as_tensor())
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        });
+        assert_eq!(grads, vec![vec![3.0, 30.0]; 3]);
+    }
+}

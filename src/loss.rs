@@ -1,6 +1,9 @@
 //! The language-modelling loss.
 
+use std::ops::Range;
+
 use candle_core::{D, Tensor};
+use flexmodel_cluster::{Collective, SingleRank, conjugate};
 
 use crate::{Error, Result};
 
@@ -9,16 +12,49 @@ use crate::{Error, Result};
 /// sequences need at least two tokens.
 pub fn next_token_loss(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     let (b, t, vocab) = logits.dims3()?;
+    let normalizer = (b * t.saturating_sub(1)) as f64;
+    vocab_parallel_loss(logits, tokens, 0..vocab, &SingleRank, normalizer)
+}
+
+/// One tensor-parallel rank's part of the next-token cross-entropy, computed without
+/// gathering the logits: `logits` is this rank's `[b, t, vocab / tp]` slice (vocabulary
+/// rows `vocab`), the log-sum-exp and the target logits are summed across the group.
+/// Returns the summed loss of these sequences divided by `normalizer` (the number of
+/// predicted tokens in the whole global batch); every rank of the group gets the same
+/// value, and backward gives each rank the gradient of its slice.
+pub fn vocab_parallel_loss(
+    logits: &Tensor,
+    tokens: &Tensor,
+    vocab: Range<usize>,
+    collective: &dyn Collective,
+    normalizer: f64,
+) -> Result<Tensor> {
+    let (b, t, local_vocab) = logits.dims3()?;
     if t < 2 {
-        return Err(Error::BadInput(
-            "the loss needs sequences of at least two tokens".into(),
-        ));
+        return Err(Error::BadInput("the loss needs sequences of at least two tokens".into()));
     }
-    let predictions = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), vocab))?;
-    let targets = tokens.narrow(1, 1, t - 1)?.reshape(b * (t - 1))?;
-    let log_probs = candle_nn::ops::log_softmax(&predictions, D::Minus1)?;
-    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;
-    Ok(picked.mean_all()?.neg()?)
+    let n = b * (t - 1);
+    let predictions = logits.narrow(1, 0, t - 1)?.reshape((n, local_vocab))?;
+    let targets = tokens.narrow(1, 1, t - 1)?.reshape(n)?.to_vec1::<u32>()?;
+    // The largest logit of each row over every rank (a constant: log-sum-exp is invariant).
+    let local_max = predictions.detach().max_keepdim(D::Minus1)?;
+    let max = collective.all_gather(&local_max, 1)?.max_keepdim(D::Minus1)?;
+    let sum_exp = predictions.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
+    let log_sum_exp = (conjugate::all_reduce_sum(&sum_exp, collective)?.log()? + &max)?;
+    // Each target logit comes from the rank that holds its row; the others add zero.
+    let (index, mine): (Vec<u32>, Vec<f32>) = targets
+        .iter()
+        .map(|&id| match vocab.contains(&(id as usize)) {
+            true => (id - vocab.start as u32, 1.0),
+            false => (0, 0.0),
+        })
+        .unzip();
+    let device = logits.device();
+    let index = Tensor::from_vec(index, (n, 1), device)?;
+    let mine = Tensor::from_vec(mine, (n, 1), device)?.to_dtype(logits.dtype())?;
+    let target_logit = (predictions.gather(&index, 1)? * mine)?;
+    let target_logit = conjugate::all_reduce_sum(&target_logit, collective)?;
+    Ok(((log_sum_exp - target_logit)?.sum_all()? / normalizer)?)
 }
 
 #[cfg(test)]

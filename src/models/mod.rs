@@ -2,7 +2,7 @@
 //! every linear layer can hold a tensor-parallel slice.
 
 pub(crate) mod llama;
-mod parallel;
+pub(crate) mod parallel;
 
 pub use llama::{Architecture, Llama, LlamaConfig, Stage};
 pub use parallel::{ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding};

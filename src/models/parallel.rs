@@ -23,6 +23,12 @@ fn owned_slice(t: &Tensor, dim: usize, range: &Range<usize>) -> Result<Tensor> {
         .force_contiguous()?)
 }
 
+/// `t` as a trainable parameter: a candle variable, so that backward passes give its
+/// gradient.
+pub(crate) fn param(t: Tensor) -> Result<Tensor> {
+    Ok(candle_core::Var::from_tensor(&t)?.as_tensor().clone())
+}
+
 /// `x · wᵀ` for `x` of shape `[.., in]` and `w` of shape `[out, in]`.
 fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (rows, inner) = (x.elem_count() / x.dim(candle_core::D::Minus1)?, w.dim(1)?);
@@ -52,17 +58,18 @@ impl ColumnParallelLinear {
         let weight = weights.tensor_with_shape(&format!("{name}.weight"), &out_in)?;
         let bias = if bias {
             let b = weights.tensor_with_shape(&format!("{name}.bias"), &out_in[..1])?;
-            Some(owned_slice(&b, 0, &rows)?)
+            Some(param(owned_slice(&b, 0, &rows)?)?)
         } else {
             None
         };
         Ok(Self {
-            weight: owned_slice(&weight, 0, &rows)?,
+            weight: param(owned_slice(&weight, 0, &rows)?)?,
             bias,
         })
     }
 
-    /// A bias-free layer over rows `rows` of an already loaded `[out, in]` weight.
+    /// A bias-free layer over rows `rows` of an already loaded `[out, in]` weight (the
+    /// same parameter when `rows` is all of it, as for tied embeddings).
     pub fn from_weight(weight: &Tensor, rows: Range<usize>) -> Result<Self> {
         Ok(Self {
             weight: owned_slice(weight, 0, &rows)?,
@@ -107,7 +114,7 @@ impl RowParallelLinear {
     ) -> Result<Self> {
         let weight = weights.tensor_with_shape(&format!("{name}.weight"), &out_in)?;
         Ok(Self {
-            weight: owned_slice(&weight, 1, &cols)?,
+            weight: param(owned_slice(&weight, 1, &cols)?)?,
         })
     }
 
@@ -142,7 +149,7 @@ impl VocabParallelEmbedding {
     ) -> Result<Self> {
         let weight = weights.tensor_with_shape(name, &vocab_d)?;
         Ok(Self {
-            weight: owned_slice(&weight, 0, &rows)?,
+            weight: param(owned_slice(&weight, 0, &rows)?)?,
             rows,
         })
     }

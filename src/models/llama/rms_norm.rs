@@ -3,6 +3,7 @@
 use candle_core::{D, Tensor};
 
 use crate::Result;
+use crate::models::parallel::param;
 use crate::weights::WeightSource;
 
 /// RMSNorm with a learned per-channel weight.
@@ -16,7 +17,7 @@ impl RmsNorm {
     /// Loads the `[d_model]` weight `name`.
     pub fn load(weights: &dyn WeightSource, name: &str, d_model: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: weights.tensor_with_shape(name, &[d_model])?,
+            weight: param(weights.tensor_with_shape(name, &[d_model])?)?,
             eps,
         })
     }

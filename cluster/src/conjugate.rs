@@ -25,7 +25,17 @@ pub fn copy_to_group(x: &Tensor, collective: &Arc<dyn Collective>) -> Result<Ten
     if collective.tp_rank().size() == 1 {
         return Ok(x.clone());
     }
-    Ok(x.apply_op1(SumGradients(collective.clone()))?)
+    let collective = collective.clone();
+    on_backward(x, move |grad| Ok(collective.all_reduce_sum(grad)?))
+}
+
+/// What [`on_backward`] does with a gradient.
+pub type BackwardFn = dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync;
+
+/// `x` unchanged; in backward, the gradient of the result goes through `f` before it
+/// flows on to `x` (to observe, reduce or edit gradients).
+pub fn on_backward(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static) -> Result<Tensor> {
+    Ok(x.apply_op1(OnBackward(Box::new(f)))?)
 }
 
 /// A contiguous copy of the elements `layout` selects from `storage` (CPU).
@@ -72,28 +82,20 @@ impl CustomOp2 for ValueOfSecond {
     }
 }
 
-/// Forward: the identity; backward: the all-reduced gradient.
-struct SumGradients(Arc<dyn Collective>);
+/// Forward: the identity; backward: the gradient through a function.
+struct OnBackward(Box<BackwardFn>);
 
-impl CustomOp1 for SumGradients {
+impl CustomOp1 for OnBackward {
     fn name(&self) -> &'static str {
-        "copy-to-group"
+        "on-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         copy_of(storage, layout)
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let summed = self
-            .0
-            .all_reduce_sum(grad)
-            .map_err(candle_core::Error::wrap)?;
-        Ok(Some(summed))
+        Ok(Some((self.0)(grad).map_err(candle_core::Error::wrap)?))
     }
 }
 

@@ -17,8 +17,12 @@ use crate::{ActivationStore, Checkpoint, Error, HookPoint, NoHooks, Result, Save
 
 /// Where the model runs.
 enum Backend {
-    /// One shard, in the calling thread.
-    Single(Llama),
+    /// One shard: forward passes in the calling thread; backward passes in a one-rank
+    /// runtime started on first use (it shares the weights).
+    Single {
+        model: Llama,
+        runtime: Option<Box<ShardRuntime>>,
+    },
     /// One shard actor per rank of a layout.
     Sharded {
         runtime: ShardRuntime,
@@ -58,11 +62,12 @@ pub struct FlexModel {
 impl FlexModel {
     /// Wraps a single-shard `model` with no hooks registered.
     pub fn new(model: Llama) -> Self {
-        Self::with_backend(
-            model.config().clone(),
-            Layout::SINGLE,
-            Backend::Single(model),
-        )
+        let config = model.config().clone();
+        let backend = Backend::Single {
+            model,
+            runtime: None,
+        };
+        Self::with_backend(config, Layout::SINGLE, backend)
     }
 
     /// Builds the model of `checkpoint` split over `layout`: one shard actor per rank,
@@ -127,7 +132,7 @@ impl FlexModel {
     /// The bytes of weights each rank holds, in rank order.
     pub fn shard_weight_bytes(&self) -> Vec<usize> {
         match &self.backend {
-            Backend::Single(model) => vec![model.weight_bytes()],
+            Backend::Single { model, .. } => vec![model.weight_bytes()],
             Backend::Sharded { shards, .. } => {
                 shards.iter().map(|s| s.model().weight_bytes()).collect()
             }
@@ -154,7 +159,7 @@ impl FlexModel {
     /// If the pass fails (an edit errs, panics or changes the shape), the store is left
     /// as it was before the pass and the model stays usable.
     pub fn forward_groups(&mut self, tokens: &Tensor, groups: &Groups) -> Result<Tensor> {
-        if let Backend::Single(model) = &self.backend
+        if let Backend::Single { model, .. } = &self.backend
             && self.registry.is_empty()
         {
             return model.forward(tokens, &mut NoHooks);
@@ -162,7 +167,7 @@ impl FlexModel {
         let plan = self.registry.plan(groups)?;
         let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points);
         let logits = match &mut self.backend {
-            Backend::Single(model) => model.forward(tokens, &mut hooks)?,
+            Backend::Single { model, .. } => model.forward(tokens, &mut hooks)?,
             Backend::Sharded { runtime, .. } => {
                 check_tokens(tokens, self.config.vocab_size)?;
                 let modes = hooks.modes();
@@ -173,11 +178,58 @@ impl FlexModel {
         Ok(logits)
     }
 
+    /// A forward and a backward pass from the mean next-token cross-entropy over the whole
+    /// batch (sequences of at least two tokens), running every enabled hook; backward
+    /// hooks capture the gradient at their points as `NAME_grad`. Returns the logits and
+    /// the loss.
+    pub fn forward_backward(&mut self, tokens: &Tensor) -> Result<(Tensor, f32)> {
+        self.forward_backward_groups(tokens, &Groups::All)
+    }
+
+    /// [`forward_backward`](Self::forward_backward) running the hooks `groups` selects.
+    pub fn forward_backward_groups(
+        &mut self,
+        tokens: &Tensor,
+        groups: &Groups,
+    ) -> Result<(Tensor, f32)> {
+        let (_, t) = check_tokens(tokens, self.config.vocab_size)?;
+        if t < 2 {
+            return Err(Error::BadInput(
+                "a backward pass needs sequences of at least two tokens".into(),
+            ));
+        }
+        let runtime = match &mut self.backend {
+            Backend::Sharded { runtime, .. } => runtime,
+            Backend::Single { model, runtime } => match runtime {
+                Some(runtime) => runtime,
+                None => {
+                    let shards = vec![Arc::new(LlamaShard::new(model.clone()))];
+                    let control = Arc::new(PassControl::default());
+                    runtime.insert(Box::new(start_runtime(
+                        &self.config,
+                        Layout::SINGLE,
+                        &shards,
+                        control,
+                    )?))
+                }
+            },
+        };
+        let plan = self.registry.plan(groups)?;
+        let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points);
+        let (modes, taps) = (hooks.modes(), hooks.grad_taps());
+        let out = runtime.run_forward_backward(tokens, &modes, &taps, &mut hooks)?;
+        self.store.append(hooks.captures);
+        let loss = out
+            .loss
+            .ok_or_else(|| Error::Protocol("the backward pass reported no loss".into()))?;
+        Ok((out.output, loss))
+    }
+
     /// Makes rank `rank` fail with `fault` on reaching hook point `hook` in the next
     /// pass (sharded layouts only): for testing that failures are reported and survived.
     pub fn inject_fault(&mut self, rank: usize, hook: HookPoint, fault: Fault) -> Result<()> {
         match &mut self.backend {
-            Backend::Single(_) => Err(Error::BadInput(
+            Backend::Single { .. } => Err(Error::BadInput(
                 "fault injection needs a sharded layout".into(),
             )),
             Backend::Sharded { runtime, .. } => {
@@ -200,4 +252,31 @@ impl FlexModel {
     pub fn save_ctx(&mut self) -> &mut SaveContext {
         &mut self.save
     }
+}
+
+/// Starts the shard actors of `shards` (in rank order) with every hook point's geometry.
+fn start_runtime(
+    config: &LlamaConfig,
+    layout: Layout,
+    shards: &[Arc<LlamaShard>],
+    control: Arc<PassControl>,
+) -> Result<ShardRuntime> {
+    let geometry = HookPoint::all(config.n_layers)
+        .into_iter()
+        .map(|p| geometry(p, config, &layout))
+        .collect::<Result<Vec<_>>>()?;
+    let output = geometry[HookPoint::UnembedOut.index(config.n_layers)].clone();
+    let models = shards
+        .iter()
+        .map(|s| s.clone() as Arc<dyn ShardModel>)
+        .collect();
+    Ok(ShardRuntime::start(
+        layout,
+        ShardSetup {
+            models,
+            control,
+            geometry,
+            output,
+        },
+    )?)
 }

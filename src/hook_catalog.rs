@@ -15,6 +15,8 @@ pub enum HookKind {
     Forward,
     /// On a module's input (module names only).
     ForwardPre,
+    /// On the gradient of the loss with respect to a hook point (or a module's output).
+    Backward,
 }
 
 impl HookKind {
@@ -22,6 +24,7 @@ impl HookKind {
         match self {
             HookKind::Forward => "forward",
             HookKind::ForwardPre => "forward-pre",
+            HookKind::Backward => "backward",
         }
     }
 }
@@ -117,6 +120,11 @@ impl HookCatalog {
     /// The hook points `target` (an exact name or a glob) means for hooks of `kind`, in
     /// forward order without repeats; an error suggesting the nearest names if none.
     pub fn resolve(&self, target: &str, kind: HookKind) -> Result<Vec<HookPoint>> {
+        // A backward hook targets the same names as a forward hook.
+        let kind = match kind {
+            HookKind::Backward => HookKind::Forward,
+            kind => kind,
+        };
         let mut points: Vec<HookPoint> = if is_glob(target) {
             self.names
                 .iter()

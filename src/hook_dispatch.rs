@@ -62,6 +62,15 @@ impl<'a> PassHooks<'a> {
             .collect()
     }
 
+    /// Whether the gradient at each point is gathered (a backward hook captures it).
+    pub(crate) fn grad_taps(&self) -> Vec<bool> {
+        self.plan
+            .grad_by_point
+            .iter()
+            .map(|active| active.iter().any(|&i| self.entries[i].capture))
+            .collect()
+    }
+
     /// Captures `value` (call `call` of `point`) and runs the edits on it, in order.
     fn apply(&mut self, point: HookPoint, call: usize, value: Tensor) -> Result<Tensor> {
         let active = &self.plan.by_point[point.index(self.n_layers)];
@@ -133,6 +142,13 @@ impl HookSink for PassHooks<'_> {
         call: usize,
         full: Tensor,
     ) -> std::result::Result<Option<Tensor>, BoxError> {
+        let n = self.points.len();
+        if point >= n {
+            // The gradient at point `point - n`.
+            let name = format!("{}_grad", self.points[point - n]);
+            self.captures.push(name, full.detach());
+            return Ok(None);
+        }
         let point = self.points[point];
         let edits = self.plan.by_point[point.index(self.n_layers)]
             .iter()

@@ -87,6 +87,15 @@ impl HookFunction {
         }
     }
 
+    /// A backward hook on `target`: captures the gradient of the loss with respect to the
+    /// point as `NAME_grad` in a [`FlexModel::forward_backward`](crate::FlexModel::forward_backward) pass.
+    pub fn backward(target: impl Into<String>) -> Self {
+        Self {
+            kind: HookKind::Backward,
+            ..Self::new(target)
+        }
+    }
+
     /// Runs `edit` on the full value at every call; the model continues with its result.
     pub fn with_edit(
         mut self,

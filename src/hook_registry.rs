@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use crate::hook_catalog::HookCatalog;
+use crate::hook_catalog::{HookCatalog, HookKind};
 use crate::hook_function::SharedEdit;
 use crate::pattern::glob_match;
 use crate::{Error, HookFunction, HookPoint, Result};
@@ -70,6 +70,7 @@ impl Groups {
 /// One registration.
 pub(crate) struct Entry {
     pub(crate) handle: HookHandle,
+    pub(crate) kind: HookKind,
     pub(crate) points: Vec<HookPoint>,
     pub(crate) edit: Option<SharedEdit>,
     pub(crate) capture: bool,
@@ -86,9 +87,11 @@ pub struct HookRegistry {
     next_handle: u64,
 }
 
-/// For one pass: the indices of the entries that run at each hook point (by point index).
+/// For one pass: the indices of the entries that run at each hook point (by point
+/// index), forward hooks and backward hooks apart.
 pub(crate) struct PassPlan {
     pub(crate) by_point: Vec<Vec<usize>>,
+    pub(crate) grad_by_point: Vec<Vec<usize>>,
 }
 
 impl HookRegistry {
@@ -110,8 +113,9 @@ impl HookRegistry {
     /// Registers `hook` at every point its target matches; one handle for all of them.
     pub fn register(&mut self, hook: HookFunction) -> Result<HookHandle> {
         let points = self.catalog.resolve(&hook.target, hook.kind)?;
+        check_backward_edit(&hook)?;
         let edit = hook.edit.map(|e| Arc::new(Mutex::new(e)));
-        Ok(self.add_entry(points, edit, hook.capture, &hook.tags))
+        Ok(self.add_entry(points, hook.kind, edit, hook.capture, &hook.tags))
     }
 
     /// Registers one hook per point `hook`'s target matches, each tagged `group` and
@@ -123,19 +127,21 @@ impl HookRegistry {
     ) -> Result<Vec<HookHandle>> {
         check_group_name(group)?;
         let points = self.catalog.resolve(&hook.target, hook.kind)?;
+        check_backward_edit(&hook)?;
         let edit = hook.edit.map(|e| Arc::new(Mutex::new(e)));
         let mut tags = hook.tags;
         tags.push(group.to_string());
         self.groups.insert(group.to_string());
         Ok(points
             .into_iter()
-            .map(|p| self.add_entry(vec![p], edit.clone(), hook.capture, &tags))
+            .map(|p| self.add_entry(vec![p], hook.kind, edit.clone(), hook.capture, &tags))
             .collect())
     }
 
     fn add_entry(
         &mut self,
         points: Vec<HookPoint>,
+        kind: HookKind,
         edit: Option<SharedEdit>,
         capture: bool,
         tags: &[String],
@@ -147,6 +153,7 @@ impl HookRegistry {
         self.groups.extend(tags.iter().cloned());
         self.entries.push(Entry {
             handle,
+            kind,
             points,
             edit,
             capture,
@@ -262,14 +269,22 @@ impl HookRegistry {
         }
         let n_layers = self.catalog.n_layers();
         let mut by_point = vec![Vec::new(); HookPoint::count(n_layers)];
+        let mut grad_by_point = by_point.clone();
         for (i, entry) in self.entries.iter().enumerate() {
             if entry.enabled && wanted(entry) {
+                let table = match entry.kind {
+                    HookKind::Backward => &mut grad_by_point,
+                    HookKind::Forward | HookKind::ForwardPre => &mut by_point,
+                };
                 for p in &entry.points {
-                    by_point[p.index(n_layers)].push(i);
+                    table[p.index(n_layers)].push(i);
                 }
             }
         }
-        Ok(PassPlan { by_point })
+        Ok(PassPlan {
+            by_point,
+            grad_by_point,
+        })
     }
 
     pub(crate) fn entries(&self) -> &[Entry] {
@@ -311,6 +326,17 @@ impl HookRegistry {
             }
         }
     }
+}
+
+/// Editing gradients is not built yet: a backward hook only captures.
+fn check_backward_edit(hook: &HookFunction) -> Result<()> {
+    if hook.kind == HookKind::Backward && hook.edit.is_some() {
+        return Err(Error::BadInput(format!(
+            "backward hook on {}: editing gradients is not supported yet; backward hooks capture",
+            hook.target
+        )));
+    }
+    Ok(())
 }
 
 fn check_group_name(group: &str) -> Result<()> {

@@ -31,15 +31,22 @@ pub fn vocab_parallel_loss(
 ) -> Result<Tensor> {
     let (b, t, local_vocab) = logits.dims3()?;
     if t < 2 {
-        return Err(Error::BadInput("the loss needs sequences of at least two tokens".into()));
+        return Err(Error::BadInput(
+            "the loss needs sequences of at least two tokens".into(),
+        ));
     }
     let n = b * (t - 1);
     let predictions = logits.narrow(1, 0, t - 1)?.reshape((n, local_vocab))?;
     let targets = tokens.narrow(1, 1, t - 1)?.reshape(n)?.to_vec1::<u32>()?;
     // The largest logit of each row over every rank (a constant: log-sum-exp is invariant).
     let local_max = predictions.detach().max_keepdim(D::Minus1)?;
-    let max = collective.all_gather(&local_max, 1)?.max_keepdim(D::Minus1)?;
-    let sum_exp = predictions.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
+    let max = collective
+        .all_gather(&local_max, 1)?
+        .max_keepdim(D::Minus1)?;
+    let sum_exp = predictions
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?;
     let log_sum_exp = (conjugate::all_reduce_sum(&sum_exp, collective)?.log()? + &max)?;
     // Each target logit comes from the rank that holds its row; the others add zero.
     let (index, mine): (Vec<u32>, Vec<f32>) = targets

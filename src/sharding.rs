@@ -11,6 +11,7 @@ use flexmodel_cluster::{
 };
 
 use crate::hook_point::{BlockSite, HookPoint};
+use crate::loss::vocab_parallel_loss;
 use crate::models::llama::kv_heads_of;
 use crate::models::{Llama, LlamaConfig, Stage};
 use crate::weights::WeightSource;
@@ -111,6 +112,12 @@ pub struct LlamaShard {
 }
 
 impl LlamaShard {
+    /// `model` as a shard of the runtime.
+    pub fn new(model: Llama) -> Self {
+        let n_layers = model.config().n_layers;
+        Self { model, n_layers }
+    }
+
     /// The model shard.
     pub fn model(&self) -> &Llama {
         &self.model
@@ -142,6 +149,22 @@ impl ShardModel for LlamaShard {
             n_layers: self.n_layers,
         };
         Ok(self.model.forward_stage(input, &mut by_index)?)
+    }
+
+    fn loss(
+        &self,
+        output: &Tensor,
+        tokens: &Tensor,
+        normalizer: f64,
+    ) -> std::result::Result<Tensor, BoxError> {
+        let collective = self.model.collective().as_ref();
+        Ok(vocab_parallel_loss(
+            output,
+            tokens,
+            self.model.vocab_rows(),
+            collective,
+            normalizer,
+        )?)
     }
 }
 

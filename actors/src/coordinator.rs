@@ -20,13 +20,23 @@ type Gathering = (Vec<Vec<Option<Tensor>>>, usize);
 /// The driver's side of a pass: it receives every full tensor once.
 pub trait HookSink {
     /// The full tensor of call `call` of `point`. For a point hooked with an edit, returns
-    /// the edited tensor (same shape and dtype), which is split and sent back.
+    /// the edited tensor (same shape and dtype), which is split and sent back. In a
+    /// backward pass, the gradient at point `p` arrives as point `n_points + p`.
     fn gathered(
         &mut self,
         point: PointId,
         call: usize,
         full: Tensor,
     ) -> std::result::Result<Option<Tensor>, BoxError>;
+}
+
+/// What a pass produced: the assembled output and, after a backward pass, the loss.
+#[derive(Debug, Clone)]
+pub struct PassOutput {
+    /// The last stage's output, assembled over every rank.
+    pub output: Tensor,
+    /// The mean next-token loss over the global batch, after a backward pass.
+    pub loss: Option<f32>,
 }
 
 /// Assembles the pieces of one pass: hook points as they complete, then the output.
@@ -41,6 +51,8 @@ pub struct HookCoordinator<'a> {
     /// `(point, call)` → pieces by `[dp][tp]`, with the count still missing.
     pending: HashMap<(PointId, usize), Gathering>,
     outputs: Vec<Vec<Option<Tensor>>>,
+    /// Each replica's share of the loss (from its first tensor-parallel rank).
+    losses: Vec<Option<f32>>,
     finished: Vec<bool>,
     /// The failure to report, and whether it is a cause (not a consequence of an abort).
     failure: Option<(Error, bool)>,
@@ -65,6 +77,7 @@ impl<'a> HookCoordinator<'a> {
             batches,
             pending: HashMap::new(),
             outputs: vec![vec![None; layout.tp()]; layout.dp()],
+            losses: vec![None; layout.dp()],
             finished: vec![false; layout.world_size()],
             failure: None,
         }
@@ -79,7 +92,7 @@ impl<'a> HookCoordinator<'a> {
         control: &PassControl,
         alive: impl Fn(usize) -> bool,
         sink: &mut dyn HookSink,
-    ) -> Result<Tensor> {
+    ) -> Result<PassOutput> {
         while self.finished.iter().any(|f| !f) {
             let event = match events.recv_timeout(LIVENESS_POLL) {
                 Ok(event) => event,
@@ -112,11 +125,16 @@ impl<'a> HookCoordinator<'a> {
                         self.fail(e, true, control);
                     }
                 }
-                ShardEvent::Done { rank, output, .. } => {
+                ShardEvent::Done {
+                    rank, output, loss, ..
+                } => {
                     self.finished[rank] = true;
+                    let c = self.layout.coords(rank);
                     if let Some(out) = output {
-                        let c = self.layout.coords(rank);
                         self.outputs[c.dp][c.tp] = Some(out);
+                    }
+                    if c.tp == 0 && loss.is_some() {
+                        self.losses[c.dp] = loss;
                     }
                 }
                 ShardEvent::Failed {
@@ -127,9 +145,8 @@ impl<'a> HookCoordinator<'a> {
                     ..
                 } => {
                     self.finished[rank] = true;
-                    let point = point
-                        .and_then(|p| self.geometry.get(p))
-                        .map(|g| g.name.clone());
+                    let n = self.geometry.len();
+                    let point = point.map(|p| self.geometry[p % n].name.clone());
                     let coords = self.layout.coords(rank);
                     let error = Error::ShardFailed {
                         rank,
@@ -144,6 +161,7 @@ impl<'a> HookCoordinator<'a> {
         if let Some((e, _)) = self.failure {
             return Err(e);
         }
+        let loss = self.losses.iter().copied().sum::<Option<f32>>();
         let senders: Vec<Vec<Option<Tensor>>> = self
             .outputs
             .iter()
@@ -154,7 +172,10 @@ impl<'a> HookCoordinator<'a> {
                     .collect()
             })
             .collect();
-        self.output.assemble(&senders)
+        Ok(PassOutput {
+            output: self.output.assemble(&senders)?,
+            loss,
+        })
     }
 
     /// Records the first failure that is a cause (else the first consequence) and aborts
@@ -182,10 +203,15 @@ impl<'a> HookCoordinator<'a> {
         if self.failure.is_some() {
             return Ok(());
         }
-        let geometry = &self.geometry[point];
+        let n = self.geometry.len();
+        let geometry = &self.geometry[point % n];
         let RankCoords { dp, tp, .. } = self.layout.coords(rank);
-        let expected =
-            self.layout.dp() * (0..self.layout.tp()).filter(|&t| geometry.sends(t)).count();
+        let gradient = point >= n;
+        let sends = |t: usize| match gradient {
+            true => geometry.sends_gradient(t),
+            false => geometry.sends(t),
+        };
+        let expected = self.layout.dp() * (0..self.layout.tp()).filter(|&t| sends(t)).count();
         let (pieces, missing) = self.pending.entry((point, call)).or_insert_with(|| {
             (
                 vec![vec![None; self.layout.tp()]; self.layout.dp()],
@@ -198,9 +224,12 @@ impl<'a> HookCoordinator<'a> {
             return Ok(());
         }
         let (pieces, _) = self.pending.remove(&(point, call)).unwrap_or_default();
-        let full = geometry.assemble(&pieces)?;
+        let full = match gradient {
+            true => geometry.assemble_gradient(&pieces)?,
+            false => geometry.assemble(&pieces)?,
+        };
         let edited = sink.gathered(point, call, full).map_err(Error::Sink)?;
-        if !self.edited[point] {
+        if point >= n || !self.edited[point] {
             return Ok(());
         }
         let edited = edited

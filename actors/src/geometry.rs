@@ -53,6 +53,13 @@ impl PointGeometry {
         }
     }
 
+    /// Whether tensor-parallel rank `tp` sends its piece of the gradient: every rank of a
+    /// split point (copies of a range each hold part of the gradient), rank 0 of a
+    /// replicated point (whose gradient every rank holds whole).
+    pub fn sends_gradient(&self, tp: usize) -> bool {
+        self.split.is_some() || tp == 0
+    }
+
     /// The action of tensor-parallel rank `tp` of this point's stage.
     pub fn action(&self, tp: usize, edit: bool) -> ShardAction {
         match (self.sends(tp), edit) {
@@ -81,6 +88,30 @@ impl PointGeometry {
             return Ok(replicas[0].clone());
         }
         Ok(Tensor::cat(&replicas, 0)?)
+    }
+
+    /// The full gradient from the pieces of every sending rank (`pieces[dp][tp]`): the
+    /// copies of a range are summed, then assembled like a value.
+    pub fn assemble_gradient(&self, pieces: &[Vec<Option<Tensor>>]) -> Result<Tensor> {
+        let Some((_, ranges)) = &self.split else {
+            return self.assemble(pieces);
+        };
+        let summed = pieces
+            .iter()
+            .map(|row| {
+                let mut out: Vec<Option<Tensor>> = vec![None; row.len()];
+                for (tp, piece) in row.iter().enumerate() {
+                    let Some(piece) = piece else { continue };
+                    let first = ranges.iter().position(|r| *r == ranges[tp]).unwrap_or(tp);
+                    out[first] = Some(match out[first].take() {
+                        Some(sum) => (sum + piece)?,
+                        None => piece.clone(),
+                    });
+                }
+                Ok(out)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.assemble(&summed)
     }
 
     /// The piece of `full` that tensor-parallel rank `tp` of replica `batch` holds.

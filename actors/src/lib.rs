@@ -14,7 +14,7 @@ mod runtime;
 mod shard;
 mod shard_model;
 
-pub use coordinator::{HookCoordinator, HookSink};
+pub use coordinator::{HookCoordinator, HookSink, PassOutput};
 pub use error::{BoxError, Error, Result};
 pub use geometry::{PointGeometry, PointMode, ShardAction};
 pub use runtime::{ShardRuntime, ShardSetup};

@@ -13,9 +13,10 @@ use kameo::error::Infallible;
 use kameo::supervision::RestartPolicy;
 
 use crate::coordinator::HookCoordinator;
-use crate::shard::{EditedPiece, Fault, RunPass, ShardArgs, ShardEvent};
+use crate::shard::{BackwardPass, EditedPiece, Fault, RunPass, ShardArgs, ShardEvent};
 use crate::{
-    Error, HookSink, PointGeometry, PointId, PointMode, Result, ShardAction, ShardActor, ShardModel,
+    Error, HookSink, PassOutput, PointGeometry, PointId, PointMode, Result, ShardAction,
+    ShardActor, ShardModel,
 };
 
 /// The supervisor of the shard actors: restarts a shard whose actor stopped.
@@ -154,6 +155,29 @@ impl ShardRuntime {
         modes: &[PointMode],
         sink: &mut dyn HookSink,
     ) -> Result<Tensor> {
+        Ok(self.run(tokens, modes, None, sink)?.output)
+    }
+
+    /// Runs a forward and a backward pass from the mean next-token loss over the global
+    /// batch (sequences of at least two tokens); `grads[p]` says whether the gradient at
+    /// point `p` is gathered for the sink (as point `n_points + p`).
+    pub fn run_forward_backward(
+        &mut self,
+        tokens: &Tensor,
+        modes: &[PointMode],
+        grads: &[bool],
+        sink: &mut dyn HookSink,
+    ) -> Result<PassOutput> {
+        self.run(tokens, modes, Some(grads), sink)
+    }
+
+    fn run(
+        &mut self,
+        tokens: &Tensor,
+        modes: &[PointMode],
+        grads: Option<&[bool]>,
+        sink: &mut dyn HookSink,
+    ) -> Result<PassOutput> {
         let batch = tokens.dim(0)?;
         if batch < self.layout.dp() {
             return Err(Error::Startup(format!(
@@ -179,16 +203,26 @@ impl ShardRuntime {
                 })
                 .collect();
             let rows = &batches[coords.dp];
-            let input = match coords.pp {
-                0 => Some(tokens.narrow(0, rows.start, rows.len())?.contiguous()?),
-                _ => None,
-            };
+            let replica = tokens.narrow(0, rows.start, rows.len())?.contiguous()?;
+            let backward = grads.map(|grads| BackwardPass {
+                tokens: replica.clone(),
+                normalizer: (batch * tokens.dim(1).unwrap_or(1).saturating_sub(1)) as f64,
+                taps: Arc::new(
+                    self.geometry
+                        .iter()
+                        .zip(grads)
+                        .map(|(g, &on)| on && g.stage == coords.pp && g.sends_gradient(coords.tp))
+                        .collect(),
+                ),
+            });
+            let input = (coords.pp == 0).then_some(replica);
             let fault = self.faults.remove(&rank);
             let run = RunPass {
                 pass,
                 input,
                 actions: Arc::new(actions),
                 fault,
+                backward,
             };
             shard
                 .tell(run)

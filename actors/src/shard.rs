@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use candle_core::Tensor;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use flexmodel_cluster::{Collective, InProcessCollective, PassControl, RankCoords};
+use flexmodel_cluster::{Collective, InProcessCollective, PassControl, RankCoords, conjugate};
 use kameo::actor::{ActorRef, WeakActorRef};
 use kameo::error::{ActorStopReason, Infallible, PanicError};
 use kameo::message::{Context, Message};
@@ -28,11 +28,13 @@ pub enum ShardEvent {
         call: usize,
         value: Tensor,
     },
-    /// The pass is done; the last stage sends its slice of the output.
+    /// The pass is done; the last stage sends its slice of the output (and, after a
+    /// backward pass, its replica's share of the loss).
     Done {
         pass: u64,
         rank: usize,
         output: Option<Tensor>,
+        loss: Option<f32>,
     },
     /// The pass failed on this shard (after an abort: a consequence, not the cause).
     Failed {
@@ -76,6 +78,18 @@ pub struct RunPass {
     pub(crate) actions: Arc<Vec<ShardAction>>,
     /// A fault to raise on reaching a hook point (testing the failure path).
     pub(crate) fault: Option<(PointId, Fault)>,
+    /// Run backward too, from the next-token loss.
+    pub(crate) backward: Option<BackwardPass>,
+}
+
+/// The backward half of a pass.
+pub(crate) struct BackwardPass {
+    /// The replica's token ids (the targets of the loss).
+    pub(crate) tokens: Tensor,
+    /// The number of predicted tokens in the global batch.
+    pub(crate) normalizer: f64,
+    /// Whether this shard sends its piece of the gradient at each hook point.
+    pub(crate) taps: Arc<Vec<bool>>,
 }
 
 /// A deliberate failure of one shard, to test that failures are reported and survived.
@@ -126,11 +140,12 @@ impl Message<RunPass> for ShardActor {
         self.pass = msg.pass;
         self.at = None;
         match self.run(msg) {
-            Ok(output) => {
+            Ok((output, loss)) => {
                 let done = ShardEvent::Done {
                     pass: self.pass,
                     rank: self.args.rank,
                     output,
+                    loss,
                 };
                 let _ = self.args.events.send(done);
             }
@@ -140,28 +155,61 @@ impl Message<RunPass> for ShardActor {
 }
 
 impl ShardActor {
-    fn run(&mut self, msg: RunPass) -> Result<Option<Tensor>, BoxError> {
+    /// Runs the pass; returns the last stage's output slice and loss.
+    fn run(&mut self, msg: RunPass) -> Result<(Option<Tensor>, Option<f32>), BoxError> {
         let args = &self.args;
         let stage = args.coords.pp;
+        let last = stage + 1 == args.stages;
         let input = match (stage, msg.input) {
             (0, Some(tokens)) => tokens,
             (0, None) => return Err("the first stage got no tokens".into()),
             (_, _) => args.pipeline.recv(stage - 1)?,
         };
+        // A later stage's input is a leaf whose gradient goes back to the stage before.
+        let input = match (&msg.backward, stage) {
+            (Some(_), 1..) => candle_core::Var::from_tensor(&input)?.as_tensor().clone(),
+            _ => input,
+        };
         let mut hooks = HookClient {
             args,
             pass: msg.pass,
             actions: &msg.actions,
+            taps: msg.backward.as_ref().map(|b| b.taps.as_slice()),
             calls: vec![0; msg.actions.len()],
             at: &mut self.at,
             fault: msg.fault,
         };
         let out = args.model.forward(&input, &mut hooks)?;
-        if stage + 1 < args.stages {
-            args.pipeline.send(&out, stage + 1)?;
-            return Ok(None);
+        let Some(backward) = msg.backward else {
+            if !last {
+                args.pipeline.send(&out, stage + 1)?;
+                return Ok((None, None));
+            }
+            return Ok((Some(out), None));
+        };
+        let (root, loss) = match last {
+            true => {
+                let loss = args
+                    .model
+                    .loss(&out, &backward.tokens, backward.normalizer)?;
+                let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+                (loss, Some(value))
+            }
+            false => {
+                args.pipeline.send(&out.detach(), stage + 1)?;
+                let grad = args.pipeline.recv(stage + 1)?;
+                ((&out * grad)?.sum_all()?, None)
+            }
+        };
+        let grads = root.backward()?;
+        if stage > 0 {
+            let grad = match grads.get(&input) {
+                Some(g) => g.clone(),
+                None => input.zeros_like()?,
+            };
+            args.pipeline.send(&grad, stage - 1)?;
         }
-        Ok(Some(out))
+        Ok((last.then_some(out.detach()), loss))
     }
 
     fn report_failure(&self, message: String) {
@@ -181,6 +229,8 @@ struct HookClient<'a> {
     args: &'a ShardArgs,
     pass: u64,
     actions: &'a [ShardAction],
+    /// In a backward pass: whether to send this shard's gradient piece at each point.
+    taps: Option<&'a [bool]>,
     calls: Vec<usize>,
     at: &'a mut Option<PointId>,
     fault: Option<(PointId, Fault)>,
@@ -232,22 +282,42 @@ impl ShardHooks for HookClient<'_> {
             .get(point)
             .copied()
             .unwrap_or(ShardAction::Skip);
-        if action == ShardAction::Skip {
+        let tap = self.taps.is_some_and(|taps| taps[point]);
+        if action == ShardAction::Skip && !tap {
             return Ok(value);
         }
         let call = self.calls[point];
         self.calls[point] += 1;
-        match action {
+        let value = match action {
             ShardAction::Send => {
                 self.send(point, call, &value)?;
-                Ok(value)
+                value
             }
             ShardAction::SendAndWait => {
                 self.send(point, call, &value)?;
-                self.wait(point, call)
+                self.wait(point, call)?
             }
-            ShardAction::Wait => self.wait(point, call),
-            ShardAction::Skip => Ok(value),
+            ShardAction::Wait => self.wait(point, call)?,
+            ShardAction::Skip => value,
+        };
+        if !tap {
+            return Ok(value);
         }
+        // Gradient pieces travel as points `n_points + point`.
+        let (events, pass, rank) = (self.args.events.clone(), self.pass, self.args.rank);
+        let grad_point = self.actions.len() + point;
+        Ok(conjugate::on_backward(&value, move |grad| {
+            let piece = ShardEvent::Piece {
+                pass,
+                rank,
+                point: grad_point,
+                call,
+                value: grad.clone(),
+            };
+            events.send(piece).map_err(|_| {
+                flexmodel_cluster::Error::Protocol("the coordinator is gone".into())
+            })?;
+            Ok(grad.clone())
+        })?)
     }
 }

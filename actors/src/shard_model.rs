@@ -19,4 +19,9 @@ pub trait ShardModel: Send + Sync + 'static {
     /// `[b, t, d]` from the previous stage otherwise) and returns the hidden state, or
     /// on the last stage this rank's slice of the output.
     fn forward(&self, input: &Tensor, hooks: &mut dyn ShardHooks) -> Result<Tensor, BoxError>;
+
+    /// This rank's loss from its slice of the last stage's `output`: the summed
+    /// next-token loss of `tokens` (the replica's `[b, t]` ids) divided by `normalizer`,
+    /// the same value on every tensor-parallel rank.
+    fn loss(&self, output: &Tensor, tokens: &Tensor, normalizer: f64) -> Result<Tensor, BoxError>;
 }

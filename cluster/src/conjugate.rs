@@ -26,7 +26,7 @@ pub fn copy_to_group(x: &Tensor, collective: &Arc<dyn Collective>) -> Result<Ten
         return Ok(x.clone());
     }
     let collective = collective.clone();
-    on_backward(x, move |grad| Ok(collective.all_reduce_sum(grad)?))
+    on_backward(x, move |grad| collective.all_reduce_sum(grad))
 }
 
 /// What [`on_backward`] does with a gradient.
@@ -34,7 +34,10 @@ pub type BackwardFn = dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync;
 
 /// `x` unchanged; in backward, the gradient of the result goes through `f` before it
 /// flows on to `x` (to observe, reduce or edit gradients).
-pub fn on_backward(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static) -> Result<Tensor> {
+pub fn on_backward(
+    x: &Tensor,
+    f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
     Ok(x.apply_op1(OnBackward(Box::new(f)))?)
 }
 
@@ -90,7 +93,11 @@ impl CustomOp1 for OnBackward {
         "on-backward"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         copy_of(storage, layout)
     }
 

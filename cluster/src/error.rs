@@ -19,6 +19,9 @@ pub enum Error {
     /// A collective was abandoned because another rank failed.
     #[error("collective aborted: another rank failed")]
     Aborted,
+    /// A message of a protocol could not be delivered.
+    #[error("{0}")]
+    Protocol(String),
     /// A peer rank is gone (its thread or process ended).
     #[error("rank {0} is gone")]
     PeerGone(usize),

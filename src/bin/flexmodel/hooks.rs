@@ -30,7 +30,7 @@ pub fn run(args: HooksArgs) -> anyhow::Result<()> {
             let aliases: Vec<String> = catalog
                 .aliases_of(point)
                 .map(|(name, kind)| match kind {
-                    HookKind::Forward => name.to_string(),
+                    HookKind::Forward | HookKind::Backward => name.to_string(),
                     HookKind::ForwardPre => format!("{name} (input)"),
                 })
                 .collect();

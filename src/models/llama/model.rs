@@ -128,6 +128,18 @@ impl Llama {
         &self.config
     }
 
+    /// The vocabulary rows of this rank's LM-head slice.
+    pub fn vocab_rows(&self) -> Range<usize> {
+        let tp = self.collective.tp_rank();
+        let per_rank = self.config.vocab_size / tp.size();
+        tp.rank() * per_rank..(tp.rank() + 1) * per_rank
+    }
+
+    /// The tensor-parallel group of this shard.
+    pub fn collective(&self) -> &Arc<dyn Collective> {
+        &self.collective
+    }
+
     /// The part of the model this shard holds.
     pub fn stage(&self) -> &Stage {
         &self.stage

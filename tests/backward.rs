@@ -1,0 +1,135 @@
+//! Backward passes: the loss, gradients at every hook point against finite differences,
+//! and every layout against the single shard.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use common::{batch, rel_error};
+use flexmodel::tiny::tiny_checkpoint;
+use flexmodel::{Checkpoint, FlexModel, HookFunction, HookPoint, Layout, edits, next_token_loss};
+
+fn tokens() -> Tensor {
+    batch(&[
+        &[5, 17, 200, 3, 99, 1],
+        &[1, 2, 3, 4, 5, 6],
+        &[250, 0, 7, 7, 7, 9],
+    ])
+}
+
+/// Loss and the gradient at every hook point under `layout`.
+fn gradients(checkpoint: &Checkpoint, layout: Layout) -> (f32, BTreeMap<String, Tensor>) {
+    let mut model = FlexModel::build(checkpoint, layout).unwrap();
+    model
+        .hooks_mut()
+        .register(HookFunction::backward("*"))
+        .unwrap();
+    let (_, loss) = model.forward_backward(&tokens()).unwrap();
+    let grads = model
+        .store_mut()
+        .take_all()
+        .into_iter()
+        .map(|(n, mut c)| (n, c.pop().unwrap()))
+        .collect();
+    (loss, grads)
+}
+
+#[test]
+fn the_loss_is_the_mean_next_token_cross_entropy() {
+    let checkpoint = tiny_checkpoint(31).unwrap();
+    let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
+    let logits = model.forward(&tokens()).unwrap();
+    let expected = next_token_loss(&logits, &tokens())
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let (_, loss) = model.forward_backward(&tokens()).unwrap();
+    assert!(
+        (loss - expected).abs() < 1e-5 * expected,
+        "{loss} vs {expected}"
+    );
+}
+
+#[test]
+fn gradients_at_hook_points_match_finite_differences() {
+    let checkpoint = tiny_checkpoint(32).unwrap();
+    let (_, grads) = gradients(&checkpoint, Layout::SINGLE);
+    assert_eq!(grads.len(), HookPoint::count(4));
+    let loss_with = |point: &str, delta: &Tensor| -> f64 {
+        let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
+        model
+            .hooks_mut()
+            .register(HookFunction::new(point).with_edit(edits::add(delta.clone())))
+            .unwrap();
+        let logits = model.forward(&tokens()).unwrap();
+        next_token_loss(&logits.to_dtype(DType::F64).unwrap(), &tokens())
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    for point in [
+        "blocks.1.hook_resid_mid",
+        "blocks.2.attn.hook_z",
+        "blocks.0.mlp.hook_post",
+        "ln_final.hook_normalized",
+    ] {
+        let grad = &grads[&format!("{point}_grad")];
+        // A direction with a few percent of the gradient's norm, along the gradient.
+        let direction = (grad
+            / grad
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64)
+            .unwrap();
+        let eps = 1e-2;
+        let plus = loss_with(point, &(&direction * eps).unwrap());
+        let minus = loss_with(point, &(&direction * -eps).unwrap());
+        let numeric = (plus - minus) / (2.0 * eps);
+        let analytic = (grad * &direction)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        let err = (numeric - analytic).abs() / analytic.abs();
+        eprintln!(
+            "{point}: directional derivative {analytic:.5} vs finite difference {numeric:.5} ({err:.1e})"
+        );
+        assert!(err < 2e-2, "{point}: {analytic} vs {numeric}");
+    }
+    let _ = Device::Cpu;
+}
+
+#[test]
+fn every_layout_gives_the_single_shard_gradients() {
+    let checkpoint = tiny_checkpoint(33).unwrap();
+    let (loss, single) = gradients(&checkpoint, Layout::SINGLE);
+    for (tp, pp, dp) in [
+        (2, 1, 1),
+        (4, 1, 1),
+        (1, 3, 1),
+        (1, 1, 2),
+        (2, 2, 2),
+        (8, 1, 1),
+    ] {
+        let (sharded_loss, grads) = gradients(&checkpoint, Layout::new(dp, pp, tp).unwrap());
+        assert!(
+            (sharded_loss - loss).abs() < 1e-5 * loss,
+            "tp={tp} pp={pp} dp={dp}: loss {sharded_loss} vs {loss}"
+        );
+        assert_eq!(grads.len(), single.len());
+        let mut worst = 0.0f64;
+        for (name, expected) in &single {
+            let err = rel_error(&grads[name], expected);
+            assert!(err < 1e-4, "tp={tp} pp={pp} dp={dp} {name}: {err:.3e}");
+            worst = worst.max(err);
+        }
+        eprintln!("tiny tp={tp} pp={pp} dp={dp}: worst gradient error {worst:.2e}");
+    }
+}

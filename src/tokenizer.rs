@@ -73,7 +73,7 @@ impl Tokenizer {
                 ))),
             })
             .collect::<Result<Vec<_>>>()?;
-        inner.add_special_tokens(&special);
+        inner.add_special_tokens(special).map_err(tokenizer_error)?;
         Ok(Self { inner })
     }
 

@@ -215,7 +215,8 @@ impl FlexModel {
             },
         };
         let plan = self.registry.plan(groups)?;
-        let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points);
+        let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points)
+            .keeping_edit_graphs();
         let (modes, taps) = (hooks.modes(), hooks.grad_taps());
         let out = runtime.run_forward_backward(tokens, &modes, &taps, &mut hooks)?;
         self.store.append(hooks.captures);

@@ -1,5 +1,6 @@
 //! The hook layer of one pass: captures and edits at the points the plan names.
 
+use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use candle_core::Tensor;
@@ -21,6 +22,9 @@ pub(crate) struct PassHooks<'a> {
     n_layers: usize,
     /// Calls so far of each hook point in this pass, by point index.
     calls: Vec<usize>,
+    /// In a backward pass through the runtime: the pre-edit leaf and the edited result of
+    /// every edited `(point index, call)`, to back-propagate through the edit.
+    edit_graphs: Option<HashMap<(usize, usize), (Tensor, Tensor)>>,
     pub(crate) captures: ActivationStore,
 }
 
@@ -40,8 +44,15 @@ impl<'a> PassHooks<'a> {
             points,
             n_layers: (points.len() - 3) / crate::BlockSite::ALL.len(),
             calls,
+            edit_graphs: None,
             captures: ActivationStore::default(),
         }
+    }
+
+    /// Keeps the graph of every edit, for a pass whose backward runs through the edits.
+    pub(crate) fn keeping_edit_graphs(mut self) -> Self {
+        self.edit_graphs = Some(HashMap::new());
+        self
     }
 
     /// How the runtime must treat each point: not at all, gather it, or gather and edit it.
@@ -73,12 +84,19 @@ impl<'a> PassHooks<'a> {
 
     /// Captures `value` (call `call` of `point`) and runs the edits on it, in order.
     fn apply(&mut self, point: HookPoint, call: usize, value: Tensor) -> Result<Tensor> {
-        let active = &self.plan.by_point[point.index(self.n_layers)];
+        let index = point.index(self.n_layers);
+        let active = &self.plan.by_point[index];
         let name = point.to_string();
         if active.iter().any(|&i| self.entries[i].capture) {
             self.captures.push(name.clone(), value.detach());
         }
-        let mut x = value;
+        let has_edit = active.iter().any(|&i| self.entries[i].edit.is_some());
+        // The leaf whose gradient the backward pass through the edit asks for.
+        let leaf = match (&self.edit_graphs, has_edit) {
+            (Some(_), true) => Some(candle_core::Var::from_tensor(&value)?.as_tensor().clone()),
+            _ => None,
+        };
+        let mut x = leaf.clone().unwrap_or(value);
         for edit in active.iter().filter_map(|&i| self.entries[i].edit.as_ref()) {
             let mut ctx = HookCtx {
                 point,
@@ -119,7 +137,27 @@ impl<'a> PassHooks<'a> {
             }
             x = edited;
         }
+        if let (Some(graphs), Some(leaf)) = (&mut self.edit_graphs, leaf) {
+            graphs.insert((index, call), (leaf, x.clone()));
+            return Ok(x.detach());
+        }
         Ok(x)
+    }
+
+    /// The gradient of the pre-edit value of `(point, call)` from `grad`, the gradient of
+    /// its edited value (the edit's trainable variables get theirs on the way).
+    fn through_edit(&mut self, index: usize, call: usize, grad: &Tensor) -> Result<Tensor> {
+        let graphs = self.edit_graphs.as_mut();
+        let Some((leaf, edited)) = graphs.and_then(|g| g.remove(&(index, call))) else {
+            return Err(Error::Protocol(format!(
+                "no edit of point {index}, call {call} to back-propagate through"
+            )));
+        };
+        let grads = (edited * grad.detach())?.sum_all()?.backward()?;
+        Ok(match grads.get(&leaf) {
+            Some(g) => g.clone(),
+            None => leaf.zeros_like()?,
+        })
     }
 }
 
@@ -143,6 +181,9 @@ impl HookSink for PassHooks<'_> {
         full: Tensor,
     ) -> std::result::Result<Option<Tensor>, BoxError> {
         let n = self.points.len();
+        if point >= 2 * n {
+            return Ok(Some(self.through_edit(point - 2 * n, call, &full)?));
+        }
         if point >= n {
             // The gradient at point `point - n`.
             let name = format!("{}_grad", self.points[point - n]);

@@ -133,3 +133,99 @@ fn every_layout_gives_the_single_shard_gradients() {
         eprintln!("tiny tp={tp} pp={pp} dp={dp}: worst gradient error {worst:.2e}");
     }
 }
+
+/// Edits, one on a head-sharded point, one nonlinear, one on replicated-able kv heads.
+fn register_edits(model: &mut FlexModel) {
+    let hooks = model.hooks_mut();
+    let z = HookFunction::new("blocks.1.attn.hook_z").with_edit(edits::zero_head(3));
+    hooks.register(z.without_capture()).unwrap();
+    let nonlinear =
+        HookFunction::new("blocks.2.hook_resid_mid").with_edit(|_, x| Ok((&x * &x.tanh()?)?));
+    hooks.register(nonlinear.without_capture()).unwrap();
+    let k = HookFunction::new("blocks.2.attn.hook_k").with_edit(edits::scale(1.5));
+    hooks.register(k.without_capture()).unwrap();
+}
+
+/// Loss and the gradient at every hook point of the edited pass.
+fn edited_gradients(checkpoint: &Checkpoint, layout: Layout) -> (f32, BTreeMap<String, Tensor>) {
+    let mut model = FlexModel::build(checkpoint, layout).unwrap();
+    register_edits(&mut model);
+    model
+        .hooks_mut()
+        .register(HookFunction::backward("*"))
+        .unwrap();
+    let (_, loss) = model.forward_backward(&tokens()).unwrap();
+    let grads = model
+        .store_mut()
+        .take_all()
+        .into_iter()
+        .map(|(n, mut c)| (n, c.pop().unwrap()))
+        .collect();
+    (loss, grads)
+}
+
+#[test]
+fn gradients_flow_through_edits_exactly_in_every_layout() {
+    let checkpoint = tiny_checkpoint(34).unwrap();
+    let (single_loss, single) = edited_gradients(&checkpoint, Layout::SINGLE);
+    // Upstream of the edits: against finite differences of the edited loss.
+    let point = "blocks.0.hook_resid_post";
+    let grad = &single[&format!("{point}_grad")];
+    let direction = (grad
+        / grad
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64)
+        .unwrap();
+    let loss_with = |delta: Tensor| -> f64 {
+        let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
+        register_edits(&mut model);
+        model
+            .hooks_mut()
+            .register(HookFunction::new(point).with_edit(edits::add(delta)))
+            .unwrap();
+        let logits = model
+            .forward(&tokens())
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        next_token_loss(&logits, &tokens())
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let eps = 1e-2;
+    let numeric = (loss_with((&direction * eps).unwrap())
+        - loss_with((&direction * -eps).unwrap()))
+        / (2.0 * eps);
+    let analytic = (grad * &direction)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    eprintln!(
+        "through the edits: directional derivative {analytic:.5} vs finite difference {numeric:.5}"
+    );
+    assert!((numeric - analytic).abs() < 2e-2 * analytic.abs());
+    // The edits change the upstream gradient.
+    let (_, unedited) = gradients(&checkpoint, Layout::SINGLE);
+    let name = format!("{point}_grad");
+    assert!(rel_error(&single[&name], &unedited[&name]) > 1e-3);
+    for (tp, pp, dp) in [(2, 1, 1), (4, 2, 1), (1, 1, 2), (2, 2, 2), (8, 1, 1)] {
+        let (loss, grads) = edited_gradients(&checkpoint, Layout::new(dp, pp, tp).unwrap());
+        assert!((loss - single_loss).abs() < 1e-5 * single_loss);
+        let mut worst = 0.0f64;
+        for (name, expected) in &single {
+            let err = rel_error(&grads[name], expected);
+            assert!(err < 1e-4, "tp={tp} pp={pp} dp={dp} {name}: {err:.3e}");
+            worst = worst.max(err);
+        }
+        eprintln!("edited tp={tp} pp={pp} dp={dp}: worst gradient error {worst:.2e}");
+    }
+}

@@ -229,13 +229,19 @@ impl<'a> HookCoordinator<'a> {
             false => geometry.assemble(&pieces)?,
         };
         let edited = sink.gathered(point, call, full).map_err(Error::Sink)?;
-        if point >= n || !self.edited[point] {
+        // Points `0..n` are values, `n..2n` captured gradients, `2n..3n` gradients of edits.
+        let through_edit = point >= 2 * n;
+        if !through_edit && (point >= n || !self.edited[point]) {
             return Ok(());
         }
         let edited = edited
             .ok_or_else(|| Error::Sink(format!("no edited tensor for {}", geometry.name).into()))?;
         for coords in self.layout.all().filter(|c| c.pp == geometry.stage) {
-            let value = geometry.piece(&edited, &self.batches[coords.dp], coords.tp)?;
+            let mut value = geometry.piece(&edited, &self.batches[coords.dp], coords.tp)?;
+            // Only one copy of a replicated key/value head carries the gradient upstream.
+            if through_edit && geometry.split.is_some() && !geometry.sends(coords.tp) {
+                value = value.zeros_like()?;
+            }
             let reply = EditedPiece {
                 pass: self.pass,
                 point,

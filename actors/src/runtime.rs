@@ -204,7 +204,13 @@ impl ShardRuntime {
                 .collect();
             let rows = &batches[coords.dp];
             let replica = tokens.narrow(0, rows.start, rows.len())?.contiguous()?;
+            let edit_grads: Vec<bool> = self
+                .geometry
+                .iter()
+                .map(|g| g.sends_gradient(coords.tp))
+                .collect();
             let backward = grads.map(|grads| BackwardPass {
+                edit_grads: Arc::new(edit_grads),
                 tokens: replica.clone(),
                 normalizer: (batch * tokens.dim(1).unwrap_or(1).saturating_sub(1)) as f64,
                 taps: Arc::new(

@@ -12,7 +12,7 @@ use kameo::error::{ActorStopReason, Infallible, PanicError};
 use kameo::message::{Context, Message};
 
 use crate::geometry::ShardAction;
-use crate::{BoxError, Error, PointId, ShardHooks, ShardModel};
+use crate::{BoxError, PointId, ShardHooks, ShardModel};
 
 /// How often a shard waiting for an edited piece checks whether the pass was aborted.
 const ABORT_POLL: Duration = Duration::from_millis(20);
@@ -90,6 +90,8 @@ pub(crate) struct BackwardPass {
     pub(crate) normalizer: f64,
     /// Whether this shard sends its piece of the gradient at each hook point.
     pub(crate) taps: Arc<Vec<bool>>,
+    /// Whether this shard sends its piece of the gradient of each point's edit.
+    pub(crate) edit_grads: Arc<Vec<bool>>,
 }
 
 /// A deliberate failure of one shard, to test that failures are reported and survived.
@@ -175,6 +177,7 @@ impl ShardActor {
             pass: msg.pass,
             actions: &msg.actions,
             taps: msg.backward.as_ref().map(|b| b.taps.as_slice()),
+            edit_grads: msg.backward.as_ref().map(|b| b.edit_grads.as_slice()),
             calls: vec![0; msg.actions.len()],
             at: &mut self.at,
             fault: msg.fault,
@@ -231,6 +234,8 @@ struct HookClient<'a> {
     actions: &'a [ShardAction],
     /// In a backward pass: whether to send this shard's gradient piece at each point.
     taps: Option<&'a [bool]>,
+    /// In a backward pass: whether this shard sends its gradient of an edited point.
+    edit_grads: Option<&'a [bool]>,
     calls: Vec<usize>,
     at: &'a mut Option<PointId>,
     fault: Option<(PointId, Fault)>,
@@ -251,19 +256,75 @@ impl HookClient<'_> {
             .map_err(|_| "the coordinator is gone".into())
     }
 
-    /// The edited piece of `(point, call)`; stale replies of aborted passes are dropped.
+    /// The edited piece of `(point, call)`.
     fn wait(&self, point: PointId, call: usize) -> Result<Tensor, BoxError> {
-        loop {
-            match self.args.replies.recv_timeout(ABORT_POLL) {
-                Ok(r) if (r.pass, r.point, r.call) == (self.pass, point, call) => {
-                    return Ok(r.value);
-                }
-                Ok(_stale) => continue,
-                Err(RecvTimeoutError::Timeout) if self.args.control.aborted() => {
-                    return Err(Error::Aborted.into());
-                }
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return Err("the coordinator is gone".into()),
+        Ok(wait_reply(
+            &self.args.replies,
+            &self.args.control,
+            self.pass,
+            point,
+            call,
+        )?)
+    }
+
+    /// The edited piece of `value` at `(point, call)`. In a backward pass it stands in for
+    /// `value` in the graph: its gradient goes to the coordinator (from the ranks that
+    /// send gradients), which back-propagates through the edit and returns the gradient
+    /// of the pre-edit piece.
+    fn edited(&self, value: &Tensor, point: PointId, call: usize) -> Result<Tensor, BoxError> {
+        let edited = self.wait(point, call)?;
+        let Some(sends) = self.edit_grads.map(|sends| sends[point]) else {
+            return Ok(edited);
+        };
+        let n = self.actions.len();
+        let (pass, rank) = (self.pass, self.args.rank);
+        let (events, replies, control) = (
+            self.args.events.clone(),
+            self.args.replies.clone(),
+            self.args.control.clone(),
+        );
+        let through_edit = move |grad: &Tensor| -> flexmodel_cluster::Result<Tensor> {
+            let point = 2 * n + point;
+            if sends {
+                let piece = ShardEvent::Piece {
+                    pass,
+                    rank,
+                    point,
+                    call,
+                    value: grad.clone(),
+                };
+                let sent = events.send(piece);
+                sent.map_err(|_| {
+                    flexmodel_cluster::Error::Protocol("the coordinator is gone".into())
+                })?;
+            }
+            wait_reply(&replies, &control, pass, point, call)
+        };
+        Ok(conjugate::substitute(value, &edited, through_edit)?)
+    }
+}
+
+/// The coordinator's reply for `(pass, point, call)`; stale replies of aborted passes are
+/// dropped, and an abort ends the wait.
+fn wait_reply(
+    replies: &Receiver<EditedPiece>,
+    control: &PassControl,
+    pass: u64,
+    point: PointId,
+    call: usize,
+) -> flexmodel_cluster::Result<Tensor> {
+    loop {
+        match replies.recv_timeout(ABORT_POLL) {
+            Ok(r) if (r.pass, r.point, r.call) == (pass, point, call) => return Ok(r.value),
+            Ok(_stale) => continue,
+            Err(RecvTimeoutError::Timeout) if control.aborted() => {
+                return Err(flexmodel_cluster::Error::Aborted);
+            }
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(flexmodel_cluster::Error::Protocol(
+                    "the coordinator is gone".into(),
+                ));
             }
         }
     }
@@ -295,9 +356,9 @@ impl ShardHooks for HookClient<'_> {
             }
             ShardAction::SendAndWait => {
                 self.send(point, call, &value)?;
-                self.wait(point, call)?
+                self.edited(&value, point, call)?
             }
-            ShardAction::Wait => self.wait(point, call)?,
+            ShardAction::Wait => self.edited(&value, point, call)?,
             ShardAction::Skip => value,
         };
         if !tap {

@@ -15,8 +15,19 @@ pub fn all_reduce_sum(x: &Tensor, collective: &dyn Collective) -> Result<Tensor>
     if collective.tp_rank().size() == 1 {
         return Ok(x.clone());
     }
-    let sum = collective.all_reduce_sum(&x.detach())?.contiguous()?;
-    Ok(x.apply_op2(&sum, ValueOfSecond)?)
+    let sum = collective.all_reduce_sum(&x.detach())?;
+    substitute(x, &sum, |grad| Ok(grad.clone()))
+}
+
+/// `value` in place of `x` (same shape): in backward, the gradient of the result goes
+/// through `f` and on to `x`. For values computed elsewhere from `x`, such as an
+/// all-reduce or an edit run by the coordinator.
+pub fn substitute(
+    x: &Tensor,
+    value: &Tensor,
+    f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    Ok(x.apply_op2(&value.contiguous()?, Substitute(Box::new(f)))?)
 }
 
 /// `x` unchanged; in backward, the gradients of every member are summed. For the
@@ -56,12 +67,13 @@ fn copy_of(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuSto
     Ok((copy, layout.shape().clone()))
 }
 
-/// Forward: the value of the second argument; backward: the gradient goes to the first.
-struct ValueOfSecond;
+/// Forward: the value of the second argument; backward: the gradient, through a
+/// function, goes to the first.
+struct Substitute(Box<BackwardFn>);
 
-impl CustomOp2 for ValueOfSecond {
+impl CustomOp2 for Substitute {
     fn name(&self) -> &'static str {
-        "all-reduce-sum"
+        "substitute"
     }
 
     fn cpu_fwd(
@@ -81,7 +93,10 @@ impl CustomOp2 for ValueOfSecond {
         _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.clone()), None))
+        Ok((
+            Some((self.0)(grad).map_err(candle_core::Error::wrap)?),
+            None,
+        ))
     }
 }
 

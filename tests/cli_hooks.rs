@@ -269,3 +269,28 @@ fn capture_under_a_sharded_layout_writes_what_one_shard_writes() {
         assert!(rel_error(&sharded[name], expected) < 1e-4, "{name}");
     }
 }
+
+#[test]
+fn capture_grad_writes_gradients_that_agree_across_layouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = |name: &str, layout: &[&str]| {
+        let out_file = dir.path().join(name);
+        let mut args = vec![
+            "capture", "--model", "smollm2", "--prompt", "The capital of France is",
+            "--hook", "blocks.*.hook_resid_pre", "blocks.7.attn.hook_z", "--grad", "--out", out_file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(layout);
+        let out = flexmodel(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        candle_core::safetensors::load(&out_file, &Device::Cpu).unwrap()
+    };
+    let single = capture("single.safetensors", &[]);
+    assert_eq!(single.len(), 2 * 31 + 1, "values, NAME_grad and loss");
+    assert_eq!(single["blocks.7.attn.hook_z_grad"].dims(), [1, 5, 9, 64]);
+    let sharded = capture("sharded.safetensors", &["--tp", "3", "--pp", "2"]);
+    for (name, expected) in &single {
+        assert!(rel_error(&sharded[name], expected) < 1e-4, "{name}");
+    }
+    let err = failure(&["capture", "--model", "smollm2", "--prompt", "Hi", "--hook", "hook_embed", "--grad", "--out", "/tmp/x.safetensors"]);
+    assert!(err.contains("at least two tokens"), "{err}");
+}

@@ -38,9 +38,6 @@ pub struct CaptureArgs {
 
 /// Captures the hooked points (the last call of each) and the loss into `--out`.
 pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
-    if args.grad {
-        bail!("--grad is not supported yet: this build has no backward pass");
-    }
     let edits = args
         .edits
         .iter()
@@ -56,8 +53,21 @@ pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
         model
             .hooks_mut()
             .register(HookFunction::new(pattern.clone()))?;
+        if args.grad {
+            model.hooks_mut().register(HookFunction::backward(pattern.clone()))?;
+        }
     }
-    let logits = model.forward(&tokens)?;
+    let seq = tokens.dim(1)?;
+    if args.grad && seq < 2 {
+        bail!("--grad needs sequences of at least two tokens (the loss predicts the next token)");
+    }
+    let (logits, loss) = match args.grad {
+        true => {
+            let (logits, loss) = model.forward_backward(&tokens)?;
+            (logits, Some(loss))
+        }
+        false => (model.forward(&tokens)?, None),
+    };
 
     let mut out: HashMap<String, Tensor> = HashMap::new();
     for (name, calls) in model.store().iter() {
@@ -65,9 +75,11 @@ pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
             out.insert(name.to_string(), last.to_dtype(DType::F32)?.contiguous()?);
         }
     }
-    let seq = tokens.dim(1)?;
     if seq > 1 {
-        let loss = next_token_loss(&logits, &tokens)?.reshape(1)?;
+        let loss = match loss {
+            Some(loss) => Tensor::new(&[loss], logits.device())?,
+            None => next_token_loss(&logits, &tokens)?.reshape(1)?,
+        };
         eprintln!(
             "loss (mean next-token cross-entropy): {:.4}",
             loss.to_vec1::<f32>()?[0]

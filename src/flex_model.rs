@@ -217,8 +217,8 @@ impl FlexModel {
         let plan = self.registry.plan(groups)?;
         let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points)
             .keeping_edit_graphs();
-        let (modes, taps) = (hooks.modes(), hooks.grad_taps());
-        let out = runtime.run_forward_backward(tokens, &modes, &taps, &mut hooks)?;
+        let (modes, grad_modes) = (hooks.modes(), hooks.grad_modes());
+        let out = runtime.run_forward_backward(tokens, &modes, &grad_modes, &mut hooks)?;
         self.store.append(hooks.captures);
         let loss = out
             .loss

@@ -55,10 +55,19 @@ impl<'a> PassHooks<'a> {
         self
     }
 
-    /// How the runtime must treat each point: not at all, gather it, or gather and edit it.
+    /// How the runtime must treat each point's value: not at all, gather it, or gather
+    /// and edit it.
     pub(crate) fn modes(&self) -> Vec<PointMode> {
-        self.plan
-            .by_point
+        self.modes_of(&self.plan.by_point)
+    }
+
+    /// How the runtime must treat each point's gradient in a backward pass.
+    pub(crate) fn grad_modes(&self) -> Vec<PointMode> {
+        self.modes_of(&self.plan.grad_by_point)
+    }
+
+    fn modes_of(&self, table: &[Vec<usize>]) -> Vec<PointMode> {
+        table
             .iter()
             .map(|active| {
                 let mut entries = active.iter().map(|&i| &self.entries[i]);
@@ -73,26 +82,32 @@ impl<'a> PassHooks<'a> {
             .collect()
     }
 
-    /// Whether the gradient at each point is gathered (a backward hook captures it).
-    pub(crate) fn grad_taps(&self) -> Vec<bool> {
-        self.plan
-            .grad_by_point
-            .iter()
-            .map(|active| active.iter().any(|&i| self.entries[i].capture))
-            .collect()
-    }
-
-    /// Captures `value` (call `call` of `point`) and runs the edits on it, in order.
-    fn apply(&mut self, point: HookPoint, call: usize, value: Tensor) -> Result<Tensor> {
+    /// Captures `value` (call `call` of `point`) and runs the edits on it, in order; with
+    /// `gradient`, `value` is the gradient at the point and the backward hooks run.
+    fn apply(
+        &mut self,
+        point: HookPoint,
+        call: usize,
+        value: Tensor,
+        gradient: bool,
+    ) -> Result<Tensor> {
         let index = point.index(self.n_layers);
-        let active = &self.plan.by_point[index];
+        let active = match gradient {
+            true => &self.plan.grad_by_point[index],
+            false => &self.plan.by_point[index],
+        };
         let name = point.to_string();
         if active.iter().any(|&i| self.entries[i].capture) {
-            self.captures.push(name.clone(), value.detach());
+            let key = if gradient {
+                format!("{name}_grad")
+            } else {
+                name.clone()
+            };
+            self.captures.push(key, value.detach());
         }
         let has_edit = active.iter().any(|&i| self.entries[i].edit.is_some());
         // The leaf whose gradient the backward pass through the edit asks for.
-        let leaf = match (&self.edit_graphs, has_edit) {
+        let leaf = match (&self.edit_graphs, has_edit && !gradient) {
             (Some(_), true) => Some(candle_core::Var::from_tensor(&value)?.as_tensor().clone()),
             _ => None,
         };
@@ -169,7 +184,7 @@ impl HookLayer for PassHooks<'_> {
         }
         let call = self.calls[index];
         self.calls[index] += 1;
-        self.apply(point, call, value)
+        self.apply(point, call, value, false)
     }
 }
 
@@ -184,17 +199,16 @@ impl HookSink for PassHooks<'_> {
         if point >= 2 * n {
             return Ok(Some(self.through_edit(point - 2 * n, call, &full)?));
         }
-        if point >= n {
-            // The gradient at point `point - n`.
-            let name = format!("{}_grad", self.points[point - n]);
-            self.captures.push(name, full.detach());
-            return Ok(None);
-        }
-        let point = self.points[point];
-        let edits = self.plan.by_point[point.index(self.n_layers)]
-            .iter()
-            .any(|&i| self.entries[i].edit.is_some());
-        let result = self.apply(point, call, full)?;
+        let gradient = point >= n;
+        let point = self.points[point % n];
+        let index = point.index(self.n_layers);
+        let table = if gradient {
+            &self.plan.grad_by_point
+        } else {
+            &self.plan.by_point
+        };
+        let edits = table[index].iter().any(|&i| self.entries[i].edit.is_some());
+        let result = self.apply(point, call, full, gradient)?;
         Ok(edits.then_some(result))
     }
 }

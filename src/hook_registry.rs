@@ -113,7 +113,6 @@ impl HookRegistry {
     /// Registers `hook` at every point its target matches; one handle for all of them.
     pub fn register(&mut self, hook: HookFunction) -> Result<HookHandle> {
         let points = self.catalog.resolve(&hook.target, hook.kind)?;
-        check_backward_edit(&hook)?;
         let edit = hook.edit.map(|e| Arc::new(Mutex::new(e)));
         Ok(self.add_entry(points, hook.kind, edit, hook.capture, &hook.tags))
     }
@@ -127,7 +126,6 @@ impl HookRegistry {
     ) -> Result<Vec<HookHandle>> {
         check_group_name(group)?;
         let points = self.catalog.resolve(&hook.target, hook.kind)?;
-        check_backward_edit(&hook)?;
         let edit = hook.edit.map(|e| Arc::new(Mutex::new(e)));
         let mut tags = hook.tags;
         tags.push(group.to_string());
@@ -326,17 +324,6 @@ impl HookRegistry {
             }
         }
     }
-}
-
-/// Editing gradients is not built yet: a backward hook only captures.
-fn check_backward_edit(hook: &HookFunction) -> Result<()> {
-    if hook.kind == HookKind::Backward && hook.edit.is_some() {
-        return Err(Error::BadInput(format!(
-            "backward hook on {}: editing gradients is not supported yet; backward hooks capture",
-            hook.target
-        )));
-    }
-    Ok(())
 }
 
 fn check_group_name(group: &str) -> Result<()> {

@@ -229,3 +229,75 @@ fn gradients_flow_through_edits_exactly_in_every_layout() {
         eprintln!("edited tp={tp} pp={pp} dp={dp}: worst gradient error {worst:.2e}");
     }
 }
+
+/// Gradients at every point with the gradient of head 3 of `blocks.2.attn.hook_z`
+/// zeroed by a backward hook.
+fn gradients_with_head_blocked(
+    checkpoint: &Checkpoint,
+    layout: Layout,
+) -> BTreeMap<String, Tensor> {
+    let mut model = FlexModel::build(checkpoint, layout).unwrap();
+    let block = HookFunction::backward("blocks.2.attn.hook_z").with_edit(edits::zero_head(3));
+    model.hooks_mut().register(block.without_capture()).unwrap();
+    model
+        .hooks_mut()
+        .register(HookFunction::backward("*"))
+        .unwrap();
+    model.forward_backward(&tokens()).unwrap();
+    model
+        .store_mut()
+        .take_all()
+        .into_iter()
+        .map(|(n, mut c)| (n, c.pop().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_backward_edit_blocks_one_heads_gradient_exactly_in_every_layout() {
+    let checkpoint = tiny_checkpoint(35).unwrap();
+    let blocked = gradients_with_head_blocked(&checkpoint, Layout::SINGLE);
+    // The same gradient from a forward edit that keeps the value and stops head 3's gradient.
+    let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
+    let stop = HookFunction::new("blocks.2.attn.hook_z")
+        .without_capture()
+        .with_edit(|_, x| {
+            let keep = Tensor::from_vec(
+                (0..8).map(|h| if h == 3 { 0f32 } else { 1.0 }).collect(),
+                (1, 1, 8, 1),
+                x.device(),
+            )?;
+            let stopped = x.broadcast_mul(&(1.0 - &keep)?)?.detach();
+            Ok((x.broadcast_mul(&keep)? + stopped)?)
+        });
+    model.hooks_mut().register(stop).unwrap();
+    model
+        .hooks_mut()
+        .register(HookFunction::backward("*"))
+        .unwrap();
+    model.forward_backward(&tokens()).unwrap();
+    let stopped: BTreeMap<String, Tensor> = model
+        .store_mut()
+        .take_all()
+        .into_iter()
+        .map(|(n, mut c)| (n, c.pop().unwrap()))
+        .collect();
+    for (name, expected) in &stopped {
+        assert!(rel_error(&blocked[name], expected) < 1e-5, "{name}");
+    }
+    let (_, free) = gradients(&checkpoint, Layout::SINGLE);
+    assert!(
+        rel_error(
+            &blocked["blocks.0.hook_resid_post_grad"],
+            &free["blocks.0.hook_resid_post_grad"]
+        ) > 1e-4
+    );
+    for (tp, pp, dp) in [(2, 1, 1), (2, 2, 2), (8, 1, 1), (1, 3, 1)] {
+        let sharded = gradients_with_head_blocked(&checkpoint, Layout::new(dp, pp, tp).unwrap());
+        let worst = blocked
+            .iter()
+            .map(|(n, e)| rel_error(&sharded[n], e))
+            .fold(0.0, f64::max);
+        eprintln!("head-blocked tp={tp} pp={pp} dp={dp}: worst gradient error {worst:.2e}");
+        assert!(worst < 1e-4);
+    }
+}

@@ -276,8 +276,17 @@ fn capture_grad_writes_gradients_that_agree_across_layouts() {
     let capture = |name: &str, layout: &[&str]| {
         let out_file = dir.path().join(name);
         let mut args = vec![
-            "capture", "--model", "smollm2", "--prompt", "The capital of France is",
-            "--hook", "blocks.*.hook_resid_pre", "blocks.7.attn.hook_z", "--grad", "--out", out_file.to_str().unwrap(),
+            "capture",
+            "--model",
+            "smollm2",
+            "--prompt",
+            "The capital of France is",
+            "--hook",
+            "blocks.*.hook_resid_pre",
+            "blocks.7.attn.hook_z",
+            "--grad",
+            "--out",
+            out_file.to_str().unwrap(),
         ];
         args.extend_from_slice(layout);
         let out = flexmodel(&args);
@@ -291,6 +300,17 @@ fn capture_grad_writes_gradients_that_agree_across_layouts() {
     for (name, expected) in &single {
         assert!(rel_error(&sharded[name], expected) < 1e-4, "{name}");
     }
-    let err = failure(&["capture", "--model", "smollm2", "--prompt", "Hi", "--hook", "hook_embed", "--grad", "--out", "/tmp/x.safetensors"]);
+    let err = failure(&[
+        "capture",
+        "--model",
+        "smollm2",
+        "--prompt",
+        "Hi",
+        "--hook",
+        "hook_embed",
+        "--grad",
+        "--out",
+        "/tmp/x.safetensors",
+    ]);
     assert!(err.contains("at least two tokens"), "{err}");
 }

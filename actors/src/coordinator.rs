@@ -45,7 +45,8 @@ pub struct HookCoordinator<'a> {
     pass: u64,
     geometry: &'a [PointGeometry],
     output: &'a PointGeometry,
-    edited: &'a [bool],
+    /// Whether each gathered tensor (by point id, `0..3n`) is answered.
+    replies_for: &'a [bool],
     /// The batch rows of each data-parallel replica.
     batches: &'a [Range<usize>],
     /// `(point, call)` → pieces by `[dp][tp]`, with the count still missing.
@@ -65,7 +66,7 @@ impl<'a> HookCoordinator<'a> {
         pass: u64,
         geometry: &'a [PointGeometry],
         output: &'a PointGeometry,
-        edited: &'a [bool],
+        replies_for: &'a [bool],
         batches: &'a [Range<usize>],
     ) -> Self {
         Self {
@@ -73,7 +74,7 @@ impl<'a> HookCoordinator<'a> {
             pass,
             geometry,
             output,
-            edited,
+            replies_for,
             batches,
             pending: HashMap::new(),
             outputs: vec![vec![None; layout.tp()]; layout.dp()],
@@ -229,9 +230,8 @@ impl<'a> HookCoordinator<'a> {
             false => geometry.assemble(&pieces)?,
         };
         let edited = sink.gathered(point, call, full).map_err(Error::Sink)?;
-        // Points `0..n` are values, `n..2n` captured gradients, `2n..3n` gradients of edits.
-        let through_edit = point >= 2 * n;
-        if !through_edit && (point >= n || !self.edited[point]) {
+        // Points `0..n` are values, `n..2n` gradients, `2n..3n` gradients of edits.
+        if !self.replies_for[point] {
             return Ok(());
         }
         let edited = edited
@@ -239,7 +239,7 @@ impl<'a> HookCoordinator<'a> {
         for coords in self.layout.all().filter(|c| c.pp == geometry.stage) {
             let mut value = geometry.piece(&edited, &self.batches[coords.dp], coords.tp)?;
             // Only one copy of a replicated key/value head carries the gradient upstream.
-            if through_edit && geometry.split.is_some() && !geometry.sends(coords.tp) {
+            if gradient && geometry.split.is_some() && !geometry.sends(coords.tp) {
                 value = value.zeros_like()?;
             }
             let reply = EditedPiece {

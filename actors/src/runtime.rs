@@ -159,13 +159,13 @@ impl ShardRuntime {
     }
 
     /// Runs a forward and a backward pass from the mean next-token loss over the global
-    /// batch (sequences of at least two tokens); `grads[p]` says whether the gradient at
-    /// point `p` is gathered for the sink (as point `n_points + p`).
+    /// batch (sequences of at least two tokens); `grads[p]` says how the gradient at
+    /// point `p` is hooked (it reaches the sink as point `n_points + p`).
     pub fn run_forward_backward(
         &mut self,
         tokens: &Tensor,
         modes: &[PointMode],
-        grads: &[bool],
+        grads: &[PointMode],
         sink: &mut dyn HookSink,
     ) -> Result<PassOutput> {
         self.run(tokens, modes, Some(grads), sink)
@@ -175,7 +175,7 @@ impl ShardRuntime {
         &mut self,
         tokens: &Tensor,
         modes: &[PointMode],
-        grads: Option<&[bool]>,
+        grads: Option<&[PointMode]>,
         sink: &mut dyn HookSink,
     ) -> Result<PassOutput> {
         let batch = tokens.dim(0)?;
@@ -189,7 +189,12 @@ impl ShardRuntime {
         self.next_pass += 1;
         self.control.begin(pass);
         let batches = split_evenly(batch, self.layout.dp());
-        let edited: Vec<bool> = modes.iter().map(|m| *m == PointMode::Edit).collect();
+        // Which gathered tensors get a reply: edited values, edited gradients, and the
+        // gradients of edits (points 0..n, n..2n, 2n..3n).
+        let n = self.geometry.len();
+        let mut replies: Vec<bool> = modes.iter().map(|m| *m == PointMode::Edit).collect();
+        replies.extend((0..n).map(|p| grads.is_some_and(|g| g[p] == PointMode::Edit)));
+        replies.extend(std::iter::repeat_n(true, n));
         for (rank, shard) in self.shards.iter().enumerate() {
             let coords = self.layout.coords(rank);
             let actions: Vec<ShardAction> = self
@@ -204,20 +209,26 @@ impl ShardRuntime {
                 .collect();
             let rows = &batches[coords.dp];
             let replica = tokens.narrow(0, rows.start, rows.len())?.contiguous()?;
-            let edit_grads: Vec<bool> = self
+            let sends_gradients: Vec<bool> = self
                 .geometry
                 .iter()
                 .map(|g| g.sends_gradient(coords.tp))
                 .collect();
             let backward = grads.map(|grads| BackwardPass {
-                edit_grads: Arc::new(edit_grads),
+                sends_gradients: Arc::new(sends_gradients),
                 tokens: replica.clone(),
                 normalizer: (batch * tokens.dim(1).unwrap_or(1).saturating_sub(1)) as f64,
                 taps: Arc::new(
                     self.geometry
                         .iter()
                         .zip(grads)
-                        .map(|(g, &on)| on && g.stage == coords.pp && g.sends_gradient(coords.tp))
+                        .map(|(g, &mode)| {
+                            if g.stage == coords.pp {
+                                mode
+                            } else {
+                                PointMode::Off
+                            }
+                        })
                         .collect(),
                 ),
             });
@@ -240,7 +251,7 @@ impl ShardRuntime {
             pass,
             &self.geometry,
             &self.output,
-            &edited,
+            &replies,
             &batches,
         );
         let shards = &self.shards;

@@ -11,7 +11,7 @@ use kameo::actor::{ActorRef, WeakActorRef};
 use kameo::error::{ActorStopReason, Infallible, PanicError};
 use kameo::message::{Context, Message};
 
-use crate::geometry::ShardAction;
+use crate::geometry::{PointMode, ShardAction};
 use crate::{BoxError, PointId, ShardHooks, ShardModel};
 
 /// How often a shard waiting for an edited piece checks whether the pass was aborted.
@@ -88,10 +88,10 @@ pub(crate) struct BackwardPass {
     pub(crate) tokens: Tensor,
     /// The number of predicted tokens in the global batch.
     pub(crate) normalizer: f64,
-    /// Whether this shard sends its piece of the gradient at each hook point.
-    pub(crate) taps: Arc<Vec<bool>>,
-    /// Whether this shard sends its piece of the gradient of each point's edit.
-    pub(crate) edit_grads: Arc<Vec<bool>>,
+    /// How the gradient at each hook point is hooked on this shard.
+    pub(crate) taps: Arc<Vec<PointMode>>,
+    /// Whether this shard sends its piece of a gradient at each point.
+    pub(crate) sends_gradients: Arc<Vec<bool>>,
 }
 
 /// A deliberate failure of one shard, to test that failures are reported and survived.
@@ -177,7 +177,7 @@ impl ShardActor {
             pass: msg.pass,
             actions: &msg.actions,
             taps: msg.backward.as_ref().map(|b| b.taps.as_slice()),
-            edit_grads: msg.backward.as_ref().map(|b| b.edit_grads.as_slice()),
+            sends_gradients: msg.backward.as_ref().map(|b| b.sends_gradients.as_slice()),
             calls: vec![0; msg.actions.len()],
             at: &mut self.at,
             fault: msg.fault,
@@ -232,10 +232,10 @@ struct HookClient<'a> {
     args: &'a ShardArgs,
     pass: u64,
     actions: &'a [ShardAction],
-    /// In a backward pass: whether to send this shard's gradient piece at each point.
-    taps: Option<&'a [bool]>,
-    /// In a backward pass: whether this shard sends its gradient of an edited point.
-    edit_grads: Option<&'a [bool]>,
+    /// In a backward pass: how the gradient at each point is hooked.
+    taps: Option<&'a [PointMode]>,
+    /// In a backward pass: whether this shard sends its piece of a gradient at each point.
+    sends_gradients: Option<&'a [bool]>,
     calls: Vec<usize>,
     at: &'a mut Option<PointId>,
     fault: Option<(PointId, Fault)>,
@@ -273,7 +273,7 @@ impl HookClient<'_> {
     /// of the pre-edit piece.
     fn edited(&self, value: &Tensor, point: PointId, call: usize) -> Result<Tensor, BoxError> {
         let edited = self.wait(point, call)?;
-        let Some(sends) = self.edit_grads.map(|sends| sends[point]) else {
+        let Some(sends) = self.sends_gradients.map(|sends| sends[point]) else {
             return Ok(edited);
         };
         let n = self.actions.len();
@@ -343,8 +343,8 @@ impl ShardHooks for HookClient<'_> {
             .get(point)
             .copied()
             .unwrap_or(ShardAction::Skip);
-        let tap = self.taps.is_some_and(|taps| taps[point]);
-        if action == ShardAction::Skip && !tap {
+        let tap = self.taps.map_or(PointMode::Off, |taps| taps[point]);
+        if action == ShardAction::Skip && tap == PointMode::Off {
             return Ok(value);
         }
         let call = self.calls[point];
@@ -361,24 +361,35 @@ impl ShardHooks for HookClient<'_> {
             ShardAction::Wait => self.edited(&value, point, call)?,
             ShardAction::Skip => value,
         };
-        if !tap {
+        if tap == PointMode::Off {
             return Ok(value);
         }
-        // Gradient pieces travel as points `n_points + point`.
-        let (events, pass, rank) = (self.args.events.clone(), self.pass, self.args.rank);
-        let grad_point = self.actions.len() + point;
+        // Gradient pieces travel as points `n_points + point`; an edited gradient comes back.
+        let sends = self.sends_gradients.is_some_and(|s| s[point]);
+        let (pass, rank, point) = (self.pass, self.args.rank, self.actions.len() + point);
+        let (events, replies, control) = (
+            self.args.events.clone(),
+            self.args.replies.clone(),
+            self.args.control.clone(),
+        );
         Ok(conjugate::on_backward(&value, move |grad| {
-            let piece = ShardEvent::Piece {
-                pass,
-                rank,
-                point: grad_point,
-                call,
-                value: grad.clone(),
-            };
-            events.send(piece).map_err(|_| {
-                flexmodel_cluster::Error::Protocol("the coordinator is gone".into())
-            })?;
-            Ok(grad.clone())
+            if sends {
+                let piece = ShardEvent::Piece {
+                    pass,
+                    rank,
+                    point,
+                    call,
+                    value: grad.clone(),
+                };
+                let sent = events.send(piece);
+                sent.map_err(|_| {
+                    flexmodel_cluster::Error::Protocol("the coordinator is gone".into())
+                })?;
+            }
+            match tap {
+                PointMode::Edit => wait_reply(&replies, &control, pass, point, call),
+                _ => Ok(grad.clone()),
+            }
         })?)
     }
 }

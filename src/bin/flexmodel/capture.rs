@@ -54,7 +54,9 @@ pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
             .hooks_mut()
             .register(HookFunction::new(pattern.clone()))?;
         if args.grad {
-            model.hooks_mut().register(HookFunction::backward(pattern.clone()))?;
+            model
+                .hooks_mut()
+                .register(HookFunction::backward(pattern.clone()))?;
         }
     }
     let seq = tokens.dim(1)?;

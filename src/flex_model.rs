@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use std::collections::BTreeMap;
+
+use candle_core::{Tensor, Var};
 use flexmodel_actors::{Fault, ShardModel, ShardRuntime, ShardSetup};
 use flexmodel_cluster::{Layout, PassControl};
 
@@ -57,6 +59,9 @@ pub struct FlexModel {
     registry: HookRegistry,
     store: ActivationStore,
     save: SaveContext,
+    /// Variables that edits use, by name, and their gradients from the last backward pass.
+    trainables: BTreeMap<String, Var>,
+    trainable_grads: BTreeMap<String, Tensor>,
 }
 
 impl FlexModel {
@@ -116,6 +121,34 @@ impl FlexModel {
             backend,
             store: ActivationStore::default(),
             save: SaveContext::default(),
+            trainables: BTreeMap::new(),
+            trainable_grads: BTreeMap::new(),
+        }
+    }
+
+    /// Registers `var` (a steering vector, a probe's weights) as trainable under `name`:
+    /// edit closures that use it get its gradient in [`forward_backward`](Self::forward_backward),
+    /// read with [`trainable_grad`](Self::trainable_grad).
+    pub fn register_trainable(&mut self, name: impl Into<String>, var: &Var) -> Result<()> {
+        let name = name.into();
+        if self.trainables.contains_key(&name) {
+            return Err(Error::BadInput(format!(
+                "a trainable variable {name:?} is already registered"
+            )));
+        }
+        self.trainables.insert(name, var.clone());
+        Ok(())
+    }
+
+    /// The gradient of the loss with respect to the trainable variable `name` from the
+    /// last backward pass (zero if no edit used it).
+    pub fn trainable_grad(&self, name: &str) -> Result<Tensor> {
+        let var = self.trainables.get(name).ok_or_else(|| {
+            Error::BadInput(format!("no trainable variable {name:?} is registered"))
+        })?;
+        match self.trainable_grads.get(name) {
+            Some(g) => Ok(g.clone()),
+            None => Ok(var.as_tensor().zeros_like()?),
         }
     }
 
@@ -215,11 +248,17 @@ impl FlexModel {
             },
         };
         let plan = self.registry.plan(groups)?;
+        let trainables = self
+            .trainables
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
         let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points)
-            .keeping_edit_graphs();
+            .keeping_edit_graphs(trainables);
         let (modes, grad_modes) = (hooks.modes(), hooks.grad_modes());
         let out = runtime.run_forward_backward(tokens, &modes, &grad_modes, &mut hooks)?;
         self.store.append(hooks.captures);
+        self.trainable_grads = hooks.trainable_grads;
         let loss = out
             .loss
             .ok_or_else(|| Error::Protocol("the backward pass reported no loss".into()))?;

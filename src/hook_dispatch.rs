@@ -1,6 +1,6 @@
 //! The hook layer of one pass: captures and edits at the points the plan names.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use candle_core::Tensor;
@@ -25,6 +25,9 @@ pub(crate) struct PassHooks<'a> {
     /// In a backward pass through the runtime: the pre-edit leaf and the edited result of
     /// every edited `(point index, call)`, to back-propagate through the edit.
     edit_graphs: Option<HashMap<(usize, usize), (Tensor, Tensor)>>,
+    /// The trainable variables edits may use, by name, and their gradients so far.
+    trainables: Vec<(String, Tensor)>,
+    pub(crate) trainable_grads: BTreeMap<String, Tensor>,
     pub(crate) captures: ActivationStore,
 }
 
@@ -45,13 +48,17 @@ impl<'a> PassHooks<'a> {
             n_layers: (points.len() - 3) / crate::BlockSite::ALL.len(),
             calls,
             edit_graphs: None,
+            trainables: Vec::new(),
+            trainable_grads: BTreeMap::new(),
             captures: ActivationStore::default(),
         }
     }
 
     /// Keeps the graph of every edit, for a pass whose backward runs through the edits.
-    pub(crate) fn keeping_edit_graphs(mut self) -> Self {
+    /// `trainables` (name, variable) get their gradients summed over every edit.
+    pub(crate) fn keeping_edit_graphs(mut self, trainables: Vec<(String, Tensor)>) -> Self {
         self.edit_graphs = Some(HashMap::new());
+        self.trainables = trainables;
         self
     }
 
@@ -169,6 +176,15 @@ impl<'a> PassHooks<'a> {
             )));
         };
         let grads = (edited * grad.detach())?.sum_all()?.backward()?;
+        for (name, var) in &self.trainables {
+            if let Some(g) = grads.get(var) {
+                let total = match self.trainable_grads.remove(name) {
+                    Some(sum) => (sum + g)?,
+                    None => g.clone(),
+                };
+                self.trainable_grads.insert(name.clone(), total);
+            }
+        }
         Ok(match grads.get(&leaf) {
             Some(g) => g.clone(),
             None => leaf.zeros_like()?,

@@ -301,3 +301,46 @@ fn a_backward_edit_blocks_one_heads_gradient_exactly_in_every_layout() {
         assert!(worst < 1e-4);
     }
 }
+
+/// The gradient of a steering vector added at `blocks.1.hook_resid_pre`, and the
+/// gradient at that point.
+fn steering_gradient(checkpoint: &Checkpoint, layout: Layout) -> (Tensor, Tensor) {
+    let mut model = FlexModel::build(checkpoint, layout).unwrap();
+    let start = Tensor::arange(0f32, 64.0, &Device::Cpu)
+        .unwrap()
+        .sin()
+        .unwrap();
+    let steer = candle_core::Var::from_tensor(&(start * 0.1).unwrap()).unwrap();
+    let v = steer.as_tensor().clone();
+    model.register_trainable("steer", &steer).unwrap();
+    let add = HookFunction::new("blocks.1.hook_resid_pre")
+        .without_capture()
+        .with_edit(move |_, x| Ok(x.broadcast_add(&v)?));
+    model.hooks_mut().register(add).unwrap();
+    model
+        .hooks_mut()
+        .register(HookFunction::backward("blocks.1.hook_resid_pre"))
+        .unwrap();
+    model.forward_backward(&tokens()).unwrap();
+    let at_point = model
+        .store()
+        .last("blocks.1.hook_resid_pre_grad")
+        .unwrap()
+        .clone();
+    (model.trainable_grad("steer").unwrap(), at_point)
+}
+
+#[test]
+fn a_trainable_steering_vector_gets_the_same_gradient_in_every_layout() {
+    let checkpoint = tiny_checkpoint(36).unwrap();
+    let (single, at_point) = steering_gradient(&checkpoint, Layout::SINGLE);
+    // d loss / d v = the gradient at the edited point, summed over sequences and positions.
+    let expected = at_point.sum((0, 1)).unwrap();
+    assert!(rel_error(&single, &expected) < 1e-5);
+    for (tp, pp, dp) in [(2, 1, 1), (2, 2, 2), (1, 1, 2), (4, 1, 1)] {
+        let (grad, _) = steering_gradient(&checkpoint, Layout::new(dp, pp, tp).unwrap());
+        let err = rel_error(&grad, &single);
+        eprintln!("steering vector tp={tp} pp={pp} dp={dp}: gradient error {err:.2e}");
+        assert!(err < 1e-4);
+    }
+}

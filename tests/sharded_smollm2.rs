@@ -161,3 +161,45 @@ fn layouts_that_cannot_split_smollm2_are_refused_with_the_reason() {
     );
     let _ = Device::Cpu;
 }
+
+#[test]
+fn every_layout_gives_the_single_shard_gradients_at_every_point() {
+    let (checkpoint, _) = smollm2();
+    let run = |layout: Layout| {
+        let mut model = FlexModel::build(checkpoint, layout).unwrap();
+        register_edits(&mut model);
+        model
+            .hooks_mut()
+            .register(HookFunction::backward("*"))
+            .unwrap();
+        let (_, loss) = model.forward_backward(&tokens()).unwrap();
+        let grads: BTreeMap<String, Tensor> = model
+            .store_mut()
+            .take_all()
+            .into_iter()
+            .map(|(n, mut c)| (n, c.pop().unwrap()))
+            .collect();
+        (loss, grads)
+    };
+    let (loss, single) = run(Layout::SINGLE);
+    assert_eq!(
+        single.keys().filter(|n| n.ends_with("_grad")).count(),
+        30 * 18 + 3
+    );
+    for (tp, pp, dp) in [(3, 1, 1), (1, 3, 1), (1, 1, 2), (3, 2, 2), (3, 3, 2)] {
+        let (sharded_loss, grads) = run(layout(tp, pp, dp));
+        assert!(
+            (sharded_loss - loss).abs() < 1e-5 * loss,
+            "loss {sharded_loss} vs {loss}"
+        );
+        let mut worst = 0.0f64;
+        for (name, expected) in &single {
+            let err = rel_error(&grads[name], expected);
+            assert!(err <= 1e-4, "tp={tp} pp={pp} dp={dp} {name}: {err:.3e}");
+            worst = worst.max(err);
+        }
+        eprintln!(
+            "smollm2 gradients tp={tp} pp={pp} dp={dp} (edited): worst relative error {worst:.2e}"
+        );
+    }
+}

@@ -88,6 +88,14 @@ pub enum Error {
         /// The nearest valid names.
         suggestions: Vec<String>,
     },
+    /// A parameter name the model does not have.
+    #[error("unknown parameter {name:?}{}", suggest(.suggestions))]
+    UnknownParameter {
+        /// The name as given.
+        name: String,
+        /// The nearest parameter names.
+        suggestions: Vec<String>,
+    },
     /// A selector pattern matches no registered hook.
     #[error("no registered hook has a hook point matching {0:?}")]
     NoHookMatches(String),

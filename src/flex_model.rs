@@ -12,6 +12,7 @@ use crate::hook_catalog::HookCatalog;
 use crate::hook_dispatch::PassHooks;
 use crate::hook_registry::{Groups, HookRegistry};
 use crate::models::{Llama, LlamaConfig};
+use crate::parameters::{self, RankSlices};
 use crate::sharding::{LlamaShard, build_shards, geometry};
 use crate::token_batch::check_tokens;
 use crate::weights::TensorMap;
@@ -263,6 +264,44 @@ impl FlexModel {
             .loss
             .ok_or_else(|| Error::Protocol("the backward pass reported no loss".into()))?;
         Ok((out.output, loss))
+    }
+
+    /// Every rank's parameter slices and their gradients from the last backward pass.
+    fn parameter_slices(&self) -> Result<RankSlices> {
+        match &self.backend {
+            Backend::Sharded { runtime, .. } => Ok(runtime.parameters()?),
+            Backend::Single {
+                runtime: Some(runtime),
+                ..
+            } => Ok(runtime.parameters()?),
+            Backend::Single {
+                model,
+                runtime: None,
+            } => Ok(vec![
+                model.parameters().into_iter().map(|p| (p, None)).collect(),
+            ]),
+        }
+    }
+
+    /// The names of every parameter (Hugging Face naming), sorted.
+    pub fn parameter_names(&self) -> Result<Vec<String>> {
+        Ok(parameters::names(&self.parameter_slices()?))
+    }
+
+    /// The whole value of parameter `name`, joined from every rank's slices.
+    pub fn parameter(&self, name: &str) -> Result<Tensor> {
+        Ok(parameters::gather(name, &self.layout, &self.parameter_slices()?)?.0)
+    }
+
+    /// The whole gradient of parameter `name` from the last backward pass.
+    pub fn parameter_grad(&self, name: &str) -> Result<Tensor> {
+        parameters::gather(name, &self.layout, &self.parameter_slices()?)?
+            .1
+            .ok_or_else(|| {
+                Error::BadInput(format!(
+                    "no gradient for {name}: run forward_backward first"
+                ))
+            })
     }
 
     /// Makes rank `rank` fail with `fault` on reaching hook point `hook` in the next

@@ -39,6 +39,7 @@ mod hook_registry;
 mod hooks;
 mod loss;
 pub mod models;
+mod parameters;
 mod pattern;
 pub mod pretrained;
 mod save_context;

@@ -166,6 +166,10 @@ impl ShardModel for LlamaShard {
             normalizer,
         )?)
     }
+
+    fn parameters(&self) -> Vec<flexmodel_actors::ParamSlice> {
+        self.model.parameters()
+    }
 }
 
 /// Every rank's shard of the model, in rank order, with tensor-parallel collectives that

@@ -344,3 +344,119 @@ fn a_trainable_steering_vector_gets_the_same_gradient_in_every_layout() {
         assert!(err < 1e-4);
     }
 }
+
+/// Every parameter and its gradient under `layout`.
+fn parameter_gradients(
+    checkpoint: &Checkpoint,
+    layout: Layout,
+) -> BTreeMap<String, (Tensor, Tensor)> {
+    let mut model = FlexModel::build(checkpoint, layout).unwrap();
+    model.forward_backward(&tokens()).unwrap();
+    model
+        .parameter_names()
+        .unwrap()
+        .into_iter()
+        .map(|name| {
+            let value = model.parameter(&name).unwrap();
+            let grad = model.parameter_grad(&name).unwrap();
+            (name, (value, grad))
+        })
+        .collect()
+}
+
+#[test]
+fn parameter_gradients_match_finite_differences_of_the_weights() {
+    let checkpoint = tiny_checkpoint(37).unwrap();
+    let params = parameter_gradients(&checkpoint, Layout::SINGLE);
+    assert_eq!(
+        params.len(),
+        3 + 4 * 9,
+        "embedding, head, final norm; nine per block"
+    );
+    let weights = flexmodel::weights::TensorMap::read_all(checkpoint.weights.as_ref()).unwrap();
+    for name in [
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.layers.3.mlp.down_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ] {
+        let (value, grad) = &params[name];
+        assert_eq!(value.dims(), weights.tensors()[name].dims());
+        let direction = (grad
+            / grad
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64)
+            .unwrap();
+        let loss_at = |eps: f64| -> f64 {
+            let mut tensors = weights.tensors().clone();
+            tensors.insert(
+                name.to_string(),
+                (value + (&direction * eps).unwrap()).unwrap(),
+            );
+            let perturbed = Checkpoint {
+                config: checkpoint.config.clone(),
+                weights: Box::new(flexmodel::weights::TensorMap::new("perturbed", tensors)),
+                tokenizer: checkpoint.tokenizer.clone(),
+            };
+            let logits = perturbed
+                .load_model()
+                .unwrap()
+                .forward(&tokens(), &mut flexmodel::NoHooks)
+                .unwrap();
+            next_token_loss(&logits.to_dtype(DType::F64).unwrap(), &tokens())
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let eps = 1e-2;
+        let numeric = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps);
+        let analytic = (grad * &direction)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        eprintln!("{name}: directional derivative {analytic:.5} vs finite difference {numeric:.5}");
+        assert!((numeric - analytic).abs() < 2e-2 * analytic.abs(), "{name}");
+    }
+}
+
+#[test]
+fn every_layout_gives_the_single_shard_parameters_and_their_gradients() {
+    let checkpoint = tiny_checkpoint(38).unwrap();
+    let single = parameter_gradients(&checkpoint, Layout::SINGLE);
+    for (tp, pp, dp) in [(2, 1, 1), (2, 2, 2), (8, 1, 1), (1, 3, 1), (4, 2, 2)] {
+        let sharded = parameter_gradients(&checkpoint, Layout::new(dp, pp, tp).unwrap());
+        assert_eq!(
+            sharded.keys().collect::<Vec<_>>(),
+            single.keys().collect::<Vec<_>>()
+        );
+        let mut worst = 0.0f64;
+        for (name, (value, grad)) in &single {
+            assert_eq!(rel_error(&sharded[name].0, value), 0.0, "{name} value");
+            let err = rel_error(&sharded[name].1, grad);
+            assert!(err < 1e-4, "tp={tp} pp={pp} dp={dp} {name}: {err:.3e}");
+            worst = worst.max(err);
+        }
+        eprintln!("parameters tp={tp} pp={pp} dp={dp}: worst gradient error {worst:.2e}");
+    }
+    let model = FlexModel::build(&checkpoint, Layout::new(1, 1, 2).unwrap()).unwrap();
+    let err = model
+        .parameter("model.layers.1.mlp.up_proj.weigth")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("nearest: model.layers.1.mlp.up_proj.weight"),
+        "{err}"
+    );
+    assert!(
+        model.parameter_grad("model.norm.weight").is_err(),
+        "no backward pass yet"
+    );
+}

@@ -13,10 +13,12 @@ use kameo::error::Infallible;
 use kameo::supervision::RestartPolicy;
 
 use crate::coordinator::HookCoordinator;
-use crate::shard::{BackwardPass, EditedPiece, Fault, RunPass, ShardArgs, ShardEvent};
+use crate::shard::{
+    BackwardPass, EditedPiece, Fault, ReadParameters, RunPass, ShardArgs, ShardEvent,
+};
 use crate::{
-    Error, HookSink, PassOutput, PointGeometry, PointId, PointMode, Result, ShardAction,
-    ShardActor, ShardModel,
+    Error, HookSink, ParamSlice, PassOutput, PointGeometry, PointId, PointMode, Result,
+    ShardAction, ShardActor, ShardModel,
 };
 
 /// The supervisor of the shard actors: restarts a shard whose actor stopped.
@@ -144,6 +146,25 @@ impl ShardRuntime {
         }
         self.faults.insert(rank, (point, fault));
         Ok(())
+    }
+
+    /// Every rank's parameter slices, with their gradients from the last backward pass,
+    /// in rank order (a message to each shard).
+    pub fn parameters(&self) -> Result<Vec<Vec<(ParamSlice, Option<Tensor>)>>> {
+        self.shards
+            .iter()
+            .enumerate()
+            .map(|(rank, shard)| {
+                let (reply, answer) = crossbeam_channel::bounded(1);
+                shard
+                    .tell(ReadParameters { reply })
+                    .blocking_send()
+                    .map_err(|_| Error::ShardGone(rank))?;
+                answer
+                    .recv_timeout(Duration::from_secs(60))
+                    .map_err(|_| Error::ShardGone(rank))
+            })
+            .collect()
     }
 
     /// Runs one pass over `tokens` (`[b, t]`; replicas get contiguous, possibly uneven,

@@ -12,7 +12,7 @@ use kameo::error::{ActorStopReason, Infallible, PanicError};
 use kameo::message::{Context, Message};
 
 use crate::geometry::{PointMode, ShardAction};
-use crate::{BoxError, PointId, ShardHooks, ShardModel};
+use crate::{BoxError, ParamSlice, PointId, ShardHooks, ShardModel};
 
 /// How often a shard waiting for an edited piece checks whether the pass was aborted.
 const ABORT_POLL: Duration = Duration::from_millis(20);
@@ -111,6 +111,31 @@ pub struct ShardActor {
     args: ShardArgs,
     pass: u64,
     at: Option<PointId>,
+    /// The gradients of the last backward pass.
+    grads: Option<candle_core::backprop::GradStore>,
+}
+
+/// Asks a shard for its parameter slices and their gradients from the last backward pass.
+pub struct ReadParameters {
+    pub(crate) reply: Sender<Vec<(ParamSlice, Option<Tensor>)>>,
+}
+
+impl Message<ReadParameters> for ShardActor {
+    type Reply = ();
+
+    async fn handle(&mut self, msg: ReadParameters, _: &mut Context<Self, Self::Reply>) {
+        let slices = self
+            .args
+            .model
+            .parameters()
+            .into_iter()
+            .map(|p| {
+                let grad = self.grads.as_ref().and_then(|g| g.get(&p.value)).cloned();
+                (p, grad)
+            })
+            .collect();
+        let _ = msg.reply.send(slices);
+    }
 }
 
 impl kameo::Actor for ShardActor {
@@ -122,6 +147,7 @@ impl kameo::Actor for ShardActor {
             args,
             pass: 0,
             at: None,
+            grads: None,
         })
     }
 
@@ -205,6 +231,8 @@ impl ShardActor {
             }
         };
         let grads = root.backward()?;
+        self.grads = Some(grads);
+        let grads = self.grads.as_ref().ok_or("no gradients")?;
         if stage > 0 {
             let grad = match grads.get(&input) {
                 Some(g) => g.clone(),

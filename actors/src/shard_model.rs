@@ -7,6 +7,18 @@ use crate::BoxError;
 /// A hook point as the runtime sees it: its index in the model's list of points.
 pub type PointId = usize;
 
+/// One parameter tensor as a shard holds it.
+#[derive(Debug, Clone)]
+pub struct ParamSlice {
+    /// The parameter's name (Hugging Face naming for LLaMA models).
+    pub name: String,
+    /// The values this shard holds.
+    pub value: Tensor,
+    /// `None` if the shard holds the whole parameter; else the dimension it is sliced
+    /// along and the range it holds.
+    pub split: Option<(usize, std::ops::Range<usize>)>,
+}
+
 /// The hook layer a shard model calls at every hook point with its local piece.
 pub trait ShardHooks {
     /// The local piece at `point`; returns the piece the model continues with.
@@ -24,4 +36,7 @@ pub trait ShardModel: Send + Sync + 'static {
     /// next-token loss of `tokens` (the replica's `[b, t]` ids) divided by `normalizer`,
     /// the same value on every tensor-parallel rank.
     fn loss(&self, output: &Tensor, tokens: &Tensor, normalizer: f64) -> Result<Tensor, BoxError>;
+
+    /// Every parameter slice this shard holds (autograd variables).
+    fn parameters(&self) -> Vec<ParamSlice>;
 }

@@ -9,6 +9,7 @@
 use std::ops::Range;
 
 use candle_core::Tensor;
+use flexmodel_actors::ParamSlice;
 use flexmodel_cluster::{Collective, conjugate};
 
 use crate::Result;
@@ -42,6 +43,8 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// A linear layer holding output rows `rows` of its `[out, in]` weight (and bias).
 #[derive(Debug, Clone)]
 pub struct ColumnParallelLinear {
+    name: String,
+    rows: Range<usize>,
     weight: Tensor,
     bias: Option<Tensor>,
 }
@@ -63,18 +66,34 @@ impl ColumnParallelLinear {
             None
         };
         Ok(Self {
+            name: name.to_string(),
             weight: param(owned_slice(&weight, 0, &rows)?)?,
+            rows,
             bias,
         })
     }
 
-    /// A bias-free layer over rows `rows` of an already loaded `[out, in]` weight (the
-    /// same parameter when `rows` is all of it, as for tied embeddings).
-    pub fn from_weight(weight: &Tensor, rows: Range<usize>) -> Result<Self> {
+    /// A bias-free layer sharing `weight`, this rank's slice (rows `rows` of the full
+    /// weight) of an already loaded parameter, as a tied LM head shares the embedding.
+    pub fn from_weight(name: &str, weight: &Tensor, rows: Range<usize>) -> Result<Self> {
         Ok(Self {
-            weight: owned_slice(weight, 0, &rows)?,
+            name: name.to_string(),
+            weight: weight.clone(),
+            rows,
             bias: None,
         })
+    }
+
+    /// The weight (`{name}.weight`) and bias slices, split along dimension 0.
+    pub fn parameters(&self) -> Vec<ParamSlice> {
+        let slice = |suffix: &str, value: &Tensor| ParamSlice {
+            name: format!("{}.{suffix}", self.name),
+            value: value.clone(),
+            split: Some((0, self.rows.clone())),
+        };
+        let mut all = vec![slice("weight", &self.weight)];
+        all.extend(self.bias.as_ref().map(|b| slice("bias", b)));
+        all
     }
 
     /// This rank's slice of the output: `x · W_sliceᵀ + b_slice`.
@@ -101,6 +120,8 @@ impl ColumnParallelLinear {
 /// summed across the tensor-parallel group.
 #[derive(Debug, Clone)]
 pub struct RowParallelLinear {
+    name: String,
+    cols: Range<usize>,
     weight: Tensor,
 }
 
@@ -114,8 +135,19 @@ impl RowParallelLinear {
     ) -> Result<Self> {
         let weight = weights.tensor_with_shape(&format!("{name}.weight"), &out_in)?;
         Ok(Self {
+            name: name.to_string(),
             weight: param(owned_slice(&weight, 1, &cols)?)?,
+            cols,
         })
+    }
+
+    /// The weight slice (`{name}.weight`), split along dimension 1.
+    pub fn parameters(&self) -> Vec<ParamSlice> {
+        vec![ParamSlice {
+            name: format!("{}.weight", self.name),
+            value: self.weight.clone(),
+            split: Some((1, self.cols.clone())),
+        }]
     }
 
     /// `x_slice · W_sliceᵀ`, all-reduced: the full output on every rank.
@@ -135,6 +167,7 @@ impl RowParallelLinear {
 /// A token embedding holding the rows of vocabulary slice `rows`.
 #[derive(Debug, Clone)]
 pub struct VocabParallelEmbedding {
+    name: String,
     weight: Tensor,
     rows: Range<usize>,
 }
@@ -149,9 +182,19 @@ impl VocabParallelEmbedding {
     ) -> Result<Self> {
         let weight = weights.tensor_with_shape(name, &vocab_d)?;
         Ok(Self {
+            name: name.to_string(),
             weight: param(owned_slice(&weight, 0, &rows)?)?,
             rows,
         })
+    }
+
+    /// The embedding rows, split along dimension 0.
+    pub fn parameters(&self) -> Vec<ParamSlice> {
+        vec![ParamSlice {
+            name: self.name.clone(),
+            value: self.weight.clone(),
+            split: Some((0, self.rows.clone())),
+        }]
     }
 
     /// The embedding rows this rank holds, `[rows.len(), d_model]`.

@@ -69,14 +69,13 @@ impl Attention {
         })
     }
 
-    /// Every weight tensor this rank holds (biases included).
-    pub fn weights(&self) -> Vec<&Tensor> {
+    /// Every parameter slice this rank holds (biases included).
+    pub fn parameters(&self) -> Vec<flexmodel_actors::ParamSlice> {
         let mut all = Vec::new();
         for proj in [&self.q_proj, &self.k_proj, &self.v_proj] {
-            all.push(proj.weight());
-            all.extend(proj.bias());
+            all.extend(proj.parameters());
         }
-        all.push(self.o_proj.weight());
+        all.extend(self.o_proj.parameters());
         all
     }
 

@@ -48,11 +48,12 @@ impl Block {
         })
     }
 
-    /// Every weight tensor this block holds.
-    pub fn weights(&self) -> Vec<&Tensor> {
-        let mut all = vec![self.ln1.weight(), self.ln2.weight()];
-        all.extend(self.attn.weights());
-        all.extend(self.mlp.weights());
+    /// Every parameter slice this block holds.
+    pub fn parameters(&self) -> Vec<flexmodel_actors::ParamSlice> {
+        let mut all = self.ln1.parameters();
+        all.extend(self.attn.parameters());
+        all.extend(self.ln2.parameters());
+        all.extend(self.mlp.parameters());
         all
     }
 

@@ -49,13 +49,12 @@ impl Mlp {
         })
     }
 
-    /// Every weight tensor this rank holds.
-    pub fn weights(&self) -> Vec<&Tensor> {
-        vec![
-            self.gate_proj.weight(),
-            self.up_proj.weight(),
-            self.down_proj.weight(),
-        ]
+    /// Every parameter slice this rank holds.
+    pub fn parameters(&self) -> Vec<flexmodel_actors::ParamSlice> {
+        let mut all = self.gate_proj.parameters();
+        all.extend(self.up_proj.parameters());
+        all.extend(self.down_proj.parameters());
+        all
     }
 
     /// The MLP of `x` (the normed residual), summed over all ranks.

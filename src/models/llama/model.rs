@@ -4,6 +4,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::Tensor;
+use flexmodel_actors::ParamSlice;
 use flexmodel_cluster::{Collective, conjugate};
 
 use super::LlamaConfig;
@@ -88,7 +89,7 @@ impl Llama {
         let lm_head = match (stage.last, &embed) {
             (false, _) => None,
             (true, Some(e)) if config.tie_word_embeddings => Some(
-                ColumnParallelLinear::from_weight(e.weight(), 0..vocab.len())?,
+                ColumnParallelLinear::from_weight(embed_name, e.weight(), vocab.clone())?,
             ),
             (true, _) => Some(ColumnParallelLinear::load(
                 weights,
@@ -145,22 +146,26 @@ impl Llama {
         &self.stage
     }
 
+    /// Every parameter slice this shard holds, under Hugging Face names (tied
+    /// embeddings appear once, as `model.embed_tokens.weight`).
+    pub fn parameters(&self) -> Vec<ParamSlice> {
+        let mut all = Vec::new();
+        all.extend(self.embed.iter().flat_map(|e| e.parameters()));
+        all.extend(self.blocks.iter().flat_map(|b| b.parameters()));
+        all.extend(self.final_norm.iter().flat_map(|n| n.parameters()));
+        all.extend(self.lm_head.iter().flat_map(|h| h.parameters()));
+        // A tied head on a shard that also embeds shares the embedding's tensor.
+        let mut seen = std::collections::HashSet::new();
+        all.retain(|p| seen.insert(p.value.id()));
+        all
+    }
+
     /// The bytes of weights this shard holds.
     pub fn weight_bytes(&self) -> usize {
-        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let mut tensors: Vec<&Tensor> = Vec::new();
-        tensors.extend(self.embed.as_ref().map(|e| e.weight()));
-        tensors.extend(self.lm_head.as_ref().map(|h| h.weight()));
-        tensors.extend(self.final_norm.as_ref().map(|n| n.weight()));
-        for block in &self.blocks {
-            tensors.extend(block.weights());
-        }
-        // Tied embeddings share one tensor: count it once.
-        let mut seen = std::collections::HashSet::new();
-        tensors
-            .into_iter()
-            .filter(|t| seen.insert(t.id()))
-            .map(size)
+        let parameters = self.parameters();
+        parameters
+            .iter()
+            .map(|p| p.value.elem_count() * p.value.dtype().size_in_bytes())
             .sum()
     }
 

@@ -9,6 +9,7 @@ use crate::weights::WeightSource;
 /// RMSNorm with a learned per-channel weight.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
+    name: String,
     weight: Tensor,
     eps: f64,
 }
@@ -17,14 +18,19 @@ impl RmsNorm {
     /// Loads the `[d_model]` weight `name`.
     pub fn load(weights: &dyn WeightSource, name: &str, d_model: usize, eps: f64) -> Result<Self> {
         Ok(Self {
+            name: name.to_string(),
             weight: param(weights.tensor_with_shape(name, &[d_model])?)?,
             eps,
         })
     }
 
-    /// The learned weight.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The weight, whole on every rank.
+    pub fn parameters(&self) -> Vec<flexmodel_actors::ParamSlice> {
+        vec![flexmodel_actors::ParamSlice {
+            name: self.name.clone(),
+            value: self.weight.clone(),
+            split: None,
+        }]
     }
 
     /// `x / sqrt(mean(x²) + ε)` over the last dimension.

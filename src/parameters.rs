@@ -4,14 +4,17 @@
 use std::collections::BTreeSet;
 
 use candle_core::Tensor;
-use flexmodel_actors::ParamSlice;
+use flexmodel_actors::{ParamSlice, ShardParameters};
 use flexmodel_cluster::Layout;
 
 use crate::pattern::nearest;
 use crate::{Error, Result};
 
 /// Every rank's parameter slices with their gradients, in rank order.
-pub(crate) type RankSlices = Vec<Vec<(ParamSlice, Option<Tensor>)>>;
+pub(crate) type RankSlices = Vec<ShardParameters>;
+
+/// One rank's slice of a parameter: its tensor-parallel rank, the slice, its gradient.
+type Held<'a> = (usize, &'a ParamSlice, &'a Option<Tensor>);
 
 /// The names of every parameter, sorted.
 pub(crate) fn names(slices: &RankSlices) -> Vec<String> {
@@ -34,7 +37,7 @@ pub(crate) fn gather(
     slices: &RankSlices,
 ) -> Result<(Tensor, Option<Tensor>)> {
     // Per (replica, stage): the tensor-parallel slices of `name`.
-    let mut groups: Vec<((usize, usize), Vec<(usize, &ParamSlice, &Option<Tensor>)>)> = Vec::new();
+    let mut groups: Vec<((usize, usize), Vec<Held>)> = Vec::new();
     for (rank, held) in slices.iter().enumerate() {
         let c = layout.coords(rank);
         for (p, g) in held.iter().filter(|(p, _)| p.name == name) {
@@ -66,7 +69,7 @@ pub(crate) fn gather(
     Ok((value, grad))
 }
 
-fn join_gradient(group: &[(usize, &ParamSlice, &Option<Tensor>)]) -> Result<Option<Tensor>> {
+fn join_gradient(group: &[Held]) -> Result<Option<Tensor>> {
     if group.iter().any(|(_, _, g)| g.is_none()) {
         return Ok(None);
     }
@@ -77,12 +80,8 @@ fn join_gradient(group: &[(usize, &ParamSlice, &Option<Tensor>)]) -> Result<Opti
 /// range order; slices of the same range are copies: the first is taken, or with `sum`
 /// (gradients, each copy holding part) they are added. A parameter every rank holds
 /// whole is taken from the first rank.
-fn join(
-    group: &[(usize, &ParamSlice, &Option<Tensor>)],
-    tensor: impl Fn(&(usize, &ParamSlice, &Option<Tensor>)) -> Option<Tensor>,
-    sum: bool,
-) -> Result<Tensor> {
-    let mut ordered: Vec<&(usize, &ParamSlice, &Option<Tensor>)> = group.iter().collect();
+fn join(group: &[Held], tensor: impl Fn(&Held) -> Option<Tensor>, sum: bool) -> Result<Tensor> {
+    let mut ordered: Vec<&Held> = group.iter().collect();
     ordered.sort_by_key(|(tp, p, _)| (p.split.as_ref().map(|(_, r)| r.start), *tp));
     let missing = || Error::Protocol("a parameter slice has no tensor".into());
     let Some((dim, _)) = ordered[0].1.split.clone() else {

@@ -203,3 +203,25 @@ fn every_layout_gives_the_single_shard_gradients_at_every_point() {
         );
     }
 }
+
+#[test]
+fn tied_embedding_gradients_sum_both_uses_across_pipeline_stages() {
+    let (checkpoint, _) = smollm2();
+    let grads = |layout: Layout| {
+        let mut model = FlexModel::build(checkpoint, layout).unwrap();
+        model.forward_backward(&tokens()).unwrap();
+        [
+            "model.embed_tokens.weight",
+            "model.layers.29.mlp.down_proj.weight",
+            "model.norm.weight",
+        ]
+        .map(|name| model.parameter_grad(name).unwrap())
+    };
+    let single = grads(Layout::SINGLE);
+    for (tp, pp, dp) in [(1, 3, 1), (3, 2, 2)] {
+        for (sharded, expected) in grads(layout(tp, pp, dp)).iter().zip(&single) {
+            let err = rel_error(sharded, expected);
+            assert!(err < 1e-4, "tp={tp} pp={pp} dp={dp}: {err:.3e}");
+        }
+    }
+}

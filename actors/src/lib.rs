@@ -19,4 +19,4 @@ pub use error::{BoxError, Error, Result};
 pub use geometry::{PointGeometry, PointMode, ShardAction};
 pub use runtime::{ShardRuntime, ShardSetup};
 pub use shard::{Fault, ShardActor};
-pub use shard_model::{ParamSlice, PointId, ShardHooks, ShardModel};
+pub use shard_model::{ParamSlice, PointId, ShardHooks, ShardModel, ShardParameters};

@@ -17,8 +17,8 @@ use crate::shard::{
     BackwardPass, EditedPiece, Fault, ReadParameters, RunPass, ShardArgs, ShardEvent,
 };
 use crate::{
-    Error, HookSink, ParamSlice, PassOutput, PointGeometry, PointId, PointMode, Result,
-    ShardAction, ShardActor, ShardModel,
+    Error, HookSink, PassOutput, PointGeometry, PointId, PointMode, Result, ShardAction,
+    ShardActor, ShardModel, ShardParameters,
 };
 
 /// The supervisor of the shard actors: restarts a shard whose actor stopped.
@@ -150,7 +150,7 @@ impl ShardRuntime {
 
     /// Every rank's parameter slices, with their gradients from the last backward pass,
     /// in rank order (a message to each shard).
-    pub fn parameters(&self) -> Result<Vec<Vec<(ParamSlice, Option<Tensor>)>>> {
+    pub fn parameters(&self) -> Result<Vec<ShardParameters>> {
         self.shards
             .iter()
             .enumerate()

@@ -12,7 +12,7 @@ use kameo::error::{ActorStopReason, Infallible, PanicError};
 use kameo::message::{Context, Message};
 
 use crate::geometry::{PointMode, ShardAction};
-use crate::{BoxError, ParamSlice, PointId, ShardHooks, ShardModel};
+use crate::{BoxError, PointId, ShardHooks, ShardModel, ShardParameters};
 
 /// How often a shard waiting for an edited piece checks whether the pass was aborted.
 const ABORT_POLL: Duration = Duration::from_millis(20);
@@ -117,7 +117,7 @@ pub struct ShardActor {
 
 /// Asks a shard for its parameter slices and their gradients from the last backward pass.
 pub struct ReadParameters {
-    pub(crate) reply: Sender<Vec<(ParamSlice, Option<Tensor>)>>,
+    pub(crate) reply: Sender<ShardParameters>,
 }
 
 impl Message<ReadParameters> for ShardActor {

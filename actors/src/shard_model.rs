@@ -19,6 +19,9 @@ pub struct ParamSlice {
     pub split: Option<(usize, std::ops::Range<usize>)>,
 }
 
+/// A shard's parameter slices with their gradients from the last backward pass.
+pub type ShardParameters = Vec<(ParamSlice, Option<Tensor>)>;
+
 /// The hook layer a shard model calls at every hook point with its local piece.
 pub trait ShardHooks {
     /// The local piece at `point`; returns the piece the model continues with.

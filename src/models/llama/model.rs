@@ -89,7 +89,7 @@ impl Llama {
         let lm_head = match (stage.last, &embed) {
             (false, _) => None,
             (true, Some(e)) if config.tie_word_embeddings => Some(
-                ColumnParallelLinear::from_weight(embed_name, e.weight(), vocab.clone())?,
+                ColumnParallelLinear::from_weight("model.embed_tokens", e.weight(), vocab.clone())?,
             ),
             (true, _) => Some(ColumnParallelLinear::load(
                 weights,

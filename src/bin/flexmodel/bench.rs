@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Timed forward passes of each variant (after one warm-up pass each).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     iters: u32,
+    /// Time forward+backward passes (from the next-token loss) instead of forward passes.
+    #[arg(long)]
+    backward: bool,
     /// End with a JSON line of the statistics.
     #[arg(long)]
     json: bool,
@@ -87,7 +90,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             hooks.set_enabled("*", variant == Variant::Capturing)?;
         }
         let start = Instant::now();
-        model.forward(&tokens)?;
+        match args.backward {
+            true => drop(model.forward_backward(&tokens)?),
+            false => drop(model.forward(&tokens)?),
+        }
         let elapsed = start.elapsed().as_secs_f64() * 1e3;
         if variant == Variant::Capturing {
             (captured_bytes, captured_points) = (model.store().bytes(), model.store().len());
@@ -132,6 +138,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "mean_ms": base.mean_ms,
         "min_ms": base.min_ms,
         "tokens_per_s": tokens_per_s,
+        "backward": args.backward,
     });
     if let [_, capturing, disabled] = stats.as_slice() {
         println!(

@@ -9,7 +9,7 @@ use flexmodel_actors::{Fault, ShardModel, ShardRuntime, ShardSetup};
 use flexmodel_cluster::{Layout, PassControl};
 
 use crate::hook_catalog::HookCatalog;
-use crate::hook_dispatch::PassHooks;
+use crate::hook_dispatch::{LossFn, PassHooks};
 use crate::hook_registry::{Groups, HookRegistry};
 use crate::models::{Llama, LlamaConfig};
 use crate::parameters::{self, RankSlices};
@@ -226,10 +226,31 @@ impl FlexModel {
         tokens: &Tensor,
         groups: &Groups,
     ) -> Result<(Tensor, f32)> {
+        self.backward_pass(tokens, groups, None)
+    }
+
+    /// A forward and a backward pass from a loss of your own, computed from the gathered
+    /// logits `[b, t, vocab]` (a scalar tensor); returns the logits and the loss.
+    pub fn forward_backward_with_loss(
+        &mut self,
+        tokens: &Tensor,
+        groups: &Groups,
+        loss: impl FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, f32)> {
+        self.backward_pass(tokens, groups, Some(Box::new(loss)))
+    }
+
+    fn backward_pass(
+        &mut self,
+        tokens: &Tensor,
+        groups: &Groups,
+        loss_fn: Option<Box<LossFn>>,
+    ) -> Result<(Tensor, f32)> {
         let (_, t) = check_tokens(tokens, self.config.vocab_size)?;
-        if t < 2 {
+        if t < 2 && loss_fn.is_none() {
             return Err(Error::BadInput(
-                "a backward pass needs sequences of at least two tokens".into(),
+                "a backward pass from the next-token loss needs sequences of at least two tokens"
+                    .into(),
             ));
         }
         let runtime = match &mut self.backend {
@@ -257,11 +278,23 @@ impl FlexModel {
         let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points)
             .keeping_edit_graphs(trainables);
         let (modes, grad_modes) = (hooks.modes(), hooks.grad_modes());
-        let out = runtime.run_forward_backward(tokens, &modes, &grad_modes, &mut hooks)?;
+        let out = match loss_fn {
+            Some(loss_fn) => {
+                hooks = hooks.with_loss(loss_fn);
+                runtime.run_forward_backward_with_driver_loss(
+                    tokens,
+                    &modes,
+                    &grad_modes,
+                    &mut hooks,
+                )?
+            }
+            None => runtime.run_forward_backward(tokens, &modes, &grad_modes, &mut hooks)?,
+        };
         self.store.append(hooks.captures);
         self.trainable_grads = hooks.trainable_grads;
         let loss = out
             .loss
+            .or(hooks.loss)
             .ok_or_else(|| Error::Protocol("the backward pass reported no loss".into()))?;
         Ok((out.output, loss))
     }

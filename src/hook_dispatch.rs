@@ -11,6 +11,9 @@ use crate::hook_function::HookCtx;
 use crate::hook_registry::{Entry, PassPlan};
 use crate::{ActivationStore, Error, HookLayer, HookPoint, Result, SaveContext};
 
+/// A loss computed by the driver from the full logits `[b, t, vocab]`: a scalar.
+pub type LossFn<'a> = dyn FnMut(&Tensor) -> Result<Tensor> + 'a;
+
 /// Runs the registered hooks of one pass, on one shard (as its hook layer) or on the
 /// gathered tensors of a sharded pass (as the coordinator's sink). Its captures are kept
 /// apart until the pass succeeds, so a failed pass leaves the store as it was.
@@ -25,6 +28,9 @@ pub(crate) struct PassHooks<'a> {
     /// In a backward pass through the runtime: the pre-edit leaf and the edited result of
     /// every edited `(point index, call)`, to back-propagate through the edit.
     edit_graphs: Option<HashMap<(usize, usize), (Tensor, Tensor)>>,
+    /// A loss the driver computes from the gathered logits, and its value once computed.
+    loss_fn: Option<Box<LossFn<'a>>>,
+    pub(crate) loss: Option<f32>,
     /// The trainable variables edits may use, by name, and their gradients so far.
     trainables: Vec<(String, Tensor)>,
     pub(crate) trainable_grads: BTreeMap<String, Tensor>,
@@ -48,6 +54,8 @@ impl<'a> PassHooks<'a> {
             n_layers: (points.len() - 3) / crate::BlockSite::ALL.len(),
             calls,
             edit_graphs: None,
+            loss_fn: None,
+            loss: None,
             trainables: Vec::new(),
             trainable_grads: BTreeMap::new(),
             captures: ActivationStore::default(),
@@ -55,6 +63,38 @@ impl<'a> PassHooks<'a> {
     }
 
     /// Keeps the graph of every edit, for a pass whose backward runs through the edits.
+    /// Computes the loss with `loss` from the gathered logits instead of the default.
+    pub(crate) fn with_loss(mut self, loss: Box<LossFn<'a>>) -> Self {
+        self.loss_fn = Some(loss);
+        self
+    }
+
+    /// The driver's loss of the full `logits`, and the gradient of the logits.
+    fn driver_loss(&mut self, logits: &Tensor) -> Result<Tensor> {
+        let loss_fn = self
+            .loss_fn
+            .as_mut()
+            .ok_or_else(|| Error::Protocol("the runtime asked for a loss nobody gave".into()))?;
+        let logits = candle_core::Var::from_tensor(logits)?.as_tensor().clone();
+        let loss = loss_fn(&logits)?;
+        if loss.elem_count() != 1 {
+            return Err(Error::BadInput(format!(
+                "the loss must be a scalar, got shape {:?}",
+                loss.dims()
+            )));
+        }
+        self.loss = Some(
+            loss.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?[0],
+        );
+        let grads = loss.sum_all()?.backward()?;
+        Ok(match grads.get(&logits) {
+            Some(g) => g.clone(),
+            None => logits.zeros_like()?,
+        })
+    }
+
     /// `trainables` (name, variable) get their gradients summed over every edit.
     pub(crate) fn keeping_edit_graphs(mut self, trainables: Vec<(String, Tensor)>) -> Self {
         self.edit_graphs = Some(HashMap::new());
@@ -212,6 +252,9 @@ impl HookSink for PassHooks<'_> {
         full: Tensor,
     ) -> std::result::Result<Option<Tensor>, BoxError> {
         let n = self.points.len();
+        if point == 3 * n {
+            return Ok(Some(self.driver_loss(&full)?));
+        }
         if point >= 2 * n {
             return Ok(Some(self.through_edit(point - 2 * n, call, &full)?));
         }

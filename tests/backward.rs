@@ -460,3 +460,63 @@ fn every_layout_gives_the_single_shard_parameters_and_their_gradients() {
         "no backward pass yet"
     );
 }
+
+/// Gradients at every point with a loss computed from the gathered logits.
+fn user_loss_gradients(checkpoint: &Checkpoint, layout: Layout) -> (f32, BTreeMap<String, Tensor>) {
+    let mut model = FlexModel::build(checkpoint, layout).unwrap();
+    model
+        .hooks_mut()
+        .register(HookFunction::backward("*"))
+        .unwrap();
+    // The log-probability of token 42 at the last position of every sequence, negated.
+    let (_, loss) = model
+        .forward_backward_with_loss(&tokens(), &flexmodel::Groups::All, |logits| {
+            let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?;
+            let log_probs = candle_nn::ops::log_softmax(&last, candle_core::D::Minus1)?;
+            Ok(log_probs.narrow(1, 42, 1)?.mean_all()?.neg()?)
+        })
+        .unwrap();
+    let grads = model
+        .store_mut()
+        .take_all()
+        .into_iter()
+        .map(|(n, mut c)| (n, c.pop().unwrap()))
+        .collect();
+    (loss, grads)
+}
+
+#[test]
+fn a_loss_of_your_own_on_the_gathered_logits_back_propagates_in_every_layout() {
+    let checkpoint = tiny_checkpoint(39).unwrap();
+    // With the next-token loss as the user loss, the default pass is reproduced.
+    let (default_loss, default) = gradients(&checkpoint, Layout::SINGLE);
+    let mut model = FlexModel::build(&checkpoint, Layout::new(1, 2, 2).unwrap()).unwrap();
+    model
+        .hooks_mut()
+        .register(HookFunction::backward("*"))
+        .unwrap();
+    let (_, loss) = model
+        .forward_backward_with_loss(&tokens(), &flexmodel::Groups::All, |logits| {
+            next_token_loss(logits, &tokens())
+        })
+        .unwrap();
+    assert!((loss - default_loss).abs() < 1e-5 * default_loss);
+    for (name, mut calls) in model.store_mut().take_all() {
+        assert!(
+            rel_error(&calls.pop().unwrap(), &default[&name]) < 1e-4,
+            "{name}"
+        );
+    }
+    let (loss, single) = user_loss_gradients(&checkpoint, Layout::SINGLE);
+    for (tp, pp, dp) in [(2, 1, 1), (2, 2, 2), (4, 1, 1)] {
+        let (sharded_loss, grads) =
+            user_loss_gradients(&checkpoint, Layout::new(dp, pp, tp).unwrap());
+        assert!((sharded_loss - loss).abs() < 1e-5 * loss.abs());
+        for (name, expected) in &single {
+            assert!(
+                rel_error(&grads[name], expected) < 1e-4,
+                "tp={tp} pp={pp} dp={dp} {name}"
+            );
+        }
+    }
+}

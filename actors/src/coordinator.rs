@@ -21,7 +21,9 @@ type Gathering = (Vec<Vec<Option<Tensor>>>, usize);
 pub trait HookSink {
     /// The full tensor of call `call` of `point`. For a point hooked with an edit, returns
     /// the edited tensor (same shape and dtype), which is split and sent back. In a
-    /// backward pass, the gradient at point `p` arrives as point `n_points + p`.
+    /// backward pass, the gradient at point `p` arrives as point `n_points + p`, the
+    /// gradient of an edit's result as `2 n_points + p`, and the output as `3 n_points`
+    /// when the driver computes the loss (the sink returns the output's gradient).
     fn gathered(
         &mut self,
         point: PointId,
@@ -205,7 +207,11 @@ impl<'a> HookCoordinator<'a> {
             return Ok(());
         }
         let n = self.geometry.len();
-        let geometry = &self.geometry[point % n];
+        // Point `3 n` is the output, for a loss the driver computes.
+        let geometry = match point == 3 * n {
+            true => self.output,
+            false => &self.geometry[point % n],
+        };
         let RankCoords { dp, tp, .. } = self.layout.coords(rank);
         let gradient = point >= n;
         let sends = |t: usize| match gradient {

@@ -189,16 +189,31 @@ impl ShardRuntime {
         grads: &[PointMode],
         sink: &mut dyn HookSink,
     ) -> Result<PassOutput> {
-        self.run(tokens, modes, Some(grads), sink)
+        self.run(tokens, modes, Some((grads, false)), sink)
+    }
+
+    /// Like [`run_forward_backward`](Self::run_forward_backward), with the loss computed
+    /// by the sink: the gathered output reaches it as point `3 n_points`, and the gradient
+    /// it returns is scattered to the last stage, where backward starts.
+    pub fn run_forward_backward_with_driver_loss(
+        &mut self,
+        tokens: &Tensor,
+        modes: &[PointMode],
+        grads: &[PointMode],
+        sink: &mut dyn HookSink,
+    ) -> Result<PassOutput> {
+        self.run(tokens, modes, Some((grads, true)), sink)
     }
 
     fn run(
         &mut self,
         tokens: &Tensor,
         modes: &[PointMode],
-        grads: Option<&[PointMode]>,
+        backward: Option<(&[PointMode], bool)>,
         sink: &mut dyn HookSink,
     ) -> Result<PassOutput> {
+        let grads = backward.map(|(grads, _)| grads);
+        let driver_loss = backward.is_some_and(|(_, driver)| driver);
         let batch = tokens.dim(0)?;
         if batch < self.layout.dp() {
             return Err(Error::Startup(format!(
@@ -215,7 +230,7 @@ impl ShardRuntime {
         let n = self.geometry.len();
         let mut replies: Vec<bool> = modes.iter().map(|m| *m == PointMode::Edit).collect();
         replies.extend((0..n).map(|p| grads.is_some_and(|g| g[p] == PointMode::Edit)));
-        replies.extend(std::iter::repeat_n(true, n));
+        replies.extend(std::iter::repeat_n(true, n + 1));
         for (rank, shard) in self.shards.iter().enumerate() {
             let coords = self.layout.coords(rank);
             let actions: Vec<ShardAction> = self
@@ -236,6 +251,7 @@ impl ShardRuntime {
                 .map(|g| g.sends_gradient(coords.tp))
                 .collect();
             let backward = grads.map(|grads| BackwardPass {
+                driver_loss,
                 sends_gradients: Arc::new(sends_gradients),
                 tokens: replica.clone(),
                 normalizer: (batch * tokens.dim(1).unwrap_or(1).saturating_sub(1)) as f64,

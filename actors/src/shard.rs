@@ -88,6 +88,8 @@ pub(crate) struct BackwardPass {
     pub(crate) tokens: Tensor,
     /// The number of predicted tokens in the global batch.
     pub(crate) normalizer: f64,
+    /// Whether the driver computes the loss from the gathered output instead.
+    pub(crate) driver_loss: bool,
     /// How the gradient at each hook point is hooked on this shard.
     pub(crate) taps: Arc<Vec<PointMode>>,
     /// Whether this shard sends its piece of a gradient at each point.
@@ -216,15 +218,32 @@ impl ShardActor {
             }
             return Ok((Some(out), None));
         };
-        let (root, loss) = match last {
-            true => {
+        let (root, loss) = match (last, backward.driver_loss) {
+            (true, true) => {
+                // The driver computes its loss on the gathered output and sends back the
+                // gradient of this rank's slice (the output travels as point `3 n`).
+                let point = 3 * msg.actions.len();
+                let piece = ShardEvent::Piece {
+                    pass: msg.pass,
+                    rank: args.rank,
+                    point,
+                    call: 0,
+                    value: out.detach(),
+                };
+                args.events
+                    .send(piece)
+                    .map_err(|_| "the coordinator is gone")?;
+                let grad = wait_reply(&args.replies, &args.control, msg.pass, point, 0)?;
+                ((&out * grad)?.sum_all()?, None)
+            }
+            (true, false) => {
                 let loss = args
                     .model
                     .loss(&out, &backward.tokens, backward.normalizer)?;
                 let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
                 (loss, Some(value))
             }
-            false => {
+            (false, _) => {
                 args.pipeline.send(&out.detach(), stage + 1)?;
                 let grad = args.pipeline.recv(stage + 1)?;
                 ((&out * grad)?.sum_all()?, None)

@@ -88,24 +88,7 @@ impl FlexModel {
         let control = Arc::new(PassControl::default());
         let shards = build_shards(&config, &weights, &layout, &control)?;
         drop(weights);
-        let geometry = HookPoint::all(config.n_layers)
-            .into_iter()
-            .map(|p| geometry(p, &config, &layout))
-            .collect::<Result<Vec<_>>>()?;
-        let output = geometry[HookPoint::UnembedOut.index(config.n_layers)].clone();
-        let models = shards
-            .iter()
-            .map(|s| s.clone() as Arc<dyn ShardModel>)
-            .collect();
-        let runtime = ShardRuntime::start(
-            layout,
-            ShardSetup {
-                models,
-                control,
-                geometry,
-                output,
-            },
-        )?;
+        let runtime = start_runtime(&config, layout, &shards, control)?;
         Ok(Self::with_backend(
             config,
             layout,

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
-use common::{batch, rel_error};
+use common::{batch, rel_error, take_last_calls};
 use flexmodel::tiny::tiny_checkpoint;
 use flexmodel::{Checkpoint, FlexModel, HookFunction, HookPoint, Layout, edits, next_token_loss};
 
@@ -26,12 +26,7 @@ fn gradients(checkpoint: &Checkpoint, layout: Layout) -> (f32, BTreeMap<String, 
         .register(HookFunction::backward("*"))
         .unwrap();
     let (_, loss) = model.forward_backward(&tokens()).unwrap();
-    let grads = model
-        .store_mut()
-        .take_all()
-        .into_iter()
-        .map(|(n, mut c)| (n, c.pop().unwrap()))
-        .collect();
+    let grads = take_last_calls(&mut model);
     (loss, grads)
 }
 
@@ -155,12 +150,7 @@ fn edited_gradients(checkpoint: &Checkpoint, layout: Layout) -> (f32, BTreeMap<S
         .register(HookFunction::backward("*"))
         .unwrap();
     let (_, loss) = model.forward_backward(&tokens()).unwrap();
-    let grads = model
-        .store_mut()
-        .take_all()
-        .into_iter()
-        .map(|(n, mut c)| (n, c.pop().unwrap()))
-        .collect();
+    let grads = take_last_calls(&mut model);
     (loss, grads)
 }
 
@@ -244,12 +234,7 @@ fn gradients_with_head_blocked(
         .register(HookFunction::backward("*"))
         .unwrap();
     model.forward_backward(&tokens()).unwrap();
-    model
-        .store_mut()
-        .take_all()
-        .into_iter()
-        .map(|(n, mut c)| (n, c.pop().unwrap()))
-        .collect()
+    take_last_calls(&mut model)
 }
 
 #[test]
@@ -275,12 +260,7 @@ fn a_backward_edit_blocks_one_heads_gradient_exactly_in_every_layout() {
         .register(HookFunction::backward("*"))
         .unwrap();
     model.forward_backward(&tokens()).unwrap();
-    let stopped: BTreeMap<String, Tensor> = model
-        .store_mut()
-        .take_all()
-        .into_iter()
-        .map(|(n, mut c)| (n, c.pop().unwrap()))
-        .collect();
+    let stopped: BTreeMap<String, Tensor> = take_last_calls(&mut model);
     for (name, expected) in &stopped {
         assert!(rel_error(&blocked[name], expected) < 1e-5, "{name}");
     }
@@ -476,12 +456,7 @@ fn user_loss_gradients(checkpoint: &Checkpoint, layout: Layout) -> (f32, BTreeMa
             Ok(log_probs.narrow(1, 42, 1)?.mean_all()?.neg()?)
         })
         .unwrap();
-    let grads = model
-        .store_mut()
-        .take_all()
-        .into_iter()
-        .map(|(n, mut c)| (n, c.pop().unwrap()))
-        .collect();
+    let grads = take_last_calls(&mut model);
     (loss, grads)
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::Tensor;
-use common::{batch, rel_error};
+use common::{batch, rel_error, take_last_calls};
 use flexmodel::tiny::tiny_checkpoint;
 use flexmodel::{Checkpoint, FlexModel, HookFunction, edits};
 use flexmodel_cluster::Layout;
@@ -29,12 +29,7 @@ fn run(
     setup(&mut model);
     model.hooks_mut().register(HookFunction::new("*")).unwrap();
     let logits = model.forward(tokens).unwrap();
-    let captured = model
-        .store_mut()
-        .take_all()
-        .into_iter()
-        .map(|(name, mut calls)| (name, calls.pop().unwrap()))
-        .collect();
+    let captured = take_last_calls(&mut model);
     (logits, captured, model)
 }
 

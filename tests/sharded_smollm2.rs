@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
-use common::{batch, rel_error, smollm2};
+use common::{batch, rel_error, smollm2, take_last_calls};
 use flexmodel::{FlexModel, HookFunction, edits};
 use flexmodel_cluster::Layout;
 
@@ -45,12 +45,7 @@ fn run(layout: Layout, edited: bool) -> (Tensor, BTreeMap<String, Tensor>) {
     }
     model.hooks_mut().register(HookFunction::new("*")).unwrap();
     let logits = model.forward(&tokens()).unwrap();
-    let captured = model
-        .store_mut()
-        .take_all()
-        .into_iter()
-        .map(|(n, mut c)| (n, c.pop().unwrap()))
-        .collect();
+    let captured = take_last_calls(&mut model);
     (logits, captured)
 }
 
@@ -173,12 +168,7 @@ fn every_layout_gives_the_single_shard_gradients_at_every_point() {
             .register(HookFunction::backward("*"))
             .unwrap();
         let (_, loss) = model.forward_backward(&tokens()).unwrap();
-        let grads: BTreeMap<String, Tensor> = model
-            .store_mut()
-            .take_all()
-            .into_iter()
-            .map(|(n, mut c)| (n, c.pop().unwrap()))
-            .collect();
+        let grads: BTreeMap<String, Tensor> = take_last_calls(&mut model);
         (loss, grads)
     };
     let (loss, single) = run(Layout::SINGLE);

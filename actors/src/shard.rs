@@ -333,22 +333,33 @@ impl HookClient<'_> {
         let through_edit = move |grad: &Tensor| -> flexmodel_cluster::Result<Tensor> {
             let point = 2 * n + point;
             if sends {
-                let piece = ShardEvent::Piece {
-                    pass,
-                    rank,
-                    point,
-                    call,
-                    value: grad.clone(),
-                };
-                let sent = events.send(piece);
-                sent.map_err(|_| {
-                    flexmodel_cluster::Error::Protocol("the coordinator is gone".into())
-                })?;
+                send_piece(&events, pass, rank, point, call, grad)?;
             }
             wait_reply(&replies, &control, pass, point, call)
         };
         Ok(conjugate::substitute(value, &edited, through_edit)?)
     }
+}
+
+/// Sends `value` as the piece of `(point, call)` from a backward pass.
+fn send_piece(
+    events: &Sender<ShardEvent>,
+    pass: u64,
+    rank: usize,
+    point: PointId,
+    call: usize,
+    value: &Tensor,
+) -> flexmodel_cluster::Result<()> {
+    let piece = ShardEvent::Piece {
+        pass,
+        rank,
+        point,
+        call,
+        value: value.clone(),
+    };
+    events
+        .send(piece)
+        .map_err(|_| flexmodel_cluster::Error::Protocol("the coordinator is gone".into()))
 }
 
 /// The coordinator's reply for `(pass, point, call)`; stale replies of aborted passes are
@@ -421,17 +432,7 @@ impl ShardHooks for HookClient<'_> {
         );
         Ok(conjugate::on_backward(&value, move |grad| {
             if sends {
-                let piece = ShardEvent::Piece {
-                    pass,
-                    rank,
-                    point,
-                    call,
-                    value: grad.clone(),
-                };
-                let sent = events.send(piece);
-                sent.map_err(|_| {
-                    flexmodel_cluster::Error::Protocol("the coordinator is gone".into())
-                })?;
+                send_piece(&events, pass, rank, point, call, grad)?;
             }
             match tap {
                 PointMode::Edit => wait_reply(&replies, &control, pass, point, call),

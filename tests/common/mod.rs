@@ -49,6 +49,14 @@ pub fn capture_all(model: &Llama, tokens: &Tensor) -> (Tensor, BTreeMap<String, 
     (logits, captured)
 }
 
+/// The last call's capture of every point in `model`'s store, which is emptied.
+pub fn take_last_calls(model: &mut flexmodel::FlexModel) -> BTreeMap<String, Tensor> {
+    let all = model.store_mut().take_all();
+    all.into_iter()
+        .filter_map(|(name, mut calls)| Some((name, calls.pop()?)))
+        .collect()
+}
+
 /// The largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)

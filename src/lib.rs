@@ -26,6 +26,7 @@
 //! ```
 
 mod activation_store;
+pub mod analysis;
 mod checkpoint;
 pub mod edits;
 mod error;

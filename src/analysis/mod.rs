@@ -1,0 +1,3 @@
+//! Interpretability analyses built on the hook API.
+
+pub mod induction;

@@ -30,6 +30,44 @@ fn gradients(checkpoint: &Checkpoint, layout: Layout) -> (f32, BTreeMap<String, 
     (loss, grads)
 }
 
+/// The next-token loss of `tokens()` from `logits`, in f64.
+fn loss_of(logits: &Tensor) -> f64 {
+    let logits = logits.to_dtype(DType::F64).unwrap();
+    next_token_loss(&logits, &tokens())
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Checks `grad` against a central finite difference along its own direction:
+/// `loss_at(delta)` is the loss with `delta` added to what `grad` is the gradient of.
+fn check_against_finite_difference(what: &str, grad: &Tensor, loss_at: impl Fn(&Tensor) -> f64) {
+    let norm = grad
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let direction = (grad / norm as f64).unwrap();
+    let eps = 1e-2;
+    let numeric = (loss_at(&(&direction * eps).unwrap()) - loss_at(&(&direction * -eps).unwrap()))
+        / (2.0 * eps);
+    let analytic = (grad * &direction)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let err = (numeric - analytic).abs() / analytic.abs();
+    eprintln!(
+        "{what}: directional derivative {analytic:.5} vs finite difference {numeric:.5} ({err:.1e})"
+    );
+    assert!(err < 2e-2, "{what}: {analytic} vs {numeric}");
+}
+
 #[test]
 fn the_loss_is_the_mean_next_token_cross_entropy() {
     let checkpoint = tiny_checkpoint(31).unwrap();
@@ -51,54 +89,19 @@ fn gradients_at_hook_points_match_finite_differences() {
     let checkpoint = tiny_checkpoint(32).unwrap();
     let (_, grads) = gradients(&checkpoint, Layout::SINGLE);
     assert_eq!(grads.len(), HookPoint::count(4));
-    let loss_with = |point: &str, delta: &Tensor| -> f64 {
-        let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
-        model
-            .hooks_mut()
-            .register(HookFunction::new(point).with_edit(edits::add(delta.clone())))
-            .unwrap();
-        let logits = model.forward(&tokens()).unwrap();
-        next_token_loss(&logits.to_dtype(DType::F64).unwrap(), &tokens())
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
     for point in [
         "blocks.1.hook_resid_mid",
         "blocks.2.attn.hook_z",
         "blocks.0.mlp.hook_post",
         "ln_final.hook_normalized",
     ] {
-        let grad = &grads[&format!("{point}_grad")];
-        // A direction with a few percent of the gradient's norm, along the gradient.
-        let direction = (grad
-            / grad
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .sqrt()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64)
-            .unwrap();
-        let eps = 1e-2;
-        let plus = loss_with(point, &(&direction * eps).unwrap());
-        let minus = loss_with(point, &(&direction * -eps).unwrap());
-        let numeric = (plus - minus) / (2.0 * eps);
-        let analytic = (grad * &direction)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
-        let err = (numeric - analytic).abs() / analytic.abs();
-        eprintln!(
-            "{point}: directional derivative {analytic:.5} vs finite difference {numeric:.5} ({err:.1e})"
-        );
-        assert!(err < 2e-2, "{point}: {analytic} vs {numeric}");
+        check_against_finite_difference(point, &grads[&format!("{point}_grad")], |delta| {
+            let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
+            let add = HookFunction::new(point).with_edit(edits::add(delta.clone()));
+            model.hooks_mut().register(add).unwrap();
+            loss_of(&model.forward(&tokens()).unwrap())
+        });
     }
-    let _ = Device::Cpu;
 }
 
 #[test]
@@ -160,49 +163,17 @@ fn gradients_flow_through_edits_exactly_in_every_layout() {
     let (single_loss, single) = edited_gradients(&checkpoint, Layout::SINGLE);
     // Upstream of the edits: against finite differences of the edited loss.
     let point = "blocks.0.hook_resid_post";
-    let grad = &single[&format!("{point}_grad")];
-    let direction = (grad
-        / grad
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64)
-        .unwrap();
-    let loss_with = |delta: Tensor| -> f64 {
-        let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
-        register_edits(&mut model);
-        model
-            .hooks_mut()
-            .register(HookFunction::new(point).with_edit(edits::add(delta)))
-            .unwrap();
-        let logits = model
-            .forward(&tokens())
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        next_token_loss(&logits, &tokens())
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    let eps = 1e-2;
-    let numeric = (loss_with((&direction * eps).unwrap())
-        - loss_with((&direction * -eps).unwrap()))
-        / (2.0 * eps);
-    let analytic = (grad * &direction)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    eprintln!(
-        "through the edits: directional derivative {analytic:.5} vs finite difference {numeric:.5}"
+    check_against_finite_difference(
+        "through the edits",
+        &single[&format!("{point}_grad")],
+        |delta| {
+            let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
+            register_edits(&mut model);
+            let add = HookFunction::new(point).with_edit(edits::add(delta.clone()));
+            model.hooks_mut().register(add).unwrap();
+            loss_of(&model.forward(&tokens()).unwrap())
+        },
     );
-    assert!((numeric - analytic).abs() < 2e-2 * analytic.abs());
     // The edits change the upstream gradient.
     let (_, unedited) = gradients(&checkpoint, Layout::SINGLE);
     let name = format!("{point}_grad");
@@ -362,48 +333,17 @@ fn parameter_gradients_match_finite_differences_of_the_weights() {
     ] {
         let (value, grad) = &params[name];
         assert_eq!(value.dims(), weights.tensors()[name].dims());
-        let direction = (grad
-            / grad
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .sqrt()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64)
-            .unwrap();
-        let loss_at = |eps: f64| -> f64 {
+        check_against_finite_difference(name, grad, |delta| {
             let mut tensors = weights.tensors().clone();
-            tensors.insert(
-                name.to_string(),
-                (value + (&direction * eps).unwrap()).unwrap(),
-            );
+            tensors.insert(name.to_string(), (value + delta).unwrap());
             let perturbed = Checkpoint {
                 config: checkpoint.config.clone(),
                 weights: Box::new(flexmodel::weights::TensorMap::new("perturbed", tensors)),
                 tokenizer: checkpoint.tokenizer.clone(),
             };
-            let logits = perturbed
-                .load_model()
-                .unwrap()
-                .forward(&tokens(), &mut flexmodel::NoHooks)
-                .unwrap();
-            next_token_loss(&logits.to_dtype(DType::F64).unwrap(), &tokens())
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        let eps = 1e-2;
-        let numeric = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps);
-        let analytic = (grad * &direction)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
-        eprintln!("{name}: directional derivative {analytic:.5} vs finite difference {numeric:.5}");
-        assert!((numeric - analytic).abs() < 2e-2 * analytic.abs(), "{name}");
+            let model = perturbed.load_model().unwrap();
+            loss_of(&model.forward(&tokens(), &mut flexmodel::NoHooks).unwrap())
+        });
     }
 }
 

@@ -18,6 +18,27 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Runs `capture` on the France prompt with `args` into `dir/name`; returns the tensors.
+fn capture_prompt(
+    dir: &std::path::Path,
+    name: &str,
+    args: &[&str],
+) -> std::collections::HashMap<String, candle_core::Tensor> {
+    let out_file = dir.join(name);
+    let mut all = vec![
+        "capture",
+        "--model",
+        "smollm2",
+        "--prompt",
+        "The capital of France is",
+    ];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--out", out_file.to_str().unwrap()]);
+    let out = flexmodel(&all);
+    assert!(out.status.success(), "{}", stderr(&out));
+    candle_core::safetensors::load(&out_file, &Device::Cpu).unwrap()
+}
+
 /// Runs a command that must fail; returns its stderr, checked to hold no panic.
 fn failure(args: &[&str]) -> String {
     let out = flexmodel(args);
@@ -242,25 +263,15 @@ fn bench_json_reports_medians_and_hook_overhead() {
 fn capture_under_a_sharded_layout_writes_what_one_shard_writes() {
     let dir = tempfile::tempdir().unwrap();
     let capture = |name: &str, layout: &[&str]| {
-        let out_file = dir.path().join(name);
         let mut args = vec![
-            "capture",
-            "--model",
-            "smollm2",
-            "--prompt",
-            "The capital of France is",
             "--hook",
             "blocks.4.attn.hook_pattern",
             "blocks.*.hook_mlp_out",
             "--edit",
             "blocks.2.attn.hook_z=zero-head:3",
-            "--out",
-            out_file.to_str().unwrap(),
         ];
         args.extend_from_slice(layout);
-        let out = flexmodel(&args);
-        assert!(out.status.success(), "{}", stderr(&out));
-        candle_core::safetensors::load(&out_file, &Device::Cpu).unwrap()
+        capture_prompt(dir.path(), name, &args)
     };
     let single = capture("single.safetensors", &[]);
     let sharded = capture("sharded.safetensors", &["--tp", "3", "--pp", "2"]);
@@ -274,24 +285,14 @@ fn capture_under_a_sharded_layout_writes_what_one_shard_writes() {
 fn capture_grad_writes_gradients_that_agree_across_layouts() {
     let dir = tempfile::tempdir().unwrap();
     let capture = |name: &str, layout: &[&str]| {
-        let out_file = dir.path().join(name);
         let mut args = vec![
-            "capture",
-            "--model",
-            "smollm2",
-            "--prompt",
-            "The capital of France is",
             "--hook",
             "blocks.*.hook_resid_pre",
             "blocks.7.attn.hook_z",
             "--grad",
-            "--out",
-            out_file.to_str().unwrap(),
         ];
         args.extend_from_slice(layout);
-        let out = flexmodel(&args);
-        assert!(out.status.success(), "{}", stderr(&out));
-        candle_core::safetensors::load(&out_file, &Device::Cpu).unwrap()
+        capture_prompt(dir.path(), name, &args)
     };
     let single = capture("single.safetensors", &[]);
     assert_eq!(single.len(), 2 * 31 + 1, "values, NAME_grad and loss");

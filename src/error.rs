@@ -137,6 +137,14 @@ pub enum Error {
     /// pass was aborted after another failure).
     #[error("hook protocol: {0}")]
     Protocol(String),
+    /// A figure could not be drawn or written.
+    #[error("{path}: drawing the figure: {message}")]
+    Plot {
+        /// The image file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// A sharded pass failed.
     #[error(transparent)]
     Sharded(#[from] flexmodel_actors::Error),

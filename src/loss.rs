@@ -16,6 +16,21 @@ pub fn next_token_loss(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     vocab_parallel_loss(logits, tokens, 0..vocab, &SingleRank, normalizer)
 }
 
+/// The next-token cross-entropy at each position, averaged over the sequences: entry
+/// `i` (of `t − 1`) is the loss of predicting token `i + 1` from position `i`.
+pub fn next_token_loss_by_position(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+    let (b, t, _) = logits.dims3()?;
+    if t < 2 {
+        return Err(Error::BadInput(
+            "the loss needs sequences of at least two tokens".into(),
+        ));
+    }
+    let log_probs = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
+    let targets = tokens.narrow(1, 1, t - 1)?.unsqueeze(2)?.contiguous()?;
+    let target_log_probs = log_probs.gather(&targets, 2)?.squeeze(2)?;
+    Ok((target_log_probs.sum(0)?.neg()? / b as f64)?)
+}
+
 /// One tensor-parallel rank's part of the next-token cross-entropy, computed without
 /// gathering the logits: `logits` is this rank's `[b, t, vocab / tp]` slice (vocabulary
 /// rows `vocab`), the log-sum-exp and the target logits are summed across the group.
@@ -69,6 +84,24 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+
+    #[test]
+    fn loss_by_position_averages_to_the_mean_loss() {
+        let logits = Tensor::randn(0f32, 2.0, (3, 5, 11), &Device::Cpu).unwrap();
+        let tokens = Tensor::new(
+            &[[1u32, 4, 9, 0, 2], [3, 3, 7, 10, 5], [6, 8, 1, 1, 0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let by_position = next_token_loss_by_position(&logits, &tokens).unwrap();
+        assert_eq!(by_position.dims(), [4]);
+        let mean = by_position.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let expected = next_token_loss(&logits, &tokens)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((mean - expected).abs() < 1e-5, "{mean} vs {expected}");
+    }
 
     #[test]
     fn uniform_logits_cost_log_vocab() {

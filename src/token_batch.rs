@@ -58,6 +58,35 @@ pub fn read_tokens_file(path: &Path, vocab_size: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu)?)
 }
 
+/// Cuts `ids` (a tokenized text) into batches of `batch` consecutive sequences of
+/// `seq_len` tokens (`[batch, seq_len]` u32 each), at most `max_tokens` tokens in all; a
+/// tail too short for a whole batch is dropped. A text shorter than one batch gives one
+/// sequence of all its tokens (up to `max_tokens`).
+pub fn chunk_tokens(
+    ids: &[u32],
+    seq_len: usize,
+    batch: usize,
+    max_tokens: usize,
+) -> Result<Vec<Tensor>> {
+    let per_batch = seq_len * batch;
+    if per_batch == 0 || max_tokens == 0 {
+        return Err(Error::BadInput(
+            "sequence length, batch size and token budget must be positive".into(),
+        ));
+    }
+    if ids.is_empty() {
+        return Err(Error::BadInput("the text has no tokens".into()));
+    }
+    if ids.len() < per_batch || max_tokens < per_batch {
+        let n = ids.len().min(max_tokens).min(per_batch);
+        return Ok(vec![Tensor::from_slice(&ids[..n], (1, n), &Device::Cpu)?]);
+    }
+    ids.chunks_exact(per_batch)
+        .take(max_tokens / per_batch)
+        .map(|chunk| Ok(Tensor::from_slice(chunk, (batch, seq_len), &Device::Cpu)?))
+        .collect()
+}
+
 /// Checks that `tokens` is a non-empty `[b, t]` u32 batch of ids below `vocab_size`;
 /// returns `(b, t)`.
 pub fn check_tokens(tokens: &Tensor, vocab_size: usize) -> Result<(usize, usize)> {
@@ -88,6 +117,21 @@ pub fn check_tokens(tokens: &Tensor, vocab_size: usize) -> Result<(usize, usize)
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn chunks_are_consecutive_whole_batches_within_the_budget() {
+        let ids: Vec<u32> = (0..50).collect();
+        let batches = super::chunk_tokens(&ids, 4, 3, 40).unwrap();
+        assert_eq!(batches.len(), 3);
+        assert_eq!(batches[1].dims(), [3, 4]);
+        assert_eq!(batches[1].to_vec2::<u32>().unwrap()[0], [12, 13, 14, 15]);
+        assert_eq!(super::chunk_tokens(&ids, 4, 3, 1000).unwrap().len(), 4);
+        assert!(super::chunk_tokens(&ids, 0, 3, 40).is_err());
+        assert!(super::chunk_tokens(&[], 4, 3, 40).is_err());
+        let short = super::chunk_tokens(&ids[..7], 4, 3, 40).unwrap();
+        assert_eq!(short.len(), 1);
+        assert_eq!(short[0].dims(), [1, 7]);
+    }
+
     use super::*;
 
     fn file(text: &str) -> tempfile::NamedTempFile {

@@ -1,11 +1,15 @@
 //! Induction heads: on a random sequence repeated twice, an induction head attends from
 //! each token of the second copy to the token after that token's first occurrence.
 
-use candle_core::{Device, IndexOp, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::{Error, FlexModel, HookFunction, Result};
+use crate::plot::{Heatmap, Line, LineChart};
+use crate::{Error, FlexModel, HookFunction, Result, next_token_loss_by_position};
 
 /// `batch` sequences of `half` random token ids (below `vocab`, from `seed`), each
 /// followed by itself: `[batch, 2·half]`.
@@ -48,10 +52,21 @@ pub fn check_repeated(tokens: &Tensor) -> Result<usize> {
     Ok(half)
 }
 
-/// The induction score of every head, `[n_layers, n_heads]`: the mean attention (over
-/// sequences and positions) from each token of the second copy to the token after its
-/// first occurrence. `tokens` must be repeated sequences (see [`check_repeated`]).
-pub fn induction_scores(model: &mut FlexModel, tokens: &Tensor) -> Result<Tensor> {
+/// What a pass over repeated random tokens shows.
+#[derive(Debug, Clone)]
+pub struct Induction {
+    /// The induction score of every head, `[n_layers, n_heads]`: the mean attention (over
+    /// sequences and positions) from each token of the second copy to the token after
+    /// its first occurrence.
+    pub scores: Tensor,
+    /// The next-token loss at each position (`2·half − 1` of them), averaged over the
+    /// sequences: high on the random first copy, low on the second if the model copies.
+    pub loss_by_position: Vec<f32>,
+}
+
+/// Runs `model` on `tokens` (repeated sequences, see [`check_repeated`]) and measures
+/// every head's induction score and the loss at each position.
+pub fn measure(model: &mut FlexModel, tokens: &Tensor) -> Result<Induction> {
     let half = check_repeated(tokens)?;
     let n_layers = model.config().n_layers;
     let hook = model
@@ -59,7 +74,7 @@ pub fn induction_scores(model: &mut FlexModel, tokens: &Tensor) -> Result<Tensor
         .register(HookFunction::new("blocks.*.attn.hook_pattern"))?;
     let pass = model.forward(tokens);
     model.hooks_mut().remove(hook)?;
-    pass?;
+    let logits = pass?;
     let mut scores = Vec::with_capacity(n_layers);
     for layer in 0..n_layers {
         let name = format!("blocks.{layer}.attn.hook_pattern");
@@ -79,7 +94,64 @@ pub fn induction_scores(model: &mut FlexModel, tokens: &Tensor) -> Result<Tensor
         let diagonal = block.broadcast_mul(&eye)?.sum((2, 3))?;
         scores.push((diagonal.sum(0)? / (b * half) as f64)?.reshape(h)?);
     }
-    Ok(Tensor::stack(&scores, 0)?)
+    let loss_by_position = next_token_loss_by_position(&logits, tokens)?
+        .to_dtype(DType::F32)?
+        .to_vec1()?;
+    Ok(Induction {
+        scores: Tensor::stack(&scores, 0)?.to_dtype(DType::F32)?,
+        loss_by_position,
+    })
+}
+
+impl Induction {
+    /// Writes `dir/induction_scores.safetensors` (key `score`), the heatmap
+    /// `dir/induction_scores.png` and the loss plot `dir/loss_by_position.png`; returns
+    /// the paths written.
+    pub fn save(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let scores_path = dir.join("induction_scores.safetensors");
+        let partial = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+        candle_core::safetensors::save(
+            &HashMap::from([("score".to_string(), self.scores.contiguous()?)]),
+            partial.path(),
+        )?;
+        partial
+            .persist(&scores_path)
+            .map_err(|e| Error::io(&scores_path, e.error))?;
+
+        let heatmap_path = dir.join("induction_scores.png");
+        let rows = self.scores.to_vec2::<f32>()?;
+        Heatmap {
+            title: "Induction score per head (repeated random tokens)",
+            x_label: "head",
+            y_label: "layer",
+            value_label: "mean attention to the token after the first occurrence",
+            rows: &rows,
+            column_names: None,
+        }
+        .save(&heatmap_path)?;
+
+        let loss_path = dir.join("loss_by_position.png");
+        let half = self.loss_by_position.len().div_ceil(2);
+        let line = Line {
+            label: format!("sequence of {half} random tokens, then itself"),
+            points: self
+                .loss_by_position
+                .iter()
+                .enumerate()
+                .map(|(i, &loss)| ((i + 1) as f32, loss))
+                .collect(),
+        };
+        LineChart {
+            title: "Next-token loss per position on repeated random tokens",
+            x_label: "position of the predicted token",
+            y_label: "cross-entropy (nats), mean over sequences",
+            lines: &[line],
+            log_y: false,
+        }
+        .save(&loss_path)?;
+        Ok(vec![scores_path, heatmap_path, loss_path])
+    }
 }
 
 /// The `n` highest-scoring heads, `(layer, head, score)`, best first.

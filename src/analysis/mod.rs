@@ -1,3 +1,5 @@
 //! Interpretability analyses built on the hook API.
 
 pub mod induction;
+pub mod lens;
+pub mod patching;

@@ -30,6 +30,13 @@ pub fn smollm2_path() -> PathBuf {
     flexmodel::pretrained::SMOLLM2.path().expect("smollm2 path")
 }
 
+/// The path of the cached Tiny Shakespeare text (fetched on first use).
+pub fn shakespeare_path() -> PathBuf {
+    flexmodel::pretrained::TINY_SHAKESPEARE
+        .path()
+        .expect("tiny shakespeare path")
+}
+
 /// A `[b, t]` u32 batch.
 pub fn batch(rows: &[&[u32]]) -> Tensor {
     let t = rows[0].len();

@@ -5,8 +5,7 @@ use std::time::Instant;
 use anyhow::{Context, ensure};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use flexmodel::{Checkpoint, HookFunction};
-use indicatif::{ProgressBar, ProgressStyle};
+use flexmodel::{Checkpoint, HookFunction, progress_bar};
 use rand::{Rng, SeedableRng};
 
 use crate::layout::LayoutArgs;
@@ -104,11 +103,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     for &variant in variants {
         pass(variant).context("warm-up pass")?;
     }
-    let progress = ProgressBar::new(u64::from(args.iters) * variants.len() as u64).with_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let progress = progress_bar(
+        u64::from(args.iters) * variants.len() as u64,
+        "forward passes",
     );
-    progress.set_message("forward passes");
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for _ in 0..args.iters {
         for (i, &variant) in variants.iter().enumerate() {

@@ -4,8 +4,10 @@ mod bench;
 mod capture;
 mod generate;
 mod hooks;
+mod induction;
 mod input;
 mod layout;
+mod lens;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -28,6 +30,10 @@ enum Command {
     Hooks(hooks::HooksArgs),
     /// Time forward passes over a random batch, with and without hooks.
     Bench(bench::BenchArgs),
+    /// Induction scores of every head on repeated random tokens, with figures.
+    Induction(induction::InductionArgs),
+    /// Train a tuned lens and compare it with the logit lens on held-out text.
+    Lens(lens::LensArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,6 +51,8 @@ fn main() -> std::process::ExitCode {
         Command::Capture(args) => capture::run(args),
         Command::Hooks(args) => hooks::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Induction(args) => induction::run(args),
+        Command::Lens(args) => lens::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

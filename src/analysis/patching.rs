@@ -1,0 +1,129 @@
+//! Activation patching: run a corrupted prompt, replace the residual stream entering one
+//! layer at one position with its value from a clean run, and measure how much of the
+//! clean run's preference for the right answer comes back. Where that fraction is high,
+//! the residual stream at that (layer, position) carries what the answer depends on.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+
+use crate::plot::Heatmap;
+use crate::{Error, FlexModel, HookFunction, Result};
+
+/// The result of patching `blocks.i.hook_resid_pre` at every (layer, position).
+#[derive(Debug, Clone)]
+pub struct Patching {
+    /// `restored[layer][position]`: (patched − corrupted) / (clean − corrupted) logit
+    /// difference; 1 means the patch alone restores the clean behaviour.
+    pub restored: Vec<Vec<f32>>,
+    /// logit(answer) − logit(wrong) at the last position of the clean prompt.
+    pub clean_diff: f32,
+    /// The same difference on the corrupted prompt.
+    pub corrupted_diff: f32,
+}
+
+/// logit(answer) − logit(wrong) at the last position of every sequence of `logits`
+/// (`[b, t, vocab]`).
+fn logit_diffs(logits: &Tensor, answer: u32, wrong: u32) -> Result<Vec<f32>> {
+    let last = logits.i((.., logits.dim(1)? - 1))?.to_dtype(DType::F32)?;
+    let (answer, wrong) = (answer as usize, wrong as usize);
+    Ok((last.i((.., answer))? - last.i((.., wrong))?)?.to_vec1()?)
+}
+
+/// Patches the residual stream of `clean` into `corrupted` (token ids of equal length) at
+/// every layer and position, measuring the logit difference between the token ids
+/// `answer` (right for the clean prompt) and `wrong` (right for the corrupted one).
+///
+/// One pass per layer: the batch holds one copy of the corrupted prompt per position,
+/// copy `j` patched at position `j`.
+pub fn patch_residual_stream(
+    model: &mut FlexModel,
+    clean: &[u32],
+    corrupted: &[u32],
+    answer: u32,
+    wrong: u32,
+) -> Result<Patching> {
+    let t = clean.len();
+    if t == 0 || corrupted.len() != t {
+        return Err(Error::BadInput(format!(
+            "activation patching needs a clean and a corrupted prompt of the same, non-zero \
+             number of tokens; they have {} and {}",
+            clean.len(),
+            corrupted.len()
+        )));
+    }
+    let device = Device::Cpu;
+    let n_layers = model.config().n_layers;
+    let hook = model
+        .hooks_mut()
+        .register(HookFunction::new("blocks.*.hook_resid_pre"))?;
+    let pass = model.forward(&Tensor::from_slice(clean, (1, t), &device)?);
+    model.hooks_mut().remove(hook)?;
+    let clean_diff = logit_diffs(&pass?, answer, wrong)?[0];
+    let clean_residuals = (0..n_layers)
+        .map(|layer| {
+            let name = format!("blocks.{layer}.hook_resid_pre");
+            model
+                .store_mut()
+                .take(&name)
+                .and_then(|calls| calls.last().cloned())
+                .ok_or_else(|| Error::Protocol(format!("{name} was not captured")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let corrupted_batch = Tensor::from_slice(corrupted, (1, t), &device)?.repeat((t, 1))?;
+    let corrupted_diff = logit_diffs(&model.forward(&corrupted_batch.i(0..1)?)?, answer, wrong)?[0];
+    let gap = clean_diff - corrupted_diff;
+    if gap.abs() < 1e-6 {
+        return Err(Error::BadInput(format!(
+            "the clean and corrupted prompts give the same logit difference ({clean_diff}): \
+             there is nothing to restore"
+        )));
+    }
+    let diagonal = Tensor::eye(t, DType::F32, &device)?.unsqueeze(2)?;
+    let mut restored = Vec::with_capacity(n_layers);
+    for (layer, clean_resid) in clean_residuals.into_iter().enumerate() {
+        let mask = diagonal.to_dtype(clean_resid.dtype())?;
+        let patch = HookFunction::new(format!("blocks.{layer}.hook_resid_pre"))
+            .with_edit(move |_, x| {
+                let keep = mask.affine(-1.0, 1.0)?;
+                Ok((x.broadcast_mul(&keep)? + clean_resid.broadcast_mul(&mask)?)?)
+            })
+            .without_capture();
+        let hook = model.hooks_mut().register(patch)?;
+        let pass = model.forward(&corrupted_batch);
+        model.hooks_mut().remove(hook)?;
+        let diffs = logit_diffs(&pass?, answer, wrong)?;
+        restored.push(diffs.iter().map(|d| (d - corrupted_diff) / gap).collect());
+    }
+    Ok(Patching {
+        restored,
+        clean_diff,
+        corrupted_diff,
+    })
+}
+
+impl Patching {
+    /// Draws the restored fraction (layers × positions) into the PNG file `path`;
+    /// `positions` labels the columns (for example "clean / corrupted" token pairs).
+    pub fn save_heatmap(&self, path: &Path, title: &str, positions: &[String]) -> Result<()> {
+        Heatmap {
+            title,
+            x_label: "position (clean / corrupted token)",
+            y_label: "layer (patching blocks.i.hook_resid_pre)",
+            value_label: "fraction of the clean logit difference restored",
+            rows: &self.restored,
+            column_names: Some(positions),
+        }
+        .save(path)
+    }
+
+    /// The (layer, position, fraction) with the largest restored fraction.
+    pub fn best(&self) -> Option<(usize, usize, f32)> {
+        self.restored
+            .iter()
+            .enumerate()
+            .flat_map(|(l, row)| row.iter().enumerate().map(move |(p, &f)| (l, p, f)))
+            .max_by(|a, b| a.2.total_cmp(&b.2))
+    }
+}

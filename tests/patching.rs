@@ -1,0 +1,65 @@
+//! Activation patching: exact properties on a random model, and equality across layouts.
+
+use flexmodel::analysis::patching::patch_residual_stream;
+use flexmodel::tiny::tiny_checkpoint;
+use flexmodel::{FlexModel, Layout};
+
+const CLEAN: [u32; 6] = [5, 17, 200, 3, 99, 42];
+const CORRUPTED: [u32; 6] = [5, 17, 61, 3, 99, 42];
+
+#[test]
+fn patching_is_exact_where_the_runs_agree_and_at_the_changed_embedding() {
+    let checkpoint = tiny_checkpoint(11).unwrap();
+    let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
+    let patching = patch_residual_stream(&mut model, &CLEAN, &CORRUPTED, 7, 8).unwrap();
+    assert_ne!(patching.clean_diff, patching.corrupted_diff);
+    assert_eq!(patching.restored.len(), 4);
+    for (layer, row) in patching.restored.iter().enumerate() {
+        assert_eq!(row.len(), 6);
+        // Before the changed token both runs are identical (causal attention).
+        for (position, &fraction) in row.iter().enumerate().take(2) {
+            assert!(
+                fraction.abs() < 1e-4,
+                "layer {layer} position {position}: {fraction}"
+            );
+        }
+    }
+    // At layer 0 the residual stream is the embedding: patching the changed token turns
+    // the corrupted run into the clean one, patching any other token changes nothing.
+    let first = &patching.restored[0];
+    assert!((first[2] - 1.0).abs() < 1e-4, "{first:?}");
+    for position in [0, 1, 3, 4, 5] {
+        assert!(first[position].abs() < 1e-4, "{first:?}");
+    }
+    // Once every layer has mixed the positions, only the last one matters at the end.
+    let last = patching.restored.last().unwrap();
+    assert!(last[5].abs() > 1e-3, "{last:?}");
+}
+
+#[test]
+fn patching_under_tp2_pp2_equals_the_single_shard() {
+    let checkpoint = tiny_checkpoint(11).unwrap();
+    let mut single = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
+    let expected = patch_residual_stream(&mut single, &CLEAN, &CORRUPTED, 7, 8).unwrap();
+    let mut sharded = FlexModel::build(&checkpoint, Layout::new(1, 2, 2).unwrap()).unwrap();
+    let patching = patch_residual_stream(&mut sharded, &CLEAN, &CORRUPTED, 7, 8).unwrap();
+    for (row, expected_row) in patching.restored.iter().zip(&expected.restored) {
+        for (a, b) in row.iter().zip(expected_row) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn prompts_of_different_lengths_are_refused() {
+    let checkpoint = tiny_checkpoint(11).unwrap();
+    let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
+    let error = patch_residual_stream(&mut model, &CLEAN, &CORRUPTED[..5], 7, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("same, non-zero number of tokens"), "{error}");
+    let error = patch_residual_stream(&mut model, &CLEAN, &CLEAN, 7, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("nothing to restore"), "{error}");
+}

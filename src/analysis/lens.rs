@@ -399,7 +399,7 @@ impl LensReport {
         LineChart {
             title: &title,
             x_label: "layer (decoding blocks.i.hook_resid_pre)",
-            y_label: "KL(final ‖ lens), bits",
+            y_label: "KL(final ‖ lens), bits (log scale)",
             lines: &[
                 line("logit lens", |l| l.logit_kl_bits),
                 line("tuned lens", |l| l.tuned_kl_bits),

@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::plot::{Heatmap, Line, LineChart};
-use crate::{Error, FlexModel, HookFunction, Result, next_token_loss_by_position};
+use crate::{Error, FlexModel, Result, next_token_loss_by_position};
 
 /// `batch` sequences of `half` random token ids (below `vocab`, from `seed`), each
 /// followed by itself: `[batch, 2·half]`.
@@ -68,23 +68,9 @@ pub struct Induction {
 /// every head's induction score and the loss at each position.
 pub fn measure(model: &mut FlexModel, tokens: &Tensor) -> Result<Induction> {
     let half = check_repeated(tokens)?;
-    let n_layers = model.config().n_layers;
-    let hook = model
-        .hooks_mut()
-        .register(HookFunction::new("blocks.*.attn.hook_pattern"))?;
-    let pass = model.forward(tokens);
-    model.hooks_mut().remove(hook)?;
-    let logits = pass?;
-    let mut scores = Vec::with_capacity(n_layers);
-    for layer in 0..n_layers {
-        let name = format!("blocks.{layer}.attn.hook_pattern");
-        let calls = model
-            .store_mut()
-            .take(&name)
-            .ok_or_else(|| Error::Protocol(format!("{name} was not captured")))?;
-        let pattern = calls
-            .last()
-            .ok_or_else(|| Error::Protocol(format!("{name} is empty")))?;
+    let (logits, patterns) = super::capture_every_layer(model, tokens, "attn.hook_pattern")?;
+    let mut scores = Vec::with_capacity(patterns.len());
+    for pattern in patterns {
         // pattern[b, h, half + i, i + 1] for i < half: a diagonal of the lower-left block.
         let block = pattern
             .i((.., .., half..2 * half, 1..half + 1))?

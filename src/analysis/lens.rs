@@ -20,7 +20,7 @@ use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
 use crate::plot::{Line, LineChart};
-use crate::{Error, FlexModel, HookFunction, Result};
+use crate::{Error, FlexModel, Result};
 
 /// The model's decoder of the residual stream: final RMSNorm, then the LM head.
 #[derive(Debug, Clone)]
@@ -103,26 +103,11 @@ pub struct Residuals {
 
 /// Runs `model` on `tokens` (`[b, t]`) and collects [`Residuals`] through the hook API.
 pub fn residuals(model: &mut FlexModel, tokens: &Tensor) -> Result<Residuals> {
-    let n_layers = model.config().n_layers;
-    let hook = model
-        .hooks_mut()
-        .register(HookFunction::new("blocks.*.hook_resid_pre"))?;
-    let pass = model.forward(tokens);
-    model.hooks_mut().remove(hook)?;
-    let logits = pass?;
+    let (logits, resid) = super::capture_every_layer(model, tokens, "hook_resid_pre")?;
     let (b, t, vocab) = logits.dims3()?;
-    let layers = (0..n_layers)
-        .map(|layer| {
-            let name = format!("blocks.{layer}.hook_resid_pre");
-            let calls = model
-                .store_mut()
-                .take(&name)
-                .ok_or_else(|| Error::Protocol(format!("{name} was not captured")))?;
-            let h = calls
-                .last()
-                .ok_or_else(|| Error::Protocol(format!("{name} is empty")))?;
-            Ok(h.reshape((b * t, ()))?.to_dtype(DType::F32)?)
-        })
+    let layers = resid
+        .iter()
+        .map(|h| Ok(h.reshape((b * t, ()))?.to_dtype(DType::F32)?))
         .collect::<Result<Vec<_>>>()?;
     let logits = logits.reshape((b * t, vocab))?.to_dtype(DType::F32)?;
     Ok(Residuals {

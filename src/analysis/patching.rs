@@ -53,23 +53,11 @@ pub fn patch_residual_stream(
         )));
     }
     let device = Device::Cpu;
-    let n_layers = model.config().n_layers;
-    let hook = model
-        .hooks_mut()
-        .register(HookFunction::new("blocks.*.hook_resid_pre"))?;
-    let pass = model.forward(&Tensor::from_slice(clean, (1, t), &device)?);
-    model.hooks_mut().remove(hook)?;
-    let clean_diff = logit_diffs(&pass?, answer, wrong)?[0];
-    let clean_residuals = (0..n_layers)
-        .map(|layer| {
-            let name = format!("blocks.{layer}.hook_resid_pre");
-            model
-                .store_mut()
-                .take(&name)
-                .and_then(|calls| calls.last().cloned())
-                .ok_or_else(|| Error::Protocol(format!("{name} was not captured")))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let clean_batch = Tensor::from_slice(clean, (1, t), &device)?;
+    let (clean_logits, clean_residuals) =
+        super::capture_every_layer(model, &clean_batch, "hook_resid_pre")?;
+    let clean_diff = logit_diffs(&clean_logits, answer, wrong)?[0];
+    let n_layers = clean_residuals.len();
 
     let corrupted_batch = Tensor::from_slice(corrupted, (1, t), &device)?.repeat((t, 1))?;
     let corrupted_diff = logit_diffs(&model.forward(&corrupted_batch.i(0..1)?)?, answer, wrong)?[0];

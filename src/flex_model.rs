@@ -176,15 +176,19 @@ impl FlexModel {
     /// If the pass fails (an edit errs, panics or changes the shape), the store is left
     /// as it was before the pass and the model stays usable.
     pub fn forward_groups(&mut self, tokens: &Tensor, groups: &Groups) -> Result<Tensor> {
+        let span = self.pass_span(false, tokens);
+        let _entered = span.enter();
         if let Backend::Single { model, .. } = &self.backend
             && self.registry.is_empty()
         {
-            return model.forward(tokens, &mut NoHooks);
+            return single_shard_span().in_scope(|| model.forward(tokens, &mut NoHooks));
         }
         let plan = self.registry.plan(groups)?;
         let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points);
         let logits = match &mut self.backend {
-            Backend::Single { model, .. } => model.forward(tokens, &mut hooks)?,
+            Backend::Single { model, .. } => {
+                single_shard_span().in_scope(|| model.forward(tokens, &mut hooks))?
+            }
             Backend::Sharded { runtime, .. } => {
                 check_tokens(tokens, self.config.vocab_size)?;
                 let modes = hooks.modes();
@@ -230,6 +234,8 @@ impl FlexModel {
         loss_fn: Option<Box<LossFn>>,
     ) -> Result<(Tensor, f32)> {
         let (_, t) = check_tokens(tokens, self.config.vocab_size)?;
+        let span = self.pass_span(true, tokens);
+        let _entered = span.enter();
         if t < 2 && loss_fn.is_none() {
             return Err(Error::BadInput(
                 "a backward pass from the next-token loss needs sequences of at least two tokens"
@@ -280,6 +286,19 @@ impl FlexModel {
             .or(hooks.loss)
             .ok_or_else(|| Error::Protocol("the backward pass reported no loss".into()))?;
         Ok((out.output, loss))
+    }
+
+    /// The root span of one pass (a new trace): `forward`, or `backward` for a forward
+    /// and backward pass.
+    fn pass_span(&self, backward: bool, tokens: &Tensor) -> tracing::Span {
+        let (b, t) = tokens.dims2().unwrap_or_default();
+        let layout = self.layout();
+        let (tp, pp, dp) = (layout.tp() as i64, layout.pp() as i64, layout.dp() as i64);
+        let (batch, seq) = (b as i64, t as i64);
+        match backward {
+            false => tracing::info_span!(parent: None, "forward", batch, seq, tp, pp, dp),
+            true => tracing::info_span!(parent: None, "backward", batch, seq, tp, pp, dp),
+        }
     }
 
     /// Every rank's parameter slices and their gradients from the last backward pass.
@@ -374,4 +393,15 @@ fn start_runtime(
             output,
         },
     )?)
+}
+
+/// The span of the one shard's forward pass when the model runs in the calling thread.
+fn single_shard_span() -> tracing::Span {
+    tracing::info_span!(
+        "shard.forward",
+        rank = 0i64,
+        tp = 0i64,
+        pp = 0i64,
+        dp = 0i64
+    )
 }

@@ -144,15 +144,31 @@ impl<'a> PassHooks<'a> {
             false => &self.plan.by_point[index],
         };
         let name = point.to_string();
+        let key = match gradient {
+            true => format!("{name}_grad"),
+            false => name.clone(),
+        };
+        let bytes = (value.elem_count() * value.dtype().size_in_bytes()) as i64;
         if active.iter().any(|&i| self.entries[i].capture) {
-            let key = if gradient {
-                format!("{name}_grad")
-            } else {
-                name.clone()
-            };
-            self.captures.push(key, value.detach());
+            let _span = tracing::info_span!(
+                "hook.store",
+                hook.name = %key,
+                hook.call = call as i64,
+                hook.bytes = bytes,
+            )
+            .entered();
+            self.captures.push(key.clone(), value.detach());
         }
         let has_edit = active.iter().any(|&i| self.entries[i].edit.is_some());
+        let _edit_span = has_edit.then(|| {
+            tracing::info_span!(
+                "hook.edit",
+                hook.name = %key,
+                hook.call = call as i64,
+                hook.bytes = bytes,
+            )
+            .entered()
+        });
         // The leaf whose gradient the backward pass through the edit asks for.
         let leaf = match (&self.edit_graphs, has_edit && !gradient) {
             (Some(_), true) => Some(candle_core::Var::from_tensor(&value)?.as_tensor().clone()),

@@ -47,6 +47,7 @@ pub mod pretrained;
 mod progress;
 mod save_context;
 pub mod sharding;
+pub mod telemetry;
 pub mod tiny;
 mod token_batch;
 mod tokenizer;

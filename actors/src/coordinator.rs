@@ -17,6 +17,11 @@ const LIVENESS_POLL: Duration = Duration::from_millis(200);
 /// The pieces of one hook call by `[dp][tp]` (`None` until sent), and how many are missing.
 type Gathering = (Vec<Vec<Option<Tensor>>>, usize);
 
+/// The bytes of a tensor's elements.
+fn bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
 /// The driver's side of a pass: it receives every full tensor once.
 pub trait HookSink {
     /// The full tensor of call `call` of `point`. For a point hooked with an edit, returns
@@ -231,10 +236,23 @@ impl<'a> HookCoordinator<'a> {
             return Ok(());
         }
         let (pieces, _) = self.pending.remove(&(point, call)).unwrap_or_default();
-        let full = match gradient {
-            true => geometry.assemble_gradient(&pieces)?,
-            false => geometry.assemble(&pieces)?,
+        let name = match point / n {
+            0 => geometry.name.clone(),
+            1 => format!("{}_grad", geometry.name),
+            2 => format!("{}_edit_grad", geometry.name),
+            _ => "output".to_string(),
         };
+        let received: usize = pieces.iter().flatten().flatten().map(bytes).sum();
+        let full = tracing::info_span!(
+            "hook.gather",
+            hook.name = %name,
+            hook.call = call as i64,
+            hook.bytes = received as i64,
+        )
+        .in_scope(|| match gradient {
+            true => geometry.assemble_gradient(&pieces),
+            false => geometry.assemble(&pieces),
+        })?;
         let edited = sink.gathered(point, call, full).map_err(Error::Sink)?;
         // Points `0..n` are values, `n..2n` gradients, `2n..3n` gradients of edits.
         if !self.replies_for[point] {
@@ -242,12 +260,21 @@ impl<'a> HookCoordinator<'a> {
         }
         let edited = edited
             .ok_or_else(|| Error::Sink(format!("no edited tensor for {}", geometry.name).into()))?;
+        let scatter = tracing::info_span!(
+            "hook.scatter",
+            hook.name = %name,
+            hook.call = call as i64,
+            hook.bytes = tracing::field::Empty,
+        );
+        let _entered = scatter.enter();
+        let mut sent = 0;
         for coords in self.layout.all().filter(|c| c.pp == geometry.stage) {
             let mut value = geometry.piece(&edited, &self.batches[coords.dp], coords.tp)?;
             // Only one copy of a replicated key/value head carries the gradient upstream.
             if gradient && geometry.split.is_some() && !geometry.sends(coords.tp) {
                 value = value.zeros_like()?;
             }
+            sent += bytes(&value);
             let reply = EditedPiece {
                 pass: self.pass,
                 point,
@@ -256,6 +283,7 @@ impl<'a> HookCoordinator<'a> {
             };
             let _ = replies[self.layout.rank(coords)].send(reply);
         }
+        scatter.record("hook.bytes", sent as i64);
         Ok(())
     }
 }

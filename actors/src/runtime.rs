@@ -277,6 +277,7 @@ impl ShardRuntime {
                 actions: Arc::new(actions),
                 fault,
                 backward,
+                span: tracing::Span::current(),
             };
             shard
                 .tell(run)

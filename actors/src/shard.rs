@@ -80,6 +80,8 @@ pub struct RunPass {
     pub(crate) fault: Option<(PointId, Fault)>,
     /// Run backward too, from the next-token loss.
     pub(crate) backward: Option<BackwardPass>,
+    /// The pass's root span, the parent of this shard's spans.
+    pub(crate) span: tracing::Span,
 }
 
 /// The backward half of a pass.
@@ -210,7 +212,16 @@ impl ShardActor {
             at: &mut self.at,
             fault: msg.fault,
         };
-        let out = args.model.forward(&input, &mut hooks)?;
+        let coords = args.coords;
+        let forward_span = tracing::info_span!(
+            parent: &msg.span,
+            "shard.forward",
+            rank = args.rank as i64,
+            tp = coords.tp as i64,
+            pp = coords.pp as i64,
+            dp = coords.dp as i64,
+        );
+        let out = forward_span.in_scope(|| args.model.forward(&input, &mut hooks))?;
         let Some(backward) = msg.backward else {
             if !last {
                 args.pipeline.send(&out, stage + 1)?;
@@ -218,6 +229,15 @@ impl ShardActor {
             }
             return Ok((Some(out), None));
         };
+        let backward_span = tracing::info_span!(
+            parent: &msg.span,
+            "shard.backward",
+            rank = args.rank as i64,
+            tp = coords.tp as i64,
+            pp = coords.pp as i64,
+            dp = coords.dp as i64,
+        );
+        let _entered = backward_span.enter();
         let (root, loss) = match (last, backward.driver_loss) {
             (true, true) => {
                 // The driver computes its loss on the gathered output and sends back the

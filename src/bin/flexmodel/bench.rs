@@ -1,10 +1,13 @@
 //! `flexmodel bench`: the wall time of one forward pass over a random batch.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{Context, ensure};
 use candle_core::{Device, Tensor};
 use clap::Args;
+use flexmodel::edits::EditSpec;
+use flexmodel::telemetry::{HookPhase, HookProfile, PhaseTotals};
 use flexmodel::{Checkpoint, HookFunction, progress_bar};
 use rand::{Rng, SeedableRng};
 
@@ -25,6 +28,14 @@ pub struct BenchArgs {
     /// Hook points to capture in every pass: exact names or globs (repeatable).
     #[arg(long = "hook", num_args = 1..)]
     hooks: Vec<String>,
+    /// Edits to run in every hooked pass: `NAME=zero-head:H`, `NAME=scale:F` or
+    /// `NAME=add:FILE.safetensors` (repeatable).
+    #[arg(long = "edit")]
+    edits: Vec<String>,
+    /// Print where hook time goes: per hook point, the time in gather, edit, scatter and
+    /// store, and the total overhead against the unhooked passes.
+    #[arg(long)]
+    pub profile: bool,
     /// Timed forward passes of each variant (after one warm-up pass each).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     iters: u32,
@@ -51,7 +62,16 @@ enum Variant {
 
 /// Times forward passes: unhooked, and with `--hook` also capturing and with the hooks
 /// registered but disabled, interleaved so that the machine's noise hits all alike.
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> {
+    let edits = args
+        .edits
+        .iter()
+        .map(|spec| EditSpec::parse(spec))
+        .collect::<flexmodel::Result<Vec<_>>>()?;
+    ensure!(
+        !args.profile || !args.hooks.is_empty() || !edits.is_empty(),
+        "--profile needs hooks to profile: give --hook PAT or --edit SPEC"
+    );
     let checkpoint = Checkpoint::open(&args.model)?;
     let mut model = args.layout.build(&checkpoint)?;
     let config = model.config().clone();
@@ -74,17 +94,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .hooks_mut()
             .register(HookFunction::new(pattern.clone()))?;
     }
-    let variants: &[Variant] = match args.hooks.is_empty() {
+    for edit in &edits {
+        model.hooks_mut().register(edit.hook_function())?;
+    }
+    let variants: &[Variant] = match args.hooks.is_empty() && edits.is_empty() {
         true => &[Variant::Unhooked],
         false => &[Variant::Unhooked, Variant::Capturing, Variant::Disabled],
     };
     let (mut captured_bytes, mut captured_points) = (0, 0);
-    let mut pass = |variant: Variant| -> anyhow::Result<f64> {
+    let mut profiled = ProfileTotals::new();
+    let mut pass = |variant: Variant| -> anyhow::Result<(f64, ProfileTotals)> {
         let hooks = model.hooks_mut();
         hooks.clear();
         if variant != Variant::Unhooked {
             for pattern in &args.hooks {
                 hooks.register(HookFunction::new(pattern.clone()))?;
+            }
+            for edit in &edits {
+                hooks.register(edit.hook_function())?;
             }
             hooks.set_enabled("*", variant == Variant::Capturing)?;
         }
@@ -94,11 +121,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             false => drop(model.forward(&tokens)?),
         }
         let elapsed = start.elapsed().as_secs_f64() * 1e3;
+        let spans = profile.as_ref().map(HookProfile::take).unwrap_or_default();
         if variant == Variant::Capturing {
             (captured_bytes, captured_points) = (model.store().bytes(), model.store().len());
         }
         model.store_mut().clear();
-        Ok(elapsed)
+        Ok((elapsed, spans))
     };
     for &variant in variants {
         pass(variant).context("warm-up pass")?;
@@ -110,7 +138,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for _ in 0..args.iters {
         for (i, &variant) in variants.iter().enumerate() {
-            times[i].push(pass(variant)?);
+            let (elapsed, spans) = pass(variant)?;
+            times[i].push(elapsed);
+            if variant == Variant::Capturing {
+                merge(&mut profiled, spans);
+            }
             progress.inc(1);
         }
     }
@@ -158,10 +190,88 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         json["disabled_overhead_pct"] = serde_json::json!(overhead(disabled));
         json["captured_bytes_per_pass"] = serde_json::json!(captured_bytes);
     }
+    if let (true, [_, capturing, _]) = (args.profile, stats.as_slice()) {
+        print_profile(&profiled, args.iters, base.median_ms, capturing.median_ms);
+    }
     if args.json {
         println!("{json}");
     }
     Ok(())
+}
+
+/// Hook-phase sums over the timed hooked passes, by hook point and phase.
+type ProfileTotals = BTreeMap<(String, HookPhase), PhaseTotals>;
+
+fn merge(into: &mut ProfileTotals, spans: ProfileTotals) {
+    for (key, totals) in spans {
+        let entry = into.entry(key).or_default();
+        entry.calls += totals.calls;
+        entry.time += totals.time;
+        entry.bytes += totals.bytes;
+    }
+}
+
+/// How many hook points the profile lists one by one (the slowest first).
+const PROFILE_ROWS: usize = 25;
+
+/// Prints, per hook point, the mean time per pass in each phase, then the totals and the
+/// overhead of the hooked passes against the unhooked ones.
+fn print_profile(totals: &ProfileTotals, passes: u32, unhooked_ms: f64, hooked_ms: f64) {
+    let per_pass = |d: std::time::Duration| d.as_secs_f64() * 1e3 / f64::from(passes);
+    let mut points: BTreeMap<&str, [f64; 4]> = BTreeMap::new();
+    let mut bytes: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut phase_sums = [0.0; 4];
+    for ((point, phase), t) in totals {
+        let i = HookPhase::ALL.iter().position(|p| p == phase).unwrap_or(0);
+        points.entry(point).or_default()[i] += per_pass(t.time);
+        *bytes.entry(point).or_default() += t.bytes / u64::from(passes);
+        phase_sums[i] += per_pass(t.time);
+    }
+    let mut rows: Vec<(&str, [f64; 4])> = points.into_iter().collect();
+    rows.sort_by(|a, b| b.1.iter().sum::<f64>().total_cmp(&a.1.iter().sum::<f64>()));
+    println!(
+        "hook profile: mean ms per pass over {passes} hooked passes ({} hook points, slowest first)",
+        rows.len()
+    );
+    println!(
+        "{:<40} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "hook point", "gather", "edit", "scatter", "store", "total", "MB moved"
+    );
+    let row = |name: &str, t: &[f64; 4], mb: f64| {
+        println!(
+            "{name:<40} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {mb:>10.2}",
+            t[0],
+            t[1],
+            t[2],
+            t[3],
+            t.iter().sum::<f64>()
+        );
+    };
+    for (name, t) in rows.iter().take(PROFILE_ROWS) {
+        row(name, t, bytes[name] as f64 / 1e6);
+    }
+    if rows.len() > PROFILE_ROWS {
+        let mut rest = [0.0; 4];
+        for (_, t) in &rows[PROFILE_ROWS..] {
+            for (r, v) in rest.iter_mut().zip(t) {
+                *r += v;
+            }
+        }
+        let mb: u64 = rows[PROFILE_ROWS..].iter().map(|(n, _)| bytes[n]).sum();
+        row(
+            &format!("({} more points)", rows.len() - PROFILE_ROWS),
+            &rest,
+            mb as f64 / 1e6,
+        );
+    }
+    let all_mb: u64 = bytes.values().sum();
+    row("all hook points", &phase_sums, all_mb as f64 / 1e6);
+    println!(
+        "hooked pass {hooked_ms:.1} ms vs unhooked {unhooked_ms:.1} ms (medians): overhead {:+.1} ms ({:+.1}%), of which {:.1} ms inside hook spans",
+        hooked_ms - unhooked_ms,
+        100.0 * (hooked_ms / unhooked_ms - 1.0),
+        phase_sums.iter().sum::<f64>()
+    );
 }
 
 /// Summary statistics of a set of timings.

@@ -10,6 +10,7 @@ mod layout;
 mod lens;
 
 use clap::{Parser, Subcommand};
+use flexmodel::telemetry::{self, HookProfile};
 use tracing_subscriber::EnvFilter;
 
 /// Hook any point of a sharded transformer as if it were in one piece.
@@ -38,22 +39,29 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("FLEXMODEL_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .without_time()
-        .init();
     let cli = Cli::parse();
+    let profile = match &cli.command {
+        Command::Bench(args) if args.profile => Some(HookProfile::new()),
+        _ => None,
+    };
+    let logs = EnvFilter::try_from_env("FLEXMODEL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let telemetry = match telemetry::init(logs, profile.clone()) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Capture(args) => capture::run(args),
         Command::Hooks(args) => hooks::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(args, profile),
         Command::Induction(args) => induction::run(args),
         Command::Lens(args) => lens::run(args),
     };
+    // Flushes the spans still queued for export.
+    drop(telemetry);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,

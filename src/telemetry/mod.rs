@@ -1,0 +1,267 @@
+//! Logs and traces. Every pass is one trace: a root span `forward` (or `backward` for a
+//! forward and backward pass), a `shard.forward` / `shard.backward` span per shard with
+//! its rank and tp/pp/dp coordinates, and for each hook call `hook.gather`, `hook.edit`,
+//! `hook.scatter` and `hook.store` with `hook.name`, `hook.call` and `hook.bytes`.
+//!
+//! [`init`] installs the process's subscriber: logs on stderr, plus an OTLP exporter when
+//! the standard variables ask for one (`OTEL_EXPORTER_OTLP_ENDPOINT` or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; `OTEL_EXPORTER_OTLP_PROTOCOL` = `grpc` or
+//! `http/protobuf`, the default; `OTEL_SERVICE_NAME`, default `flexmodel`), and a
+//! [`HookProfile`] when asked for one.
+
+mod profile;
+
+pub use profile::{HookPhase, HookProfile, PhaseTotals};
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::{Error, Result};
+
+/// The transport of the OTLP exporter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// gRPC (port 4317 by convention).
+    Grpc,
+    /// Protobuf over HTTP (port 4318, path `/v1/traces`).
+    HttpProtobuf,
+}
+
+/// Whether and how to export traces, from the standard OpenTelemetry variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpConfig {
+    /// The transport.
+    pub protocol: OtlpProtocol,
+}
+
+/// The first non-empty value among the variables `names`, with its variable.
+fn first_set(var: &impl Fn(&str) -> Option<String>, names: &[&str]) -> Option<(String, String)> {
+    names.iter().find_map(|name| {
+        var(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .map(|v| (name.to_string(), v))
+    })
+}
+
+/// The process environment's value of `name`.
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+impl OtlpConfig {
+    /// From the process environment: see [`OtlpConfig::from_vars`].
+    pub fn from_env() -> Result<Option<Self>> {
+        Self::from_vars(env_var)
+    }
+
+    /// `None` unless `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+    /// is set (and neither `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none`); the
+    /// protocol is `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or `OTEL_EXPORTER_OTLP_PROTOCOL`,
+    /// `http/protobuf` by default, and any value but `grpc` and `http/protobuf` is an
+    /// error. `var` looks a variable up.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let disabled = first_set(&var, &["OTEL_SDK_DISABLED"]).is_some_and(|(_, v)| v == "true")
+            || first_set(&var, &["OTEL_TRACES_EXPORTER"]).is_some_and(|(_, v)| v == "none");
+        let endpoint = first_set(
+            &var,
+            &[
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ],
+        );
+        if disabled || endpoint.is_none() {
+            return Ok(None);
+        }
+        let protocol = match first_set(
+            &var,
+            &[
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+            ],
+        ) {
+            None => OtlpProtocol::HttpProtobuf,
+            Some((_, v)) if v == "http/protobuf" => OtlpProtocol::HttpProtobuf,
+            Some((_, v)) if v == "grpc" => OtlpProtocol::Grpc,
+            Some((name, v)) => {
+                return Err(Error::BadInput(format!(
+                    "{name}={v:?} is not supported: use `grpc` or `http/protobuf`"
+                )));
+            }
+        };
+        Ok(Some(Self { protocol }))
+    }
+}
+
+/// The installed subscriber's exporter; dropping it flushes every finished span.
+#[must_use = "dropping the guard flushes and stops the exporter"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+    /// The runtime the gRPC exporter's connection runs on.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Telemetry {
+    /// Whether spans are being exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("warning: exporting the last traces failed: {e}");
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Installs the global subscriber: logs filtered by `logs` on stderr, the OTLP exporter
+/// if [`OtlpConfig::from_env`] asks for one (only FlexModel's own spans are exported, not
+/// those of the exporter's network stack), and `profile` if given.
+pub fn init(logs: EnvFilter, profile: Option<HookProfile>) -> Result<Telemetry> {
+    let otlp = OtlpConfig::from_env()?;
+    let (provider, runtime) = match otlp {
+        Some(config) => {
+            let (provider, runtime) = tracer_provider(&config)?;
+            (Some(provider), runtime)
+        }
+        None => (None, None),
+    };
+    let ours = Targets::new()
+        .with_target("flexmodel", LevelFilter::INFO)
+        .with_target("flexmodel_actors", LevelFilter::INFO)
+        .with_target("flexmodel_cluster", LevelFilter::INFO);
+    let otel = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("flexmodel"))
+            .with_filter(ours.clone())
+    });
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_filter(logs);
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(otel)
+        .with(profile.map(|p| p.with_filter(ours)))
+        .try_init()
+        .map_err(|e| Error::BadInput(format!("a tracing subscriber is already set: {e}")))?;
+    Ok(Telemetry { provider, runtime })
+}
+
+/// A batch-exporting tracer provider for `config` (the endpoint and timeouts come from
+/// the standard variables, read by the exporter), and the runtime gRPC needs.
+fn tracer_provider(
+    config: &OtlpConfig,
+) -> Result<(SdkTracerProvider, Option<tokio::runtime::Runtime>)> {
+    let failed = |e: &dyn std::fmt::Display| {
+        Error::BadInput(format!("the OTLP trace exporter cannot be built: {e}"))
+    };
+    let (exporter, runtime) = match config.protocol {
+        OtlpProtocol::Grpc => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("otlp-grpc")
+                .enable_all()
+                .build()
+                .map_err(|e| failed(&e))?;
+            let _entered = runtime.enter();
+            let exporter = SpanExporter::builder()
+                .with_tonic()
+                .build()
+                .map_err(|e| failed(&e))?;
+            (exporter, Some(runtime))
+        }
+        OtlpProtocol::HttpProtobuf => {
+            let exporter = SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .build()
+                .map_err(|e| failed(&e))?;
+            (exporter, None)
+        }
+    };
+    let mut resource = Resource::builder();
+    if first_set(&env_var, &["OTEL_SERVICE_NAME"]).is_none() {
+        resource = resource.with_service_name("flexmodel");
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_resource(resource.build())
+        .with_batch_exporter(exporter)
+        .build();
+    Ok((provider, runtime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Option<OtlpConfig>> {
+        OtlpConfig::from_vars(|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn nothing_is_exported_without_an_endpoint() {
+        assert_eq!(config(&[]).unwrap(), None);
+        assert_eq!(
+            config(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).unwrap(),
+            None
+        );
+        assert_eq!(
+            config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")]).unwrap(),
+            None
+        );
+        let disabled = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ];
+        assert_eq!(config(&disabled).unwrap(), None);
+    }
+
+    #[test]
+    fn the_protocol_defaults_to_http_protobuf_and_the_traces_variables_win() {
+        let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318");
+        let protocol = |vars: &[(&str, &str)]| config(vars).unwrap().unwrap().protocol;
+        assert_eq!(protocol(&[endpoint]), OtlpProtocol::HttpProtobuf);
+        let grpc = ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
+        assert_eq!(protocol(&[endpoint, grpc]), OtlpProtocol::Grpc);
+        let traces = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf");
+        assert_eq!(
+            protocol(&[endpoint, grpc, traces]),
+            OtlpProtocol::HttpProtobuf
+        );
+        let traces_endpoint = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://h:4317");
+        assert_eq!(protocol(&[traces_endpoint, grpc]), OtlpProtocol::Grpc);
+    }
+
+    #[test]
+    fn an_unsupported_protocol_is_an_error_naming_the_variable() {
+        let error = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("OTEL_EXPORTER_OTLP_PROTOCOL=\"http/json\""),
+            "{error}"
+        );
+    }
+}

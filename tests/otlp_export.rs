@@ -1,0 +1,325 @@
+//! Traces reach a real OTLP receiver running in the test, over gRPC and over
+//! HTTP/protobuf: `flexmodel capture` of a sharded model with an edit exports one trace
+//! whose span tree is the pass.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::Duration;
+
+use flexmodel::tiny::tiny_checkpoint;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use prost::Message;
+
+/// A received span: its name, ids and attributes (values as text).
+#[derive(Debug, Clone)]
+struct ReceivedSpan {
+    name: String,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    parent: Vec<u8>,
+    attributes: HashMap<String, String>,
+}
+
+/// Every span of `requests`, and the `service.name` of each resource.
+fn spans_of(requests: &[ExportTraceServiceRequest]) -> (Vec<ReceivedSpan>, Vec<String>) {
+    let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+        .as_ref()
+        .and_then(|v| v.value.clone())
+    {
+        Some(Value::StringValue(s)) => s,
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        other => format!("{other:?}"),
+    };
+    let mut spans = Vec::new();
+    let mut services = Vec::new();
+    for resource_spans in requests.iter().flat_map(|r| &r.resource_spans) {
+        if let Some(resource) = &resource_spans.resource {
+            services.extend(
+                resource
+                    .attributes
+                    .iter()
+                    .filter(|kv| kv.key == "service.name")
+                    .map(|kv| text(&kv.value)),
+            );
+        }
+        for span in resource_spans.scope_spans.iter().flat_map(|s| &s.spans) {
+            spans.push(ReceivedSpan {
+                name: span.name.clone(),
+                trace_id: span.trace_id.clone(),
+                span_id: span.span_id.clone(),
+                parent: span.parent_span_id.clone(),
+                attributes: span
+                    .attributes
+                    .iter()
+                    .map(|kv| (kv.key.clone(), text(&kv.value)))
+                    .collect(),
+            });
+        }
+    }
+    (spans, services)
+}
+
+/// Runs a capture of the tiny model under tp=2 × pp=2 with an edit, exporting to
+/// `endpoint` over `protocol`.
+fn capture_with_export(dir: &Path, endpoint: &str, protocol: &str) {
+    let model = dir.join("tiny");
+    tiny_checkpoint(3).unwrap().save_hf_dir(&model).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_flexmodel"))
+        .args([
+            "capture",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "hello world",
+            "--hook",
+            "blocks.1.hook_resid_post",
+            "--edit",
+            "blocks.0.attn.hook_z=zero-head:1",
+            "--out",
+            dir.join("out.safetensors").to_str().unwrap(),
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+        ])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+        .env("OTEL_SERVICE_NAME", "flexmodel-test")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Collects requests until none arrives for a while (the process has exited, so
+/// everything was flushed before).
+fn drain(requests: &Receiver<ExportTraceServiceRequest>) -> Vec<ExportTraceServiceRequest> {
+    let mut all = Vec::new();
+    while let Ok(request) = requests.recv_timeout(Duration::from_secs(2)) {
+        all.push(request);
+    }
+    all
+}
+
+/// Checks the span tree of the capture: one trace, one root `forward`, a `shard.forward`
+/// per rank under it, and the hook phases of the edited and the captured point.
+fn assert_pass_tree(requests: &[ExportTraceServiceRequest]) {
+    let (spans, services) = spans_of(requests);
+    assert!(!spans.is_empty(), "no spans arrived");
+    assert!(
+        services.iter().all(|s| s == "flexmodel-test") && !services.is_empty(),
+        "{services:?}"
+    );
+    let known = [
+        "forward",
+        "shard.forward",
+        "hook.gather",
+        "hook.edit",
+        "hook.scatter",
+        "hook.store",
+    ];
+    for span in &spans {
+        assert!(
+            known.contains(&span.name.as_str()),
+            "unexpected span {}",
+            span.name
+        );
+    }
+    let roots: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.parent.is_empty()).collect();
+    assert_eq!(roots.len(), 1, "roots: {roots:?}");
+    let root = roots[0];
+    assert_eq!(root.name, "forward");
+    assert!(
+        spans.iter().all(|s| s.trace_id == root.trace_id),
+        "one trace"
+    );
+    let ids: Vec<&Vec<u8>> = spans.iter().map(|s| &s.span_id).collect();
+    assert!(
+        spans
+            .iter()
+            .all(|s| s.parent.is_empty() || ids.contains(&&s.parent)),
+        "every parent is in the trace"
+    );
+
+    // One shard span per rank (tp=2 × pp=2), children of the root, with coordinates.
+    let shards: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.name == "shard.forward").collect();
+    assert_eq!(shards.len(), 4);
+    let mut coords: Vec<(String, String, String, String)> = shards
+        .iter()
+        .map(|s| {
+            assert_eq!(s.parent, root.span_id);
+            let a = |k: &str| s.attributes.get(k).cloned().unwrap_or_default();
+            (a("rank"), a("tp"), a("pp"), a("dp"))
+        })
+        .collect();
+    coords.sort();
+    let expected: Vec<(String, String, String, String)> =
+        [(0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1)]
+            .iter()
+            .map(|(r, tp, pp)| {
+                (
+                    r.to_string(),
+                    tp.to_string(),
+                    pp.to_string(),
+                    "0".to_string(),
+                )
+            })
+            .collect();
+    assert_eq!(coords, expected);
+
+    // The hook phases, in the driver, under the root, with name, call and bytes.
+    let phase = |name: &str, hook: &str| -> Vec<&ReceivedSpan> {
+        spans
+            .iter()
+            .filter(|s| {
+                s.name == name && s.attributes.get("hook.name").map(String::as_str) == Some(hook)
+            })
+            .collect()
+    };
+    let z = "blocks.0.attn.hook_z";
+    let resid = "blocks.1.hook_resid_post";
+    // "hello world" is 11 byte tokens; z is [1, 11, 8, 8] f32, resid [1, 11, 64] f32.
+    let z_bytes = (11 * 8 * 8 * 4).to_string();
+    let resid_bytes = (11 * 64 * 4).to_string();
+    for (name, hook, bytes) in [
+        ("hook.gather", z, &z_bytes),
+        ("hook.edit", z, &z_bytes),
+        ("hook.scatter", z, &z_bytes),
+        ("hook.gather", resid, &resid_bytes),
+        ("hook.store", resid, &resid_bytes),
+    ] {
+        let found = phase(name, hook);
+        assert_eq!(found.len(), 1, "{name} {hook}: {found:?}");
+        let span = found[0];
+        assert_eq!(span.parent, root.span_id, "{name} {hook}");
+        assert_eq!(
+            span.attributes.get("hook.call").map(String::as_str),
+            Some("0")
+        );
+        assert_eq!(
+            span.attributes.get("hook.bytes"),
+            Some(bytes),
+            "{name} {hook}"
+        );
+    }
+    assert!(
+        phase("hook.edit", resid).is_empty(),
+        "the capture has no edit"
+    );
+}
+
+/// The OTLP trace service, forwarding each request to a channel.
+struct Collector(Sender<ExportTraceServiceRequest>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let _ = self.0.send(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[test]
+fn a_sharded_capture_with_an_edit_exports_its_span_tree_over_grpc() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (sender, requests) = channel();
+    let incoming = runtime
+        .block_on(async {
+            tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap())
+        })
+        .unwrap();
+    let address = incoming.local_addr().unwrap();
+    runtime.spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Collector(sender)))
+            .serve_with_incoming(incoming),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    capture_with_export(dir.path(), &format!("http://{address}"), "grpc");
+    assert_pass_tree(&drain(&requests));
+}
+
+/// Serves HTTP/1.1 on `listener`: each POST's path and protobuf body go to `sender`,
+/// answered with an empty `ExportTraceServiceResponse`.
+fn serve_http(listener: TcpListener, sender: Sender<(String, ExportTraceServiceRequest)>) {
+    for stream in listener.incoming().flatten() {
+        let sender = sender.clone();
+        std::thread::spawn(move || {
+            let mut writer = stream.try_clone().unwrap();
+            let mut reader = BufReader::new(stream);
+            loop {
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string();
+                let mut headers = BTreeMap::new();
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    let line = line.trim_end();
+                    if line.is_empty() {
+                        break;
+                    }
+                    if let Some((key, value)) = line.split_once(':') {
+                        headers.insert(key.to_ascii_lowercase(), value.trim().to_string());
+                    }
+                }
+                let length: usize = headers["content-length"].parse().unwrap();
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                assert_eq!(headers["content-type"], "application/x-protobuf");
+                let request = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
+                let _ = sender.send((path, request));
+                let response = ExportTraceServiceResponse::default().encode_to_vec();
+                write!(
+                    writer,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
+                    response.len()
+                )
+                .unwrap();
+                writer.write_all(&response).unwrap();
+            }
+        });
+    }
+}
+
+#[test]
+fn a_sharded_capture_with_an_edit_exports_its_span_tree_over_http_protobuf() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let (sender, received) = channel();
+    std::thread::spawn(move || serve_http(listener, sender));
+    let dir = tempfile::tempdir().unwrap();
+    capture_with_export(dir.path(), &format!("http://{address}"), "http/protobuf");
+    let mut requests = Vec::new();
+    while let Ok((path, request)) = received.recv_timeout(Duration::from_secs(2)) {
+        assert_eq!(path, "/v1/traces");
+        requests.push(request);
+    }
+    assert_pass_tree(&requests);
+}

@@ -235,7 +235,7 @@ fn print_profile(totals: &ProfileTotals, passes: u32, unhooked_ms: f64, hooked_m
     );
     println!(
         "{:<40} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
-        "hook point", "gather", "edit", "scatter", "store", "total", "MB moved"
+        "hook point", "gather", "edit", "scatter", "store", "total", "MB"
     );
     let row = |name: &str, t: &[f64; 4], mb: f64| {
         println!(

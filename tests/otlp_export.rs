@@ -72,8 +72,8 @@ fn spans_of(requests: &[ExportTraceServiceRequest]) -> (Vec<ReceivedSpan>, Vec<S
 }
 
 /// Runs a capture of the tiny model under tp=2 × pp=2 with an edit, exporting to
-/// `endpoint` over `protocol`.
-fn capture_with_export(dir: &Path, endpoint: &str, protocol: &str) {
+/// `endpoint` over `protocol`; `extra` adds options.
+fn capture_with_export(dir: &Path, endpoint: &str, protocol: &str, extra: &[&str]) {
     let model = dir.join("tiny");
     tiny_checkpoint(3).unwrap().save_hf_dir(&model).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_flexmodel"))
@@ -94,6 +94,7 @@ fn capture_with_export(dir: &Path, endpoint: &str, protocol: &str) {
             "--pp",
             "2",
         ])
+        .args(extra)
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
         .env("OTEL_SERVICE_NAME", "flexmodel-test")
@@ -255,7 +256,7 @@ fn a_sharded_capture_with_an_edit_exports_its_span_tree_over_grpc() {
             .serve_with_incoming(incoming),
     );
     let dir = tempfile::tempdir().unwrap();
-    capture_with_export(dir.path(), &format!("http://{address}"), "grpc");
+    capture_with_export(dir.path(), &format!("http://{address}"), "grpc", &[]);
     assert_pass_tree(&drain(&requests));
 }
 
@@ -308,18 +309,50 @@ fn serve_http(listener: TcpListener, sender: Sender<(String, ExportTraceServiceR
     }
 }
 
-#[test]
-fn a_sharded_capture_with_an_edit_exports_its_span_tree_over_http_protobuf() {
+/// Runs the capture (with `extra` options) against an HTTP/protobuf receiver in this
+/// process; returns what it received.
+fn export_over_http(extra: &[&str]) -> Vec<ExportTraceServiceRequest> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
     let (sender, received) = channel();
     std::thread::spawn(move || serve_http(listener, sender));
     let dir = tempfile::tempdir().unwrap();
-    capture_with_export(dir.path(), &format!("http://{address}"), "http/protobuf");
+    capture_with_export(
+        dir.path(),
+        &format!("http://{address}"),
+        "http/protobuf",
+        extra,
+    );
     let mut requests = Vec::new();
     while let Ok((path, request)) = received.recv_timeout(Duration::from_secs(2)) {
         assert_eq!(path, "/v1/traces");
         requests.push(request);
     }
-    assert_pass_tree(&requests);
+    requests
+}
+
+#[test]
+fn a_sharded_capture_with_an_edit_exports_its_span_tree_over_http_protobuf() {
+    assert_pass_tree(&export_over_http(&[]));
+}
+
+#[test]
+fn a_backward_pass_is_one_trace_rooted_at_backward_with_each_shards_two_halves() {
+    let (spans, _) = spans_of(&export_over_http(&["--grad"]));
+    let roots: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.parent.is_empty()).collect();
+    assert_eq!(roots.len(), 1, "{roots:?}");
+    assert_eq!(roots[0].name, "backward");
+    assert!(spans.iter().all(|s| s.trace_id == roots[0].trace_id));
+    for name in ["shard.forward", "shard.backward"] {
+        let shards = spans.iter().filter(|s| s.name == name);
+        assert_eq!(shards.clone().count(), 4, "{name}");
+        assert!(
+            shards.clone().all(|s| s.parent == roots[0].span_id),
+            "{name}"
+        );
+    }
+    // The gradient at the captured point is gathered and stored too.
+    assert!(spans.iter().any(|s| s.name == "hook.store"
+        && s.attributes.get("hook.name").map(String::as_str)
+            == Some("blocks.1.hook_resid_post_grad")));
 }

@@ -165,6 +165,21 @@ impl kameo::Actor for ShardActor {
     }
 }
 
+/// A span `$name` of the shard `$args` under the pass span `$parent`, with the shard's
+/// rank and coordinates (span names must be literals, hence a macro).
+macro_rules! shard_span {
+    ($name:literal, $parent:expr, $args:expr) => {
+        tracing::info_span!(
+            parent: $parent,
+            $name,
+            rank = $args.rank as i64,
+            tp = $args.coords.tp as i64,
+            pp = $args.coords.pp as i64,
+            dp = $args.coords.dp as i64,
+        )
+    };
+}
+
 impl Message<RunPass> for ShardActor {
     type Reply = ();
 
@@ -212,15 +227,7 @@ impl ShardActor {
             at: &mut self.at,
             fault: msg.fault,
         };
-        let coords = args.coords;
-        let forward_span = tracing::info_span!(
-            parent: &msg.span,
-            "shard.forward",
-            rank = args.rank as i64,
-            tp = coords.tp as i64,
-            pp = coords.pp as i64,
-            dp = coords.dp as i64,
-        );
+        let forward_span = shard_span!("shard.forward", &msg.span, args);
         let out = forward_span.in_scope(|| args.model.forward(&input, &mut hooks))?;
         let Some(backward) = msg.backward else {
             if !last {
@@ -229,14 +236,7 @@ impl ShardActor {
             }
             return Ok((Some(out), None));
         };
-        let backward_span = tracing::info_span!(
-            parent: &msg.span,
-            "shard.backward",
-            rank = args.rank as i64,
-            tp = coords.tp as i64,
-            pp = coords.pp as i64,
-            dp = coords.dp as i64,
-        );
+        let backward_span = shard_span!("shard.backward", &msg.span, args);
         let _entered = backward_span.enter();
         let (root, loss) = match (last, backward.driver_loss) {
             (true, true) => {

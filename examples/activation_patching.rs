@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use flexmodel::analysis::patching::patch_residual_stream;
-use flexmodel::{Checkpoint, FlexModel, Layout};
+use flexmodel::{Checkpoint, FlexModel, Layout, progress_bar};
 
 const CLEAN: &str = "The Eiffel Tower is in the city of";
 const CORRUPTED: &str = "The Colosseum is in the city of";
@@ -36,8 +36,11 @@ fn main() -> anyhow::Result<()> {
 
     let mut model = FlexModel::build(&checkpoint, Layout::new(1, 1, 3)?)?;
     let start = Instant::now();
-    let patching = patch_residual_stream(&mut model, &clean, &corrupted, paris, rome)
+    let n_layers = model.config().n_layers as u64;
+    let progress = progress_bar(n_layers, "patching layer by layer");
+    let patching = patch_residual_stream(&mut model, &clean, &corrupted, paris, rome, &progress)
         .context("patching the residual stream")?;
+    progress.finish_and_clear();
     println!(
         "logit(\" Paris\") − logit(\" Rome\"): clean {:.2}, corrupted {:.2}; {} layers × {} \
          positions patched in {:.1} s under TP=3",

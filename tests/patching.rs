@@ -3,6 +3,7 @@
 use flexmodel::analysis::patching::patch_residual_stream;
 use flexmodel::tiny::tiny_checkpoint;
 use flexmodel::{FlexModel, Layout};
+use indicatif::ProgressBar;
 
 const CLEAN: [u32; 6] = [5, 17, 200, 3, 99, 42];
 const CORRUPTED: [u32; 6] = [5, 17, 61, 3, 99, 42];
@@ -11,7 +12,9 @@ const CORRUPTED: [u32; 6] = [5, 17, 61, 3, 99, 42];
 fn patching_is_exact_where_the_runs_agree_and_at_the_changed_embedding() {
     let checkpoint = tiny_checkpoint(11).unwrap();
     let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
-    let patching = patch_residual_stream(&mut model, &CLEAN, &CORRUPTED, 7, 8).unwrap();
+    let patching =
+        patch_residual_stream(&mut model, &CLEAN, &CORRUPTED, 7, 8, &ProgressBar::hidden())
+            .unwrap();
     assert_ne!(patching.clean_diff, patching.corrupted_diff);
     assert_eq!(patching.restored.len(), 4);
     for (layer, row) in patching.restored.iter().enumerate() {
@@ -40,9 +43,25 @@ fn patching_is_exact_where_the_runs_agree_and_at_the_changed_embedding() {
 fn patching_under_tp2_pp2_equals_the_single_shard() {
     let checkpoint = tiny_checkpoint(11).unwrap();
     let mut single = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
-    let expected = patch_residual_stream(&mut single, &CLEAN, &CORRUPTED, 7, 8).unwrap();
+    let expected = patch_residual_stream(
+        &mut single,
+        &CLEAN,
+        &CORRUPTED,
+        7,
+        8,
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
     let mut sharded = FlexModel::build(&checkpoint, Layout::new(1, 2, 2).unwrap()).unwrap();
-    let patching = patch_residual_stream(&mut sharded, &CLEAN, &CORRUPTED, 7, 8).unwrap();
+    let patching = patch_residual_stream(
+        &mut sharded,
+        &CLEAN,
+        &CORRUPTED,
+        7,
+        8,
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
     for (row, expected_row) in patching.restored.iter().zip(&expected.restored) {
         for (a, b) in row.iter().zip(expected_row) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
@@ -54,11 +73,18 @@ fn patching_under_tp2_pp2_equals_the_single_shard() {
 fn prompts_of_different_lengths_are_refused() {
     let checkpoint = tiny_checkpoint(11).unwrap();
     let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
-    let error = patch_residual_stream(&mut model, &CLEAN, &CORRUPTED[..5], 7, 8)
-        .unwrap_err()
-        .to_string();
+    let error = patch_residual_stream(
+        &mut model,
+        &CLEAN,
+        &CORRUPTED[..5],
+        7,
+        8,
+        &ProgressBar::hidden(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(error.contains("same, non-zero number of tokens"), "{error}");
-    let error = patch_residual_stream(&mut model, &CLEAN, &CLEAN, 7, 8)
+    let error = patch_residual_stream(&mut model, &CLEAN, &CLEAN, 7, 8, &ProgressBar::hidden())
         .unwrap_err()
         .to_string();
     assert!(error.contains("nothing to restore"), "{error}");

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use indicatif::ProgressBar;
 
 use crate::plot::Heatmap;
 use crate::{Error, FlexModel, HookFunction, Result};
@@ -35,13 +36,14 @@ fn logit_diffs(logits: &Tensor, answer: u32, wrong: u32) -> Result<Vec<f32>> {
 /// `answer` (right for the clean prompt) and `wrong` (right for the corrupted one).
 ///
 /// One pass per layer: the batch holds one copy of the corrupted prompt per position,
-/// copy `j` patched at position `j`.
+/// copy `j` patched at position `j`; `progress` advances once per layer.
 pub fn patch_residual_stream(
     model: &mut FlexModel,
     clean: &[u32],
     corrupted: &[u32],
     answer: u32,
     wrong: u32,
+    progress: &ProgressBar,
 ) -> Result<Patching> {
     let t = clean.len();
     if t == 0 || corrupted.len() != t {
@@ -83,6 +85,7 @@ pub fn patch_residual_stream(
         model.hooks_mut().remove(hook)?;
         let diffs = logit_diffs(&pass?, answer, wrong)?;
         restored.push(diffs.iter().map(|d| (d - corrupted_diff) / gap).collect());
+        progress.inc(1);
     }
     Ok(Patching {
         restored,

@@ -9,6 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::plot::{Heatmap, Line, LineChart};
+use crate::weights::write_safetensors;
 use crate::{Error, FlexModel, Result, next_token_loss_by_position};
 
 /// `batch` sequences of `half` random token ids (below `vocab`, from `seed`), each
@@ -96,14 +97,10 @@ impl Induction {
     pub fn save(&self, dir: &Path) -> Result<Vec<PathBuf>> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let scores_path = dir.join("induction_scores.safetensors");
-        let partial = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
-        candle_core::safetensors::save(
+        write_safetensors(
             &HashMap::from([("score".to_string(), self.scores.contiguous()?)]),
-            partial.path(),
+            &scores_path,
         )?;
-        partial
-            .persist(&scores_path)
-            .map_err(|e| Error::io(&scores_path, e.error))?;
 
         let heatmap_path = dir.join("induction_scores.png");
         let rows = self.scores.to_vec2::<f32>()?;

@@ -20,6 +20,7 @@ use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
 use crate::plot::{Line, LineChart};
+use crate::weights::write_safetensors;
 use crate::{Error, FlexModel, Result};
 
 /// The model's decoder of the residual stream: final RMSNorm, then the LM head.
@@ -184,16 +185,7 @@ impl TunedLens {
             tensors.insert(format!("translators.{i}.weight"), w.as_tensor().clone());
             tensors.insert(format!("translators.{i}.bias"), b.as_tensor().clone());
         }
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let partial = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
-        candle_core::safetensors::save(&tensors, partial.path())?;
-        partial
-            .persist(path)
-            .map_err(|e| Error::io(path, e.error))?;
-        Ok(())
+        write_safetensors(&tensors, path)
     }
 
     /// Reads translators written by [`TunedLens::save`], checking that there is one per

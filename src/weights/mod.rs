@@ -4,6 +4,7 @@
 
 mod gguf;
 mod safetensors_dir;
+mod safetensors_file;
 mod tensor_map;
 
 use std::path::Path;
@@ -12,6 +13,7 @@ use candle_core::Tensor;
 
 pub use gguf::GgufFile;
 pub use safetensors_dir::SafetensorsDir;
+pub use safetensors_file::write_safetensors;
 pub use tensor_map::TensorMap;
 
 use crate::{Error, Result};

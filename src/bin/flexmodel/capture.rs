@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Tensor};
 use clap::Args;
 use flexmodel::edits::EditSpec;
+use flexmodel::weights::write_safetensors;
 use flexmodel::{Checkpoint, HookFunction, next_token_loss};
 
 use crate::input::InputArgs;
@@ -88,30 +89,13 @@ pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
         );
         out.insert("loss".to_string(), loss);
     }
-    write_safetensors(&out, &args.out)?;
+    write_safetensors(&out, &args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
         "wrote {} hook points ({:.1} MB) to {}",
         model.store().len(),
         model.store().bytes() as f64 / 1e6,
         args.out.display()
     );
-    Ok(())
-}
-
-/// Writes `tensors` to `path` through a temporary file, so `path` is whole or untouched.
-fn write_safetensors(
-    tensors: &HashMap<String, Tensor>,
-    path: &std::path::Path,
-) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => std::path::Path::new("."),
-    };
-    let tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot write in {}", dir.display()))?;
-    candle_core::safetensors::save(tensors, tmp.path())
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

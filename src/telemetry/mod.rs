@@ -108,19 +108,12 @@ pub struct Telemetry {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
-impl Telemetry {
-    /// Whether spans are being exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-}
-
 impl Drop for Telemetry {
     fn drop(&mut self) {
         if let Some(provider) = self.provider.take()
             && let Err(e) = provider.shutdown()
         {
-            eprintln!("warning: exporting the last traces failed: {e}");
+            tracing::warn!("exporting the last traces failed: {e}");
         }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
@@ -133,9 +126,9 @@ impl Drop for Telemetry {
 /// those of the exporter's network stack), and `profile` if given.
 pub fn init(logs: EnvFilter, profile: Option<HookProfile>) -> Result<Telemetry> {
     let otlp = OtlpConfig::from_env()?;
-    let (provider, runtime) = match otlp {
+    let (provider, runtime) = match &otlp {
         Some(config) => {
-            let (provider, runtime) = tracer_provider(&config)?;
+            let (provider, runtime) = tracer_provider(config)?;
             (Some(provider), runtime)
         }
         None => (None, None),
@@ -159,6 +152,9 @@ pub fn init(logs: EnvFilter, profile: Option<HookProfile>) -> Result<Telemetry> 
         .with(profile.map(|p| p.with_filter(ours)))
         .try_init()
         .map_err(|e| Error::BadInput(format!("a tracing subscriber is already set: {e}")))?;
+    if let Some(config) = otlp {
+        tracing::info!("exporting traces over OTLP ({:?})", config.protocol);
+    }
     Ok(Telemetry { provider, runtime })
 }
 

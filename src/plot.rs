@@ -141,11 +141,14 @@ impl Heatmap<'_> {
             .margin(15)
             .x_label_area_size(60)
             .y_label_area_size(70)
+            // A one-value axis would map every cell to one pixel: give it a second value,
+            // which the single cell covers (see `edge`) and no label names.
             .build_cartesian_2d(
-                (0..n_cols - 1).into_segmented(),
-                (0..n_rows - 1).into_segmented(),
+                (0..(n_cols - 1).max(1)).into_segmented(),
+                (0..(n_rows - 1).max(1)).into_segmented(),
             )?;
         let column_label = |v: &SegmentValue<i32>| match v {
+            SegmentValue::CenterOf(c) if *c >= n_cols => String::new(),
             SegmentValue::CenterOf(c) => match self.column_names {
                 Some(names) => names.get(*c as usize).cloned().unwrap_or_default(),
                 None => c.to_string(),
@@ -154,6 +157,7 @@ impl Heatmap<'_> {
         };
         // Row 0 is drawn at the top.
         let row_label = |v: &SegmentValue<i32>| match v {
+            SegmentValue::CenterOf(r) if *r >= n_rows => String::new(),
             SegmentValue::CenterOf(r) => (n_rows - 1 - r).to_string(),
             _ => String::new(),
         };
@@ -169,6 +173,11 @@ impl Heatmap<'_> {
             .label_style((FONT, 15));
         mesh.draw()?;
         let scale = |v: f32| ((v - lo) / (hi - lo)).clamp(0.0, 1.0);
+        // The far edge of the last cell is the axis end (exact for a single row or column).
+        let edge = |v: i32, n: i32| match v < n {
+            true => SegmentValue::Exact(v),
+            false => SegmentValue::Last,
+        };
         chart.draw_series(self.rows.iter().enumerate().flat_map(|(r, row)| {
             let y = n_rows - 1 - r as i32;
             row.iter().enumerate().map(move |(c, &v)| {
@@ -180,7 +189,7 @@ impl Heatmap<'_> {
                 Rectangle::new(
                     [
                         (SegmentValue::Exact(c), SegmentValue::Exact(y)),
-                        (SegmentValue::Exact(c + 1), SegmentValue::Exact(y + 1)),
+                        (edge(c + 1, n_cols), edge(y + 1, n_rows)),
                     ],
                     color.filled(),
                 )
@@ -346,6 +355,28 @@ mod tests {
         .save(&path)
         .unwrap();
         assert!(inked_pixels(&path) > 100_000);
+    }
+
+    #[test]
+    fn a_heatmap_of_one_row_and_one_column_is_drawn() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("one.png");
+        let rows = vec![vec![0.5f32]];
+        Heatmap {
+            title: "t",
+            x_label: "x",
+            y_label: "y",
+            value_label: "v",
+            rows: &rows,
+            column_names: None,
+        }
+        .save(&path)
+        .unwrap();
+        let image = image::open(&path).unwrap().to_rgb8();
+        // The single cell fills the middle of the plotting area.
+        let (w, h) = image.dimensions();
+        let centre = image.get_pixel(w * 2 / 5, h / 2).0;
+        assert_ne!(centre, [255, 255, 255]);
     }
 
     #[test]

@@ -58,18 +58,17 @@ pub fn read_tokens_file(path: &Path, vocab_size: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu)?)
 }
 
-/// Cuts `ids` (a tokenized text) into batches of `batch` consecutive sequences of
-/// `seq_len` tokens (`[batch, seq_len]` u32 each), at most `max_tokens` tokens in all; a
-/// tail too short for a whole batch is dropped. A text shorter than one batch gives one
-/// sequence of all its tokens (up to `max_tokens`).
+/// Cuts `ids` (a tokenized text) into batches of up to `batch` consecutive sequences of
+/// `seq_len` tokens (`[rows, seq_len]` u32 each), at most `max_tokens` tokens in all: whole
+/// batches first, then one smaller batch of the whole sequences left within the budget.
+/// A text (or budget) shorter than one sequence gives one shorter sequence.
 pub fn chunk_tokens(
     ids: &[u32],
     seq_len: usize,
     batch: usize,
     max_tokens: usize,
 ) -> Result<Vec<Tensor>> {
-    let per_batch = seq_len * batch;
-    if per_batch == 0 || max_tokens == 0 {
+    if seq_len == 0 || batch == 0 || max_tokens == 0 {
         return Err(Error::BadInput(
             "sequence length, batch size and token budget must be positive".into(),
         ));
@@ -77,14 +76,19 @@ pub fn chunk_tokens(
     if ids.is_empty() {
         return Err(Error::BadInput("the text has no tokens".into()));
     }
-    if ids.len() < per_batch || max_tokens < per_batch {
-        let n = ids.len().min(max_tokens).min(per_batch);
-        return Ok(vec![Tensor::from_slice(&ids[..n], (1, n), &Device::Cpu)?]);
+    let usable = &ids[..ids.len().min(max_tokens)];
+    if usable.len() < seq_len {
+        let n = usable.len();
+        return Ok(vec![Tensor::from_slice(usable, (1, n), &Device::Cpu)?]);
     }
-    ids.chunks_exact(per_batch)
-        .take(max_tokens / per_batch)
-        .map(|chunk| Ok(Tensor::from_slice(chunk, (batch, seq_len), &Device::Cpu)?))
-        .collect()
+    let sequences = usable.len() / seq_len;
+    let mut batches = Vec::with_capacity(sequences.div_ceil(batch));
+    for first in (0..sequences).step_by(batch) {
+        let rows = batch.min(sequences - first);
+        let chunk = &usable[first * seq_len..(first + rows) * seq_len];
+        batches.push(Tensor::from_slice(chunk, (rows, seq_len), &Device::Cpu)?);
+    }
+    Ok(batches)
 }
 
 /// Checks that `tokens` is a non-empty `[b, t]` u32 batch of ids below `vocab_size`;
@@ -118,18 +122,24 @@ pub fn check_tokens(tokens: &Tensor, vocab_size: usize) -> Result<(usize, usize)
 #[cfg(test)]
 mod tests {
     #[test]
-    fn chunks_are_consecutive_whole_batches_within_the_budget() {
+    fn chunks_are_consecutive_sequences_of_seq_len_within_the_budget() {
         let ids: Vec<u32> = (0..50).collect();
         let batches = super::chunk_tokens(&ids, 4, 3, 40).unwrap();
-        assert_eq!(batches.len(), 3);
+        // 40 tokens: 10 sequences of 4, in batches of 3, 3, 3 and 1.
+        let rows: Vec<usize> = batches.iter().map(|b| b.dim(0).unwrap()).collect();
+        assert_eq!(rows, [3, 3, 3, 1]);
         assert_eq!(batches[1].dims(), [3, 4]);
         assert_eq!(batches[1].to_vec2::<u32>().unwrap()[0], [12, 13, 14, 15]);
-        assert_eq!(super::chunk_tokens(&ids, 4, 3, 1000).unwrap().len(), 4);
+        assert_eq!(batches[3].to_vec2::<u32>().unwrap()[0], [36, 37, 38, 39]);
+        // A budget below one batch still cuts sequences of seq_len.
+        let small = super::chunk_tokens(&ids, 4, 32, 10).unwrap();
+        assert_eq!(small.len(), 1);
+        assert_eq!(small[0].dims(), [2, 4]);
         assert!(super::chunk_tokens(&ids, 0, 3, 40).is_err());
         assert!(super::chunk_tokens(&[], 4, 3, 40).is_err());
-        let short = super::chunk_tokens(&ids[..7], 4, 3, 40).unwrap();
+        let short = super::chunk_tokens(&ids[..3], 4, 3, 40).unwrap();
         assert_eq!(short.len(), 1);
-        assert_eq!(short[0].dims(), [1, 7]);
+        assert_eq!(short[0].dims(), [1, 3]);
     }
 
     use super::*;

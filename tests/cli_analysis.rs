@@ -130,6 +130,20 @@ fn induction_reads_a_tokens_file_and_refuses_sequences_that_do_not_repeat() {
         "x",
     ]);
     assert!(error.contains("--batch"), "{error}");
+    let error = run_failing(&[
+        "induction",
+        "--model",
+        model,
+        "--seq-len",
+        "100000",
+        "--batch",
+        "1",
+        "--seed",
+        "0",
+        "--out",
+        "x",
+    ]);
+    assert!(error.contains("longer than the model's context"), "{error}");
 }
 
 #[test]

@@ -65,3 +65,18 @@ fn smollm2_scores_under_tp3_equal_tp1_and_it_has_induction_heads() {
         "first copy {first}, second copy {second}"
     );
 }
+
+#[test]
+fn sizes_that_overflow_or_are_too_small_are_refused() {
+    let error = repeated_random_tokens(usize::MAX, 4, 256, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("more than this machine can count"),
+        "{error}"
+    );
+    let error = repeated_random_tokens(2, 1, 256, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("at least 2 tokens"), "{error}");
+}

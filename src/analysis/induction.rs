@@ -25,8 +25,16 @@ pub fn repeated_random_tokens(
             "induction needs at least one sequence of at least 2 tokens, got batch {batch}, length {half}"
         )));
     }
+    let total = half
+        .checked_mul(2)
+        .and_then(|t| t.checked_mul(batch))
+        .ok_or_else(|| {
+            Error::BadInput(format!(
+                "{batch} sequences of 2 × {half} tokens are more than this machine can count"
+            ))
+        })?;
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut ids = Vec::with_capacity(batch * 2 * half);
+    let mut ids = Vec::with_capacity(total);
     for _ in 0..batch {
         let first: Vec<u32> = (0..half)
             .map(|_| rng.random_range(0..vocab as u32))

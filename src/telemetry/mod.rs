@@ -3,6 +3,9 @@
 //! its rank and tp/pp/dp coordinates, and for each hook call `hook.gather`, `hook.edit`,
 //! `hook.scatter` and `hook.store` with `hook.name`, `hook.call` and `hook.bytes`.
 //!
+//! With the model in one shard (no shard actors), the hook spans run inside that shard's
+//! `shard.forward` span; sharded, they run in the driver, directly under the pass's span.
+//!
 //! [`init`] installs the process's subscriber: logs on stderr, plus an OTLP exporter when
 //! the standard variables ask for one (`OTEL_EXPORTER_OTLP_ENDPOINT` or
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; `OTEL_EXPORTER_OTLP_PROTOCOL` = `grpc` or
@@ -68,8 +71,10 @@ impl OtlpConfig {
     /// `http/protobuf` by default, and any value but `grpc` and `http/protobuf` is an
     /// error. `var` looks a variable up.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
-        let disabled = first_set(&var, &["OTEL_SDK_DISABLED"]).is_some_and(|(_, v)| v == "true")
-            || first_set(&var, &["OTEL_TRACES_EXPORTER"]).is_some_and(|(_, v)| v == "none");
+        let is = |name: &str, value: &str| {
+            first_set(&var, &[name]).is_some_and(|(_, v)| v.eq_ignore_ascii_case(value))
+        };
+        let disabled = is("OTEL_SDK_DISABLED", "true") || is("OTEL_TRACES_EXPORTER", "none");
         let endpoint = first_set(
             &var,
             &[
@@ -226,7 +231,7 @@ mod tests {
         );
         let disabled = [
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318"),
-            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_SDK_DISABLED", "TRUE"),
         ];
         assert_eq!(config(&disabled).unwrap(), None);
     }

@@ -14,7 +14,11 @@ pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resu
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let partial = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    let mut builder = tempfile::Builder::new();
+    // Like any new file (mode 0666 less the umask), not a private temporary one (0600).
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let partial = builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
     candle_core::safetensors::save(tensors, partial.path())?;
     partial
         .persist(path)

@@ -214,8 +214,9 @@ fn merge(into: &mut ProfileTotals, spans: ProfileTotals) {
 /// How many hook points the profile lists one by one (the slowest first).
 const PROFILE_ROWS: usize = 25;
 
-/// Prints, per hook point, the mean time per pass in each phase, then the totals and the
-/// overhead of the hooked passes against the unhooked ones.
+/// Prints, per hook point, the mean time per pass in each phase and the megabytes of the
+/// point's tensors per pass, then the totals and the overhead of the hooked passes
+/// against the unhooked ones.
 fn print_profile(totals: &ProfileTotals, passes: u32, unhooked_ms: f64, hooked_ms: f64) {
     let per_pass = |d: std::time::Duration| d.as_secs_f64() * 1e3 / f64::from(passes);
     let mut points: BTreeMap<&str, [f64; 4]> = BTreeMap::new();
@@ -224,7 +225,9 @@ fn print_profile(totals: &ProfileTotals, passes: u32, unhooked_ms: f64, hooked_m
     for ((point, phase), t) in totals {
         let i = HookPhase::ALL.iter().position(|p| p == phase).unwrap_or(0);
         points.entry(point).or_default()[i] += per_pass(t.time);
-        *bytes.entry(point).or_default() += t.bytes / u64::from(passes);
+        // Each phase handles the same tensor (or its pieces): count it once.
+        let point_bytes = bytes.entry(point).or_default();
+        *point_bytes = (*point_bytes).max(t.bytes / u64::from(passes));
         phase_sums[i] += per_pass(t.time);
     }
     let mut rows: Vec<(&str, [f64; 4])> = points.into_iter().collect();

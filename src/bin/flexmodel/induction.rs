@@ -38,14 +38,25 @@ pub struct InductionArgs {
 /// Measures the scores, writes them and the figures, prints the top heads.
 pub fn run(args: InductionArgs) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&args.model)?;
-    let vocab = checkpoint.config.vocab_size;
+    let (vocab, context) = (
+        checkpoint.config.vocab_size,
+        checkpoint.config.max_position_embeddings,
+    );
     let tokens = match (&args.tokens_file, args.seq_len, args.batch, args.seed) {
         (Some(path), ..) => read_tokens_file(path, vocab)?,
         (None, Some(seq_len), Some(batch), Some(seed)) => {
+            anyhow::ensure!(
+                seq_len <= context / 2,
+                "--seq-len {seq_len} repeated twice is longer than the model's context of {context} tokens"
+            );
             repeated_random_tokens(batch, seq_len, vocab, seed)?
         }
         _ => anyhow::bail!("give --tokens-file, or --seq-len, --batch and --seed"),
     };
+    anyhow::ensure!(
+        tokens.dim(1)? <= context,
+        "the sequences are longer than the model's context of {context} tokens"
+    );
     let mut model = args.layout.build(&checkpoint)?;
     let measured = induction::measure(&mut model, &tokens)?;
     let written = measured

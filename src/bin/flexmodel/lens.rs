@@ -53,6 +53,12 @@ pub struct LensArgs {
 /// Trains (or loads) the tuned lens, evaluates both lenses, writes report, plot and lens.
 pub fn run(args: LensArgs) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&args.model)?;
+    let context = checkpoint.config.max_position_embeddings;
+    anyhow::ensure!(
+        args.seq_len <= context,
+        "--seq-len {} is longer than the model's context of {context} tokens",
+        args.seq_len
+    );
     let eval = batches_of(&checkpoint, &args.eval_text, &args, args.eval_tokens)?;
     let mut model = args.layout.build(&checkpoint)?;
     let unembed = Unembed::of(&model)?;

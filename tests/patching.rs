@@ -1,6 +1,6 @@
 //! Activation patching: exact properties on a random model, and equality across layouts.
 
-use flexmodel::analysis::patching::patch_residual_stream;
+use flexmodel::analysis::patching::{Patching, patch_residual_stream};
 use flexmodel::tiny::tiny_checkpoint;
 use flexmodel::{FlexModel, Layout};
 use indicatif::ProgressBar;
@@ -10,11 +10,7 @@ const CORRUPTED: [u32; 6] = [5, 17, 61, 3, 99, 42];
 
 #[test]
 fn patching_is_exact_where_the_runs_agree_and_at_the_changed_embedding() {
-    let checkpoint = tiny_checkpoint(11).unwrap();
-    let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
-    let patching =
-        patch_residual_stream(&mut model, &CLEAN, &CORRUPTED, 7, 8, &ProgressBar::hidden())
-            .unwrap();
+    let patching = patch_under(Layout::SINGLE);
     assert_ne!(patching.clean_diff, patching.corrupted_diff);
     assert_eq!(patching.restored.len(), 4);
     for (layer, row) in patching.restored.iter().enumerate() {
@@ -39,29 +35,17 @@ fn patching_is_exact_where_the_runs_agree_and_at_the_changed_embedding() {
     assert!(last[5].abs() > 1e-3, "{last:?}");
 }
 
+/// Patches `CORRUPTED` with `CLEAN` on the tiny model split over `layout`.
+fn patch_under(layout: Layout) -> Patching {
+    let checkpoint = tiny_checkpoint(11).unwrap();
+    let mut model = FlexModel::build(&checkpoint, layout).unwrap();
+    patch_residual_stream(&mut model, &CLEAN, &CORRUPTED, 7, 8, &ProgressBar::hidden()).unwrap()
+}
+
 #[test]
 fn patching_under_tp2_pp2_equals_the_single_shard() {
-    let checkpoint = tiny_checkpoint(11).unwrap();
-    let mut single = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
-    let expected = patch_residual_stream(
-        &mut single,
-        &CLEAN,
-        &CORRUPTED,
-        7,
-        8,
-        &ProgressBar::hidden(),
-    )
-    .unwrap();
-    let mut sharded = FlexModel::build(&checkpoint, Layout::new(1, 2, 2).unwrap()).unwrap();
-    let patching = patch_residual_stream(
-        &mut sharded,
-        &CLEAN,
-        &CORRUPTED,
-        7,
-        8,
-        &ProgressBar::hidden(),
-    )
-    .unwrap();
+    let expected = patch_under(Layout::SINGLE);
+    let patching = patch_under(Layout::new(1, 2, 2).unwrap());
     for (row, expected_row) in patching.restored.iter().zip(&expected.restored) {
         for (a, b) in row.iter().zip(expected_row) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");

@@ -8,7 +8,7 @@
 //! ```
 
 use flexmodel::analysis::lens::{Training, TunedLens, Unembed};
-use flexmodel::pretrained::TINY_SHAKESPEARE;
+use flexmodel::weights::pretrained::TINY_SHAKESPEARE;
 use flexmodel::{Checkpoint, FlexModel, Layout, chunk_tokens, progress_bar};
 
 fn main() -> anyhow::Result<()> {

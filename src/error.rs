@@ -62,9 +62,75 @@ pub enum Error {
         /// The vocabulary size.
         vocab_size: usize,
     },
-    /// The input batch is malformed (empty, ragged, wrong rank).
-    #[error("bad input: {0}")]
-    BadInput(String),
+    /// Token ids that are not a `[batch, seq]` batch of u32 with at least one token.
+    #[error("tokens must be a non-empty [batch, seq] batch of u32 ids, got {dtype:?} of shape {dims:?}")]
+    BadTokens {
+        /// The shape given.
+        dims: Vec<usize>,
+        /// The dtype given.
+        dtype: candle_core::DType,
+    },
+    /// Sequences longer than the model's context.
+    #[error("sequences of {len} tokens are longer than the model's context of {context} tokens")]
+    SequenceTooLong {
+        /// The length given.
+        len: usize,
+        /// The model's `max_position_embeddings`.
+        context: usize,
+    },
+    /// Sequences too short for what was asked of them.
+    #[error("{what} needs sequences of at least {need} tokens, got {len}")]
+    SequenceTooShort {
+        /// What needs them (a backward pass, the loss, induction).
+        what: &'static str,
+        /// The least length it takes.
+        need: usize,
+        /// The length given.
+        len: usize,
+    },
+    /// Texts that do not encode to sequences of one, non-zero length.
+    #[error("a batch needs texts of equal, non-zero token counts, got {lengths:?}")]
+    RaggedBatch {
+        /// The token count of each text.
+        lengths: Vec<usize>,
+    },
+    /// A text or prompt with no tokens.
+    #[error("{what} has no tokens")]
+    NoTokens {
+        /// `the prompt`, `the text`.
+        what: &'static str,
+    },
+    /// A line of a tokens file (or the whole file) is malformed.
+    #[error("{}{}: {problem}", .path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    BadTokensFile {
+        /// The file.
+        path: PathBuf,
+        /// The line (1-based), if one is at fault.
+        line: Option<usize>,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A batch has fewer sequences than there are data-parallel replicas.
+    #[error(
+        "a batch of {batch} sequences cannot be split over {replicas} data-parallel replicas"
+    )]
+    BatchTooSmall {
+        /// The sequences in the batch.
+        batch: usize,
+        /// The replicas.
+        replicas: usize,
+    },
+    /// A layout that cannot split this model (or would not fit this machine).
+    #[error("bad layout: {0}")]
+    BadLayout(crate::runtime::sharding::LayoutProblem),
+    /// An argument of a public function outside what it accepts.
+    #[error("{argument}: {problem}")]
+    InvalidArgument {
+        /// The argument's name.
+        argument: &'static str,
+        /// What it must be, and what it was.
+        problem: String,
+    },
     /// Fetching a pretrained model into the cache failed.
     #[error("fetching {model}: {message}")]
     Fetch {
@@ -113,6 +179,45 @@ pub enum Error {
     /// A handle of a hook that is not registered (any more).
     #[error("{0} is not registered")]
     UnknownHandle(crate::HookHandle),
+    /// A hook's tags name a group that cannot be joined (empty, or `all`).
+    #[error("a group name cannot be empty")]
+    EmptyGroupName,
+    /// A value in the save context has another type than the one asked for.
+    #[error("save context: {key:?} holds a {stored}, not a {requested}")]
+    SaveContextType {
+        /// The key.
+        key: String,
+        /// The type stored under it.
+        stored: &'static str,
+        /// The type asked for.
+        requested: &'static str,
+    },
+    /// A trainable variable of this name is already registered.
+    #[error("a trainable variable {name:?} is already registered")]
+    TrainableExists {
+        /// The name.
+        name: String,
+    },
+    /// No trainable variable of this name is registered.
+    #[error("no trainable variable {name:?} is registered (registered: {})", .known.join(", "))]
+    UnknownTrainable {
+        /// The name asked for.
+        name: String,
+        /// The names registered.
+        known: Vec<String>,
+    },
+    /// A parameter's gradient was asked for before any backward pass.
+    #[error("no gradient for {parameter}: run forward_backward first")]
+    NoGradient {
+        /// The parameter.
+        parameter: String,
+    },
+    /// A hook point was expected in the store after a pass that captured it.
+    #[error("{hook} was not captured")]
+    NotCaptured {
+        /// The hook point's name.
+        hook: String,
+    },
     /// An edit closure failed.
     #[error("hook {hook}: {source}")]
     HookFailed {
@@ -120,6 +225,12 @@ pub enum Error {
         hook: String,
         /// What the closure returned (or that it panicked).
         source: Box<Error>,
+    },
+    /// An edit closure panicked.
+    #[error("the edit panicked: {message}")]
+    EditPanicked {
+        /// The panic's message.
+        message: String,
     },
     /// An edit returned a tensor of another shape or dtype.
     #[error(
@@ -133,10 +244,66 @@ pub enum Error {
         /// Shape and dtype the edit returned.
         found: String,
     },
-    /// The hook protocol between a shard and the coordinator failed (usually because the
-    /// pass was aborted after another failure).
-    #[error("hook protocol: {0}")]
-    Protocol(String),
+    /// A `zero-head` edit on a hook point without heads.
+    #[error("zero-head: {hook} has no head dimension")]
+    NoHeadDimension {
+        /// The hook point's name.
+        hook: String,
+    },
+    /// A `zero-head` edit of a head the point does not have.
+    #[error("zero-head: head {head} does not exist, {hook} has {heads} heads")]
+    NoSuchHead {
+        /// The hook point's name.
+        hook: String,
+        /// The head asked for.
+        head: usize,
+        /// The heads the point has.
+        heads: usize,
+    },
+    /// An `add` edit whose tensor does not broadcast to the value.
+    #[error("add: a tensor of shape {delta:?} does not broadcast to {hook} of shape {value:?}")]
+    DoesNotBroadcast {
+        /// The hook point's name.
+        hook: String,
+        /// The shape of the tensor to add.
+        delta: Vec<usize>,
+        /// The shape of the value.
+        value: Vec<usize>,
+    },
+    /// An `--edit` spec that does not parse.
+    #[error("malformed edit {spec:?}: {problem}")]
+    MalformedEdit {
+        /// The spec as given.
+        spec: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A driver-side loss that is not a scalar.
+    #[error("the loss must be a scalar, got shape {dims:?}")]
+    LossNotScalar {
+        /// The shape it had.
+        dims: Vec<usize>,
+    },
+    /// Fault injection on a model that has no shards to fail.
+    #[error("fault injection needs a sharded layout")]
+    FaultNeedsShards,
+    /// An analysis was given inputs it cannot measure anything on.
+    #[error("{analysis}: {problem}")]
+    Analysis {
+        /// `activation patching`, `induction`, `tuned lens`.
+        analysis: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Setting up logs or trace export failed.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
+    /// An error of the caller's own code: an edit closure, a loss function.
+    #[error(transparent)]
+    Custom(Box<dyn std::error::Error + Send + Sync>),
+    /// An invariant of FlexModel-rs did not hold: a bug, please report it.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     /// A figure could not be drawn or written.
     #[error("{path}: drawing the figure: {message}")]
     Plot {
@@ -147,17 +314,29 @@ pub enum Error {
     },
     /// A sharded pass failed.
     #[error(transparent)]
-    Sharded(#[from] flexmodel_actors::Error),
+    Sharded(flexmodel_actors::Error),
+    /// An error of the hook layer inside a shard, carried to the shard's runtime as it is.
+    #[error(transparent)]
+    ShardHook(flexmodel_actors::BoxError),
     /// A layout or collective error.
     #[error(transparent)]
     Cluster(#[from] flexmodel_cluster::Error),
     /// A tensor operation failed.
-    #[error("{}", flexmodel_cluster::tensor_error_message(.0))]
+    #[error("{}", tensor_message(.0))]
     Tensor(#[from] candle_core::Error),
 }
 
 /// Result with the library's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The message of a candle error without the backtrace candle attaches when
+/// `RUST_BACKTRACE` is set: error messages are for people, not for debugging candle.
+pub(crate) fn tensor_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => tensor_message(inner),
+        e => e.to_string(),
+    }
+}
 
 fn suggest(names: &[String]) -> String {
     match names {
@@ -166,7 +345,27 @@ fn suggest(names: &[String]) -> String {
     }
 }
 
+impl From<flexmodel_actors::Error> for Error {
+    /// A failed sharded pass; an error of the driver's own hooks (an edit, a loss) comes
+    /// back as itself, so that callers can match it whatever the layout.
+    fn from(e: flexmodel_actors::Error) -> Self {
+        match e {
+            flexmodel_actors::Error::Sink(inner) => match inner.downcast::<Error>() {
+                Ok(own) => *own,
+                Err(other) => Error::Sharded(flexmodel_actors::Error::Sink(other)),
+            },
+            e => Error::Sharded(e),
+        }
+    }
+}
+
 impl Error {
+    /// An [`Error::Custom`]: what an edit closure or a loss of your own returns when it
+    /// fails (`Err(Error::custom("probe not trained"))`).
+    pub fn custom(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Error::Custom(error.into())
+    }
+
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -25,49 +25,28 @@
 //! # }
 //! ```
 
-mod activation_store;
 pub mod analysis;
-mod checkpoint;
-pub mod edits;
 mod error;
-mod flex_model;
-mod generate;
-mod hook_catalog;
-mod hook_dispatch;
-mod hook_function;
-pub mod hook_point;
-mod hook_registry;
-mod hooks;
-mod loss;
+pub mod hooks;
 pub mod models;
-mod parameters;
-mod pattern;
 pub mod plot;
-pub mod pretrained;
 mod progress;
-mod save_context;
-pub mod sharding;
+pub mod runtime;
 pub mod telemetry;
+pub mod text;
 pub mod tiny;
-mod token_batch;
-mod tokenizer;
 pub mod weights;
 
-pub use activation_store::ActivationStore;
-pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
-pub use flex_model::FlexModel;
 pub use flexmodel_actors::Fault;
 pub use flexmodel_cluster::{Layout, RankCoords};
-pub use generate::generate_greedy;
-pub use hook_catalog::{HookCatalog, HookKind};
-pub use hook_function::{EditFn, HookCtx, HookFunction};
-pub use hook_point::{BlockSite, HookPoint};
-pub use hook_registry::{ALL, Groups, HookHandle, HookRegistry, HookSelector};
-pub use hooks::{HookLayer, NoHooks};
-pub use loss::{next_token_loss, next_token_loss_by_position};
-pub use pattern::glob_match;
+pub use hooks::{
+    ALL, ActivationStore, BlockSite, EditFn, Groups, HookCatalog, HookCtx, HookFunction,
+    HookHandle, HookKind, HookLayer, HookPoint, HookRegistry, HookSelector, NoHooks,
+    SaveContext, edits, glob_match,
+};
+pub use models::{next_token_loss, next_token_loss_by_position};
 pub use progress::progress_bar;
-pub use save_context::SaveContext;
-pub use token_batch::{chunk_tokens, read_tokens_file};
-pub use tokenizer::Tokenizer;
+pub use runtime::FlexModel;
+pub use text::{Tokenizer, chunk_tokens, generate_greedy, read_tokens_file};
+pub use weights::Checkpoint;

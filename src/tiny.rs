@@ -10,9 +10,9 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::Result;
-use crate::checkpoint::Checkpoint;
+use crate::weights::checkpoint::Checkpoint;
 use crate::models::{Architecture, LlamaConfig};
-use crate::tokenizer::Tokenizer;
+use crate::text::tokenizer::Tokenizer;
 use crate::weights::TensorMap;
 
 /// The tiny configuration.
@@ -45,10 +45,13 @@ pub fn tiny_checkpoint(seed: u64) -> Result<Checkpoint> {
 /// byte-level tokenizer (the vocabulary must have at least 256 tokens).
 pub fn random_checkpoint(config: LlamaConfig, seed: u64) -> Result<Checkpoint> {
     if config.vocab_size < 256 {
-        return Err(crate::Error::BadInput(format!(
-            "a random model needs a vocabulary of at least 256 byte tokens, got {}",
-            config.vocab_size
-        )));
+        return Err(crate::Error::InvalidArgument {
+            argument: "config",
+            problem: format!(
+                "a random model needs a vocabulary of at least 256 byte tokens, got {}",
+                config.vocab_size
+            ),
+        });
     }
     let weights = random_weights(&config, seed)?;
     Ok(Checkpoint {
@@ -62,7 +65,10 @@ pub fn random_checkpoint(config: LlamaConfig, seed: u64) -> Result<Checkpoint> {
 fn random_weights(c: &LlamaConfig, seed: u64) -> Result<TensorMap> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut draw = |shape: &[usize], mean: f32, std: f32| -> Result<Tensor> {
-        let normal = Normal::new(mean, std).map_err(|e| crate::Error::BadInput(e.to_string()))?;
+        let normal = Normal::new(mean, std).map_err(|e| crate::Error::InvalidArgument {
+            argument: "config",
+            problem: format!("weights with std {std}: {e}"),
+        })?;
         let n = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
         Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)

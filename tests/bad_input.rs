@@ -5,7 +5,8 @@ mod common;
 use std::path::Path;
 
 use candle_core::quantized::GgmlDType;
-use common::{batch, write_gguf};
+use candle_core::quantized::gguf_file::Value;
+use common::{batch, write_gguf, write_gguf_with_metadata};
 use flexmodel::tiny::tiny_checkpoint;
 use flexmodel::{Checkpoint, Error};
 
@@ -222,5 +223,59 @@ fn tokens_must_be_a_batch_of_sequences() {
     let model = tiny_checkpoint(0).unwrap().load_model().unwrap();
     let flat = candle_core::Tensor::new(&[1u32, 2, 3], &candle_core::Device::Cpu).unwrap();
     let err = model.forward(&flat, &mut flexmodel::NoHooks).unwrap_err();
-    assert!(matches!(err, Error::BadInput(_)), "{err:?}");
+    assert!(matches!(err, Error::BadTokens { .. }), "{err:?}");
+}
+
+#[test]
+fn gguf_rope_scaling_sliding_windows_and_partial_rope_are_refused_like_hugging_face() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = tiny_checkpoint(0).unwrap();
+    let cases: Vec<(Vec<(&str, Value)>, &str)> = vec![
+        (
+            vec![
+                ("llama.rope.scaling.type", Value::String("linear".into())),
+                ("llama.rope.scaling.factor", Value::F32(2.0)),
+            ],
+            "RoPE scaling (linear by 2) is not supported",
+        ),
+        (
+            vec![("llama.attention.sliding_window", Value::U32(16))],
+            "sliding-window attention (a window of 16 tokens in a context of 512) is not supported",
+        ),
+        (
+            vec![("llama.rope.dimension_count", Value::U32(4))],
+            "RoPE on 4 of the 8 dimensions of each head is not supported",
+        ),
+    ];
+    for (i, (extra, expected)) in cases.into_iter().enumerate() {
+        let path = dir.path().join(format!("refused{i}.gguf"));
+        write_gguf_with_metadata(&checkpoint, &path, |_| GgmlDType::F32, extra);
+        let err = open_error(&path);
+        assert!(matches!(err, Error::BadConfig { .. }), "{err:?}");
+        assert!(err.to_string().contains(expected), "{err}");
+        assert!(err.to_string().contains(&format!("refused{i}.gguf")), "{err}");
+    }
+    let fine = dir.path().join("fine.gguf");
+    let full = vec![
+        ("llama.rope.dimension_count", Value::U32(8)),
+        ("llama.attention.sliding_window", Value::U32(512)),
+        ("llama.rope.scaling.type", Value::String("none".into())),
+    ];
+    write_gguf_with_metadata(&checkpoint, &fine, |_| GgmlDType::F32, full);
+    assert!(Checkpoint::open(fine.to_str().unwrap()).is_ok());
+}
+
+#[test]
+fn hugging_face_rope_scaling_is_refused_naming_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_hf_dir(dir.path());
+    let config = model.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0});
+    std::fs::write(&config, json.to_string()).unwrap();
+    let err = open_error(&model);
+    assert!(matches!(err, Error::BadConfig { .. }), "{err:?}");
+    assert!(err.to_string().contains("config.json"), "{err}");
+    assert!(err.to_string().contains("RoPE scaling ("), "{err}");
 }

@@ -62,7 +62,7 @@ fn an_edit_runs_once_per_call_and_sees_name_call_and_full_shape() {
         let record = (ctx.name().to_string(), ctx.call(), x.dims().to_vec());
         let seen = ctx
             .save()
-            .get_or_insert_with("seen", Vec::<(String, usize, Vec<usize>)>::new);
+            .get_or_insert_with("seen", Vec::<(String, usize, Vec<usize>)>::new)?;
         seen.push(record);
         Ok(x)
     });
@@ -72,6 +72,7 @@ fn an_edit_runs_once_per_call_and_sees_name_call_and_full_shape() {
     let seen = model
         .save_ctx()
         .get::<Vec<(String, usize, Vec<usize>)>>("seen")
+        .unwrap()
         .unwrap()
         .clone();
     assert_eq!(seen.len(), 8, "4 layers × 2 passes, once each");
@@ -220,12 +221,12 @@ fn an_edit_that_changes_the_dtype_fails_the_pass() {
 fn an_edit_that_errs_or_panics_fails_the_pass_naming_the_hook() {
     let mut model = tiny();
     let failing = HookFunction::new("blocks.2.hook_mlp_out")
-        .with_edit(|_, _| Err(Error::BadInput("probe not trained".into())));
+        .with_edit(|_, _| Err(Error::custom("probe not trained")));
     let handle = model.hooks_mut().register(failing).unwrap();
     let err = model.forward(&tokens()).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "hook blocks.2.hook_mlp_out: bad input: probe not trained"
+        "hook blocks.2.hook_mlp_out: probe not trained"
     );
     model.hooks_mut().remove(handle).unwrap();
 

@@ -180,12 +180,12 @@ fn a_group_shares_one_edit_across_its_points() {
     let count = HookFunction::new("blocks.*.hook_mlp_out")
         .without_capture()
         .with_edit(|ctx, x| {
-            *ctx.save().get_or_insert_with("calls", || 0usize) += 1;
+            *ctx.save().get_or_insert_with("calls", || 0usize)? += 1;
             Ok(x)
         });
     model.hooks_mut().create_hook_group("mlp", count).unwrap();
     model
         .forward_groups(&tokens(), &Groups::only(["mlp"]))
         .unwrap();
-    assert_eq!(model.save_ctx().get::<usize>("calls"), Some(&4));
+    assert_eq!(model.save_ctx().get::<usize>("calls").unwrap(), Some(&4));
 }

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use flexmodel::pretrained::{Pretrained, SMOLLM2};
+use flexmodel::weights::pretrained::{Pretrained, SMOLLM2};
 
 #[test]
 fn empty_cache_gets_the_verified_gguf_once() {

@@ -102,7 +102,7 @@ fn edits_run_once_per_call_on_the_full_tensor_in_every_layout() {
             .with_edit(|ctx, x| {
                 let shapes = ctx
                     .save()
-                    .get_or_insert_with("calls", Vec::<Vec<usize>>::new);
+                    .get_or_insert_with("calls", Vec::<Vec<usize>>::new)?;
                 shapes.push(x.dims().to_vec());
                 Ok((x * 0.5)?)
             });
@@ -110,7 +110,7 @@ fn edits_run_once_per_call_on_the_full_tensor_in_every_layout() {
     };
     let (l, c, mut model) = run(&checkpoint, Layout::SINGLE, &tokens, edit);
     assert_eq!(
-        model.save_ctx().get::<Vec<Vec<usize>>>("calls").unwrap(),
+        model.save_ctx().get::<Vec<Vec<usize>>>("calls").unwrap().unwrap(),
         &[vec![3, 6, 64]]
     );
     let single = (l, c);
@@ -119,6 +119,7 @@ fn edits_run_once_per_call_on_the_full_tensor_in_every_layout() {
         let calls = model
             .save_ctx()
             .get::<Vec<Vec<usize>>>("calls")
+            .unwrap()
             .unwrap()
             .clone();
         assert_eq!(

@@ -79,7 +79,7 @@ fn a_random_edit_is_drawn_once_per_call_and_every_shard_continues_with_that_draw
     let noisy = HookFunction::new("blocks.20.hook_mlp_out").with_edit(|ctx, x| {
         let noise = Tensor::randn(0f32, 1.0, x.shape(), x.device())?;
         ctx.save()
-            .get_or_insert_with("draws", Vec::<Tensor>::new)
+            .get_or_insert_with("draws", Vec::<Tensor>::new)?
             .push(noise.clone());
         Ok((x + noise)?)
     });
@@ -92,6 +92,7 @@ fn a_random_edit_is_drawn_once_per_call_and_every_shard_continues_with_that_draw
     let draws = model
         .save_ctx()
         .get::<Vec<Tensor>>("draws")
+        .unwrap()
         .unwrap()
         .clone();
     assert_eq!(draws.len(), 1, "one draw for the one call");

@@ -8,7 +8,8 @@ use candle_core::Tensor;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use flexmodel_cluster::{Layout, PassControl, RankCoords};
 
-use crate::shard::{EditedPiece, ShardEvent};
+use crate::error::FailedAt;
+use crate::protocol::{EditedPiece, ShardEvent};
 use crate::{BoxError, Error, PointGeometry, PointId, Result};
 
 /// How often the coordinator checks that the shards are alive while it waits.
@@ -108,13 +109,14 @@ impl<'a> HookCoordinator<'a> {
                     if let Some(rank) =
                         (0..self.finished.len()).find(|&r| !self.finished[r] && !alive(r))
                     {
-                        self.fail(Error::ShardGone(rank), true, control);
+                        self.fail(self.gone(rank), true, control);
                         self.finished[rank] = true;
                     }
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(Error::Startup("all shards are gone".into()));
+                    let rank = self.finished.iter().position(|f| !f).unwrap_or(0);
+                    return Err(self.gone(rank));
                 }
             };
             match event {
@@ -147,20 +149,23 @@ impl<'a> HookCoordinator<'a> {
                 }
                 ShardEvent::Failed {
                     rank,
-                    point,
-                    message,
+                    at,
+                    cause,
                     after_abort,
                     ..
                 } => {
                     self.finished[rank] = true;
                     let n = self.geometry.len();
-                    let point = point.map(|p| self.geometry[p % n].name.clone());
-                    let coords = self.layout.coords(rank);
+                    let at = at.map(|(point, backward)| FailedAt {
+                        hook: self.geometry[point % n].name.clone(),
+                        backward,
+                    });
                     let error = Error::ShardFailed {
                         rank,
-                        coords,
-                        point,
-                        message,
+                        coords: self.layout.coords(rank),
+                        host: None,
+                        at,
+                        cause,
                     };
                     self.fail(error, !after_abort, control);
                 }
@@ -184,6 +189,14 @@ impl<'a> HookCoordinator<'a> {
             output: self.output.assemble(&senders)?,
             loss,
         })
+    }
+
+    /// The error for `rank`, whose thread is gone.
+    fn gone(&self, rank: usize) -> Error {
+        Error::ShardGone {
+            rank,
+            coords: self.layout.coords(rank),
+        }
     }
 
     /// Records the first failure that is a cause (else the first consequence) and aborts
@@ -258,8 +271,7 @@ impl<'a> HookCoordinator<'a> {
         if !self.replies_for[point] {
             return Ok(());
         }
-        let edited = edited
-            .ok_or_else(|| Error::Sink(format!("no edited tensor for {}", geometry.name).into()))?;
+        let edited = edited.ok_or_else(|| Error::NoEditedTensor { hook: name.clone() })?;
         let scatter = tracing::info_span!(
             "hook.scatter",
             hook.name = %name,

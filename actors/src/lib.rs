@@ -10,13 +10,15 @@
 mod coordinator;
 mod error;
 mod geometry;
+mod protocol;
 mod runtime;
 mod shard;
 mod shard_model;
 
 pub use coordinator::{HookCoordinator, HookSink, PassOutput};
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Error, FailedAt, FailureKind, InjectedFault, Result, ShardFailure};
 pub use geometry::{PointGeometry, PointMode, ShardAction};
 pub use runtime::{ShardRuntime, ShardSetup};
-pub use shard::{Fault, ShardActor};
-pub use shard_model::{ParamSlice, PointId, ShardHooks, ShardModel, ShardParameters};
+pub use protocol::Fault;
+pub use shard::ShardActor;
+pub use shard_model::{PointId, ShardHooks, ShardModel, ShardParameters};

@@ -13,13 +13,20 @@ use kameo::error::Infallible;
 use kameo::supervision::RestartPolicy;
 
 use crate::coordinator::HookCoordinator;
-use crate::shard::{
-    BackwardPass, EditedPiece, Fault, ReadParameters, RunPass, ShardArgs, ShardEvent,
-};
+use crate::protocol::{BackwardPass, EditedPiece, Fault, ReadParameters, RunPass, ShardEvent};
+use crate::shard::ShardArgs;
 use crate::{
     Error, HookSink, PassOutput, PointGeometry, PointId, PointMode, Result, ShardAction,
     ShardActor, ShardModel, ShardParameters,
 };
+
+/// How many times a shard's actor is restarted within [`RESTART_WINDOW`] before the
+/// supervisor gives up on it.
+const RESTART_LIMIT: u32 = 3;
+/// The window [`RESTART_LIMIT`] counts restarts in.
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// How long a shard may take to hand over its parameter slices.
+const PARAMETERS_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The supervisor of the shard actors: restarts a shard whose actor stopped.
 struct ShardSupervisor;
@@ -65,19 +72,22 @@ impl ShardRuntime {
     /// Starts one supervised shard actor per rank, each on its own thread.
     pub fn start(layout: Layout, setup: ShardSetup) -> Result<Self> {
         if setup.models.len() != layout.world_size() {
-            return Err(Error::Startup(format!(
-                "{} model shards for {} ranks",
-                setup.models.len(),
-                layout.world_size()
-            )));
+            return Err(Error::ShardCount {
+                shards: setup.models.len(),
+                ranks: layout.world_size(),
+            });
         }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("flexmodel-supervisor")
             .enable_time()
             .build()
-            .map_err(|e| Error::Startup(e.to_string()))?;
+            .map_err(Error::RuntimeStart)?;
+        // Unbounded on purpose: a shard sending a capture must never wait (the protocol's
+        // "captures are asynchronous"); what can queue is one pass's pieces, which the
+        // coordinator drains as they come.
         let (events_tx, events) = unbounded();
+        // A shard waits for each reply before it goes on, so at most one is queued.
         let (replies, reply_rxs): (Vec<_>, Vec<_>) =
             (0..layout.world_size()).map(|_| unbounded()).unzip();
         // One pipeline group per (replica, tensor-parallel rank): member s is stage s.
@@ -109,7 +119,7 @@ impl ShardRuntime {
             for a in args {
                 let shard = ShardActor::supervise(&supervisor, a)
                     .restart_policy(RestartPolicy::Permanent)
-                    .restart_limit(3, Duration::from_secs(60))
+                    .restart_limit(RESTART_LIMIT, RESTART_WINDOW)
                     .spawn_in_thread()
                     .await;
                 shards.push(shard);
@@ -140,9 +150,7 @@ impl ShardRuntime {
     /// testing that a failing shard is reported and that the runtime stays usable.
     pub fn inject_fault(&mut self, rank: usize, point: PointId, fault: Fault) -> Result<()> {
         if rank >= self.layout.world_size() || point >= self.geometry.len() {
-            return Err(Error::Startup(format!(
-                "no rank {rank} or point {point} to inject a fault at"
-            )));
+            return Err(Error::NoFaultTarget { rank, point });
         }
         self.faults.insert(rank, (point, fault));
         Ok(())
@@ -156,13 +164,21 @@ impl ShardRuntime {
             .enumerate()
             .map(|(rank, shard)| {
                 let (reply, answer) = crossbeam_channel::bounded(1);
+                let coords = self.layout.coords(rank);
                 shard
                     .tell(ReadParameters { reply })
                     .blocking_send()
-                    .map_err(|_| Error::ShardGone(rank))?;
-                answer
-                    .recv_timeout(Duration::from_secs(60))
-                    .map_err(|_| Error::ShardGone(rank))
+                    .map_err(|_| Error::ShardGone { rank, coords })?;
+                answer.recv_timeout(PARAMETERS_TIMEOUT).map_err(|e| match e {
+                    crossbeam_channel::RecvTimeoutError::Timeout => Error::ShardTimedOut {
+                        rank,
+                        coords,
+                        seconds: PARAMETERS_TIMEOUT.as_secs(),
+                    },
+                    crossbeam_channel::RecvTimeoutError::Disconnected => {
+                        Error::ShardGone { rank, coords }
+                    }
+                })
             })
             .collect()
     }
@@ -216,10 +232,10 @@ impl ShardRuntime {
         let driver_loss = backward.is_some_and(|(_, driver)| driver);
         let batch = tokens.dim(0)?;
         if batch < self.layout.dp() {
-            return Err(Error::Startup(format!(
-                "a batch of {batch} sequences cannot be split over {} data-parallel replicas",
-                self.layout.dp()
-            )));
+            return Err(Error::BatchTooSmall {
+                batch,
+                replicas: self.layout.dp(),
+            });
         }
         let pass = self.next_pass;
         self.next_pass += 1;
@@ -282,7 +298,7 @@ impl ShardRuntime {
             shard
                 .tell(run)
                 .blocking_send()
-                .map_err(|_| Error::ShardGone(rank))?;
+                .map_err(|_| Error::ShardGone { rank, coords })?;
         }
         let coordinator = HookCoordinator::new(
             self.layout,

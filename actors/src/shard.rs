@@ -1,7 +1,21 @@
 //! The shard actor: one rank's slice of the model on its own OS thread.
+//!
+//! # Failure
+//!
+//! A pass that errs or panics on a shard is reported to the coordinator as
+//! [`ShardEvent::Failed`], with the hook point the shard last reached (in the forward
+//! or the backward pass) and the kind of failure; the actor then waits for the next
+//! pass. A shard blocked on a collective or on an edited piece notices an aborted pass
+//! within [`ABORT_POLL`] and fails with [`flexmodel_cluster::Error::Aborted`], which the
+//! coordinator reports as a consequence, not a cause.
+//!
+//! # Shutdown
+//!
+//! The runtime kills the actors when it is dropped; a shard whose coordinator is gone
+//! fails its pass with [`flexmodel_cluster::Error::CoordinatorGone`].
 
 use std::ops::ControlFlow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::Tensor;
@@ -11,49 +25,13 @@ use kameo::actor::{ActorRef, WeakActorRef};
 use kameo::error::{ActorStopReason, Infallible, PanicError};
 use kameo::message::{Context, Message};
 
+use crate::error::{InjectedFault, ShardFailure};
 use crate::geometry::{PointMode, ShardAction};
-use crate::{BoxError, PointId, ShardHooks, ShardModel, ShardParameters};
+use crate::protocol::{EditedPiece, Fault, ReadParameters, RunPass, ShardEvent};
+use crate::{BoxError, Error, PointId, ShardHooks, ShardModel};
 
 /// How often a shard waiting for an edited piece checks whether the pass was aborted.
 const ABORT_POLL: Duration = Duration::from_millis(20);
-
-/// What a shard tells the coordinator.
-#[derive(Debug)]
-pub enum ShardEvent {
-    /// Its piece of one call of a hook point.
-    Piece {
-        pass: u64,
-        rank: usize,
-        point: PointId,
-        call: usize,
-        value: Tensor,
-    },
-    /// The pass is done; the last stage sends its slice of the output (and, after a
-    /// backward pass, its replica's share of the loss).
-    Done {
-        pass: u64,
-        rank: usize,
-        output: Option<Tensor>,
-        loss: Option<f32>,
-    },
-    /// The pass failed on this shard (after an abort: a consequence, not the cause).
-    Failed {
-        pass: u64,
-        rank: usize,
-        point: Option<PointId>,
-        message: String,
-        after_abort: bool,
-    },
-}
-
-/// An edited piece the coordinator sends back.
-#[derive(Debug)]
-pub struct EditedPiece {
-    pub(crate) pass: u64,
-    pub(crate) point: PointId,
-    pub(crate) call: usize,
-    pub(crate) value: Tensor,
-}
 
 /// Everything a shard starts from; cloned to restart it.
 #[derive(Clone)]
@@ -69,42 +47,35 @@ pub struct ShardArgs {
     pub(crate) control: Arc<PassControl>,
 }
 
-/// Runs one pass on this shard.
-pub struct RunPass {
-    pub(crate) pass: u64,
-    /// The replica's token ids (first stage only).
-    pub(crate) input: Option<Tensor>,
-    /// What to do at each hook point, by point id.
-    pub(crate) actions: Arc<Vec<ShardAction>>,
-    /// A fault to raise on reaching a hook point (testing the failure path).
-    pub(crate) fault: Option<(PointId, Fault)>,
-    /// Run backward too, from the next-token loss.
-    pub(crate) backward: Option<BackwardPass>,
-    /// The pass's root span, the parent of this shard's spans.
-    pub(crate) span: tracing::Span,
-}
+/// Where a shard is in its pass, shared with the closures that run in its backward
+/// pass: the hook point it last reached (and whether in backward), and the failure a
+/// closure raised (candle's backward keeps only the message of an error it carries).
+#[derive(Debug, Default)]
+struct Position(Mutex<(Option<(PointId, bool)>, Option<ShardFailure>)>);
 
-/// The backward half of a pass.
-pub(crate) struct BackwardPass {
-    /// The replica's token ids (the targets of the loss).
-    pub(crate) tokens: Tensor,
-    /// The number of predicted tokens in the global batch.
-    pub(crate) normalizer: f64,
-    /// Whether the driver computes the loss from the gathered output instead.
-    pub(crate) driver_loss: bool,
-    /// How the gradient at each hook point is hooked on this shard.
-    pub(crate) taps: Arc<Vec<PointMode>>,
-    /// Whether this shard sends its piece of a gradient at each point.
-    pub(crate) sends_gradients: Arc<Vec<bool>>,
-}
+impl Position {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<(PointId, bool)>, Option<ShardFailure>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
-/// A deliberate failure of one shard, to test that failures are reported and survived.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// The shard's pass returns an error.
-    Error,
-    /// The shard's pass panics.
-    Panic,
+    fn set(&self, at: Option<(PointId, bool)>) {
+        self.lock().0 = at;
+    }
+
+    fn get(&self) -> Option<(PointId, bool)> {
+        self.lock().0
+    }
+
+    /// Records `error`, raised in backward, and returns it for candle to carry.
+    fn fail(&self, error: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
+        self.lock().1 = Some(ShardFailure::of(&error));
+        candle_core::Error::wrap(error)
+    }
+
+    /// The failure a backward closure raised in this pass, if any.
+    fn take_failure(&self) -> Option<ShardFailure> {
+        self.lock().1.take()
+    }
 }
 
 /// One rank: its stage of its tensor-parallel slice of the model, on a dedicated thread.
@@ -114,14 +85,9 @@ pub enum Fault {
 pub struct ShardActor {
     args: ShardArgs,
     pass: u64,
-    at: Option<PointId>,
+    at: Arc<Position>,
     /// The gradients of the last backward pass.
     grads: Option<candle_core::backprop::GradStore>,
-}
-
-/// Asks a shard for its parameter slices and their gradients from the last backward pass.
-pub struct ReadParameters {
-    pub(crate) reply: Sender<ShardParameters>,
 }
 
 impl Message<ReadParameters> for ShardActor {
@@ -150,7 +116,7 @@ impl kameo::Actor for ShardActor {
         Ok(Self {
             args,
             pass: 0,
-            at: None,
+            at: Arc::default(),
             grads: None,
         })
     }
@@ -160,7 +126,10 @@ impl kameo::Actor for ShardActor {
         _: WeakActorRef<Self>,
         err: PanicError,
     ) -> Result<ControlFlow<ActorStopReason>, Self::Error> {
-        self.report_failure(format!("panicked: {err}"));
+        self.report_failure(ShardFailure {
+            kind: crate::FailureKind::Panicked,
+            message: err.to_string(),
+        });
         Ok(ControlFlow::Continue(()))
     }
 }
@@ -185,7 +154,8 @@ impl Message<RunPass> for ShardActor {
 
     async fn handle(&mut self, msg: RunPass, _: &mut Context<Self, Self::Reply>) {
         self.pass = msg.pass;
-        self.at = None;
+        self.at.set(None);
+        self.at.take_failure();
         match self.run(msg) {
             Ok((output, loss)) => {
                 let done = ShardEvent::Done {
@@ -196,7 +166,7 @@ impl Message<RunPass> for ShardActor {
                 };
                 let _ = self.args.events.send(done);
             }
-            Err(e) => self.report_failure(e.to_string()),
+            Err(e) => self.report_failure(ShardFailure::of(e.as_ref())),
         }
     }
 }
@@ -209,7 +179,7 @@ impl ShardActor {
         let last = stage + 1 == args.stages;
         let input = match (stage, msg.input) {
             (0, Some(tokens)) => tokens,
-            (0, None) => return Err("the first stage got no tokens".into()),
+            (0, None) => return Err(Box::new(Error::NoInput { rank: args.rank })),
             (_, _) => args.pipeline.recv(stage - 1)?,
         };
         // A later stage's input is a leaf whose gradient goes back to the stage before.
@@ -217,14 +187,20 @@ impl ShardActor {
             (Some(_), 1..) => candle_core::Var::from_tensor(&input)?.as_tensor().clone(),
             _ => input,
         };
-        let mut hooks = HookClient {
-            args,
+        let link = Link {
+            events: args.events.clone(),
+            replies: args.replies.clone(),
+            control: args.control.clone(),
             pass: msg.pass,
+            rank: args.rank,
+        };
+        let mut hooks = HookClient {
+            link: &link,
             actions: &msg.actions,
             taps: msg.backward.as_ref().map(|b| b.taps.as_slice()),
             sends_gradients: msg.backward.as_ref().map(|b| b.sends_gradients.as_slice()),
             calls: vec![0; msg.actions.len()],
-            at: &mut self.at,
+            at: &self.at,
             fault: msg.fault,
         };
         let forward_span = shard_span!("shard.forward", &msg.span, args);
@@ -243,17 +219,8 @@ impl ShardActor {
                 // The driver computes its loss on the gathered output and sends back the
                 // gradient of this rank's slice (the output travels as point `3 n`).
                 let point = 3 * msg.actions.len();
-                let piece = ShardEvent::Piece {
-                    pass: msg.pass,
-                    rank: args.rank,
-                    point,
-                    call: 0,
-                    value: out.detach(),
-                };
-                args.events
-                    .send(piece)
-                    .map_err(|_| "the coordinator is gone")?;
-                let grad = wait_reply(&args.replies, &args.control, msg.pass, point, 0)?;
+                link.send(point, 0, &out.detach())?;
+                let grad = link.wait(point, 0)?;
                 ((&out * grad)?.sum_all()?, None)
             }
             (true, false) => {
@@ -269,9 +236,13 @@ impl ShardActor {
                 ((&out * grad)?.sum_all()?, None)
             }
         };
-        let grads = root.backward()?;
-        self.grads = Some(grads);
-        let grads = self.grads.as_ref().ok_or("no gradients")?;
+        let grads = match root.backward() {
+            Ok(grads) => self.grads.insert(grads),
+            Err(e) => match self.at.take_failure() {
+                Some(failure) => return Err(Box::new(failure)),
+                None => return Err(Box::new(e)),
+            },
+        };
         if stage > 0 {
             let grad = match grads.get(&input) {
                 Some(g) => g.clone(),
@@ -282,139 +253,115 @@ impl ShardActor {
         Ok((last.then_some(out.detach()), loss))
     }
 
-    fn report_failure(&self, message: String) {
+    fn report_failure(&self, cause: ShardFailure) {
         let failed = ShardEvent::Failed {
             pass: self.pass,
             rank: self.args.rank,
-            point: self.at,
-            message,
+            at: self.at.get(),
+            cause,
             after_abort: self.args.control.aborted(),
         };
         let _ = self.args.events.send(failed);
     }
 }
 
+/// A shard's line to the coordinator in one pass: pieces out, edited pieces back. Cloned
+/// into the closures of the backward pass.
+#[derive(Clone)]
+struct Link {
+    events: Sender<ShardEvent>,
+    replies: Receiver<EditedPiece>,
+    control: Arc<PassControl>,
+    pass: u64,
+    rank: usize,
+}
+
+impl Link {
+    /// Sends `value` as this shard's piece of `(point, call)`.
+    fn send(&self, point: PointId, call: usize, value: &Tensor) -> flexmodel_cluster::Result<()> {
+        let piece = ShardEvent::Piece {
+            pass: self.pass,
+            rank: self.rank,
+            point,
+            call,
+            value: value.clone(),
+        };
+        self.events
+            .send(piece)
+            .map_err(|_| flexmodel_cluster::Error::CoordinatorGone)
+    }
+
+    /// The coordinator's reply for `(point, call)` of this pass; stale replies of aborted
+    /// passes are dropped, and an abort ends the wait.
+    fn wait(&self, point: PointId, call: usize) -> flexmodel_cluster::Result<Tensor> {
+        loop {
+            match self.replies.recv_timeout(ABORT_POLL) {
+                Ok(r) if (r.pass, r.point, r.call) == (self.pass, point, call) => {
+                    return Ok(r.value);
+                }
+                Ok(_stale) => continue,
+                Err(RecvTimeoutError::Timeout) if self.control.aborted() => {
+                    return Err(flexmodel_cluster::Error::Aborted);
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(flexmodel_cluster::Error::CoordinatorGone);
+                }
+            }
+        }
+    }
+}
+
 /// The shard side of the hook protocol.
 struct HookClient<'a> {
-    args: &'a ShardArgs,
-    pass: u64,
+    link: &'a Link,
     actions: &'a [ShardAction],
     /// In a backward pass: how the gradient at each point is hooked.
     taps: Option<&'a [PointMode]>,
     /// In a backward pass: whether this shard sends its piece of a gradient at each point.
     sends_gradients: Option<&'a [bool]>,
     calls: Vec<usize>,
-    at: &'a mut Option<PointId>,
+    at: &'a Arc<Position>,
     fault: Option<(PointId, Fault)>,
 }
 
 impl HookClient<'_> {
-    fn send(&self, point: PointId, call: usize, value: &Tensor) -> Result<(), BoxError> {
-        let piece = ShardEvent::Piece {
-            pass: self.pass,
-            rank: self.args.rank,
-            point,
-            call,
-            value: value.clone(),
-        };
-        self.args
-            .events
-            .send(piece)
-            .map_err(|_| "the coordinator is gone".into())
-    }
-
-    /// The edited piece of `(point, call)`.
-    fn wait(&self, point: PointId, call: usize) -> Result<Tensor, BoxError> {
-        Ok(wait_reply(
-            &self.args.replies,
-            &self.args.control,
-            self.pass,
-            point,
-            call,
-        )?)
-    }
-
     /// The edited piece of `value` at `(point, call)`. In a backward pass it stands in for
     /// `value` in the graph: its gradient goes to the coordinator (from the ranks that
     /// send gradients), which back-propagates through the edit and returns the gradient
     /// of the pre-edit piece.
     fn edited(&self, value: &Tensor, point: PointId, call: usize) -> Result<Tensor, BoxError> {
-        let edited = self.wait(point, call)?;
+        let edited = self.link.wait(point, call)?;
         let Some(sends) = self.sends_gradients.map(|sends| sends[point]) else {
             return Ok(edited);
         };
-        let n = self.actions.len();
-        let (pass, rank) = (self.pass, self.args.rank);
-        let (events, replies, control) = (
-            self.args.events.clone(),
-            self.args.replies.clone(),
-            self.args.control.clone(),
-        );
-        let through_edit = move |grad: &Tensor| -> flexmodel_cluster::Result<Tensor> {
-            let point = 2 * n + point;
+        let edit_grad = 2 * self.actions.len() + point;
+        let (link, at) = (self.link.clone(), self.at.clone());
+        let through_edit = move |grad: &Tensor| -> candle_core::Result<Tensor> {
+            at.set(Some((point, true)));
             if sends {
-                send_piece(&events, pass, rank, point, call, grad)?;
+                link.send(edit_grad, call, grad).map_err(|e| at.fail(e))?;
             }
-            wait_reply(&replies, &control, pass, point, call)
+            link.wait(edit_grad, call).map_err(|e| at.fail(e))
         };
         Ok(conjugate::substitute(value, &edited, through_edit)?)
     }
-}
 
-/// Sends `value` as the piece of `(point, call)` from a backward pass.
-fn send_piece(
-    events: &Sender<ShardEvent>,
-    pass: u64,
-    rank: usize,
-    point: PointId,
-    call: usize,
-    value: &Tensor,
-) -> flexmodel_cluster::Result<()> {
-    let piece = ShardEvent::Piece {
-        pass,
-        rank,
-        point,
-        call,
-        value: value.clone(),
-    };
-    events
-        .send(piece)
-        .map_err(|_| flexmodel_cluster::Error::Protocol("the coordinator is gone".into()))
-}
-
-/// The coordinator's reply for `(pass, point, call)`; stale replies of aborted passes are
-/// dropped, and an abort ends the wait.
-fn wait_reply(
-    replies: &Receiver<EditedPiece>,
-    control: &PassControl,
-    pass: u64,
-    point: PointId,
-    call: usize,
-) -> flexmodel_cluster::Result<Tensor> {
-    loop {
-        match replies.recv_timeout(ABORT_POLL) {
-            Ok(r) if (r.pass, r.point, r.call) == (pass, point, call) => return Ok(r.value),
-            Ok(_stale) => continue,
-            Err(RecvTimeoutError::Timeout) if control.aborted() => {
-                return Err(flexmodel_cluster::Error::Aborted);
-            }
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(flexmodel_cluster::Error::Protocol(
-                    "the coordinator is gone".into(),
-                ));
-            }
-        }
+    /// The fault to raise at `point` in `backward` or forward, if any.
+    fn fault_at(&self, point: PointId, backward: bool) -> Option<Fault> {
+        self.fault
+            .filter(|(at, fault)| *at == point && fault.in_backward() == backward)
+            .map(|(_, fault)| fault)
     }
 }
 
 impl ShardHooks for HookClient<'_> {
     fn hook(&mut self, point: PointId, value: Tensor) -> Result<Tensor, BoxError> {
-        *self.at = Some(point);
-        match self.fault {
-            Some((at, Fault::Error)) if at == point => return Err("injected fault".into()),
-            Some((at, Fault::Panic)) if at == point => panic!("injected fault"),
-            _ => {}
+        self.at.set(Some((point, false)));
+        match self.fault_at(point, false) {
+            Some(Fault::Panic) => panic!("injected fault"),
+            Some(_) => return Err(Box::new(InjectedFault)),
+            None => {}
         }
         let action = self
             .actions
@@ -422,40 +369,43 @@ impl ShardHooks for HookClient<'_> {
             .copied()
             .unwrap_or(ShardAction::Skip);
         let tap = self.taps.map_or(PointMode::Off, |taps| taps[point]);
-        if action == ShardAction::Skip && tap == PointMode::Off {
+        let backward_fault = self.taps.and(self.fault_at(point, true));
+        if action == ShardAction::Skip && tap == PointMode::Off && backward_fault.is_none() {
             return Ok(value);
         }
         let call = self.calls[point];
         self.calls[point] += 1;
         let value = match action {
             ShardAction::Send => {
-                self.send(point, call, &value)?;
+                self.link.send(point, call, &value)?;
                 value
             }
             ShardAction::SendAndWait => {
-                self.send(point, call, &value)?;
+                self.link.send(point, call, &value)?;
                 self.edited(&value, point, call)?
             }
             ShardAction::Wait => self.edited(&value, point, call)?,
             ShardAction::Skip => value,
         };
-        if tap == PointMode::Off {
+        if tap == PointMode::Off && backward_fault.is_none() {
             return Ok(value);
         }
         // Gradient pieces travel as points `n_points + point`; an edited gradient comes back.
-        let sends = self.sends_gradients.is_some_and(|s| s[point]);
-        let (pass, rank, point) = (self.pass, self.args.rank, self.actions.len() + point);
-        let (events, replies, control) = (
-            self.args.events.clone(),
-            self.args.replies.clone(),
-            self.args.control.clone(),
-        );
+        let sends = tap != PointMode::Off && self.sends_gradients.is_some_and(|s| s[point]);
+        let grad_point = self.actions.len() + point;
+        let (link, at) = (self.link.clone(), self.at.clone());
         Ok(conjugate::on_backward(&value, move |grad| {
+            at.set(Some((point, true)));
+            match backward_fault {
+                Some(Fault::PanicInBackward) => panic!("injected fault"),
+                Some(_) => return Err(at.fail(InjectedFault)),
+                None => {}
+            }
             if sends {
-                send_piece(&events, pass, rank, point, call, grad)?;
+                link.send(grad_point, call, grad).map_err(|e| at.fail(e))?;
             }
             match tap {
-                PointMode::Edit => wait_reply(&replies, &control, pass, point, call),
+                PointMode::Edit => link.wait(grad_point, call).map_err(|e| at.fail(e)),
                 _ => Ok(grad.clone()),
             }
         })?)

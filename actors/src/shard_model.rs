@@ -2,22 +2,12 @@
 
 use candle_core::Tensor;
 
+use flexmodel_cluster::ParamSlice;
+
 use crate::BoxError;
 
 /// A hook point as the runtime sees it: its index in the model's list of points.
 pub type PointId = usize;
-
-/// One parameter tensor as a shard holds it.
-#[derive(Debug, Clone)]
-pub struct ParamSlice {
-    /// The parameter's name (Hugging Face naming for LLaMA models).
-    pub name: String,
-    /// The values this shard holds.
-    pub value: Tensor,
-    /// `None` if the shard holds the whole parameter; else the dimension it is sliced
-    /// along and the range it holds.
-    pub split: Option<(usize, std::ops::Range<usize>)>,
-}
 
 /// A shard's parameter slices with their gradients from the last backward pass.
 pub type ShardParameters = Vec<(ParamSlice, Option<Tensor>)>;

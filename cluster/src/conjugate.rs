@@ -21,11 +21,12 @@ pub fn all_reduce_sum(x: &Tensor, collective: &dyn Collective) -> Result<Tensor>
 
 /// `value` in place of `x` (same shape): in backward, the gradient of the result goes
 /// through `f` and on to `x`. For values computed elsewhere from `x`, such as an
-/// all-reduce or an edit run by the coordinator.
+/// all-reduce or an edit run by the coordinator. An error of `f` fails the backward
+/// pass (wrap errors of other types with [`candle_core::Error::wrap`]).
 pub fn substitute(
     x: &Tensor,
     value: &Tensor,
-    f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     Ok(x.apply_op2(&value.contiguous()?, Substitute(Box::new(f)))?)
 }
@@ -37,17 +38,21 @@ pub fn copy_to_group(x: &Tensor, collective: &Arc<dyn Collective>) -> Result<Ten
         return Ok(x.clone());
     }
     let collective = collective.clone();
-    on_backward(x, move |grad| collective.all_reduce_sum(grad))
+    on_backward(x, move |grad| {
+        collective
+            .all_reduce_sum(grad)
+            .map_err(candle_core::Error::wrap)
+    })
 }
 
-/// What [`on_backward`] does with a gradient.
-pub type BackwardFn = dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync;
+/// What [`on_backward`] and [`substitute`] do with a gradient.
+pub type BackwardFn = dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync;
 
 /// `x` unchanged; in backward, the gradient of the result goes through `f` before it
 /// flows on to `x` (to observe, reduce or edit gradients).
 pub fn on_backward(
     x: &Tensor,
-    f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     Ok(x.apply_op1(OnBackward(Box::new(f)))?)
 }
@@ -93,10 +98,7 @@ impl CustomOp2 for Substitute {
         _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((
-            Some((self.0)(grad).map_err(candle_core::Error::wrap)?),
-            None,
-        ))
+        Ok((Some((self.0)(grad)?), None))
     }
 }
 
@@ -117,7 +119,7 @@ impl CustomOp1 for OnBackward {
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some((self.0)(grad).map_err(candle_core::Error::wrap)?))
+        Ok(Some((self.0)(grad)?))
     }
 }
 

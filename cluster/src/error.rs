@@ -13,15 +13,30 @@ pub enum Error {
         /// The number of ranks.
         parts: usize,
     },
-    /// A layout that cannot exist or cannot split the model.
-    #[error("bad layout: {0}")]
-    BadLayout(String),
+    /// A layout with no ranks along an axis.
+    #[error("bad layout: {axis} must be at least 1")]
+    ZeroRanks {
+        /// `dp`, `pp` or `tp`.
+        axis: &'static str,
+    },
+    /// A layout with more ranks than [`Layout::MAX_RANKS`](crate::Layout::MAX_RANKS).
+    #[error("bad layout: dp={dp} pp={pp} tp={tp} is more than {max} ranks")]
+    TooManyRanks {
+        /// Data-parallel replicas asked for.
+        dp: usize,
+        /// Pipeline stages asked for.
+        pp: usize,
+        /// Tensor-parallel ranks asked for.
+        tp: usize,
+        /// The most ranks a layout may have.
+        max: usize,
+    },
     /// A collective was abandoned because another rank failed.
     #[error("collective aborted: another rank failed")]
     Aborted,
-    /// A message of a protocol could not be delivered.
-    #[error("{0}")]
-    Protocol(String),
+    /// The hook coordinator is gone (the driver's runtime is shutting down).
+    #[error("the hook coordinator is gone")]
+    CoordinatorGone,
     /// A peer rank is gone (its thread or process ended).
     #[error("rank {0} is gone")]
     PeerGone(usize),
@@ -40,7 +55,7 @@ pub enum Error {
 
 /// The message of a candle error without the backtrace candle attaches when
 /// `RUST_BACKTRACE` is set: error messages are for people, not for debugging candle.
-pub fn tensor_error_message(e: &candle_core::Error) -> String {
+fn tensor_error_message(e: &candle_core::Error) -> String {
     match e {
         candle_core::Error::WithBacktrace { inner, .. } => tensor_error_message(inner),
         e => e.to_string(),

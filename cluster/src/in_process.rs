@@ -57,7 +57,9 @@ pub struct InProcessCollective {
 impl InProcessCollective {
     /// The members `0..size` of a new group.
     pub fn group(size: usize, control: Arc<PassControl>) -> Result<Vec<InProcessCollective>> {
-        // channels[i][j] carries messages from member i to member j.
+        // channels[i][j] carries messages from member i to member j. Unbounded: a member
+        // sends before it receives (all-reduce, pipeline hand-off), and each collective
+        // call queues at most one tensor per peer before the peer takes it.
         let channels: Vec<Vec<(Sender<Message>, Receiver<Message>)>> = (0..size)
             .map(|_| (0..size).map(|_| unbounded()).collect())
             .collect();

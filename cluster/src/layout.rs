@@ -22,7 +22,7 @@ impl fmt::Display for RankCoords {
     }
 }
 
-/// `dp × pp × tp` ranks numbered `rank = pp·(dp·tp) + dp_i·tp + tp_i` (Megatron order:
+/// `dp × pp × tp` ranks numbered `rank = pp_i·(dp·tp) + dp_i·tp + tp_i` (Megatron order:
 /// tensor-parallel neighbours are adjacent, pipeline stages are outermost).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Layout {
@@ -39,12 +39,26 @@ impl Layout {
         tp: 1,
     };
 
-    /// A layout of `dp` replicas of `pp` stages of `tp` ranks; each must be at least 1.
+    /// The most ranks a layout may have: far more than any model here can use, and few
+    /// enough that a mistyped layout fails at once instead of starting a million threads.
+    pub const MAX_RANKS: usize = 4096;
+
+    /// A layout of `dp` replicas of `pp` stages of `tp` ranks; each must be at least 1,
+    /// and there are at most [`MAX_RANKS`](Self::MAX_RANKS) ranks.
     pub fn new(dp: usize, pp: usize, tp: usize) -> Result<Self> {
-        for (name, n) in [("dp", dp), ("pp", pp), ("tp", tp)] {
+        for (axis, n) in [("dp", dp), ("pp", pp), ("tp", tp)] {
             if n == 0 {
-                return Err(Error::BadLayout(format!("{name} must be at least 1")));
+                return Err(Error::ZeroRanks { axis });
             }
+        }
+        let world = dp.checked_mul(pp).and_then(|n| n.checked_mul(tp));
+        if world.is_none_or(|n| n > Self::MAX_RANKS) {
+            return Err(Error::TooManyRanks {
+                dp,
+                pp,
+                tp,
+                max: Self::MAX_RANKS,
+            });
         }
         Ok(Self { dp, pp, tp })
     }
@@ -190,6 +204,20 @@ mod tests {
     fn zero_ranks_are_rejected() {
         let err = Layout::new(1, 0, 1).unwrap_err();
         assert_eq!(err.to_string(), "bad layout: pp must be at least 1");
+    }
+
+    #[test]
+    fn huge_layouts_are_rejected_without_overflow() {
+        let err = Layout::new(1_000_000, 1, 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bad layout: dp=1000000 pp=1 tp=1 is more than 4096 ranks"
+        );
+        assert!(matches!(
+            Layout::new(usize::MAX, 2, 2),
+            Err(Error::TooManyRanks { .. })
+        ));
+        assert!(Layout::new(16, 16, 16).is_ok());
     }
 
     #[test]

@@ -10,12 +10,14 @@ pub mod conjugate;
 mod error;
 mod in_process;
 mod layout;
+mod param_slice;
 mod shard_spec;
 mod tp_rank;
 
 pub use collective::{Collective, SingleRank};
-pub use error::{Error, Result, tensor_error_message};
+pub use error::{Error, Result};
 pub use in_process::{InProcessCollective, PassControl};
 pub use layout::{Layout, RankCoords, split_evenly};
+pub use param_slice::ParamSlice;
 pub use shard_spec::ShardSpec;
 pub use tp_rank::TpRank;

@@ -20,24 +20,33 @@ pub fn repeated_random_tokens(
     vocab: usize,
     seed: u64,
 ) -> Result<Tensor> {
-    if batch == 0 || half < 2 {
-        return Err(Error::BadInput(format!(
-            "induction needs at least one sequence of at least 2 tokens, got batch {batch}, length {half}"
-        )));
+    let invalid = |argument, problem: String| Err(Error::InvalidArgument { argument, problem });
+    if batch == 0 {
+        return invalid("batch", "induction needs at least one sequence".into());
     }
-    let total = half
-        .checked_mul(2)
-        .and_then(|t| t.checked_mul(batch))
-        .ok_or_else(|| {
-            Error::BadInput(format!(
-                "{batch} sequences of 2 × {half} tokens are more than this machine can count"
-            ))
-        })?;
+    if half < 2 {
+        return invalid(
+            "half",
+            format!("each sequence needs at least 2 tokens before it repeats, got {half}"),
+        );
+    }
+    let Ok(vocab) = u32::try_from(vocab) else {
+        return invalid("vocab", format!("{vocab} is more than u32 token ids can name"));
+    };
+    if vocab == 0 {
+        return invalid("vocab", "the vocabulary must have at least one token".into());
+    }
+    let Some(total) = half.checked_mul(2).and_then(|t| t.checked_mul(batch)) else {
+        return invalid(
+            "batch",
+            format!("{batch} sequences of 2 × {half} tokens are more than this machine can count"),
+        );
+    };
     let mut rng = StdRng::seed_from_u64(seed);
     let mut ids = Vec::with_capacity(total);
     for _ in 0..batch {
         let first: Vec<u32> = (0..half)
-            .map(|_| rng.random_range(0..vocab as u32))
+            .map(|_| rng.random_range(0..vocab))
             .collect();
         ids.extend_from_slice(&first);
         ids.extend_from_slice(&first);
@@ -52,10 +61,13 @@ pub fn check_repeated(tokens: &Tensor) -> Result<usize> {
     let half = t / 2;
     for (i, row) in rows.iter().enumerate() {
         if t % 2 == 1 || half < 2 || row[..half] != row[half..] {
-            return Err(Error::BadInput(format!(
-                "sequence {} is not a sequence of at least 2 tokens followed by itself",
-                i + 1
-            )));
+            return Err(Error::Analysis {
+                analysis: "induction",
+                problem: format!(
+                    "sequence {} is not a sequence of at least 2 tokens followed by itself",
+                    i + 1
+                ),
+            });
         }
     }
     Ok(half)

@@ -170,10 +170,13 @@ impl TunedLens {
     fn translator(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
         match (self.weights.get(layer), self.biases.get(layer)) {
             (Some(w), Some(b)) => Ok((w.as_tensor(), b.as_tensor())),
-            _ => Err(Error::BadInput(format!(
-                "the tuned lens has {} layers, layer {layer} was asked for",
-                self.n_layers()
-            ))),
+            _ => Err(Error::InvalidArgument {
+                argument: "layer",
+                problem: format!(
+                    "the tuned lens has {} layers, layer {layer} was asked for",
+                    self.n_layers()
+                ),
+            }),
         }
     }
 
@@ -282,11 +285,14 @@ impl TunedLens {
     fn check_layers(&self, residuals: &Residuals) -> Result<()> {
         match residuals.layers.len() == self.n_layers() {
             true => Ok(()),
-            false => Err(Error::BadInput(format!(
-                "the tuned lens has {} layers, the model {}",
-                self.n_layers(),
-                residuals.layers.len()
-            ))),
+            false => Err(Error::Analysis {
+                analysis: "tuned lens",
+                problem: format!(
+                    "the lens has {} layers, the model {}",
+                    self.n_layers(),
+                    residuals.layers.len()
+                ),
+            }),
         }
     }
 
@@ -320,7 +326,9 @@ impl TunedLens {
             progress.inc(1);
         }
         if tokens == 0 {
-            return Err(Error::BadInput("no evaluation tokens".into()));
+            return Err(Error::NoTokens {
+                what: "the evaluation text",
+            });
         }
         let layers = (0..n_layers)
             .map(|layer| LayerKl {
@@ -357,8 +365,9 @@ pub struct LensReport {
 impl LensReport {
     /// Writes the report as JSON to `path`.
     pub fn save_json(&self, path: &Path) -> Result<()> {
+        // Numbers and strings only: serializing cannot fail.
         let json = serde_json::to_string_pretty(self)
-            .map_err(|e| Error::BadInput(format!("the lens report cannot be written: {e}")))?;
+            .map_err(|_| Error::Internal("the lens report does not serialize"))?;
         std::fs::write(path, json + "\n").map_err(|e| Error::io(path, e))
     }
 

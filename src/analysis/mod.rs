@@ -29,7 +29,7 @@ fn capture_every_layer(
                 .store_mut()
                 .take(&name)
                 .and_then(|calls| calls.last().cloned())
-                .ok_or_else(|| Error::Protocol(format!("{name} was not captured")))
+                .ok_or(Error::NotCaptured { hook: name })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((logits, values))

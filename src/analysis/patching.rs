@@ -47,12 +47,21 @@ pub fn patch_residual_stream(
 ) -> Result<Patching> {
     let t = clean.len();
     if t == 0 || corrupted.len() != t {
-        return Err(Error::BadInput(format!(
-            "activation patching needs a clean and a corrupted prompt of the same, non-zero \
-             number of tokens; they have {} and {}",
-            clean.len(),
-            corrupted.len()
-        )));
+        return Err(Error::Analysis {
+            analysis: "activation patching",
+            problem: format!(
+                "it needs a clean and a corrupted prompt of the same, non-zero number of \
+                 tokens; they have {} and {}",
+                clean.len(),
+                corrupted.len()
+            ),
+        });
+    }
+    let vocab_size = model.config().vocab_size;
+    for id in [answer, wrong] {
+        if id as usize >= vocab_size {
+            return Err(Error::TokenOutOfVocabulary { id, vocab_size });
+        }
     }
     let device = Device::Cpu;
     let clean_batch = Tensor::from_slice(clean, (1, t), &device)?;
@@ -65,10 +74,13 @@ pub fn patch_residual_stream(
     let corrupted_diff = logit_diffs(&model.forward(&corrupted_batch.i(0..1)?)?, answer, wrong)?[0];
     let gap = clean_diff - corrupted_diff;
     if gap.abs() < 1e-6 {
-        return Err(Error::BadInput(format!(
-            "the clean and corrupted prompts give the same logit difference ({clean_diff}): \
-             there is nothing to restore"
-        )));
+        return Err(Error::Analysis {
+            analysis: "activation patching",
+            problem: format!(
+                "the clean and corrupted prompts give the same logit difference \
+                 ({clean_diff}): there is nothing to restore"
+            ),
+        });
     }
     let diagonal = Tensor::eye(t, DType::F32, &device)?.unsqueeze(2)?;
     let mut restored = Vec::with_capacity(n_layers);

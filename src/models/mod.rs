@@ -2,7 +2,9 @@
 //! every linear layer can hold a tensor-parallel slice.
 
 pub(crate) mod llama;
+pub(crate) mod loss;
 pub(crate) mod parallel;
 
-pub use llama::{Architecture, Llama, LlamaConfig, Stage};
+pub use llama::{Architecture, Llama, LlamaConfig, Stage, Unimplemented};
 pub use parallel::{ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding};
+pub use loss::{next_token_loss, next_token_loss_by_position, vocab_parallel_loss};

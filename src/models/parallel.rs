@@ -9,7 +9,7 @@
 use std::ops::Range;
 
 use candle_core::Tensor;
-use flexmodel_actors::ParamSlice;
+use flexmodel_cluster::ParamSlice;
 use flexmodel_cluster::{Collective, conjugate};
 
 use crate::Result;

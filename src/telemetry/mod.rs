@@ -26,7 +26,27 @@ use tracing_subscriber::filter::{EnvFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-use crate::{Error, Result};
+/// Why logs or trace export could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// An OpenTelemetry variable has a value FlexModel-rs does not support.
+    #[error("{variable}={value:?} is not supported: use `grpc` or `http/protobuf`")]
+    UnsupportedProtocol {
+        /// The variable.
+        variable: String,
+        /// Its value.
+        value: String,
+    },
+    /// Another tracing subscriber was installed first (by the program or a library).
+    #[error("a tracing subscriber is already set: {0}")]
+    SubscriberAlreadySet(String),
+    /// The OTLP exporter could not be built (its runtime or its client).
+    #[error("the OTLP trace exporter cannot be built: {0}")]
+    Exporter(String),
+}
+
+/// Result of the telemetry setup.
+pub type Result<T> = std::result::Result<T, TelemetryError>;
 
 /// The transport of the OTLP exporter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,10 +115,8 @@ impl OtlpConfig {
             None => OtlpProtocol::HttpProtobuf,
             Some((_, v)) if v == "http/protobuf" => OtlpProtocol::HttpProtobuf,
             Some((_, v)) if v == "grpc" => OtlpProtocol::Grpc,
-            Some((name, v)) => {
-                return Err(Error::BadInput(format!(
-                    "{name}={v:?} is not supported: use `grpc` or `http/protobuf`"
-                )));
+            Some((variable, value)) => {
+                return Err(TelemetryError::UnsupportedProtocol { variable, value });
             }
         };
         Ok(Some(Self { protocol }))
@@ -156,7 +174,7 @@ pub fn init(logs: EnvFilter, profile: Option<HookProfile>) -> Result<Telemetry> 
         .with(otel)
         .with(profile.map(|p| p.with_filter(ours)))
         .try_init()
-        .map_err(|e| Error::BadInput(format!("a tracing subscriber is already set: {e}")))?;
+        .map_err(|e| TelemetryError::SubscriberAlreadySet(e.to_string()))?;
     if let Some(config) = otlp {
         tracing::info!("exporting traces over OTLP ({:?})", config.protocol);
     }
@@ -168,9 +186,7 @@ pub fn init(logs: EnvFilter, profile: Option<HookProfile>) -> Result<Telemetry> 
 fn tracer_provider(
     config: &OtlpConfig,
 ) -> Result<(SdkTracerProvider, Option<tokio::runtime::Runtime>)> {
-    let failed = |e: &dyn std::fmt::Display| {
-        Error::BadInput(format!("the OTLP trace exporter cannot be built: {e}"))
-    };
+    let failed = |e: &dyn std::fmt::Display| TelemetryError::Exporter(e.to_string());
     let (exporter, runtime) = match config.protocol {
         OtlpProtocol::Grpc => {
             let runtime = tokio::runtime::Builder::new_multi_thread()

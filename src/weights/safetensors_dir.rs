@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{WeightSource, missing};
 use crate::{Error, Result};
-use flexmodel_cluster::tensor_error_message;
+use crate::error::tensor_message;
 
 /// The safetensors files of a model directory, read into memory at open.
 pub struct SafetensorsDir {
@@ -37,7 +37,7 @@ impl SafetensorsDir {
                 path: path.clone(),
                 message: format!(
                     "not a readable safetensors file: {}",
-                    tensor_error_message(&e)
+                    tensor_message(&e)
                 ),
             })?;
             for (name, _) in st.tensors() {
@@ -94,7 +94,7 @@ impl WeightSource for SafetensorsDir {
         let t = st.load(name, &Device::Cpu).map_err(|e| Error::BadTensor {
             path: path.clone(),
             tensor: name.to_string(),
-            message: tensor_error_message(&e),
+            message: tensor_message(&e),
         })?;
         Ok(t.to_dtype(DType::F32)?)
     }

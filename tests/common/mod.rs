@@ -27,12 +27,12 @@ pub fn smollm2() -> &'static (Checkpoint, Llama) {
 /// The path of the cached SmolLM2 GGUF.
 pub fn smollm2_path() -> PathBuf {
     smollm2();
-    flexmodel::pretrained::SMOLLM2.path().expect("smollm2 path")
+    flexmodel::weights::pretrained::SMOLLM2.path().expect("smollm2 path")
 }
 
 /// The path of the cached Tiny Shakespeare text (fetched on first use).
 pub fn shakespeare_path() -> PathBuf {
-    flexmodel::pretrained::TINY_SHAKESPEARE
+    flexmodel::weights::pretrained::TINY_SHAKESPEARE
         .path()
         .expect("tiny shakespeare path")
 }
@@ -146,6 +146,16 @@ pub fn numpy_reference_with_edits(
 /// Writes `checkpoint` as a llama.cpp-style GGUF: q/k rows permuted for interleaved
 /// RoPE, each tensor stored as `dtype_of(hf_name)`, byte-level BPE tokenizer metadata.
 pub fn write_gguf(checkpoint: &Checkpoint, path: &Path, dtype_of: impl Fn(&str) -> GgmlDType) {
+    write_gguf_with_metadata(checkpoint, path, dtype_of, Vec::new());
+}
+
+/// [`write_gguf`] with `extra` metadata entries.
+pub fn write_gguf_with_metadata(
+    checkpoint: &Checkpoint,
+    path: &Path,
+    dtype_of: impl Fn(&str) -> GgmlDType,
+    extra: Vec<(&str, Value)>,
+) {
     let c = &checkpoint.config;
     let mut tensors = Vec::new();
     for name in checkpoint.weights.names() {
@@ -205,6 +215,7 @@ pub fn write_gguf(checkpoint: &Checkpoint, path: &Path, dtype_of: impl Fn(&str) 
         ("tokenizer.ggml.tokens", Value::Array(tokens)),
         ("tokenizer.ggml.merges", Value::Array(vec![])),
     ];
+    let metadata: Vec<(&str, Value)> = metadata.into_iter().chain(extra).collect();
     let mut file = std::fs::File::create(path).unwrap();
     let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -21,7 +21,7 @@ pub struct HooksArgs {
 pub fn run(args: HooksArgs) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&args.model)?;
     let config = &checkpoint.config;
-    flexmodel::sharding::check_layout(config, &args.layout.layout()?)?;
+    flexmodel::runtime::sharding::check_layout(config, &args.layout.layout()?)?;
     let catalog = HookCatalog::new(config);
     let rows: Vec<[String; 4]> = HookPoint::all(config.n_layers)
         .into_iter()

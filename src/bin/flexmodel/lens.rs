@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use flexmodel::analysis::lens::{Training, TunedLens, Unembed};
-use flexmodel::pretrained::TINY_SHAKESPEARE;
+use flexmodel::weights::pretrained::TINY_SHAKESPEARE;
 use flexmodel::{Checkpoint, chunk_tokens, progress_bar};
 
 use crate::layout::LayoutArgs;

@@ -7,7 +7,7 @@ use flexmodel_cluster::{Collective, TpRank, conjugate};
 
 use super::LlamaConfig;
 use super::rope::Rope;
-use crate::hook_point::{BlockSite, HookPoint};
+use crate::hooks::point::{BlockSite, HookPoint};
 use crate::models::{ColumnParallelLinear, RowParallelLinear};
 use crate::weights::WeightSource;
 use crate::{HookLayer, Result};
@@ -70,7 +70,7 @@ impl Attention {
     }
 
     /// Every parameter slice this rank holds (biases included).
-    pub fn parameters(&self) -> Vec<flexmodel_actors::ParamSlice> {
+    pub fn parameters(&self) -> Vec<flexmodel_cluster::ParamSlice> {
         let mut all = Vec::new();
         for proj in [&self.q_proj, &self.k_proj, &self.v_proj] {
             all.extend(proj.parameters());

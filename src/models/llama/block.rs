@@ -10,7 +10,7 @@ use super::attention::Attention;
 use super::mlp::Mlp;
 use super::rms_norm::RmsNorm;
 use super::rope::Rope;
-use crate::hook_point::{BlockSite, HookPoint};
+use crate::hooks::point::{BlockSite, HookPoint};
 use crate::weights::WeightSource;
 use crate::{HookLayer, Result};
 
@@ -49,7 +49,7 @@ impl Block {
     }
 
     /// Every parameter slice this block holds.
-    pub fn parameters(&self) -> Vec<flexmodel_actors::ParamSlice> {
+    pub fn parameters(&self) -> Vec<flexmodel_cluster::ParamSlice> {
         let mut all = self.ln1.parameters();
         all.extend(self.attn.parameters());
         all.extend(self.ln2.parameters());

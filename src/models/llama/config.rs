@@ -12,7 +12,8 @@ use crate::{Error, Result};
 pub enum Architecture {
     /// LLaMA 2/3, SmolLM2 (`model_type: llama`).
     Llama,
-    /// Mistral (`model_type: mistral`; sliding-window attention is not applied).
+    /// Mistral (`model_type: mistral`; a sliding window shorter than the context is
+    /// refused, see [`Unimplemented`]).
     Mistral,
     /// Qwen2 (`model_type: qwen2`): biases on the q/k/v projections.
     Qwen2,
@@ -91,6 +92,23 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// The number of weights of the whole model: biases included, a tied LM head once.
+    pub fn parameter_count(&self) -> u64 {
+        let [v, d, layers, q, kv, mlp] = [
+            self.vocab_size,
+            self.d_model,
+            self.n_layers,
+            self.n_heads * self.d_head,
+            self.n_kv_heads * self.d_head,
+            self.d_mlp,
+        ]
+        .map(|n| n as u64);
+        let biases = if self.attention_bias { q + 2 * kv } else { 0 };
+        let per_layer = 2 * d * q + 2 * d * kv + 3 * d * mlp + 2 * d + biases;
+        let heads = if self.tie_word_embeddings { 1 } else { 2 };
+        heads * v * d + layers * per_layer + d
+    }
+
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -99,9 +117,6 @@ impl LlamaConfig {
             message,
         };
         let hf: HfConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        if let Some(scaling) = hf.rope_scaling.as_ref().filter(|s| !s.is_null()) {
-            return Err(bad(format!("rope_scaling {scaling} is not supported")));
-        }
         let architecture = match hf.model_type.as_str() {
             "llama" => Architecture::Llama,
             "mistral" => Architecture::Mistral,
@@ -138,6 +153,19 @@ impl LlamaConfig {
                 Some(TokenIds::Many(ids)) => ids,
             },
         };
+        let sliding = hf.sliding_window.filter(|_| {
+            architecture == Architecture::Mistral || hf.use_sliding_window == Some(true)
+        });
+        Unimplemented {
+            rope_scaling: hf
+                .rope_scaling
+                .as_ref()
+                .filter(|s| !s.is_null())
+                .map(|s| s.to_string()),
+            sliding_window: sliding,
+            rope_dimensions: None,
+        }
+        .check(&config, path)?;
         config.validate(path)?;
         Ok(config)
     }
@@ -162,6 +190,8 @@ impl LlamaConfig {
             rms_norm_eps: self.rms_norm_eps,
             rope_theta: Some(self.rope_theta),
             rope_scaling: None,
+            sliding_window: None,
+            use_sliding_window: None,
             tie_word_embeddings: Some(self.tie_word_embeddings),
             attention_bias: Some(self.attention_bias),
             max_position_embeddings: Some(self.max_position_embeddings),
@@ -176,6 +206,55 @@ impl LlamaConfig {
         };
         // Serializing a struct of plain fields cannot fail.
         serde_json::to_string_pretty(&hf).unwrap_or_default()
+    }
+}
+
+/// What a checkpoint's configuration asks for that the model does not implement; the
+/// Hugging Face and the GGUF readers refuse the same things with the same words.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Unimplemented {
+    /// A RoPE scaling scheme (linear, dynamic, YaRN, LLaMA 3's frequency factors), as
+    /// the checkpoint describes it.
+    pub rope_scaling: Option<String>,
+    /// The sliding window of the attention, in tokens.
+    pub sliding_window: Option<usize>,
+    /// The dimensions of each head that RoPE rotates.
+    pub rope_dimensions: Option<usize>,
+}
+
+impl Unimplemented {
+    /// An error naming `source` if `config`'s model would compute something else than
+    /// plain causal attention with full RoPE: any RoPE scaling, a sliding window shorter
+    /// than the context, or RoPE on part of each head.
+    pub fn check(&self, config: &LlamaConfig, source: &Path) -> Result<()> {
+        let refuse = |message: String| {
+            Err(Error::BadConfig {
+                path: source.to_path_buf(),
+                message,
+            })
+        };
+        if let Some(scaling) = &self.rope_scaling {
+            return refuse(format!(
+                "RoPE scaling ({scaling}) is not supported: only plain RoPE is implemented"
+            ));
+        }
+        if let Some(window) = self
+            .sliding_window
+            .filter(|&w| w < config.max_position_embeddings)
+        {
+            return refuse(format!(
+                "sliding-window attention (a window of {window} tokens in a context of {}) \
+                 is not supported: only full causal attention is implemented",
+                config.max_position_embeddings
+            ));
+        }
+        if let Some(dims) = self.rope_dimensions.filter(|&d| d != config.d_head) {
+            return refuse(format!(
+                "RoPE on {dims} of the {} dimensions of each head is not supported",
+                config.d_head
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -195,6 +274,10 @@ struct HfConfig {
     rms_norm_eps: f64,
     rope_theta: Option<f64>,
     rope_scaling: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sliding_window: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    use_sliding_window: Option<bool>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     max_position_embeddings: Option<usize>,
@@ -256,6 +339,27 @@ mod tests {
                 .contains("not a multiple of num_key_value_heads = 3"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn rope_scaling_and_short_sliding_windows_are_refused() {
+        let with = |extra: &str| {
+            let json = config_json("\"mistral\"").replace("\"rms_norm_eps\"", &format!("{extra}, \"rms_norm_eps\""));
+            LlamaConfig::from_hf_json(write(&json).path())
+        };
+        let err = with(r#""rope_scaling": {"type": "linear", "factor": 2.0}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("RoPE scaling ({\"factor\":2.0,\"type\":\"linear\"}) is not supported"), "{err}");
+        let err = with(r#""sliding_window": 16, "max_position_embeddings": 64"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sliding-window attention (a window of 16 tokens in a context of 64) is not supported"),
+            "{err}"
+        );
+        assert!(with(r#""sliding_window": 64, "max_position_embeddings": 64"#).is_ok());
+        assert!(with(r#""rope_scaling": null, "sliding_window": null"#).is_ok());
     }
 
     fn config_json(model_type: &str) -> String {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use flexmodel_cluster::{Collective, TpRank, conjugate};
 
 use super::LlamaConfig;
-use crate::hook_point::{BlockSite, HookPoint};
+use crate::hooks::point::{BlockSite, HookPoint};
 use crate::models::{ColumnParallelLinear, RowParallelLinear};
 use crate::weights::WeightSource;
 use crate::{HookLayer, Result};
@@ -50,7 +50,7 @@ impl Mlp {
     }
 
     /// Every parameter slice this rank holds.
-    pub fn parameters(&self) -> Vec<flexmodel_actors::ParamSlice> {
+    pub fn parameters(&self) -> Vec<flexmodel_cluster::ParamSlice> {
         let mut all = self.gate_proj.parameters();
         all.extend(self.up_proj.parameters());
         all.extend(self.down_proj.parameters());

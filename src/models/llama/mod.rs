@@ -17,5 +17,5 @@ mod rms_norm;
 mod rope;
 
 pub use attention::kv_heads_of;
-pub use config::{Architecture, LlamaConfig};
+pub use config::{Architecture, LlamaConfig, Unimplemented};
 pub use model::{Llama, Stage};

@@ -4,7 +4,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use flexmodel_actors::ParamSlice;
+use flexmodel_cluster::ParamSlice;
 use flexmodel_cluster::{Collective, conjugate};
 
 use super::LlamaConfig;
@@ -13,7 +13,7 @@ use super::block::Block;
 use super::rms_norm::RmsNorm;
 use super::rope::Rope;
 use crate::models::{ColumnParallelLinear, VocabParallelEmbedding};
-use crate::token_batch::check_tokens;
+use crate::text::token_batch::check_tokens;
 use crate::weights::WeightSource;
 use crate::{Error, HookLayer, HookPoint, Result};
 
@@ -174,9 +174,10 @@ impl Llama {
     /// model ([`Stage::whole`]).
     pub fn forward(&self, tokens: &Tensor, hooks: &mut dyn HookLayer) -> Result<Tensor> {
         if !(self.stage.first && self.stage.last) {
-            return Err(Error::BadInput(
-                "forward needs a shard with every stage; use forward_stage".into(),
-            ));
+            return Err(Error::InvalidArgument {
+                argument: "model",
+                problem: "forward needs a shard with every stage; use forward_stage".into(),
+            });
         }
         self.forward_stage(tokens, hooks)
     }
@@ -188,7 +189,11 @@ impl Llama {
         let collective = &self.collective;
         let mut x = match &self.embed {
             Some(embed) => {
-                check_tokens(input, self.config.vocab_size)?;
+                check_tokens(
+                    input,
+                    self.config.vocab_size,
+                    self.config.max_position_embeddings,
+                )?;
                 hooks.hook(HookPoint::Embed, embed.forward(input, collective.as_ref())?)?
             }
             None => input.clone(),

@@ -25,8 +25,8 @@ impl RmsNorm {
     }
 
     /// The weight, whole on every rank.
-    pub fn parameters(&self) -> Vec<flexmodel_actors::ParamSlice> {
-        vec![flexmodel_actors::ParamSlice {
+    pub fn parameters(&self) -> Vec<flexmodel_cluster::ParamSlice> {
+        vec![flexmodel_cluster::ParamSlice {
             name: self.name.clone(),
             value: self.weight.clone(),
             split: None,

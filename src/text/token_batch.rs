@@ -11,8 +11,11 @@ use crate::{Error, Result};
 /// the `[lines, length]` u32 batch.
 pub fn read_tokens_file(path: &Path, vocab_size: usize) -> Result<Tensor> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let bad =
-        |line: usize, why: String| Error::BadInput(format!("{}:{line}: {why}", path.display()));
+    let bad = |line: usize, problem: String| Error::BadTokensFile {
+        path: path.to_path_buf(),
+        line: Some(line),
+        problem,
+    };
     let mut rows: Vec<Vec<u32>> = Vec::new();
     let mut first_line = 0;
     for (i, line) in text
@@ -52,7 +55,11 @@ pub fn read_tokens_file(path: &Path, vocab_size: usize) -> Result<Tensor> {
         rows.push(row);
     }
     if rows.is_empty() {
-        return Err(Error::BadInput(format!("{}: no sequences", path.display())));
+        return Err(Error::BadTokensFile {
+            path: path.to_path_buf(),
+            line: None,
+            problem: "no sequences".into(),
+        });
     }
     let (b, t) = (rows.len(), rows[0].len());
     Ok(Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu)?)
@@ -68,13 +75,16 @@ pub fn chunk_tokens(
     batch: usize,
     max_tokens: usize,
 ) -> Result<Vec<Tensor>> {
-    if seq_len == 0 || batch == 0 || max_tokens == 0 {
-        return Err(Error::BadInput(
-            "sequence length, batch size and token budget must be positive".into(),
-        ));
+    for (argument, n) in [("seq_len", seq_len), ("batch", batch), ("max_tokens", max_tokens)] {
+        if n == 0 {
+            return Err(Error::InvalidArgument {
+                argument,
+                problem: "must be positive".into(),
+            });
+        }
     }
     if ids.is_empty() {
-        return Err(Error::BadInput("the text has no tokens".into()));
+        return Err(Error::NoTokens { what: "the text" });
     }
     let usable = &ids[..ids.len().min(max_tokens)];
     if usable.len() < seq_len {
@@ -91,23 +101,19 @@ pub fn chunk_tokens(
     Ok(batches)
 }
 
-/// Checks that `tokens` is a non-empty `[b, t]` u32 batch of ids below `vocab_size`;
-/// returns `(b, t)`.
-pub fn check_tokens(tokens: &Tensor, vocab_size: usize) -> Result<(usize, usize)> {
-    let (b, t) = tokens.dims2().map_err(|_| {
-        Error::BadInput(format!(
-            "tokens must be [batch, seq], got {:?}",
-            tokens.dims()
-        ))
-    })?;
-    if b == 0 || t == 0 {
-        return Err(Error::BadInput(format!("empty batch of shape [{b}, {t}]")));
+/// Checks that `tokens` is a non-empty `[b, t]` u32 batch of ids below `vocab_size`,
+/// at most `context` tokens long; returns `(b, t)`.
+pub fn check_tokens(tokens: &Tensor, vocab_size: usize, context: usize) -> Result<(usize, usize)> {
+    let bad = || Error::BadTokens {
+        dims: tokens.dims().to_vec(),
+        dtype: tokens.dtype(),
+    };
+    let (b, t) = tokens.dims2().map_err(|_| bad())?;
+    if b == 0 || t == 0 || tokens.dtype() != candle_core::DType::U32 {
+        return Err(bad());
     }
-    if tokens.dtype() != candle_core::DType::U32 {
-        return Err(Error::BadInput(format!(
-            "tokens must be u32, got {:?}",
-            tokens.dtype()
-        )));
+    if t > context {
+        return Err(Error::SequenceTooLong { len: t, context });
     }
     let max = tokens.flatten_all()?.max(0)?.to_scalar::<u32>()?;
     if max as usize >= vocab_size {

@@ -16,7 +16,7 @@ pub fn generate_greedy(
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
     if prompt.is_empty() {
-        return Err(Error::BadInput("the prompt has no tokens".into()));
+        return Err(Error::NoTokens { what: "the prompt" });
     }
     let config = model.config().clone();
     let mut tokens = prompt.to_vec();

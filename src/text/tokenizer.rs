@@ -92,9 +92,7 @@ impl Tokenizer {
         let t = rows.first().map_or(0, Vec::len);
         if rows.is_empty() || t == 0 || rows.iter().any(|r| r.len() != t) {
             let lengths: Vec<usize> = rows.iter().map(Vec::len).collect();
-            return Err(Error::BadInput(format!(
-                "a batch needs texts of equal, non-zero token counts, got {lengths:?}"
-            )));
+            return Err(Error::RaggedBatch { lengths });
         }
         Ok(candle_core::Tensor::from_vec(
             rows.concat(),

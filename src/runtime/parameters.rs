@@ -4,10 +4,11 @@
 use std::collections::BTreeSet;
 
 use candle_core::Tensor;
-use flexmodel_actors::{ParamSlice, ShardParameters};
+use flexmodel_actors::ShardParameters;
+use flexmodel_cluster::ParamSlice;
 use flexmodel_cluster::Layout;
 
-use crate::pattern::nearest;
+use crate::hooks::nearest;
 use crate::{Error, Result};
 
 /// Every rank's parameter slices with their gradients, in rank order.
@@ -83,7 +84,7 @@ fn join_gradient(group: &[Held]) -> Result<Option<Tensor>> {
 fn join(group: &[Held], tensor: impl Fn(&Held) -> Option<Tensor>, sum: bool) -> Result<Tensor> {
     let mut ordered: Vec<&Held> = group.iter().collect();
     ordered.sort_by_key(|(tp, p, _)| (p.split.as_ref().map(|(_, r)| r.start), *tp));
-    let missing = || Error::Protocol("a parameter slice has no tensor".into());
+    let missing = || Error::Internal("a parameter slice has no tensor");
     let Some((dim, _)) = ordered[0].1.split.clone() else {
         return tensor(ordered[0]).ok_or_else(missing);
     };

@@ -7,8 +7,8 @@ use candle_core::Tensor;
 
 use flexmodel_actors::{BoxError, HookSink, PointId, PointMode};
 
-use crate::hook_function::HookCtx;
-use crate::hook_registry::{Entry, PassPlan};
+use crate::hooks::function::HookCtx;
+use crate::hooks::registry::{Entry, PassPlan};
 use crate::{ActivationStore, Error, HookLayer, HookPoint, Result, SaveContext};
 
 /// A loss computed by the driver from the full logits `[b, t, vocab]`: a scalar.
@@ -74,14 +74,13 @@ impl<'a> PassHooks<'a> {
         let loss_fn = self
             .loss_fn
             .as_mut()
-            .ok_or_else(|| Error::Protocol("the runtime asked for a loss nobody gave".into()))?;
+            .ok_or(Error::Internal("the runtime asked for a loss nobody gave"))?;
         let logits = candle_core::Var::from_tensor(logits)?.as_tensor().clone();
         let loss = loss_fn(&logits)?;
         if loss.elem_count() != 1 {
-            return Err(Error::BadInput(format!(
-                "the loss must be a scalar, got shape {:?}",
-                loss.dims()
-            )));
+            return Err(Error::LossNotScalar {
+                dims: loss.dims().to_vec(),
+            });
         }
         self.loss = Some(
             loss.to_dtype(candle_core::DType::F32)?
@@ -202,7 +201,7 @@ impl<'a> PassHooks<'a> {
                         .unwrap_or_else(|| "a panic".to_string());
                     return Err(Error::HookFailed {
                         hook: name,
-                        source: Box::new(Error::BadInput(format!("the edit panicked: {message}"))),
+                        source: Box::new(Error::EditPanicked { message }),
                     });
                 }
             };
@@ -227,9 +226,9 @@ impl<'a> PassHooks<'a> {
     fn through_edit(&mut self, index: usize, call: usize, grad: &Tensor) -> Result<Tensor> {
         let graphs = self.edit_graphs.as_mut();
         let Some((leaf, edited)) = graphs.and_then(|g| g.remove(&(index, call))) else {
-            return Err(Error::Protocol(format!(
-                "no edit of point {index}, call {call} to back-propagate through"
-            )));
+            return Err(Error::Internal(
+                "a gradient came back for an edit that did not run",
+            ));
         };
         let grads = (edited * grad.detach())?.sum_all()?.backward()?;
         for (name, var) in &self.trainables {

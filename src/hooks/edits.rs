@@ -4,7 +4,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::hook_function::HookCtx;
+use crate::hooks::function::HookCtx;
 use crate::{Error, HookFunction, Result};
 
 /// An edit that zeroes head `head` of a head-indexed hook point.
@@ -12,15 +12,16 @@ pub fn zero_head(
     head: usize,
 ) -> impl FnMut(&mut HookCtx<'_>, Tensor) -> Result<Tensor> + Send + 'static {
     move |ctx, x| {
-        let dim = ctx.point().head_dim().ok_or_else(|| {
-            Error::BadInput(format!("zero-head: {} has no head dimension", ctx.name()))
+        let dim = ctx.point().head_dim().ok_or_else(|| Error::NoHeadDimension {
+            hook: ctx.name().to_string(),
         })?;
         let heads = x.dim(dim)?;
         if head >= heads {
-            return Err(Error::BadInput(format!(
-                "zero-head: head {head} does not exist, {} has {heads} heads",
-                ctx.name()
-            )));
+            return Err(Error::NoSuchHead {
+                hook: ctx.name().to_string(),
+                head,
+                heads,
+            });
         }
         let mask: Vec<f32> = (0..heads)
             .map(|h| if h == head { 0.0 } else { 1.0 })
@@ -45,13 +46,10 @@ pub fn add(
 ) -> impl FnMut(&mut HookCtx<'_>, Tensor) -> Result<Tensor> + Send + 'static {
     move |ctx, x| {
         let delta = delta.to_dtype(x.dtype())?;
-        x.broadcast_add(&delta).map_err(|_| {
-            Error::BadInput(format!(
-                "add: a tensor of shape {:?} does not broadcast to {} of shape {:?}",
-                delta.dims(),
-                ctx.name(),
-                x.dims()
-            ))
+        x.broadcast_add(&delta).map_err(|_| Error::DoesNotBroadcast {
+            hook: ctx.name().to_string(),
+            delta: delta.dims().to_vec(),
+            value: x.dims().to_vec(),
         })
     }
 }
@@ -80,7 +78,10 @@ pub enum EditAction {
 impl EditSpec {
     /// Parses `spec`, reading the tensor of an `add:` from its file.
     pub fn parse(spec: &str) -> Result<Self> {
-        let bad = |why: &str| Error::BadInput(format!("malformed edit {spec:?}: {why}"));
+        let bad = |why: &str| Error::MalformedEdit {
+            spec: spec.to_string(),
+            problem: why.to_string(),
+        };
         let (target, action) = spec
             .split_once('=')
             .ok_or_else(|| bad("expected NAME=zero-head:H, NAME=scale:F or NAME=add:FILE"))?;
@@ -137,7 +138,7 @@ fn read_tensor(path: &Path, key: &str) -> Result<Tensor> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
         bad(format!(
             "cannot read: {}",
-            flexmodel_cluster::tensor_error_message(&e)
+            crate::error::tensor_message(&e)
         ))
     })?;
     let t = tensors

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 
-use crate::hook_catalog::HookKind;
+use crate::hooks::catalog::HookKind;
 use crate::{HookPoint, Result, SaveContext};
 
 /// An edit: receives the full, unsharded value of a hook point and returns the value

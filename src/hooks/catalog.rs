@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
-use crate::hook_point::{BlockSite, HookPoint};
+use crate::hooks::point::{BlockSite, HookPoint};
 use crate::models::LlamaConfig;
-use crate::pattern::{glob_match, is_glob, nearest};
+use crate::hooks::pattern::{glob_match, is_glob, nearest};
 use crate::{Error, Result};
 
 /// When a hook runs relative to the module or point it targets.

@@ -21,9 +21,11 @@ pub fn next_token_loss(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
 pub fn next_token_loss_by_position(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     let (b, t, _) = logits.dims3()?;
     if t < 2 {
-        return Err(Error::BadInput(
-            "the loss needs sequences of at least two tokens".into(),
-        ));
+        return Err(Error::SequenceTooShort {
+            what: "the next-token loss",
+            need: 2,
+            len: t,
+        });
     }
     let log_probs = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
     let targets = tokens.narrow(1, 1, t - 1)?.unsqueeze(2)?.contiguous()?;
@@ -46,9 +48,11 @@ pub fn vocab_parallel_loss(
 ) -> Result<Tensor> {
     let (b, t, local_vocab) = logits.dims3()?;
     if t < 2 {
-        return Err(Error::BadInput(
-            "the loss needs sequences of at least two tokens".into(),
-        ));
+        return Err(Error::SequenceTooShort {
+            what: "the next-token loss",
+            need: 2,
+            len: t,
+        });
     }
     let n = b * (t - 1);
     let predictions = logits.narrow(1, 0, t - 1)?.reshape((n, local_vocab))?;

@@ -8,13 +8,15 @@ use candle_core::{Tensor, Var};
 use flexmodel_actors::{Fault, ShardModel, ShardRuntime, ShardSetup};
 use flexmodel_cluster::{Layout, PassControl};
 
-use crate::hook_catalog::HookCatalog;
-use crate::hook_dispatch::{LossFn, PassHooks};
-use crate::hook_registry::{Groups, HookRegistry};
+use crate::hooks::HookCatalog;
+use crate::hooks::dispatch::{LossFn, PassHooks};
+use crate::hooks::registry::{Groups, HookRegistry};
 use crate::models::{Llama, LlamaConfig};
-use crate::parameters::{self, RankSlices};
-use crate::sharding::{LlamaShard, build_shards, geometry};
-use crate::token_batch::check_tokens;
+use crate::runtime::parameters::{self, RankSlices};
+use crate::runtime::sharding::{
+    LlamaShard, build_shards, check_fits_in_memory, check_layout, geometry,
+};
+use crate::text::token_batch::check_tokens;
 use crate::weights::TensorMap;
 use crate::{ActivationStore, Checkpoint, Error, HookPoint, NoHooks, Result, SaveContext};
 
@@ -78,8 +80,13 @@ impl FlexModel {
 
     /// Builds the model of `checkpoint` split over `layout`: one shard actor per rank,
     /// each holding only its slices, or the whole model in this thread for one rank.
+    ///
+    /// The layout is checked against the model and this machine's memory before any
+    /// weight is read.
     pub fn build(checkpoint: &Checkpoint, layout: Layout) -> Result<Self> {
         let config = checkpoint.config.clone();
+        check_layout(&config, &layout)?;
+        check_fits_in_memory(&config, &layout)?;
         if layout == Layout::SINGLE {
             return Ok(Self::new(checkpoint.load_model()?));
         }
@@ -116,9 +123,7 @@ impl FlexModel {
     pub fn register_trainable(&mut self, name: impl Into<String>, var: &Var) -> Result<()> {
         let name = name.into();
         if self.trainables.contains_key(&name) {
-            return Err(Error::BadInput(format!(
-                "a trainable variable {name:?} is already registered"
-            )));
+            return Err(Error::TrainableExists { name });
         }
         self.trainables.insert(name, var.clone());
         Ok(())
@@ -127,9 +132,13 @@ impl FlexModel {
     /// The gradient of the loss with respect to the trainable variable `name` from the
     /// last backward pass (zero if no edit used it).
     pub fn trainable_grad(&self, name: &str) -> Result<Tensor> {
-        let var = self.trainables.get(name).ok_or_else(|| {
-            Error::BadInput(format!("no trainable variable {name:?} is registered"))
-        })?;
+        let var = self
+            .trainables
+            .get(name)
+            .ok_or_else(|| Error::UnknownTrainable {
+                name: name.to_string(),
+                known: self.trainables.keys().cloned().collect(),
+            })?;
         match self.trainable_grads.get(name) {
             Some(g) => Ok(g.clone()),
             None => Ok(var.as_tensor().zeros_like()?),
@@ -183,6 +192,7 @@ impl FlexModel {
         {
             return single_shard_span().in_scope(|| model.forward(tokens, &mut NoHooks));
         }
+        self.check_batch(tokens)?;
         let plan = self.registry.plan(groups)?;
         let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points);
         let logits = match &mut self.backend {
@@ -190,7 +200,6 @@ impl FlexModel {
                 single_shard_span().in_scope(|| model.forward(tokens, &mut hooks))?
             }
             Backend::Sharded { runtime, .. } => {
-                check_tokens(tokens, self.config.vocab_size)?;
                 let modes = hooks.modes();
                 runtime.run_pass(tokens, &modes, &mut hooks)?
             }
@@ -233,14 +242,15 @@ impl FlexModel {
         groups: &Groups,
         loss_fn: Option<Box<LossFn>>,
     ) -> Result<(Tensor, f32)> {
-        let (_, t) = check_tokens(tokens, self.config.vocab_size)?;
+        let (_, t) = self.check_batch(tokens)?;
         let span = self.pass_span(true, tokens);
         let _entered = span.enter();
         if t < 2 && loss_fn.is_none() {
-            return Err(Error::BadInput(
-                "a backward pass from the next-token loss needs sequences of at least two tokens"
-                    .into(),
-            ));
+            return Err(Error::SequenceTooShort {
+                what: "a backward pass from the next-token loss",
+                need: 2,
+                len: t,
+            });
         }
         let runtime = match &mut self.backend {
             Backend::Sharded { runtime, .. } => runtime,
@@ -284,8 +294,22 @@ impl FlexModel {
         let loss = out
             .loss
             .or(hooks.loss)
-            .ok_or_else(|| Error::Protocol("the backward pass reported no loss".into()))?;
+            .ok_or(Error::Internal("the backward pass reported no loss"))?;
         Ok((out.output, loss))
+    }
+
+    /// Checks `tokens` against the vocabulary, the context and the data-parallel
+    /// replicas before any shard runs; returns `(batch, seq)`.
+    fn check_batch(&self, tokens: &Tensor) -> Result<(usize, usize)> {
+        let config = &self.config;
+        let (b, t) = check_tokens(tokens, config.vocab_size, config.max_position_embeddings)?;
+        if b < self.layout.dp() {
+            return Err(Error::BatchTooSmall {
+                batch: b,
+                replicas: self.layout.dp(),
+            });
+        }
+        Ok((b, t))
     }
 
     /// The root span of one pass (a new trace): `forward`, or `backward` for a forward
@@ -332,10 +356,8 @@ impl FlexModel {
     pub fn parameter_grad(&self, name: &str) -> Result<Tensor> {
         parameters::gather(name, &self.layout, &self.parameter_slices()?)?
             .1
-            .ok_or_else(|| {
-                Error::BadInput(format!(
-                    "no gradient for {name}: run forward_backward first"
-                ))
+            .ok_or_else(|| Error::NoGradient {
+                parameter: name.to_string(),
             })
     }
 
@@ -343,9 +365,7 @@ impl FlexModel {
     /// pass (sharded layouts only): for testing that failures are reported and survived.
     pub fn inject_fault(&mut self, rank: usize, hook: HookPoint, fault: Fault) -> Result<()> {
         match &mut self.backend {
-            Backend::Single { .. } => Err(Error::BadInput(
-                "fault injection needs a sharded layout".into(),
-            )),
+            Backend::Single { .. } => Err(Error::FaultNeedsShards),
             Backend::Sharded { runtime, .. } => {
                 Ok(runtime.inject_fault(rank, hook.index(self.config.n_layers), fault)?)
             }

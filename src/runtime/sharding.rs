@@ -10,45 +10,123 @@ use flexmodel_cluster::{
     Collective, InProcessCollective, Layout, PassControl, ShardSpec, TpRank, split_evenly,
 };
 
-use crate::hook_point::{BlockSite, HookPoint};
-use crate::loss::vocab_parallel_loss;
+use crate::hooks::point::{BlockSite, HookPoint};
+use crate::models::loss::vocab_parallel_loss;
 use crate::models::llama::kv_heads_of;
 use crate::models::{Llama, LlamaConfig, Stage};
 use crate::weights::WeightSource;
 use crate::{Error, HookLayer, Result};
 
+/// Why a layout cannot split a model, or would not fit this machine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutProblem {
+    /// `tp` does not divide a dimension that tensor parallelism splits.
+    #[error("tp={tp} does not divide {what} = {size}")]
+    NotDivisible {
+        /// The tensor-parallel ranks.
+        tp: usize,
+        /// The dimension, by its Hugging Face name.
+        what: &'static str,
+        /// Its size.
+        size: usize,
+    },
+    /// More ranks than key/value heads, but not a multiple of them.
+    #[error(
+        "tp={tp} is more than num_key_value_heads = {kv_heads} but not a multiple of it, so the heads cannot be replicated evenly"
+    )]
+    KvHeadsNotReplicable {
+        /// The tensor-parallel ranks.
+        tp: usize,
+        /// The key/value heads.
+        kv_heads: usize,
+    },
+    /// More pipeline stages than layers.
+    #[error("pp={pp} exceeds the model's {layers} layers")]
+    TooManyStages {
+        /// The stages.
+        pp: usize,
+        /// The model's layers.
+        layers: usize,
+    },
+    /// The ranks' weights would not fit in this machine's memory.
+    #[error(
+        "{layout} holds about {:.1} GB of weights in this process, but only {:.1} GB of memory is available",
+        *.needed_bytes as f64 / 1e9,
+        *.available_bytes as f64 / 1e9
+    )]
+    DoesNotFit {
+        /// The layout.
+        layout: Layout,
+        /// The bytes of weights all ranks together would hold (plus one full copy while
+        /// they are sliced).
+        needed_bytes: u64,
+        /// The memory available (`MemAvailable` of `/proc/meminfo`).
+        available_bytes: u64,
+    },
+}
+
 /// Checks that `layout` can split a model of `config`, with a message that says why not.
 pub fn check_layout(config: &LlamaConfig, layout: &Layout) -> Result<()> {
     let tp = layout.tp();
-    let bad = |message: String| Err(Error::Cluster(flexmodel_cluster::Error::BadLayout(message)));
-    for (name, size) in [
+    let bad = |problem| Err(Error::BadLayout(problem));
+    for (what, size) in [
         ("num_attention_heads", config.n_heads),
         ("intermediate_size (d_mlp)", config.d_mlp),
         ("vocab_size", config.vocab_size),
     ] {
         if !size.is_multiple_of(tp) {
-            return bad(format!("tp={tp} does not divide {name} = {size}"));
+            return bad(LayoutProblem::NotDivisible { tp, what, size });
         }
     }
     let kv = config.n_kv_heads;
     if tp <= kv && !kv.is_multiple_of(tp) {
-        return bad(format!(
-            "tp={tp} does not divide num_key_value_heads = {kv}"
-        ));
+        return bad(LayoutProblem::NotDivisible {
+            tp,
+            what: "num_key_value_heads",
+            size: kv,
+        });
     }
     if tp > kv && !tp.is_multiple_of(kv) {
-        return bad(format!(
-            "tp={tp} is more than num_key_value_heads = {kv} but not a multiple of it, so the heads cannot be replicated evenly"
-        ));
+        return bad(LayoutProblem::KvHeadsNotReplicable { tp, kv_heads: kv });
     }
     if layout.pp() > config.n_layers {
-        return bad(format!(
-            "pp={} exceeds the model's {} layers",
-            layout.pp(),
-            config.n_layers
-        ));
+        return bad(LayoutProblem::TooManyStages {
+            pp: layout.pp(),
+            layers: config.n_layers,
+        });
     }
     Ok(())
+}
+
+/// Checks that the weights of every rank of `layout` (each replica holds a whole copy,
+/// and one more copy is read while the shards are sliced) fit in the memory this machine
+/// has available, so that a mistyped layout fails at once instead of swapping or being
+/// killed. Where the available memory cannot be read, nothing is checked.
+pub fn check_fits_in_memory(config: &LlamaConfig, layout: &Layout) -> Result<()> {
+    let Some(available_bytes) = available_memory() else {
+        return Ok(());
+    };
+    let copies = match *layout == Layout::SINGLE {
+        true => 1,
+        false => layout.dp() as u64 + 1,
+    };
+    let needed_bytes = copies.saturating_mul(config.parameter_count() * 4);
+    if needed_bytes > available_bytes {
+        return Err(Error::BadLayout(LayoutProblem::DoesNotFit {
+            layout: *layout,
+            needed_bytes,
+            available_bytes,
+        }));
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// The part of the model pipeline stage `stage` of `layout` holds.
@@ -134,7 +212,7 @@ impl HookLayer for ByIndex<'_> {
     fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
         self.hooks
             .hook(point.index(self.n_layers), value)
-            .map_err(|e| Error::Protocol(e.to_string()))
+            .map_err(Error::ShardHook)
     }
 }
 
@@ -148,7 +226,12 @@ impl ShardModel for LlamaShard {
             hooks,
             n_layers: self.n_layers,
         };
-        Ok(self.model.forward_stage(input, &mut by_index)?)
+        // The runtime's own errors (an aborted pass, an injected fault) go back as they are.
+        match self.model.forward_stage(input, &mut by_index) {
+            Ok(out) => Ok(out),
+            Err(Error::ShardHook(e)) => Err(e),
+            Err(e) => Err(Box::new(e)),
+        }
     }
 
     fn loss(
@@ -167,7 +250,7 @@ impl ShardModel for LlamaShard {
         )?)
     }
 
-    fn parameters(&self) -> Vec<flexmodel_actors::ParamSlice> {
+    fn parameters(&self) -> Vec<flexmodel_cluster::ParamSlice> {
         self.model.parameters()
     }
 }
@@ -194,7 +277,7 @@ pub fn build_shards(
         .enumerate()
         .map(|(rank, collective)| {
             let collective: Arc<dyn Collective> = Arc::new(
-                collective.ok_or_else(|| Error::BadInput(format!("rank {rank} has no group")))?,
+                collective.ok_or(Error::Internal("a rank has no tensor-parallel group"))?,
             );
             let stage = stage_of(config, layout, layout.coords(rank).pp);
             let model = Llama::load_stage(config, weights, collective, stage)?;

@@ -4,9 +4,9 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use crate::hook_catalog::{HookCatalog, HookKind};
-use crate::hook_function::SharedEdit;
-use crate::pattern::glob_match;
+use crate::hooks::catalog::{HookCatalog, HookKind};
+use crate::hooks::function::SharedEdit;
+use crate::hooks::pattern::glob_match;
 use crate::{Error, HookFunction, HookPoint, Result};
 
 /// The group every hook belongs to; it cannot be removed.
@@ -111,7 +111,11 @@ impl HookRegistry {
     }
 
     /// Registers `hook` at every point its target matches; one handle for all of them.
+    /// Its tags must be group names that can be joined (not empty, not `all`).
     pub fn register(&mut self, hook: HookFunction) -> Result<HookHandle> {
+        for tag in &hook.tags {
+            check_group_name(tag)?;
+        }
         let points = self.catalog.resolve(&hook.target, hook.kind)?;
         let edit = hook.edit.map(|e| Arc::new(Mutex::new(e)));
         Ok(self.add_entry(points, hook.kind, edit, hook.capture, &hook.tags))
@@ -125,6 +129,9 @@ impl HookRegistry {
         hook: HookFunction,
     ) -> Result<Vec<HookHandle>> {
         check_group_name(group)?;
+        for tag in &hook.tags {
+            check_group_name(tag)?;
+        }
         let points = self.catalog.resolve(&hook.target, hook.kind)?;
         let edit = hook.edit.map(|e| Arc::new(Mutex::new(e)));
         let mut tags = hook.tags;
@@ -328,7 +335,7 @@ impl HookRegistry {
 
 fn check_group_name(group: &str) -> Result<()> {
     if group.is_empty() {
-        return Err(Error::BadInput("a group name cannot be empty".into()));
+        return Err(Error::EmptyGroupName);
     }
     if group == ALL {
         return Err(Error::ImplicitGroup);

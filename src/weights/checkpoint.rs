@@ -8,8 +8,8 @@ use std::sync::Arc;
 use flexmodel_cluster::SingleRank;
 
 use crate::models::{Llama, LlamaConfig};
-use crate::pretrained::SMOLLM2;
-use crate::tokenizer::Tokenizer;
+use crate::weights::pretrained::SMOLLM2;
+use crate::text::tokenizer::Tokenizer;
 use crate::weights::{GgufFile, SafetensorsDir, WeightSource};
 use crate::{Error, Result};
 
@@ -83,7 +83,7 @@ impl Checkpoint {
             path: weights.clone(),
             message: format!(
                 "cannot write: {}",
-                flexmodel_cluster::tensor_error_message(&e)
+                crate::error::tensor_message(&e)
             ),
         })?;
         self.tokenizer.save(&dir.join("tokenizer.json"))

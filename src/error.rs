@@ -63,7 +63,9 @@ pub enum Error {
         vocab_size: usize,
     },
     /// Token ids that are not a `[batch, seq]` batch of u32 with at least one token.
-    #[error("tokens must be a non-empty [batch, seq] batch of u32 ids, got {dtype:?} of shape {dims:?}")]
+    #[error(
+        "tokens must be a non-empty [batch, seq] batch of u32 ids, got {dtype:?} of shape {dims:?}"
+    )]
     BadTokens {
         /// The shape given.
         dims: Vec<usize>,
@@ -111,9 +113,7 @@ pub enum Error {
         problem: String,
     },
     /// A batch has fewer sequences than there are data-parallel replicas.
-    #[error(
-        "a batch of {batch} sequences cannot be split over {replicas} data-parallel replicas"
-    )]
+    #[error("a batch of {batch} sequences cannot be split over {replicas} data-parallel replicas")]
     BatchTooSmall {
         /// The sequences in the batch.
         batch: usize,

@@ -10,10 +10,10 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::Result;
-use crate::weights::checkpoint::Checkpoint;
 use crate::models::{Architecture, LlamaConfig};
 use crate::text::tokenizer::Tokenizer;
 use crate::weights::TensorMap;
+use crate::weights::checkpoint::Checkpoint;
 
 /// The tiny configuration.
 pub fn tiny_config() -> LlamaConfig {

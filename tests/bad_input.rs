@@ -253,7 +253,10 @@ fn gguf_rope_scaling_sliding_windows_and_partial_rope_are_refused_like_hugging_f
         let err = open_error(&path);
         assert!(matches!(err, Error::BadConfig { .. }), "{err:?}");
         assert!(err.to_string().contains(expected), "{err}");
-        assert!(err.to_string().contains(&format!("refused{i}.gguf")), "{err}");
+        assert!(
+            err.to_string().contains(&format!("refused{i}.gguf")),
+            "{err}"
+        );
     }
     let fine = dir.path().join("fine.gguf");
     let full = vec![

@@ -315,3 +315,71 @@ fn capture_grad_writes_gradients_that_agree_across_layouts() {
     ]);
     assert!(err.contains("at least two tokens"), "{err}");
 }
+
+#[test]
+fn bad_input_is_refused_before_any_weight_is_read() {
+    // A GGUF whose header is whole but whose tensors are cut off: reading any weight
+    // fails, so each error below shows that the command checked before reading.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("cut.gguf");
+    common::write_gguf(
+        &flexmodel::tiny::tiny_checkpoint(0).unwrap(),
+        &model,
+        |_| candle_core::quantized::GgmlDType::F32,
+    );
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    let model = model.to_str().unwrap();
+    let tokens = dir.path().join("tokens.txt");
+    std::fs::write(&tokens, format!("{}\n", vec!["7"; 513].join(" "))).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let out = out.to_str().unwrap();
+    let capture = |extra: &[&str]| {
+        let mut args = vec!["capture", "--model", model, "--out", out];
+        args.extend_from_slice(extra);
+        failure(&args)
+    };
+    for (extra, expected) in [
+        (
+            &["--prompt", "hi", "--hook", "blocks.*.hook_nothing"][..],
+            "unknown forward hook target \"blocks.*.hook_nothing\"",
+        ),
+        (
+            &[
+                "--prompt",
+                "hi",
+                "--hook",
+                "*",
+                "--edit",
+                "blocks.9.attn.hook_z=scale:2",
+            ][..],
+            "unknown forward hook target \"blocks.9.attn.hook_z\"",
+        ),
+        (
+            &["--prompt", "hi", "--hook", "*", "--tp", "3"][..],
+            "bad layout: tp=3 does not divide num_attention_heads = 8",
+        ),
+        (
+            &["--prompt", "hi", "--hook", "*", "--dp", "2"][..],
+            "a batch of 1 sequences cannot be split over 2 data-parallel replicas",
+        ),
+        (
+            &["--tokens-file", tokens.to_str().unwrap(), "--hook", "*"][..],
+            "sequences of 513 tokens are longer than the model's context of 512 tokens",
+        ),
+        (
+            &["--prompt", "hi", "--hook", "*", "--dp", "1000000"][..],
+            "more than 4096 ranks",
+        ),
+    ] {
+        let err = capture(extra);
+        assert!(err.contains(expected), "{extra:?}: {err}");
+        assert!(
+            !err.contains("tensor blk."),
+            "{extra:?} read weights: {err}"
+        );
+    }
+    // The same command with good input reaches the weights and names the cut tensor.
+    let err = capture(&["--prompt", "hi", "--hook", "*"]);
+    assert!(err.contains("cut.gguf: tensor "), "{err}");
+}

@@ -110,7 +110,11 @@ fn edits_run_once_per_call_on_the_full_tensor_in_every_layout() {
     };
     let (l, c, mut model) = run(&checkpoint, Layout::SINGLE, &tokens, edit);
     assert_eq!(
-        model.save_ctx().get::<Vec<Vec<usize>>>("calls").unwrap().unwrap(),
+        model
+            .save_ctx()
+            .get::<Vec<Vec<usize>>>("calls")
+            .unwrap()
+            .unwrap(),
         &[vec![3, 6, 64]]
     );
     let single = (l, c);

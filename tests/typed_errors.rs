@@ -23,7 +23,10 @@ fn tokens() -> Tensor {
 fn a_huge_layout_is_refused_at_once_without_starting_anything() {
     let start = Instant::now();
     let err = Layout::new(1_000_000, 1, 1).unwrap_err();
-    assert!(matches!(err, flexmodel_cluster::Error::TooManyRanks { .. }), "{err:?}");
+    assert!(
+        matches!(err, flexmodel_cluster::Error::TooManyRanks { .. }),
+        "{err:?}"
+    );
     // Within the rank bound but far beyond this machine: refused before any weight is read.
     let checkpoint = tiny_checkpoint(0).unwrap();
     let mut config = tiny_config();
@@ -40,8 +43,15 @@ fn a_huge_layout_is_refused_at_once_without_starting_anything() {
         matches!(err, Error::BadLayout(LayoutProblem::DoesNotFit { .. })),
         "{err:?}"
     );
-    assert!(err.to_string().contains("GB of memory is available"), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert!(
+        err.to_string().contains("GB of memory is available"),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
@@ -205,14 +215,20 @@ fn an_edits_error_keeps_its_type_on_every_path() {
 fn public_functions_check_their_arguments() {
     let err = repeated_random_tokens(2, 8, 0, 0).unwrap_err();
     assert!(
-        matches!(err, Error::InvalidArgument { argument: "vocab", .. }),
+        matches!(
+            err,
+            Error::InvalidArgument {
+                argument: "vocab",
+                ..
+            }
+        ),
         "{err:?}"
     );
     let checkpoint = tiny_checkpoint(3).unwrap();
     let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
     let progress = indicatif::ProgressBar::hidden();
-    let err = patch_residual_stream(&mut model, &[1, 2, 3], &[1, 5, 3], 256, 7, &progress)
-        .unwrap_err();
+    let err =
+        patch_residual_stream(&mut model, &[1, 2, 3], &[1, 5, 3], 256, 7, &progress).unwrap_err();
     assert!(
         matches!(
             err,
@@ -237,5 +253,9 @@ fn public_functions_check_their_arguments() {
     save.insert("seen", 1usize);
     let err = save.get_or_insert_with("seen", Vec::<u8>::new).unwrap_err();
     assert!(matches!(err, Error::SaveContextType { .. }), "{err:?}");
-    assert_eq!(save.get::<usize>("seen").unwrap(), Some(&1), "not overwritten");
+    assert_eq!(
+        save.get::<usize>("seen").unwrap(),
+        Some(&1),
+        "not overwritten"
+    );
 }

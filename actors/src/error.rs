@@ -158,9 +158,7 @@ pub enum Error {
         rank: usize,
     },
     /// A batch with fewer sequences than there are data-parallel replicas.
-    #[error(
-        "a batch of {batch} sequences cannot be split over {replicas} data-parallel replicas"
-    )]
+    #[error("a batch of {batch} sequences cannot be split over {replicas} data-parallel replicas")]
     BatchTooSmall {
         /// The sequences in the batch.
         batch: usize,
@@ -203,7 +201,9 @@ fn failed_at(at: &Option<FailedAt>) -> String {
 }
 
 fn on_host(host: &Option<String>) -> String {
-    host.as_ref().map(|h| format!(" on {h}")).unwrap_or_default()
+    host.as_ref()
+        .map(|h| format!(" on {h}"))
+        .unwrap_or_default()
 }
 
 /// Result with this crate's [`Error`].
@@ -215,7 +215,10 @@ mod tests {
 
     #[test]
     fn the_kind_of_a_failure_comes_from_its_type() {
-        assert_eq!(ShardFailure::of(&InjectedFault).kind, FailureKind::InjectedFault);
+        assert_eq!(
+            ShardFailure::of(&InjectedFault).kind,
+            FailureKind::InjectedFault
+        );
         let gone = flexmodel_cluster::Error::PeerGone(3);
         assert_eq!(ShardFailure::of(&gone).kind, FailureKind::Collective);
         let tensor = candle_core::Error::Msg("shape".into());
@@ -226,7 +229,11 @@ mod tests {
 
     #[test]
     fn a_shard_failure_names_rank_coordinates_host_and_hook() {
-        let coords = RankCoords { dp: 0, pp: 1, tp: 1 };
+        let coords = RankCoords {
+            dp: 0,
+            pp: 1,
+            tp: 1,
+        };
         let error = |host: Option<&str>, backward| Error::ShardFailed {
             rank: 5,
             coords,

@@ -18,7 +18,7 @@ mod shard_model;
 pub use coordinator::{HookCoordinator, HookSink, PassOutput};
 pub use error::{BoxError, Error, FailedAt, FailureKind, InjectedFault, Result, ShardFailure};
 pub use geometry::{PointGeometry, PointMode, ShardAction};
-pub use runtime::{ShardRuntime, ShardSetup};
 pub use protocol::Fault;
+pub use runtime::{ShardRuntime, ShardSetup};
 pub use shard::ShardActor;
 pub use shard_model::{PointId, ShardHooks, ShardModel, ShardParameters};

@@ -169,16 +169,18 @@ impl ShardRuntime {
                     .tell(ReadParameters { reply })
                     .blocking_send()
                     .map_err(|_| Error::ShardGone { rank, coords })?;
-                answer.recv_timeout(PARAMETERS_TIMEOUT).map_err(|e| match e {
-                    crossbeam_channel::RecvTimeoutError::Timeout => Error::ShardTimedOut {
-                        rank,
-                        coords,
-                        seconds: PARAMETERS_TIMEOUT.as_secs(),
-                    },
-                    crossbeam_channel::RecvTimeoutError::Disconnected => {
-                        Error::ShardGone { rank, coords }
-                    }
-                })
+                answer
+                    .recv_timeout(PARAMETERS_TIMEOUT)
+                    .map_err(|e| match e {
+                        crossbeam_channel::RecvTimeoutError::Timeout => Error::ShardTimedOut {
+                            rank,
+                            coords,
+                            seconds: PARAMETERS_TIMEOUT.as_secs(),
+                        },
+                        crossbeam_channel::RecvTimeoutError::Disconnected => {
+                            Error::ShardGone { rank, coords }
+                        }
+                    })
             })
             .collect()
     }

@@ -31,10 +31,16 @@ pub fn repeated_random_tokens(
         );
     }
     let Ok(vocab) = u32::try_from(vocab) else {
-        return invalid("vocab", format!("{vocab} is more than u32 token ids can name"));
+        return invalid(
+            "vocab",
+            format!("{vocab} is more than u32 token ids can name"),
+        );
     };
     if vocab == 0 {
-        return invalid("vocab", "the vocabulary must have at least one token".into());
+        return invalid(
+            "vocab",
+            "the vocabulary must have at least one token".into(),
+        );
     }
     let Some(total) = half.checked_mul(2).and_then(|t| t.checked_mul(batch)) else {
         return invalid(
@@ -45,9 +51,7 @@ pub fn repeated_random_tokens(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut ids = Vec::with_capacity(total);
     for _ in 0..batch {
-        let first: Vec<u32> = (0..half)
-            .map(|_| rng.random_range(0..vocab))
-            .collect();
+        let first: Vec<u32> = (0..half).map(|_| rng.random_range(0..vocab)).collect();
         ids.extend_from_slice(&first);
         ids.extend_from_slice(&first);
     }

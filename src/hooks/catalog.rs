@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
+use crate::hooks::pattern::{glob_match, is_glob, nearest};
 use crate::hooks::point::{BlockSite, HookPoint};
 use crate::models::LlamaConfig;
-use crate::hooks::pattern::{glob_match, is_glob, nearest};
 use crate::{Error, Result};
 
 /// When a hook runs relative to the module or point it targets.

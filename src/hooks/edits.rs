@@ -12,9 +12,12 @@ pub fn zero_head(
     head: usize,
 ) -> impl FnMut(&mut HookCtx<'_>, Tensor) -> Result<Tensor> + Send + 'static {
     move |ctx, x| {
-        let dim = ctx.point().head_dim().ok_or_else(|| Error::NoHeadDimension {
-            hook: ctx.name().to_string(),
-        })?;
+        let dim = ctx
+            .point()
+            .head_dim()
+            .ok_or_else(|| Error::NoHeadDimension {
+                hook: ctx.name().to_string(),
+            })?;
         let heads = x.dim(dim)?;
         if head >= heads {
             return Err(Error::NoSuchHead {
@@ -46,11 +49,12 @@ pub fn add(
 ) -> impl FnMut(&mut HookCtx<'_>, Tensor) -> Result<Tensor> + Send + 'static {
     move |ctx, x| {
         let delta = delta.to_dtype(x.dtype())?;
-        x.broadcast_add(&delta).map_err(|_| Error::DoesNotBroadcast {
-            hook: ctx.name().to_string(),
-            delta: delta.dims().to_vec(),
-            value: x.dims().to_vec(),
-        })
+        x.broadcast_add(&delta)
+            .map_err(|_| Error::DoesNotBroadcast {
+                hook: ctx.name().to_string(),
+                delta: delta.dims().to_vec(),
+                value: x.dims().to_vec(),
+            })
     }
 }
 
@@ -135,12 +139,8 @@ fn read_tensor(path: &Path, key: &str) -> Result<Tensor> {
         path: path.to_path_buf(),
         message,
     };
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-        bad(format!(
-            "cannot read: {}",
-            crate::error::tensor_message(&e)
-        ))
-    })?;
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| bad(format!("cannot read: {}", crate::error::tensor_message(&e))))?;
     let t = tensors
         .get(key)
         .ok_or_else(|| bad(format!("has no tensor under the key {key:?}")))?;

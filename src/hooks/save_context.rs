@@ -73,8 +73,9 @@ impl SaveContext {
         if !self.values.contains_key(key) {
             self.insert(key, init());
         }
-        self.get_mut(key)?
-            .ok_or(Error::Internal("a value just stored in the save context is gone"))
+        self.get_mut(key)?.ok_or(Error::Internal(
+            "a value just stored in the save context is gone",
+        ))
     }
 
     /// Removes and returns the value under `key`, if there is one; an error (and the

@@ -6,5 +6,5 @@ pub(crate) mod loss;
 pub(crate) mod parallel;
 
 pub use llama::{Architecture, Llama, LlamaConfig, Stage, Unimplemented};
-pub use parallel::{ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding};
 pub use loss::{next_token_loss, next_token_loss_by_position, vocab_parallel_loss};
+pub use parallel::{ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding};

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 
 use candle_core::Tensor;
 use flexmodel_actors::ShardParameters;
-use flexmodel_cluster::ParamSlice;
 use flexmodel_cluster::Layout;
+use flexmodel_cluster::ParamSlice;
 
 use crate::hooks::nearest;
 use crate::{Error, Result};

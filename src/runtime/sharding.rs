@@ -11,8 +11,8 @@ use flexmodel_cluster::{
 };
 
 use crate::hooks::point::{BlockSite, HookPoint};
-use crate::models::loss::vocab_parallel_loss;
 use crate::models::llama::kv_heads_of;
+use crate::models::loss::vocab_parallel_loss;
 use crate::models::{Llama, LlamaConfig, Stage};
 use crate::weights::WeightSource;
 use crate::{Error, HookLayer, Result};
@@ -276,9 +276,8 @@ pub fn build_shards(
         .into_iter()
         .enumerate()
         .map(|(rank, collective)| {
-            let collective: Arc<dyn Collective> = Arc::new(
-                collective.ok_or(Error::Internal("a rank has no tensor-parallel group"))?,
-            );
+            let collective: Arc<dyn Collective> =
+                Arc::new(collective.ok_or(Error::Internal("a rank has no tensor-parallel group"))?);
             let stage = stage_of(config, layout, layout.coords(rank).pp);
             let model = Llama::load_stage(config, weights, collective, stage)?;
             Ok(Arc::new(LlamaShard {

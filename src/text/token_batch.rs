@@ -75,7 +75,11 @@ pub fn chunk_tokens(
     batch: usize,
     max_tokens: usize,
 ) -> Result<Vec<Tensor>> {
-    for (argument, n) in [("seq_len", seq_len), ("batch", batch), ("max_tokens", max_tokens)] {
+    for (argument, n) in [
+        ("seq_len", seq_len),
+        ("batch", batch),
+        ("max_tokens", max_tokens),
+    ] {
         if n == 0 {
             return Err(Error::InvalidArgument {
                 argument,

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use flexmodel_cluster::SingleRank;
 
 use crate::models::{Llama, LlamaConfig};
-use crate::weights::pretrained::SMOLLM2;
 use crate::text::tokenizer::Tokenizer;
+use crate::weights::pretrained::SMOLLM2;
 use crate::weights::{GgufFile, SafetensorsDir, WeightSource};
 use crate::{Error, Result};
 
@@ -81,10 +81,7 @@ impl Checkpoint {
         let weights = dir.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &weights).map_err(|e| Error::BadWeightsFile {
             path: weights.clone(),
-            message: format!(
-                "cannot write: {}",
-                crate::error::tensor_message(&e)
-            ),
+            message: format!("cannot write: {}", crate::error::tensor_message(&e)),
         })?;
         self.tokenizer.save(&dir.join("tokenizer.json"))
     }

@@ -8,10 +8,10 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 
 use super::{WeightSource, missing};
+use crate::error::tensor_message;
 use crate::models::{Architecture, LlamaConfig, Unimplemented};
 use crate::text::tokenizer::Tokenizer;
 use crate::{Error, Result};
-use crate::error::tensor_message;
 
 /// Hugging Face names of the tensors outside the blocks, with their GGUF names.
 const GLOBAL_NAMES: [(&str, &str); 3] = [

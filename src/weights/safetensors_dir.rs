@@ -8,8 +8,8 @@ use candle_core::safetensors::BufferedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::{WeightSource, missing};
-use crate::{Error, Result};
 use crate::error::tensor_message;
+use crate::{Error, Result};
 
 /// The safetensors files of a model directory, read into memory at open.
 pub struct SafetensorsDir {
@@ -35,10 +35,7 @@ impl SafetensorsDir {
             let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
             let st = BufferedSafetensors::new(bytes).map_err(|e| Error::BadWeightsFile {
                 path: path.clone(),
-                message: format!(
-                    "not a readable safetensors file: {}",
-                    tensor_message(&e)
-                ),
+                message: format!("not a readable safetensors file: {}", tensor_message(&e)),
             })?;
             for (name, _) in st.tensors() {
                 routing.insert(name, i);

@@ -27,7 +27,9 @@ pub fn smollm2() -> &'static (Checkpoint, Llama) {
 /// The path of the cached SmolLM2 GGUF.
 pub fn smollm2_path() -> PathBuf {
     smollm2();
-    flexmodel::weights::pretrained::SMOLLM2.path().expect("smollm2 path")
+    flexmodel::weights::pretrained::SMOLLM2
+        .path()
+        .expect("smollm2 path")
 }
 
 /// The path of the cached Tiny Shakespeare text (fetched on first use).

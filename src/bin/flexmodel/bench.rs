@@ -8,10 +8,10 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use flexmodel::edits::EditSpec;
 use flexmodel::telemetry::{HookPhase, HookProfile, PhaseTotals};
-use flexmodel::{Checkpoint, HookFunction, progress_bar};
+use flexmodel::{Checkpoint, HookFunction, HookKind, progress_bar};
 use rand::{Rng, SeedableRng};
 
-use crate::layout::LayoutArgs;
+use crate::layout::{LayoutArgs, Plan};
 
 /// Options of `flexmodel bench`.
 #[derive(Args, Debug)]
@@ -73,8 +73,7 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
         "--profile needs hooks to profile: give --hook PAT or --edit SPEC"
     );
     let checkpoint = Checkpoint::open(&args.model)?;
-    let mut model = args.layout.build(&checkpoint)?;
-    let config = model.config().clone();
+    let config = checkpoint.config.clone();
     let (batch, seq) = (args.batch as usize, args.seq as usize);
     ensure!(
         seq <= config.max_position_embeddings,
@@ -87,6 +86,12 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
         .map(|_| rng.random_range(0..vocab))
         .collect();
     let tokens = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
+    let targets = args.hooks.iter().chain(edits.iter().map(|e| &e.target));
+    let plan = Plan {
+        batches: std::slice::from_ref(&tokens),
+        targets: targets.map(|t| (t.as_str(), HookKind::Forward)).collect(),
+    };
+    let mut model = args.layout.build(&checkpoint, plan)?;
 
     // Check the patterns once; each variant then sets up its hooks outside the timing.
     for pattern in &args.hooks {

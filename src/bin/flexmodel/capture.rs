@@ -8,10 +8,10 @@ use candle_core::{DType, Tensor};
 use clap::Args;
 use flexmodel::edits::EditSpec;
 use flexmodel::weights::write_safetensors;
-use flexmodel::{Checkpoint, HookFunction, next_token_loss};
+use flexmodel::{Checkpoint, HookFunction, HookKind, next_token_loss};
 
 use crate::input::InputArgs;
-use crate::layout::LayoutArgs;
+use crate::layout::{LayoutArgs, Plan};
 
 /// Options of `flexmodel capture`.
 #[derive(Args, Debug)]
@@ -46,7 +46,12 @@ pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
         .collect::<flexmodel::Result<Vec<_>>>()?;
     let checkpoint = Checkpoint::open(&args.model)?;
     let tokens = args.input.tokens(&checkpoint)?;
-    let mut model = args.layout.build(&checkpoint)?;
+    let targets = args.hooks.iter().chain(edits.iter().map(|e| &e.target));
+    let plan = Plan {
+        batches: std::slice::from_ref(&tokens),
+        targets: targets.map(|t| (t.as_str(), HookKind::Forward)).collect(),
+    };
+    let mut model = args.layout.build(&checkpoint, plan)?;
     for edit in &edits {
         model.hooks_mut().register(edit.hook_function())?;
     }

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use flexmodel::{Checkpoint, generate_greedy};
 
-use crate::layout::LayoutArgs;
+use crate::layout::{LayoutArgs, Plan};
 
 /// Options of `flexmodel generate`.
 #[derive(Args, Debug)]
@@ -27,8 +27,19 @@ pub struct GenerateArgs {
 /// Prints the continuation of the prompt (without the prompt) on stdout.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&args.model)?;
-    let mut model = args.layout.build(&checkpoint)?;
     let prompt = checkpoint.tokenizer.encode(&args.prompt)?;
+    anyhow::ensure!(
+        !prompt.is_empty(),
+        "the prompt {:?} has no tokens",
+        args.prompt
+    );
+    let tokens =
+        candle_core::Tensor::new(prompt.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?;
+    let plan = Plan {
+        batches: std::slice::from_ref(&tokens),
+        ..Plan::default()
+    };
+    let mut model = args.layout.build(&checkpoint, plan)?;
     let mut printed = String::new();
     let mut generated = Vec::new();
     let mut stdout = std::io::stdout().lock();

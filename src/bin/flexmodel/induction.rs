@@ -7,7 +7,7 @@ use clap::Args;
 use flexmodel::analysis::induction::{self, repeated_random_tokens, top_heads};
 use flexmodel::{Checkpoint, read_tokens_file};
 
-use crate::layout::LayoutArgs;
+use crate::layout::{LayoutArgs, Plan};
 
 /// Options of `flexmodel induction`.
 #[derive(Args, Debug)]
@@ -57,7 +57,11 @@ pub fn run(args: InductionArgs) -> anyhow::Result<()> {
         tokens.dim(1)? <= context,
         "the sequences are longer than the model's context of {context} tokens"
     );
-    let mut model = args.layout.build(&checkpoint)?;
+    let plan = Plan {
+        batches: std::slice::from_ref(&tokens),
+        ..Plan::default()
+    };
+    let mut model = args.layout.build(&checkpoint, plan)?;
     let measured = induction::measure(&mut model, &tokens)?;
     let written = measured
         .save(&args.out)

@@ -1,7 +1,11 @@
-//! The `[--tp N] [--pp N] [--dp N]` options every command takes.
+//! The `[--tp N] [--pp N] [--dp N]` options every command takes, and the checks a
+//! command makes before it reads any weight.
 
+use candle_core::Tensor;
 use clap::Args;
-use flexmodel::{Checkpoint, FlexModel};
+use flexmodel::runtime::sharding::{check_fits_in_memory, check_layout};
+use flexmodel::text::check_tokens;
+use flexmodel::{Checkpoint, FlexModel, HookCatalog, HookKind};
 use flexmodel_cluster::Layout;
 
 /// How the model is split: tensor × pipeline × data parallel.
@@ -18,6 +22,15 @@ pub struct LayoutArgs {
     pub dp: u32,
 }
 
+/// What a command will run, checked against the model before its weights are read.
+#[derive(Default)]
+pub struct Plan<'a> {
+    /// The batches it will run (their sequences split over the replicas).
+    pub batches: &'a [Tensor],
+    /// The hook targets it will register, with their kinds.
+    pub targets: Vec<(&'a str, HookKind)>,
+}
+
 impl LayoutArgs {
     /// The layout these options describe.
     pub fn layout(&self) -> anyhow::Result<Layout> {
@@ -28,8 +41,30 @@ impl LayoutArgs {
         )?)
     }
 
-    /// The model of `checkpoint` split over this layout.
-    pub fn build(&self, checkpoint: &Checkpoint) -> anyhow::Result<FlexModel> {
-        Ok(FlexModel::build(checkpoint, self.layout()?)?)
+    /// The model of `checkpoint` split over this layout, after checking `plan`: the
+    /// layout against the model, the machine and every batch; the token ids and lengths
+    /// against the vocabulary and the context; every hook target against the model's
+    /// names. Bad input fails here, before any weight is read or dequantized.
+    pub fn build(&self, checkpoint: &Checkpoint, plan: Plan<'_>) -> anyhow::Result<FlexModel> {
+        let config = &checkpoint.config;
+        let layout = self.layout()?;
+        check_layout(config, &layout)?;
+        check_fits_in_memory(config, &layout)?;
+        for tokens in plan.batches {
+            let (batch, _) =
+                check_tokens(tokens, config.vocab_size, config.max_position_embeddings)?;
+            if batch < layout.dp() {
+                return Err(flexmodel::Error::BatchTooSmall {
+                    batch,
+                    replicas: layout.dp(),
+                }
+                .into());
+            }
+        }
+        let catalog = HookCatalog::new(config);
+        for (target, kind) in plan.targets {
+            catalog.resolve(target, kind)?;
+        }
+        Ok(FlexModel::build(checkpoint, layout)?)
     }
 }

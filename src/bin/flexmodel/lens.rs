@@ -9,7 +9,7 @@ use flexmodel::analysis::lens::{Training, TunedLens, Unembed};
 use flexmodel::weights::pretrained::TINY_SHAKESPEARE;
 use flexmodel::{Checkpoint, chunk_tokens, progress_bar};
 
-use crate::layout::LayoutArgs;
+use crate::layout::{LayoutArgs, Plan};
 
 /// Options of `flexmodel lens`.
 #[derive(Args, Debug)]
@@ -60,20 +60,35 @@ pub fn run(args: LensArgs) -> anyhow::Result<()> {
         args.seq_len
     );
     let eval = batches_of(&checkpoint, &args.eval_text, &args, args.eval_tokens)?;
-    let mut model = args.layout.build(&checkpoint)?;
-    let unembed = Unembed::of(&model)?;
-    let (n_layers, d_model) = (model.config().n_layers, model.config().d_model);
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-
-    let lens = match &args.translators {
-        Some(path) => TunedLens::load(path, n_layers, d_model)?,
+    let (n_layers, d_model) = (checkpoint.config.n_layers, checkpoint.config.d_model);
+    // Translators to evaluate, or the text to train new ones on: read before the model.
+    let source = match &args.translators {
+        Some(path) => Translators::Saved(TunedLens::load(path, n_layers, d_model)?),
         None => {
             let text = match &args.train_text {
                 Some(path) => path.clone(),
                 None => TINY_SHAKESPEARE.path()?,
             };
-            let train = batches_of(&checkpoint, &text, &args, args.train_tokens)?;
+            let batches = batches_of(&checkpoint, &text, &args, args.train_tokens)?;
+            Translators::Train(text, batches)
+        }
+    };
+    let mut batches = eval.clone();
+    if let Translators::Train(_, train) = &source {
+        batches.extend(train.iter().cloned());
+    }
+    let plan = Plan {
+        batches: &batches,
+        ..Plan::default()
+    };
+    let mut model = args.layout.build(&checkpoint, plan)?;
+    let unembed = Unembed::of(&model)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+
+    let lens = match source {
+        Translators::Saved(lens) => lens,
+        Translators::Train(text, train) => {
             let mut lens = TunedLens::identity(n_layers, d_model)?;
             let start = Instant::now();
             let progress = progress_bar(train.len() as u64, "training the tuned lens");
@@ -121,6 +136,14 @@ pub fn run(args: LensArgs) -> anyhow::Result<()> {
     report.save_plot(&plot)?;
     eprintln!("wrote {} and {}", json.display(), plot.display());
     Ok(())
+}
+
+/// Where the translators come from.
+enum Translators {
+    /// A file of an earlier run (`--translators`).
+    Saved(TunedLens),
+    /// Trained anew on the batches of this text.
+    Train(PathBuf, Vec<candle_core::Tensor>),
 }
 
 /// The tokens of the text file `path` in `[batch, seq_len]` batches, at most `max_tokens`.

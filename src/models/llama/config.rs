@@ -344,13 +344,17 @@ mod tests {
     #[test]
     fn rope_scaling_and_short_sliding_windows_are_refused() {
         let with = |extra: &str| {
-            let json = config_json("\"mistral\"").replace("\"rms_norm_eps\"", &format!("{extra}, \"rms_norm_eps\""));
+            let json = config_json("\"mistral\"")
+                .replace("\"rms_norm_eps\"", &format!("{extra}, \"rms_norm_eps\""));
             LlamaConfig::from_hf_json(write(&json).path())
         };
         let err = with(r#""rope_scaling": {"type": "linear", "factor": 2.0}"#)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("RoPE scaling ({\"factor\":2.0,\"type\":\"linear\"}) is not supported"), "{err}");
+        assert!(
+            err.contains("RoPE scaling ({\"factor\":2.0,\"type\":\"linear\"}) is not supported"),
+            "{err}"
+        );
         let err = with(r#""sliding_window": 16, "max_position_embeddings": 64"#)
             .unwrap_err()
             .to_string();

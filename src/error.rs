@@ -314,7 +314,7 @@ pub enum Error {
     },
     /// A sharded pass failed.
     #[error(transparent)]
-    Sharded(flexmodel_actors::Error),
+    Sharded(Box<flexmodel_actors::Error>),
     /// An error of the hook layer inside a shard, carried to the shard's runtime as it is.
     #[error(transparent)]
     ShardHook(flexmodel_actors::BoxError),
@@ -352,9 +352,9 @@ impl From<flexmodel_actors::Error> for Error {
         match e {
             flexmodel_actors::Error::Sink(inner) => match inner.downcast::<Error>() {
                 Ok(own) => *own,
-                Err(other) => Error::Sharded(flexmodel_actors::Error::Sink(other)),
+                Err(other) => Error::Sharded(Box::new(flexmodel_actors::Error::Sink(other))),
             },
-            e => Error::Sharded(e),
+            e => Error::Sharded(Box::new(e)),
         }
     }
 }

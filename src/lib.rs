@@ -29,6 +29,7 @@ pub mod analysis;
 mod error;
 pub mod hooks;
 pub mod models;
+#[cfg(feature = "plot")]
 pub mod plot;
 mod progress;
 pub mod runtime;

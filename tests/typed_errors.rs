@@ -118,10 +118,13 @@ fn sequences_longer_than_the_context_are_refused() {
 
 /// The shard failure inside `err`: rank, where, and the cause's kind.
 fn shard_failure(err: &Error) -> (usize, Option<FailedAt>, FailureKind) {
-    match err {
-        Error::Sharded(flexmodel_actors::Error::ShardFailed {
+    let Error::Sharded(sharded) = err else {
+        panic!("expected a shard failure, got {err:?}");
+    };
+    match sharded.as_ref() {
+        flexmodel_actors::Error::ShardFailed {
             rank, at, cause, ..
-        }) => (*rank, at.clone(), cause.kind),
+        } => (*rank, at.clone(), cause.kind),
         other => panic!("expected a shard failure, got {other:?}"),
     }
 }

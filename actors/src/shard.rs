@@ -51,30 +51,37 @@ pub struct ShardArgs {
 /// pass: the hook point it last reached (and whether in backward), and the failure a
 /// closure raised (candle's backward keeps only the message of an error it carries).
 #[derive(Debug, Default)]
-struct Position(Mutex<(Option<(PointId, bool)>, Option<ShardFailure>)>);
+struct Position(Mutex<Progress>);
+
+/// What [`Position`] holds.
+#[derive(Debug, Default)]
+struct Progress {
+    at: Option<(PointId, bool)>,
+    failure: Option<ShardFailure>,
+}
 
 impl Position {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<(PointId, bool)>, Option<ShardFailure>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set(&self, at: Option<(PointId, bool)>) {
-        self.lock().0 = at;
+        self.lock().at = at;
     }
 
     fn get(&self) -> Option<(PointId, bool)> {
-        self.lock().0
+        self.lock().at
     }
 
     /// Records `error`, raised in backward, and returns it for candle to carry.
     fn fail(&self, error: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
-        self.lock().1 = Some(ShardFailure::of(&error));
+        self.lock().failure = Some(ShardFailure::of(&error));
         candle_core::Error::wrap(error)
     }
 
     /// The failure a backward closure raised in this pass, if any.
     fn take_failure(&self) -> Option<ShardFailure> {
-        self.lock().1.take()
+        self.lock().failure.take()
     }
 }
 

@@ -8,7 +8,6 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::plot::{Heatmap, Line, LineChart};
 use crate::weights::write_safetensors;
 use crate::{Error, FlexModel, Result, next_token_loss_by_position};
 
@@ -118,14 +117,30 @@ impl Induction {
     /// Writes `dir/induction_scores.safetensors` (key `score`), the heatmap
     /// `dir/induction_scores.png` and the loss plot `dir/loss_by_position.png`; returns
     /// the paths written.
+    #[cfg(feature = "plot")]
     pub fn save(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        let mut written = vec![self.save_scores(dir)?];
+        written.extend(self.save_figures(dir)?);
+        Ok(written)
+    }
+
+    /// Writes `dir/induction_scores.safetensors` (key `score`); returns its path.
+    pub fn save_scores(&self, dir: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let scores_path = dir.join("induction_scores.safetensors");
         write_safetensors(
             &HashMap::from([("score".to_string(), self.scores.contiguous()?)]),
             &scores_path,
         )?;
+        Ok(scores_path)
+    }
 
+    /// Draws the heatmap `dir/induction_scores.png` and the loss plot
+    /// `dir/loss_by_position.png`; returns their paths.
+    #[cfg(feature = "plot")]
+    pub fn save_figures(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        use crate::plot::{Heatmap, Line, LineChart};
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let heatmap_path = dir.join("induction_scores.png");
         let rows = self.scores.to_vec2::<f32>()?;
         Heatmap {
@@ -157,7 +172,7 @@ impl Induction {
             log_y: false,
         }
         .save(&loss_path)?;
-        Ok(vec![scores_path, heatmap_path, loss_path])
+        Ok(vec![heatmap_path, loss_path])
     }
 }
 

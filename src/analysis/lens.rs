@@ -19,7 +19,6 @@ use candle_nn::optim::{AdamW, ParamsAdamW};
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
-use crate::plot::{Line, LineChart};
 use crate::weights::write_safetensors;
 use crate::{Error, FlexModel, Result};
 
@@ -372,7 +371,9 @@ impl LensReport {
     }
 
     /// Plots the KL of both lenses against the layer into the PNG file `path`.
+    #[cfg(feature = "plot")]
     pub fn save_plot(&self, path: &Path) -> Result<()> {
+        use crate::plot::{Line, LineChart};
         let line = |label: &str, kl: fn(&LayerKl) -> f64| Line {
             label: label.to_string(),
             points: self

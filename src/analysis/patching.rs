@@ -3,12 +3,11 @@
 //! clean run's preference for the right answer comes back. Where that fraction is high,
 //! the residual stream at that (layer, position) carries what the answer depends on.
 
-use std::path::Path;
+
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use indicatif::ProgressBar;
 
-use crate::plot::Heatmap;
 use crate::{Error, FlexModel, HookFunction, Result};
 
 /// The result of patching `blocks.i.hook_resid_pre` at every (layer, position).
@@ -109,8 +108,9 @@ pub fn patch_residual_stream(
 impl Patching {
     /// Draws the restored fraction (layers × positions) into the PNG file `path`;
     /// `positions` labels the columns (for example "clean / corrupted" token pairs).
-    pub fn save_heatmap(&self, path: &Path, title: &str, positions: &[String]) -> Result<()> {
-        Heatmap {
+    #[cfg(feature = "plot")]
+    pub fn save_heatmap(&self, path: &std::path::Path, title: &str, positions: &[String]) -> Result<()> {
+        crate::plot::Heatmap {
             title,
             x_label: "position (clean / corrupted token)",
             y_label: "layer (patching blocks.i.hook_resid_pre)",

@@ -12,14 +12,12 @@
 //! `http/protobuf`, the default; `OTEL_SERVICE_NAME`, default `flexmodel`), and a
 //! [`HookProfile`] when asked for one.
 
+#[cfg(feature = "otlp")]
+mod otlp;
 mod profile;
 
 pub use profile::{HookPhase, HookProfile, PhaseTotals};
 
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig as _};
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::filter::{EnvFilter, Targets};
@@ -65,7 +63,7 @@ pub struct OtlpConfig {
 }
 
 /// The first non-empty value among the variables `names`, with its variable.
-fn first_set(var: &impl Fn(&str) -> Option<String>, names: &[&str]) -> Option<(String, String)> {
+pub(crate) fn first_set(var: &impl Fn(&str) -> Option<String>, names: &[&str]) -> Option<(String, String)> {
     names.iter().find_map(|name| {
         var(name)
             .map(|v| v.trim().to_string())
@@ -75,7 +73,7 @@ fn first_set(var: &impl Fn(&str) -> Option<String>, names: &[&str]) -> Option<(S
 }
 
 /// The process environment's value of `name`.
-fn env_var(name: &str) -> Option<String> {
+pub(crate) fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
@@ -126,45 +124,30 @@ impl OtlpConfig {
 /// The installed subscriber's exporter; dropping it flushes every finished span.
 #[must_use = "dropping the guard flushes and stops the exporter"]
 pub struct Telemetry {
-    provider: Option<SdkTracerProvider>,
-    /// The runtime the gRPC exporter's connection runs on.
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Drop for Telemetry {
-    fn drop(&mut self) {
-        if let Some(provider) = self.provider.take()
-            && let Err(e) = provider.shutdown()
-        {
-            tracing::warn!("exporting the last traces failed: {e}");
-        }
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
+    #[cfg(feature = "otlp")]
+    _exporter: Option<otlp::Exporter>,
 }
 
 /// Installs the global subscriber: logs filtered by `logs` on stderr, the OTLP exporter
 /// if [`OtlpConfig::from_env`] asks for one (only FlexModel's own spans are exported, not
 /// those of the exporter's network stack), and `profile` if given.
+///
+/// Without the `otlp` feature nothing is exported, and a variable asking for export is
+/// answered with a warning.
 pub fn init(logs: EnvFilter, profile: Option<HookProfile>) -> Result<Telemetry> {
-    let otlp = OtlpConfig::from_env()?;
-    let (provider, runtime) = match &otlp {
-        Some(config) => {
-            let (provider, runtime) = tracer_provider(config)?;
-            (Some(provider), runtime)
-        }
-        None => (None, None),
-    };
+    let config = OtlpConfig::from_env()?;
     let ours = Targets::new()
         .with_target("flexmodel", LevelFilter::INFO)
         .with_target("flexmodel_actors", LevelFilter::INFO)
         .with_target("flexmodel_cluster", LevelFilter::INFO);
-    let otel = provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("flexmodel"))
-            .with_filter(ours.clone())
-    });
+    #[cfg(feature = "otlp")]
+    let exporter = config.as_ref().map(otlp::Exporter::new).transpose()?;
+    #[cfg(feature = "otlp")]
+    let otel = exporter
+        .as_ref()
+        .map(|exporter| exporter.layer().with_filter(ours.clone()));
+    #[cfg(not(feature = "otlp"))]
+    let otel: Option<tracing_subscriber::layer::Identity> = None;
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .without_time()
@@ -175,51 +158,19 @@ pub fn init(logs: EnvFilter, profile: Option<HookProfile>) -> Result<Telemetry> 
         .with(profile.map(|p| p.with_filter(ours)))
         .try_init()
         .map_err(|e| TelemetryError::SubscriberAlreadySet(e.to_string()))?;
-    if let Some(config) = otlp {
-        tracing::info!("exporting traces over OTLP ({:?})", config.protocol);
-    }
-    Ok(Telemetry { provider, runtime })
-}
-
-/// A batch-exporting tracer provider for `config` (the endpoint and timeouts come from
-/// the standard variables, read by the exporter), and the runtime gRPC needs.
-fn tracer_provider(
-    config: &OtlpConfig,
-) -> Result<(SdkTracerProvider, Option<tokio::runtime::Runtime>)> {
-    let failed = |e: &dyn std::fmt::Display| TelemetryError::Exporter(e.to_string());
-    let (exporter, runtime) = match config.protocol {
-        OtlpProtocol::Grpc => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("otlp-grpc")
-                .enable_all()
-                .build()
-                .map_err(|e| failed(&e))?;
-            let _entered = runtime.enter();
-            let exporter = SpanExporter::builder()
-                .with_tonic()
-                .build()
-                .map_err(|e| failed(&e))?;
-            (exporter, Some(runtime))
+    match config {
+        Some(config) if cfg!(feature = "otlp") => {
+            tracing::info!("exporting traces over OTLP ({:?})", config.protocol);
         }
-        OtlpProtocol::HttpProtobuf => {
-            let exporter = SpanExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .build()
-                .map_err(|e| failed(&e))?;
-            (exporter, None)
-        }
-    };
-    let mut resource = Resource::builder();
-    if first_set(&env_var, &["OTEL_SERVICE_NAME"]).is_none() {
-        resource = resource.with_service_name("flexmodel");
+        Some(_) => tracing::warn!(
+            "an OTLP endpoint is set, but this build of flexmodel has no trace export (feature `otlp`)"
+        ),
+        None => {}
     }
-    let provider = SdkTracerProvider::builder()
-        .with_resource(resource.build())
-        .with_batch_exporter(exporter)
-        .build();
-    Ok((provider, runtime))
+    Ok(Telemetry {
+        #[cfg(feature = "otlp")]
+        _exporter: exporter,
+    })
 }
 
 #[cfg(test)]

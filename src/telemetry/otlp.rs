@@ -1,0 +1,79 @@
+//! OTLP export of the pass spans (feature `otlp`): a batch exporter over gRPC or
+//! protobuf over HTTP, configured by the standard OpenTelemetry variables.
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Subscriber;
+use tracing_subscriber::Layer;
+use tracing_subscriber::registry::LookupSpan;
+
+use super::{OtlpConfig, OtlpProtocol, Result, TelemetryError, env_var, first_set};
+
+/// A running exporter; dropping it flushes every finished span.
+pub(super) struct Exporter {
+    provider: SdkTracerProvider,
+    /// The runtime the gRPC exporter's connection runs on.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Exporter {
+    /// A batch-exporting tracer provider for `config` (the endpoint and timeouts come
+    /// from the standard variables, read by the exporter), and the runtime gRPC needs.
+    pub(super) fn new(config: &OtlpConfig) -> Result<Self> {
+        let failed = |e: &dyn std::fmt::Display| TelemetryError::Exporter(e.to_string());
+        let (exporter, runtime) = match config.protocol {
+            OtlpProtocol::Grpc => {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("otlp-grpc")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| failed(&e))?;
+                let _entered = runtime.enter();
+                let exporter = SpanExporter::builder()
+                    .with_tonic()
+                    .build()
+                    .map_err(|e| failed(&e))?;
+                (exporter, Some(runtime))
+            }
+            OtlpProtocol::HttpProtobuf => {
+                let exporter = SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(Protocol::HttpBinary)
+                    .build()
+                    .map_err(|e| failed(&e))?;
+                (exporter, None)
+            }
+        };
+        let mut resource = Resource::builder();
+        if first_set(&env_var, &["OTEL_SERVICE_NAME"]).is_none() {
+            resource = resource.with_service_name("flexmodel");
+        }
+        let provider = SdkTracerProvider::builder()
+            .with_resource(resource.build())
+            .with_batch_exporter(exporter)
+            .build();
+        Ok(Self { provider, runtime })
+    }
+
+    /// The tracing layer that hands spans to this exporter.
+    pub(super) fn layer<S>(&self) -> impl Layer<S> + use<S>
+    where
+        S: Subscriber + for<'span> LookupSpan<'span>,
+    {
+        tracing_opentelemetry::layer().with_tracer(self.provider.tracer("flexmodel"))
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        if let Err(e) = self.provider.shutdown() {
+            tracing::warn!("exporting the last traces failed: {e}");
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}

@@ -154,6 +154,12 @@ pub enum Error {
         /// The nearest valid names.
         suggestions: Vec<String>,
     },
+    /// A backward hook on a point the loss has no gradient at (the token ids).
+    #[error("{hook} has no gradient: the loss is not differentiable in token ids")]
+    NoGradientAt {
+        /// The hook target.
+        hook: String,
+    },
     /// A parameter name the model does not have.
     #[error("unknown parameter {name:?}{}", suggest(.suggestions))]
     UnknownParameter {

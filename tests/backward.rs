@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use common::{batch, rel_error, take_last_calls};
 use flexmodel::tiny::tiny_checkpoint;
-use flexmodel::{Checkpoint, FlexModel, HookFunction, HookPoint, Layout, edits, next_token_loss};
+use flexmodel::{Checkpoint, FlexModel, HookFunction, Layout, edits, next_token_loss};
 
 fn tokens() -> Tensor {
     batch(&[
@@ -88,7 +88,7 @@ fn the_loss_is_the_mean_next_token_cross_entropy() {
 fn gradients_at_hook_points_match_finite_differences() {
     let checkpoint = tiny_checkpoint(32).unwrap();
     let (_, grads) = gradients(&checkpoint, Layout::SINGLE);
-    assert_eq!(grads.len(), HookPoint::count(4));
+    assert_eq!(grads.len(), common::gradient_points(4));
     for point in [
         "blocks.1.hook_resid_mid",
         "blocks.2.attn.hook_z",

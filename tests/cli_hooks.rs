@@ -203,7 +203,7 @@ fn hooks_lists_every_point_with_shape_shard_spec_and_aliases() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 1 + 30 * 18 + 3);
+    assert_eq!(lines.len(), 1 + 30 * 25 + 5);
     let line = |name: &str| {
         *lines
             .iter()
@@ -220,6 +220,13 @@ fn hooks_lists_every_point_with_shape_shard_spec_and_aliases() {
         ["blocks.7.attn.hook_pattern", "[b, 9, t, t]", "split dim 1"]
     );
     assert!(line("blocks.7.hook_mlp_out").contains("model.layers.7.mlp"));
+    let result = line("blocks.7.attn.hook_result");
+    assert!(
+        result.contains("[b, t, 9, 576]") && result.contains("split dim 2") && result.contains("opt-in"),
+        "{result}"
+    );
+    assert!(line("blocks.7.ln2.hook_scale").contains("[b, t, 1]"));
+    assert!(line("hook_tokens").contains("[b, t]"));
     assert!(
         line("unembed.hook_out").contains("[b, t, 49152]")
             && line("unembed.hook_out").contains("split dim 2")

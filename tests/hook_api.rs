@@ -6,7 +6,7 @@ mod common;
 use candle_core::Tensor;
 use common::{batch, capture_all, max_abs_diff};
 use flexmodel::tiny::tiny_checkpoint;
-use flexmodel::{Error, FlexModel, HookFunction, HookPoint, edits};
+use flexmodel::{Error, FlexModel, HookFunction, edits};
 
 fn tiny() -> FlexModel {
     FlexModel::new(tiny_checkpoint(4).unwrap().load_model().unwrap())
@@ -30,7 +30,8 @@ fn capturing_every_point_stores_what_the_pass_computed() {
         0.0,
         "capturing changes nothing"
     );
-    assert_eq!(model.store().len(), HookPoint::count(4));
+    assert_eq!(model.store().len(), common::default_points(4));
+    assert_eq!(raw.len(), model.store().len());
     for (name, values) in model.store().iter() {
         assert_eq!(values.len(), 1, "{name}: one call per pass");
         assert_eq!(max_abs_diff(&values[0], &raw[name]), 0.0, "{name}");

@@ -4,24 +4,30 @@ mod common;
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
-use common::{batch, capture_all, numpy_reference, rel_error, smollm2, smollm2_path, write_gguf};
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+use common::{
+    batch, capture_all, capture_with_opt_in, default_points, numpy_reference, rel_error, smollm2,
+    smollm2_path, write_gguf,
+};
 use flexmodel::Checkpoint;
 use flexmodel::tiny::{random_checkpoint, tiny_checkpoint, tiny_config};
 
 const TOLERANCE: f64 = 1e-3;
 
-/// Asserts that every tensor of `reference` matches the capture (or the logits) within
-/// `tolerance`; returns the worst relative error.
+/// Asserts that every tensor of `captured` matches the reference's within `tolerance`;
+/// returns the worst relative error.
 fn compare(
-    reference: &std::collections::BTreeMap<String, candle_core::Tensor>,
-    captured: &std::collections::BTreeMap<String, candle_core::Tensor>,
+    reference: &BTreeMap<String, Tensor>,
+    captured: &BTreeMap<String, Tensor>,
     tolerance: f64,
 ) -> f64 {
     let mut worst = (0.0, String::new());
-    for (name, expected) in reference {
-        let actual = captured
+    for (name, actual) in captured {
+        let expected = reference
             .get(name)
-            .unwrap_or_else(|| panic!("{name} was not captured"));
+            .unwrap_or_else(|| panic!("the reference has no {name}"));
         let err = rel_error(actual, expected);
         assert!(
             err <= tolerance,
@@ -35,9 +41,27 @@ fn compare(
         "worst relative error {:.3e} at {} over {} tensors",
         worst.0,
         worst.1,
-        reference.len()
+        captured.len()
     );
     worst.0
+}
+
+/// Compares both ways of running `model` on `rows` with the reference: the default
+/// points (shared q/k/v inputs, one output projection) and every point with the opt-in
+/// ones (per-head inputs and results), which must be all of the reference's.
+fn compare_both_paths(
+    model: &flexmodel::models::Llama,
+    rows: &[&[u32]],
+    reference: &BTreeMap<String, Tensor>,
+    tolerance: f64,
+) {
+    let n_layers = model.config().n_layers;
+    let (_, default) = capture_all(model, &batch(rows));
+    assert_eq!(default.len(), default_points(n_layers));
+    compare(reference, &default, tolerance);
+    let (_, every) = capture_with_opt_in(model, &batch(rows));
+    assert_eq!(every.len(), reference.len(), "the reference has every hook point");
+    compare(reference, &every, tolerance);
 }
 
 #[test]
@@ -59,7 +83,12 @@ fn smollm2_logits_and_residual_stream_match_committed_numpy_fixture() {
         model.config().n_layers + 2,
         "resid_pre of every layer, the last resid_post, logits"
     );
-    compare(&fixture.into_iter().collect(), &captured, TOLERANCE);
+    let fixture: BTreeMap<String, Tensor> = fixture.into_iter().collect();
+    let captured = captured
+        .into_iter()
+        .filter(|(name, _)| fixture.contains_key(name))
+        .collect();
+    compare(&fixture, &captured, TOLERANCE);
 }
 
 #[test]
@@ -70,13 +99,7 @@ fn smollm2_every_hook_point_matches_numpy_reference() {
     ];
     let reference = numpy_reference(&smollm2_path(), rows);
     let (_, model) = smollm2();
-    let (_, captured) = capture_all(model, &batch(rows));
-    assert_eq!(
-        reference.len(),
-        captured.len(),
-        "the reference has every hook point"
-    );
-    compare(&reference, &captured, TOLERANCE);
+    compare_both_paths(model, rows, &reference, TOLERANCE);
 }
 
 #[test]
@@ -86,9 +109,7 @@ fn tiny_model_every_hook_point_matches_numpy_reference() {
     checkpoint.save_hf_dir(dir.path()).unwrap();
     let rows: &[&[u32]] = &[&[3, 200, 17, 99, 255, 0, 42], &[7, 7, 7, 128, 64, 32, 16]];
     let reference = numpy_reference(dir.path(), rows);
-    let (_, captured) = capture_all(&checkpoint.load_model().unwrap(), &batch(rows));
-    assert_eq!(reference.len(), captured.len());
-    compare(&reference, &captured, TOLERANCE);
+    compare_both_paths(&checkpoint.load_model().unwrap(), rows, &reference, TOLERANCE);
 }
 
 #[test]
@@ -102,14 +123,11 @@ fn qwen2_style_biases_and_tied_embeddings_match_numpy_reference() {
     checkpoint.save_hf_dir(dir.path()).unwrap();
     let rows: &[&[u32]] = &[&[1, 2, 3, 4, 5]];
     let reference = numpy_reference(dir.path(), rows);
-    let (_, captured) = capture_all(
-        &Checkpoint::open_hf_dir(dir.path())
-            .unwrap()
-            .load_model()
-            .unwrap(),
-        &batch(rows),
-    );
-    compare(&reference, &captured, TOLERANCE);
+    let model = Checkpoint::open_hf_dir(dir.path())
+        .unwrap()
+        .load_model()
+        .unwrap();
+    compare_both_paths(&model, rows, &reference, TOLERANCE);
 }
 
 /// A model wide enough (rows of 256) for every GGUF block format, K-quants included.

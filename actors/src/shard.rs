@@ -363,6 +363,14 @@ impl HookClient<'_> {
 }
 
 impl ShardHooks for HookClient<'_> {
+    fn wants(&self, point: PointId) -> bool {
+        let action = self.actions.get(point).copied();
+        let tap = self.taps.and_then(|taps| taps.get(point).copied());
+        action.is_some_and(|a| a != ShardAction::Skip)
+            || tap.is_some_and(|t| t != PointMode::Off)
+            || self.fault.is_some_and(|(at, _)| at == point)
+    }
+
     fn hook(&mut self, point: PointId, value: Tensor) -> Result<Tensor, BoxError> {
         self.at.set(Some((point, false)));
         match self.fault_at(point, false) {

@@ -16,6 +16,10 @@ pub type ShardParameters = Vec<(ParamSlice, Option<Tensor>)>;
 pub trait ShardHooks {
     /// The local piece at `point`; returns the piece the model continues with.
     fn hook(&mut self, point: PointId, value: Tensor) -> Result<Tensor, BoxError>;
+
+    /// Whether `point` is hooked in this pass on this shard (its value, its gradient, or
+    /// a fault to inject there): the model computes optional points only where it is.
+    fn wants(&self, point: PointId) -> bool;
 }
 
 /// A model shard: the layers of one pipeline stage, the slices of one tensor-parallel rank.

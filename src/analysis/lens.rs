@@ -19,14 +19,14 @@ use candle_nn::optim::{AdamW, ParamsAdamW};
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
+use crate::models::RmsNorm;
 use crate::weights::write_safetensors;
 use crate::{Error, FlexModel, Result};
 
 /// The model's decoder of the residual stream: final RMSNorm, then the LM head.
 #[derive(Debug, Clone)]
 pub struct Unembed {
-    norm_weight: Tensor,
-    eps: f64,
+    norm: RmsNorm,
     /// The LM head, transposed: `[d_model, vocab]`.
     head_t: Tensor,
 }
@@ -39,23 +39,16 @@ impl Unembed {
             true => "model.embed_tokens.weight",
             false => "lm_head.weight",
         };
+        let norm_weight = model.parameter("model.norm.weight")?.detach();
         Ok(Self {
-            norm_weight: model.parameter("model.norm.weight")?.detach(),
-            eps: config.rms_norm_eps,
+            norm: RmsNorm::new("model.norm.weight", norm_weight, config.rms_norm_eps),
             head_t: model.parameter(head)?.detach().t()?.contiguous()?,
         })
     }
 
     /// Logits `[n, vocab]` of residual streams `h` (`[n, d_model]`).
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(self.normalize(h)?.matmul(&self.head_t)?)
-    }
-
-    /// The final norm of `h`, weight included.
-    fn normalize(&self, h: &Tensor) -> Result<Tensor> {
-        let mean_square = h.sqr()?.mean_keepdim(D::Minus1)?;
-        let normalized = h.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
-        Ok(normalized.broadcast_mul(&self.norm_weight)?)
+        Ok(self.norm.forward(h)?.matmul(&self.head_t)?)
     }
 
     /// The mean over rows of KL(p ‖ lens(h)) in bits, and its gradient with respect to
@@ -70,7 +63,7 @@ impl Unembed {
         target_log_probs: &Tensor,
     ) -> Result<(f32, candle_core::backprop::GradStore)> {
         let n = h.dim(0)? as f64;
-        let normalized = self.normalize(h)?;
+        let normalized = self.norm.forward(h)?;
         let logits = normalized.detach().matmul(&self.head_t)?;
         let log_q = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let p = target_log_probs.exp()?;
@@ -429,9 +422,9 @@ mod tests {
     #[test]
     fn kl_gradient_equals_autograd_through_the_whole_lens() {
         let device = Device::Cpu;
+        let norm_weight = Tensor::randn(1f32, 0.2, 6, &device).unwrap();
         let unembed = Unembed {
-            norm_weight: Tensor::randn(1f32, 0.2, 6, &device).unwrap(),
-            eps: 1e-5,
+            norm: RmsNorm::new("norm", norm_weight, 1e-5),
             head_t: Tensor::randn(0f32, 1.0, (6, 11), &device).unwrap(),
         };
         let target = candle_nn::ops::log_softmax(

@@ -119,16 +119,26 @@ impl HookCatalog {
 
     /// The hook points `target` (an exact name or a glob) means for hooks of `kind`, in
     /// forward order without repeats; an error suggesting the nearest names if none.
+    ///
+    /// An opt-in point ([`HookPoint::is_opt_in`]) is matched by a glob only if the glob's
+    /// last dotted part ends with the point's own, spelled out (`blocks.*.attn.hook_result`
+    /// and `*hook_q_input` do; `*`, `blocks.3.*` and `hook_?_input` do not); backward hooks skip points without a gradient (`hook_tokens`).
     pub fn resolve(&self, target: &str, kind: HookKind) -> Result<Vec<HookPoint>> {
+        let backward = kind == HookKind::Backward;
         // A backward hook targets the same names as a forward hook.
         let kind = match kind {
             HookKind::Backward => HookKind::Forward,
             kind => kind,
         };
+        let last_part = |name: &str| name.rsplit('.').next().unwrap_or(name).to_string();
+        let spelled = last_part(target);
+        let spells = |name: &str| spelled.ends_with(&last_part(name));
         let mut points: Vec<HookPoint> = if is_glob(target) {
             self.names
                 .iter()
                 .filter(|(name, k, _)| *k == kind && glob_match(target, name))
+                .filter(|(name, _, p)| !p.is_opt_in() || spells(name))
+                .filter(|(_, _, p)| !backward || p.has_gradient())
                 .map(|(_, _, p)| *p)
                 .collect()
         } else {
@@ -138,6 +148,11 @@ impl HookCatalog {
                 .into_iter()
                 .collect()
         };
+        if backward && points.iter().any(|p| !p.has_gradient()) {
+            return Err(Error::NoGradientAt {
+                hook: target.to_string(),
+            });
+        }
         if points.is_empty() {
             let candidates = self
                 .names
@@ -214,7 +229,28 @@ mod tests {
                 .collect::<Vec<_>>()
         );
         let everything = catalog().resolve("*", HookKind::Forward).unwrap();
-        assert_eq!(everything.len(), HookPoint::count(4));
+        assert_eq!(everything.len(), HookPoint::count(4) - 4 * 4, "all but the opt-in");
+    }
+
+    #[test]
+    fn opt_in_points_are_matched_only_by_patterns_that_spell_them() {
+        let c = catalog();
+        let count = |pattern| c.resolve(pattern, HookKind::Forward).map(|p| p.len());
+        assert_eq!(count("blocks.*.attn.hook_result").unwrap(), 4);
+        assert!(count("blocks.1.hook_?_input").is_err(), "? does not spell q");
+        assert_eq!(count("*hook_q_input").unwrap(), 4);
+        assert_eq!(count("blocks.3.*").unwrap(), 21);
+        assert!(count("blocks.3.attn.hook_re*").is_err(), "hook_re* does not spell it");
+        assert_eq!(count("blocks.0.attn.hook_result").unwrap(), 1);
+    }
+
+    #[test]
+    fn backward_hooks_skip_the_token_ids_and_refuse_them_by_name() {
+        let c = catalog();
+        let grads = c.resolve("*", HookKind::Backward).unwrap();
+        assert_eq!(grads.len(), HookPoint::count(4) - 4 * 4 - 1);
+        let err = c.resolve("hook_tokens", HookKind::Backward).unwrap_err();
+        assert!(matches!(err, Error::NoGradientAt { .. }), "{err:?}");
     }
 
     #[test]

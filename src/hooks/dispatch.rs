@@ -51,7 +51,7 @@ impl<'a> PassHooks<'a> {
             entries,
             save,
             points,
-            n_layers: (points.len() - 3) / crate::BlockSite::ALL.len(),
+            n_layers: HookPoint::layers_of(points.len()),
             calls,
             edit_graphs: None,
             loss_fn: None,
@@ -248,6 +248,11 @@ impl<'a> PassHooks<'a> {
 }
 
 impl HookLayer for PassHooks<'_> {
+    fn wants(&self, point: HookPoint) -> bool {
+        let index = point.index(self.n_layers);
+        !self.plan.by_point[index].is_empty() || !self.plan.grad_by_point[index].is_empty()
+    }
+
     fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
         let index = point.index(self.n_layers);
         if self.plan.by_point[index].is_empty() {

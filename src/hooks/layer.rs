@@ -8,10 +8,19 @@ use crate::{HookPoint, Result};
 /// the value the model continues with (the same tensor, or an edited one).
 ///
 /// [`NoHooks`] returns every value untouched, so an unhooked pass costs one virtual
-/// call per point. Any `FnMut(HookPoint, Tensor) -> Result<Tensor>` is a hook layer.
+/// call per point. Any `FnMut(HookPoint, Tensor) -> Result<Tensor>` is a hook layer
+/// that sees every point, opt-in ones included.
 pub trait HookLayer {
     /// The value at `point`; returns what the model continues with.
     fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor>;
+
+    /// Whether a hook is on `point`. The model computes an opt-in point
+    /// ([`HookPoint::is_opt_in`]) and converts the token ids for `hook_tokens` only where
+    /// this says so, and calls [`hook`](Self::hook) at every other point whatever it says.
+    fn wants(&self, point: HookPoint) -> bool {
+        let _ = point;
+        true
+    }
 }
 
 /// The hook layer of an unhooked pass.
@@ -21,6 +30,10 @@ pub struct NoHooks;
 impl HookLayer for NoHooks {
     fn hook(&mut self, _point: HookPoint, value: Tensor) -> Result<Tensor> {
         Ok(value)
+    }
+
+    fn wants(&self, _point: HookPoint) -> bool {
+        false
     }
 }
 

@@ -1,7 +1,7 @@
 //! The named points of the forward pass that hooks can read and edit.
 //!
 //! Names follow TransformerLens (`blocks.3.attn.hook_pattern`); see the table in
-//! DESIGN.md. A [`HookPoint`] is a small value, cheap to pass on every call, and its
+//! `docs/ARCHITECTURE.md`. A [`HookPoint`] is a small value, cheap to pass on every call, and its
 //! name is only built when someone asks for it.
 
 use std::fmt;
@@ -16,8 +16,19 @@ use crate::models::LlamaConfig;
 pub enum BlockSite {
     /// The residual stream entering the block.
     ResidPre,
+    /// `√(mean(x²) + ε)`, the attention norm's RMS divisor.
+    Ln1Scale,
     /// `x / rms(x)` before the attention norm's weight.
     Ln1Normalized,
+    /// The residual stream repeated per query head, the input of each head's query
+    /// (opt-in).
+    QInput,
+    /// The residual stream repeated per key/value head, the input of each head's key
+    /// (opt-in).
+    KInput,
+    /// The residual stream repeated per key/value head, the input of each head's value
+    /// (opt-in).
+    VInput,
     /// Queries, before RoPE.
     Q,
     /// Keys, before RoPE.
@@ -34,10 +45,17 @@ pub enum BlockSite {
     Pattern,
     /// The attention-weighted values of each head.
     Z,
+    /// Each head's contribution to the residual stream: its `z` through its slice of the
+    /// output projection (opt-in).
+    Result,
     /// The attention output, after the output projection.
     AttnOut,
     /// The residual stream between attention and MLP.
     ResidMid,
+    /// The MLP block's input (the residual stream between attention and MLP).
+    MlpIn,
+    /// `√(mean(x²) + ε)`, the MLP norm's RMS divisor.
+    Ln2Scale,
     /// `x / rms(x)` before the MLP norm's weight.
     Ln2Normalized,
     /// The gate projection, before SiLU.
@@ -54,9 +72,13 @@ pub enum BlockSite {
 
 impl BlockSite {
     /// Every site, in the order the forward pass reaches them.
-    pub const ALL: [BlockSite; 18] = [
+    pub const ALL: [BlockSite; 25] = [
         BlockSite::ResidPre,
+        BlockSite::Ln1Scale,
         BlockSite::Ln1Normalized,
+        BlockSite::QInput,
+        BlockSite::KInput,
+        BlockSite::VInput,
         BlockSite::Q,
         BlockSite::K,
         BlockSite::V,
@@ -65,8 +87,11 @@ impl BlockSite {
         BlockSite::AttnScores,
         BlockSite::Pattern,
         BlockSite::Z,
+        BlockSite::Result,
         BlockSite::AttnOut,
         BlockSite::ResidMid,
+        BlockSite::MlpIn,
+        BlockSite::Ln2Scale,
         BlockSite::Ln2Normalized,
         BlockSite::MlpPre,
         BlockSite::MlpPreLinear,
@@ -79,7 +104,11 @@ impl BlockSite {
     pub fn suffix(self) -> &'static str {
         match self {
             BlockSite::ResidPre => "hook_resid_pre",
+            BlockSite::Ln1Scale => "ln1.hook_scale",
             BlockSite::Ln1Normalized => "ln1.hook_normalized",
+            BlockSite::QInput => "hook_q_input",
+            BlockSite::KInput => "hook_k_input",
+            BlockSite::VInput => "hook_v_input",
             BlockSite::Q => "attn.hook_q",
             BlockSite::K => "attn.hook_k",
             BlockSite::V => "attn.hook_v",
@@ -88,8 +117,11 @@ impl BlockSite {
             BlockSite::AttnScores => "attn.hook_attn_scores",
             BlockSite::Pattern => "attn.hook_pattern",
             BlockSite::Z => "attn.hook_z",
+            BlockSite::Result => "attn.hook_result",
             BlockSite::AttnOut => "hook_attn_out",
             BlockSite::ResidMid => "hook_resid_mid",
+            BlockSite::MlpIn => "hook_mlp_in",
+            BlockSite::Ln2Scale => "ln2.hook_scale",
             BlockSite::Ln2Normalized => "ln2.hook_normalized",
             BlockSite::MlpPre => "mlp.hook_pre",
             BlockSite::MlpPreLinear => "mlp.hook_pre_linear",
@@ -98,11 +130,22 @@ impl BlockSite {
             BlockSite::ResidPost => "hook_resid_post",
         }
     }
+
+    /// Whether the site is one of TransformerLens's opt-in points, computed only when a
+    /// hook names it: each head's result and the per-head q/k/v inputs.
+    pub fn is_opt_in(self) -> bool {
+        matches!(
+            self,
+            BlockSite::Result | BlockSite::QInput | BlockSite::KInput | BlockSite::VInput
+        )
+    }
 }
 
 /// A named tensor of the forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HookPoint {
+    /// `hook_tokens`: the token ids, as f32 (an edit may replace them).
+    Tokens,
     /// `hook_embed`: the token embeddings.
     Embed,
     /// `blocks.{layer}.{site}`.
@@ -112,6 +155,8 @@ pub enum HookPoint {
         /// The point inside the block.
         site: BlockSite,
     },
+    /// `ln_final.hook_scale`: the final norm's RMS divisor.
+    LnFinalScale,
     /// `ln_final.hook_normalized`: `x / rms(x)` before the final norm's weight.
     LnFinalNormalized,
     /// `unembed.hook_out`: the logits.
@@ -123,29 +168,53 @@ impl HookPoint {
     pub fn all(n_layers: usize) -> Vec<HookPoint> {
         let blocks = (0..n_layers)
             .flat_map(|layer| BlockSite::ALL.map(|site| HookPoint::Block { layer, site }));
-        std::iter::once(HookPoint::Embed)
+        [HookPoint::Tokens, HookPoint::Embed]
+            .into_iter()
             .chain(blocks)
-            .chain([HookPoint::LnFinalNormalized, HookPoint::UnembedOut])
+            .chain([
+                HookPoint::LnFinalScale,
+                HookPoint::LnFinalNormalized,
+                HookPoint::UnembedOut,
+            ])
             .collect()
     }
 
     /// The number of hook points of a model with `n_layers` blocks.
     pub fn count(n_layers: usize) -> usize {
-        n_layers * BlockSite::ALL.len() + 3
+        n_layers * BlockSite::ALL.len() + 5
+    }
+
+    /// The number of blocks of a model with `count` hook points (the inverse of
+    /// [`HookPoint::count`]).
+    pub fn layers_of(count: usize) -> usize {
+        count.saturating_sub(5) / BlockSite::ALL.len()
     }
 
     /// This point's position in [`HookPoint::all`]: a dense index for lookup tables.
     pub fn index(self, n_layers: usize) -> usize {
         let per_block = BlockSite::ALL.len();
         match self {
-            HookPoint::Embed => 0,
-            HookPoint::Block { layer, site } => 1 + layer * per_block + site as usize,
-            HookPoint::LnFinalNormalized => 1 + n_layers * per_block,
-            HookPoint::UnembedOut => 2 + n_layers * per_block,
+            HookPoint::Tokens => 0,
+            HookPoint::Embed => 1,
+            HookPoint::Block { layer, site } => 2 + layer * per_block + site as usize,
+            HookPoint::LnFinalScale => 2 + n_layers * per_block,
+            HookPoint::LnFinalNormalized => 3 + n_layers * per_block,
+            HookPoint::UnembedOut => 4 + n_layers * per_block,
         }
     }
 
-    /// The dimension that indexes attention heads: 2 of `[b, t, h, d_head]`, 1 of
+    /// Whether the point is opt-in: computed only when a hook names it, and matched by a
+    /// pattern only if the pattern spells its own final name ([`BlockSite::is_opt_in`]).
+    pub fn is_opt_in(self) -> bool {
+        matches!(self, HookPoint::Block { site, .. } if site.is_opt_in())
+    }
+
+    /// Whether the loss has a gradient with respect to this point (token ids have none).
+    pub fn has_gradient(self) -> bool {
+        self != HookPoint::Tokens
+    }
+
+    /// The dimension that indexes attention heads: 2 of `[b, t, h, ·]`, 1 of
     /// `[b, h, q, k]`; `None` for points without heads.
     pub fn head_dim(self) -> Option<usize> {
         match self {
@@ -155,7 +224,11 @@ impl HookPoint {
                 | BlockSite::V
                 | BlockSite::RotQ
                 | BlockSite::RotK
-                | BlockSite::Z => Some(2),
+                | BlockSite::Z
+                | BlockSite::Result
+                | BlockSite::QInput
+                | BlockSite::KInput
+                | BlockSite::VInput => Some(2),
                 BlockSite::AttnScores | BlockSite::Pattern => Some(1),
                 _ => None,
             },
@@ -203,12 +276,19 @@ impl HookPoint {
                 BlockSite::K | BlockSite::V | BlockSite::RotK => {
                     vec![b, t, n(c.n_kv_heads), n(c.d_head)]
                 }
+                BlockSite::QInput | BlockSite::Result => vec![b, t, n(c.n_heads), n(c.d_model)],
+                BlockSite::KInput | BlockSite::VInput => {
+                    vec![b, t, n(c.n_kv_heads), n(c.d_model)]
+                }
                 BlockSite::AttnScores | BlockSite::Pattern => vec![b, n(c.n_heads), t, t],
                 BlockSite::MlpPre | BlockSite::MlpPreLinear | BlockSite::MlpPost => {
                     vec![b, t, n(c.d_mlp)]
                 }
+                BlockSite::Ln1Scale | BlockSite::Ln2Scale => vec![b, t, n(1)],
                 _ => vec![b, t, n(c.d_model)],
             },
+            HookPoint::Tokens => vec![b, t],
+            HookPoint::LnFinalScale => vec![b, t, n(1)],
             HookPoint::UnembedOut => vec![b, t, n(c.vocab_size)],
             HookPoint::Embed | HookPoint::LnFinalNormalized => vec![b, t, n(c.d_model)],
         }
@@ -239,8 +319,10 @@ impl fmt::Display for Dim {
 impl fmt::Display for HookPoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            HookPoint::Tokens => f.write_str("hook_tokens"),
             HookPoint::Embed => f.write_str("hook_embed"),
             HookPoint::Block { layer, site } => write!(f, "blocks.{layer}.{}", site.suffix()),
+            HookPoint::LnFinalScale => f.write_str("ln_final.hook_scale"),
             HookPoint::LnFinalNormalized => f.write_str("ln_final.hook_normalized"),
             HookPoint::UnembedOut => f.write_str("unembed.hook_out"),
         }
@@ -258,7 +340,9 @@ impl FromStr for HookPoint {
     fn from_str(name: &str) -> Result<Self, Self::Err> {
         let fail = || NotAHookPoint(name.to_string());
         match name {
+            "hook_tokens" => return Ok(HookPoint::Tokens),
             "hook_embed" => return Ok(HookPoint::Embed),
+            "ln_final.hook_scale" => return Ok(HookPoint::LnFinalScale),
             "ln_final.hook_normalized" => return Ok(HookPoint::LnFinalNormalized),
             "unembed.hook_out" => return Ok(HookPoint::UnembedOut),
             _ => {}
@@ -289,9 +373,11 @@ mod tests {
     }
 
     #[test]
-    fn a_model_has_eighteen_points_per_block_and_three_outside() {
-        assert_eq!(HookPoint::all(30).len(), 30 * 18 + 3);
-        assert_eq!(HookPoint::count(30), 30 * 18 + 3);
+    fn a_model_has_twenty_five_points_per_block_and_five_outside() {
+        assert_eq!(HookPoint::all(30).len(), 30 * 25 + 5);
+        assert_eq!(HookPoint::count(30), 30 * 25 + 5);
+        let opt_in = HookPoint::all(30).into_iter().filter(|p| p.is_opt_in());
+        assert_eq!(opt_in.count(), 30 * 4, "result and the q/k/v inputs");
     }
 
     #[test]

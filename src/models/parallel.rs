@@ -105,6 +105,23 @@ impl ColumnParallelLinear {
         }
     }
 
+    /// Each head's slice of the output from its own input: `x` is `[b, t, heads, in]`,
+    /// head `h` reads `x[.., h, ..]` and gets rows `h·e..(h+1)·e` of this rank's output
+    /// slice (`e` = rows / heads); returns `[b, t, heads, e]`.
+    pub fn forward_per_head(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, heads, inner) = x.dims4()?;
+        let e = self.weight.dim(0)? / heads;
+        // [heads, b·t, in] · [heads, in, e] = [heads, b·t, e]
+        let x = x.permute((2, 0, 1, 3))?.reshape((heads, b * t, inner))?;
+        let w = self.weight.reshape((heads, e, inner))?.transpose(1, 2)?;
+        let y = x.matmul(&w.contiguous()?)?.reshape((heads, b, t, e))?;
+        let y = y.permute((1, 2, 0, 3))?;
+        match &self.bias {
+            Some(bias) => Ok(y.broadcast_add(&bias.reshape((heads, e))?)?.contiguous()?),
+            None => Ok(y.contiguous()?),
+        }
+    }
+
     /// The weight slice this rank holds.
     pub fn weight(&self) -> &Tensor {
         &self.weight
@@ -156,6 +173,20 @@ impl RowParallelLinear {
             &matmul_t(x, &self.weight)?,
             collective,
         )?)
+    }
+
+    /// Each head's term of this rank's partial product, not reduced: `x` is
+    /// `[b, t, heads, e]` (this rank's input columns, `e` per head) and head `h`'s term is
+    /// `x[.., h, ..] · W[:, h·e..(h+1)·e]ᵀ`; returns `[b, t, heads, out]`, whose sum over
+    /// heads is the partial product.
+    pub fn per_head(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, heads, e) = x.dims4()?;
+        let out = self.weight.dim(0)?;
+        // [heads, b·t, e] · [heads, e, out] = [heads, b·t, out]
+        let x = x.permute((2, 0, 1, 3))?.reshape((heads, b * t, e))?;
+        let w = self.weight.reshape((out, heads, e))?.permute((1, 2, 0))?;
+        let y = x.matmul(&w.contiguous()?)?.reshape((heads, b, t, out))?;
+        Ok(y.permute((1, 2, 0, 3))?.contiguous()?)
     }
 
     /// The weight slice this rank holds.

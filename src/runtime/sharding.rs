@@ -142,12 +142,14 @@ pub fn stage_of(config: &LlamaConfig, layout: &Layout, stage: usize) -> Stage {
 /// The pipeline stage that computes `point`.
 fn stage_of_point(point: HookPoint, config: &LlamaConfig, layout: &Layout) -> usize {
     match point {
-        HookPoint::Embed => 0,
+        HookPoint::Tokens | HookPoint::Embed => 0,
         HookPoint::Block { layer, .. } => split_evenly(config.n_layers, layout.pp())
             .iter()
             .position(|r| r.contains(&layer))
             .unwrap_or(0),
-        HookPoint::LnFinalNormalized | HookPoint::UnembedOut => layout.pp() - 1,
+        HookPoint::LnFinalScale | HookPoint::LnFinalNormalized | HookPoint::UnembedOut => {
+            layout.pp() - 1
+        }
     }
 }
 
@@ -160,7 +162,11 @@ fn tp_ranges(point: HookPoint, config: &LlamaConfig, tp: usize) -> Result<Vec<Ra
     };
     match point {
         HookPoint::Block { site, .. } => match site {
-            BlockSite::K | BlockSite::V | BlockSite::RotK => (0..tp)
+            BlockSite::K
+            | BlockSite::V
+            | BlockSite::RotK
+            | BlockSite::KInput
+            | BlockSite::VInput => (0..tp)
                 .map(|r| kv_heads_of(TpRank::new(r, tp)?, config.n_kv_heads))
                 .collect(),
             BlockSite::MlpPre | BlockSite::MlpPreLinear | BlockSite::MlpPost => even(config.d_mlp),
@@ -209,6 +215,10 @@ struct ByIndex<'a> {
 }
 
 impl HookLayer for ByIndex<'_> {
+    fn wants(&self, point: HookPoint) -> bool {
+        self.hooks.wants(point.index(self.n_layers))
+    }
+
     fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
         self.hooks
             .hook(point.index(self.n_layers), value)

@@ -11,7 +11,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use flexmodel::models::Llama;
-use flexmodel::{Checkpoint, HookPoint};
+use flexmodel::{Checkpoint, HookLayer, HookPoint};
 
 /// SmolLM2-135M-Instruct (fetched into the cache on first use) and its model, loaded
 /// once per test binary.
@@ -46,16 +46,55 @@ pub fn batch(rows: &[&[u32]]) -> Tensor {
     Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu).unwrap()
 }
 
-/// The logits and every hook point's value of one forward pass.
+/// A hook layer that records the value of every point it wants.
+struct Recorder {
+    opt_in: bool,
+    captured: BTreeMap<String, Tensor>,
+}
+
+impl HookLayer for Recorder {
+    fn hook(&mut self, point: HookPoint, value: Tensor) -> flexmodel::Result<Tensor> {
+        self.captured.insert(point.to_string(), value.clone());
+        Ok(value)
+    }
+
+    fn wants(&self, point: HookPoint) -> bool {
+        self.opt_in || !point.is_opt_in()
+    }
+}
+
+/// The logits and every default hook point's value of one forward pass (what `*`
+/// captures: no opt-in point).
 pub fn capture_all(model: &Llama, tokens: &Tensor) -> (Tensor, BTreeMap<String, Tensor>) {
-    let mut captured = BTreeMap::new();
-    let logits = model
-        .forward(tokens, &mut |point: HookPoint, x: Tensor| {
-            captured.insert(point.to_string(), x.clone());
-            Ok(x)
-        })
-        .expect("forward");
-    (logits, captured)
+    capture(model, tokens, false)
+}
+
+/// The logits and every hook point's value, the opt-in ones included (each head's
+/// result and the per-head q/k/v inputs, which the model then computes).
+pub fn capture_with_opt_in(model: &Llama, tokens: &Tensor) -> (Tensor, BTreeMap<String, Tensor>) {
+    capture(model, tokens, true)
+}
+
+fn capture(model: &Llama, tokens: &Tensor, opt_in: bool) -> (Tensor, BTreeMap<String, Tensor>) {
+    let mut recorder = Recorder {
+        opt_in,
+        captured: BTreeMap::new(),
+    };
+    let logits = model.forward(tokens, &mut recorder).expect("forward");
+    (logits, recorder.captured)
+}
+
+/// The number of default (not opt-in) hook points of a model with `n_layers` blocks.
+pub fn default_points(n_layers: usize) -> usize {
+    HookPoint::all(n_layers)
+        .into_iter()
+        .filter(|p| !p.is_opt_in())
+        .count()
+}
+
+/// The number of default hook points with a gradient (all but `hook_tokens`).
+pub fn gradient_points(n_layers: usize) -> usize {
+    default_points(n_layers) - 1
 }
 
 /// The last call's capture of every point in `model`'s store, which is emptied.

@@ -2,7 +2,7 @@
 
 Everything is computed in float64 straight from the math of the architecture
 (RMSNorm, rotate-half RoPE, grouped-query causal attention, SwiGLU), with hook names
-from FlexModel-rs's DESIGN.md. Nothing here shares code with the Rust implementation.
+from FlexModel-rs's docs/ARCHITECTURE.md. Nothing here shares code with the Rust implementation.
 
     python3 tests/reference/llama_ref.py fixture MODEL.gguf OUT.safetensors
 
@@ -115,8 +115,9 @@ class Llama:
             weights.pop("lm_head.weight", None)
         return cls(config, weights)
 
-    def normalized(self, x):
-        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    def scale(self, x):
+        """The RMS divisor sqrt(mean(x^2) + eps) over the last axis, kept."""
+        return np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps)
 
     def rope(self, x):
         """Rotate-half RoPE of x [b, t, h, d_head]."""
@@ -141,38 +142,53 @@ class Llama:
             hooks[name] = value
             return edits[name](value) if name in edits else value
 
+        tokens = hook("hook_tokens", tokens.astype(np.float64)).astype(np.int64)
         x = hook("hook_embed", self.embed[tokens])
         mask = np.triu(np.ones((t, t), dtype=bool), k=1)
         group = self.n_heads // self.n_kv_heads
+        d_head = self.d_head
+
+        def norm(hook_prefix, x, weight):
+            s = hook(hook_prefix + "hook_scale", self.scale(x))
+            return hook(hook_prefix + "hook_normalized", x / s) * weight
+
+        def per_head(name, x, heads, ln, weight, bias):
+            """Each head's projection of its own normed copy of x (TransformerLens's split
+            q/k/v input): [b, t, heads, d_head]."""
+            copies = hook(name, np.repeat(x[:, :, None, :], heads, axis=2))
+            normed = copies / self.scale(copies) * ln
+            out = np.einsum("bthd,hed->bthe", normed, weight.reshape(heads, d_head, -1))
+            return out + np.reshape(bias, (heads, d_head)) if np.ndim(bias) else out
+
         for i, w in enumerate(self.layers):
             p = f"blocks.{i}."
             x = hook(p + "hook_resid_pre", x)
-            h = hook(p + "ln1.hook_normalized", self.normalized(x)) * w["ln1"]
-            q = hook(p + "attn.hook_q",
-                     (h @ w["q"].T + w["q_bias"]).reshape(b, t, self.n_heads, self.d_head))
-            k = hook(p + "attn.hook_k",
-                     (h @ w["k"].T + w["k_bias"]).reshape(b, t, self.n_kv_heads, self.d_head))
-            v = hook(p + "attn.hook_v",
-                     (h @ w["v"].T + w["v_bias"]).reshape(b, t, self.n_kv_heads, self.d_head))
+            norm(p + "ln1.", x, w["ln1"])  # the shared path; each head below norms its copy
+            q, k, v = (
+                hook(p + f"attn.hook_{key}",
+                     per_head(p + f"hook_{key}_input", x, heads, w["ln1"], w[key], w[key + "_bias"]))
+                for key, heads in (("q", self.n_heads), ("k", self.n_kv_heads), ("v", self.n_kv_heads))
+            )
             q = hook(p + "attn.hook_rot_q", self.rope(q))
             k = hook(p + "attn.hook_rot_k", self.rope(k))
             k = np.repeat(k, group, axis=2)  # query head j reads kv head j // group
             v = np.repeat(v, group, axis=2)
-            scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(self.d_head)
+            scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d_head)
             scores = hook(p + "attn.hook_attn_scores", np.where(mask, -np.inf, scores))
             e = np.exp(scores - scores.max(axis=-1, keepdims=True))
             pattern = hook(p + "attn.hook_pattern", e / e.sum(axis=-1, keepdims=True))
             z = hook(p + "attn.hook_z", np.einsum("bhqk,bkhd->bqhd", pattern, v))
-            x = x + hook(p + "hook_attn_out", z.reshape(b, t, -1) @ w["o"].T)
+            w_o = w["o"].reshape(-1, self.n_heads, d_head)  # [d_model, h, d_head]
+            result = hook(p + "attn.hook_result", np.einsum("bthe,dhe->bthd", z, w_o))
+            x = x + hook(p + "hook_attn_out", result.sum(axis=2))
             x = hook(p + "hook_resid_mid", x)
-            h = hook(p + "ln2.hook_normalized", self.normalized(x)) * w["ln2"]
+            h = norm(p + "ln2.", hook(p + "hook_mlp_in", x), w["ln2"])
             gate = hook(p + "mlp.hook_pre", h @ w["gate"].T)
             up = hook(p + "mlp.hook_pre_linear", h @ w["up"].T)
             post = hook(p + "mlp.hook_post", gate / (1.0 + np.exp(-gate)) * up)
             x = x + hook(p + "hook_mlp_out", post @ w["down"].T)
             x = hook(p + "hook_resid_post", x)
-        nf = hook("ln_final.hook_normalized", self.normalized(x))
-        hook("unembed.hook_out", (nf * self.final_norm) @ self.lm_head.T)
+        hook("unembed.hook_out", norm("ln_final.", x, self.final_norm) @ self.lm_head.T)
         return hooks
 
 

@@ -17,7 +17,8 @@ pub struct HooksArgs {
     layout: LayoutArgs,
 }
 
-/// Prints one line per hook point: name, shape, TP shard spec, module aliases.
+/// Prints one line per hook point: name, shape, TP shard spec, module aliases (and
+/// whether the point is opt-in).
 pub fn run(args: HooksArgs) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&args.model)?;
     let config = &checkpoint.config;
@@ -27,13 +28,16 @@ pub fn run(args: HooksArgs) -> anyhow::Result<()> {
         .into_iter()
         .map(|point| {
             let dims: Vec<String> = point.dims(config).iter().map(|d| d.to_string()).collect();
-            let aliases: Vec<String> = catalog
+            let mut aliases: Vec<String> = catalog
                 .aliases_of(point)
                 .map(|(name, kind)| match kind {
                     HookKind::Forward | HookKind::Backward => name.to_string(),
                     HookKind::ForwardPre => format!("{name} (input)"),
                 })
                 .collect();
+            if point.is_opt_in() {
+                aliases.insert(0, "(opt-in: hooked only when named)".to_string());
+            }
             [
                 point.to_string(),
                 format!("[{}]", dims.join(", ")),

@@ -6,11 +6,24 @@ use std::sync::Arc;
 use flexmodel_cluster::{Collective, TpRank, conjugate};
 
 use super::LlamaConfig;
+use super::rms_norm::RmsNorm;
 use super::rope::Rope;
 use crate::hooks::point::{BlockSite, HookPoint};
 use crate::models::{ColumnParallelLinear, RowParallelLinear};
 use crate::weights::WeightSource;
 use crate::{HookLayer, Result};
+
+/// What attention reads: the normed residual stream that every head's projections
+/// share, and, for the opt-in per-head inputs (`hook_q_input` …), the residual stream
+/// itself and the norm to apply to each head's copy.
+pub struct AttentionInput<'a> {
+    /// `hook_resid_pre`, `[b, t, d_model]`.
+    pub resid: &'a Tensor,
+    /// `ln1(resid)`, `[b, t, d_model]`.
+    pub normed: &'a Tensor,
+    /// The block's attention norm.
+    pub ln1: &'a RmsNorm,
+}
 
 /// The attention of one block, holding the heads of one tensor-parallel rank.
 #[derive(Debug, Clone)]
@@ -79,29 +92,42 @@ impl Attention {
         all
     }
 
-    /// Attention of `x` (the normed residual, `[b, t, d_model]`), summed over all ranks.
+    /// Attention of `input` (`[b, t, d_model]`), summed over all ranks.
     pub fn forward(
         &self,
-        x: &Tensor,
+        input: AttentionInput<'_>,
         layer: usize,
         rope: &Rope,
         mask: &Tensor,
         hooks: &mut dyn HookLayer,
         collective: &Arc<dyn Collective>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let x = &conjugate::copy_to_group(x, collective)?;
-        let mut hook = |site, value| hooks.hook(HookPoint::Block { layer, site }, value);
-        let split = |y: Tensor, heads| y.reshape((b, t, heads, self.d_head));
-        let q = hook(BlockSite::Q, split(self.q_proj.forward(x)?, self.n_heads)?)?;
-        let k = hook(
-            BlockSite::K,
-            split(self.k_proj.forward(x)?, self.n_kv_heads)?,
-        )?;
-        let v = hook(
-            BlockSite::V,
-            split(self.v_proj.forward(x)?, self.n_kv_heads)?,
-        )?;
+        let (b, t, _) = input.normed.dims3()?;
+        let x = &conjugate::copy_to_group(input.normed, collective)?;
+        let point = |site| HookPoint::Block { layer, site };
+        let projections = [
+            (&self.q_proj, self.n_heads, BlockSite::QInput, BlockSite::Q),
+            (&self.k_proj, self.n_kv_heads, BlockSite::KInput, BlockSite::K),
+            (&self.v_proj, self.n_kv_heads, BlockSite::VInput, BlockSite::V),
+        ];
+        let mut qkv = Vec::with_capacity(3);
+        for (proj, heads, input_site, site) in projections {
+            let y = match hooks.wants(point(input_site)) {
+                false => proj.forward(x)?.reshape((b, t, heads, self.d_head))?,
+                true => {
+                    // Each head reads its own copy of the residual stream, normed apart.
+                    let resid = conjugate::copy_to_group(input.resid, collective)?;
+                    let d = resid.dim(2)?;
+                    let copies = resid.unsqueeze(2)?.expand((b, t, heads, d))?.contiguous()?;
+                    let copies = hooks.hook(point(input_site), copies)?;
+                    proj.forward_per_head(&input.ln1.forward(&copies)?)?
+                }
+            };
+            qkv.push(hooks.hook(point(site), y)?);
+        }
+        let [q, k, v] = <[Tensor; 3]>::try_from(qkv)
+            .map_err(|_| crate::Error::Internal("attention has three projections"))?;
+        let mut hook = |site, value| hooks.hook(point(site), value);
         let q = hook(BlockSite::RotQ, rope.apply(&q)?)?;
         let k = hook(BlockSite::RotK, rope.apply(&k)?)?;
 
@@ -117,11 +143,17 @@ impl Attention {
         let pattern = hook(BlockSite::Pattern, softmax_last_dim(&scores)?)?;
         let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?;
         let z = hook(BlockSite::Z, z)?;
-        let out = self.o_proj.forward(
-            &z.reshape((b, t, self.n_heads * self.d_head))?,
-            collective.as_ref(),
-        )?;
-        hook(BlockSite::AttnOut, out)
+        let out = match hooks.wants(point(BlockSite::Result)) {
+            false => self.o_proj.forward(
+                &z.reshape((b, t, self.n_heads * self.d_head))?,
+                collective.as_ref(),
+            )?,
+            true => {
+                let result = hooks.hook(point(BlockSite::Result), self.o_proj.per_head(&z)?)?;
+                conjugate::all_reduce_sum(&result.sum(2)?, collective.as_ref())?
+            }
+        };
+        hooks.hook(point(BlockSite::AttnOut), out)
     }
 }
 

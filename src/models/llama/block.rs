@@ -6,7 +6,7 @@ use std::sync::Arc;
 use flexmodel_cluster::{Collective, TpRank};
 
 use super::LlamaConfig;
-use super::attention::Attention;
+use super::attention::{Attention, AttentionInput};
 use super::mlp::Mlp;
 use super::rms_norm::RmsNorm;
 use super::rope::Rope;
@@ -69,15 +69,23 @@ impl Block {
         let layer = self.layer;
         let point = |site| HookPoint::Block { layer, site };
         let x = hooks.hook(point(BlockSite::ResidPre), x)?;
-        let n1 = hooks.hook(point(BlockSite::Ln1Normalized), self.ln1.normalize(&x)?)?;
-        let attn =
-            self.attn
-                .forward(&self.ln1.scale(&n1)?, layer, rope, mask, hooks, collective)?;
+        let s1 = hooks.hook(point(BlockSite::Ln1Scale), self.ln1.scale(&x)?)?;
+        let n1 = hooks.hook(point(BlockSite::Ln1Normalized), x.broadcast_div(&s1)?)?;
+        let inputs = AttentionInput {
+            resid: &x,
+            normed: &self.ln1.times_weight(&n1)?,
+            ln1: &self.ln1,
+        };
+        let attn = self
+            .attn
+            .forward(inputs, layer, rope, mask, hooks, collective)?;
         let x = hooks.hook(point(BlockSite::ResidMid), (x + attn)?)?;
-        let n2 = hooks.hook(point(BlockSite::Ln2Normalized), self.ln2.normalize(&x)?)?;
+        let mlp_in = hooks.hook(point(BlockSite::MlpIn), x.clone())?;
+        let s2 = hooks.hook(point(BlockSite::Ln2Scale), self.ln2.scale(&mlp_in)?)?;
+        let n2 = hooks.hook(point(BlockSite::Ln2Normalized), mlp_in.broadcast_div(&s2)?)?;
         let mlp = self
             .mlp
-            .forward(&self.ln2.scale(&n2)?, layer, hooks, collective)?;
+            .forward(&self.ln2.times_weight(&n2)?, layer, hooks, collective)?;
         hooks.hook(point(BlockSite::ResidPost), (x + mlp)?)
     }
 }

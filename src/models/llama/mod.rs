@@ -19,3 +19,4 @@ mod rope;
 pub use attention::kv_heads_of;
 pub use config::{Architecture, LlamaConfig, Unimplemented};
 pub use model::{Llama, Stage};
+pub use rms_norm::RmsNorm;

@@ -3,7 +3,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use flexmodel_cluster::ParamSlice;
 use flexmodel_cluster::{Collective, conjugate};
 
@@ -189,12 +189,19 @@ impl Llama {
         let collective = &self.collective;
         let mut x = match &self.embed {
             Some(embed) => {
-                check_tokens(
-                    input,
-                    self.config.vocab_size,
-                    self.config.max_position_embeddings,
-                )?;
-                hooks.hook(HookPoint::Embed, embed.forward(input, collective.as_ref())?)?
+                let (vocab, context) = (self.config.vocab_size, self.config.max_position_embeddings);
+                check_tokens(input, vocab, context)?;
+                // An edit of `hook_tokens` may replace the ids; they are checked again.
+                let ids = match hooks.wants(HookPoint::Tokens) {
+                    false => input.clone(),
+                    true => {
+                        let ids = hooks.hook(HookPoint::Tokens, input.to_dtype(DType::F32)?)?;
+                        let ids = ids.to_dtype(DType::U32)?;
+                        check_tokens(&ids, vocab, context)?;
+                        ids
+                    }
+                };
+                hooks.hook(HookPoint::Embed, embed.forward(&ids, collective.as_ref())?)?
             }
             None => input.clone(),
         };
@@ -208,9 +215,10 @@ impl Llama {
         let (Some(norm), Some(head)) = (&self.final_norm, &self.lm_head) else {
             return Ok(x);
         };
-        let normalized = hooks.hook(HookPoint::LnFinalNormalized, norm.normalize(&x)?)?;
+        let scale = hooks.hook(HookPoint::LnFinalScale, norm.scale(&x)?)?;
+        let normalized = hooks.hook(HookPoint::LnFinalNormalized, x.broadcast_div(&scale)?)?;
         let logits = head.forward(&conjugate::copy_to_group(
-            &norm.scale(&normalized)?,
+            &norm.times_weight(&normalized)?,
             collective,
         )?)?;
         hooks.hook(HookPoint::UnembedOut, logits)

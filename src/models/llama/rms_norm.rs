@@ -1,6 +1,13 @@
-//! RMSNorm, split so that `x / rms(x)` (the `hook_normalized` point) is visible.
+//! RMSNorm, split so that its divisor (`hook_scale`) and `x / rms(x)`
+//! (`hook_normalized`) are visible:
+//!
+//! ```text
+//! scale = √(mean(x²) + ε)        over the last dimension, [.., 1]
+//! y     = (x / scale) · weight
+//! ```
 
 use candle_core::{D, Tensor};
+use flexmodel_cluster::ParamSlice;
 
 use crate::Result;
 use crate::models::parallel::param;
@@ -15,32 +22,43 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// The norm named `name` (its weight's name) with `weight` (`[d_model]`) and `eps`.
+    pub fn new(name: impl Into<String>, weight: Tensor, eps: f64) -> Self {
+        Self {
+            name: name.into(),
+            weight,
+            eps,
+        }
+    }
+
     /// Loads the `[d_model]` weight `name`.
     pub fn load(weights: &dyn WeightSource, name: &str, d_model: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            name: name.to_string(),
-            weight: param(weights.tensor_with_shape(name, &[d_model])?)?,
-            eps,
-        })
+        let weight = param(weights.tensor_with_shape(name, &[d_model])?)?;
+        Ok(Self::new(name, weight, eps))
     }
 
     /// The weight, whole on every rank.
-    pub fn parameters(&self) -> Vec<flexmodel_cluster::ParamSlice> {
-        vec![flexmodel_cluster::ParamSlice {
+    pub fn parameters(&self) -> Vec<ParamSlice> {
+        vec![ParamSlice {
             name: self.name.clone(),
             value: self.weight.clone(),
             split: None,
         }]
     }
 
-    /// `x / sqrt(mean(x²) + ε)` over the last dimension.
-    pub fn normalize(&self, x: &Tensor) -> Result<Tensor> {
+    /// `√(mean(x²) + ε)` over the last dimension (kept, of size 1).
+    pub fn scale(&self, x: &Tensor) -> Result<Tensor> {
         let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
-        Ok(x.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?)
+        Ok((mean_square + self.eps)?.sqrt()?)
     }
 
     /// The normalized value times the weight.
-    pub fn scale(&self, normalized: &Tensor) -> Result<Tensor> {
+    pub fn times_weight(&self, normalized: &Tensor) -> Result<Tensor> {
         Ok(normalized.broadcast_mul(&self.weight)?)
+    }
+
+    /// The whole norm: `x / scale(x) · weight`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.times_weight(&x.broadcast_div(&self.scale(x)?)?)
     }
 }

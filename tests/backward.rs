@@ -6,7 +6,11 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
-use common::{batch, rel_error, take_last_calls};
+use common::{assert_matches_single, batch, rel_error, take_last_calls};
+
+/// Relative error allowed between a layout's gradients and the single shard's: the
+/// tiny model's worst measured is 2.0e-6 (tp=8).
+const GRADIENT_TOLERANCE: f64 = 1e-5;
 use flexmodel::tiny::tiny_checkpoint;
 use flexmodel::{Checkpoint, FlexModel, HookFunction, Layout, edits, next_token_loss};
 
@@ -65,7 +69,8 @@ fn check_against_finite_difference(what: &str, grad: &Tensor, loss_at: impl Fn(&
     eprintln!(
         "{what}: directional derivative {analytic:.5} vs finite difference {numeric:.5} ({err:.1e})"
     );
-    assert!(err < 2e-2, "{what}: {analytic} vs {numeric}");
+    // Measured: at most 1.6e-5 (f32 model, f64 loss, step 1e-2).
+    assert!(err < 1e-4, "{what}: {analytic} vs {numeric}");
 }
 
 #[test]
@@ -121,14 +126,8 @@ fn every_layout_gives_the_single_shard_gradients() {
             (sharded_loss - loss).abs() < 1e-5 * loss,
             "tp={tp} pp={pp} dp={dp}: loss {sharded_loss} vs {loss}"
         );
-        assert_eq!(grads.len(), single.len());
-        let mut worst = 0.0f64;
-        for (name, expected) in &single {
-            let err = rel_error(&grads[name], expected);
-            assert!(err < 1e-4, "tp={tp} pp={pp} dp={dp} {name}: {err:.3e}");
-            worst = worst.max(err);
-        }
-        eprintln!("tiny tp={tp} pp={pp} dp={dp}: worst gradient error {worst:.2e}");
+        let label = format!("tiny gradients tp={tp} pp={pp} dp={dp}");
+        assert_matches_single(&label, &single, &grads, GRADIENT_TOLERANCE, tp * dp == 1);
     }
 }
 
@@ -181,13 +180,8 @@ fn gradients_flow_through_edits_exactly_in_every_layout() {
     for (tp, pp, dp) in [(2, 1, 1), (4, 2, 1), (1, 1, 2), (2, 2, 2), (8, 1, 1)] {
         let (loss, grads) = edited_gradients(&checkpoint, Layout::new(dp, pp, tp).unwrap());
         assert!((loss - single_loss).abs() < 1e-5 * single_loss);
-        let mut worst = 0.0f64;
-        for (name, expected) in &single {
-            let err = rel_error(&grads[name], expected);
-            assert!(err < 1e-4, "tp={tp} pp={pp} dp={dp} {name}: {err:.3e}");
-            worst = worst.max(err);
-        }
-        eprintln!("edited tp={tp} pp={pp} dp={dp}: worst gradient error {worst:.2e}");
+        let label = format!("edited gradients tp={tp} pp={pp} dp={dp}");
+        assert_matches_single(&label, &single, &grads, GRADIENT_TOLERANCE, tp * dp == 1);
     }
 }
 
@@ -249,7 +243,7 @@ fn a_backward_edit_blocks_one_heads_gradient_exactly_in_every_layout() {
             .map(|(n, e)| rel_error(&sharded[n], e))
             .fold(0.0, f64::max);
         eprintln!("head-blocked tp={tp} pp={pp} dp={dp}: worst gradient error {worst:.2e}");
-        assert!(worst < 1e-4);
+        assert!(worst < GRADIENT_TOLERANCE);
     }
 }
 
@@ -292,7 +286,7 @@ fn a_trainable_steering_vector_gets_the_same_gradient_in_every_layout() {
         let (grad, _) = steering_gradient(&checkpoint, Layout::new(dp, pp, tp).unwrap());
         let err = rel_error(&grad, &single);
         eprintln!("steering vector tp={tp} pp={pp} dp={dp}: gradient error {err:.2e}");
-        assert!(err < 1e-4);
+        assert!(err < GRADIENT_TOLERANCE);
     }
 }
 
@@ -361,7 +355,10 @@ fn every_layout_gives_the_single_shard_parameters_and_their_gradients() {
         for (name, (value, grad)) in &single {
             assert_eq!(rel_error(&sharded[name].0, value), 0.0, "{name} value");
             let err = rel_error(&sharded[name].1, grad);
-            assert!(err < 1e-4, "tp={tp} pp={pp} dp={dp} {name}: {err:.3e}");
+            assert!(
+                err < GRADIENT_TOLERANCE,
+                "tp={tp} pp={pp} dp={dp} {name}: {err:.3e}"
+            );
             worst = worst.max(err);
         }
         eprintln!("parameters tp={tp} pp={pp} dp={dp}: worst gradient error {worst:.2e}");
@@ -418,7 +415,7 @@ fn a_loss_of_your_own_on_the_gathered_logits_back_propagates_in_every_layout() {
     assert!((loss - default_loss).abs() < 1e-5 * default_loss);
     for (name, mut calls) in model.store_mut().take_all() {
         assert!(
-            rel_error(&calls.pop().unwrap(), &default[&name]) < 1e-4,
+            rel_error(&calls.pop().unwrap(), &default[&name]) < GRADIENT_TOLERANCE,
             "{name}"
         );
     }
@@ -429,7 +426,7 @@ fn a_loss_of_your_own_on_the_gathered_logits_back_propagates_in_every_layout() {
         assert!((sharded_loss - loss).abs() < 1e-5 * loss.abs());
         for (name, expected) in &single {
             assert!(
-                rel_error(&grads[name], expected) < 1e-4,
+                rel_error(&grads[name], expected) < GRADIENT_TOLERANCE,
                 "tp={tp} pp={pp} dp={dp} {name}"
             );
         }

@@ -295,3 +295,78 @@ fn lens_refuses_translators_of_another_model_and_a_missing_text() {
     ]);
     assert_eq!(read_report(&out.join("lens_report.json")).len(), 4);
 }
+
+/// The README's per-layer table: (logit lens, tuned lens) KL in bits, from the
+/// gallery's `lens` command with its default budget.
+const README_LENS: [(f64, f64); 30] = [
+    (148.77, 16.40),
+    (19.64, 6.41),
+    (21.31, 5.75),
+    (20.90, 5.76),
+    (20.94, 5.77),
+    (20.97, 5.87),
+    (21.80, 5.78),
+    (21.45, 5.57),
+    (22.03, 5.44),
+    (23.87, 5.30),
+    (25.18, 5.13),
+    (26.40, 5.05),
+    (25.18, 5.07),
+    (24.14, 4.95),
+    (24.10, 4.89),
+    (23.97, 4.91),
+    (25.71, 4.76),
+    (25.66, 4.70),
+    (25.19, 4.64),
+    (24.18, 4.26),
+    (22.37, 4.07),
+    (21.48, 3.85),
+    (21.60, 3.65),
+    (20.05, 3.36),
+    (16.93, 2.80),
+    (12.27, 2.37),
+    (10.69, 2.09),
+    (9.18, 1.81),
+    (6.90, 1.50),
+    (5.02, 1.21),
+];
+
+#[test]
+fn the_readme_lens_run_beats_the_logit_lens_at_every_layer_with_the_tables_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lens");
+    let eval = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/data/shakespeare_heldout.txt"
+    );
+    // The README's command, default budget: 8192 training tokens, 2048 evaluation tokens.
+    run_ok(&[
+        "lens",
+        "--model",
+        "smollm2",
+        "--eval-text",
+        eval,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let report = read_report(&out.join("lens_report.json"));
+    assert_eq!(report.len(), 30);
+    for ((layer, logit, tuned), (readme_logit, readme_tuned)) in report.iter().zip(README_LENS) {
+        eprintln!(
+            "layer {layer:>2}: logit {logit:.2} (README {readme_logit}), tuned {tuned:.2} (README {readme_tuned})"
+        );
+        assert!(
+            tuned < logit,
+            "layer {layer}: tuned {tuned} vs logit {logit}"
+        );
+        // The table is rounded to 0.01 bits.
+        assert!(
+            (logit - readme_logit).abs() < 0.01,
+            "layer {layer}: logit {logit}"
+        );
+        assert!(
+            (tuned - readme_tuned).abs() < 0.01,
+            "layer {layer}: tuned {tuned}"
+        );
+    }
+}

@@ -222,7 +222,9 @@ fn hooks_lists_every_point_with_shape_shard_spec_and_aliases() {
     assert!(line("blocks.7.hook_mlp_out").contains("model.layers.7.mlp"));
     let result = line("blocks.7.attn.hook_result");
     assert!(
-        result.contains("[b, t, 9, 576]") && result.contains("split dim 2") && result.contains("opt-in"),
+        result.contains("[b, t, 9, 576]")
+            && result.contains("split dim 2")
+            && result.contains("opt-in"),
         "{result}"
     );
     assert!(line("blocks.7.ln2.hook_scale").contains("[b, t, 1]"));

@@ -53,7 +53,8 @@ fn smollm2_edited_run_matches_the_numpy_edited_run_at_every_point() {
     let mut worst = 0.0f64;
     for (name, captured) in model.store().iter() {
         let err = rel_error(&captured[0], &reference[name]);
-        assert!(err <= 1e-3, "{name}: relative error {err:.3e}");
+        // Measured worst: 8.3e-6.
+        assert!(err <= 3e-5, "{name}: relative error {err:.3e}");
         worst = worst.max(err);
     }
     eprintln!(

@@ -14,7 +14,10 @@ use common::{
 use flexmodel::Checkpoint;
 use flexmodel::tiny::{random_checkpoint, tiny_checkpoint, tiny_config};
 
-const TOLERANCE: f64 = 1e-3;
+/// Relative error allowed against the float64 reference: SmolLM2's worst measured is
+/// 5.9e-6 (30 layers of f32), the small random models' 8.8e-7.
+const SMOLLM2_TOLERANCE: f64 = 3e-5;
+const TOLERANCE: f64 = 5e-6;
 
 /// Asserts that every tensor of `captured` matches the reference's within `tolerance`;
 /// returns the worst relative error.
@@ -60,7 +63,11 @@ fn compare_both_paths(
     assert_eq!(default.len(), default_points(n_layers));
     compare(reference, &default, tolerance);
     let (_, every) = capture_with_opt_in(model, &batch(rows));
-    assert_eq!(every.len(), reference.len(), "the reference has every hook point");
+    assert_eq!(
+        every.len(),
+        reference.len(),
+        "the reference has every hook point"
+    );
     compare(reference, &every, tolerance);
 }
 
@@ -88,7 +95,7 @@ fn smollm2_logits_and_residual_stream_match_committed_numpy_fixture() {
         .into_iter()
         .filter(|(name, _)| fixture.contains_key(name))
         .collect();
-    compare(&fixture, &captured, TOLERANCE);
+    compare(&fixture, &captured, SMOLLM2_TOLERANCE);
 }
 
 #[test]
@@ -99,7 +106,7 @@ fn smollm2_every_hook_point_matches_numpy_reference() {
     ];
     let reference = numpy_reference(&smollm2_path(), rows);
     let (_, model) = smollm2();
-    compare_both_paths(model, rows, &reference, TOLERANCE);
+    compare_both_paths(model, rows, &reference, SMOLLM2_TOLERANCE);
 }
 
 #[test]
@@ -109,7 +116,12 @@ fn tiny_model_every_hook_point_matches_numpy_reference() {
     checkpoint.save_hf_dir(dir.path()).unwrap();
     let rows: &[&[u32]] = &[&[3, 200, 17, 99, 255, 0, 42], &[7, 7, 7, 128, 64, 32, 16]];
     let reference = numpy_reference(dir.path(), rows);
-    compare_both_paths(&checkpoint.load_model().unwrap(), rows, &reference, TOLERANCE);
+    compare_both_paths(
+        &checkpoint.load_model().unwrap(),
+        rows,
+        &reference,
+        TOLERANCE,
+    );
 }
 
 #[test]

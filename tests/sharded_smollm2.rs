@@ -6,7 +6,13 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
-use common::{batch, rel_error, smollm2, take_last_calls};
+use common::{assert_matches_single, batch, rel_error, smollm2, take_last_calls};
+
+/// Relative error allowed between a layout and the single shard at every point: the
+/// worst measured is 3.1e-6 (tp=3).
+const TOLERANCE: f64 = 2e-5;
+/// The same for gradients: the worst measured is 3.4e-5 (tp=3, edited).
+const GRADIENT_TOLERANCE: f64 = 2e-4;
 use flexmodel::{FlexModel, HookFunction, edits};
 use flexmodel_cluster::Layout;
 
@@ -54,20 +60,13 @@ fn every_layout_matches_the_single_shard_at_every_point_plain_and_edited() {
     for edited in [false, true] {
         let single = run(Layout::SINGLE, edited);
         for (tp, pp, dp) in [(3, 1, 1), (1, 3, 1), (1, 1, 2), (3, 2, 2), (3, 3, 2)] {
-            let (logits, captured) = run(layout(tp, pp, dp), edited);
-            assert_eq!(captured.len(), single.1.len());
-            let mut worst = rel_error(&logits, &single.0);
-            for (name, expected) in &single.1 {
-                let err = rel_error(&captured[name], expected);
-                assert!(
-                    err <= 1e-4,
-                    "tp={tp} pp={pp} dp={dp} edited={edited} {name}: {err:.3e}"
-                );
-                worst = worst.max(err);
-            }
-            eprintln!(
-                "smollm2 tp={tp} pp={pp} dp={dp} edited={edited}: worst relative error {worst:.2e}"
-            );
+            let (logits, mut captured) = run(layout(tp, pp, dp), edited);
+            captured.insert("logits".into(), logits);
+            let mut expected = single.1.clone();
+            expected.insert("logits".into(), single.0.clone());
+            let label = format!("smollm2 tp={tp} pp={pp} dp={dp} edited={edited}");
+            // Without tensor parallelism the floats are the same, in the same order.
+            assert_matches_single(&label, &expected, &captured, TOLERANCE, tp == 1);
         }
     }
 }
@@ -183,15 +182,8 @@ fn every_layout_gives_the_single_shard_gradients_at_every_point() {
             (sharded_loss - loss).abs() < 1e-5 * loss,
             "loss {sharded_loss} vs {loss}"
         );
-        let mut worst = 0.0f64;
-        for (name, expected) in &single {
-            let err = rel_error(&grads[name], expected);
-            assert!(err <= 1e-4, "tp={tp} pp={pp} dp={dp} {name}: {err:.3e}");
-            worst = worst.max(err);
-        }
-        eprintln!(
-            "smollm2 gradients tp={tp} pp={pp} dp={dp} (edited): worst relative error {worst:.2e}"
-        );
+        let label = format!("smollm2 gradients tp={tp} pp={pp} dp={dp} (edited)");
+        assert_matches_single(&label, &single, &grads, GRADIENT_TOLERANCE, tp == 1);
     }
 }
 

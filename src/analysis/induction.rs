@@ -140,7 +140,7 @@ impl Induction {
     #[cfg(feature = "plot")]
     pub fn save_figures(&self, dir: &Path) -> Result<Vec<PathBuf>> {
         use crate::plot::{Heatmap, Line, LineChart};
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let heatmap_path = dir.join("induction_scores.png");
         let rows = self.scores.to_vec2::<f32>()?;
         Heatmap {

@@ -3,6 +3,7 @@
 pub mod induction;
 pub mod lens;
 pub mod patching;
+pub mod steering;
 
 use candle_core::Tensor;
 

@@ -3,8 +3,6 @@
 //! clean run's preference for the right answer comes back. Where that fraction is high,
 //! the residual stream at that (layer, position) carries what the answer depends on.
 
-
-
 use candle_core::{DType, Device, IndexOp, Tensor};
 use indicatif::ProgressBar;
 
@@ -109,7 +107,12 @@ impl Patching {
     /// Draws the restored fraction (layers × positions) into the PNG file `path`;
     /// `positions` labels the columns (for example "clean / corrupted" token pairs).
     #[cfg(feature = "plot")]
-    pub fn save_heatmap(&self, path: &std::path::Path, title: &str, positions: &[String]) -> Result<()> {
+    pub fn save_heatmap(
+        &self,
+        path: &std::path::Path,
+        title: &str,
+        positions: &[String],
+    ) -> Result<()> {
         crate::plot::Heatmap {
             title,
             x_label: "position (clean / corrupted token)",

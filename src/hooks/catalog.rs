@@ -229,7 +229,11 @@ mod tests {
                 .collect::<Vec<_>>()
         );
         let everything = catalog().resolve("*", HookKind::Forward).unwrap();
-        assert_eq!(everything.len(), HookPoint::count(4) - 4 * 4, "all but the opt-in");
+        assert_eq!(
+            everything.len(),
+            HookPoint::count(4) - 4 * 4,
+            "all but the opt-in"
+        );
     }
 
     #[test]
@@ -237,10 +241,16 @@ mod tests {
         let c = catalog();
         let count = |pattern| c.resolve(pattern, HookKind::Forward).map(|p| p.len());
         assert_eq!(count("blocks.*.attn.hook_result").unwrap(), 4);
-        assert!(count("blocks.1.hook_?_input").is_err(), "? does not spell q");
+        assert!(
+            count("blocks.1.hook_?_input").is_err(),
+            "? does not spell q"
+        );
         assert_eq!(count("*hook_q_input").unwrap(), 4);
         assert_eq!(count("blocks.3.*").unwrap(), 21);
-        assert!(count("blocks.3.attn.hook_re*").is_err(), "hook_re* does not spell it");
+        assert!(
+            count("blocks.3.attn.hook_re*").is_err(),
+            "hook_re* does not spell it"
+        );
         assert_eq!(count("blocks.0.attn.hook_result").unwrap(), 1);
     }
 

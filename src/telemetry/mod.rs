@@ -63,7 +63,10 @@ pub struct OtlpConfig {
 }
 
 /// The first non-empty value among the variables `names`, with its variable.
-pub(crate) fn first_set(var: &impl Fn(&str) -> Option<String>, names: &[&str]) -> Option<(String, String)> {
+pub(crate) fn first_set(
+    var: &impl Fn(&str) -> Option<String>,
+    names: &[&str],
+) -> Option<(String, String)> {
     names.iter().find_map(|name| {
         var(name)
             .map(|v| v.trim().to_string())

@@ -290,3 +290,29 @@ fn gguf_name(hf: &str) -> String {
     let kind = rest.rsplit_once('.').unwrap().1;
     format!("blk.{layer}.{module}.{kind}")
 }
+
+/// Checks a sharded run's tensors against the single shard's: every name of `single` is
+/// in `sharded` within `tolerance` (relative), and exactly equal when `exact` (layouts
+/// that only cut the model into stages compute the same floats in the same order).
+/// Prints and returns the worst relative error.
+pub fn assert_matches_single(
+    label: &str,
+    single: &BTreeMap<String, Tensor>,
+    sharded: &BTreeMap<String, Tensor>,
+    tolerance: f64,
+    exact: bool,
+) -> f64 {
+    assert_eq!(single.len(), sharded.len(), "{label}: every point captured");
+    let mut worst = 0.0f64;
+    for (name, expected) in single {
+        let err = rel_error(&sharded[name], expected);
+        assert!(err <= tolerance, "{label} {name}: relative error {err:.3e}");
+        assert!(
+            !exact || err == 0.0,
+            "{label} {name}: {err:.3e}, not bit-identical"
+        );
+        worst = worst.max(err);
+    }
+    eprintln!("{label}: worst relative error {worst:.2e}");
+    worst
+}

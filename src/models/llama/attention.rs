@@ -107,8 +107,18 @@ impl Attention {
         let point = |site| HookPoint::Block { layer, site };
         let projections = [
             (&self.q_proj, self.n_heads, BlockSite::QInput, BlockSite::Q),
-            (&self.k_proj, self.n_kv_heads, BlockSite::KInput, BlockSite::K),
-            (&self.v_proj, self.n_kv_heads, BlockSite::VInput, BlockSite::V),
+            (
+                &self.k_proj,
+                self.n_kv_heads,
+                BlockSite::KInput,
+                BlockSite::K,
+            ),
+            (
+                &self.v_proj,
+                self.n_kv_heads,
+                BlockSite::VInput,
+                BlockSite::V,
+            ),
         ];
         let mut qkv = Vec::with_capacity(3);
         for (proj, heads, input_site, site) in projections {

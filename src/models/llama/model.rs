@@ -189,7 +189,8 @@ impl Llama {
         let collective = &self.collective;
         let mut x = match &self.embed {
             Some(embed) => {
-                let (vocab, context) = (self.config.vocab_size, self.config.max_position_embeddings);
+                let (vocab, context) =
+                    (self.config.vocab_size, self.config.max_position_embeddings);
                 check_tokens(input, vocab, context)?;
                 // An edit of `hook_tokens` may replace the ids; they are checked again.
                 let ids = match hooks.wants(HookPoint::Tokens) {

@@ -6,7 +6,7 @@
 //! [`ShardEvent::Failed`], with the hook point the shard last reached (in the forward
 //! or the backward pass) and the kind of failure; the actor then waits for the next
 //! pass. A shard blocked on a collective or on an edited piece notices an aborted pass
-//! within [`ABORT_POLL`] and fails with [`flexmodel_cluster::Error::Aborted`], which the
+//! within [`PassControl::ABORT_POLL`] and fails with [`flexmodel_cluster::Error::Aborted`], which the
 //! coordinator reports as a consequence, not a cause.
 //!
 //! # Shutdown
@@ -16,10 +16,9 @@
 
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use candle_core::Tensor;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use flexmodel_cluster::{Collective, InProcessCollective, PassControl, RankCoords, conjugate};
 use kameo::actor::{ActorRef, WeakActorRef};
 use kameo::error::{ActorStopReason, Infallible, PanicError};
@@ -29,9 +28,6 @@ use crate::error::{InjectedFault, ShardFailure};
 use crate::geometry::{PointMode, ShardAction};
 use crate::protocol::{EditedPiece, Fault, ReadParameters, RunPass, ShardEvent};
 use crate::{BoxError, Error, PointId, ShardHooks, ShardModel};
-
-/// How often a shard waiting for an edited piece checks whether the pass was aborted.
-const ABORT_POLL: Duration = Duration::from_millis(20);
 
 /// Everything a shard starts from; cloned to restart it.
 #[derive(Clone)]
@@ -301,21 +297,9 @@ impl Link {
     /// The coordinator's reply for `(point, call)` of this pass; stale replies of aborted
     /// passes are dropped, and an abort ends the wait.
     fn wait(&self, point: PointId, call: usize) -> flexmodel_cluster::Result<Tensor> {
-        loop {
-            match self.replies.recv_timeout(ABORT_POLL) {
-                Ok(r) if (r.pass, r.point, r.call) == (self.pass, point, call) => {
-                    return Ok(r.value);
-                }
-                Ok(_stale) => continue,
-                Err(RecvTimeoutError::Timeout) if self.control.aborted() => {
-                    return Err(flexmodel_cluster::Error::Aborted);
-                }
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(flexmodel_cluster::Error::CoordinatorGone);
-                }
-            }
-        }
+        let wanted = |r: &EditedPiece| (r.pass, r.point, r.call) == (self.pass, point, call);
+        let gone = flexmodel_cluster::Error::CoordinatorGone;
+        Ok(self.control.receive(&self.replies, wanted, gone)?.value)
     }
 }
 

@@ -9,9 +9,6 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 
 use crate::{Collective, Error, Result, TpRank};
 
-/// How often a blocked receive checks whether the pass was aborted.
-const ABORT_POLL: Duration = Duration::from_millis(20);
-
 /// The pass the ranks of a runtime are in, and whether it was aborted. Shared by every
 /// collective of the runtime; the driver starts each pass and aborts a failing one.
 #[derive(Debug, Default)]
@@ -21,6 +18,29 @@ pub struct PassControl {
 }
 
 impl PassControl {
+    /// How often a blocked receive checks whether the pass was aborted.
+    pub const ABORT_POLL: Duration = Duration::from_millis(20);
+
+    /// The first message from `from` that `wanted` accepts, dropping the others (stale
+    /// messages of earlier passes); [`Error::Aborted`] once the pass is aborted, `gone`
+    /// when every sender is gone.
+    pub fn receive<T>(
+        &self,
+        from: &Receiver<T>,
+        wanted: impl Fn(&T) -> bool,
+        gone: Error,
+    ) -> Result<T> {
+        loop {
+            match from.recv_timeout(Self::ABORT_POLL) {
+                Ok(message) if wanted(&message) => return Ok(message),
+                Ok(_stale) => continue,
+                Err(RecvTimeoutError::Timeout) if self.aborted() => return Err(Error::Aborted),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Err(gone),
+            }
+        }
+    }
+
     /// Starts pass `pass`: messages of earlier passes are dropped on receipt.
     pub fn begin(&self, pass: u64) {
         self.pass.store(pass, Ordering::SeqCst);
@@ -141,17 +161,12 @@ impl Collective for InProcessCollective {
 
     fn recv(&self, from: usize) -> Result<Tensor> {
         self.check(from)?;
-        loop {
-            match self.from[from].recv_timeout(ABORT_POLL) {
-                Ok((pass, t)) if pass == self.control.pass() => return Ok(t),
-                Ok(_stale) => continue,
-                Err(RecvTimeoutError::Timeout) if self.control.aborted() => {
-                    return Err(Error::Aborted);
-                }
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return Err(Error::PeerGone(from)),
-            }
-        }
+        let pass = self.control.pass();
+        let wanted = |(sent_in, _): &Message| *sent_in == pass;
+        let (_, tensor) = self
+            .control
+            .receive(&self.from[from], wanted, Error::PeerGone(from))?;
+        Ok(tensor)
     }
 }
 

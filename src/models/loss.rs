@@ -5,6 +5,7 @@ use std::ops::Range;
 use candle_core::{D, Tensor};
 use flexmodel_cluster::{Collective, SingleRank, conjugate};
 
+use crate::models::parallel::rows_in_slice;
 use crate::{Error, Result};
 
 /// The mean next-token cross-entropy over all sequences and positions: position `i`'s
@@ -68,16 +69,9 @@ pub fn vocab_parallel_loss(
         .sum_keepdim(D::Minus1)?;
     let log_sum_exp = (conjugate::all_reduce_sum(&sum_exp, collective)?.log()? + &max)?;
     // Each target logit comes from the rank that holds its row; the others add zero.
-    let (index, mine): (Vec<u32>, Vec<f32>) = targets
-        .iter()
-        .map(|&id| match vocab.contains(&(id as usize)) {
-            true => (id - vocab.start as u32, 1.0),
-            false => (0, 0.0),
-        })
-        .unzip();
-    let device = logits.device();
-    let index = Tensor::from_vec(index, (n, 1), device)?;
-    let mine = Tensor::from_vec(mine, (n, 1), device)?.to_dtype(logits.dtype())?;
+    let (index, mine) = rows_in_slice(&targets, &vocab, logits.device())?;
+    let index = index.reshape((n, 1))?;
+    let mine = mine.to_dtype(logits.dtype())?;
     let target_logit = (predictions.gather(&index, 1)? * mine)?;
     let target_logit = conjugate::all_reduce_sum(&target_logit, collective)?;
     Ok(((log_sum_exp - target_logit)?.sum_all()? / normalizer)?)

@@ -195,6 +195,28 @@ impl RowParallelLinear {
     }
 }
 
+/// Where each of `ids` falls in the vocabulary slice `rows`: its row in the slice (0 for
+/// ids outside it) and a mask, `[n, 1]`, that is 1 for ids inside and 0 outside; the
+/// rank that holds an id's row contributes it, the others add zero.
+pub(crate) fn rows_in_slice(
+    ids: &[u32],
+    rows: &Range<usize>,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let (local, mask): (Vec<u32>, Vec<f32>) = ids
+        .iter()
+        .map(|&id| match rows.contains(&(id as usize)) {
+            true => (id - rows.start as u32, 1.0),
+            false => (0, 0.0),
+        })
+        .unzip();
+    let n = local.len();
+    Ok((
+        Tensor::from_vec(local, n, device)?,
+        Tensor::from_vec(mask, (n, 1), device)?,
+    ))
+}
+
 /// A token embedding holding the rows of vocabulary slice `rows`.
 #[derive(Debug, Clone)]
 pub struct VocabParallelEmbedding {
@@ -247,21 +269,10 @@ impl VocabParallelEmbedding {
             self.weight.embedding(&flat)?
         } else {
             // Ids outside this rank's rows look up row 0 and are then zeroed.
-            let (local_ids, mask): (Vec<u32>, Vec<f32>) = flat
-                .to_vec1::<u32>()?
-                .into_iter()
-                .map(|id| match self.rows.contains(&(id as usize)) {
-                    true => (id - self.rows.start as u32, 1.0),
-                    false => (0, 0.0),
-                })
-                .unzip();
-            let n = local_ids.len();
-            let device = self.weight.device();
-            let rows = self
-                .weight
-                .embedding(&Tensor::from_vec(local_ids, n, device)?)?;
-            let mask = Tensor::from_vec(mask, (n, 1), device)?.to_dtype(rows.dtype())?;
-            rows.broadcast_mul(&mask)?
+            let ids = flat.to_vec1::<u32>()?;
+            let (local, mask) = rows_in_slice(&ids, &self.rows, self.weight.device())?;
+            let rows = self.weight.embedding(&local)?;
+            rows.broadcast_mul(&mask.to_dtype(rows.dtype())?)?
         };
         let d = local.dim(1)?;
         let summed = conjugate::all_reduce_sum(&local, collective)?;

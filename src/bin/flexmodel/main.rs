@@ -1,4 +1,4 @@
-//! The `flexmodel` command line (DESIGN.md, "Command line").
+//! The `flexmodel` command line (the README's "Command line").
 
 mod bench;
 mod capture;

@@ -6,7 +6,7 @@
 //! logits = unembed(rmsnorm_f(x))
 //! ```
 //!
-//! Every hook point of DESIGN.md is a call into the [`HookLayer`](crate::HookLayer).
+//! Every hook point of `docs/ARCHITECTURE.md` is a call into the [`HookLayer`](crate::HookLayer).
 
 mod attention;
 mod block;

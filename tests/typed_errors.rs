@@ -262,3 +262,17 @@ fn public_functions_check_their_arguments() {
         "not overwritten"
     );
 }
+
+#[test]
+fn a_second_subscriber_is_a_telemetry_error_not_bad_input() {
+    let filter = || tracing_subscriber::EnvFilter::new("off");
+    let first = flexmodel::telemetry::init(filter(), None).unwrap();
+    let err = flexmodel::telemetry::init(filter(), None).err().unwrap();
+    assert!(
+        matches!(err, flexmodel::telemetry::TelemetryError::SubscriberAlreadySet(_)),
+        "{err:?}"
+    );
+    let err: Error = err.into();
+    assert!(matches!(err, Error::Telemetry(_)), "{err:?}");
+    drop(first);
+}

@@ -269,7 +269,10 @@ fn a_second_subscriber_is_a_telemetry_error_not_bad_input() {
     let first = flexmodel::telemetry::init(filter(), None).unwrap();
     let err = flexmodel::telemetry::init(filter(), None).err().unwrap();
     assert!(
-        matches!(err, flexmodel::telemetry::TelemetryError::SubscriberAlreadySet(_)),
+        matches!(
+            err,
+            flexmodel::telemetry::TelemetryError::SubscriberAlreadySet(_)
+        ),
         "{err:?}"
     );
     let err: Error = err.into();

@@ -21,17 +21,23 @@ pub fn next_token_loss(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
 /// `i` (of `t − 1`) is the loss of predicting token `i + 1` from position `i`.
 pub fn next_token_loss_by_position(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     let (b, t, _) = logits.dims3()?;
-    if t < 2 {
-        return Err(Error::SequenceTooShort {
-            what: "the next-token loss",
-            need: 2,
-            len: t,
-        });
-    }
+    check_predicts_a_token(t)?;
     let log_probs = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
     let targets = tokens.narrow(1, 1, t - 1)?.unsqueeze(2)?.contiguous()?;
     let target_log_probs = log_probs.gather(&targets, 2)?.squeeze(2)?;
     Ok((target_log_probs.sum(0)?.neg()? / b as f64)?)
+}
+
+/// Sequences of `t` tokens predict at least one next token only if `t ≥ 2`.
+fn check_predicts_a_token(t: usize) -> Result<()> {
+    match t {
+        0 | 1 => Err(Error::SequenceTooShort {
+            what: "the next-token loss",
+            need: 2,
+            len: t,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// One tensor-parallel rank's part of the next-token cross-entropy, computed without
@@ -48,13 +54,7 @@ pub fn vocab_parallel_loss(
     normalizer: f64,
 ) -> Result<Tensor> {
     let (b, t, local_vocab) = logits.dims3()?;
-    if t < 2 {
-        return Err(Error::SequenceTooShort {
-            what: "the next-token loss",
-            need: 2,
-            len: t,
-        });
-    }
+    check_predicts_a_token(t)?;
     let n = b * (t - 1);
     let predictions = logits.narrow(1, 0, t - 1)?.reshape((n, local_vocab))?;
     let targets = tokens.narrow(1, 1, t - 1)?.reshape(n)?.to_vec1::<u32>()?;

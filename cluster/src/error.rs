@@ -48,6 +48,47 @@ pub enum Error {
         /// The group size.
         size: usize,
     },
+    /// A connection to another process could not be made.
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// The address dialled.
+        addr: std::net::SocketAddr,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// A socket could not listen.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// A connection did not open as the protocol says.
+    #[error("handshake with {peer} failed: {reason}")]
+    Handshake {
+        /// The other end.
+        peer: std::net::SocketAddr,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A member of a group never connected.
+    #[error("member {member} of {group} did not connect in time")]
+    NotConnected {
+        /// The group.
+        group: String,
+        /// The member.
+        member: usize,
+    },
+    /// A connection closed.
+    #[error("the connection to {0} is closed")]
+    ConnectionClosed(std::net::SocketAddr),
+    /// A frame could not be encoded.
+    #[error(transparent)]
+    Frame(#[from] crate::transport::FrameError),
+    /// A broken invariant of this crate.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     /// A tensor operation inside a collective failed.
     #[error("{}", tensor_error_message(.0))]
     Tensor(#[from] candle_core::Error),

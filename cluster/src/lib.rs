@@ -1,4 +1,4 @@
-//! Layouts, shard specs and collectives for FlexModel-rs.
+//! Layouts, shard specs, collectives and transports for FlexModel-rs.
 //!
 //! This crate knows how ranks split work and how they exchange tensors, and nothing
 //! about transformers. Models describe how each hook point is sharded with a
@@ -8,15 +8,14 @@
 mod collective;
 pub mod conjugate;
 mod error;
-mod in_process;
 mod layout;
 mod param_slice;
 mod shard_spec;
 mod tp_rank;
+pub mod transport;
 
-pub use collective::{Collective, SingleRank};
+pub use collective::{Collective, InProcessCollective, PassControl, SingleRank, TcpCollective};
 pub use error::{Error, Result};
-pub use in_process::{InProcessCollective, PassControl};
 pub use layout::{Layout, RankCoords, split_evenly};
 pub use param_slice::ParamSlice;
 pub use shard_spec::ShardSpec;

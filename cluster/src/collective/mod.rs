@@ -1,4 +1,15 @@
-//! Collective operations among the ranks of a group.
+//! Collective operations among the ranks of a group, and their transports.
+
+mod algorithms;
+#[cfg(test)]
+mod conformance;
+mod in_process;
+mod pass_control;
+mod tcp;
+
+pub use in_process::InProcessCollective;
+pub use pass_control::PassControl;
+pub use tcp::TcpCollective;
 
 use candle_core::Tensor;
 

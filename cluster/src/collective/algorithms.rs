@@ -1,0 +1,92 @@
+//! Collectives built from point-to-point sends and receives, shared by every transport
+//! that has only those (threads over channels, processes over TCP).
+
+use candle_core::Tensor;
+
+use crate::{Error, Result, TpRank, split_evenly};
+
+/// Sending to and receiving from one member of a group at a time. A send never waits
+/// for the receiver; a receive waits for the next tensor from that member in this pass.
+pub(crate) trait PointToPoint {
+    /// This member's place in the group.
+    fn member(&self) -> TpRank;
+    /// Sends `x` to member `to`.
+    fn send_to(&self, x: &Tensor, to: usize) -> Result<()>;
+    /// The next tensor from member `from`.
+    fn recv_from(&self, from: usize) -> Result<Tensor>;
+}
+
+/// Whether `peer` is another member of `me`'s group.
+pub(crate) fn check_peer(me: TpRank, peer: usize) -> Result<()> {
+    if peer >= me.size() || peer == me.rank() {
+        return Err(Error::RankOutOfRange {
+            rank: peer,
+            size: me.size(),
+        });
+    }
+    Ok(())
+}
+
+/// The ring all-reduce: `n − 1` steps of reduce-scatter, then `n − 1` of all-gather,
+/// each moving one `1/n` chunk to the next member. Every member sends and receives
+/// `2 (n − 1) / n` of the tensor, and every member ends with the same bits (each chunk
+/// is summed on one member and copied to the others).
+pub(crate) fn ring_all_reduce_sum(p: &impl PointToPoint, x: &Tensor) -> Result<Tensor> {
+    let (me, n) = (p.member().rank(), p.member().size());
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let flat = x.flatten_all()?;
+    let mut chunks = split_evenly(flat.elem_count(), n)
+        .into_iter()
+        .map(|r| Ok(flat.narrow(0, r.start, r.len())?))
+        .collect::<Result<Vec<Tensor>>>()?;
+    let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
+    for step in 0..n - 1 {
+        let send = (me + n - step) % n;
+        let add = (me + 2 * n - step - 1) % n;
+        p.send_to(&chunks[send], next)?;
+        chunks[add] = (&chunks[add] + p.recv_from(prev)?)?;
+    }
+    // Chunk me + 1 is complete here; pass the complete chunks around.
+    for step in 0..n - 1 {
+        let send = (me + 1 + n - step) % n;
+        let take = (me + n - step) % n;
+        p.send_to(&chunks[send], next)?;
+        chunks[take] = p.recv_from(prev)?;
+    }
+    Ok(Tensor::cat(&chunks, 0)?.reshape(x.shape())?)
+}
+
+/// Every member's `x` concatenated along `dim` in member order.
+pub(crate) fn all_gather(p: &impl PointToPoint, x: &Tensor, dim: usize) -> Result<Tensor> {
+    let (me, n) = (p.member().rank(), p.member().size());
+    for peer in (0..n).filter(|&q| q != me) {
+        p.send_to(x, peer)?;
+    }
+    let pieces = (0..n)
+        .map(|peer| match peer == me {
+            true => Ok(x.clone()),
+            false => p.recv_from(peer),
+        })
+        .collect::<Result<Vec<Tensor>>>()?;
+    Ok(Tensor::cat(&pieces, dim)?)
+}
+
+/// `root`'s `x` on every member.
+pub(crate) fn broadcast(p: &impl PointToPoint, x: &Tensor, root: usize) -> Result<Tensor> {
+    let (me, n) = (p.member().rank(), p.member().size());
+    if root >= n {
+        return Err(Error::RankOutOfRange {
+            rank: root,
+            size: n,
+        });
+    }
+    if me != root {
+        return p.recv_from(root);
+    }
+    for peer in (0..n).filter(|&q| q != me) {
+        p.send_to(x, peer)?;
+    }
+    Ok(x.clone())
+}

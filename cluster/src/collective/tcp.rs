@@ -1,0 +1,117 @@
+//! Collectives between processes, over framed TCP connections.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use tokio::runtime::Handle;
+
+use super::algorithms::{self, PointToPoint};
+use crate::transport::{Connection, Frame, FrameKind, Hello, Hub, dial};
+use crate::{Collective, Error, PassControl, Result, TpRank};
+
+/// One member of a group whose members are processes: a TCP connection to every other
+/// member. A connection that ends fails every later operation with that member with
+/// [`Error::PeerGone`].
+pub struct TcpCollective {
+    rank: TpRank,
+    /// By member; `None` for this member.
+    peers: Vec<Option<Connection>>,
+    control: Arc<PassControl>,
+}
+
+impl TcpCollective {
+    /// Joins group `group` as member `rank`: dials every member before it (at
+    /// `addresses[j]`, their hubs) and accepts every member after it on `hub`, until
+    /// `deadline`.
+    pub fn connect(
+        group: &str,
+        rank: TpRank,
+        addresses: &[SocketAddr],
+        hub: &Hub,
+        runtime: &Handle,
+        control: Arc<PassControl>,
+        deadline: Instant,
+    ) -> Result<Self> {
+        let me = rank.rank();
+        let hello = Hello {
+            group: group.to_string(),
+            member: me,
+        };
+        let mut peers: Vec<Option<Connection>> = (0..rank.size()).map(|_| None).collect();
+        for (j, peer) in peers.iter_mut().enumerate().take(me) {
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            let address = *addresses.get(j).ok_or(Error::RankOutOfRange {
+                rank: j,
+                size: addresses.len(),
+            })?;
+            *peer = Some(dial(address, &hello, runtime, timeout)?);
+        }
+        for (j, peer) in peers.iter_mut().enumerate().skip(me + 1) {
+            let from = Hello {
+                group: group.to_string(),
+                member: j,
+            };
+            *peer = Some(hub.accept(&from, deadline)?);
+        }
+        Ok(Self {
+            rank,
+            peers,
+            control,
+        })
+    }
+
+    fn peer(&self, member: usize) -> Result<&Connection> {
+        algorithms::check_peer(self.rank, member)?;
+        self.peers[member].as_ref().ok_or(Error::Internal(
+            "a group member has no connection to another",
+        ))
+    }
+}
+
+impl PointToPoint for TcpCollective {
+    fn member(&self) -> TpRank {
+        self.rank
+    }
+
+    fn send_to(&self, x: &Tensor, to: usize) -> Result<()> {
+        let frame = Frame::tensor(FrameKind::Collective, self.control.pass(), 0, 0, x)?;
+        self.peer(to)?.send(frame).map_err(|_| Error::PeerGone(to))
+    }
+
+    fn recv_from(&self, from: usize) -> Result<Tensor> {
+        let pass = self.control.pass();
+        let wanted = |f: &Frame| f.pass == pass && f.kind == FrameKind::Collective;
+        let frame =
+            self.control
+                .receive(self.peer(from)?.inbox(), wanted, Error::PeerGone(from))?;
+        Ok(frame.to_tensor()?)
+    }
+}
+
+impl Collective for TcpCollective {
+    fn tp_rank(&self) -> TpRank {
+        self.rank
+    }
+
+    fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
+        algorithms::ring_all_reduce_sum(self, x)
+    }
+
+    fn all_gather(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        algorithms::all_gather(self, x, dim)
+    }
+
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        algorithms::broadcast(self, x, root)
+    }
+
+    fn send(&self, x: &Tensor, to: usize) -> Result<()> {
+        self.send_to(x, to)
+    }
+
+    fn recv(&self, from: usize) -> Result<Tensor> {
+        self.recv_from(from)
+    }
+}

@@ -5,11 +5,12 @@ use std::ops::Range;
 use std::time::Duration;
 
 use candle_core::Tensor;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use flexmodel_cluster::{Layout, PassControl, RankCoords};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use flexmodel_cluster::{Layout, RankCoords};
 
 use crate::error::FailedAt;
-use crate::protocol::{EditedPiece, ShardEvent};
+use crate::protocol::{EditedPiece, ShardEvent, Tap};
+use crate::ranks::{Lost, Ranks};
 use crate::{BoxError, Error, PointGeometry, PointId, Result};
 
 /// How often the coordinator checks that the shards are alive while it waits.
@@ -25,17 +26,35 @@ fn bytes(t: &Tensor) -> usize {
 
 /// The driver's side of a pass: it receives every full tensor once.
 pub trait HookSink {
-    /// The full tensor of call `call` of `point`. For a point hooked with an edit, returns
-    /// the edited tensor (same shape and dtype), which is split and sent back. In a
-    /// backward pass, the gradient at point `p` arrives as point `n_points + p`, the
-    /// gradient of an edit's result as `2 n_points + p`, and the output as `3 n_points`
-    /// when the driver computes the loss (the sink returns the output's gradient).
+    /// The full tensor of call `call` of `tap`. For a tap hooked with an edit, returns
+    /// the edited tensor (same shape and dtype), which is split and sent back. The
+    /// gradient through an edit ([`Tap::EditGradient`]) and the output's gradient when
+    /// the driver computes the loss ([`Tap::Output`]) are always returned.
     fn gathered(
         &mut self,
-        point: PointId,
+        tap: Tap,
         call: usize,
         full: Tensor,
     ) -> std::result::Result<Option<Tensor>, BoxError>;
+}
+
+/// Which gathered tensors the shards wait for a reply to: by point, the values and the
+/// gradients hooked with an edit (gradients through edits and the output's always are).
+pub(crate) struct Replies {
+    /// Whether the value at each point is edited.
+    pub(crate) values: Vec<bool>,
+    /// Whether the gradient at each point is edited.
+    pub(crate) gradients: Vec<bool>,
+}
+
+impl Replies {
+    fn answered(&self, tap: Tap) -> bool {
+        match tap {
+            Tap::Value(p) => self.values[p],
+            Tap::Gradient(p) => self.gradients[p],
+            Tap::EditGradient(_) | Tap::Output => true,
+        }
+    }
 }
 
 /// What a pass produced: the assembled output and, after a backward pass, the loss.
@@ -53,12 +72,12 @@ pub struct HookCoordinator<'a> {
     pass: u64,
     geometry: &'a [PointGeometry],
     output: &'a PointGeometry,
-    /// Whether each gathered tensor (by point id, `0..3n`) is answered.
-    replies_for: &'a [bool],
+    /// Which gathered tensors are answered.
+    replies: &'a Replies,
     /// The batch rows of each data-parallel replica.
     batches: &'a [Range<usize>],
-    /// `(point, call)` → pieces by `[dp][tp]`, with the count still missing.
-    pending: HashMap<(PointId, usize), Gathering>,
+    /// `(tap, call)` → pieces by `[dp][tp]`, with the count still missing.
+    pending: HashMap<(Tap, usize), Gathering>,
     outputs: Vec<Vec<Option<Tensor>>>,
     /// Each replica's share of the loss (from its first tensor-parallel rank).
     losses: Vec<Option<f32>>,
@@ -74,7 +93,7 @@ impl<'a> HookCoordinator<'a> {
         pass: u64,
         geometry: &'a [PointGeometry],
         output: &'a PointGeometry,
-        replies_for: &'a [bool],
+        replies: &'a Replies,
         batches: &'a [Range<usize>],
     ) -> Self {
         Self {
@@ -82,7 +101,7 @@ impl<'a> HookCoordinator<'a> {
             pass,
             geometry,
             output,
-            replies_for,
+            replies,
             batches,
             pending: HashMap::new(),
             outputs: vec![vec![None; layout.tp()]; layout.dp()],
@@ -97,26 +116,27 @@ impl<'a> HookCoordinator<'a> {
     pub(crate) fn run(
         mut self,
         events: &Receiver<ShardEvent>,
-        replies: &[Sender<EditedPiece>],
-        control: &PassControl,
-        alive: impl Fn(usize) -> bool,
+        ranks: &dyn Ranks,
         sink: &mut dyn HookSink,
     ) -> Result<PassOutput> {
         while self.finished.iter().any(|f| !f) {
             let event = match events.recv_timeout(LIVENESS_POLL) {
                 Ok(event) => event,
                 Err(RecvTimeoutError::Timeout) => {
-                    if let Some(rank) =
-                        (0..self.finished.len()).find(|&r| !self.finished[r] && !alive(r))
-                    {
-                        self.fail(self.gone(rank), true, control);
-                        self.finished[rank] = true;
+                    for rank in 0..self.finished.len() {
+                        if self.finished[rank] {
+                            continue;
+                        }
+                        if let Some(lost) = ranks.lost(rank) {
+                            let gone = self.gone(rank, ranks.host(rank), lost);
+                            self.fail(gone, true, ranks);
+                            self.finished[rank] = true;
+                        }
                     }
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    let rank = self.finished.iter().position(|f| !f).unwrap_or(0);
-                    return Err(self.gone(rank));
+                    return Err(Error::Internal("every sender of shard events is gone"));
                 }
             };
             match event {
@@ -126,13 +146,13 @@ impl<'a> HookCoordinator<'a> {
                     if pass != self.pass => {}
                 ShardEvent::Piece {
                     rank,
-                    point,
+                    tap,
                     call,
                     value,
                     ..
                 } => {
-                    if let Err(e) = self.piece(rank, point, call, value, replies, sink) {
-                        self.fail(e, true, control);
+                    if let Err(e) = self.piece(rank, tap, call, value, ranks, sink) {
+                        self.fail(e, true, ranks);
                     }
                 }
                 ShardEvent::Done {
@@ -155,19 +175,14 @@ impl<'a> HookCoordinator<'a> {
                     ..
                 } => {
                     self.finished[rank] = true;
-                    let n = self.geometry.len();
-                    let at = at.map(|(point, backward)| FailedAt {
-                        hook: self.geometry[point % n].name.clone(),
-                        backward,
-                    });
                     let error = Error::ShardFailed {
                         rank,
                         coords: self.layout.coords(rank),
-                        host: None,
-                        at,
+                        host: ranks.host(rank),
+                        at: self.failed_at(at),
                         cause,
                     };
-                    self.fail(error, !after_abort, control);
+                    self.fail(error, !after_abort, ranks);
                 }
             }
         }
@@ -191,17 +206,29 @@ impl<'a> HookCoordinator<'a> {
         })
     }
 
-    /// The error for `rank`, whose thread is gone.
-    fn gone(&self, rank: usize) -> Error {
+    /// Where a shard was, by hook name.
+    fn failed_at(&self, at: Option<(PointId, bool)>) -> Option<FailedAt> {
+        let (point, backward) = at?;
+        Some(FailedAt {
+            hook: self.geometry.get(point)?.name.clone(),
+            backward,
+        })
+    }
+
+    /// The error for `rank`, which is gone.
+    fn gone(&self, rank: usize, host: Option<String>, lost: Lost) -> Error {
         Error::ShardGone {
             rank,
             coords: self.layout.coords(rank),
+            host,
+            at: self.failed_at(lost.at),
+            reason: lost.reason,
         }
     }
 
     /// Records the first failure that is a cause (else the first consequence) and aborts
     /// the pass so that no shard stays blocked.
-    fn fail(&mut self, error: Error, cause: bool, control: &PassControl) {
+    fn fail(&mut self, error: Error, cause: bool, ranks: &dyn Ranks) {
         let replace = match &self.failure {
             None => true,
             Some((_, known_cause)) => cause && !known_cause,
@@ -209,51 +236,60 @@ impl<'a> HookCoordinator<'a> {
         if replace {
             self.failure = Some((error, cause));
         }
-        control.abort();
+        ranks.abort(self.pass);
     }
 
     fn piece(
         &mut self,
         rank: usize,
-        point: PointId,
+        tap: Tap,
         call: usize,
         value: Tensor,
-        replies: &[Sender<EditedPiece>],
+        ranks: &dyn Ranks,
         sink: &mut dyn HookSink,
     ) -> Result<()> {
         if self.failure.is_some() {
             return Ok(());
         }
-        let n = self.geometry.len();
-        // Point `3 n` is the output, for a loss the driver computes.
-        let geometry = match point == 3 * n {
-            true => self.output,
-            false => &self.geometry[point % n],
+        let geometry = match tap.point() {
+            None => self.output,
+            Some(point) => self.geometry.get(point).ok_or(Error::Protocol {
+                rank,
+                what: format!("a piece of hook point {point}, which does not exist"),
+            })?,
         };
+        if rank >= self.layout.world_size() {
+            return Err(Error::Internal("a piece from a rank outside the layout"));
+        }
         let RankCoords { dp, tp, .. } = self.layout.coords(rank);
-        let gradient = point >= n;
+        let gradient = tap.is_gradient();
         let sends = |t: usize| match gradient {
             true => geometry.sends_gradient(t),
             false => geometry.sends(t),
         };
         let expected = self.layout.dp() * (0..self.layout.tp()).filter(|&t| sends(t)).count();
-        let (pieces, missing) = self.pending.entry((point, call)).or_insert_with(|| {
+        let (pieces, missing) = self.pending.entry((tap, call)).or_insert_with(|| {
             (
                 vec![vec![None; self.layout.tp()]; self.layout.dp()],
                 expected,
             )
         });
-        pieces[dp][tp] = Some(value);
+        if pieces[dp][tp].replace(value).is_some() || !sends(tp) {
+            return Err(Error::Protocol {
+                rank,
+                what: format!("an unexpected piece of {tap:?}, call {call}"),
+            });
+        }
         *missing -= 1;
         if *missing > 0 {
             return Ok(());
         }
-        let (pieces, _) = self.pending.remove(&(point, call)).unwrap_or_default();
-        let name = match point / n {
-            0 => geometry.name.clone(),
-            1 => format!("{}_grad", geometry.name),
-            2 => format!("{}_edit_grad", geometry.name),
-            _ => "output".to_string(),
+        let (pieces, _) = self.pending.remove(&(tap, call)).unwrap_or_default();
+        let name = match tap {
+            Tap::Value(_) => geometry.name.clone(),
+            Tap::Gradient(_) => format!("{}_grad", geometry.name),
+            Tap::EditGradient(_) => format!("{}_edit_grad", geometry.name),
+            Tap::Output => "output".to_string(),
         };
         let received: usize = pieces.iter().flatten().flatten().map(bytes).sum();
         let full = tracing::info_span!(
@@ -266,9 +302,8 @@ impl<'a> HookCoordinator<'a> {
             true => geometry.assemble_gradient(&pieces),
             false => geometry.assemble(&pieces),
         })?;
-        let edited = sink.gathered(point, call, full).map_err(Error::Sink)?;
-        // Points `0..n` are values, `n..2n` gradients, `2n..3n` gradients of edits.
-        if !self.replies_for[point] {
+        let edited = sink.gathered(tap, call, full).map_err(Error::Sink)?;
+        if !self.replies.answered(tap) {
             return Ok(());
         }
         let edited = edited.ok_or_else(|| Error::NoEditedTensor { hook: name.clone() })?;
@@ -289,11 +324,11 @@ impl<'a> HookCoordinator<'a> {
             sent += bytes(&value);
             let reply = EditedPiece {
                 pass: self.pass,
-                point,
+                tap,
                 call,
                 value,
             };
-            let _ = replies[self.layout.rank(coords)].send(reply);
+            ranks.reply(self.layout.rank(coords), reply);
         }
         scatter.record("hook.bytes", sent as i64);
         Ok(())

@@ -8,7 +8,7 @@ use flexmodel_cluster::RankCoords;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What kind of failure stopped a shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FailureKind {
     /// The shard's code panicked.
     Panicked,
@@ -37,7 +37,7 @@ impl fmt::Display for FailureKind {
 
 /// Why a shard failed: the kind of failure and its message, as plain data (a failure
 /// can cross a process boundary).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShardFailure {
     /// What kind of failure.
     pub kind: FailureKind,
@@ -133,13 +133,36 @@ pub enum Error {
         /// The hook point (or gradient) that needed one.
         hook: String,
     },
-    /// A shard's thread is gone and did not come back.
-    #[error("rank {rank} ({coords}) is not running")]
+    /// A rank is gone: its thread stopped, or its process exited, hung or closed its
+    /// connection.
+    #[error("rank {rank} ({coords}{}) is gone{}: {reason}", on_host(.host), failed_at(.at))]
     ShardGone {
         /// The rank.
         rank: usize,
         /// Its coordinates.
         coords: RankCoords,
+        /// The machine it ran on, when it ran in another process.
+        host: Option<String>,
+        /// The last hook point it was known to be at in the pass.
+        at: Option<FailedAt>,
+        /// What happened to it.
+        reason: String,
+    },
+    /// A worker process could not be started or did not join.
+    #[error("starting the worker of rank {rank}: {reason}")]
+    WorkerStart {
+        /// The rank.
+        rank: usize,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A worker sent something the protocol does not allow at that point.
+    #[error("rank {rank} broke the protocol: {what}")]
+    Protocol {
+        /// The rank.
+        rank: usize,
+        /// What it sent.
+        what: String,
     },
     /// A rank did not answer a request in time.
     #[error("rank {rank} ({coords}) did not answer within {seconds} s")]
@@ -184,6 +207,9 @@ pub enum Error {
     /// The actor system's runtime could not start.
     #[error("starting the shard actors' runtime: {0}")]
     RuntimeStart(#[source] std::io::Error),
+    /// A broken invariant of the runtime.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     /// A layout or collective error.
     #[error(transparent)]
     Cluster(#[from] flexmodel_cluster::Error),

@@ -20,7 +20,7 @@ pub struct PointGeometry {
 }
 
 /// How the driver hooks a point in a pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PointMode {
     /// Not hooked.
     Off,
@@ -31,7 +31,7 @@ pub enum PointMode {
 }
 
 /// What one shard does with its piece of a hook point in a pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ShardAction {
     /// The point is not hooked (or not on this shard's stage).
     Skip,

@@ -19,15 +19,15 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use crossbeam_channel::{Receiver, Sender};
-use flexmodel_cluster::{Collective, InProcessCollective, PassControl, RankCoords, conjugate};
+use flexmodel_cluster::{Collective, PassControl, RankCoords, conjugate};
 use kameo::actor::{ActorRef, WeakActorRef};
 use kameo::error::{ActorStopReason, Infallible, PanicError};
 use kameo::message::{Context, Message};
 
 use crate::error::{InjectedFault, ShardFailure};
 use crate::geometry::{PointMode, ShardAction};
-use crate::protocol::{EditedPiece, Fault, ReadParameters, RunPass, ShardEvent};
-use crate::{BoxError, Error, PointId, ShardHooks, ShardModel};
+use crate::protocol::{EditedPiece, Fault, RunPass, ShardEvent, Tap};
+use crate::{BoxError, Error, PointId, ShardHooks, ShardModel, ShardParameters};
 
 /// Everything a shard starts from; cloned to restart it.
 #[derive(Clone)]
@@ -37,17 +37,30 @@ pub struct ShardArgs {
     pub(crate) stages: usize,
     pub(crate) model: Arc<dyn ShardModel>,
     /// This rank's member of its pipeline group (stage `s` is member `s`).
-    pub(crate) pipeline: Arc<InProcessCollective>,
+    pub(crate) pipeline: Arc<dyn Collective>,
     pub(crate) events: Sender<ShardEvent>,
     pub(crate) replies: Receiver<EditedPiece>,
     pub(crate) control: Arc<PassControl>,
+    /// Where the shard is in its pass (read by a worker's heartbeat).
+    pub(crate) at: Arc<Position>,
+}
+
+/// Runs a pass; the shard's spans go under `parent`.
+pub(crate) struct Run {
+    pub(crate) run: RunPass,
+    pub(crate) parent: tracing::Span,
+}
+
+/// Asks a shard for its parameter slices and their gradients from the last backward pass.
+pub(crate) struct ReadParameters {
+    pub(crate) reply: Sender<ShardParameters>,
 }
 
 /// Where a shard is in its pass, shared with the closures that run in its backward
 /// pass: the hook point it last reached (and whether in backward), and the failure a
 /// closure raised (candle's backward keeps only the message of an error it carries).
 #[derive(Debug, Default)]
-struct Position(Mutex<Progress>);
+pub(crate) struct Position(Mutex<Progress>);
 
 /// What [`Position`] holds.
 #[derive(Debug, Default)]
@@ -65,7 +78,7 @@ impl Position {
         self.lock().at = at;
     }
 
-    fn get(&self) -> Option<(PointId, bool)> {
+    pub(crate) fn get(&self) -> Option<(PointId, bool)> {
         self.lock().at
     }
 
@@ -117,9 +130,9 @@ impl kameo::Actor for ShardActor {
 
     async fn on_start(args: Self::Args, _: ActorRef<Self>) -> Result<Self, Self::Error> {
         Ok(Self {
+            at: args.at.clone(),
             args,
             pass: 0,
-            at: Arc::default(),
             grads: None,
         })
     }
@@ -152,14 +165,14 @@ macro_rules! shard_span {
     };
 }
 
-impl Message<RunPass> for ShardActor {
+impl Message<Run> for ShardActor {
     type Reply = ();
 
-    async fn handle(&mut self, msg: RunPass, _: &mut Context<Self, Self::Reply>) {
-        self.pass = msg.pass;
+    async fn handle(&mut self, msg: Run, _: &mut Context<Self, Self::Reply>) {
+        self.pass = msg.run.pass;
         self.at.set(None);
         self.at.take_failure();
-        match self.run(msg) {
+        match self.run(msg.run, &msg.parent) {
             Ok((output, loss)) => {
                 let done = ShardEvent::Done {
                     pass: self.pass,
@@ -176,7 +189,11 @@ impl Message<RunPass> for ShardActor {
 
 impl ShardActor {
     /// Runs the pass; returns the last stage's output slice and loss.
-    fn run(&mut self, msg: RunPass) -> Result<(Option<Tensor>, Option<f32>), BoxError> {
+    fn run(
+        &mut self,
+        msg: RunPass,
+        parent: &tracing::Span,
+    ) -> Result<(Option<Tensor>, Option<f32>), BoxError> {
         let args = &self.args;
         let stage = args.coords.pp;
         let last = stage + 1 == args.stages;
@@ -200,13 +217,16 @@ impl ShardActor {
         let mut hooks = HookClient {
             link: &link,
             actions: &msg.actions,
-            taps: msg.backward.as_ref().map(|b| b.taps.as_slice()),
-            sends_gradients: msg.backward.as_ref().map(|b| b.sends_gradients.as_slice()),
+            taps: msg.backward.as_ref().map(|b| b.plan.taps.as_slice()),
+            sends_gradients: msg
+                .backward
+                .as_ref()
+                .map(|b| b.plan.sends_gradients.as_slice()),
             calls: vec![0; msg.actions.len()],
             at: &self.at,
             fault: msg.fault,
         };
-        let forward_span = shard_span!("shard.forward", &msg.span, args);
+        let forward_span = shard_span!("shard.forward", parent, args);
         let out = forward_span.in_scope(|| args.model.forward(&input, &mut hooks))?;
         let Some(backward) = msg.backward else {
             if !last {
@@ -215,21 +235,20 @@ impl ShardActor {
             }
             return Ok((Some(out), None));
         };
-        let backward_span = shard_span!("shard.backward", &msg.span, args);
+        let backward_span = shard_span!("shard.backward", parent, args);
         let _entered = backward_span.enter();
-        let (root, loss) = match (last, backward.driver_loss) {
+        let (root, loss) = match (last, backward.plan.driver_loss) {
             (true, true) => {
                 // The driver computes its loss on the gathered output and sends back the
-                // gradient of this rank's slice (the output travels as point `3 n`).
-                let point = 3 * msg.actions.len();
-                link.send(point, 0, &out.detach())?;
-                let grad = link.wait(point, 0)?;
+                // gradient of this rank's slice.
+                link.send(Tap::Output, 0, &out.detach())?;
+                let grad = link.wait(Tap::Output, 0)?;
                 ((&out * grad)?.sum_all()?, None)
             }
             (true, false) => {
                 let loss = args
                     .model
-                    .loss(&out, &backward.tokens, backward.normalizer)?;
+                    .loss(&out, &backward.tokens, backward.plan.normalizer)?;
                 let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
                 (loss, Some(value))
             }
@@ -280,12 +299,12 @@ struct Link {
 }
 
 impl Link {
-    /// Sends `value` as this shard's piece of `(point, call)`.
-    fn send(&self, point: PointId, call: usize, value: &Tensor) -> flexmodel_cluster::Result<()> {
+    /// Sends `value` as this shard's piece of `(tap, call)`.
+    fn send(&self, tap: Tap, call: usize, value: &Tensor) -> flexmodel_cluster::Result<()> {
         let piece = ShardEvent::Piece {
             pass: self.pass,
             rank: self.rank,
-            point,
+            tap,
             call,
             value: value.clone(),
         };
@@ -294,10 +313,10 @@ impl Link {
             .map_err(|_| flexmodel_cluster::Error::CoordinatorGone)
     }
 
-    /// The coordinator's reply for `(point, call)` of this pass; stale replies of aborted
+    /// The coordinator's reply for `(tap, call)` of this pass; stale replies of aborted
     /// passes are dropped, and an abort ends the wait.
-    fn wait(&self, point: PointId, call: usize) -> flexmodel_cluster::Result<Tensor> {
-        let wanted = |r: &EditedPiece| (r.pass, r.point, r.call) == (self.pass, point, call);
+    fn wait(&self, tap: Tap, call: usize) -> flexmodel_cluster::Result<Tensor> {
+        let wanted = |r: &EditedPiece| (r.pass, r.tap, r.call) == (self.pass, tap, call);
         let gone = flexmodel_cluster::Error::CoordinatorGone;
         Ok(self.control.receive(&self.replies, wanted, gone)?.value)
     }
@@ -322,11 +341,11 @@ impl HookClient<'_> {
     /// send gradients), which back-propagates through the edit and returns the gradient
     /// of the pre-edit piece.
     fn edited(&self, value: &Tensor, point: PointId, call: usize) -> Result<Tensor, BoxError> {
-        let edited = self.link.wait(point, call)?;
+        let edited = self.link.wait(Tap::Value(point), call)?;
         let Some(sends) = self.sends_gradients.map(|sends| sends[point]) else {
             return Ok(edited);
         };
-        let edit_grad = 2 * self.actions.len() + point;
+        let edit_grad = Tap::EditGradient(point);
         let (link, at) = (self.link.clone(), self.at.clone());
         let through_edit = move |grad: &Tensor| -> candle_core::Result<Tensor> {
             at.set(Some((point, true)));
@@ -376,11 +395,11 @@ impl ShardHooks for HookClient<'_> {
         self.calls[point] += 1;
         let value = match action {
             ShardAction::Send => {
-                self.link.send(point, call, &value)?;
+                self.link.send(Tap::Value(point), call, &value)?;
                 value
             }
             ShardAction::SendAndWait => {
-                self.link.send(point, call, &value)?;
+                self.link.send(Tap::Value(point), call, &value)?;
                 self.edited(&value, point, call)?
             }
             ShardAction::Wait => self.edited(&value, point, call)?,
@@ -389,9 +408,9 @@ impl ShardHooks for HookClient<'_> {
         if tap == PointMode::Off && backward_fault.is_none() {
             return Ok(value);
         }
-        // Gradient pieces travel as points `n_points + point`; an edited gradient comes back.
+        // The gradient's pieces go to the coordinator; an edited gradient comes back.
         let sends = tap != PointMode::Off && self.sends_gradients.is_some_and(|s| s[point]);
-        let grad_point = self.actions.len() + point;
+        let grad_point = Tap::Gradient(point);
         let (link, at) = (self.link.clone(), self.at.clone());
         Ok(conjugate::on_backward(&value, move |grad| {
             at.set(Some((point, true)));

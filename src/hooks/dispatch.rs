@@ -5,7 +5,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use candle_core::Tensor;
 
-use flexmodel_actors::{BoxError, HookSink, PointId, PointMode};
+use flexmodel_actors::{BoxError, HookSink, PointMode, Tap};
 
 use crate::hooks::function::HookCtx;
 use crate::hooks::registry::{Entry, PassPlan};
@@ -267,19 +267,20 @@ impl HookLayer for PassHooks<'_> {
 impl HookSink for PassHooks<'_> {
     fn gathered(
         &mut self,
-        point: PointId,
+        tap: Tap,
         call: usize,
         full: Tensor,
     ) -> std::result::Result<Option<Tensor>, BoxError> {
-        let n = self.points.len();
-        if point == 3 * n {
-            return Ok(Some(self.driver_loss(&full)?));
-        }
-        if point >= 2 * n {
-            return Ok(Some(self.through_edit(point - 2 * n, call, &full)?));
-        }
-        let gradient = point >= n;
-        let point = self.points[point % n];
+        let (id, gradient) = match tap {
+            Tap::Output => return Ok(Some(self.driver_loss(&full)?)),
+            Tap::EditGradient(id) => return Ok(Some(self.through_edit(id, call, &full)?)),
+            Tap::Value(id) => (id, false),
+            Tap::Gradient(id) => (id, true),
+        };
+        let point = *self
+            .points
+            .get(id)
+            .ok_or(Error::Internal("a hook point index outside the model"))?;
         let index = point.index(self.n_layers);
         let table = if gradient {
             &self.plan.grad_by_point

@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::collections::BTreeMap;
 
 use candle_core::{Tensor, Var};
-use flexmodel_actors::{Fault, ShardModel, ShardRuntime, ShardSetup};
+use flexmodel_actors::{Fault, PointGeometry, ShardModel, ShardRuntime, ShardSetup};
 use flexmodel_cluster::{Layout, PassControl};
 
 use crate::hooks::HookCatalog;
 use crate::hooks::dispatch::{LossFn, PassHooks};
 use crate::hooks::registry::{Groups, HookRegistry};
 use crate::models::{Llama, LlamaConfig};
+use crate::runtime::launch::Placement;
 use crate::runtime::parameters::{self, RankSlices};
 use crate::runtime::sharding::{
     LlamaShard, build_shards, check_fits_in_memory, check_layout, geometry,
@@ -28,10 +29,11 @@ enum Backend {
         model: Llama,
         runtime: Option<Box<ShardRuntime>>,
     },
-    /// One shard actor per rank of a layout.
+    /// One shard actor per rank of a layout, on threads or in worker processes.
     Sharded {
         runtime: ShardRuntime,
-        shards: Vec<Arc<LlamaShard>>,
+        /// The bytes of weights each rank holds.
+        weight_bytes: Vec<usize>,
     },
 }
 
@@ -84,9 +86,38 @@ impl FlexModel {
     /// The layout is checked against the model and this machine's memory before any
     /// weight is read.
     pub fn build(checkpoint: &Checkpoint, layout: Layout) -> Result<Self> {
+        Self::build_on(checkpoint, layout, &Placement::Threads)
+    }
+
+    /// Builds the model of `checkpoint` split over `layout`, its ranks placed as
+    /// `placement` says: threads of this process, or one worker process per rank (each
+    /// worker opens the checkpoint's file or directory itself and reads only its slices).
+    pub fn build_on(
+        checkpoint: &Checkpoint,
+        layout: Layout,
+        placement: &Placement,
+    ) -> Result<Self> {
         let config = checkpoint.config.clone();
         check_layout(&config, &layout)?;
         check_fits_in_memory(&config, &layout)?;
+        if let Placement::Processes(processes) = placement {
+            let launch = processes.launch(&layout, checkpoint.weights.origin())?;
+            let (geometry, output) = geometry_of(&config, layout)?;
+            let runtime = ShardRuntime::launch(layout, &launch, geometry, output)?;
+            let weight_bytes = runtime
+                .worker_param_bytes()
+                .ok_or(Error::Internal(
+                    "worker processes report no parameter bytes",
+                ))?
+                .into_iter()
+                .map(|b| b as usize)
+                .collect();
+            let backend = Backend::Sharded {
+                runtime,
+                weight_bytes,
+            };
+            return Ok(Self::with_backend(config, layout, backend));
+        }
         if layout == Layout::SINGLE {
             return Ok(Self::new(checkpoint.load_model()?));
         }
@@ -96,10 +127,14 @@ impl FlexModel {
         let shards = build_shards(&config, &weights, &layout, &control)?;
         drop(weights);
         let runtime = start_runtime(&config, layout, &shards, control)?;
+        let weight_bytes = shards.iter().map(|s| s.model().weight_bytes()).collect();
         Ok(Self::with_backend(
             config,
             layout,
-            Backend::Sharded { runtime, shards },
+            Backend::Sharded {
+                runtime,
+                weight_bytes,
+            },
         ))
     }
 
@@ -159,9 +194,25 @@ impl FlexModel {
     pub fn shard_weight_bytes(&self) -> Vec<usize> {
         match &self.backend {
             Backend::Single { model, .. } => vec![model.weight_bytes()],
-            Backend::Sharded { shards, .. } => {
-                shards.iter().map(|s| s.model().weight_bytes()).collect()
-            }
+            Backend::Sharded { weight_bytes, .. } => weight_bytes.clone(),
+        }
+    }
+
+    /// The process id of each rank's worker, in rank order, when the ranks are worker
+    /// processes.
+    pub fn worker_pids(&self) -> Option<Vec<u32>> {
+        match &self.backend {
+            Backend::Sharded { runtime, .. } => runtime.worker_pids(),
+            Backend::Single { .. } => None,
+        }
+    }
+
+    /// The peak resident memory of each rank's worker process so far (as its last
+    /// heartbeat said), in rank order, when the ranks are worker processes.
+    pub fn worker_peak_rss_bytes(&self) -> Option<Vec<Option<u64>>> {
+        match &self.backend {
+            Backend::Sharded { runtime, .. } => runtime.worker_peak_rss_bytes(),
+            Backend::Single { .. } => None,
         }
     }
 
@@ -388,6 +439,19 @@ impl FlexModel {
     }
 }
 
+/// Where every hook point, and the output, lives on `layout`.
+fn geometry_of(
+    config: &LlamaConfig,
+    layout: Layout,
+) -> Result<(Vec<PointGeometry>, PointGeometry)> {
+    let geometry = HookPoint::all(config.n_layers)
+        .into_iter()
+        .map(|p| geometry(p, config, &layout))
+        .collect::<Result<Vec<_>>>()?;
+    let output = geometry[HookPoint::UnembedOut.index(config.n_layers)].clone();
+    Ok((geometry, output))
+}
+
 /// Starts the shard actors of `shards` (in rank order) with every hook point's geometry.
 fn start_runtime(
     config: &LlamaConfig,
@@ -395,11 +459,7 @@ fn start_runtime(
     shards: &[Arc<LlamaShard>],
     control: Arc<PassControl>,
 ) -> Result<ShardRuntime> {
-    let geometry = HookPoint::all(config.n_layers)
-        .into_iter()
-        .map(|p| geometry(p, config, &layout))
-        .collect::<Result<Vec<_>>>()?;
-    let output = geometry[HookPoint::UnembedOut.index(config.n_layers)].clone();
+    let (geometry, output) = geometry_of(config, layout)?;
     let models = shards
         .iter()
         .map(|s| s.clone() as Arc<dyn ShardModel>)

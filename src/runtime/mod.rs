@@ -1,11 +1,14 @@
 //! Where the ranks run: the [`FlexModel`] handle, how a model splits over a layout
-//! ([`sharding`]), and whole parameters read back from every rank's slices.
+//! ([`sharding`]), threads or worker processes ([`launch`]), and whole parameters read
+//! back from every rank's slices.
 //!
 //! This is the glue between the hook API (`crate::hooks`), the models
 //! (`crate::models`) and the sharded runtime of `flexmodel-actors`.
 
 mod flex_model;
+pub mod launch;
 pub(crate) mod parameters;
 pub mod sharding;
 
 pub use flex_model::FlexModel;
+pub use launch::{LlamaLoader, Placement, Processes};

@@ -1,9 +1,10 @@
-//! The `[--tp N] [--pp N] [--dp N]` options every command takes, and the checks a
+//! The `[--tp N] [--pp N] [--dp N] [--procs]` options every command takes, and the checks a
 //! command makes before it reads any weight.
 
 use candle_core::Tensor;
 use clap::Args;
 use flexmodel::runtime::sharding::{check_fits_in_memory, check_layout};
+use flexmodel::runtime::{Placement, Processes};
 use flexmodel::text::check_tokens;
 use flexmodel::{Checkpoint, FlexModel, HookCatalog, HookKind};
 use flexmodel_cluster::Layout;
@@ -20,6 +21,10 @@ pub struct LayoutArgs {
     /// Data-parallel replicas.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub dp: u32,
+    /// Run every rank in a worker process of its own on this machine (by default, every
+    /// rank is a thread of this process).
+    #[arg(long)]
+    pub procs: bool,
 }
 
 /// What a command will run, checked against the model before its weights are read.
@@ -65,6 +70,14 @@ impl LayoutArgs {
         for (target, kind) in plan.targets {
             catalog.resolve(target, kind)?;
         }
-        Ok(FlexModel::build(checkpoint, layout)?)
+        Ok(FlexModel::build_on(checkpoint, layout, &self.placement())?)
+    }
+
+    /// Where the ranks run.
+    pub fn placement(&self) -> Placement {
+        match self.procs {
+            true => Placement::Processes(Processes::default()),
+            false => Placement::Threads,
+        }
     }
 }

@@ -8,6 +8,7 @@ mod induction;
 mod input;
 mod layout;
 mod lens;
+mod worker;
 
 use clap::{Parser, Subcommand};
 use flexmodel::telemetry::{self, HookProfile};
@@ -35,6 +36,8 @@ enum Command {
     Induction(induction::InductionArgs),
     /// Train a tuned lens and compare it with the logit lens on held-out text.
     Lens(lens::LensArgs),
+    /// Serve one rank of a model for a driver (started by `--procs`).
+    Worker(worker::WorkerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +62,18 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(args, profile),
         Command::Induction(args) => induction::run(args),
         Command::Lens(args) => lens::run(args),
+        Command::Worker(args) => {
+            // The shard's thread may still be blocked in a pass: end the process now.
+            let code = match worker::run(args) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {}", describe(&e));
+                    1
+                }
+            };
+            drop(telemetry);
+            std::process::exit(code);
+        }
     };
     // Flushes the spans still queued for export.
     drop(telemetry);

@@ -1,0 +1,99 @@
+//! Where the ranks run — threads of this process (the default) or one worker process
+//! per rank on this machine — and what a worker process loads.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use flexmodel_actors::{Assignment, BoxError, ShardLoader, ShardModel, WorkerLaunch};
+use flexmodel_cluster::{Collective, Layout};
+
+use crate::Checkpoint;
+use crate::models::Llama;
+use crate::runtime::sharding::{LlamaShard, check_layout, stage_of};
+use crate::{Error, Result};
+
+/// Where the ranks of a model run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// Every rank is a thread of this process.
+    #[default]
+    Threads,
+    /// Every rank is a `flexmodel worker` process on this machine, started when the
+    /// model is built and stopped when it is dropped.
+    Processes(Processes),
+}
+
+/// How worker processes are started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Processes {
+    /// The `flexmodel` binary to run; by default `FLEXMODEL_WORKER_BIN`, else this
+    /// program if it is `flexmodel`, else a `flexmodel` next to it or above it (how
+    /// Cargo lays out tests), else `flexmodel` on the `PATH`.
+    pub program: Option<PathBuf>,
+    /// Compute threads per worker; by default this machine's cores split evenly among
+    /// the workers (`RAYON_NUM_THREADS`, when set, is passed to every worker instead).
+    pub threads: Option<usize>,
+}
+
+impl Processes {
+    /// How to start the workers of `layout` for the model at `model`.
+    pub(crate) fn launch(&self, layout: &Layout, model: &std::path::Path) -> Result<WorkerLaunch> {
+        let model = model.to_str().ok_or_else(|| Error::InvalidArgument {
+            argument: "model path",
+            problem: format!(
+                "{} is not valid UTF-8, so a worker cannot be told it",
+                model.display()
+            ),
+        })?;
+        Ok(WorkerLaunch {
+            program: self.program.clone().unwrap_or_else(worker_program),
+            args: vec!["worker".into()],
+            model: model.to_string(),
+            threads: self
+                .threads
+                .unwrap_or_else(|| WorkerLaunch::default_threads(layout.world_size())),
+        })
+    }
+}
+
+/// The `flexmodel` binary a driver starts its workers with, by default.
+fn worker_program() -> PathBuf {
+    if let Some(path) = std::env::var_os("FLEXMODEL_WORKER_BIN") {
+        return path.into();
+    }
+    let name = format!("flexmodel{}", std::env::consts::EXE_SUFFIX);
+    if let Ok(me) = std::env::current_exe() {
+        if me.file_name().is_some_and(|n| n == name.as_str()) {
+            return me;
+        }
+        // Tests run from target/<profile>/deps; the binary lies in target/<profile>.
+        for dir in me.ancestors().skip(1).take(2) {
+            let candidate = dir.join(&name);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from(name)
+}
+
+/// Loads a worker's shard of a LLaMA-family model: opens the model the assignment
+/// names on this machine's disk and reads only the tensors of its rank, one at a time.
+pub struct LlamaLoader;
+
+impl ShardLoader for LlamaLoader {
+    fn load(
+        &self,
+        assignment: &Assignment,
+        tp: Arc<dyn Collective>,
+    ) -> std::result::Result<Arc<dyn ShardModel>, BoxError> {
+        let checkpoint = Checkpoint::open(&assignment.model)?;
+        let (dp, pp, tp_size) = assignment.layout;
+        let layout = Layout::new(dp, pp, tp_size)?;
+        let config = &checkpoint.config;
+        check_layout(config, &layout)?;
+        let stage = stage_of(config, &layout, layout.coords(assignment.rank).pp);
+        let model = Llama::load_stage(config, checkpoint.weights.as_ref(), tp, stage)?;
+        Ok(Arc::new(LlamaShard::new(model)))
+    }
+}

@@ -11,7 +11,7 @@ use flexmodel_cluster::{Layout, RankCoords};
 use crate::error::FailedAt;
 use crate::protocol::{EditedPiece, ShardEvent, Tap};
 use crate::ranks::{Lost, Ranks};
-use crate::{BoxError, Error, PointGeometry, PointId, Result};
+use crate::{BoxError, Error, FailureKind, PointGeometry, PointId, Result};
 
 /// How often the coordinator checks that the shards are alive while it waits.
 const LIVENESS_POLL: Duration = Duration::from_millis(200);
@@ -175,6 +175,9 @@ impl<'a> HookCoordinator<'a> {
                     ..
                 } => {
                     self.finished[rank] = true;
+                    // A collective that failed (a peer gone, the pass aborted) is the
+                    // consequence of another rank's failure, found by `lost` if not reported.
+                    let consequence = after_abort || cause.kind == FailureKind::Collective;
                     let error = Error::ShardFailed {
                         rank,
                         coords: self.layout.coords(rank),
@@ -182,7 +185,7 @@ impl<'a> HookCoordinator<'a> {
                         at: self.failed_at(at),
                         cause,
                     };
-                    self.fail(error, !after_abort, ranks);
+                    self.fail(error, !consequence, ranks);
                 }
             }
         }

@@ -228,6 +228,8 @@ pub(crate) enum ToDriver {
         pass: u64,
         output: bool,
         loss: Option<f32>,
+        /// The process's peak resident memory so far.
+        peak_rss_bytes: Option<u64>,
     },
     /// The pass failed on the shard.
     Failed {

@@ -15,7 +15,8 @@
 //! fails its pass with [`flexmodel_cluster::Error::CoordinatorGone`].
 
 use std::ops::ControlFlow;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use candle_core::Tensor;
 use crossbeam_channel::{Receiver, Sender};
@@ -60,7 +61,11 @@ pub(crate) struct ReadParameters {
 /// pass: the hook point it last reached (and whether in backward), and the failure a
 /// closure raised (candle's backward keeps only the message of an error it carries).
 #[derive(Debug, Default)]
-pub(crate) struct Position(Mutex<Progress>);
+pub(crate) struct Position {
+    progress: Mutex<Progress>,
+    /// Signalled when the shard starts waiting on the coordinator.
+    waiting: Condvar,
+}
 
 /// What [`Position`] holds.
 #[derive(Debug, Default)]
@@ -71,7 +76,18 @@ struct Progress {
 
 impl Position {
     fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells whoever watches (a worker's heartbeat) that the shard waits where it is.
+    fn announce(&self) {
+        self.waiting.notify_all();
+    }
+
+    /// Waits up to `timeout` for the shard to start waiting on the coordinator.
+    pub(crate) fn watch(&self, timeout: Duration) {
+        let guard = self.lock();
+        let _ = self.waiting.wait_timeout(guard, timeout);
     }
 
     fn set(&self, at: Option<(PointId, bool)>) {
@@ -341,6 +357,7 @@ impl HookClient<'_> {
     /// send gradients), which back-propagates through the edit and returns the gradient
     /// of the pre-edit piece.
     fn edited(&self, value: &Tensor, point: PointId, call: usize) -> Result<Tensor, BoxError> {
+        self.at.announce();
         let edited = self.link.wait(Tap::Value(point), call)?;
         let Some(sends) = self.sends_gradients.map(|sends| sends[point]) else {
             return Ok(edited);
@@ -352,6 +369,7 @@ impl HookClient<'_> {
             if sends {
                 link.send(edit_grad, call, grad).map_err(|e| at.fail(e))?;
             }
+            at.announce();
             link.wait(edit_grad, call).map_err(|e| at.fail(e))
         };
         Ok(conjugate::substitute(value, &edited, through_edit)?)
@@ -423,7 +441,10 @@ impl ShardHooks for HookClient<'_> {
                 link.send(grad_point, call, grad).map_err(|e| at.fail(e))?;
             }
             match tap {
-                PointMode::Edit => link.wait(grad_point, call).map_err(|e| at.fail(e)),
+                PointMode::Edit => {
+                    at.announce();
+                    link.wait(grad_point, call).map_err(|e| at.fail(e))
+                }
                 _ => Ok(grad.clone()),
             }
         })?)

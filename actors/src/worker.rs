@@ -353,6 +353,7 @@ fn forward_events(events: &Receiver<ShardEvent>, driver: &Connection) {
                     pass,
                     output: output.is_some(),
                     loss,
+                    peak_rss_bytes: peak_rss_bytes(),
                 };
                 wire::send(driver, &done, &output.iter().collect::<Vec<_>>())
             }
@@ -390,7 +391,8 @@ fn beat(driver: &Connection, control: &PassControl, at: &Position) {
         if wire::send(driver, &heartbeat, &[]).is_err() {
             return;
         }
-        std::thread::sleep(HEARTBEAT);
+        // Beat early when the shard starts waiting, so that the driver knows where.
+        at.watch(HEARTBEAT);
     }
 }
 

@@ -447,7 +447,16 @@ impl Relay {
                     (state.pass, state.at) = (pass, at);
                     state.peak_rss_bytes = peak_rss_bytes.or(state.peak_rss_bytes);
                 }
-                ToDriver::Done { pass, output, loss } => {
+                ToDriver::Done {
+                    pass,
+                    output,
+                    loss,
+                    peak_rss_bytes,
+                } => {
+                    if peak_rss_bytes.is_some() {
+                        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                        state.peak_rss_bytes = peak_rss_bytes;
+                    }
                     let output = match output {
                         true => wire::attached(&self.connection, 1)?.pop(),
                         false => None,

@@ -37,8 +37,9 @@ pub enum Error {
     /// The hook coordinator is gone (the driver's runtime is shutting down).
     #[error("the hook coordinator is gone")]
     CoordinatorGone,
-    /// A peer rank is gone (its thread or process ended).
-    #[error("rank {0} is gone")]
+    /// A member of the group is gone (its thread or process ended, or its connection
+    /// closed); the member's place in its group.
+    #[error("member {0} of the group is gone")]
     PeerGone(usize),
     /// A rank outside its group.
     #[error("rank {rank} is outside a group of {size}")]

@@ -236,10 +236,12 @@ impl ShardModel for LlamaShard {
             hooks,
             n_layers: self.n_layers,
         };
-        // The runtime's own errors (an aborted pass, an injected fault) go back as they are.
+        // The runtime's own errors (an aborted pass, an injected fault, a collective
+        // whose peer is gone) go back as they are, so that their kind is known.
         match self.model.forward_stage(input, &mut by_index) {
             Ok(out) => Ok(out),
             Err(Error::ShardHook(e)) => Err(e),
+            Err(Error::Cluster(e)) => Err(Box::new(e)),
             Err(e) => Err(Box::new(e)),
         }
     }

@@ -174,7 +174,17 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
         "min_ms": base.min_ms,
         "tokens_per_s": tokens_per_s,
         "backward": args.backward,
+        "procs": args.layout.procs,
+        "param_bytes_per_rank": model.shard_weight_bytes(),
     });
+    if let Some(peaks) = model.worker_peak_rss_bytes() {
+        json["peak_rss_bytes_per_rank"] = serde_json::json!(peaks);
+        let mb: Vec<String> = peaks
+            .iter()
+            .map(|p| p.map_or("?".into(), |b| format!("{:.0}", b as f64 / 1e6)))
+            .collect();
+        println!("peak resident memory of each worker, MB: {}", mb.join(" "));
+    }
     if let [_, capturing, disabled] = stats.as_slice() {
         println!(
             "capturing {} hook points ({:.1} MB per pass): median {:.1} ms ({:+.1}%); registered but disabled: median {:.1} ms ({:+.1}%)",

@@ -1,0 +1,334 @@
+//! `--procs` on the command line: every command writes what it writes with threads, and
+//! no worker outlives its driver — killed, terminated or interrupted — or a failed run.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flexmodel::tiny::tiny_checkpoint;
+
+fn flexmodel(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flexmodel"))
+        .args(args)
+        .env("FLEXMODEL_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn succeeded(args: &[&str]) -> String {
+    let out = flexmodel(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The tiny model as a Hugging Face directory.
+fn tiny_dir(seed: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_checkpoint(seed)
+        .unwrap()
+        .save_hf_dir(dir.path())
+        .unwrap();
+    dir
+}
+
+/// Every tensor of a safetensors file, flattened to f32.
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut all: Vec<(String, Vec<f32>)> =
+        candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| {
+                let t = t.to_dtype(candle_core::DType::F32).unwrap();
+                (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            })
+            .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+fn last_json_line(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn every_command_under_procs_writes_what_threads_write() {
+    let dir = tiny_dir(41);
+    let model = dir.path().to_str().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let layout = ["--tp", "2", "--pp", "2", "--dp", "2"];
+    // generate and induction: one sequence, no replicas.
+    let one = ["--tp", "2", "--pp", "2"];
+    let with = |layout: &[&str], args: &[&str], procs: bool| -> Vec<String> {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(layout.iter().map(|s| s.to_string()));
+        if procs {
+            all.push("--procs".into());
+        }
+        all
+    };
+    let run = |args: Vec<String>| succeeded(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // capture: every point, gradients, an edit, two sequences for the two replicas.
+    let tokens = out.path().join("tokens.txt");
+    std::fs::write(&tokens, "5 17 200 3 99 1\n250 0 7 7 7 9\n").unwrap();
+    for procs in [false, true] {
+        let file = out.path().join(format!("capture-{procs}.safetensors"));
+        run(with(
+            &layout,
+            &[
+                "capture",
+                "--model",
+                model,
+                "--tokens-file",
+                tokens.to_str().unwrap(),
+                "--hook",
+                "*",
+                "--grad",
+                "--edit",
+                "blocks.1.attn.hook_z=zero-head:3",
+                "--out",
+                file.to_str().unwrap(),
+            ],
+            procs,
+        ));
+    }
+    let threads = tensors(&out.path().join("capture-false.safetensors"));
+    let procs = tensors(&out.path().join("capture-true.safetensors"));
+    assert!(threads.len() > 100, "{} tensors", threads.len());
+    assert_eq!(threads, procs, "capture: bit for bit");
+
+    // generate: the same continuation.
+    let generated: Vec<String> = [false, true]
+        .into_iter()
+        .map(|procs| {
+            run(with(
+                &one,
+                &[
+                    "generate",
+                    "--model",
+                    model,
+                    "--prompt",
+                    "abc",
+                    "--max-new-tokens",
+                    "6",
+                ],
+                procs,
+            ))
+        })
+        .collect();
+    assert_eq!(generated[0], generated[1]);
+
+    // induction: the same scores.
+    for procs in [false, true] {
+        let dir = out.path().join(format!("induction-{procs}"));
+        run(with(
+            &layout,
+            &[
+                "induction",
+                "--model",
+                model,
+                "--seq-len",
+                "8",
+                "--batch",
+                "2",
+                "--seed",
+                "3",
+                "--out",
+                dir.to_str().unwrap(),
+            ],
+            procs,
+        ));
+    }
+    assert_eq!(
+        tensors(
+            &out.path()
+                .join("induction-false/induction_scores.safetensors")
+        ),
+        tensors(
+            &out.path()
+                .join("induction-true/induction_scores.safetensors")
+        )
+    );
+
+    // bench: the parameters each rank holds, and each worker's peak memory.
+    let bench = |procs: bool| {
+        last_json_line(&run(with(
+            &layout,
+            &[
+                "bench",
+                "--model",
+                model,
+                "--batch",
+                "2",
+                "--seq",
+                "8",
+                "--iters",
+                "2",
+                "--hook",
+                "blocks.*.hook_resid_post",
+                "--profile",
+                "--json",
+            ],
+            procs,
+        )))
+    };
+    let (threads, procs) = (bench(false), bench(true));
+    assert_eq!(procs["procs"], true);
+    let bytes = procs["param_bytes_per_rank"].as_array().unwrap();
+    assert_eq!(bytes.len(), 8);
+    assert_eq!(
+        procs["param_bytes_per_rank"],
+        threads["param_bytes_per_rank"]
+    );
+    let peaks = procs["peak_rss_bytes_per_rank"].as_array().unwrap();
+    assert_eq!(peaks.len(), 8);
+    for (peak, held) in peaks.iter().zip(bytes) {
+        let (peak, held) = (peak.as_u64().unwrap(), held.as_u64().unwrap());
+        assert!(
+            peak > held,
+            "a worker's peak memory {peak} holds its {held} bytes of weights"
+        );
+    }
+    assert!(threads.get("peak_rss_bytes_per_rank").is_none());
+}
+
+/// The process ids of `parent`'s children.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(vec![], |(_, r)| r.split_whitespace().collect());
+        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
+            children.push(pid);
+        }
+    }
+    children
+}
+
+/// Whether process `pid` has ended (gone, or a zombie waiting for a reaper).
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, done: impl Fn() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A driver benchmarking for a long time under `--procs --tp 2 --pp 2`, once its four
+/// workers are up; kills the driver if the test fails.
+struct LongRun {
+    driver: Child,
+    workers: Vec<u32>,
+}
+
+impl LongRun {
+    fn start(model: &str) -> Self {
+        let driver = Command::new(env!("CARGO_BIN_EXE_flexmodel"))
+            .args([
+                "bench", "--model", model, "--batch", "2", "--seq", "16", "--iters", "1000000",
+            ])
+            .args(["--tp", "2", "--pp", "2", "--procs"])
+            .env("FLEXMODEL_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = driver.id();
+        wait_until("four workers", Duration::from_secs(30), || {
+            children_of(pid).len() == 4
+        });
+        let workers = children_of(pid);
+        // Let the passes begin.
+        std::thread::sleep(Duration::from_millis(500));
+        Self { driver, workers }
+    }
+}
+
+impl Drop for LongRun {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+        for &pid in &self.workers {
+            if !ended(pid) {
+                signal(pid, "KILL");
+            }
+        }
+    }
+}
+
+#[test]
+fn no_worker_outlives_its_driver_killed_terminated_or_interrupted() {
+    let dir = tiny_dir(42);
+    for how in ["KILL", "TERM", "INT"] {
+        let mut run = LongRun::start(dir.path().to_str().unwrap());
+        signal(run.driver.id(), how);
+        let status = run.driver.wait().unwrap();
+        assert!(!status.success(), "{how}");
+        let workers = run.workers.clone();
+        let took = wait_until("the workers to exit", Duration::from_secs(5), || {
+            workers.iter().all(|&p| ended(p))
+        });
+        eprintln!("SIG{how}: every worker gone {took:?} after the driver");
+    }
+}
+
+#[test]
+fn a_killed_worker_fails_the_command_naming_its_rank_and_stops_the_others() {
+    let dir = tiny_dir(43);
+    let mut run = LongRun::start(dir.path().to_str().unwrap());
+    let victim = run.workers[2];
+    // The rank of the victim, from its command line.
+    let cmdline = std::fs::read_to_string(format!("/proc/{victim}/cmdline")).unwrap();
+    let args: Vec<&str> = cmdline.split('\0').collect();
+    let rank = args[args.iter().position(|a| *a == "--rank").unwrap() + 1].to_string();
+    signal(victim, "KILL");
+    let start = Instant::now();
+    let status = run.driver.wait().unwrap();
+    let took = start.elapsed();
+    assert!(!status.success());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(run.driver.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains(&format!("error: rank {rank} (")) && stderr.contains("is gone"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("signal: 9 (SIGKILL)"), "{stderr}");
+    let workers = run.workers.clone();
+    wait_until("the other workers to exit", Duration::from_secs(5), || {
+        workers.iter().all(|&p| ended(p))
+    });
+    eprintln!(
+        "the driver failed {took:?} after rank {rank} was killed: {}",
+        stderr.trim()
+    );
+}

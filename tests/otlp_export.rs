@@ -28,6 +28,8 @@ struct ReceivedSpan {
     span_id: Vec<u8>,
     parent: Vec<u8>,
     attributes: HashMap<String, String>,
+    /// The `process.pid` of the resource that exported it.
+    pid: String,
 }
 
 /// Every span of `requests`, and the `service.name` of each resource.
@@ -45,6 +47,13 @@ fn spans_of(requests: &[ExportTraceServiceRequest]) -> (Vec<ReceivedSpan>, Vec<S
     let mut spans = Vec::new();
     let mut services = Vec::new();
     for resource_spans in requests.iter().flat_map(|r| &r.resource_spans) {
+        let pid = resource_spans
+            .resource
+            .iter()
+            .flat_map(|r| &r.attributes)
+            .find(|kv| kv.key == "process.pid")
+            .map(|kv| text(&kv.value))
+            .unwrap_or_default();
         if let Some(resource) = &resource_spans.resource {
             services.extend(
                 resource
@@ -58,6 +67,7 @@ fn spans_of(requests: &[ExportTraceServiceRequest]) -> (Vec<ReceivedSpan>, Vec<S
             spans.push(ReceivedSpan {
                 name: span.name.clone(),
                 trace_id: span.trace_id.clone(),
+                pid: pid.clone(),
                 span_id: span.span_id.clone(),
                 parent: span.parent_span_id.clone(),
                 attributes: span
@@ -355,4 +365,26 @@ fn a_backward_pass_is_one_trace_rooted_at_backward_with_each_shards_two_halves()
     assert!(spans.iter().any(|s| s.name == "hook.store"
         && s.attributes.get("hook.name").map(String::as_str)
             == Some("blocks.1.hook_resid_post_grad")));
+}
+
+#[test]
+fn under_procs_one_pass_is_one_trace_with_shard_spans_from_every_worker_process() {
+    let requests = export_over_http(&["--procs"]);
+    assert_pass_tree(&requests);
+    let (spans, _) = spans_of(&requests);
+    let root = spans.iter().find(|s| s.parent.is_empty()).unwrap();
+    let shard_pids: std::collections::BTreeSet<&str> = spans
+        .iter()
+        .filter(|s| s.name == "shard.forward")
+        .map(|s| s.pid.as_str())
+        .collect();
+    assert_eq!(shard_pids.len(), 4, "one process per rank: {shard_pids:?}");
+    assert!(
+        !shard_pids.contains(root.pid.as_str()) && !root.pid.is_empty(),
+        "the driver {} exports the pass and its hook phases, the workers their shards",
+        root.pid
+    );
+    for span in spans.iter().filter(|s| s.name.starts_with("hook.")) {
+        assert_eq!(span.pid, root.pid, "{} runs in the driver", span.name);
+    }
 }

@@ -184,9 +184,10 @@ pub(crate) enum ToWorker {
     /// Serve this rank of this model.
     Assign(Assignment),
     /// Run a pass; followed by the input tokens (if `input`) and the backward pass's
-    /// tokens (if `backward` is set).
+    /// tokens (if `backward` is set). `trace` is the pass's trace context.
     Run {
         pass: u64,
+        trace: Vec<(String, String)>,
         input: bool,
         actions: Vec<ShardAction>,
         fault: Option<(PointId, Fault)>,

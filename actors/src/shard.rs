@@ -28,6 +28,7 @@ use kameo::message::{Context, Message};
 use crate::error::{InjectedFault, ShardFailure};
 use crate::geometry::{PointMode, ShardAction};
 use crate::protocol::{EditedPiece, Fault, RunPass, ShardEvent, Tap};
+use crate::trace_context::RemoteParent;
 use crate::{BoxError, Error, PointId, ShardHooks, ShardModel, ShardParameters};
 
 /// Everything a shard starts from; cloned to restart it.
@@ -46,10 +47,12 @@ pub struct ShardArgs {
     pub(crate) at: Arc<Position>,
 }
 
-/// Runs a pass; the shard's spans go under `parent`.
+/// Runs a pass; the shard's spans go under `parent`, or under `remote`, a span of the
+/// driver's process.
 pub(crate) struct Run {
     pub(crate) run: RunPass,
     pub(crate) parent: tracing::Span,
+    pub(crate) remote: Option<RemoteParent>,
 }
 
 /// Asks a shard for its parameter slices and their gradients from the last backward pass.
@@ -188,7 +191,7 @@ impl Message<Run> for ShardActor {
         self.pass = msg.run.pass;
         self.at.set(None);
         self.at.take_failure();
-        match self.run(msg.run, &msg.parent) {
+        match self.run(msg.run, &msg.parent, msg.remote.as_ref()) {
             Ok((output, loss)) => {
                 let done = ShardEvent::Done {
                     pass: self.pass,
@@ -209,6 +212,7 @@ impl ShardActor {
         &mut self,
         msg: RunPass,
         parent: &tracing::Span,
+        remote: Option<&RemoteParent>,
     ) -> Result<(Option<Tensor>, Option<f32>), BoxError> {
         let args = &self.args;
         let stage = args.coords.pp;
@@ -243,6 +247,9 @@ impl ShardActor {
             fault: msg.fault,
         };
         let forward_span = shard_span!("shard.forward", parent, args);
+        if let Some(remote) = remote {
+            remote.adopt(&forward_span);
+        }
         let out = forward_span.in_scope(|| args.model.forward(&input, &mut hooks))?;
         let Some(backward) = msg.backward else {
             if !last {
@@ -252,6 +259,9 @@ impl ShardActor {
             return Ok((Some(out), None));
         };
         let backward_span = shard_span!("shard.backward", parent, args);
+        if let Some(remote) = remote {
+            remote.adopt(&backward_span);
+        }
         let _entered = backward_span.enter();
         let (root, loss) = match (last, backward.plan.driver_loss) {
             (true, true) => {

@@ -133,6 +133,7 @@ impl Ranks for ShardThreads {
         let message = Run {
             run,
             parent: tracing::Span::current(),
+            remote: None,
         };
         self.shards[rank]
             .tell(message)

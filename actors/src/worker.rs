@@ -19,6 +19,7 @@ use crate::protocol::{
 };
 use crate::shard::{Position, ReadParameters, Run, ShardArgs};
 use crate::threads::PARAMETERS_TIMEOUT;
+use crate::trace_context::{RemoteParent, TracePropagation};
 use crate::wire::{self, DRIVER_GROUP, WireError};
 use crate::{BoxError, Error, Result, ShardActor, ShardModel};
 
@@ -39,7 +40,7 @@ pub trait ShardLoader {
 }
 
 /// Where a worker finds its driver.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerOptions {
     /// The driver's hub.
     pub driver: SocketAddr,
@@ -47,6 +48,8 @@ pub struct WorkerOptions {
     pub rank: usize,
     /// The address the worker's peers reach it at (port 0: any free port).
     pub listen: SocketAddr,
+    /// How the shard's spans join the driver's trace, if they are exported.
+    pub trace: Option<Arc<dyn TracePropagation>>,
 }
 
 /// Serves one rank until the driver shuts it down or goes away.
@@ -135,7 +138,14 @@ pub fn serve(options: &WorkerOptions, loader: &dyn ShardLoader) -> Result<()> {
             move || forward_events(&events_rx, &driver)
         })
         .map_err(Error::RuntimeStart)?;
-    let served = serve_passes(rank, &driver, &shard, &replies, &control);
+    let served = serve_passes(
+        rank,
+        &driver,
+        &shard,
+        &replies,
+        &control,
+        options.trace.as_ref(),
+    );
     // A shard blocked in a pass notices the abort; the process ends either way.
     control.abort();
     driver.close();
@@ -231,6 +241,7 @@ fn serve_passes(
     shard: &ActorRef<ShardActor>,
     replies: &Sender<EditedPiece>,
     control: &PassControl,
+    trace: Option<&Arc<dyn TracePropagation>>,
 ) -> Result<()> {
     let protocol = |what: String| Error::Protocol { rank, what };
     while let Ok(frame) = driver.inbox().recv() {
@@ -251,6 +262,7 @@ fn serve_passes(
                 match message {
                     ToWorker::Run {
                         pass,
+                        trace: context,
                         input,
                         actions,
                         fault,
@@ -273,9 +285,14 @@ fn serve_passes(
                             fault,
                             backward,
                         };
+                        let remote = trace.map(|propagation| RemoteParent {
+                            propagation: propagation.clone(),
+                            context,
+                        });
                         let message = Run {
                             run,
                             parent: tracing::Span::none(),
+                            remote,
                         };
                         shard
                             .tell(message)

@@ -19,6 +19,7 @@ use crate::protocol::{
 use crate::ranks::{Lost, Ranks};
 use crate::runtime::ShardRuntime;
 use crate::threads::PARAMETERS_TIMEOUT;
+use crate::trace_context::TracePropagation;
 use crate::wire::{self, DRIVER_GROUP, WireError};
 use crate::worker::HEARTBEAT;
 use crate::{Error, PointGeometry, PointId, Result, ShardParameters};
@@ -33,7 +34,7 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to start the worker processes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerLaunch {
     /// The program to run (the `flexmodel` binary).
     pub program: PathBuf,
@@ -44,6 +45,9 @@ pub struct WorkerLaunch {
     /// The compute threads of each worker (`RAYON_NUM_THREADS`), unless the environment
     /// already sets it.
     pub threads: usize,
+    /// How each pass's trace context is sent along, so that the workers' spans join
+    /// the driver's trace.
+    pub trace: Option<Arc<dyn TracePropagation>>,
 }
 
 impl WorkerLaunch {
@@ -110,6 +114,7 @@ impl Worker {
 /// Worker processes on this machine, one per rank of a layout.
 pub(crate) struct WorkerProcesses {
     layout: Layout,
+    trace: Option<Arc<dyn TracePropagation>>,
     workers: Vec<Worker>,
     _hub: Hub,
     /// Runs the connections' tasks; dropped last.
@@ -229,6 +234,7 @@ impl WorkerProcesses {
             .collect::<Result<Vec<Worker>>>()?;
         Ok(Self {
             layout,
+            trace: launch.trace.clone(),
             workers,
             _hub: hub,
             _runtime: runtime,
@@ -536,8 +542,13 @@ impl Ranks for WorkerProcesses {
         if let Some(reason) = self.workers[rank].lost() {
             return Err(self.gone(rank, reason));
         }
+        let trace = match &self.trace {
+            Some(propagation) => propagation.inject(&tracing::Span::current()),
+            None => Vec::new(),
+        };
         let message = ToWorker::Run {
             pass: run.pass,
+            trace,
             input: run.input.is_some(),
             actions: run.actions,
             fault: run.fault,

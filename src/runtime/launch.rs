@@ -52,6 +52,7 @@ impl Processes {
             threads: self
                 .threads
                 .unwrap_or_else(|| WorkerLaunch::default_threads(layout.world_size())),
+            trace: crate::telemetry::propagation(),
         })
     }
 }

@@ -176,6 +176,15 @@ pub fn init(logs: EnvFilter, profile: Option<HookProfile>) -> Result<Telemetry> 
     })
 }
 
+/// How a pass's trace context travels to worker processes, so that their spans join
+/// the driver's trace: W3C trace context with the `otlp` feature, nothing without.
+pub fn propagation() -> Option<std::sync::Arc<dyn flexmodel_actors::TracePropagation>> {
+    #[cfg(feature = "otlp")]
+    return Some(std::sync::Arc::new(otlp::W3cPropagation));
+    #[cfg(not(feature = "otlp"))]
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig as _};
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Subscriber;
 use tracing_subscriber::Layer;
@@ -47,7 +48,9 @@ impl Exporter {
                 (exporter, None)
             }
         };
-        let mut resource = Resource::builder();
+        // Workers export their own spans: the process tells them apart in one trace.
+        let pid = opentelemetry::KeyValue::new("process.pid", i64::from(std::process::id()));
+        let mut resource = Resource::builder().with_attribute(pid);
         if first_set(&env_var, &["OTEL_SERVICE_NAME"]).is_none() {
             resource = resource.with_service_name("flexmodel");
         }
@@ -75,5 +78,27 @@ impl Drop for Exporter {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
+    }
+}
+
+/// W3C trace context (`traceparent`, `tracestate`) between the driver and its workers.
+pub(super) struct W3cPropagation;
+
+impl flexmodel_actors::TracePropagation for W3cPropagation {
+    fn inject(&self, span: &tracing::Span) -> Vec<(String, String)> {
+        use opentelemetry::propagation::TextMapPropagator as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        let mut carrier = std::collections::HashMap::new();
+        TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+        carrier.into_iter().collect()
+    }
+
+    fn adopt(&self, span: &tracing::Span, context: &[(String, String)]) {
+        use opentelemetry::propagation::TextMapPropagator as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        let carrier: std::collections::HashMap<String, String> = context.iter().cloned().collect();
+        let parent = TraceContextPropagator::new().extract(&carrier);
+        // A span that is not exported (no OpenTelemetry layer) has no parent to set.
+        let _ = span.set_parent(parent);
     }
 }

@@ -30,6 +30,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         driver: args.driver,
         rank: args.rank,
         listen: args.listen,
+        trace: flexmodel::telemetry::propagation(),
     };
     serve(&options, &LlamaLoader)?;
     Ok(())

@@ -5,6 +5,9 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::processes::{children_of, ended, signal, wait_until};
 use flexmodel::tiny::tiny_checkpoint;
 
 fn flexmodel(args: &[&str]) -> Output {
@@ -154,6 +157,43 @@ fn every_command_under_procs_writes_what_threads_write() {
         )
     );
 
+    // lens: the same report from the same training.
+    let text = out.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog. ".repeat(20),
+    )
+    .unwrap();
+    let reports: Vec<String> = [false, true]
+        .into_iter()
+        .map(|procs| {
+            let dir = out.path().join(format!("lens-{procs}"));
+            run(with(
+                &one,
+                &[
+                    "lens",
+                    "--model",
+                    model,
+                    "--train-text",
+                    text.to_str().unwrap(),
+                    "--eval-text",
+                    text.to_str().unwrap(),
+                    "--train-tokens",
+                    "256",
+                    "--eval-tokens",
+                    "128",
+                    "--seq-len",
+                    "32",
+                    "--out",
+                    dir.to_str().unwrap(),
+                ],
+                procs,
+            ));
+            std::fs::read_to_string(dir.join("lens_report.json")).unwrap()
+        })
+        .collect();
+    assert_eq!(reports[0], reports[1]);
+
     // bench: the parameters each rank holds, and each worker's peak memory.
     let bench = |procs: bool| {
         last_json_line(&run(with(
@@ -194,53 +234,6 @@ fn every_command_under_procs_writes_what_threads_write() {
         );
     }
     assert!(threads.get("peak_rss_bytes_per_rank").is_none());
-}
-
-/// The process ids of `parent`'s children.
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut children = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or(vec![], |(_, r)| r.split_whitespace().collect());
-        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
-            children.push(pid);
-        }
-    }
-    children
-}
-
-/// Whether process `pid` has ended (gone, or a zombie waiting for a reaper).
-fn ended(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, done: impl Fn() -> bool) -> Duration {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < timeout, "{what} within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
-}
-
-fn signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// A driver benchmarking for a long time under `--procs --tp 2 --pp 2`, once its four

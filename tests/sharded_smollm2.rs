@@ -6,14 +6,17 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
-use common::{assert_matches_single, batch, rel_error, smollm2, take_last_calls};
+use common::{
+    assert_matches_single, batch, register_smollm2_edits, rel_error, smollm2, smollm2_tokens,
+    take_last_calls,
+};
 
 /// Relative error allowed between a layout and the single shard at every point: the
 /// worst measured is 3.1e-6 (tp=3).
 const TOLERANCE: f64 = 2e-5;
 /// The same for gradients: the worst measured is 3.4e-5 (tp=3, edited).
 const GRADIENT_TOLERANCE: f64 = 1e-4;
-use flexmodel::{FlexModel, HookFunction, edits};
+use flexmodel::{FlexModel, HookFunction};
 use flexmodel_cluster::Layout;
 
 /// `(tp, pp, dp)` as in the issue; [`Layout::new`] takes `(dp, pp, tp)`.
@@ -21,36 +24,15 @@ fn layout(tp: usize, pp: usize, dp: usize) -> Layout {
     Layout::new(dp, pp, tp).unwrap()
 }
 
-fn tokens() -> Tensor {
-    batch(&[
-        &[504, 3575, 282, 4649, 314, 7042],
-        &[1, 9690, 198, 2683, 359, 30],
-        &[19556, 2087, 260, 2463, 30, 2],
-    ])
-}
-
-fn register_edits(model: &mut FlexModel) {
-    let hooks = model.hooks_mut();
-    hooks
-        .register(HookFunction::new("blocks.3.attn.hook_z").with_edit(edits::zero_head(4)))
-        .unwrap();
-    hooks
-        .register(HookFunction::new("blocks.12.attn.hook_pattern").with_edit(edits::zero_head(7)))
-        .unwrap();
-    hooks
-        .register(HookFunction::new("blocks.20.hook_mlp_out").with_edit(edits::scale(0.5)))
-        .unwrap();
-}
-
 /// Logits and the last capture of every point, with or without the edits.
 fn run(layout: Layout, edited: bool) -> (Tensor, BTreeMap<String, Tensor>) {
     let (checkpoint, _) = smollm2();
     let mut model = FlexModel::build(checkpoint, layout).unwrap();
     if edited {
-        register_edits(&mut model);
+        register_smollm2_edits(&mut model);
     }
     model.hooks_mut().register(HookFunction::new("*")).unwrap();
-    let logits = model.forward(&tokens()).unwrap();
+    let logits = model.forward(&smollm2_tokens()).unwrap();
     let captured = take_last_calls(&mut model);
     (logits, captured)
 }
@@ -87,7 +69,7 @@ fn a_random_edit_is_drawn_once_per_call_and_every_shard_continues_with_that_draw
         .hooks_mut()
         .register(HookFunction::new("blocks.20.hook_resid_*"))
         .unwrap();
-    model.forward(&tokens()).unwrap();
+    model.forward(&smollm2_tokens()).unwrap();
     let draws = model
         .save_ctx()
         .get::<Vec<Tensor>>("draws")
@@ -162,12 +144,12 @@ fn every_layout_gives_the_single_shard_gradients_at_every_point() {
     let (checkpoint, _) = smollm2();
     let run = |layout: Layout| {
         let mut model = FlexModel::build(checkpoint, layout).unwrap();
-        register_edits(&mut model);
+        register_smollm2_edits(&mut model);
         model
             .hooks_mut()
             .register(HookFunction::backward("*"))
             .unwrap();
-        let (_, loss) = model.forward_backward(&tokens()).unwrap();
+        let (_, loss) = model.forward_backward(&smollm2_tokens()).unwrap();
         let grads: BTreeMap<String, Tensor> = take_last_calls(&mut model);
         (loss, grads)
     };
@@ -192,7 +174,7 @@ fn tied_embedding_gradients_sum_both_uses_across_pipeline_stages() {
     let (checkpoint, _) = smollm2();
     let grads = |layout: Layout| {
         let mut model = FlexModel::build(checkpoint, layout).unwrap();
-        model.forward_backward(&tokens()).unwrap();
+        model.forward_backward(&smollm2_tokens()).unwrap();
         [
             "model.embed_tokens.weight",
             "model.layers.29.mlp.down_proj.weight",

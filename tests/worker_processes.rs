@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use candle_core::{Tensor, Var};
+use common::processes::{assert_gone, signal};
 use common::{assert_matches_single, batch, take_last_calls};
 use flexmodel::runtime::{Placement, Processes};
 use flexmodel::tiny::tiny_checkpoint;
@@ -142,34 +143,6 @@ fn each_worker_holds_only_its_share_of_the_weights() {
     assert_eq!(pids.len(), 4);
     drop(procs);
     assert_gone(&pids);
-}
-
-/// Whether process `pid` has ended (gone, or a zombie waiting for a reaper).
-fn ended(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-    }
-}
-
-/// Asserts every one of `pids` ends within 5 s.
-fn assert_gone(pids: &[u32]) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pids.iter().any(|&p| !ended(p)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let left: Vec<u32> = pids.iter().copied().filter(|&p| !ended(p)).collect();
-    assert!(left.is_empty(), "workers still running: {left:?}");
-}
-
-fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 #[test]

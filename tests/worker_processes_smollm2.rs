@@ -6,59 +6,41 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::Tensor;
-use common::{assert_matches_single, batch, smollm2, take_last_calls};
+use common::{
+    assert_matches_single, register_smollm2_edits, smollm2, smollm2_tokens, take_last_calls,
+};
 use flexmodel::runtime::{Placement, Processes};
-use flexmodel::{FlexModel, HookFunction, edits};
+use flexmodel::{FlexModel, HookFunction};
 use flexmodel_cluster::Layout;
 
 /// As in `sharded_smollm2.rs`: the worst measured in-process is 3.1e-6 (tp=3).
 const TOLERANCE: f64 = 2e-5;
 /// As in `sharded_smollm2.rs`: the worst measured in-process is 3.4e-5 (tp=3, edited).
 const GRADIENT_TOLERANCE: f64 = 1e-4;
-
-fn tokens() -> Tensor {
-    batch(&[
-        &[504, 3575, 282, 4649, 314, 7042],
-        &[1, 9690, 198, 2683, 359, 30],
-        &[19556, 2087, 260, 2463, 30, 2],
-    ])
-}
-
-fn register_edits(model: &mut FlexModel) {
-    let hooks = model.hooks_mut();
-    hooks
-        .register(HookFunction::new("blocks.3.attn.hook_z").with_edit(edits::zero_head(4)))
-        .unwrap();
-    hooks
-        .register(HookFunction::new("blocks.12.attn.hook_pattern").with_edit(edits::zero_head(7)))
-        .unwrap();
-    hooks
-        .register(HookFunction::new("blocks.20.hook_mlp_out").with_edit(edits::scale(0.5)))
-        .unwrap();
-}
+/// The memory of a worker process before it holds any weight (code, tokenizer,
+/// buffers): 34 MB measured (SmolLM2 at tp=3 pp=2 dp=2).
+const BASELINE: u64 = 64 << 20;
 
 /// Every point of a plain pass, of an edited pass, and every gradient (and the loss) of
 /// an edited forward and backward pass, each with the logits.
-fn passes(placement: &Placement, layout: Layout) -> [BTreeMap<String, Tensor>; 3] {
-    let (checkpoint, _) = smollm2();
-    let mut model = FlexModel::build_on(checkpoint, layout, placement).unwrap();
+fn passes(mut model: FlexModel) -> [BTreeMap<String, Tensor>; 3] {
     model.hooks_mut().register(HookFunction::new("*")).unwrap();
     let forward = |model: &mut FlexModel| {
-        let logits = model.forward(&tokens()).unwrap();
+        let logits = model.forward(&smollm2_tokens()).unwrap();
         let mut all = take_last_calls(model);
         all.insert("logits".into(), logits);
         all
     };
     let plain = forward(&mut model);
-    register_edits(&mut model);
+    register_smollm2_edits(&mut model);
     let edited = forward(&mut model);
     model.hooks_mut().clear();
-    register_edits(&mut model);
+    register_smollm2_edits(&mut model);
     model
         .hooks_mut()
         .register(HookFunction::backward("*"))
         .unwrap();
-    let (_, loss) = model.forward_backward(&tokens()).unwrap();
+    let (_, loss) = model.forward_backward(&smollm2_tokens()).unwrap();
     let mut grads = take_last_calls(&mut model);
     grads.insert(
         "loss".into(),
@@ -69,13 +51,42 @@ fn passes(placement: &Placement, layout: Layout) -> [BTreeMap<String, Tensor>; 3
 
 #[test]
 fn smollm2_in_twelve_worker_processes_matches_the_single_shard() {
-    let single = passes(&Placement::Threads, Layout::SINGLE);
+    let (checkpoint, _) = smollm2();
+    let single = passes(FlexModel::build(checkpoint, Layout::SINGLE).unwrap());
     let processes = Placement::Processes(Processes {
         program: Some(env!("CARGO_BIN_EXE_flexmodel").into()),
         threads: Some(1),
     });
     let layout = Layout::new(2, 2, 3).unwrap();
-    let procs = passes(&processes, layout);
+    let model = FlexModel::build_on(checkpoint, layout, &processes).unwrap();
+    // Each worker read only its slices, one tensor at a time: its peak memory while
+    // loading is its share plus at most the largest tensor (the embedding, read whole
+    // and then sliced) and the process's own baseline, far below the whole model.
+    let config = &checkpoint.config;
+    let largest = (config.vocab_size * config.d_model * 4) as u64;
+    let whole = config.parameter_count() * 4;
+    let shares = model.shard_weight_bytes();
+    let peaks = model.worker_peak_rss_bytes().unwrap();
+    for (rank, (share, peak)) in shares.iter().zip(&peaks).enumerate() {
+        let peak = peak.unwrap();
+        let beyond = peak as i64 - *share as i64 - largest as i64;
+        eprintln!(
+            "rank {rank}: {:.0} MB of weights, peak {:.0} MB while loading ({:+.0} MB beyond share + largest tensor; whole model {:.0} MB)",
+            *share as f64 / 1e6,
+            peak as f64 / 1e6,
+            beyond as f64 / 1e6,
+            whole as f64 / 1e6
+        );
+        assert!(
+            peak < *share as u64 + largest + BASELINE,
+            "rank {rank}: peak {peak}"
+        );
+        assert!(
+            peak < whole / 2,
+            "rank {rank}: peak {peak} of a {whole}-byte model"
+        );
+    }
+    let procs = passes(model);
     assert_eq!(
         single[2].keys().filter(|n| n.ends_with("_grad")).count(),
         common::gradient_points(30)

@@ -214,6 +214,8 @@ pub(crate) enum ToDriver {
     Ready {
         /// The bytes of parameters it holds.
         param_bytes: u64,
+        /// The process's peak resident memory while it loaded them.
+        peak_rss_bytes: Option<u64>,
     },
     /// The worker could not load its shard or join its groups.
     Refused { message: String },

@@ -116,7 +116,11 @@ pub fn serve(options: &WorkerOptions, loader: &dyn ShardLoader) -> Result<()> {
         .iter()
         .map(|p| (p.value.elem_count() * p.value.dtype().size_in_bytes()) as u64)
         .sum();
-    wire::send(&driver, &ToDriver::Ready { param_bytes }, &[]).map_err(lost)?;
+    let ready = ToDriver::Ready {
+        param_bytes,
+        peak_rss_bytes: peak_rss_bytes(),
+    };
+    wire::send(&driver, &ready, &[]).map_err(lost)?;
     let (events, events_rx) = unbounded();
     let (replies, replies_rx) = unbounded();
     let args = ShardArgs {

@@ -188,7 +188,7 @@ impl WorkerProcesses {
             connections: Vec::new(),
         };
         let joined = joining.join(layout, launch, &hub);
-        let (hosts, param_bytes) = match joined {
+        let joined = match joined {
             Ok(joined) => joined,
             Err(e) => {
                 let connections: Vec<Arc<Connection>> = joining.connections.drain(..).collect();
@@ -200,37 +200,49 @@ impl WorkerProcesses {
             .children
             .into_iter()
             .zip(joining.connections)
-            .zip(hosts.into_iter().zip(param_bytes))
+            .zip(joined)
             .enumerate()
-            .map(|(rank, ((child, connection), (host, param_bytes)))| {
-                let state = Arc::new(Mutex::new(WorkerState {
-                    last_heartbeat: Instant::now(),
-                    pass: 0,
-                    at: None,
-                    peak_rss_bytes: None,
-                    broken: None,
-                }));
-                let (parameters_tx, parameters) = unbounded();
-                let relay = Relay {
+            .map(
+                |(
                     rank,
-                    connection: connection.clone(),
-                    state: state.clone(),
-                    events: events.clone(),
-                    parameters: parameters_tx,
-                };
-                std::thread::Builder::new()
-                    .name(format!("flexmodel-rank-{rank}"))
-                    .spawn(move || relay.run())
-                    .map_err(Error::RuntimeStart)?;
-                Ok(Worker {
-                    child: Mutex::new(child),
-                    connection,
-                    state,
-                    parameters,
-                    host,
-                    param_bytes,
-                })
-            })
+                    (
+                        (child, connection),
+                        Joined {
+                            host,
+                            param_bytes,
+                            peak_rss_bytes,
+                        },
+                    ),
+                )| {
+                    let state = Arc::new(Mutex::new(WorkerState {
+                        last_heartbeat: Instant::now(),
+                        pass: 0,
+                        at: None,
+                        peak_rss_bytes,
+                        broken: None,
+                    }));
+                    let (parameters_tx, parameters) = unbounded();
+                    let relay = Relay {
+                        rank,
+                        connection: connection.clone(),
+                        state: state.clone(),
+                        events: events.clone(),
+                        parameters: parameters_tx,
+                    };
+                    std::thread::Builder::new()
+                        .name(format!("flexmodel-rank-{rank}"))
+                        .spawn(move || relay.run())
+                        .map_err(Error::RuntimeStart)?;
+                    Ok(Worker {
+                        child: Mutex::new(child),
+                        connection,
+                        state,
+                        parameters,
+                        host,
+                        param_bytes,
+                    })
+                },
+            )
             .collect::<Result<Vec<Worker>>>()?;
         Ok(Self {
             layout,
@@ -279,6 +291,14 @@ fn spawn(launch: &WorkerLaunch, driver: SocketAddr, rank: usize) -> Result<Child
     })
 }
 
+/// A worker that joined and loaded its shard.
+struct Joined {
+    host: String,
+    param_bytes: u64,
+    /// Its peak memory while it loaded.
+    peak_rss_bytes: Option<u64>,
+}
+
 /// Workers started but not yet ready.
 struct Joining {
     children: Vec<Child>,
@@ -287,13 +307,8 @@ struct Joining {
 
 impl Joining {
     /// Accepts every worker, sends it its assignment and waits until it has loaded its
-    /// shard; returns each one's host and parameter bytes.
-    fn join(
-        &mut self,
-        layout: Layout,
-        launch: &WorkerLaunch,
-        hub: &Hub,
-    ) -> Result<(Vec<String>, Vec<u64>)> {
+    /// shard; returns each one's host, and its parameter bytes and peak memory then.
+    fn join(&mut self, layout: Layout, launch: &WorkerLaunch, hub: &Hub) -> Result<Vec<Joined>> {
         let deadline = Instant::now() + JOIN_TIMEOUT;
         let mut hosts = Vec::new();
         let mut peers = Vec::new();
@@ -303,11 +318,8 @@ impl Joining {
                 member: rank,
             };
             let child = &mut self.children[rank];
-            let running = std::cell::RefCell::new(child);
             let connection = hub
-                .accept_while(&hello, deadline, || {
-                    matches!(running.borrow_mut().try_wait(), Ok(None))
-                })
+                .accept_while(&hello, deadline, || matches!(child.try_wait(), Ok(None)))
                 .map_err(|_| self.failed_start(rank, "it did not connect".into()))?;
             let connection = Arc::new(connection);
             self.connections.push(connection.clone());
@@ -336,21 +348,29 @@ impl Joining {
                 return Err(self.failed_start(rank, e.to_string()));
             }
         }
-        let mut param_bytes = Vec::new();
-        for rank in 0..layout.world_size() {
-            param_bytes.push(self.ready(rank)?);
+        let mut joined = Vec::new();
+        for (rank, host) in hosts.into_iter().enumerate() {
+            let (param_bytes, peak_rss_bytes) = self.ready(rank)?;
+            joined.push(Joined {
+                host,
+                param_bytes,
+                peak_rss_bytes,
+            });
         }
-        Ok((hosts, param_bytes))
+        Ok(joined)
     }
 
     /// Waits for `rank`'s shard to be loaded, while its process lives and beats.
-    fn ready(&mut self, rank: usize) -> Result<u64> {
+    fn ready(&mut self, rank: usize) -> Result<(u64, Option<u64>)> {
         let deadline = Instant::now() + LOAD_TIMEOUT;
         let mut last_heartbeat = Instant::now();
         loop {
             let message = wire::next_control::<ToDriver>(&self.connections[rank], HEARTBEAT);
             match message {
-                Ok(ToDriver::Ready { param_bytes }) => return Ok(param_bytes),
+                Ok(ToDriver::Ready {
+                    param_bytes,
+                    peak_rss_bytes,
+                }) => return Ok((param_bytes, peak_rss_bytes)),
                 Ok(ToDriver::Refused { message }) => return Err(self.failed_start(rank, message)),
                 Ok(ToDriver::Heartbeat { .. }) => last_heartbeat = Instant::now(),
                 Ok(other) => {

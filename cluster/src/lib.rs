@@ -14,7 +14,9 @@ mod shard_spec;
 mod tp_rank;
 pub mod transport;
 
-pub use collective::{Collective, InProcessCollective, PassControl, SingleRank, TcpCollective};
+pub use collective::{
+    Collective, InProcessCollective, PassControl, PointToPoint, SingleRank, TcpCollective,
+};
 pub use error::{Error, Result};
 pub use layout::{Layout, RankCoords, split_evenly};
 pub use param_slice::ParamSlice;

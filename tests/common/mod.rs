@@ -2,6 +2,8 @@
 //! capture, relative errors, the numpy reference and a GGUF writer.
 #![allow(dead_code)] // each test binary uses its own part of these helpers
 
+pub mod processes;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,6 +24,30 @@ pub fn smollm2() -> &'static (Checkpoint, Llama) {
         let model = checkpoint.load_model().expect("build smollm2");
         (checkpoint, model)
     })
+}
+
+/// Three SmolLM2 sequences of six tokens: the batch of the sharded SmolLM2 tests.
+pub fn smollm2_tokens() -> Tensor {
+    batch(&[
+        &[504, 3575, 282, 4649, 314, 7042],
+        &[1, 9690, 198, 2683, 359, 30],
+        &[19556, 2087, 260, 2463, 30, 2],
+    ])
+}
+
+/// The edits of the sharded SmolLM2 tests: zero-head on a z and on a pattern, a scale.
+pub fn register_smollm2_edits(model: &mut flexmodel::FlexModel) {
+    use flexmodel::{HookFunction, edits};
+    let hooks = model.hooks_mut();
+    hooks
+        .register(HookFunction::new("blocks.3.attn.hook_z").with_edit(edits::zero_head(4)))
+        .unwrap();
+    hooks
+        .register(HookFunction::new("blocks.12.attn.hook_pattern").with_edit(edits::zero_head(7)))
+        .unwrap();
+    hooks
+        .register(HookFunction::new("blocks.20.hook_mlp_out").with_edit(edits::scale(0.5)))
+        .unwrap();
 }
 
 /// The path of the cached SmolLM2 GGUF.

@@ -3,11 +3,38 @@
 
 use candle_core::Tensor;
 
-use crate::{Error, Result, TpRank, split_evenly};
+use crate::{Collective, Error, Result, TpRank, split_evenly};
+
+impl<T: PointToPoint> Collective for T {
+    fn tp_rank(&self) -> TpRank {
+        self.member()
+    }
+
+    fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
+        ring_all_reduce_sum(self, x)
+    }
+
+    fn all_gather(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        all_gather(self, x, dim)
+    }
+
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        broadcast(self, x, root)
+    }
+
+    fn send(&self, x: &Tensor, to: usize) -> Result<()> {
+        self.send_to(x, to)
+    }
+
+    fn recv(&self, from: usize) -> Result<Tensor> {
+        self.recv_from(from)
+    }
+}
 
 /// Sending to and receiving from one member of a group at a time. A send never waits
 /// for the receiver; a receive waits for the next tensor from that member in this pass.
-pub(crate) trait PointToPoint {
+/// A transport that has only these gets every [`Collective`] from them.
+pub trait PointToPoint: Send + Sync {
     /// This member's place in the group.
     fn member(&self) -> TpRank;
     /// Sends `x` to member `to`.

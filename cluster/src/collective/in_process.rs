@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use super::algorithms::{self, PointToPoint};
-use crate::{Collective, Error, PassControl, Result, TpRank};
+use crate::{Error, PassControl, Result, TpRank};
 
 /// A tensor tagged with the pass that sent it.
 type Message = (u64, Tensor);
@@ -61,31 +61,5 @@ impl PointToPoint for InProcessCollective {
             .control
             .receive(&self.from[from], wanted, Error::PeerGone(from))?;
         Ok(tensor)
-    }
-}
-
-impl Collective for InProcessCollective {
-    fn tp_rank(&self) -> TpRank {
-        self.rank
-    }
-
-    fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
-        algorithms::ring_all_reduce_sum(self, x)
-    }
-
-    fn all_gather(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
-        algorithms::all_gather(self, x, dim)
-    }
-
-    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
-        algorithms::broadcast(self, x, root)
-    }
-
-    fn send(&self, x: &Tensor, to: usize) -> Result<()> {
-        self.send_to(x, to)
-    }
-
-    fn recv(&self, from: usize) -> Result<Tensor> {
-        self.recv_from(from)
     }
 }

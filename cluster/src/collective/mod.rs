@@ -7,6 +7,7 @@ mod in_process;
 mod pass_control;
 mod tcp;
 
+pub use algorithms::PointToPoint;
 pub use in_process::InProcessCollective;
 pub use pass_control::PassControl;
 pub use tcp::TcpCollective;

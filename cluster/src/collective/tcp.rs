@@ -9,7 +9,7 @@ use tokio::runtime::Handle;
 
 use super::algorithms::{self, PointToPoint};
 use crate::transport::{Connection, Frame, FrameKind, Hello, Hub, dial};
-use crate::{Collective, Error, PassControl, Result, TpRank};
+use crate::{Error, PassControl, Result, TpRank};
 
 /// One member of a group whose members are processes: a TCP connection to every other
 /// member. A connection that ends fails every later operation with that member with
@@ -87,31 +87,5 @@ impl PointToPoint for TcpCollective {
             self.control
                 .receive(self.peer(from)?.inbox(), wanted, Error::PeerGone(from))?;
         Ok(frame.to_tensor()?)
-    }
-}
-
-impl Collective for TcpCollective {
-    fn tp_rank(&self) -> TpRank {
-        self.rank
-    }
-
-    fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
-        algorithms::ring_all_reduce_sum(self, x)
-    }
-
-    fn all_gather(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
-        algorithms::all_gather(self, x, dim)
-    }
-
-    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
-        algorithms::broadcast(self, x, root)
-    }
-
-    fn send(&self, x: &Tensor, to: usize) -> Result<()> {
-        self.send_to(x, to)
-    }
-
-    fn recv(&self, from: usize) -> Result<Tensor> {
-        self.recv_from(from)
     }
 }

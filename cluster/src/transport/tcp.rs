@@ -242,7 +242,7 @@ impl Hub {
         &self,
         hello: &Hello,
         deadline: Instant,
-        alive: impl Fn() -> bool,
+        mut alive: impl FnMut() -> bool,
     ) -> Result<Connection> {
         let mut waiting = self.arrivals.lock();
         loop {

@@ -30,4 +30,4 @@ pub use shard::ShardActor;
 pub use shard_model::{PointId, ShardHooks, ShardModel, ShardParameters};
 pub use trace_context::TracePropagation;
 pub use worker::{ShardLoader, WorkerOptions, serve};
-pub use workers::{HANG_TIMEOUT, WorkerLaunch};
+pub use workers::{HANG_TIMEOUT, WorkerLaunch, stop_every_worker};

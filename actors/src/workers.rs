@@ -70,9 +70,74 @@ struct WorkerState {
     broken: Option<String>,
 }
 
+/// The worker processes this process started and has not reaped yet, so that
+/// [`stop_every_worker`] can reach them from a signal handler's thread.
+static LIVE: Mutex<Vec<Arc<Mutex<Child>>>> = Mutex::new(Vec::new());
+
+fn live() -> MutexGuard<'static, Vec<Arc<Mutex<Child>>>> {
+    LIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Kills and reaps every worker process this process started and has not stopped yet:
+/// for a program that is about to exit on a signal (SIGINT, SIGTERM), so that no
+/// worker is left behind, not even as a zombie waiting for a reaper.
+pub fn stop_every_worker() {
+    for child in live().drain(..) {
+        let mut child = child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A worker's process, registered with [`stop_every_worker`] until it is reaped.
+struct WorkerChild(Arc<Mutex<Child>>);
+
+impl WorkerChild {
+    fn spawn(command: &mut Command) -> std::io::Result<Self> {
+        // Registered before anything else can fail, under the registry's lock.
+        let mut live = live();
+        let child = Arc::new(Mutex::new(command.spawn()?));
+        live.push(child.clone());
+        Ok(Self(child))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Child> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How the process ended, if it has.
+    fn exited(&self) -> Option<std::process::ExitStatus> {
+        self.lock().try_wait().ok().flatten()
+    }
+
+    fn id(&self) -> u32 {
+        self.lock().id()
+    }
+
+    /// Waits for the process to end until `deadline`, kills it then, and reaps it.
+    fn stop(&self, deadline: Instant) {
+        while self.exited().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut child = self.lock();
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        drop(child);
+        live().retain(|c| !Arc::ptr_eq(c, &self.0));
+    }
+}
+
+impl Drop for WorkerChild {
+    fn drop(&mut self) {
+        self.stop(Instant::now());
+    }
+}
+
 /// One worker process and its connection.
 struct Worker {
-    child: Mutex<Child>,
+    child: WorkerChild,
     connection: Arc<Connection>,
     state: Arc<Mutex<WorkerState>>,
     parameters: Receiver<std::result::Result<ShardParameters, String>>,
@@ -85,13 +150,9 @@ impl Worker {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn child(&self) -> MutexGuard<'_, Child> {
-        self.child.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Why the worker is gone, if it is: exited, disconnected, hung or broken.
     fn lost(&self) -> Option<String> {
-        if let Ok(Some(status)) = self.child().try_wait() {
+        if let Some(status) = self.child.exited() {
             return Some(format!("its process exited ({status})"));
         }
         let state = self.state();
@@ -178,7 +239,7 @@ impl WorkerProcesses {
             match spawn(launch, hub.local_addr(), rank) {
                 Ok(child) => children.push(child),
                 Err(e) => {
-                    stop_all(children.iter_mut(), None);
+                    stop_all(&children, &[]);
                     return Err(e);
                 }
             }
@@ -191,8 +252,7 @@ impl WorkerProcesses {
         let joined = match joined {
             Ok(joined) => joined,
             Err(e) => {
-                let connections: Vec<Arc<Connection>> = joining.connections.drain(..).collect();
-                stop_all(joining.children.iter_mut(), Some(&connections));
+                stop_all(&joining.children, &joining.connections);
                 return Err(e);
             }
         };
@@ -234,7 +294,7 @@ impl WorkerProcesses {
                         .spawn(move || relay.run())
                         .map_err(Error::RuntimeStart)?;
                     Ok(Worker {
-                        child: Mutex::new(child),
+                        child,
                         connection,
                         state,
                         parameters,
@@ -270,7 +330,7 @@ impl WorkerProcesses {
 }
 
 /// Starts the worker of `rank`.
-fn spawn(launch: &WorkerLaunch, driver: SocketAddr, rank: usize) -> Result<Child> {
+fn spawn(launch: &WorkerLaunch, driver: SocketAddr, rank: usize) -> Result<WorkerChild> {
     let mut command = Command::new(&launch.program);
     command
         .args(&launch.args)
@@ -285,7 +345,7 @@ fn spawn(launch: &WorkerLaunch, driver: SocketAddr, rank: usize) -> Result<Child
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         command.env("RAYON_NUM_THREADS", launch.threads.to_string());
     }
-    command.spawn().map_err(|e| Error::WorkerStart {
+    WorkerChild::spawn(&mut command).map_err(|e| Error::WorkerStart {
         rank,
         reason: format!("running {}: {e}", launch.program.display()),
     })
@@ -301,7 +361,7 @@ struct Joined {
 
 /// Workers started but not yet ready.
 struct Joining {
-    children: Vec<Child>,
+    children: Vec<WorkerChild>,
     connections: Vec<Arc<Connection>>,
 }
 
@@ -317,9 +377,9 @@ impl Joining {
                 group: DRIVER_GROUP.into(),
                 member: rank,
             };
-            let child = &mut self.children[rank];
+            let child = &self.children[rank];
             let connection = hub
-                .accept_while(&hello, deadline, || matches!(child.try_wait(), Ok(None)))
+                .accept_while(&hello, deadline, || child.exited().is_none())
                 .map_err(|_| self.failed_start(rank, "it did not connect".into()))?;
             let connection = Arc::new(connection);
             self.connections.push(connection.clone());
@@ -381,7 +441,7 @@ impl Joining {
                 Err(WireError::TimedOut) => {}
                 Err(e) => return Err(self.failed_start(rank, e.to_string())),
             }
-            if let Ok(Some(status)) = self.children[rank].try_wait() {
+            if let Some(status) = self.children[rank].exited() {
                 return Err(self.failed_start(rank, format!("it exited ({status})")));
             }
             if last_heartbeat.elapsed() > HANG_TIMEOUT || Instant::now() > deadline {
@@ -392,8 +452,8 @@ impl Joining {
 
     /// The error for `rank`, which did not start; says how its process ended, if it did.
     fn failed_start(&mut self, rank: usize, reason: String) -> Error {
-        let reason = match self.children.get_mut(rank).map(|c| c.try_wait()) {
-            Some(Ok(Some(status))) if !reason.contains("exited") => {
+        let reason = match self.children.get(rank).and_then(WorkerChild::exited) {
+            Some(status) if !reason.contains("exited") => {
                 format!("{reason}; its process exited ({status})")
             }
             _ => reason,
@@ -404,22 +464,15 @@ impl Joining {
 
 /// Asks every worker to leave, waits a little, kills those still running and reaps all.
 fn stop_all<'a>(
-    children: impl Iterator<Item = &'a mut Child>,
-    connections: Option<&[Arc<Connection>]>,
+    children: impl IntoIterator<Item = &'a WorkerChild>,
+    connections: &[Arc<Connection>],
 ) {
-    for connection in connections.into_iter().flatten() {
+    for connection in connections {
         let _ = wire::send(connection, &ToWorker::Shutdown, &[]);
     }
-    let children: Vec<&mut Child> = children.collect();
     let deadline = Instant::now() + STOP_TIMEOUT;
     for child in children {
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if matches!(child.try_wait(), Ok(None)) {
-            let _ = child.kill();
-        }
-        let _ = child.wait();
+        child.stop(deadline);
     }
 }
 
@@ -655,7 +708,7 @@ impl Ranks for WorkerProcesses {
     }
 
     fn worker_pids(&self) -> Option<Vec<u32>> {
-        Some(self.workers.iter().map(|w| w.child().id()).collect())
+        Some(self.workers.iter().map(|w| w.child.id()).collect())
     }
 }
 
@@ -663,8 +716,6 @@ impl Drop for WorkerProcesses {
     fn drop(&mut self) {
         let connections: Vec<Arc<Connection>> =
             self.workers.iter().map(|w| w.connection.clone()).collect();
-        let mut children: Vec<MutexGuard<'_, Child>> =
-            self.workers.iter().map(|w| w.child()).collect();
-        stop_all(children.iter_mut().map(|c| &mut **c), Some(&connections));
+        stop_all(self.workers.iter().map(|w| &w.child), &connections);
     }
 }

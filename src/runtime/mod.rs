@@ -11,4 +11,5 @@ pub(crate) mod parameters;
 pub mod sharding;
 
 pub use flex_model::FlexModel;
+pub use flexmodel_actors::stop_every_worker;
 pub use launch::{LlamaLoader, Placement, Processes};

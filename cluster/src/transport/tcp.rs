@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
-use super::frame::{Frame, FrameCodec, FrameKind};
+use super::frame::{Frame, FrameCodec, FrameError, FrameKind};
 use crate::{Error, Result};
 
 /// How long a new connection may take to say who it is.
@@ -60,6 +60,11 @@ impl Connection {
                             if deliver.send(frame).is_err() {
                                 break;
                             }
+                        }
+                        // A peer that went away is the liveness checks' business.
+                        Some(Err(FrameError::Io(e))) => {
+                            tracing::debug!(%peer, error = %e, "the connection ended");
+                            break;
                         }
                         Some(Err(e)) => {
                             tracing::warn!(%peer, error = %e, "closing the connection");

@@ -42,6 +42,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
+    stop_workers_on_signals();
     let cli = Cli::parse();
     let profile = match &cli.command {
         Command::Bench(args) if args.profile => Some(HookProfile::new()),
@@ -75,6 +76,7 @@ fn main() -> std::process::ExitCode {
             std::process::exit(code);
         }
     };
+    wait_if_exiting_on_a_signal();
     // Flushes the spans still queued for export.
     drop(telemetry);
     match result {
@@ -104,6 +106,58 @@ fn keep_freed_memory() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
+
+/// Exits on SIGINT and SIGTERM only after stopping and reaping this process's worker
+/// processes (`--procs`), so that none is left behind, not even as a zombie.
+///
+/// The two signals are blocked in every thread (this runs before any other thread
+/// starts, and threads inherit the mask; child processes start with none blocked) and
+/// taken by one thread that waits for them.
+#[cfg(unix)]
+fn stop_workers_on_signals() {
+    // SAFETY: sigset_t is plain data that sigemptyset initialises; pthread_sigmask only
+    // changes this thread's mask, before any other thread exists.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return;
+        }
+        set
+    };
+    let waiter = std::thread::Builder::new().name("flexmodel-signals".into());
+    let spawned = waiter.spawn(move || {
+        let mut signal = 0;
+        // SAFETY: `set` is initialised and blocked in every thread; sigwait writes the
+        // signal taken into `signal`.
+        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+            EXITING_ON_SIGNAL.store(true, std::sync::atomic::Ordering::SeqCst);
+            flexmodel::runtime::stop_every_worker();
+            std::process::exit(128 + signal);
+        }
+    });
+    if spawned.is_err() {
+        // Without the waiting thread, let the signals act as they would.
+        // SAFETY: as above.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    }
+}
+
+#[cfg(not(unix))]
+fn stop_workers_on_signals() {}
+
+/// Set once a signal was taken: the process exits with 128 + the signal.
+static EXITING_ON_SIGNAL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A command that ends because its workers were stopped on a signal leaves the exit to
+/// the thread that took the signal.
+fn wait_if_exiting_on_a_signal() {
+    while EXITING_ON_SIGNAL.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::park();
+    }
+}
 
 /// The error and its causes, each cause added only if the message does not already say it.
 fn describe(e: &anyhow::Error) -> String {

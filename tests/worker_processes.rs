@@ -207,6 +207,9 @@ fn lose_a_worker_mid_pass(how: &'static str, reason: &str) {
     let edit = HookFunction::new("blocks.2.hook_resid_pre")
         .without_capture()
         .with_edit(move |_, x| {
+            // The victim (tp 1, which sends no piece of this replicated point) reaches
+            // the hook and says so in a heartbeat; then it is killed or stopped there.
+            std::thread::sleep(Duration::from_millis(500));
             signal(victim, how);
             // Let the worker's death be seen before the shards go on.
             std::thread::sleep(Duration::from_millis(300));

@@ -176,6 +176,8 @@ impl Worker {
 pub(crate) struct WorkerProcesses {
     layout: Layout,
     trace: Option<Arc<dyn TracePropagation>>,
+    /// The pass the driver is in.
+    pass: std::sync::atomic::AtomicU64,
     workers: Vec<Worker>,
     _hub: Hub,
     /// Runs the connections' tasks; dropped last.
@@ -307,6 +309,7 @@ impl WorkerProcesses {
         Ok(Self {
             layout,
             trace: launch.trace.clone(),
+            pass: std::sync::atomic::AtomicU64::new(0),
             workers,
             _hub: hub,
             _runtime: runtime,
@@ -607,8 +610,9 @@ impl Relay {
 }
 
 impl Ranks for WorkerProcesses {
-    fn begin(&self, _pass: u64) {
+    fn begin(&self, pass: u64) {
         // Each worker begins the pass when its run arrives.
+        self.pass.store(pass, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn run(&self, rank: usize, run: RunPass) -> Result<()> {
@@ -662,8 +666,10 @@ impl Ranks for WorkerProcesses {
         let worker = &self.workers[rank];
         let reason = worker.lost()?;
         let state = worker.state();
+        // Where it was in this pass; an earlier pass's position says nothing.
+        let current = self.pass.load(std::sync::atomic::Ordering::SeqCst);
         Some(Lost {
-            at: state.at,
+            at: state.at.filter(|_| state.pass == current),
             reason,
         })
     }

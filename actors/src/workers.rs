@@ -30,6 +30,8 @@ pub const HANG_TIMEOUT: Duration = Duration::from_secs(5);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a worker may take to load its shard (while it keeps sending heartbeats).
 const LOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How long a worker whose connection closed may take to be seen to exit.
+const EXIT_GRACE: Duration = Duration::from_millis(500);
 /// How long stopping workers may take before they are killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -160,6 +162,16 @@ impl Worker {
             return Some(broken.clone());
         }
         if !self.connection.is_open() {
+            drop(state);
+            // A process that dies closes its sockets before it can be reaped: give it a
+            // moment, so that the error says how it ended.
+            let deadline = Instant::now() + EXIT_GRACE;
+            while Instant::now() < deadline {
+                if let Some(status) = self.child.exited() {
+                    return Some(format!("its process exited ({status})"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             return Some("its connection closed".into());
         }
         let silent = state.last_heartbeat.elapsed();

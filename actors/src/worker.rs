@@ -1,6 +1,18 @@
 //! The worker: one rank's process. It joins its driver, connects to its peers for the
-//! in-model collectives, loads its shard and serves passes until the driver is done
-//! (or gone: a worker never outlives its driver's connection).
+//! in-model collectives, loads its shard and serves passes until the driver is done.
+//!
+//! # Failure
+//!
+//! A pass that fails on the shard is reported to the driver, and the worker serves the
+//! next one. A peer that goes away fails the collective waiting on it
+//! ([`flexmodel_cluster::Error::PeerGone`]); the driver's abort unblocks every other
+//! wait. A worker that cannot join its groups or load its shard tells the driver why
+//! (`Refused`) and exits.
+//!
+//! # Shutdown
+//!
+//! The driver's `Shutdown` ends the worker; so does the end of its connection to the
+//! driver (the driver exited, or was killed), so that a worker never outlives its driver.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,9 +20,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use flexmodel_cluster::transport::{Connection, Frame, FrameKind, Hello, Hub, dial};
-use flexmodel_cluster::{
-    Collective, Layout, PassControl, RankCoords, SingleRank, TcpCollective, TpRank,
-};
+use flexmodel_cluster::{Collective, Layout, PassControl, SingleRank, TcpCollective, TpRank};
 use kameo::actor::{ActorRef, Spawn};
 
 use crate::protocol::{
@@ -198,33 +208,30 @@ fn prepare(
         .collect::<Result<Vec<SocketAddr>>>()?;
     let me = layout.coords(rank);
     let deadline = Instant::now() + JOIN_TIMEOUT;
-    let join =
-        |name: String, members: Vec<RankCoords>, index: usize| -> Result<Arc<dyn Collective>> {
-            if members.len() == 1 {
-                return Ok(Arc::new(SingleRank));
-            }
-            let addresses: Vec<SocketAddr> =
-                members.iter().map(|c| peers[layout.rank(*c)]).collect();
-            let member = TpRank::new(index, members.len())?;
-            let group = TcpCollective::connect(
-                &name,
-                member,
-                &addresses,
-                hub,
-                handle,
-                control.clone(),
-                deadline,
-            )?;
-            Ok(Arc::new(group))
-        };
-    let tp_members = (0..layout.tp())
-        .map(|t| RankCoords { tp: t, ..me })
-        .collect();
-    let tp_group = join(format!("tp.dp{}.pp{}", me.dp, me.pp), tp_members, me.tp)?;
-    let stages = (0..layout.pp())
-        .map(|p| RankCoords { pp: p, ..me })
-        .collect();
-    let pipeline = join(format!("pp.dp{}.tp{}", me.dp, me.tp), stages, me.pp)?;
+    // One TCP group per axis, named after it; `members` are ranks in group order.
+    let join = |name: String, members: Vec<usize>| -> Result<Arc<dyn Collective>> {
+        if members.len() == 1 {
+            return Ok(Arc::new(SingleRank));
+        }
+        let index = members
+            .iter()
+            .position(|&r| r == rank)
+            .ok_or(Error::Internal("a rank outside its own group"))?;
+        let addresses: Vec<SocketAddr> = members.iter().map(|&r| peers[r]).collect();
+        let member = TpRank::new(index, members.len())?;
+        let group = TcpCollective::connect(
+            &name,
+            member,
+            &addresses,
+            hub,
+            handle,
+            control.clone(),
+            deadline,
+        )?;
+        Ok(Arc::new(group))
+    };
+    let tp_group = join(format!("tp.dp{}.pp{}", me.dp, me.pp), layout.tp_group(rank))?;
+    let pipeline = join(format!("pp.dp{}.tp{}", me.dp, me.tp), layout.pp_group(rank))?;
     let model = loader
         .load(assignment, tp_group)
         .map_err(|e| Error::WorkerStart {

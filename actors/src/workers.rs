@@ -1,6 +1,19 @@
 //! The driver's view of a set of worker processes, one per rank: it starts them on this
 //! machine, assigns their ranks, relays the hook protocol over their connections and
-//! watches that they live; it stops them when it is dropped.
+//! watches that they live.
+//!
+//! # Failure
+//!
+//! A worker is lost when its process exits, its connection closes, or its heartbeats
+//! stop for [`HANG_TIMEOUT`]; the pass it takes part in fails naming its rank, host and
+//! the hook it was last seen at, and later passes fail at once. A lost worker is not
+//! replaced.
+//!
+//! # Shutdown
+//!
+//! Dropping the runtime asks every worker to leave, waits up to 5 s, kills those still
+//! running and reaps them all. [`stop_every_worker`] does the same at once, for a
+//! program about to exit on a signal.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,6 +1,24 @@
 //! Framed TCP connections: a writer and a reader task per connection on a tokio runtime,
 //! bridged to the synchronous code of the ranks by channels; a hub that accepts
 //! connections and hands each to whoever expects it, by the hello it opens with.
+//!
+//! # Capacity
+//!
+//! Both channels of a connection are unbounded, on purpose: the hook protocol's sends
+//! must never wait (captures are asynchronous, and a ring step sends before it
+//! receives), and what can queue is bounded by the protocol itself — at most one pass's
+//! pieces, which the receiver drains as they come.
+//!
+//! # Failure
+//!
+//! A frame that does not decode closes its connection with a log line, before any
+//! memory is reserved for it; the process stays up. The inbox of a closed connection
+//! disconnects, which is how the synchronous side learns that its peer is gone.
+//!
+//! # Shutdown
+//!
+//! Dropping a [`Connection`] lets its writer send what is queued and close the socket;
+//! [`Connection::close`] closes it at once. Dropping a [`Hub`] stops accepting.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -341,3 +341,55 @@ fn a_killed_worker_fails_the_command_naming_its_rank_and_stops_the_others() {
         stderr.trim()
     );
 }
+
+#[test]
+fn a_token_file_of_ones_own_is_used_and_an_empty_one_refused() {
+    let dir = tiny_dir(44);
+    let model = dir.path().to_str().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let token = out.path().join("token");
+    let file = out.path().join("out.safetensors");
+    let capture = |token: &Path| {
+        flexmodel(&[
+            "capture",
+            "--model",
+            model,
+            "--prompt",
+            "abc",
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--out",
+            file.to_str().unwrap(),
+            "--tp",
+            "2",
+            "--procs",
+            "--token-file",
+            token.to_str().unwrap(),
+        ])
+    };
+    std::fs::write(&token, "\n").unwrap();
+    let refused = capture(&token);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "the token file {}: the file is empty",
+            token.display()
+        )),
+        "{stderr}"
+    );
+    std::fs::write(&token, "a secret of our own\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = capture(&token);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Readable by others: used, with a warning.
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = capture(&token);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("readable by others"), "{stderr}");
+}

@@ -25,6 +25,7 @@ fn processes() -> Placement {
     Placement::Processes(Processes {
         program: Some(env!("CARGO_BIN_EXE_flexmodel").into()),
         threads: Some(1),
+        token_file: None,
     })
 }
 
@@ -251,6 +252,7 @@ fn a_worker_that_cannot_start_is_a_clear_error() {
     let missing = Placement::Processes(Processes {
         program: Some("/nonexistent/flexmodel".into()),
         threads: Some(1),
+        token_file: None,
     });
     let err = FlexModel::build_on(&checkpoint, Layout::new(1, 1, 2).unwrap(), &missing)
         .err()
@@ -264,6 +266,7 @@ fn a_worker_that_cannot_start_is_a_clear_error() {
     let wrong = Placement::Processes(Processes {
         program: Some("/bin/true".into()),
         threads: Some(1),
+        token_file: None,
     });
     let start = Instant::now();
     let err = FlexModel::build_on(&checkpoint, Layout::new(1, 1, 2).unwrap(), &wrong)

@@ -56,6 +56,7 @@ fn smollm2_in_twelve_worker_processes_matches_the_single_shard() {
     let processes = Placement::Processes(Processes {
         program: Some(env!("CARGO_BIN_EXE_flexmodel").into()),
         threads: Some(1),
+        token_file: None,
     });
     let layout = Layout::new(2, 2, 3).unwrap();
     let model = FlexModel::build_on(checkpoint, layout, &processes).unwrap();

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
-use flexmodel_cluster::transport::{Connection, Frame, FrameKind, Hello, Hub, dial};
+use flexmodel_cluster::transport::{Connection, Frame, FrameKind, Hello, Hub, Token};
 use flexmodel_cluster::{Collective, Layout, PassControl, SingleRank, TcpCollective, TpRank};
 use kameo::actor::{ActorRef, Spawn};
 
@@ -60,6 +60,8 @@ pub struct WorkerOptions {
     pub listen: SocketAddr,
     /// How the shard's spans join the driver's trace, if they are exported.
     pub trace: Option<Arc<dyn TracePropagation>>,
+    /// The job's secret, which every connection proves it holds.
+    pub token: Token,
 }
 
 /// Serves one rank until the driver shuts it down or goes away.
@@ -72,12 +74,12 @@ pub fn serve(options: &WorkerOptions, loader: &dyn ShardLoader) -> Result<()> {
         .map_err(Error::RuntimeStart)?;
     let handle = runtime.handle();
     let rank = options.rank;
-    let hub = Hub::bind(options.listen, handle)?;
+    let hub = Hub::bind(options.listen, options.token.clone(), handle)?;
     let hello = Hello {
         group: DRIVER_GROUP.into(),
         member: rank,
     };
-    let driver = Arc::new(dial(options.driver, &hello, handle, JOIN_TIMEOUT)?);
+    let driver = Arc::new(hub.dial(options.driver, &hello, JOIN_TIMEOUT)?);
     let joined = ToDriver::Joined {
         pid: std::process::id(),
         host: host_name(),
@@ -106,7 +108,7 @@ pub fn serve(options: &WorkerOptions, loader: &dyn ShardLoader) -> Result<()> {
             move || beat(&driver, &control, &at)
         })
         .map_err(Error::RuntimeStart)?;
-    let prepared = prepare(&assignment, &hub, handle, &control, loader);
+    let prepared = prepare(&assignment, &hub, &control, loader);
     let Prepared {
         layout,
         pipeline,
@@ -179,7 +181,6 @@ struct Prepared {
 fn prepare(
     assignment: &Assignment,
     hub: &Hub,
-    handle: &tokio::runtime::Handle,
     control: &Arc<PassControl>,
     loader: &dyn ShardLoader,
 ) -> Result<Prepared> {
@@ -219,15 +220,8 @@ fn prepare(
             .ok_or(Error::Internal("a rank outside its own group"))?;
         let addresses: Vec<SocketAddr> = members.iter().map(|&r| peers[r]).collect();
         let member = TpRank::new(index, members.len())?;
-        let group = TcpCollective::connect(
-            &name,
-            member,
-            &addresses,
-            hub,
-            handle,
-            control.clone(),
-            deadline,
-        )?;
+        let group =
+            TcpCollective::connect(&name, member, &addresses, hub, control.clone(), deadline)?;
         Ok(Arc::new(group))
     };
     let tp_group = join(format!("tp.dp{}.pp{}", me.dp, me.pp), layout.tp_group(rank))?;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use crossbeam_channel::{Receiver, Sender, unbounded};
-use flexmodel_cluster::transport::{Connection, Frame, FrameKind, Hello, Hub};
+use flexmodel_cluster::transport::{Connection, Frame, FrameKind, Hello, Hub, Token};
 use flexmodel_cluster::{Layout, ParamSlice};
 
 use crate::protocol::{
@@ -63,6 +63,9 @@ pub struct WorkerLaunch {
     /// How each pass's trace context is sent along, so that the workers' spans join
     /// the driver's trace.
     pub trace: Option<Arc<dyn TracePropagation>>,
+    /// The job's token file; without one, a fresh token is written to a file only this
+    /// user can read, given to the workers, and removed once they have joined.
+    pub token_file: Option<PathBuf>,
 }
 
 impl WorkerLaunch {
@@ -259,11 +262,12 @@ impl WorkerProcesses {
             .enable_all()
             .build()
             .map_err(Error::RuntimeStart)?;
+        let secret = JobToken::of(launch)?;
         let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let hub = Hub::bind(loopback, runtime.handle())?;
+        let hub = Hub::bind(loopback, secret.token.clone(), runtime.handle())?;
         let mut children = Vec::with_capacity(layout.world_size());
         for rank in 0..layout.world_size() {
-            match spawn(launch, hub.local_addr(), rank) {
+            match spawn(launch, hub.local_addr(), &secret.path, rank) {
                 Ok(child) => children.push(child),
                 Err(e) => {
                     stop_all(&children, &[]);
@@ -276,6 +280,8 @@ impl WorkerProcesses {
             connections: Vec::new(),
         };
         let joined = joining.join(layout, launch, &hub);
+        // Every worker has read the token by now (or failed).
+        drop(secret);
         let joined = match joined {
             Ok(joined) => joined,
             Err(e) => {
@@ -358,7 +364,12 @@ impl WorkerProcesses {
 }
 
 /// Starts the worker of `rank`.
-fn spawn(launch: &WorkerLaunch, driver: SocketAddr, rank: usize) -> Result<WorkerChild> {
+fn spawn(
+    launch: &WorkerLaunch,
+    driver: SocketAddr,
+    token_file: &std::path::Path,
+    rank: usize,
+) -> Result<WorkerChild> {
     let mut command = Command::new(&launch.program);
     command
         .args(&launch.args)
@@ -366,6 +377,8 @@ fn spawn(launch: &WorkerLaunch, driver: SocketAddr, rank: usize) -> Result<Worke
         .arg(driver.to_string())
         .arg("--rank")
         .arg(rank.to_string())
+        .arg("--token-file")
+        .arg(token_file)
         .stdin(Stdio::null())
         // Standard output is the driver's (a command's results); workers log to stderr.
         .stdout(Stdio::null())
@@ -377,6 +390,55 @@ fn spawn(launch: &WorkerLaunch, driver: SocketAddr, rank: usize) -> Result<Worke
         rank,
         reason: format!("running {}: {e}", launch.program.display()),
     })
+}
+
+/// The job's token and the file the workers read it from.
+struct JobToken {
+    token: Token,
+    path: PathBuf,
+    /// Whether the file is ours to remove.
+    written: bool,
+}
+
+impl JobToken {
+    /// The token of `launch`'s file, or a fresh one in a new private file.
+    fn of(launch: &WorkerLaunch) -> Result<Self> {
+        if let Some(path) = &launch.token_file {
+            return Ok(Self {
+                token: Token::read(path)?,
+                path: path.clone(),
+                written: false,
+            });
+        }
+        let token = Token::random();
+        let name = format!("flexmodel-token-{}-{}", std::process::id(), rand_suffix());
+        let path = std::env::temp_dir().join(name);
+        token.write(&path).map_err(|e| Error::WorkerStart {
+            rank: 0,
+            reason: format!("writing the job's token to {}: {e}", path.display()),
+        })?;
+        Ok(Self {
+            token,
+            path,
+            written: true,
+        })
+    }
+}
+
+impl Drop for JobToken {
+    fn drop(&mut self) {
+        if self.written {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A short random name part, so that two drivers of one process never collide.
+fn rand_suffix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(Instant::now().elapsed().as_nanos());
+    format!("{:016x}", hasher.finish())
 }
 
 /// A worker that joined and loaded its shard.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use flexmodel_cluster::transport::{Frame, FrameKind, Hello, Hub, dial};
+use flexmodel_cluster::transport::{Frame, FrameKind, Hello, Hub, Token};
 
 /// A piece of `blocks.*.hook_resid_post` for 4 × 128 tokens of SmolLM2 (d_model 576),
 /// and a 16× larger one.
@@ -21,18 +21,16 @@ const PIECES: [(&str, usize); 2] = [
 fn transport(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let hub = Hub::bind(any, runtime.handle()).unwrap();
+    let token = Token::random();
+    let hub = Hub::bind(any, token.clone(), runtime.handle()).unwrap();
+    let client = Hub::bind(any, token, runtime.handle()).unwrap();
     let hello = Hello {
         group: "bench".into(),
         member: 0,
     };
-    let sender = dial(
-        hub.local_addr(),
-        &hello,
-        runtime.handle(),
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let sender = client
+        .dial(hub.local_addr(), &hello, Duration::from_secs(5))
+        .unwrap();
     let receiver = hub
         .accept(&hello, Instant::now() + Duration::from_secs(5))
         .unwrap();

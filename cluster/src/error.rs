@@ -73,6 +73,20 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// The other end of a connection holds another token than this job's.
+    #[error("authentication failed with {peer}: it holds another token than this job's")]
+    AuthenticationFailed {
+        /// The other end.
+        peer: std::net::SocketAddr,
+    },
+    /// A job's token file cannot be used.
+    #[error("the token file {}: {reason}", .path.display())]
+    BadToken {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A member of a group never connected.
     #[error("member {member} of {group} did not connect in time")]
     NotConnected {

@@ -33,6 +33,9 @@ pub struct Processes {
     /// Compute threads per worker; by default this machine's cores split evenly among
     /// the workers (`RAYON_NUM_THREADS`, when set, is passed to every worker instead).
     pub threads: Option<usize>,
+    /// The job's token file (mode 0600); by default a fresh token, given to the workers
+    /// in a private file that is removed once they have joined.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Processes {
@@ -53,6 +56,7 @@ impl Processes {
                 .threads
                 .unwrap_or_else(|| WorkerLaunch::default_threads(layout.world_size())),
             trace: crate::telemetry::propagation(),
+            token_file: self.token_file.clone(),
         })
     }
 }

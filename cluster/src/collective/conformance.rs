@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
-use crate::transport::Hub;
+use crate::transport::{Hub, Token};
 use crate::{
     Collective, Error, InProcessCollective, PassControl, SingleRank, TcpCollective, TpRank,
 };
@@ -48,8 +48,9 @@ fn group(
         Transport::Tcp => {
             let handle = runtime().handle();
             let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+            let token = Token::random();
             let hubs: Vec<Arc<Hub>> = (0..size)
-                .map(|_| Arc::new(Hub::bind(any, handle).unwrap()))
+                .map(|_| Arc::new(Hub::bind(any, token.clone(), handle).unwrap()))
                 .collect();
             let addresses: Vec<SocketAddr> = hubs.iter().map(|h| h.local_addr()).collect();
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -59,11 +60,8 @@ fn group(
                         (hubs[member].clone(), addresses.clone(), control.clone());
                     std::thread::spawn(move || {
                         let rank = TpRank::new(member, size).unwrap();
-                        let handle = runtime().handle();
-                        TcpCollective::connect(
-                            "test", rank, &addresses, &hub, handle, control, deadline,
-                        )
-                        .unwrap()
+                        TcpCollective::connect("test", rank, &addresses, &hub, control, deadline)
+                            .unwrap()
                     })
                 })
                 .collect();

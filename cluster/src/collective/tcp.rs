@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use tokio::runtime::Handle;
 
 use super::algorithms::{self, PointToPoint};
-use crate::transport::{Connection, Frame, FrameKind, Hello, Hub, dial};
+use crate::transport::{Connection, Frame, FrameKind, Hello, Hub};
 use crate::{Error, PassControl, Result, TpRank};
 
 /// One member of a group whose members are processes: a TCP connection to every other
@@ -30,7 +29,6 @@ impl TcpCollective {
         rank: TpRank,
         addresses: &[SocketAddr],
         hub: &Hub,
-        runtime: &Handle,
         control: Arc<PassControl>,
         deadline: Instant,
     ) -> Result<Self> {
@@ -46,7 +44,7 @@ impl TcpCollective {
                 rank: j,
                 size: addresses.len(),
             })?;
-            *peer = Some(dial(address, &hello, runtime, timeout)?);
+            *peer = Some(hub.dial(address, &hello, timeout)?);
         }
         for (j, peer) in peers.iter_mut().enumerate().skip(me + 1) {
             let from = Hello {

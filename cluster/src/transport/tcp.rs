@@ -34,15 +34,16 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
+use super::auth::{self, Handshake, Role, Token};
 use super::frame::{Frame, FrameCodec, FrameError, FrameKind};
 use crate::{Error, Result};
 
-/// How long a new connection may take to say who it is.
+/// How long each step of a new connection's handshake may take.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most connections a hub keeps waiting for someone to claim them.
 const MAX_UNCLAIMED: usize = 4096;
 
-/// The first message on every connection: which group the dialer joins, as which member.
+/// Who a connection's dialer is: which group it joins, as which member.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Hello {
     /// The group (or role) the connection belongs to.
@@ -156,40 +157,6 @@ impl Connection {
     }
 }
 
-/// Connects to `addr` and opens with `hello`.
-pub fn dial(
-    addr: SocketAddr,
-    hello: &Hello,
-    runtime: &Handle,
-    timeout: Duration,
-) -> Result<Connection> {
-    let hello_bytes = serde_json::to_vec(hello).map_err(|e| Error::Handshake {
-        peer: addr,
-        reason: e.to_string(),
-    })?;
-    runtime.block_on(async {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| Error::Connect {
-                addr,
-                source: std::io::ErrorKind::TimedOut.into(),
-            })?
-            .map_err(|source| Error::Connect { addr, source })?;
-        stream
-            .set_nodelay(true)
-            .map_err(|source| Error::Connect { addr, source })?;
-        let mut framed = Framed::new(stream, FrameCodec::default());
-        framed
-            .send(Frame::control(hello_bytes))
-            .await
-            .map_err(|e| Error::Handshake {
-                peer: addr,
-                reason: e.to_string(),
-            })?;
-        Ok(Connection::start(framed, addr, runtime))
-    })
-}
-
 /// Connections that arrived and said who they are, until someone claims them.
 #[derive(Default)]
 struct Arrivals {
@@ -202,11 +169,15 @@ pub struct Hub {
     addr: SocketAddr,
     arrivals: Arc<Arrivals>,
     stop: CancellationToken,
+    token: Arc<Token>,
+    runtime: Handle,
 }
 
 impl Hub {
-    /// Listens on `addr` (port 0: any free port) and starts accepting on `runtime`.
-    pub fn bind(addr: SocketAddr, runtime: &Handle) -> Result<Hub> {
+    /// Listens on `addr` (port 0: any free port) and starts accepting on `runtime`
+    /// the connections that prove they hold `token`; [`dial`](Self::dial) proves it too.
+    pub fn bind(addr: SocketAddr, token: Token, runtime: &Handle) -> Result<Hub> {
+        let token = Arc::new(token);
         let listener = runtime
             .block_on(TcpListener::bind(addr))
             .map_err(|source| Error::Listen { addr, source })?;
@@ -215,7 +186,7 @@ impl Hub {
             .map_err(|source| Error::Listen { addr, source })?;
         let arrivals = Arc::new(Arrivals::default());
         let stop = CancellationToken::new();
-        let (accepting, stopped) = (arrivals.clone(), stop.clone());
+        let (accepting, stopped, secret) = (arrivals.clone(), stop.clone(), token.clone());
         let handle = runtime.clone();
         runtime.spawn(async move {
             loop {
@@ -229,15 +200,15 @@ impl Hub {
                         }
                     },
                 };
-                let (arrivals, handle) = (accepting.clone(), handle.clone());
+                let (arrivals, handle, token) = (accepting.clone(), handle.clone(), secret.clone());
                 tokio::spawn(async move {
-                    match greet(stream, peer).await {
+                    match greet(stream, peer, &token).await {
                         Ok((hello, framed)) => {
                             let connection = Connection::start(framed, peer, &handle);
                             arrivals.arrive(hello, connection);
                         }
                         Err(reason) => {
-                            tracing::warn!(%peer, %reason, "refused a connection");
+                            tracing::warn!(%peer, %reason, "refused a connection; nothing it sent was acted on");
                         }
                     }
                 });
@@ -247,6 +218,42 @@ impl Hub {
             addr,
             arrivals,
             stop,
+            token,
+            runtime: runtime.clone(),
+        })
+    }
+
+    /// Connects to the hub at `addr`, as `hello` says, proving that this hub's token is
+    /// the job's; [`Error::AuthenticationFailed`] if the other side holds another.
+    pub fn dial(&self, addr: SocketAddr, hello: &Hello, timeout: Duration) -> Result<Connection> {
+        self.runtime.block_on(async {
+            let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| Error::Connect {
+                    addr,
+                    source: std::io::ErrorKind::TimedOut.into(),
+                })?
+                .map_err(|source| Error::Connect { addr, source })?;
+            stream
+                .set_nodelay(true)
+                .map_err(|source| Error::Connect { addr, source })?;
+            let mut framed = Framed::new(stream, FrameCodec::with_max_payload(4096));
+            match introduce(&mut framed, hello, &self.token).await {
+                Ok(()) => {}
+                Err(HandshakeFailure::Refused) => {
+                    return Err(Error::AuthenticationFailed { peer: addr });
+                }
+                Err(HandshakeFailure::Broken(reason)) => {
+                    return Err(Error::Handshake { peer: addr, reason });
+                }
+            }
+            let mut parts = framed.into_parts();
+            parts.codec = FrameCodec::default();
+            Ok(Connection::start(
+                Framed::from_parts(parts),
+                addr,
+                &self.runtime,
+            ))
         })
     }
 
@@ -314,33 +321,127 @@ impl Arrivals {
     }
 }
 
-/// Reads the hello of a new connection.
+/// The next handshake message on `framed`, within [`HELLO_TIMEOUT`].
+async fn next_handshake(
+    framed: &mut Framed<TcpStream, FrameCodec>,
+) -> std::result::Result<Handshake, String> {
+    let next = tokio::time::timeout(HELLO_TIMEOUT, framed.next())
+        .await
+        .map_err(|_| format!("no handshake within {} s", HELLO_TIMEOUT.as_secs()))?;
+    let frame = match next {
+        Some(Ok(frame)) => frame,
+        Some(Err(e)) => return Err(e.to_string()),
+        None => return Err("closed during the handshake".into()),
+    };
+    match (frame.kind, frame.bytes()) {
+        (FrameKind::Control, Some(bytes)) => {
+            serde_json::from_slice(bytes).map_err(|e| format!("a malformed handshake: {e}"))
+        }
+        _ => Err(format!("a {:?} frame during the handshake", frame.kind)),
+    }
+}
+
+/// Sends a handshake message.
+async fn send_handshake(
+    framed: &mut Framed<TcpStream, FrameCodec>,
+    message: &Handshake,
+) -> std::result::Result<(), String> {
+    let bytes = serde_json::to_vec(message).map_err(|e| e.to_string())?;
+    framed
+        .send(Frame::control(bytes))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The acceptor's side of the handshake: who the dialer is, once it proved it holds
+/// the token.
 async fn greet(
     stream: TcpStream,
     peer: SocketAddr,
+    token: &Token,
 ) -> std::result::Result<(Hello, Framed<TcpStream, FrameCodec>), String> {
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    // A hello is small: refuse anything longer before reading it.
+    // Handshake messages are small: refuse anything longer before reading it.
     let mut framed = Framed::new(stream, FrameCodec::with_max_payload(4096));
-    let first = tokio::time::timeout(HELLO_TIMEOUT, framed.next())
-        .await
-        .map_err(|_| format!("no hello within {} s", HELLO_TIMEOUT.as_secs()))?;
-    let frame = match first {
-        Some(Ok(frame)) => frame,
-        Some(Err(e)) => return Err(e.to_string()),
-        None => return Err("closed before its hello".into()),
+    let Handshake::Hello {
+        group,
+        member,
+        nonce: theirs,
+    } = next_handshake(&mut framed).await?
+    else {
+        return Err("the first message is not a hello".into());
     };
-    let hello = match (frame.kind, frame.bytes()) {
-        (FrameKind::Control, Some(bytes)) => {
-            serde_json::from_slice::<Hello>(bytes).map_err(|e| format!("bad hello: {e}"))?
-        }
-        _ => return Err(format!("the first frame is {:?}, not a hello", frame.kind)),
+    let mine = auth::nonce();
+    let proof = token.prove(Role::Acceptor, &theirs, &mine, &group, member);
+    let challenge = Handshake::Challenge {
+        nonce: mine.clone(),
+        proof,
     };
-    tracing::debug!(%peer, group = %hello.group, member = hello.member, "connected");
+    send_handshake(&mut framed, &challenge).await?;
+    let Handshake::Proof { proof } = next_handshake(&mut framed).await? else {
+        return Err("the answer to the challenge is not a proof".into());
+    };
+    if !token.verify(Role::Dialer, &proof, &mine, &theirs, &group, member) {
+        return Err("authentication failed (a different token)".into());
+    }
+    send_handshake(&mut framed, &Handshake::Welcome).await?;
+    tracing::debug!(%peer, %group, member, "connected");
     // Later frames may be as long as any tensor.
     let mut parts = framed.into_parts();
     parts.codec = FrameCodec::default();
-    Ok((hello, Framed::from_parts(parts)))
+    Ok((Hello { group, member }, Framed::from_parts(parts)))
+}
+
+/// The dialer's side of the handshake.
+async fn introduce(
+    framed: &mut Framed<TcpStream, FrameCodec>,
+    hello: &Hello,
+    token: &Token,
+) -> std::result::Result<(), HandshakeFailure> {
+    let mine = auth::nonce();
+    let opening = Handshake::Hello {
+        group: hello.group.clone(),
+        member: hello.member,
+        nonce: mine.clone(),
+    };
+    send_handshake(framed, &opening)
+        .await
+        .map_err(HandshakeFailure::Broken)?;
+    let Handshake::Challenge {
+        nonce: theirs,
+        proof,
+    } = next_handshake(framed)
+        .await
+        .map_err(HandshakeFailure::Broken)?
+    else {
+        return Err(HandshakeFailure::Broken(
+            "the answer to the hello is not a challenge".into(),
+        ));
+    };
+    let (group, member) = (&hello.group, hello.member);
+    if !token.verify(Role::Acceptor, &proof, &mine, &theirs, group, member) {
+        return Err(HandshakeFailure::Refused);
+    }
+    let proof = token.prove(Role::Dialer, &theirs, &mine, group, member);
+    send_handshake(framed, &Handshake::Proof { proof })
+        .await
+        .map_err(HandshakeFailure::Broken)?;
+    match next_handshake(framed).await {
+        Ok(Handshake::Welcome) => Ok(()),
+        // The acceptor closes a connection whose proof it does not take.
+        Err(_) => Err(HandshakeFailure::Refused),
+        Ok(other) => Err(HandshakeFailure::Broken(format!(
+            "{other:?} instead of a welcome"
+        ))),
+    }
+}
+
+/// Why a dialer's handshake failed.
+enum HandshakeFailure {
+    /// The other side holds another token (or refused ours).
+    Refused,
+    /// The other side does not speak the handshake.
+    Broken(String),
 }
 
 #[cfg(test)]
@@ -352,7 +453,13 @@ mod tests {
     #[test]
     fn garbage_closes_its_connection_and_the_hub_serves_the_next() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let hub = Hub::bind("127.0.0.1:0".parse().unwrap(), runtime.handle()).unwrap();
+        let token = Token::random();
+        let hub = Hub::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            token.clone(),
+            runtime.handle(),
+        )
+        .unwrap();
         // Not a frame at all, then a frame header claiming an absurd length.
         let mut absurd = MAGIC_HEADER.to_vec();
         absurd[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -373,7 +480,10 @@ mod tests {
             group: "g".into(),
             member: 1,
         };
-        let dialled = dial(hub.local_addr(), &hello, runtime.handle(), HELLO_TIMEOUT).unwrap();
+        let client = Hub::bind("127.0.0.1:0".parse().unwrap(), token, runtime.handle()).unwrap();
+        let dialled = client
+            .dial(hub.local_addr(), &hello, HELLO_TIMEOUT)
+            .unwrap();
         let accepted = hub
             .accept(&hello, Instant::now() + Duration::from_secs(5))
             .unwrap();
@@ -393,6 +503,74 @@ mod tests {
                 .recv_timeout(Duration::from_secs(5))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_dialer_with_another_token_is_refused_and_the_hub_serves_the_next() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let token = Token::random();
+        let hub = Hub::bind(any, token.clone(), runtime.handle()).unwrap();
+        let hello = Hello {
+            group: "g".into(),
+            member: 1,
+        };
+        let stranger = Hub::bind(any, Token::random(), runtime.handle()).unwrap();
+        let refused = stranger.dial(hub.local_addr(), &hello, HELLO_TIMEOUT);
+        assert!(
+            matches!(refused, Err(Error::AuthenticationFailed { .. })),
+            "{:?}",
+            refused.as_ref().err()
+        );
+        assert_eq!(
+            refused.err().unwrap().to_string(),
+            format!(
+                "authentication failed with {}: it holds another token than this job's",
+                hub.local_addr()
+            )
+        );
+        let soon = Instant::now() + Duration::from_millis(300);
+        assert!(hub.accept(&hello, soon).is_err(), "nothing was handed out");
+
+        // A dialer that answers the challenge with a forged proof is closed unheard.
+        let forged = runtime.block_on(async {
+            let stream = TcpStream::connect(hub.local_addr()).await.unwrap();
+            let mut framed = Framed::new(stream, FrameCodec::default());
+            let opening = Handshake::Hello {
+                group: "g".into(),
+                member: 1,
+                nonce: auth::nonce(),
+            };
+            send_handshake(&mut framed, &opening).await.unwrap();
+            let challenge = next_handshake(&mut framed).await.unwrap();
+            assert!(matches!(challenge, Handshake::Challenge { .. }));
+            let proof = Handshake::Proof { proof: vec![0; 32] };
+            send_handshake(&mut framed, &proof).await.unwrap();
+            framed
+                .send(Frame::control(b"acted on?".to_vec()))
+                .await
+                .ok();
+            next_handshake(&mut framed).await
+        });
+        assert!(forged.is_err(), "no welcome: {forged:?}");
+        assert!(
+            hub.accept(&hello, Instant::now() + Duration::from_millis(300))
+                .is_err()
+        );
+
+        let friend = Hub::bind(any, token, runtime.handle()).unwrap();
+        let dialled = friend
+            .dial(hub.local_addr(), &hello, HELLO_TIMEOUT)
+            .unwrap();
+        let accepted = hub
+            .accept(&hello, Instant::now() + Duration::from_secs(5))
+            .unwrap();
+        dialled.send(Frame::control(b"welcome".to_vec())).unwrap();
+        let got = accepted
+            .inbox()
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(got.bytes().unwrap().as_ref(), b"welcome");
     }
 
     /// A valid header (magic, control kind, u8, one dimension) with no payload yet.

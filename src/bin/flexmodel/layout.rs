@@ -1,6 +1,8 @@
 //! The `[--tp N] [--pp N] [--dp N] [--procs]` options every command takes, and the checks a
 //! command makes before it reads any weight.
 
+use std::path::PathBuf;
+
 use candle_core::Tensor;
 use clap::Args;
 use flexmodel::runtime::sharding::{check_fits_in_memory, check_layout};
@@ -10,7 +12,7 @@ use flexmodel::{Checkpoint, FlexModel, HookCatalog, HookKind};
 use flexmodel_cluster::Layout;
 
 /// How the model is split: tensor × pipeline × data parallel.
-#[derive(Args, Debug, Clone, Copy)]
+#[derive(Args, Debug, Clone)]
 pub struct LayoutArgs {
     /// Tensor-parallel ranks.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -25,6 +27,10 @@ pub struct LayoutArgs {
     /// rank is a thread of this process).
     #[arg(long)]
     pub procs: bool,
+    /// The job's secret token (a file, mode 0600) that every connection between its
+    /// processes proves it holds; with `--procs`, by default a fresh one.
+    #[arg(long, value_name = "F")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// What a command will run, checked against the model before its weights are read.
@@ -76,7 +82,10 @@ impl LayoutArgs {
     /// Where the ranks run.
     pub fn placement(&self) -> Placement {
         match self.procs {
-            true => Placement::Processes(Processes::default()),
+            true => Placement::Processes(Processes {
+                token_file: self.token_file.clone(),
+                ..Processes::default()
+            }),
             false => Placement::Threads,
         }
     }

@@ -6,10 +6,12 @@
 //! gone. (Joining a job through etcd with `--etcd` and `--job` is the next step.)
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use clap::Args;
 use flexmodel::runtime::LlamaLoader;
 use flexmodel_actors::{WorkerOptions, serve};
+use flexmodel_cluster::transport::Token;
 
 /// What `worker` takes.
 #[derive(Args, Debug)]
@@ -23,6 +25,9 @@ pub struct WorkerArgs {
     /// The address other processes reach this worker at (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// The job's secret token (a file, mode 0600).
+    #[arg(long, value_name = "F")]
+    token_file: PathBuf,
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -31,6 +36,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         rank: args.rank,
         listen: args.listen,
         trace: flexmodel::telemetry::propagation(),
+        token: Token::read(&args.token_file)?,
     };
     serve(&options, &LlamaLoader)?;
     Ok(())

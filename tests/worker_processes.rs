@@ -5,15 +5,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use candle_core::{Tensor, Var};
-use common::processes::{assert_gone, signal};
-use common::{assert_matches_single, batch, take_last_calls};
+use common::parity::{everything, tiny_on_disk};
+use common::processes::{assert_gone, signal_at_hook};
+use common::{assert_matches_single, batch};
 use flexmodel::runtime::{Placement, Processes};
-use flexmodel::tiny::tiny_checkpoint;
-use flexmodel::{BlockSite, Checkpoint, FlexModel, HookFunction, HookPoint, edits};
+use flexmodel::{BlockSite, FlexModel, HookFunction, HookPoint, edits};
 use flexmodel_actors::Fault;
 use flexmodel_cluster::Layout;
 
@@ -27,82 +25,6 @@ fn processes() -> Placement {
         threads: Some(1),
         token_file: None,
     })
-}
-
-/// The tiny model written to a directory the workers open, and opened from it.
-fn tiny_on_disk(seed: u64) -> (tempfile::TempDir, Checkpoint) {
-    let dir = tempfile::tempdir().unwrap();
-    tiny_checkpoint(seed)
-        .unwrap()
-        .save_hf_dir(dir.path())
-        .unwrap();
-    let checkpoint = Checkpoint::open(dir.path().to_str().unwrap()).unwrap();
-    (dir, checkpoint)
-}
-
-fn tokens() -> Tensor {
-    batch(&[
-        &[5, 17, 200, 3, 99, 1],
-        &[1, 2, 3, 4, 5, 6],
-        &[250, 0, 7, 7, 7, 9],
-    ])
-}
-
-/// Registers edits on values and on gradients, and a trainable steering vector.
-fn register_edits(model: &mut FlexModel, steer: &Var) {
-    model.register_trainable("steer", steer).unwrap();
-    let hooks = model.hooks_mut();
-    hooks
-        .register(HookFunction::new("blocks.1.attn.hook_z").with_edit(edits::zero_head(5)))
-        .unwrap();
-    hooks
-        .register(HookFunction::new("blocks.2.attn.hook_k").with_edit(edits::zero_head(1)))
-        .unwrap();
-    let v = steer.as_tensor().clone();
-    let steering = HookFunction::new("blocks.2.hook_resid_post")
-        .with_edit(move |_, x| Ok(x.broadcast_add(&v)?));
-    hooks.register(steering).unwrap();
-    hooks
-        .register(HookFunction::backward("blocks.0.hook_resid_mid").with_edit(edits::scale(0.5)))
-        .unwrap();
-}
-
-/// Everything a pass produces: the logits, the loss, every capture (values and
-/// gradients), the trainable's gradient and two parameters' gradients.
-fn everything(
-    checkpoint: &Checkpoint,
-    layout: Layout,
-    placement: &Placement,
-) -> BTreeMap<String, Tensor> {
-    let mut model = FlexModel::build_on(checkpoint, layout, placement).unwrap();
-    let start = Tensor::arange(0f32, 64.0, &candle_core::Device::Cpu).unwrap();
-    let steer = Var::from_tensor(&(start.sin().unwrap() * 0.1).unwrap()).unwrap();
-    register_edits(&mut model, &steer);
-    model.hooks_mut().register(HookFunction::new("*")).unwrap();
-    model
-        .hooks_mut()
-        .register(HookFunction::backward("*"))
-        .unwrap();
-    let (logits, loss) = model.forward_backward(&tokens()).unwrap();
-    let mut all = take_last_calls(&mut model);
-    all.insert("logits".into(), logits);
-    all.insert(
-        "loss".into(),
-        Tensor::new(&[loss], &candle_core::Device::Cpu).unwrap(),
-    );
-    all.insert("steer_grad".into(), model.trainable_grad("steer").unwrap());
-    for name in [
-        "model.layers.1.self_attn.o_proj.weight",
-        "model.embed_tokens.weight",
-    ] {
-        all.insert(format!("{name}.grad"), model.parameter_grad(name).unwrap());
-        all.insert(name.into(), model.parameter(name).unwrap());
-    }
-    // A plain forward pass afterwards, with the same hooks.
-    model.store_mut().clear();
-    let again = model.forward(&tokens()).unwrap();
-    all.insert("logits_again".into(), again);
-    all
 }
 
 #[test]
@@ -205,17 +127,8 @@ fn lose_a_worker_mid_pass(how: &'static str, reason: &str) {
     let mut model = FlexModel::build_on(&checkpoint, layout, &processes()).unwrap();
     let pids = model.worker_pids().unwrap();
     let victim = pids[3];
-    let edit = HookFunction::new("blocks.2.hook_resid_pre")
-        .without_capture()
-        .with_edit(move |_, x| {
-            // The victim (tp 1, which sends no piece of this replicated point) reaches
-            // the hook and says so in a heartbeat; then it is killed or stopped there.
-            std::thread::sleep(Duration::from_millis(500));
-            signal(victim, how);
-            // Let the worker's death be seen before the shards go on.
-            std::thread::sleep(Duration::from_millis(300));
-            Ok(x.clone())
-        });
+    // The victim (tp 1) sends no piece of this replicated point: it waits there.
+    let edit = signal_at_hook("blocks.2.hook_resid_pre", victim, how);
     model.hooks_mut().register(edit).unwrap();
     let tokens = batch(&[&[1, 2, 3, 4]]);
     let start = Instant::now();

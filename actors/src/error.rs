@@ -156,6 +156,38 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A job had too few workers free for a layout.
+    #[error(
+        "job {job} has {have} of the {needed} workers it needs after {seconds} s{}; start more with `flexmodel worker --etcd ... --job {job}`", busy_note(*.busy)
+    )]
+    NotEnoughWorkers {
+        /// The job.
+        job: String,
+        /// The ranks of the layout.
+        needed: usize,
+        /// The workers free to serve.
+        have: usize,
+        /// Workers busy with another driver or still loading.
+        busy: usize,
+        /// How long the driver waited.
+        seconds: u64,
+    },
+    /// A worker read other weights than the driver (or than the first worker).
+    #[error(
+        "rank {rank} ({worker}) loaded other weights than {against}: fingerprint {found} instead of {expected}; give every machine the same model"
+    )]
+    WeightsDiffer {
+        /// The rank.
+        rank: usize,
+        /// The worker: its job member id (or its process id) and its machine.
+        worker: String,
+        /// Whose weights it was compared with.
+        against: String,
+        /// Its weights' fingerprint (shortened).
+        found: String,
+        /// The fingerprint expected (shortened).
+        expected: String,
+    },
     /// A worker sent something the protocol does not allow at that point.
     #[error("rank {rank} broke the protocol: {what}")]
     Protocol {
@@ -234,6 +266,14 @@ fn on_host(host: &Option<String>) -> String {
 
 /// Result with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// "(N more busy)" when some of a job's workers are busy.
+fn busy_note(busy: usize) -> String {
+    match busy {
+        0 => String::new(),
+        n => format!(" ({n} more busy with another driver or loading)"),
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -29,5 +29,5 @@ pub use runtime::{ShardRuntime, ShardSetup};
 pub use shard::ShardActor;
 pub use shard_model::{PointId, ShardHooks, ShardModel, ShardParameters};
 pub use trace_context::TracePropagation;
-pub use worker::{ShardLoader, WorkerOptions, serve};
-pub use workers::{HANG_TIMEOUT, WorkerLaunch, stop_every_worker};
+pub use worker::{Join, LoadedShard, ShardLoader, WorkerOptions, leave_every_job, serve};
+pub use workers::{HANG_TIMEOUT, JobLaunch, WorkerLaunch, stop_every_worker};

@@ -167,6 +167,10 @@ impl Fault {
 /// What a worker's shard is: the rank it serves and how to reach its peers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Assignment {
+    /// The assignment's epoch in the job's membership (0 for workers a driver started).
+    pub epoch: u64,
+    /// The job member the driver means to serve it, when the workers joined a job.
+    pub member: Option<String>,
     /// The rank this worker serves.
     pub rank: usize,
     /// `(dp, pp, tp)` of the layout.
@@ -181,7 +185,8 @@ pub struct Assignment {
 /// own after the message that needs them).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum ToWorker {
-    /// Serve this rank of this model.
+    /// Serve this rank of this model; again between passes when the group changed (a
+    /// rank was replaced).
     Assign(Assignment),
     /// Run a pass; followed by the input tokens (if `input`) and the backward pass's
     /// tokens (if `backward` is set). `trace` is the pass's trace context.
@@ -216,6 +221,10 @@ pub(crate) enum ToDriver {
         param_bytes: u64,
         /// The process's peak resident memory while it loaded them.
         peak_rss_bytes: Option<u64>,
+        /// The fingerprint of the weights the shard was read from.
+        fingerprint: String,
+        /// Whether the shard was already loaded (for an earlier driver or assignment).
+        reused: bool,
     },
     /// The worker could not load its shard or join its groups.
     Refused { message: String },

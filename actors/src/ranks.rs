@@ -16,6 +16,12 @@ pub(crate) struct Lost {
 /// The ranks of a layout, wherever they run. Their events (pieces, done, failed) arrive
 /// on the channel the runtime was started with.
 pub(crate) trait Ranks: Send {
+    /// Replaces the ranks that are gone, where their transport can (a job's workers),
+    /// before the next pass.
+    fn recover(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Starts pass `pass`: messages of earlier passes are dropped from now on.
     fn begin(&self, pass: u64);
 
@@ -45,6 +51,11 @@ pub(crate) trait Ranks: Send {
 
     /// The process id of each rank's worker, when the ranks are processes.
     fn worker_pids(&self) -> Option<Vec<u32>> {
+        None
+    }
+
+    /// Whether each rank's worker kept the shard it held, when the ranks are processes.
+    fn workers_reused(&self) -> Option<Vec<bool>> {
         None
     }
 }

@@ -164,6 +164,7 @@ impl ShardRuntime {
                 replicas: self.layout.dp(),
             });
         }
+        self.ranks.recover()?;
         let pass = self.next_pass;
         self.next_pass += 1;
         self.ranks.begin(pass);

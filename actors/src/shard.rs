@@ -83,7 +83,7 @@ impl Position {
     }
 
     /// Tells whoever watches (a worker's heartbeat) that the shard waits where it is.
-    fn announce(&self) {
+    pub(crate) fn announce(&self) {
         self.waiting.notify_all();
     }
 

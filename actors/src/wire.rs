@@ -93,3 +93,10 @@ pub(crate) fn next_control<T: DeserializeOwned>(
         Err(RecvTimeoutError::Disconnected) => Err(WireError::Closed),
     }
 }
+
+/// The socket address of `address` (`HOST:PORT`, the host a name or an address).
+pub(crate) fn resolve(address: &str) -> Option<std::net::SocketAddr> {
+    std::net::ToSocketAddrs::to_socket_addrs(address)
+        .ok()?
+        .next()
+}

@@ -101,6 +101,54 @@ pub enum Error {
     /// A frame could not be encoded.
     #[error(transparent)]
     Frame(#[from] crate::transport::FrameError),
+    /// No etcd endpoint answered.
+    #[error("cannot reach etcd at {endpoints} within {seconds} s: {reason}")]
+    EtcdUnreachable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// How long they were tried.
+        seconds: u64,
+        /// The last failure.
+        reason: String,
+    },
+    /// An etcd request failed, after retrying.
+    #[error("etcd, {what}: {reason}")]
+    Etcd {
+        /// What the request was for.
+        what: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A cluster URL that cannot be used.
+    #[error("bad cluster URL {url:?}: {reason} (expected etcd://HOST:PORT[,HOST:PORT...]/JOB)")]
+    BadClusterUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Another driver holds the job.
+    #[error("job {job} is busy: {holder} is using its workers")]
+    JobBusy {
+        /// The job.
+        job: String,
+        /// Who holds it.
+        holder: String,
+    },
+    /// A record in etcd that is not what this version writes.
+    #[error("a malformed record at {key} in etcd: {reason}")]
+    BadRecord {
+        /// Its key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// This driver's hold on its job expired (etcd was out of reach for too long).
+    #[error("this driver no longer holds job {job}: its lease in etcd expired")]
+    LostClaim {
+        /// The job.
+        job: String,
+    },
     /// A broken invariant of this crate.
     #[error("internal error: {0}")]
     Internal(&'static str),

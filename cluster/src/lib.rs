@@ -9,13 +9,15 @@ mod collective;
 pub mod conjugate;
 mod error;
 mod layout;
+pub mod membership;
 mod param_slice;
 mod shard_spec;
 mod tp_rank;
 pub mod transport;
 
 pub use collective::{
-    Collective, InProcessCollective, PassControl, PointToPoint, SingleRank, TcpCollective,
+    Collective, InProcessCollective, PassControl, PointToPoint, Regroupable, SingleRank,
+    TcpCollective,
 };
 pub use error::{Error, Result};
 pub use layout::{Layout, RankCoords, split_evenly};

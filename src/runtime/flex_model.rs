@@ -90,8 +90,8 @@ impl FlexModel {
     }
 
     /// Builds the model of `checkpoint` split over `layout`, its ranks placed as
-    /// `placement` says: threads of this process, or one worker process per rank (each
-    /// worker opens the checkpoint's file or directory itself and reads only its slices).
+    /// `placement` says: threads of this process, one worker process per rank, or the
+    /// workers of a job (each worker opens the model itself, and reads only its slices).
     pub fn build_on(
         checkpoint: &Checkpoint,
         layout: Layout,
@@ -100,10 +100,23 @@ impl FlexModel {
         let config = checkpoint.config.clone();
         check_layout(&config, &layout)?;
         check_fits_in_memory(&config, &layout)?;
-        if let Placement::Processes(processes) = placement {
-            let launch = processes.launch(&layout, checkpoint.weights.origin())?;
-            let (geometry, output) = geometry_of(&config, layout)?;
-            let runtime = ShardRuntime::launch(layout, &launch, geometry, output)?;
+        let workers = match placement {
+            Placement::Threads => None,
+            Placement::Processes(processes) => {
+                let origin = checkpoint.weights.origin();
+                let fingerprint = checkpoint.weights.fingerprint()?;
+                let launch = processes.launch(&layout, origin, fingerprint)?;
+                let (geometry, output) = geometry_of(&config, layout)?;
+                Some(ShardRuntime::launch(layout, &launch, geometry, output)?)
+            }
+            Placement::Cluster(cluster) => {
+                let origin = checkpoint.weights.origin();
+                let launch = cluster.launch(origin, checkpoint.weights.fingerprint()?)?;
+                let (geometry, output) = geometry_of(&config, layout)?;
+                Some(ShardRuntime::join(layout, &launch, geometry, output)?)
+            }
+        };
+        if let Some(runtime) = workers {
             let weight_bytes = runtime
                 .worker_param_bytes()
                 .ok_or(Error::Internal(
@@ -203,6 +216,15 @@ impl FlexModel {
     pub fn worker_pids(&self) -> Option<Vec<u32>> {
         match &self.backend {
             Backend::Sharded { runtime, .. } => runtime.worker_pids(),
+            Backend::Single { .. } => None,
+        }
+    }
+
+    /// Whether each rank's worker kept the slice it already held (for an earlier
+    /// driver) rather than loading it, in rank order, when the ranks are worker processes.
+    pub fn workers_reused(&self) -> Option<Vec<bool>> {
+        match &self.backend {
+            Backend::Sharded { runtime, .. } => runtime.workers_reused(),
             Backend::Single { .. } => None,
         }
     }

@@ -1,10 +1,13 @@
-//! Where the ranks run — threads of this process (the default) or one worker process
-//! per rank on this machine — and what a worker process loads.
+//! Where the ranks run — threads of this process (the default), one worker process
+//! per rank on this machine, or the workers of a job in etcd — and what a worker
+//! process loads.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use flexmodel_actors::{Assignment, BoxError, ShardLoader, ShardModel, WorkerLaunch};
+use flexmodel_actors::{Assignment, BoxError, JobLaunch, LoadedShard, ShardLoader, WorkerLaunch};
+use flexmodel_cluster::membership::ClusterUrl;
+use flexmodel_cluster::transport::Token;
 use flexmodel_cluster::{Collective, Layout};
 
 use crate::Checkpoint;
@@ -21,6 +24,10 @@ pub enum Placement {
     /// Every rank is a `flexmodel worker` process on this machine, started when the
     /// model is built and stopped when it is dropped.
     Processes(Processes),
+    /// Every rank is a worker of a job in etcd, on this machine or another, taken when
+    /// the model is built and let go (with its shard, for the next driver) when it is
+    /// dropped.
+    Cluster(Cluster),
 }
 
 /// How worker processes are started.
@@ -39,19 +46,19 @@ pub struct Processes {
 }
 
 impl Processes {
-    /// How to start the workers of `layout` for the model at `model`.
-    pub(crate) fn launch(&self, layout: &Layout, model: &std::path::Path) -> Result<WorkerLaunch> {
-        let model = model.to_str().ok_or_else(|| Error::InvalidArgument {
-            argument: "model path",
-            problem: format!(
-                "{} is not valid UTF-8, so a worker cannot be told it",
-                model.display()
-            ),
-        })?;
+    /// How to start the workers of `layout` for the model at `model`, whose weights
+    /// have `fingerprint`.
+    pub(crate) fn launch(
+        &self,
+        layout: &Layout,
+        model: &std::path::Path,
+        fingerprint: String,
+    ) -> Result<WorkerLaunch> {
         Ok(WorkerLaunch {
             program: self.program.clone().unwrap_or_else(worker_program),
             args: vec!["worker".into()],
-            model: model.to_string(),
+            model: model_name(model)?,
+            fingerprint: Some(fingerprint),
             threads: self
                 .threads
                 .unwrap_or_else(|| WorkerLaunch::default_threads(layout.world_size())),
@@ -59,6 +66,54 @@ impl Processes {
             token_file: self.token_file.clone(),
         })
     }
+}
+
+/// The workers of a job in etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// The job.
+    pub url: ClusterUrl,
+    /// The model as each worker names it on its own disk (the same names as `--model`);
+    /// by default the checkpoint's file or directory.
+    pub model: Option<String>,
+    /// The job's token file (mode 0600), which the job's workers hold too; without one,
+    /// the token the job keeps in etcd.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Cluster {
+    /// How to take the job's workers for the model at `origin`, whose weights have
+    /// `fingerprint`.
+    pub(crate) fn launch(
+        &self,
+        origin: &std::path::Path,
+        fingerprint: String,
+    ) -> Result<JobLaunch> {
+        let model = match &self.model {
+            Some(model) => model.clone(),
+            None => model_name(origin)?,
+        };
+        Ok(JobLaunch {
+            url: self.url.clone(),
+            model,
+            fingerprint: Some(fingerprint),
+            token: self.token_file.as_deref().map(Token::read).transpose()?,
+            trace: crate::telemetry::propagation(),
+        })
+    }
+}
+
+/// `path` as a worker is told it.
+fn model_name(path: &std::path::Path) -> Result<String> {
+    path.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::InvalidArgument {
+            argument: "model path",
+            problem: format!(
+                "{} is not valid UTF-8, so a worker cannot be told it",
+                path.display()
+            ),
+        })
 }
 
 /// The `flexmodel` binary a driver starts its workers with, by default.
@@ -91,7 +146,7 @@ impl ShardLoader for LlamaLoader {
         &self,
         assignment: &Assignment,
         tp: Arc<dyn Collective>,
-    ) -> std::result::Result<Arc<dyn ShardModel>, BoxError> {
+    ) -> std::result::Result<LoadedShard, BoxError> {
         let checkpoint = Checkpoint::open(&assignment.model)?;
         let (dp, pp, tp_size) = assignment.layout;
         let layout = Layout::new(dp, pp, tp_size)?;
@@ -99,6 +154,9 @@ impl ShardLoader for LlamaLoader {
         check_layout(config, &layout)?;
         let stage = stage_of(config, &layout, layout.coords(assignment.rank).pp);
         let model = Llama::load_stage(config, checkpoint.weights.as_ref(), tp, stage)?;
-        Ok(Arc::new(LlamaShard::new(model)))
+        Ok(LoadedShard {
+            model: Arc::new(LlamaShard::new(model)),
+            fingerprint: checkpoint.weights.fingerprint()?,
+        })
     }
 }

@@ -1,5 +1,5 @@
 //! Where the ranks run: the [`FlexModel`] handle, how a model splits over a layout
-//! ([`sharding`]), threads or worker processes ([`launch`]), and whole parameters read
+//! ([`sharding`]), threads, worker processes or a job's workers ([`launch`]), and whole parameters read
 //! back from every rank's slices.
 //!
 //! This is the glue between the hook API (`crate::hooks`), the models
@@ -11,5 +11,5 @@ pub(crate) mod parameters;
 pub mod sharding;
 
 pub use flex_model::FlexModel;
-pub use flexmodel_actors::stop_every_worker;
-pub use launch::{LlamaLoader, Placement, Processes};
+pub use flexmodel_actors::{leave_every_job, stop_every_worker};
+pub use launch::{Cluster, LlamaLoader, Placement, Processes};

@@ -322,6 +322,10 @@ impl WeightSource for GgufFile {
         &self.path
     }
 
+    fn fingerprint(&self) -> Result<String> {
+        super::fingerprint::of_files([self.path.as_path()])
+    }
+
     fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .content

@@ -5,6 +5,7 @@
 //! [`pretrained`] fetches the packaged ones into the cache.
 
 pub(crate) mod checkpoint;
+mod fingerprint;
 mod gguf;
 pub mod pretrained;
 mod safetensors_dir;
@@ -34,6 +35,9 @@ pub trait WeightSource: Send + Sync {
     /// The tensor `name` as f32 on the CPU; an error naming the file and the tensor
     /// when it is missing or unreadable.
     fn tensor(&self, name: &str) -> Result<Tensor>;
+
+    /// A digest of every tensor's bytes (a SHA-256, in hex): equal for equal weights.
+    fn fingerprint(&self) -> Result<String>;
 
     /// The tensor `name`, checked to have shape `shape`.
     fn tensor_with_shape(&self, name: &str, shape: &[usize]) -> Result<Tensor> {

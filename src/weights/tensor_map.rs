@@ -49,6 +49,10 @@ impl WeightSource for TensorMap {
         self.tensors.keys().cloned().collect()
     }
 
+    fn fingerprint(&self) -> Result<String> {
+        super::fingerprint::of_tensors(self.tensors.iter().map(|(n, t)| (n.as_str(), t)))
+    }
+
     fn tensor(&self, name: &str) -> Result<Tensor> {
         let t = self
             .tensors

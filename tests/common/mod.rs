@@ -2,6 +2,8 @@
 //! capture, relative errors, the numpy reference and a GGUF writer.
 #![allow(dead_code)] // each test binary uses its own part of these helpers
 
+pub mod etcd;
+pub mod parity;
 pub mod processes;
 
 use std::collections::BTreeMap;

@@ -59,3 +59,17 @@ pub fn children_of(parent: u32) -> Vec<u32> {
     }
     children
 }
+
+/// A driver-side edit of `point` that sends `how` (`KILL`, `STOP`) to process `victim`
+/// while the pass waits on the hook: the victim reaches the hook and says so in a
+/// heartbeat first, and its fate is seen before the shards go on.
+pub fn signal_at_hook(point: &str, victim: u32, how: &'static str) -> flexmodel::HookFunction {
+    flexmodel::HookFunction::new(point)
+        .without_capture()
+        .with_edit(move |_, x| {
+            std::thread::sleep(Duration::from_millis(500));
+            signal(victim, how);
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(x.clone())
+        })
+}

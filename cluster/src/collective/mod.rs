@@ -5,11 +5,13 @@ mod algorithms;
 mod conformance;
 mod in_process;
 mod pass_control;
+mod regroupable;
 mod tcp;
 
 pub use algorithms::PointToPoint;
 pub use in_process::InProcessCollective;
 pub use pass_control::PassControl;
+pub use regroupable::Regroupable;
 pub use tcp::TcpCollective;
 
 use candle_core::Tensor;

@@ -267,24 +267,49 @@ impl Hub {
         self.accept_while(hello, deadline, || true)
     }
 
+    /// The next connection that opened with a hello of `group`, from any member,
+    /// waiting for one until `deadline`.
+    pub fn accept_any(&self, group: &str, deadline: Instant) -> Result<(Hello, Connection)> {
+        self.claim(deadline, || true, |h| h.group == group)
+            .ok_or_else(|| Error::NotConnected {
+                group: group.to_string(),
+                member: 0,
+            })
+    }
+
     /// Like [`accept`](Self::accept), giving up early once `alive` returns false.
     pub fn accept_while(
         &self,
         hello: &Hello,
         deadline: Instant,
-        mut alive: impl FnMut() -> bool,
+        alive: impl FnMut() -> bool,
     ) -> Result<Connection> {
+        self.claim(deadline, alive, |h| h == hello)
+            .map(|(_, connection)| connection)
+            .ok_or_else(|| Error::NotConnected {
+                group: hello.group.clone(),
+                member: hello.member,
+            })
+    }
+
+    /// The first connection whose hello `wanted` accepts, waiting until `deadline` or
+    /// until `alive` returns false.
+    fn claim(
+        &self,
+        deadline: Instant,
+        mut alive: impl FnMut() -> bool,
+        wanted: impl Fn(&Hello) -> bool,
+    ) -> Option<(Hello, Connection)> {
         let mut waiting = self.arrivals.lock();
         loop {
-            if let Some(connection) = waiting.remove(hello) {
-                return Ok(connection);
+            let arrived = waiting.keys().find(|h| wanted(h)).cloned();
+            if let Some(hello) = arrived {
+                let connection = waiting.remove(&hello)?;
+                return Some((hello, connection));
             }
             let now = Instant::now();
             if now >= deadline || !alive() {
-                return Err(Error::NotConnected {
-                    group: hello.group.clone(),
-                    member: hello.member,
-                });
+                return None;
             }
             let wait = (deadline - now).min(Duration::from_millis(100));
             waiting = self

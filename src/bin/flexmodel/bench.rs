@@ -91,7 +91,7 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
         batches: std::slice::from_ref(&tokens),
         targets: targets.map(|t| (t.as_str(), HookKind::Forward)).collect(),
     };
-    let mut model = args.layout.build(&checkpoint, plan)?;
+    let mut model = args.layout.build(&checkpoint, &args.model, plan)?;
 
     // Check the patterns once; each variant then sets up its hooks outside the timing.
     for pattern in &args.hooks {

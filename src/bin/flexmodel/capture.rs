@@ -51,7 +51,7 @@ pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
         batches: std::slice::from_ref(&tokens),
         targets: targets.map(|t| (t.as_str(), HookKind::Forward)).collect(),
     };
-    let mut model = args.layout.build(&checkpoint, plan)?;
+    let mut model = args.layout.build(&checkpoint, &args.model, plan)?;
     for edit in &edits {
         model.hooks_mut().register(edit.hook_function())?;
     }

@@ -39,7 +39,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         batches: std::slice::from_ref(&tokens),
         ..Plan::default()
     };
-    let mut model = args.layout.build(&checkpoint, plan)?;
+    let mut model = args.layout.build(&checkpoint, &args.model, plan)?;
     let mut printed = String::new();
     let mut generated = Vec::new();
     let mut stdout = std::io::stdout().lock();

@@ -61,7 +61,7 @@ pub fn run(args: InductionArgs) -> anyhow::Result<()> {
         batches: std::slice::from_ref(&tokens),
         ..Plan::default()
     };
-    let mut model = args.layout.build(&checkpoint, plan)?;
+    let mut model = args.layout.build(&checkpoint, &args.model, plan)?;
     let measured = induction::measure(&mut model, &tokens)?;
     let written = measured
         .save(&args.out)

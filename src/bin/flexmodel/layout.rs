@@ -1,15 +1,16 @@
-//! The `[--tp N] [--pp N] [--dp N] [--procs]` options every command takes, and the checks a
-//! command makes before it reads any weight.
+//! The `[--tp N] [--pp N] [--dp N] [--procs | --cluster URL] [--token-file F]` options
+//! every command takes, and the checks a command makes before it reads any weight.
 
 use std::path::PathBuf;
 
 use candle_core::Tensor;
 use clap::Args;
 use flexmodel::runtime::sharding::{check_fits_in_memory, check_layout};
-use flexmodel::runtime::{Placement, Processes};
+use flexmodel::runtime::{Cluster, Placement, Processes};
 use flexmodel::text::check_tokens;
 use flexmodel::{Checkpoint, FlexModel, HookCatalog, HookKind};
 use flexmodel_cluster::Layout;
+use flexmodel_cluster::membership::ClusterUrl;
 
 /// How the model is split: tensor × pipeline × data parallel.
 #[derive(Args, Debug, Clone)]
@@ -25,10 +26,15 @@ pub struct LayoutArgs {
     pub dp: u32,
     /// Run every rank in a worker process of its own on this machine (by default, every
     /// rank is a thread of this process).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cluster")]
     pub procs: bool,
+    /// Run every rank on a worker of the job at `etcd://HOST:PORT[,HOST:PORT...]/JOB`
+    /// (workers started with `flexmodel worker --etcd ... --job JOB`, on any machine).
+    #[arg(long, value_name = "URL")]
+    pub cluster: Option<ClusterUrl>,
     /// The job's secret token (a file, mode 0600) that every connection between its
-    /// processes proves it holds; with `--procs`, by default a fresh one.
+    /// processes proves it holds; with `--procs`, by default a fresh one; with
+    /// `--cluster`, by default the one the job keeps in etcd.
     #[arg(long, value_name = "F")]
     pub token_file: Option<PathBuf>,
 }
@@ -56,7 +62,14 @@ impl LayoutArgs {
     /// layout against the model, the machine and every batch; the token ids and lengths
     /// against the vocabulary and the context; every hook target against the model's
     /// names. Bad input fails here, before any weight is read or dequantized.
-    pub fn build(&self, checkpoint: &Checkpoint, plan: Plan<'_>) -> anyhow::Result<FlexModel> {
+    /// `model` is the model's name as given (`--model`), which a job's workers resolve
+    /// on their own disks.
+    pub fn build(
+        &self,
+        checkpoint: &Checkpoint,
+        model: &str,
+        plan: Plan<'_>,
+    ) -> anyhow::Result<FlexModel> {
         let config = &checkpoint.config;
         let layout = self.layout()?;
         check_layout(config, &layout)?;
@@ -76,11 +89,22 @@ impl LayoutArgs {
         for (target, kind) in plan.targets {
             catalog.resolve(target, kind)?;
         }
-        Ok(FlexModel::build_on(checkpoint, layout, &self.placement())?)
+        Ok(FlexModel::build_on(
+            checkpoint,
+            layout,
+            &self.placement(model),
+        )?)
     }
 
-    /// Where the ranks run.
-    pub fn placement(&self) -> Placement {
+    /// Where the ranks run, for the model named `model`.
+    pub fn placement(&self, model: &str) -> Placement {
+        if let Some(url) = &self.cluster {
+            return Placement::Cluster(Cluster {
+                url: url.clone(),
+                model: Some(model.to_string()),
+                token_file: self.token_file.clone(),
+            });
+        }
         match self.procs {
             true => Placement::Processes(Processes {
                 token_file: self.token_file.clone(),

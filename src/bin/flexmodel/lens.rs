@@ -81,7 +81,7 @@ pub fn run(args: LensArgs) -> anyhow::Result<()> {
         batches: &batches,
         ..Plan::default()
     };
-    let mut model = args.layout.build(&checkpoint, plan)?;
+    let mut model = args.layout.build(&checkpoint, &args.model, plan)?;
     let unembed = Unembed::of(&model)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;

@@ -9,6 +9,7 @@ mod input;
 mod layout;
 mod lens;
 mod worker;
+mod workers;
 
 use clap::{Parser, Subcommand};
 use flexmodel::telemetry::{self, HookProfile};
@@ -36,8 +37,10 @@ enum Command {
     Induction(induction::InductionArgs),
     /// Train a tuned lens and compare it with the logit lens on held-out text.
     Lens(lens::LensArgs),
-    /// Serve one rank of a model for a driver (started by `--procs`).
+    /// Join a job in etcd and serve its drivers' passes, one rank at a time.
     Worker(worker::WorkerArgs),
+    /// List the workers of a job: id, host, address, device, rank, model, state.
+    Workers(workers::WorkersArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +66,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(args, profile),
         Command::Induction(args) => induction::run(args),
         Command::Lens(args) => lens::run(args),
+        Command::Workers(args) => workers::run(args),
         Command::Worker(args) => {
             // The shard's thread may still be blocked in a pass: end the process now.
             let code = match worker::run(args) {
@@ -108,7 +112,8 @@ fn keep_freed_memory() {
 fn keep_freed_memory() {}
 
 /// Exits on SIGINT and SIGTERM only after stopping and reaping this process's worker
-/// processes (`--procs`), so that none is left behind, not even as a zombie.
+/// processes (`--procs`), so that none is left behind, not even as a zombie, and after
+/// leaving the job a worker joined, so that its record goes at once.
 ///
 /// The two signals are blocked in every thread (this runs before any other thread
 /// starts, and threads inherit the mask; child processes start with none blocked) and
@@ -135,6 +140,7 @@ fn stop_workers_on_signals() {
         if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
             EXITING_ON_SIGNAL.store(true, std::sync::atomic::Ordering::SeqCst);
             flexmodel::runtime::stop_every_worker();
+            flexmodel::runtime::leave_every_job();
             std::process::exit(128 + signal);
         }
     });

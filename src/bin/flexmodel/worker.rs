@@ -1,42 +1,79 @@
-//! `flexmodel worker`: serves one rank of a model for a driver.
+//! `flexmodel worker`: serves one rank of a model at a time, for driver after driver.
 //!
-//! Under `--procs` a command starts one worker per rank itself, with `--driver` and
-//! `--rank`: the worker connects to that driver, learns its layout, its peers and its
-//! model, reads only its rank's weights and serves passes until the driver is done or
-//! gone. (Joining a job through etcd with `--etcd` and `--job` is the next step.)
+//! With `--etcd` and `--job`, the worker registers in the job and serves its drivers
+//! (`--cluster etcd://.../JOB`) one after another, keeping its loaded slice for the next
+//! driver that asks for the same model and layout, until it is stopped (SIGTERM or
+//! SIGINT: it leaves the job at once). Under `--procs` a command starts one worker per
+//! rank itself, with the hidden `--driver` and `--rank`: that worker serves that driver
+//! alone and ends with it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
 use flexmodel::runtime::LlamaLoader;
-use flexmodel_actors::{WorkerOptions, serve};
+use flexmodel_actors::{Join, WorkerOptions, serve};
+use flexmodel_cluster::membership::ClusterUrl;
 use flexmodel_cluster::transport::Token;
 
 /// What `worker` takes.
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
-    /// The driver's address (`HOST:PORT`) to serve.
-    #[arg(long, hide = true)]
-    driver: SocketAddr,
-    /// The rank to serve.
-    #[arg(long, hide = true)]
-    rank: usize,
+    /// The etcd endpoints of the job (`HOST:PORT[,HOST:PORT...]`).
+    #[arg(
+        long,
+        value_name = "HOST:PORT[,...]",
+        requires = "job",
+        required_unless_present = "driver"
+    )]
+    etcd: Option<String>,
+    /// The job to join.
+    #[arg(long, requires = "etcd")]
+    job: Option<String>,
+    /// The driver's address (`HOST:PORT`) to serve, for a worker a driver started.
+    #[arg(long, hide = true, requires = "rank", conflicts_with = "etcd")]
+    driver: Option<SocketAddr>,
+    /// The rank to serve, for a worker a driver started.
+    #[arg(long, hide = true, requires = "driver")]
+    rank: Option<usize>,
     /// The address other processes reach this worker at (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// The job's secret token (a file, mode 0600).
+    /// The job's secret token (a file, mode 0600); without one, a job's worker uses
+    /// the token the job keeps in etcd.
     #[arg(long, value_name = "F")]
-    token_file: PathBuf,
+    token_file: Option<PathBuf>,
+    /// The device to compute on.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: String,
+}
+
+/// `cpu`, or `cuda:N` where this build has CUDA.
+fn parse_device(device: &str) -> Result<String, String> {
+    match device {
+        "cpu" => Ok(device.to_string()),
+        d if d.starts_with("cuda") => Err(format!(
+            "{d}: this build computes on the CPU only (GPUs come with the `cuda` feature)"
+        )),
+        d => Err(format!("{d}: expected cpu or cuda:N")),
+    }
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let join = match (&args.etcd, &args.job, args.driver, args.rank) {
+        (Some(etcd), Some(job), None, None) => Join::Job {
+            url: ClusterUrl::new(etcd, job)?,
+            device: args.device.clone(),
+        },
+        (None, None, Some(driver), Some(rank)) => Join::Driver { driver, rank },
+        _ => anyhow::bail!("give --etcd HOST:PORT[,...] and --job JOB"),
+    };
+    let token = args.token_file.as_deref().map(Token::read).transpose()?;
     let options = WorkerOptions {
-        driver: args.driver,
-        rank: args.rank,
+        join,
         listen: args.listen,
         trace: flexmodel::telemetry::propagation(),
-        token: Token::read(&args.token_file)?,
+        token,
     };
     serve(&options, &LlamaLoader)?;
     Ok(())

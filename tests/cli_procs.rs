@@ -2,31 +2,14 @@
 //! no worker outlives its driver — killed, terminated or interrupted — or a failed run.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
+use common::cli::{flexmodel, succeeded, tensors};
 use common::processes::{children_of, ended, signal, wait_until};
 use flexmodel::tiny::tiny_checkpoint;
-
-fn flexmodel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flexmodel"))
-        .args(args)
-        .env("FLEXMODEL_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn succeeded(args: &[&str]) -> String {
-    let out = flexmodel(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// The tiny model as a Hugging Face directory.
 fn tiny_dir(seed: u64) -> tempfile::TempDir {
@@ -36,21 +19,6 @@ fn tiny_dir(seed: u64) -> tempfile::TempDir {
         .save_hf_dir(dir.path())
         .unwrap();
     dir
-}
-
-/// Every tensor of a safetensors file, flattened to f32.
-fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let mut all: Vec<(String, Vec<f32>)> =
-        candle_core::safetensors::load(path, &candle_core::Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .map(|(k, t)| {
-                let t = t.to_dtype(candle_core::DType::F32).unwrap();
-                (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-            })
-            .collect();
-    all.sort_by(|a, b| a.0.cmp(&b.0));
-    all
 }
 
 fn last_json_line(stdout: &str) -> serde_json::Value {

@@ -2,7 +2,9 @@
 //! capture, relative errors, the numpy reference and a GGUF writer.
 #![allow(dead_code)] // each test binary uses its own part of these helpers
 
+pub mod cli;
 pub mod etcd;
+pub mod netns;
 pub mod parity;
 pub mod processes;
 

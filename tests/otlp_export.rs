@@ -1,6 +1,9 @@
 //! Traces reach a real OTLP receiver running in the test, over gRPC and over
 //! HTTP/protobuf: `flexmodel capture` of a sharded model with an edit exports one trace
-//! whose span tree is the pass.
+//! whose span tree is the pass, also when its ranks are worker processes or a job's
+//! long-running workers, which export their spans themselves.
+
+mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -322,10 +325,20 @@ fn serve_http(listener: TcpListener, sender: Sender<(String, ExportTraceServiceR
 /// Runs the capture (with `extra` options) against an HTTP/protobuf receiver in this
 /// process; returns what it received.
 fn export_over_http(extra: &[&str]) -> Vec<ExportTraceServiceRequest> {
+    export_over_http_with(extra, |_| {})
+}
+
+/// As [`export_over_http`], after `before` was given the receiver's endpoint (to start
+/// processes that export to it too).
+fn export_over_http_with(
+    extra: &[&str],
+    before: impl FnOnce(&str),
+) -> Vec<ExportTraceServiceRequest> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
     let (sender, received) = channel();
     std::thread::spawn(move || serve_http(listener, sender));
+    before(&format!("http://{address}"));
     let dir = tempfile::tempdir().unwrap();
     capture_with_export(
         dir.path(),
@@ -387,4 +400,52 @@ fn under_procs_one_pass_is_one_trace_with_shard_spans_from_every_worker_process(
     for span in spans.iter().filter(|s| s.name.starts_with("hook.")) {
         assert_eq!(span.pid, root.pid, "{} runs in the driver", span.name);
     }
+}
+
+#[test]
+fn under_a_job_one_pass_is_one_trace_with_shard_spans_from_every_long_running_worker() {
+    let etcd = common::etcd::Etcd::start();
+    let url = etcd.url("traces");
+    let token = common::etcd::TokenFile::new("traces-secret");
+    let mut workers = Vec::new();
+    let requests = export_over_http_with(
+        &[
+            "--cluster",
+            &url.to_string(),
+            "--token-file",
+            token.path.to_str().unwrap(),
+        ],
+        |endpoint| {
+            for _ in 0..4 {
+                let mut command =
+                    common::etcd::JobWorker::command(&url, Some(&token.path), "127.0.0.1:0");
+                command
+                    .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+                    .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+                    .env("OTEL_SERVICE_NAME", "flexmodel-test")
+                    // Workers live on: they export as they go, not when they exit.
+                    .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+                workers.push(common::etcd::JobWorker::spawn(&mut command));
+            }
+            common::etcd::wait_for_members(&url, 4);
+        },
+    );
+    assert_pass_tree(&requests);
+    let (spans, _) = spans_of(&requests);
+    let root = spans.iter().find(|s| s.parent.is_empty()).unwrap();
+    let shard_pids: std::collections::BTreeSet<&str> = spans
+        .iter()
+        .filter(|s| s.name == "shard.forward")
+        .map(|s| s.pid.as_str())
+        .collect();
+    let worker_pids: std::collections::BTreeSet<String> =
+        workers.iter().map(|w| w.pid().to_string()).collect();
+    assert_eq!(
+        shard_pids
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<std::collections::BTreeSet<_>>(),
+        worker_pids
+    );
+    assert!(!shard_pids.contains(root.pid.as_str()));
 }

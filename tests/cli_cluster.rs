@@ -61,7 +61,13 @@ fn a_smollm2_capture_over_a_job_at_tp3_pp2_writes_what_threads_write_and_workers
     );
     assert_eq!(threads, cluster);
 
-    // Six members, each holding its rank of SmolLM2 under tp=3 pp=2, ready.
+    // Six members, each holding its rank of SmolLM2 under tp=3 pp=2, ready once their
+    // sessions have ended.
+    wait_until("every worker to be ready", Duration::from_secs(5), || {
+        members(&job.url)
+            .iter()
+            .all(|m| m.state == MemberState::Ready)
+    });
     let listed = succeeded(&["workers", "--cluster", &url]);
     let lines: Vec<Vec<&str>> = listed
         .lines()
@@ -220,4 +226,82 @@ fn a_job_worker_keeps_serving_after_its_driver_is_killed() {
     }
     wait_for_members(&job.url, 2);
     assert!(job.workers.len() == 2);
+}
+
+#[test]
+fn a_driver_without_enough_workers_fails_after_60_s_saying_how_many_it_has() {
+    let job = TestJob::start("short", 1, 1);
+    let dir = tempfile::tempdir().unwrap();
+    flexmodel::tiny::tiny_checkpoint(3)
+        .unwrap()
+        .save_hf_dir(dir.path())
+        .unwrap();
+    let url = job.url.to_string();
+    let start = Instant::now();
+    let out = flexmodel(&[
+        "bench",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--batch",
+        "1",
+        "--seq",
+        "4",
+        "--tp",
+        "2",
+        "--cluster",
+        &url,
+        "--token-file",
+        job.token.path.to_str().unwrap(),
+    ]);
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("job short has 1 of the 2 workers it needs after 60 s"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(75), "took {took:?}");
+}
+
+#[test]
+fn without_token_files_a_job_keeps_its_token_in_etcd() {
+    let job = TestJob::start("tokenless", 1, 0);
+    let workers: Vec<common::etcd::JobWorker> = (0..2)
+        .map(|_| common::etcd::JobWorker::start(&job.url, None, "127.0.0.1:0"))
+        .collect();
+    wait_for_members(&job.url, 2);
+    let dir = tempfile::tempdir().unwrap();
+    flexmodel::tiny::tiny_checkpoint(4)
+        .unwrap()
+        .save_hf_dir(dir.path())
+        .unwrap();
+    let url = job.url.to_string();
+    let out = tempfile::tempdir().unwrap();
+    let to = out.path().join("c.safetensors");
+    let mut args = vec![
+        "capture",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--hook",
+        "blocks.0.hook_resid_post",
+        "--out",
+        to.to_str().unwrap(),
+        "--tp",
+        "2",
+        "--cluster",
+        &url,
+    ];
+    succeeded(&args);
+    assert!(to.exists());
+    // A driver holding a token of its own is not one of them.
+    args.extend(["--token-file", job.token.path.to_str().unwrap()]);
+    let refused = flexmodel(&args);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("authentication failed"),
+        "{err}"
+    );
+    assert_eq!(workers.len(), 2);
 }

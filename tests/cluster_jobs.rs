@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::etcd::{Etcd, JobWorker, TestJob, TokenFile, members, wait_for_members};
 use common::parity::{everything, tiny_for_tp3_on_disk, tiny_on_disk};
-use common::processes::{signal, signal_at_hook};
+use common::processes::{signal, signal_at_hook, wait_until};
 use common::{assert_matches_single, batch};
 use flexmodel::FlexModel;
 use flexmodel::runtime::{Cluster, Placement};
@@ -36,9 +36,13 @@ fn a_job_at_tp3_pp2_gives_the_threads_results_bit_for_bit_and_serves_a_second_dr
     assert_matches_single("cluster tp=3 pp=2", &threads, &first, 0.0, true);
     assert_matches_single("cluster vs single", &single, &first, TOLERANCE, false);
 
-    // The workers keep their slices for the next driver, which loads nothing.
-    let held: Vec<MemberState> = members(&job.url).iter().map(|m| m.state).collect();
-    assert_eq!(held, vec![MemberState::Ready; 6]);
+    // The workers keep their slices for the next driver, which loads nothing; each says
+    // so once its session has ended.
+    wait_until("every worker to be ready", Duration::from_secs(5), || {
+        members(&job.url)
+            .iter()
+            .all(|m| m.state == MemberState::Ready)
+    });
     let model = FlexModel::build_on(&checkpoint, layout, &job.placement()).unwrap();
     assert_eq!(model.workers_reused(), Some(vec![true; 6]));
     drop(model);
@@ -56,6 +60,7 @@ fn a_second_driver_while_one_runs_is_told_the_job_is_busy() {
         .err()
         .expect("a second driver must be refused")
         .to_string();
+    eprintln!("{err}");
     assert!(
         err.contains("job busy is busy: the driver with pid"),
         "{err}"
@@ -205,6 +210,7 @@ fn a_worker_with_other_weights_under_the_same_name_is_refused_by_name() {
         .err()
         .expect("other weights must be refused")
         .to_string();
+    eprintln!("{err}");
     assert!(
         err.contains("loaded other weights than the driver: fingerprint")
             && err.contains("on ")

@@ -37,15 +37,14 @@ pub(crate) fn send<T: Serialize>(
     attached: &[&Tensor],
 ) -> Result<(), WireError> {
     let bytes = serde_json::to_vec(message).map_err(|e| WireError::Unexpected(e.to_string()))?;
-    connection
-        .send(Frame::control(bytes))
-        .map_err(|_| WireError::Closed)?;
+    let mut frames = vec![Frame::control(bytes)];
     for tensor in attached {
         let frame = Frame::tensor(FrameKind::Attached, 0, 0, 0, tensor)
             .map_err(|e| WireError::Unexpected(e.to_string()))?;
-        connection.send(frame).map_err(|_| WireError::Closed)?;
+        frames.push(frame);
     }
-    Ok(())
+    // As one: a heartbeat sent meanwhile must not come between a message and its tensors.
+    connection.send_all(frames).map_err(|_| WireError::Closed)
 }
 
 /// The control message a control frame carries.

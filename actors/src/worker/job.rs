@@ -78,6 +78,7 @@ pub(super) fn serve_job(
         job: &job,
         registration: &registration,
         id,
+        serving: Mutex::new(None),
     };
     let busy = Arc::new(AtomicBool::new(false));
     let drivers = accept_drivers(hub, busy.clone())?;
@@ -92,9 +93,18 @@ pub(super) fn serve_job(
             rank: None,
             member: Some(&member),
         };
-        if let Err(e) = session.serve(driver, &mut slot) {
+        let done = AtomicBool::new(false);
+        let watched = driver.clone();
+        let served = std::thread::scope(|scope| {
+            scope.spawn(|| member.watch_driver(&watched, &done));
+            let served = session.serve(driver, &mut slot);
+            done.store(true, Ordering::SeqCst);
+            served
+        });
+        if let Err(e) = served {
             tracing::warn!(error = %e, "a driver could not be served");
         }
+        *member.serving.lock().unwrap_or_else(|p| p.into_inner()) = None;
         // Free before it says so: a driver that sees it ready is not refused.
         busy.store(false, Ordering::SeqCst);
         let state = match slot.slice() {
@@ -146,11 +156,44 @@ fn accept_drivers(hub: &Arc<Hub>, busy: Arc<AtomicBool>) -> Result<Receiver<Arc<
     Ok(next)
 }
 
+/// How often a serving worker checks that its driver still holds the job.
+const DRIVER_CHECK: Duration = Duration::from_secs(1);
+
 /// This worker's place in its job.
 struct Member<'a> {
     job: &'a EtcdJob,
     registration: &'a Registration,
     id: String,
+    /// The claim of the driver whose assignment it serves.
+    serving: Mutex<Option<String>>,
+}
+
+impl Member<'_> {
+    /// Closes `driver` once the job's driver is no longer the one served (its lease
+    /// expired: it died, or was cut off without its connection closing), until `done`.
+    fn watch_driver(&self, driver: &Connection, done: &AtomicBool) {
+        let mut next = Instant::now() + DRIVER_CHECK;
+        while !done.load(Ordering::SeqCst) && driver.is_open() {
+            std::thread::sleep(Duration::from_millis(50));
+            if Instant::now() < next {
+                continue;
+            }
+            next = Instant::now() + DRIVER_CHECK;
+            let serving = self
+                .serving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let Some(claim) = serving else { continue };
+            // etcd out of reach says nothing about the driver: keep serving.
+            if let Ok(holder) = self.job.driver()
+                && holder.is_none_or(|d| d.claim != claim)
+            {
+                tracing::warn!("the driver no longer holds the job; ending its session");
+                driver.close();
+            }
+        }
+    }
 }
 
 impl JobMember for Member<'_> {
@@ -181,6 +224,7 @@ impl JobMember for Member<'_> {
         if driver.is_none_or(|d| d.claim != current.claim) {
             return Err("the driver that wrote the assignment no longer holds the job".into());
         }
+        *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Some(current.claim);
         Ok(())
     }
 

@@ -217,52 +217,34 @@ impl EtcdJob {
         Ok(registration)
     }
 
-    /// Holds the job for the driver `driver`, or says who holds it already.
+    /// Holds the job for the driver `driver`, or says who holds it. A holder's hold
+    /// ends when it lets go or its lease expires, so a driver that was killed holds
+    /// the job for up to [`LEASE_TTL_SECONDS`]: the claim waits that long (and a
+    /// second more) before it says the job is busy.
     pub fn claim(&self, driver: DriverRecord) -> Result<Claim> {
-        let lease = self.grant("claiming the job")?;
-        let key = self.0.keys.driver();
-        let value = to_json(&driver)?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )])
-            .or_else([TxnOp::get(key.clone(), None)]);
-        let response = self.call("claiming the job", |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })?;
-        if !response.succeeded() {
-            let holder = response.op_responses().into_iter().find_map(|r| match r {
-                TxnOpResponse::Get(get) => get
-                    .kvs()
-                    .first()
-                    .map(|kv| parse::<DriverRecord>(kv.key(), kv.value())),
-                _ => None,
-            });
-            match holder {
-                // A retried claim that had succeeded: the hold is ours.
-                Some(Ok(holder)) if holder.claim == driver.claim => {}
-                Some(Ok(holder)) => {
-                    self.revoke(lease);
-                    return Err(Error::JobBusy {
-                        job: self.0.url.job.clone(),
-                        holder: holder.to_string(),
-                    });
-                }
-                Some(Err(e)) => {
-                    self.revoke(lease);
-                    return Err(e);
-                }
-                // Released in between: try again.
-                None => {
-                    self.revoke(lease);
-                    return self.claim(driver);
-                }
+        let deadline = Instant::now() + Duration::from_secs(LEASE_TTL_SECONDS as u64 + 1);
+        let mut said = false;
+        let lease = loop {
+            // A fresh lease each time: one kept while waiting would expire unrenewed.
+            let lease = self.grant("claiming the job")?;
+            let claimed = self.try_claim(&driver, lease);
+            if let Ok(None) = claimed {
+                break lease;
             }
-        }
+            self.revoke(lease);
+            let holder = claimed?.ok_or(Error::Internal("a claim neither held nor refused"))?;
+            if Instant::now() >= deadline {
+                return Err(Error::JobBusy {
+                    job: self.0.url.job.clone(),
+                    holder: holder.to_string(),
+                });
+            }
+            if !said {
+                tracing::info!(job = %self.0.url.job, %holder, "the job is held; waiting for its lease to end");
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
         let lost = Arc::new(AtomicBool::new(false));
         let keeper =
             self.0
@@ -275,6 +257,42 @@ impl EtcdJob {
             lost,
             keeper,
         })
+    }
+
+    /// Puts `driver` as the job's holder on `lease` unless another holds it; returns
+    /// the other holder, if one does.
+    fn try_claim(&self, driver: &DriverRecord, lease: i64) -> Result<Option<DriverRecord>> {
+        let key = self.0.keys.driver();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                to_json(driver)?,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let response = self.call("claiming the job", |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })?;
+        if response.succeeded() {
+            return Ok(None);
+        }
+        let holder = response.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(get) => get
+                .kvs()
+                .first()
+                .map(|kv| parse::<DriverRecord>(kv.key(), kv.value())),
+            _ => None,
+        });
+        match holder {
+            // A retried claim that had gone through: the hold is ours.
+            Some(Ok(holder)) if holder.claim == driver.claim => Ok(None),
+            Some(Ok(holder)) => Ok(Some(holder)),
+            Some(Err(e)) => Err(e),
+            // Let go in between: try again.
+            None => self.try_claim(driver, lease),
+        }
     }
 
     /// A new lease of [`LEASE_TTL_SECONDS`].

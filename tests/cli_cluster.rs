@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cli::{flexmodel, succeeded, tensors};
+use common::cli::{flexmodel, succeeded, tensors, tiny_dir};
 use common::etcd::{TestJob, free_port, members, wait_for_members};
 use common::processes::{signal, wait_until};
 use common::smollm2_path;
@@ -123,11 +123,7 @@ fn a_worker_or_a_driver_that_cannot_reach_etcd_fails_within_seconds_saying_so() 
     );
     assert!(took < Duration::from_secs(15), "took {took:?}");
 
-    let dir = tempfile::tempdir().unwrap();
-    flexmodel::tiny::tiny_checkpoint(1)
-        .unwrap()
-        .save_hf_dir(dir.path())
-        .unwrap();
+    let dir = tiny_dir(1);
     let url = format!("etcd://{nobody}/j");
     let start = Instant::now();
     let out = flexmodel(&[
@@ -161,11 +157,7 @@ fn a_malformed_cluster_url_is_a_clear_error() {
 #[test]
 fn a_job_worker_keeps_serving_after_its_driver_is_killed() {
     let job = TestJob::start("killed-driver", 1, 2);
-    let dir = tempfile::tempdir().unwrap();
-    flexmodel::tiny::tiny_checkpoint(2)
-        .unwrap()
-        .save_hf_dir(dir.path())
-        .unwrap();
+    let dir = tiny_dir(2);
     let model = dir.path().to_str().unwrap();
     let url = job.url.to_string();
     let token = job.token.path.to_str().unwrap();
@@ -231,11 +223,7 @@ fn a_job_worker_keeps_serving_after_its_driver_is_killed() {
 #[test]
 fn a_driver_without_enough_workers_fails_after_60_s_saying_how_many_it_has() {
     let job = TestJob::start("short", 1, 1);
-    let dir = tempfile::tempdir().unwrap();
-    flexmodel::tiny::tiny_checkpoint(3)
-        .unwrap()
-        .save_hf_dir(dir.path())
-        .unwrap();
+    let dir = tiny_dir(3);
     let url = job.url.to_string();
     let start = Instant::now();
     let out = flexmodel(&[
@@ -270,11 +258,7 @@ fn without_token_files_a_job_keeps_its_token_in_etcd() {
         .map(|_| common::etcd::JobWorker::start(&job.url, None, "127.0.0.1:0"))
         .collect();
     wait_for_members(&job.url, 2);
-    let dir = tempfile::tempdir().unwrap();
-    flexmodel::tiny::tiny_checkpoint(4)
-        .unwrap()
-        .save_hf_dir(dir.path())
-        .unwrap();
+    let dir = tiny_dir(4);
     let url = job.url.to_string();
     let out = tempfile::tempdir().unwrap();
     let to = out.path().join("c.safetensors");

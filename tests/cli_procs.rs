@@ -7,19 +7,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::cli::{flexmodel, succeeded, tensors};
+use common::cli::{flexmodel, succeeded, tensors, tiny_dir};
 use common::processes::{children_of, ended, signal, wait_until};
-use flexmodel::tiny::tiny_checkpoint;
-
-/// The tiny model as a Hugging Face directory.
-fn tiny_dir(seed: u64) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    tiny_checkpoint(seed)
-        .unwrap()
-        .save_hf_dir(dir.path())
-        .unwrap();
-    dir
-}
 
 fn last_json_line(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()

@@ -41,3 +41,13 @@ pub fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     all.sort_by(|a, b| a.0.cmp(&b.0));
     all
 }
+
+/// The tiny model with weights drawn from `seed`, as a Hugging Face directory.
+pub fn tiny_dir(seed: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    flexmodel::tiny::tiny_checkpoint(seed)
+        .unwrap()
+        .save_hf_dir(dir.path())
+        .unwrap();
+    dir
+}

@@ -159,7 +159,7 @@ fn a_capture_at_tp3_pp2_across_two_hosts_writes_what_threads_write() {
         "across hosts vs single",
         &single,
         &load(&across),
-        1e-4,
+        1e-5,
         false,
     );
     let (threads, across) = (tensors(&threads), tensors(&across));

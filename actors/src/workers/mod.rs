@@ -7,8 +7,9 @@
 //!
 //! A worker is lost when its process exits, its connection closes, or its heartbeats
 //! stop for [`HANG_TIMEOUT`]; the pass it takes part in fails naming its rank, host and
-//! the hook it was last seen at, and later passes fail at once. A lost worker is not
-//! replaced.
+//! the hook it was last seen at. A worker this driver started is not replaced: later
+//! passes fail at once. A job's lost worker is replaced before the next pass by a free
+//! member of the job, which alone loads; the others keep their ranks and shards.
 //!
 //! # Shutdown
 //!

@@ -24,6 +24,10 @@ pub(crate) fn of_files<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
         hasher.update(name.unwrap_or_default().as_bytes());
         hasher.update([0]);
+        let length = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
+        hasher.update(length.to_le_bytes());
         hash_file(&mut hasher, path)?;
     }
     Ok(hex(hasher))
@@ -53,10 +57,9 @@ fn le_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// Adds the bytes of the file at `path` to `hasher`.
 fn hash_file(hasher: &mut Sha256, path: &Path) -> Result<()> {
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let length = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    hasher.update(length.to_le_bytes());
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
@@ -73,4 +76,26 @@ fn hex(hasher: Sha256) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sha256_of_a_file_is_that_of_its_bytes_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("abc");
+        std::fs::write(&path, b"abc").unwrap();
+        // FIPS 180-2's first example.
+        assert_eq!(
+            sha256_of(&path).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        // A fingerprint of files also says their names and lengths.
+        assert_ne!(
+            of_files([path.as_path()]).unwrap(),
+            sha256_of(&path).unwrap()
+        );
+    }
 }

@@ -380,17 +380,25 @@ fn a_backward_pass_is_one_trace_rooted_at_backward_with_each_shards_two_halves()
             == Some("blocks.1.hook_resid_post_grad")));
 }
 
+/// The root span of the pass, and the process ids that exported `shard.forward` spans.
+fn root_and_shard_pids(
+    spans: &[ReceivedSpan],
+) -> (&ReceivedSpan, std::collections::BTreeSet<&str>) {
+    let root = spans.iter().find(|s| s.parent.is_empty()).unwrap();
+    let shard_pids = spans
+        .iter()
+        .filter(|s| s.name == "shard.forward")
+        .map(|s| s.pid.as_str())
+        .collect();
+    (root, shard_pids)
+}
+
 #[test]
 fn under_procs_one_pass_is_one_trace_with_shard_spans_from_every_worker_process() {
     let requests = export_over_http(&["--procs"]);
     assert_pass_tree(&requests);
     let (spans, _) = spans_of(&requests);
-    let root = spans.iter().find(|s| s.parent.is_empty()).unwrap();
-    let shard_pids: std::collections::BTreeSet<&str> = spans
-        .iter()
-        .filter(|s| s.name == "shard.forward")
-        .map(|s| s.pid.as_str())
-        .collect();
+    let (root, shard_pids) = root_and_shard_pids(&spans);
     assert_eq!(shard_pids.len(), 4, "one process per rank: {shard_pids:?}");
     assert!(
         !shard_pids.contains(root.pid.as_str()) && !root.pid.is_empty(),
@@ -432,12 +440,7 @@ fn under_a_job_one_pass_is_one_trace_with_shard_spans_from_every_long_running_wo
     );
     assert_pass_tree(&requests);
     let (spans, _) = spans_of(&requests);
-    let root = spans.iter().find(|s| s.parent.is_empty()).unwrap();
-    let shard_pids: std::collections::BTreeSet<&str> = spans
-        .iter()
-        .filter(|s| s.name == "shard.forward")
-        .map(|s| s.pid.as_str())
-        .collect();
+    let (root, shard_pids) = root_and_shard_pids(&spans);
     let worker_pids: std::collections::BTreeSet<String> =
         workers.iter().map(|w| w.pid().to_string()).collect();
     assert_eq!(

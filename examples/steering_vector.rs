@@ -11,7 +11,7 @@
 
 use anyhow::Context;
 use flexmodel::analysis::steering::{Steering, train_steering_vector};
-use flexmodel::{Checkpoint, FlexModel, Layout, generate_greedy};
+use flexmodel::{Checkpoint, FlexModel, GenerateOptions, Layout};
 
 fn main() -> anyhow::Result<()> {
     let word = std::env::args()
@@ -51,6 +51,10 @@ fn continuation(
     prompt: &[u32],
     tokenizer: &flexmodel::Tokenizer,
 ) -> anyhow::Result<String> {
-    let new = generate_greedy(model, prompt, 4, |_| Ok(()))?;
-    Ok(tokenizer.decode(&new)?)
+    let options = GenerateOptions {
+        max_new_tokens: 4,
+        ..GenerateOptions::default()
+    };
+    let generation = model.generate(&[prompt], &options)?;
+    Ok(tokenizer.decode(generation.generated(0))?)
 }

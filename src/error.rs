@@ -90,11 +90,17 @@ pub enum Error {
         /// The length given.
         len: usize,
     },
-    /// Texts that do not encode to sequences of one, non-zero length.
-    #[error("a batch needs texts of equal, non-zero token counts, got {lengths:?}")]
-    RaggedBatch {
-        /// The token count of each text.
-        lengths: Vec<usize>,
+    /// A sequence of a batch with no real token.
+    #[error("sequence {index} of the batch is empty: every sequence needs a token")]
+    EmptySequence {
+        /// The sequence's index in the batch.
+        index: usize,
+    },
+    /// An attention mask that does not fit its tokens.
+    #[error("bad attention mask: {problem}")]
+    BadAttentionMask {
+        /// What is wrong with it.
+        problem: String,
     },
     /// A text or prompt with no tokens.
     #[error("{what} has no tokens")]

@@ -46,8 +46,10 @@ pub use hooks::{
     HookHandle, HookKind, HookLayer, HookPoint, HookRegistry, HookSelector, NoHooks, SaveContext,
     edits, glob_match,
 };
-pub use models::{next_token_loss, next_token_loss_by_position};
+pub use models::{masked_next_token_loss, next_token_loss, next_token_loss_by_position};
 pub use progress::progress_bar;
 pub use runtime::FlexModel;
-pub use text::{Tokenizer, chunk_tokens, generate_greedy, read_tokens_file};
+pub use text::{
+    GenerateOptions, Generation, TokenBatch, Tokenizer, chunk_tokens, read_tokens_file,
+};
 pub use weights::Checkpoint;

@@ -29,7 +29,7 @@ fn gradients(checkpoint: &Checkpoint, layout: Layout) -> (f32, BTreeMap<String, 
         .hooks_mut()
         .register(HookFunction::backward("*"))
         .unwrap();
-    let (_, loss) = model.forward_backward(&tokens()).unwrap();
+    let (_, loss) = model.forward_backward(tokens()).unwrap();
     let grads = take_last_calls(&mut model);
     (loss, grads)
 }
@@ -77,12 +77,12 @@ fn check_against_finite_difference(what: &str, grad: &Tensor, loss_at: impl Fn(&
 fn the_loss_is_the_mean_next_token_cross_entropy() {
     let checkpoint = tiny_checkpoint(31).unwrap();
     let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
-    let logits = model.forward(&tokens()).unwrap();
+    let logits = model.forward(tokens()).unwrap();
     let expected = next_token_loss(&logits, &tokens())
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    let (_, loss) = model.forward_backward(&tokens()).unwrap();
+    let (_, loss) = model.forward_backward(tokens()).unwrap();
     assert!(
         (loss - expected).abs() < 1e-5 * expected,
         "{loss} vs {expected}"
@@ -104,7 +104,7 @@ fn gradients_at_hook_points_match_finite_differences() {
             let mut model = FlexModel::build(&checkpoint, Layout::SINGLE).unwrap();
             let add = HookFunction::new(point).with_edit(edits::add(delta.clone()));
             model.hooks_mut().register(add).unwrap();
-            loss_of(&model.forward(&tokens()).unwrap())
+            loss_of(&model.forward(tokens()).unwrap())
         });
     }
 }
@@ -151,7 +151,7 @@ fn edited_gradients(checkpoint: &Checkpoint, layout: Layout) -> (f32, BTreeMap<S
         .hooks_mut()
         .register(HookFunction::backward("*"))
         .unwrap();
-    let (_, loss) = model.forward_backward(&tokens()).unwrap();
+    let (_, loss) = model.forward_backward(tokens()).unwrap();
     let grads = take_last_calls(&mut model);
     (loss, grads)
 }
@@ -170,7 +170,7 @@ fn gradients_flow_through_edits_exactly_in_every_layout() {
             register_edits(&mut model);
             let add = HookFunction::new(point).with_edit(edits::add(delta.clone()));
             model.hooks_mut().register(add).unwrap();
-            loss_of(&model.forward(&tokens()).unwrap())
+            loss_of(&model.forward(tokens()).unwrap())
         },
     );
     // The edits change the upstream gradient.
@@ -198,7 +198,7 @@ fn gradients_with_head_blocked(
         .hooks_mut()
         .register(HookFunction::backward("*"))
         .unwrap();
-    model.forward_backward(&tokens()).unwrap();
+    model.forward_backward(tokens()).unwrap();
     take_last_calls(&mut model)
 }
 
@@ -224,7 +224,7 @@ fn a_backward_edit_blocks_one_heads_gradient_exactly_in_every_layout() {
         .hooks_mut()
         .register(HookFunction::backward("*"))
         .unwrap();
-    model.forward_backward(&tokens()).unwrap();
+    model.forward_backward(tokens()).unwrap();
     let stopped: BTreeMap<String, Tensor> = take_last_calls(&mut model);
     for (name, expected) in &stopped {
         assert!(rel_error(&blocked[name], expected) < 1e-5, "{name}");
@@ -266,7 +266,7 @@ fn steering_gradient(checkpoint: &Checkpoint, layout: Layout) -> (Tensor, Tensor
         .hooks_mut()
         .register(HookFunction::backward("blocks.1.hook_resid_pre"))
         .unwrap();
-    model.forward_backward(&tokens()).unwrap();
+    model.forward_backward(tokens()).unwrap();
     let at_point = model
         .store()
         .last("blocks.1.hook_resid_pre_grad")
@@ -296,7 +296,7 @@ fn parameter_gradients(
     layout: Layout,
 ) -> BTreeMap<String, (Tensor, Tensor)> {
     let mut model = FlexModel::build(checkpoint, layout).unwrap();
-    model.forward_backward(&tokens()).unwrap();
+    model.forward_backward(tokens()).unwrap();
     model
         .parameter_names()
         .unwrap()
@@ -387,7 +387,7 @@ fn user_loss_gradients(checkpoint: &Checkpoint, layout: Layout) -> (f32, BTreeMa
         .unwrap();
     // The log-probability of token 42 at the last position of every sequence, negated.
     let (_, loss) = model
-        .forward_backward_with_loss(&tokens(), &flexmodel::Groups::All, |logits| {
+        .forward_backward_with_loss(tokens(), &flexmodel::Groups::All, |logits| {
             let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?;
             let log_probs = candle_nn::ops::log_softmax(&last, candle_core::D::Minus1)?;
             Ok(log_probs.narrow(1, 42, 1)?.mean_all()?.neg()?)
@@ -408,7 +408,7 @@ fn a_loss_of_your_own_on_the_gathered_logits_back_propagates_in_every_layout() {
         .register(HookFunction::backward("*"))
         .unwrap();
     let (_, loss) = model
-        .forward_backward_with_loss(&tokens(), &flexmodel::Groups::All, |logits| {
+        .forward_backward_with_loss(tokens(), &flexmodel::Groups::All, |logits| {
             next_token_loss(logits, &tokens())
         })
         .unwrap();

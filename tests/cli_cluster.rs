@@ -15,7 +15,8 @@ use common::smollm2_path;
 use flexmodel_cluster::membership::MemberState;
 
 #[test]
-fn a_smollm2_capture_over_a_job_at_tp3_pp2_writes_what_threads_write_and_workers_lists_it() {
+fn a_smollm2_capture_and_generation_over_a_job_at_tp3_pp2_write_what_threads_write_and_workers_lists_it()
+ {
     let job = TestJob::start("capture", 1, 6);
     // Fetched into the cache once; each worker resolves the name on its own.
     smollm2_path();
@@ -60,6 +61,45 @@ fn a_smollm2_capture_over_a_job_at_tp3_pp2_writes_what_threads_write_and_workers
             .any(|(k, _)| k == "blocks.4.attn.hook_z_grad")
     );
     assert_eq!(threads, cluster);
+
+    // A generation of two prompts of unequal length through the workers' caches (the
+    // same workers, for a new driver): the same completions and captures.
+    let generate = |to: &str, extra: &[&str]| {
+        let to = out.path().join(to);
+        let mut args = vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "The quick brown fox",
+            "--prompt",
+            "Once upon a time, in a land far away,",
+            "--max-new-tokens",
+            "6",
+            "--hook",
+            "blocks.*.hook_resid_post",
+            "--edit",
+            "blocks.4.attn.hook_z=zero-head:7",
+            "--tp",
+            "3",
+            "--pp",
+            "2",
+            "--json",
+            "--out",
+            to.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let stdout = succeeded(&args);
+        let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        (json["completions"].clone(), tensors(&to))
+    };
+    let threads = generate("threads-generate.safetensors", &[]);
+    let cluster = generate(
+        "cluster-generate.safetensors",
+        &["--cluster", &url, "--token-file", token],
+    );
+    assert_eq!(threads.0, cluster.0, "the same completions");
+    assert_eq!(threads.1, cluster.1, "the same captures");
 
     // Six members, each holding its rank of SmolLM2 under tp=3 pp=2, ready once their
     // sessions have ended.

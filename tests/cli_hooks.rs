@@ -173,9 +173,18 @@ fn capture_rejects_bad_input_with_clear_errors() {
         "blocks.1.attn.hook_z=zero-head",
     ]));
     assert!(err.contains("malformed edit"), "{err}");
-    let uneven = tokens("1 2 3\n4 5\n", "uneven.txt");
-    let err = run(base(&["--tokens-file", &uneven, "--hook", "hook_embed"]));
-    assert!(err.contains(":2: 2 tokens, but line 1 has 3"), "{err}");
+    let empty = tokens("\n\n", "empty.txt");
+    let err = run(base(&["--tokens-file", &empty, "--hook", "hook_embed"]));
+    assert!(err.contains("empty.txt: no sequences"), "{err}");
+    let err = run(base(&[
+        "--prompt",
+        "x",
+        "--prompt",
+        "",
+        "--hook",
+        "hook_embed",
+    ]));
+    assert!(err.contains("the prompt \"\" has no tokens"), "{err}");
     let outside = tokens("1 2 49152\n", "outside.txt");
     let err = run(base(&["--tokens-file", &outside, "--hook", "hook_embed"]));
     assert!(

@@ -20,8 +20,6 @@ fn every_command_under_procs_writes_what_threads_write() {
     let model = dir.path().to_str().unwrap();
     let out = tempfile::tempdir().unwrap();
     let layout = ["--tp", "2", "--pp", "2", "--dp", "2"];
-    // generate and induction: one sequence, no replicas.
-    let one = ["--tp", "2", "--pp", "2"];
     let with = |layout: &[&str], args: &[&str], procs: bool| -> Vec<String> {
         let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         all.extend(layout.iter().map(|s| s.to_string()));
@@ -32,9 +30,10 @@ fn every_command_under_procs_writes_what_threads_write() {
     };
     let run = |args: Vec<String>| succeeded(&args.iter().map(String::as_str).collect::<Vec<_>>());
 
-    // capture: every point, gradients, an edit, two sequences for the two replicas.
+    // capture: every point, gradients, an edit, two sequences of unequal length for the
+    // two replicas.
     let tokens = out.path().join("tokens.txt");
-    std::fs::write(&tokens, "5 17 200 3 99 1\n250 0 7 7 7 9\n").unwrap();
+    std::fs::write(&tokens, "5 17 200 3 99 1\n250 0 7 7\n").unwrap();
     for procs in [false, true] {
         let file = out.path().join(format!("capture-{procs}.safetensors"));
         run(with(
@@ -61,26 +60,45 @@ fn every_command_under_procs_writes_what_threads_write() {
     assert!(threads.len() > 100, "{} tensors", threads.len());
     assert_eq!(threads, procs, "capture: bit for bit");
 
-    // generate: the same continuation.
-    let generated: Vec<String> = [false, true]
+    // generate: the same completions of two prompts of unequal length, through the
+    // workers' key/value caches, and the same captures over the generation.
+    let generated: Vec<serde_json::Value> = [false, true]
         .into_iter()
         .map(|procs| {
-            run(with(
-                &one,
+            let file = out.path().join(format!("generate-{procs}.safetensors"));
+            let stdout = run(with(
+                &layout,
                 &[
                     "generate",
                     "--model",
                     model,
                     "--prompt",
                     "abc",
+                    "--prompt",
+                    "a longer prompt",
                     "--max-new-tokens",
                     "6",
+                    "--hook",
+                    "blocks.*.hook_resid_post",
+                    "--hook",
+                    "blocks.3.attn.hook_pattern",
+                    "--edit",
+                    "blocks.1.hook_mlp_out=scale:2",
+                    "--out",
+                    file.to_str().unwrap(),
+                    "--json",
                 ],
                 procs,
-            ))
+            ));
+            last_json_line(&stdout)["completions"].clone()
         })
         .collect();
     assert_eq!(generated[0], generated[1]);
+    assert_eq!(
+        tensors(&out.path().join("generate-false.safetensors")),
+        tensors(&out.path().join("generate-true.safetensors")),
+        "generate: bit for bit"
+    );
 
     // induction: the same scores.
     for procs in [false, true] {
@@ -114,7 +132,8 @@ fn every_command_under_procs_writes_what_threads_write() {
         )
     );
 
-    // lens: the same report from the same training.
+    // lens: the same report from the same training (one sequence, no replicas).
+    let one = ["--tp", "2", "--pp", "2"];
     let text = out.path().join("text.txt");
     std::fs::write(
         &text,

@@ -83,7 +83,7 @@ fn a_driver_with_another_token_fails_saying_authentication_failed() {
     assert!(err.contains("authentication failed"), "{err}");
     // The workers are still free for a driver with the job's token.
     let mut model = FlexModel::build_on(&checkpoint, layout, &job.placement()).unwrap();
-    model.forward(&batch(&[&[1, 2, 3]])).unwrap();
+    model.forward(batch(&[&[1, 2, 3]])).unwrap();
 }
 
 #[test]

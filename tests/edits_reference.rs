@@ -48,7 +48,7 @@ fn smollm2_edited_run_matches_the_numpy_edited_run_at_every_point() {
             .unwrap();
     }
     model.hooks_mut().register(HookFunction::new("*")).unwrap();
-    model.forward(&batch(rows)).unwrap();
+    model.forward(batch(rows)).unwrap();
 
     let mut worst = 0.0f64;
     for (name, captured) in model.store().iter() {

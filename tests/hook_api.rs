@@ -24,7 +24,7 @@ fn capturing_every_point_stores_what_the_pass_computed() {
         &tokens(),
     );
     model.hooks_mut().register(HookFunction::new("*")).unwrap();
-    let logits = model.forward(&tokens()).unwrap();
+    let logits = model.forward(tokens()).unwrap();
     assert_eq!(
         max_abs_diff(&logits, &raw_logits),
         0.0,
@@ -50,7 +50,7 @@ fn the_store_keeps_the_pre_edit_value_and_the_model_continues_with_the_edit() {
     hooks
         .register(HookFunction::new("blocks.2.hook_resid_pre"))
         .unwrap();
-    model.forward(&tokens()).unwrap();
+    model.forward(tokens()).unwrap();
     let before = model.store().last("blocks.1.hook_resid_post").unwrap();
     let after = model.store().last("blocks.2.hook_resid_pre").unwrap();
     assert!(max_abs_diff(&(before * 2.0).unwrap(), after) < 1e-6);
@@ -68,8 +68,8 @@ fn an_edit_runs_once_per_call_and_sees_name_call_and_full_shape() {
         Ok(x)
     });
     model.hooks_mut().register(hook.without_capture()).unwrap();
-    model.forward(&tokens()).unwrap();
-    model.forward(&tokens()).unwrap();
+    model.forward(tokens()).unwrap();
+    model.forward(tokens()).unwrap();
     let seen = model
         .save_ctx()
         .get::<Vec<(String, usize, Vec<usize>)>>("seen")
@@ -100,7 +100,7 @@ fn edits_at_one_point_chain_in_registration_order() {
     hooks
         .register(HookFunction::new("blocks.0.hook_resid_post"))
         .unwrap();
-    model.forward(&tokens()).unwrap();
+    model.forward(tokens()).unwrap();
     let store = model.store();
     let mlp = store.last("blocks.0.hook_mlp_out").unwrap();
     let mid = store.last("blocks.0.hook_resid_mid").unwrap();
@@ -119,7 +119,7 @@ fn module_names_hook_the_points_they_coincide_with() {
         .register(HookFunction::forward_pre("model.layers.3"))
         .unwrap();
     hooks.register(HookFunction::new("lm_head")).unwrap();
-    let logits = model.forward(&tokens()).unwrap();
+    let logits = model.forward(tokens()).unwrap();
     let names: Vec<&str> = model.store().iter().map(|(n, _)| n).collect();
     assert_eq!(
         names,
@@ -171,13 +171,13 @@ fn handles_remove_hooks_one_by_one_or_all_at_once() {
         .unwrap();
     model.hooks_mut().remove(a).unwrap();
     assert!(matches!(model.hooks_mut().remove(a), Err(Error::UnknownHandle(h)) if h == a));
-    model.forward(&tokens()).unwrap();
+    model.forward(tokens()).unwrap();
     let names: Vec<&str> = model.store().iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["blocks.0.attn.hook_z"]);
     model.hooks_mut().clear();
     assert!(model.hooks().points(b).is_err());
     model.store_mut().clear();
-    model.forward(&tokens()).unwrap();
+    model.forward(tokens()).unwrap();
     assert!(model.store().is_empty());
 }
 
@@ -185,11 +185,11 @@ fn handles_remove_hooks_one_by_one_or_all_at_once() {
 fn an_edit_that_changes_the_shape_fails_the_pass_and_leaves_everything_usable() {
     let mut model = tiny();
     model.hooks_mut().register(HookFunction::new("*")).unwrap();
-    model.forward(&tokens()).unwrap();
+    model.forward(tokens()).unwrap();
     let bytes_before = model.store().bytes();
     let bad = HookFunction::new("blocks.1.attn.hook_q").with_edit(|_, x| Ok(x.narrow(2, 0, 2)?));
     let bad = model.hooks_mut().register(bad).unwrap();
-    let err = model.forward(&tokens()).unwrap_err();
+    let err = model.forward(tokens()).unwrap_err();
     assert_eq!(
         err.to_string(),
         "hook blocks.1.attn.hook_q: the edit returned [2, 5, 2, 8] F32, expected [2, 5, 8, 8] F32 \
@@ -201,7 +201,7 @@ fn an_edit_that_changes_the_shape_fails_the_pass_and_leaves_everything_usable() 
         "the failed pass stored nothing"
     );
     model.hooks_mut().remove(bad).unwrap();
-    model.forward(&tokens()).unwrap();
+    model.forward(tokens()).unwrap();
     assert_eq!(model.store().bytes(), 2 * bytes_before);
 }
 
@@ -211,7 +211,7 @@ fn an_edit_that_changes_the_dtype_fails_the_pass() {
     let bad =
         HookFunction::new("hook_embed").with_edit(|_, x| Ok(x.to_dtype(candle_core::DType::F64)?));
     model.hooks_mut().register(bad).unwrap();
-    let err = model.forward(&tokens()).unwrap_err();
+    let err = model.forward(tokens()).unwrap_err();
     assert!(
         matches!(&err, Error::EditChangedTensor { hook, .. } if hook == "hook_embed"),
         "{err}"
@@ -224,7 +224,7 @@ fn an_edit_that_errs_or_panics_fails_the_pass_naming_the_hook() {
     let failing = HookFunction::new("blocks.2.hook_mlp_out")
         .with_edit(|_, _| Err(Error::custom("probe not trained")));
     let handle = model.hooks_mut().register(failing).unwrap();
-    let err = model.forward(&tokens()).unwrap_err();
+    let err = model.forward(tokens()).unwrap_err();
     assert_eq!(
         err.to_string(),
         "hook blocks.2.hook_mlp_out: probe not trained"
@@ -233,14 +233,14 @@ fn an_edit_that_errs_or_panics_fails_the_pass_naming_the_hook() {
 
     let panicking = HookFunction::new("blocks.3.hook_mlp_out").with_edit(|_, _| panic!("boom"));
     let handle = model.hooks_mut().register(panicking).unwrap();
-    let err = model.forward(&tokens()).unwrap_err();
+    let err = model.forward(tokens()).unwrap_err();
     assert!(
         err.to_string().starts_with("hook blocks.3.hook_mlp_out: ")
             && err.to_string().contains("boom"),
         "{err}"
     );
     model.hooks_mut().remove(handle).unwrap();
-    model.forward(&tokens()).unwrap();
+    model.forward(tokens()).unwrap();
 }
 
 #[test]
@@ -250,8 +250,8 @@ fn captures_accumulate_across_passes_until_taken() {
         .hooks_mut()
         .register(HookFunction::new("blocks.0.hook_resid_pre"))
         .unwrap();
-    model.forward(&tokens()).unwrap();
-    model.forward(&batch(&[&[9, 9]])).unwrap();
+    model.forward(tokens()).unwrap();
+    model.forward(batch(&[&[9, 9]])).unwrap();
     let taken = model.store_mut().take("blocks.0.hook_resid_pre").unwrap();
     assert_eq!(taken.len(), 2);
     assert_eq!(taken[0].dims(), [2, 5, 64]);

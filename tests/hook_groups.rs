@@ -20,7 +20,7 @@ fn tokens() -> Tensor {
 /// The names captured by one pass over `groups` (the store is emptied first).
 fn captured(model: &mut FlexModel, groups: &Groups) -> Vec<String> {
     model.store_mut().clear();
-    model.forward_groups(&tokens(), groups).unwrap();
+    model.forward_groups(tokens(), groups).unwrap();
     model.store().iter().map(|(n, _)| n.to_string()).collect()
 }
 
@@ -100,7 +100,7 @@ fn a_pass_runs_only_the_chosen_groups_or_their_complement() {
 fn unknown_group_names_are_errors() {
     let mut model = grouped();
     let err = model
-        .forward_groups(&tokens(), &Groups::only(["resdi"]))
+        .forward_groups(tokens(), &Groups::only(["resdi"]))
         .unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -185,7 +185,7 @@ fn a_group_shares_one_edit_across_its_points() {
         });
     model.hooks_mut().create_hook_group("mlp", count).unwrap();
     model
-        .forward_groups(&tokens(), &Groups::only(["mlp"]))
+        .forward_groups(tokens(), &Groups::only(["mlp"]))
         .unwrap();
     assert_eq!(model.save_ctx().get::<usize>("calls").unwrap(), Some(&4));
 }

@@ -9,7 +9,7 @@ use common::smollm2;
 use flexmodel::analysis::induction::{measure, repeated_random_tokens, top_heads};
 use flexmodel::analysis::patching::patch_residual_stream;
 use flexmodel::analysis::steering::{Steering, train_steering_vector};
-use flexmodel::{FlexModel, Layout, generate_greedy};
+use flexmodel::{FlexModel, GenerateOptions, Layout};
 use indicatif::ProgressBar;
 
 #[test]
@@ -48,7 +48,15 @@ fn the_steering_vector_makes_smollm2_say_rome_under_tp3() {
     let prompt = tokenizer.encode("The capital of France is").unwrap();
     let rome = tokenizer.encode(" Rome").unwrap()[0];
     let mut model = FlexModel::build(checkpoint, Layout::new(1, 1, 3).unwrap()).unwrap();
-    let before = generate_greedy(&mut model, &prompt, 1, |_| Ok(())).unwrap();
+    let greedy = |model: &mut FlexModel, n| {
+        let options = GenerateOptions {
+            max_new_tokens: n,
+            ..GenerateOptions::default()
+        };
+        let generation = model.generate(&[&prompt], &options).unwrap();
+        generation.generated(0).to_vec()
+    };
+    let before = greedy(&mut model, 1);
     assert_ne!(before, [rome], "unsteered, it does not say Rome");
     // The example's settings.
     let steering = Steering {
@@ -64,7 +72,7 @@ fn the_steering_vector_makes_smollm2_say_rome_under_tp3() {
         p[p.len() - 1]
     );
     assert!(p[p.len() - 1] > 0.5 && p[0] < 0.01, "{p:?}");
-    let after = generate_greedy(&mut model, &prompt, 4, |_| Ok(())).unwrap();
+    let after = greedy(&mut model, 4);
     let text = tokenizer.decode(&after).unwrap();
     assert!(text.starts_with(" Rome"), "{text:?}");
 }

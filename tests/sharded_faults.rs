@@ -57,10 +57,10 @@ fn a_failing_shard_is_named_and_the_model_stays_usable() {
 fn bad_tokens_are_refused_before_any_shard_runs() {
     let checkpoint = tiny_checkpoint(8).unwrap();
     let mut model = FlexModel::build(&checkpoint, Layout::new(1, 2, 2).unwrap()).unwrap();
-    let err = model.forward(&batch(&[&[1, 256]])).unwrap_err();
+    let err = model.forward(batch(&[&[1, 256]])).unwrap_err();
     assert_eq!(
         err.to_string(),
         "token id 256 is outside the vocabulary (size 256)"
     );
-    assert!(model.forward(&batch(&[&[1, 255]])).is_ok());
+    assert!(model.forward(batch(&[&[1, 255]])).is_ok());
 }

@@ -32,7 +32,7 @@ fn run(layout: Layout, edited: bool) -> (Tensor, BTreeMap<String, Tensor>) {
         register_smollm2_edits(&mut model);
     }
     model.hooks_mut().register(HookFunction::new("*")).unwrap();
-    let logits = model.forward(&smollm2_tokens()).unwrap();
+    let logits = model.forward(smollm2_tokens()).unwrap();
     let captured = take_last_calls(&mut model);
     (logits, captured)
 }
@@ -69,7 +69,7 @@ fn a_random_edit_is_drawn_once_per_call_and_every_shard_continues_with_that_draw
         .hooks_mut()
         .register(HookFunction::new("blocks.20.hook_resid_*"))
         .unwrap();
-    model.forward(&smollm2_tokens()).unwrap();
+    model.forward(smollm2_tokens()).unwrap();
     let draws = model
         .save_ctx()
         .get::<Vec<Tensor>>("draws")
@@ -131,7 +131,7 @@ fn layouts_that_cannot_split_smollm2_are_refused_with_the_reason() {
     assert_eq!(err, "bad layout: pp=31 exceeds the model's 30 layers");
     let two = FlexModel::build(checkpoint, layout(1, 1, 2)).unwrap();
     let mut two = two;
-    let err = two.forward(&batch(&[&[1, 2, 3]])).unwrap_err().to_string();
+    let err = two.forward(batch(&[&[1, 2, 3]])).unwrap_err().to_string();
     assert!(
         err.contains("a batch of 1 sequences cannot be split over 2 data-parallel replicas"),
         "{err}"
@@ -149,7 +149,7 @@ fn every_layout_gives_the_single_shard_gradients_at_every_point() {
             .hooks_mut()
             .register(HookFunction::backward("*"))
             .unwrap();
-        let (_, loss) = model.forward_backward(&smollm2_tokens()).unwrap();
+        let (_, loss) = model.forward_backward(smollm2_tokens()).unwrap();
         let grads: BTreeMap<String, Tensor> = take_last_calls(&mut model);
         (loss, grads)
     };
@@ -174,7 +174,7 @@ fn tied_embedding_gradients_sum_both_uses_across_pipeline_stages() {
     let (checkpoint, _) = smollm2();
     let grads = |layout: Layout| {
         let mut model = FlexModel::build(checkpoint, layout).unwrap();
-        model.forward_backward(&smollm2_tokens()).unwrap();
+        model.forward_backward(smollm2_tokens()).unwrap();
         [
             "model.embed_tokens.weight",
             "model.layers.29.mlp.down_proj.weight",

@@ -81,7 +81,7 @@ fn a_layout_that_cannot_split_the_model_is_refused_before_the_weights_are_read()
 fn a_batch_smaller_than_the_replicas_is_bad_input_not_a_startup_failure() {
     let checkpoint = tiny_checkpoint(0).unwrap();
     let mut model = FlexModel::build(&checkpoint, Layout::new(2, 1, 1).unwrap()).unwrap();
-    let err = model.forward(&batch(&[&[1, 2, 3]])).unwrap_err();
+    let err = model.forward(batch(&[&[1, 2, 3]])).unwrap_err();
     assert!(
         matches!(
             err,
@@ -149,7 +149,7 @@ fn a_shard_failure_is_typed_with_rank_hook_and_kind_in_forward_and_backward() {
         (Fault::Panic, FailureKind::Panicked),
     ] {
         model.inject_fault(5, point, fault).unwrap();
-        let err = model.forward(&tokens()).unwrap_err();
+        let err = model.forward(tokens()).unwrap_err();
         assert_eq!(shard_failure(&err), (5, at(false), kind), "{err}");
     }
     for (fault, kind) in [
@@ -158,7 +158,7 @@ fn a_shard_failure_is_typed_with_rank_hook_and_kind_in_forward_and_backward() {
     ] {
         model.inject_fault(5, point, fault).unwrap();
         let start = Instant::now();
-        let err = model.forward_backward(&tokens()).unwrap_err();
+        let err = model.forward_backward(tokens()).unwrap_err();
         assert!(start.elapsed() < Duration::from_secs(5));
         assert_eq!(shard_failure(&err), (5, at(true), kind), "{err}");
         assert!(
@@ -168,7 +168,7 @@ fn a_shard_failure_is_typed_with_rank_hook_and_kind_in_forward_and_backward() {
             "{err}"
         );
         // The model serves the next pass.
-        model.forward_backward(&tokens()).unwrap();
+        model.forward_backward(tokens()).unwrap();
     }
 }
 
@@ -194,8 +194,8 @@ fn an_edits_error_keeps_its_type_on_every_path() {
             let mut model = FlexModel::build(&checkpoint, layout).unwrap();
             let handle = model.hooks_mut().register(shape_changing_edit()).unwrap();
             let run = |model: &mut FlexModel| match backward {
-                true => model.forward_backward(&tokens()).map(|_| ()),
-                false => model.forward(&tokens()).map(|_| ()),
+                true => model.forward_backward(tokens()).map(|_| ()),
+                false => model.forward(tokens()).map(|_| ()),
             };
             let err = run(&mut model).unwrap_err();
             assert!(

@@ -26,7 +26,7 @@ const BASELINE: u64 = 64 << 20;
 fn passes(mut model: FlexModel) -> [BTreeMap<String, Tensor>; 3] {
     model.hooks_mut().register(HookFunction::new("*")).unwrap();
     let forward = |model: &mut FlexModel| {
-        let logits = model.forward(&smollm2_tokens()).unwrap();
+        let logits = model.forward(smollm2_tokens()).unwrap();
         let mut all = take_last_calls(model);
         all.insert("logits".into(), logits);
         all
@@ -40,7 +40,7 @@ fn passes(mut model: FlexModel) -> [BTreeMap<String, Tensor>; 3] {
         .hooks_mut()
         .register(HookFunction::backward("*"))
         .unwrap();
-    let (_, loss) = model.forward_backward(&smollm2_tokens()).unwrap();
+    let (_, loss) = model.forward_backward(smollm2_tokens()).unwrap();
     let mut grads = take_last_calls(&mut model);
     grads.insert(
         "loss".into(),

@@ -220,6 +220,12 @@ pub enum Error {
         /// The replicas.
         replicas: usize,
     },
+    /// A pass's attention mask or key/value cache does not fit the pass.
+    #[error("{problem}")]
+    BadWindow {
+        /// What does not fit.
+        problem: String,
+    },
     /// The runtime was given another number of model shards than the layout has ranks.
     #[error("{shards} model shards for {ranks} ranks")]
     ShardCount {

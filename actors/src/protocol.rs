@@ -9,9 +9,9 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::PointId;
 use crate::error::ShardFailure;
 use crate::geometry::{PointMode, ShardAction};
+use crate::{CacheUse, PointId, Window};
 
 /// What a piece of a hook call is: the value at a point, its gradient, the gradient
 /// at the result of its edit, or the last stage's output.
@@ -114,6 +114,8 @@ pub struct RunPass {
     pub(crate) pass: u64,
     /// The replica's token ids (first stage only).
     pub(crate) input: Option<Tensor>,
+    /// The replica's rows of the pass's window.
+    pub(crate) window: Window,
     /// What to do at each hook point, by point id.
     pub(crate) actions: Vec<ShardAction>,
     /// A fault to raise at a hook point (testing the failure path).
@@ -188,12 +190,16 @@ pub(crate) enum ToWorker {
     /// Serve this rank of this model; again between passes when the group changed (a
     /// rank was replaced).
     Assign(Assignment),
-    /// Run a pass; followed by the input tokens (if `input`) and the backward pass's
-    /// tokens (if `backward` is set). `trace` is the pass's trace context.
+    /// Run a pass; followed by the input tokens (if `input`), the attention mask (if
+    /// `mask`) and the backward pass's tokens (if `backward` is set). `trace` is the
+    /// pass's trace context; `offset` and `cache` are the rest of its window.
     Run {
         pass: u64,
         trace: Vec<(String, String)>,
         input: bool,
+        mask: bool,
+        offset: usize,
+        cache: CacheUse,
         actions: Vec<ShardAction>,
         fault: Option<(PointId, Fault)>,
         backward: Option<BackwardPlan>,

@@ -13,7 +13,7 @@ use crate::ranks::Ranks;
 use crate::threads::ShardThreads;
 use crate::{
     Error, HookSink, PassOutput, PointGeometry, PointId, PointMode, Result, ShardAction,
-    ShardModel, ShardParameters,
+    ShardModel, ShardParameters, Window,
 };
 
 /// What the driver provides to start the runtime on threads of this process.
@@ -111,28 +111,31 @@ impl ShardRuntime {
     }
 
     /// Runs one pass over `tokens` (`[b, t]`; replicas get contiguous, possibly uneven,
-    /// runs of sequences) with each point hooked as `modes` says; returns the assembled
-    /// output.
+    /// runs of sequences) at the positions `window` says, with each point hooked as
+    /// `modes` says; returns the assembled output.
     pub fn run_pass(
         &mut self,
         tokens: &Tensor,
+        window: &Window,
         modes: &[PointMode],
         sink: &mut dyn HookSink,
     ) -> Result<Tensor> {
-        Ok(self.run(tokens, modes, None, sink)?.output)
+        Ok(self.run(tokens, window, modes, None, sink)?.output)
     }
 
-    /// Runs a forward and a backward pass from the mean next-token loss over the global
-    /// batch (sequences of at least two tokens); `grads[p]` says how the gradient at
-    /// point `p` is hooked (it reaches the sink as [`Tap::Gradient`](crate::Tap)).
+    /// Runs a forward and a backward pass from the mean next-token loss over the pairs of
+    /// real tokens of the global batch (sequences of at least two tokens); `grads[p]` says
+    /// how the gradient at point `p` is hooked (it reaches the sink as
+    /// [`Tap::Gradient`](crate::Tap)).
     pub fn run_forward_backward(
         &mut self,
         tokens: &Tensor,
+        window: &Window,
         modes: &[PointMode],
         grads: &[PointMode],
         sink: &mut dyn HookSink,
     ) -> Result<PassOutput> {
-        self.run(tokens, modes, Some((grads, false)), sink)
+        self.run(tokens, window, modes, Some((grads, false)), sink)
     }
 
     /// Like [`run_forward_backward`](Self::run_forward_backward), with the loss computed
@@ -141,23 +144,26 @@ impl ShardRuntime {
     pub fn run_forward_backward_with_driver_loss(
         &mut self,
         tokens: &Tensor,
+        window: &Window,
         modes: &[PointMode],
         grads: &[PointMode],
         sink: &mut dyn HookSink,
     ) -> Result<PassOutput> {
-        self.run(tokens, modes, Some((grads, true)), sink)
+        self.run(tokens, window, modes, Some((grads, true)), sink)
     }
 
     fn run(
         &mut self,
         tokens: &Tensor,
+        window: &Window,
         modes: &[PointMode],
         backward: Option<(&[PointMode], bool)>,
         sink: &mut dyn HookSink,
     ) -> Result<PassOutput> {
         let grads = backward.map(|(grads, _)| grads);
         let driver_loss = backward.is_some_and(|(_, driver)| driver);
-        let batch = tokens.dim(0)?;
+        let (batch, t) = tokens.dims2()?;
+        window.check(batch, t)?;
         if batch < self.layout.dp() {
             return Err(Error::BatchTooSmall {
                 batch,
@@ -169,6 +175,7 @@ impl ShardRuntime {
         self.next_pass += 1;
         self.ranks.begin(pass);
         let batches = split_evenly(batch, self.layout.dp());
+        let normalizer = predicted_tokens(batch, t, window)?;
         let replies = Replies {
             values: modes.iter().map(|m| *m == PointMode::Edit).collect(),
             gradients: (0..self.geometry.len())
@@ -196,7 +203,7 @@ impl ShardRuntime {
                 tokens: replica.clone(),
                 plan: BackwardPlan {
                     driver_loss,
-                    normalizer: (batch * tokens.dim(1).unwrap_or(1).saturating_sub(1)) as f64,
+                    normalizer,
                     taps: self
                         .geometry
                         .iter()
@@ -213,6 +220,7 @@ impl ShardRuntime {
             let run = RunPass {
                 pass,
                 input: (coords.pp == 0).then_some(replica),
+                window: window.rows(rows.clone())?,
                 actions,
                 fault: self.faults.remove(&rank),
                 backward,
@@ -229,4 +237,20 @@ impl ShardRuntime {
         );
         coordinator.run(&self.events, self.ranks.as_ref(), sink)
     }
+}
+
+/// The next tokens a batch of `b` sequences of `t` positions predicts: the pairs of
+/// consecutive real tokens.
+fn predicted_tokens(b: usize, t: usize, window: &Window) -> Result<f64> {
+    let Some(mask) = &window.mask else {
+        return Ok((b * t.saturating_sub(1)) as f64);
+    };
+    if t < 2 {
+        return Ok(0.0);
+    }
+    let pairs = (mask.narrow(1, 0, t - 1)? * mask.narrow(1, 1, t - 1)?)?;
+    Ok(pairs
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?)
 }

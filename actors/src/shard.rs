@@ -29,7 +29,7 @@ use crate::error::{InjectedFault, ShardFailure};
 use crate::geometry::{PointMode, ShardAction};
 use crate::protocol::{EditedPiece, Fault, RunPass, ShardEvent, Tap};
 use crate::trace_context::RemoteParent;
-use crate::{BoxError, Error, PointId, ShardHooks, ShardModel, ShardParameters};
+use crate::{BoxError, CacheUse, Error, KvCache, PointId, ShardHooks, ShardModel, ShardParameters};
 
 /// Everything a shard starts from; cloned to restart it.
 #[derive(Clone)]
@@ -123,6 +123,8 @@ pub struct ShardActor {
     at: Arc<Position>,
     /// The gradients of the last backward pass.
     grads: Option<candle_core::backprop::GradStore>,
+    /// The keys and values of the generation in progress.
+    cache: KvCache,
 }
 
 impl Message<ReadParameters> for ShardActor {
@@ -153,6 +155,7 @@ impl kameo::Actor for ShardActor {
             args,
             pass: 0,
             grads: None,
+            cache: KvCache::default(),
         })
     }
 
@@ -217,6 +220,12 @@ impl ShardActor {
         let args = &self.args;
         let stage = args.coords.pp;
         let last = stage + 1 == args.stages;
+        let window = &msg.window;
+        if window.cache != CacheUse::Off && msg.backward.is_some() {
+            return Err(Box::new(Error::BadWindow {
+                problem: "a pass through the key/value cache has no backward pass".into(),
+            }));
+        }
         let input = match (stage, msg.input) {
             (0, Some(tokens)) => tokens,
             (0, None) => return Err(Box::new(Error::NoInput { rank: args.rank })),
@@ -250,7 +259,16 @@ impl ShardActor {
         if let Some(remote) = remote {
             remote.adopt(&forward_span);
         }
-        let out = forward_span.in_scope(|| args.model.forward(&input, &mut hooks))?;
+        let cache = &mut self.cache;
+        let out = forward_span.in_scope(|| args.model.forward(&input, window, cache, &mut hooks));
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                // A step that failed half-way leaves some layers extended: start again.
+                cache.clear();
+                return Err(e);
+            }
+        };
         let Some(backward) = msg.backward else {
             if !last {
                 args.pipeline.send(&out, stage + 1)?;
@@ -272,9 +290,9 @@ impl ShardActor {
                 ((&out * grad)?.sum_all()?, None)
             }
             (true, false) => {
-                let loss = args
-                    .model
-                    .loss(&out, &backward.tokens, backward.plan.normalizer)?;
+                let mask = window.mask.as_ref();
+                let normalizer = backward.plan.normalizer;
+                let loss = args.model.loss(&out, &backward.tokens, mask, normalizer)?;
                 let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
                 (loss, Some(value))
             }

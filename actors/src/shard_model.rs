@@ -4,7 +4,7 @@ use candle_core::Tensor;
 
 use flexmodel_cluster::ParamSlice;
 
-use crate::BoxError;
+use crate::{BoxError, KvCache, Window};
 
 /// A hook point as the runtime sees it: its index in the model's list of points.
 pub type PointId = usize;
@@ -25,14 +25,28 @@ pub trait ShardHooks {
 /// A model shard: the layers of one pipeline stage, the slices of one tensor-parallel rank.
 pub trait ShardModel: Send + Sync + 'static {
     /// Runs the stage on `input` (token ids `[b, t]` on the first stage, the hidden state
-    /// `[b, t, d]` from the previous stage otherwise) and returns the hidden state, or
-    /// on the last stage this rank's slice of the output.
-    fn forward(&self, input: &Tensor, hooks: &mut dyn ShardHooks) -> Result<Tensor, BoxError>;
+    /// `[b, t, d]` from the previous stage otherwise) at the positions `window` says, and
+    /// returns the hidden state, or on the last stage this rank's slice of the output.
+    /// A pass whose window uses the cache reads and extends `cache`.
+    fn forward(
+        &self,
+        input: &Tensor,
+        window: &Window,
+        cache: &mut KvCache,
+        hooks: &mut dyn ShardHooks,
+    ) -> Result<Tensor, BoxError>;
 
     /// This rank's loss from its slice of the last stage's `output`: the summed
-    /// next-token loss of `tokens` (the replica's `[b, t]` ids) divided by `normalizer`,
-    /// the same value on every tensor-parallel rank.
-    fn loss(&self, output: &Tensor, tokens: &Tensor, normalizer: f64) -> Result<Tensor, BoxError>;
+    /// next-token loss of `tokens` (the replica's `[b, t]` ids) over the pairs of real
+    /// tokens (`mask`, `[b, t]`, `None` when all are real) divided by `normalizer`, the
+    /// same value on every tensor-parallel rank.
+    fn loss(
+        &self,
+        output: &Tensor,
+        tokens: &Tensor,
+        mask: Option<&Tensor>,
+        normalizer: f64,
+    ) -> Result<Tensor, BoxError>;
 
     /// Every parameter slice this shard holds (autograd variables).
     fn parameters(&self) -> Vec<ParamSlice>;

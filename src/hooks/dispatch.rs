@@ -5,10 +5,11 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use candle_core::Tensor;
 
-use flexmodel_actors::{BoxError, HookSink, PointMode, Tap};
+use flexmodel_actors::{BoxError, HookSink, PointMode, Tap, Window};
 
 use crate::hooks::function::HookCtx;
 use crate::hooks::registry::{Entry, PassPlan};
+use crate::hooks::store::zero_padding;
 use crate::{ActivationStore, Error, HookLayer, HookPoint, Result, SaveContext};
 
 /// A loss computed by the driver from the full logits `[b, t, vocab]`: a scalar.
@@ -35,6 +36,12 @@ pub(crate) struct PassHooks<'a> {
     trainables: Vec<(String, Tensor)>,
     pub(crate) trainable_grads: BTreeMap<String, Tensor>,
     pub(crate) captures: ActivationStore,
+    /// Where the pass's positions are: the attention mask over every position up to
+    /// its last (`None` without padding), the pass's own positions, and their columns
+    /// of the mask (`[b, t]`), zero where captures are zeroed.
+    mask: Option<Tensor>,
+    positions: std::ops::Range<usize>,
+    padding: Option<Tensor>,
 }
 
 impl<'a> PassHooks<'a> {
@@ -59,7 +66,21 @@ impl<'a> PassHooks<'a> {
             trainables: Vec::new(),
             trainable_grads: BTreeMap::new(),
             captures: ActivationStore::default(),
+            mask: None,
+            positions: 0..0,
+            padding: None,
         }
+    }
+
+    /// The hooks of a pass of `window` over `t` positions: captures are zero at padded
+    /// positions, and edits see the positions and the mask in their context.
+    pub(crate) fn at(mut self, window: &Window, t: usize) -> Result<Self> {
+        self.positions = window.offset..window.offset + t;
+        if let Some(mask) = &window.mask {
+            self.padding = Some(mask.narrow(1, window.offset, t)?);
+            self.mask = Some(mask.clone());
+        }
+        Ok(self)
     }
 
     /// Keeps the graph of every edit, for a pass whose backward runs through the edits.
@@ -156,7 +177,11 @@ impl<'a> PassHooks<'a> {
                 hook.bytes = bytes,
             )
             .entered();
-            self.captures.push(key.clone(), value.detach());
+            let captured = match &self.padding {
+                Some(padding) => zero_padding(&value.detach(), padding, point.position_dim())?,
+                None => value.detach(),
+            };
+            self.captures.push(key.clone(), captured);
         }
         let has_edit = active.iter().any(|&i| self.entries[i].edit.is_some());
         let _edit_span = has_edit.then(|| {
@@ -179,6 +204,8 @@ impl<'a> PassHooks<'a> {
                 point,
                 name: &name,
                 call,
+                positions: self.positions.clone(),
+                attention_mask: self.mask.as_ref(),
                 save: self.save,
             };
             // A poisoned lock only means an earlier call panicked; the closure is still usable.

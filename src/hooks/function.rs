@@ -1,5 +1,6 @@
 //! A hook function: what it targets, when it runs, and what it does.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
@@ -19,6 +20,8 @@ pub struct HookCtx<'a> {
     pub(crate) point: HookPoint,
     pub(crate) name: &'a str,
     pub(crate) call: usize,
+    pub(crate) positions: Range<usize>,
+    pub(crate) attention_mask: Option<&'a Tensor>,
     pub(crate) save: &'a mut SaveContext,
 }
 
@@ -36,6 +39,19 @@ impl HookCtx<'_> {
     /// How many times this hook point was called before in this pass (0 for the first).
     pub fn call(&self) -> usize {
         self.call
+    }
+
+    /// The positions of the sequences this call holds: `0..t` in a forward pass, the
+    /// new position in a decoding step of a generation (its index in the padded batch).
+    pub fn positions(&self) -> Range<usize> {
+        self.positions.clone()
+    }
+
+    /// The attention mask `[b, positions().end]` (f32: 1 for a real token, 0 for
+    /// padding) over every position up to this call's last, or `None` when no position
+    /// is padding.
+    pub fn attention_mask(&self) -> Option<&Tensor> {
+        self.attention_mask
     }
 
     /// The save context shared by all hooks and kept across passes.

@@ -25,7 +25,7 @@ mod pattern;
 pub mod point;
 pub(crate) mod registry;
 mod save_context;
-mod store;
+pub(crate) mod store;
 
 pub use catalog::{HookCatalog, HookKind};
 pub use function::{EditFn, HookCtx, HookFunction};

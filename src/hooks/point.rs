@@ -236,6 +236,27 @@ impl HookPoint {
         }
     }
 
+    /// The dimension that indexes a call's positions: 1, or 2 (the queries) of the
+    /// attention scores and patterns `[b, h, q, k]`.
+    pub fn position_dim(self) -> usize {
+        match self.attends() {
+            true => 2,
+            false => 1,
+        }
+    }
+
+    /// Whether the point is attention scores or a pattern, `[b, h, q, k]`, whose last
+    /// dimension indexes keys: every position up to the call's last.
+    pub fn attends(self) -> bool {
+        matches!(
+            self,
+            HookPoint::Block {
+                site: BlockSite::AttnScores | BlockSite::Pattern,
+                ..
+            }
+        )
+    }
+
     /// How the tensor at this point is split across tensor-parallel ranks: heads,
     /// MLP hidden units and the vocabulary are split, the residual stream is replicated.
     pub fn shard_spec(self) -> ShardSpec {

@@ -4,6 +4,22 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 
+use crate::Result;
+
+/// `value` with its padded positions zeroed: `padding` (`[b, t]`, 0 at padded positions)
+/// indexes dimensions 0 and `dim` of `value`.
+pub(crate) fn zero_padding(value: &Tensor, padding: &Tensor, dim: usize) -> Result<Tensor> {
+    let (b, t) = padding.dims2()?;
+    let mut shape = vec![1; value.rank()];
+    (shape[0], shape[dim]) = (b, t);
+    let real = padding
+        .ne(0f32)?
+        .reshape(shape)?
+        .broadcast_as(value.shape())?;
+    let zeros = Tensor::zeros(value.shape(), value.dtype(), value.device())?;
+    Ok(real.where_cond(value, &zeros)?)
+}
+
 /// What the hooks captured: for each hook point, one tensor per call, in call order.
 ///
 /// Each tensor is the value the model produced (before any edit), detached from the

@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use candle_core::{D, Tensor};
+use candle_core::{D, DType, Tensor};
 use flexmodel_cluster::{Collective, SingleRank, conjugate};
 
 use crate::models::parallel::rows_in_slice;
@@ -14,7 +14,38 @@ use crate::{Error, Result};
 pub fn next_token_loss(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     let (b, t, vocab) = logits.dims3()?;
     let normalizer = (b * t.saturating_sub(1)) as f64;
-    vocab_parallel_loss(logits, tokens, 0..vocab, &SingleRank, normalizer)
+    vocab_parallel_loss(logits, tokens, None, 0..vocab, &SingleRank, normalizer)
+}
+
+/// The mean next-token cross-entropy over the pairs of consecutive real tokens of a
+/// padded batch: `mask` (`[b, t]`) is 1 for real tokens and 0 for padding.
+pub fn masked_next_token_loss(logits: &Tensor, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (_, t, vocab) = logits.dims3()?;
+    check_predicts_a_token(t)?;
+    let pairs = real_pairs(mask)?;
+    let normalizer = pairs.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if normalizer == 0.0 {
+        return Err(Error::SequenceTooShort {
+            what: "the next-token loss (no sequence has two real tokens)",
+            need: 2,
+            len: 1,
+        });
+    }
+    vocab_parallel_loss(
+        logits,
+        tokens,
+        Some(mask),
+        0..vocab,
+        &SingleRank,
+        normalizer,
+    )
+}
+
+/// `[b, t − 1]`: 1 where position `i` and `i + 1` are both real tokens.
+fn real_pairs(mask: &Tensor) -> Result<Tensor> {
+    let t = mask.dim(1)?;
+    let mask = mask.to_dtype(DType::F32)?;
+    Ok((mask.narrow(1, 0, t - 1)? * mask.narrow(1, 1, t - 1)?)?)
 }
 
 /// The next-token cross-entropy at each position, averaged over the sequences: entry
@@ -45,10 +76,12 @@ fn check_predicts_a_token(t: usize) -> Result<()> {
 /// rows `vocab`), the log-sum-exp and the target logits are summed across the group.
 /// Returns the summed loss of these sequences divided by `normalizer` (the number of
 /// predicted tokens in the whole global batch); every rank of the group gets the same
-/// value, and backward gives each rank the gradient of its slice.
+/// value, and backward gives each rank the gradient of its slice. With a `mask` (`[b,
+/// t]`, 1 for real tokens), only pairs of real tokens count.
 pub fn vocab_parallel_loss(
     logits: &Tensor,
     tokens: &Tensor,
+    mask: Option<&Tensor>,
     vocab: Range<usize>,
     collective: &dyn Collective,
     normalizer: f64,
@@ -74,7 +107,12 @@ pub fn vocab_parallel_loss(
     let mine = mine.to_dtype(logits.dtype())?;
     let target_logit = (predictions.gather(&index, 1)? * mine)?;
     let target_logit = conjugate::all_reduce_sum(&target_logit, collective)?;
-    Ok(((log_sum_exp - target_logit)?.sum_all()? / normalizer)?)
+    let losses = (log_sum_exp - target_logit)?;
+    let losses = match mask {
+        Some(mask) => losses.broadcast_mul(&real_pairs(mask)?.reshape((n, 1))?)?,
+        None => losses,
+    };
+    Ok((losses.sum_all()? / normalizer)?)
 }
 
 #[cfg(test)]
@@ -99,6 +137,34 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!((mean - expected).abs() < 1e-5, "{mean} vs {expected}");
+    }
+
+    #[test]
+    fn the_masked_loss_counts_pairs_of_real_tokens_only() {
+        let logits = Tensor::randn(0f32, 2.0, (2, 4, 7), &Device::Cpu).unwrap();
+        let tokens = Tensor::new(&[[0u32, 0, 3, 5], [1, 2, 6, 4]], &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[0f32, 0., 1., 1.], [1., 1., 1., 1.]], &Device::Cpu).unwrap();
+        let masked = masked_next_token_loss(&logits, &tokens, &mask)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // One pair in the first sequence and three in the second: their mean.
+        let short = next_token_loss(
+            &logits.narrow(0, 0, 1).unwrap().narrow(1, 2, 2).unwrap(),
+            &tokens.narrow(0, 0, 1).unwrap().narrow(1, 2, 2).unwrap(),
+        )
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+        let long = next_token_loss(
+            &logits.narrow(0, 1, 1).unwrap(),
+            &tokens.narrow(0, 1, 1).unwrap(),
+        )
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+        let expected = (short + 3.0 * long) / 4.0;
+        assert!((masked - expected).abs() < 1e-5, "{masked} vs {expected}");
     }
 
     #[test]

@@ -6,5 +6,7 @@ pub(crate) mod loss;
 pub(crate) mod parallel;
 
 pub use llama::{Architecture, Llama, LlamaConfig, RmsNorm, Stage, Unimplemented};
-pub use loss::{next_token_loss, next_token_loss_by_position, vocab_parallel_loss};
+pub use loss::{
+    masked_next_token_loss, next_token_loss, next_token_loss_by_position, vocab_parallel_loss,
+};
 pub use parallel::{ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding};

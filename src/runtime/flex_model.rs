@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::collections::BTreeMap;
 
 use candle_core::{Tensor, Var};
-use flexmodel_actors::{Fault, PointGeometry, ShardModel, ShardRuntime, ShardSetup};
+use flexmodel_actors::{
+    Fault, KvCache, PointGeometry, ShardModel, ShardRuntime, ShardSetup, Window,
+};
 use flexmodel_cluster::{Layout, PassControl};
 
 use crate::hooks::HookCatalog;
@@ -17,16 +19,18 @@ use crate::runtime::parameters::{self, RankSlices};
 use crate::runtime::sharding::{
     LlamaShard, build_shards, check_fits_in_memory, check_layout, geometry,
 };
+use crate::text::TokenBatch;
 use crate::text::token_batch::check_tokens;
 use crate::weights::TensorMap;
 use crate::{ActivationStore, Checkpoint, Error, HookPoint, NoHooks, Result, SaveContext};
 
 /// Where the model runs.
 enum Backend {
-    /// One shard: forward passes in the calling thread; backward passes in a one-rank
-    /// runtime started on first use (it shares the weights).
+    /// One shard: forward passes in the calling thread (with its key/value cache);
+    /// backward passes in a one-rank runtime started on first use (it shares the weights).
     Single {
         model: Llama,
+        cache: KvCache,
         runtime: Option<Box<ShardRuntime>>,
     },
     /// One shard actor per rank of a layout, on threads or in worker processes.
@@ -75,6 +79,7 @@ impl FlexModel {
         let config = model.config().clone();
         let backend = Backend::Single {
             model,
+            cache: KvCache::default(),
             runtime: None,
         };
         Self::with_backend(config, Layout::SINGLE, backend)
@@ -248,86 +253,118 @@ impl FlexModel {
         &mut self.registry
     }
 
-    /// Logits `[b, t, vocab]` of `tokens` (`[b, t]`, u32), running every enabled hook.
-    pub fn forward(&mut self, tokens: &Tensor) -> Result<Tensor> {
-        self.forward_groups(tokens, &Groups::All)
+    /// Logits `[b, t, vocab]` of `batch` (a `[b, t]` u32 tensor of ids, or a padded
+    /// [`TokenBatch`]), running every enabled hook.
+    pub fn forward(&mut self, batch: impl Into<TokenBatch>) -> Result<Tensor> {
+        self.forward_groups(batch, &Groups::All)
     }
 
-    /// Logits of `tokens`, running the enabled hooks that `groups` selects.
+    /// Logits of `batch`, running the enabled hooks that `groups` selects.
     ///
     /// If the pass fails (an edit errs, panics or changes the shape), the store is left
     /// as it was before the pass and the model stays usable.
-    pub fn forward_groups(&mut self, tokens: &Tensor, groups: &Groups) -> Result<Tensor> {
-        let span = self.pass_span(false, tokens);
-        let _entered = span.enter();
-        if let Backend::Single { model, .. } = &self.backend
-            && self.registry.is_empty()
-        {
-            return single_shard_span().in_scope(|| model.forward(tokens, &mut NoHooks));
-        }
-        self.check_batch(tokens)?;
-        let plan = self.registry.plan(groups)?;
-        let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points);
-        let logits = match &mut self.backend {
-            Backend::Single { model, .. } => {
-                single_shard_span().in_scope(|| model.forward(tokens, &mut hooks))?
-            }
-            Backend::Sharded { runtime, .. } => {
-                let modes = hooks.modes();
-                runtime.run_pass(tokens, &modes, &mut hooks)?
-            }
+    pub fn forward_groups(
+        &mut self,
+        batch: impl Into<TokenBatch>,
+        groups: &Groups,
+    ) -> Result<Tensor> {
+        let batch = batch.into();
+        let window = Window {
+            mask: batch.attention_mask().cloned(),
+            ..Window::DENSE
         };
-        self.store.append(hooks.captures);
+        let (logits, captures) = self.pass(batch.tokens(), &window, groups)?;
+        self.store.append(captures);
         Ok(logits)
     }
 
+    /// One forward pass over `tokens` at the positions `window` says, running the hooks
+    /// `groups` selects; returns the logits and the pass's captures.
+    pub(crate) fn pass(
+        &mut self,
+        tokens: &Tensor,
+        window: &Window,
+        groups: &Groups,
+    ) -> Result<(Tensor, ActivationStore)> {
+        let span = self.pass_span(false, tokens);
+        let _entered = span.enter();
+        let (_, t) = self.check_batch(tokens)?;
+        if let Backend::Single { model, cache, .. } = &mut self.backend
+            && self.registry.is_empty()
+        {
+            let logits = single_shard_span()
+                .in_scope(|| model.forward_window(tokens, window, cache, &mut NoHooks))?;
+            return Ok((logits, ActivationStore::default()));
+        }
+        let plan = self.registry.plan(groups)?;
+        let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points)
+            .at(window, t)?;
+        let logits = match &mut self.backend {
+            Backend::Single { model, cache, .. } => single_shard_span()
+                .in_scope(|| model.forward_window(tokens, window, cache, &mut hooks))?,
+            Backend::Sharded { runtime, .. } => {
+                let modes = hooks.modes();
+                runtime.run_pass(tokens, window, &modes, &mut hooks)?
+            }
+        };
+        Ok((logits, hooks.captures))
+    }
+
     /// A forward and a backward pass from the mean next-token cross-entropy over the whole
-    /// batch (sequences of at least two tokens), running every enabled hook; backward
-    /// hooks capture the gradient at their points as `NAME_grad`. Returns the logits and
-    /// the loss.
-    pub fn forward_backward(&mut self, tokens: &Tensor) -> Result<(Tensor, f32)> {
-        self.forward_backward_groups(tokens, &Groups::All)
+    /// batch (the pairs of consecutive real tokens; sequences of at least two tokens),
+    /// running every enabled hook; backward hooks capture the gradient at their points
+    /// as `NAME_grad`. Returns the logits and the loss.
+    pub fn forward_backward(&mut self, batch: impl Into<TokenBatch>) -> Result<(Tensor, f32)> {
+        self.forward_backward_groups(batch, &Groups::All)
     }
 
     /// [`forward_backward`](Self::forward_backward) running the hooks `groups` selects.
     pub fn forward_backward_groups(
         &mut self,
-        tokens: &Tensor,
+        batch: impl Into<TokenBatch>,
         groups: &Groups,
     ) -> Result<(Tensor, f32)> {
-        self.backward_pass(tokens, groups, None)
+        self.backward_pass(&batch.into(), groups, None)
     }
 
     /// A forward and a backward pass from a loss of your own, computed from the gathered
     /// logits `[b, t, vocab]` (a scalar tensor); returns the logits and the loss.
     pub fn forward_backward_with_loss(
         &mut self,
-        tokens: &Tensor,
+        batch: impl Into<TokenBatch>,
         groups: &Groups,
         loss: impl FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, f32)> {
-        self.backward_pass(tokens, groups, Some(Box::new(loss)))
+        self.backward_pass(&batch.into(), groups, Some(Box::new(loss)))
     }
 
     fn backward_pass(
         &mut self,
-        tokens: &Tensor,
+        batch: &TokenBatch,
         groups: &Groups,
         loss_fn: Option<Box<LossFn>>,
     ) -> Result<(Tensor, f32)> {
+        let tokens = batch.tokens();
         let (_, t) = self.check_batch(tokens)?;
         let span = self.pass_span(true, tokens);
         let _entered = span.enter();
-        if t < 2 && loss_fn.is_none() {
-            return Err(Error::SequenceTooShort {
-                what: "a backward pass from the next-token loss",
-                need: 2,
-                len: t,
-            });
+        if loss_fn.is_none() {
+            let longest = batch.sequences()?.iter().map(Vec::len).max().unwrap_or(0);
+            if longest < 2 {
+                return Err(Error::SequenceTooShort {
+                    what: "a backward pass from the next-token loss",
+                    need: 2,
+                    len: longest,
+                });
+            }
         }
+        let window = Window {
+            mask: batch.attention_mask().cloned(),
+            ..Window::DENSE
+        };
         let runtime = match &mut self.backend {
             Backend::Sharded { runtime, .. } => runtime,
-            Backend::Single { model, runtime } => match runtime {
+            Backend::Single { model, runtime, .. } => match runtime {
                 Some(runtime) => runtime,
                 None => {
                     let shards = vec![Arc::new(LlamaShard::new(model.clone()))];
@@ -348,19 +385,23 @@ impl FlexModel {
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
         let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points)
-            .keeping_edit_graphs(trainables);
+            .keeping_edit_graphs(trainables)
+            .at(&window, t)?;
         let (modes, grad_modes) = (hooks.modes(), hooks.grad_modes());
         let out = match loss_fn {
             Some(loss_fn) => {
                 hooks = hooks.with_loss(loss_fn);
                 runtime.run_forward_backward_with_driver_loss(
                     tokens,
+                    &window,
                     &modes,
                     &grad_modes,
                     &mut hooks,
                 )?
             }
-            None => runtime.run_forward_backward(tokens, &modes, &grad_modes, &mut hooks)?,
+            None => {
+                runtime.run_forward_backward(tokens, &window, &modes, &grad_modes, &mut hooks)?
+            }
         };
         self.store.append(hooks.captures);
         self.trainable_grads = hooks.trainable_grads;
@@ -409,6 +450,7 @@ impl FlexModel {
             Backend::Single {
                 model,
                 runtime: None,
+                ..
             } => Ok(vec![
                 model.parameters().into_iter().map(|p| (p, None)).collect(),
             ]),

@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use flexmodel_actors::{BoxError, PointGeometry, ShardHooks, ShardModel};
+use flexmodel_actors::{BoxError, KvCache, PointGeometry, ShardHooks, ShardModel, Window};
 use flexmodel_cluster::{
     Collective, InProcessCollective, Layout, PassControl, ShardSpec, TpRank, split_evenly,
 };
@@ -230,6 +230,8 @@ impl ShardModel for LlamaShard {
     fn forward(
         &self,
         input: &Tensor,
+        window: &Window,
+        cache: &mut KvCache,
         hooks: &mut dyn ShardHooks,
     ) -> std::result::Result<Tensor, BoxError> {
         let mut by_index = ByIndex {
@@ -238,7 +240,10 @@ impl ShardModel for LlamaShard {
         };
         // The runtime's own errors (an aborted pass, an injected fault, a collective
         // whose peer is gone) go back as they are, so that their kind is known.
-        match self.model.forward_stage(input, &mut by_index) {
+        match self
+            .model
+            .forward_stage(input, window, cache, &mut by_index)
+        {
             Ok(out) => Ok(out),
             Err(Error::ShardHook(e)) => Err(e),
             Err(Error::Cluster(e)) => Err(Box::new(e)),
@@ -250,12 +255,14 @@ impl ShardModel for LlamaShard {
         &self,
         output: &Tensor,
         tokens: &Tensor,
+        mask: Option<&Tensor>,
         normalizer: f64,
     ) -> std::result::Result<Tensor, BoxError> {
         let collective = self.model.collective().as_ref();
         Ok(vocab_parallel_loss(
             output,
             tokens,
+            mask,
             self.model.vocab_rows(),
             collective,
             normalizer,

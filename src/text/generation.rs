@@ -1,37 +1,302 @@
-//! Greedy decoding.
+//! Generation: greedy decoding of a batch of prompts, through the key/value cache and
+//! the registered hooks.
+//!
+//! The prompts form one left-padded batch. With the cache, the prefill is one pass over
+//! the prompts and each decoding step is one pass over one new position per sequence;
+//! every hook point is called once per pass. Without it, every step runs the whole
+//! sequence again. Either way the generation's captures, joined along positions, equal
+//! the captures of one forward pass over the final sequence without its last token.
 
-use candle_core::{D, Device, Tensor};
+use std::time::{Duration, Instant};
 
-use crate::{Error, FlexModel, Result};
+use candle_core::{D, DType, Device, Tensor};
+use flexmodel_actors::{CacheUse, Window};
 
-/// Extends `prompt` greedily by up to `max_new_tokens` tokens, calling `on_token` with
-/// each new token; stops early at an end-of-sequence token or the context limit.
-///
-/// Each step runs the whole sequence again (no key/value cache), with the model's
-/// registered hooks. Returns the new tokens.
-pub fn generate_greedy(
-    model: &mut FlexModel,
-    prompt: &[u32],
-    max_new_tokens: usize,
-    mut on_token: impl FnMut(u32) -> Result<()>,
-) -> Result<Vec<u32>> {
-    if prompt.is_empty() {
-        return Err(Error::NoTokens { what: "the prompt" });
-    }
-    let config = model.config().clone();
-    let mut tokens = prompt.to_vec();
-    let mut new = Vec::new();
-    while new.len() < max_new_tokens && tokens.len() < config.max_position_embeddings {
-        let input = Tensor::new(tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.forward(&input)?;
-        let last = logits.squeeze(0)?.get(tokens.len() - 1)?;
-        let next = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
-        if config.eos_token_ids.contains(&next) {
-            break;
+use crate::hooks::store::zero_padding;
+use crate::text::{PAD_TOKEN, TokenBatch};
+use crate::{ActivationStore, Error, FlexModel, Groups, HookPoint, Result};
+
+/// How to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// The most tokens to generate per sequence (at least 1).
+    pub max_new_tokens: usize,
+    /// Decode through the key/value cache (`false` recomputes every position at every
+    /// step: the check).
+    pub kv_cache: bool,
+    /// Stop a sequence at an end-of-sequence token of the model (it keeps being padded
+    /// while the others go on).
+    pub stop_at_eos: bool,
+    /// The registered hooks that run.
+    pub groups: Groups,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 32,
+            kv_cache: true,
+            stop_at_eos: true,
+            groups: Groups::All,
         }
-        on_token(next)?;
-        tokens.push(next);
-        new.push(next);
     }
-    Ok(new)
+}
+
+/// Why a generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Every sequence got `max_new_tokens` (or stopped at an end-of-sequence token first).
+    MaxNewTokens,
+    /// Every sequence reached an end-of-sequence token.
+    EndOfSequence,
+    /// The batch reached the model's context.
+    Context,
+}
+
+/// What a generation produced.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Each prompt's tokens followed by its generated ones (an end-of-sequence token
+    /// included, padding not).
+    pub sequences: Vec<Vec<u32>>,
+    /// The number of tokens of each prompt.
+    pub prompt_lengths: Vec<usize>,
+    /// The final batch: the left-padded prompts, the generated tokens, and padding
+    /// after the sequences that stopped early.
+    pub batch: TokenBatch,
+    /// Why it stopped.
+    pub stop: Stop,
+    /// The wall time of the prefill (the first pass).
+    pub prefill: Duration,
+    /// The wall time of each decoding step after it.
+    pub steps: Vec<Duration>,
+}
+
+impl Generation {
+    /// The tokens generated for sequence `i`.
+    pub fn generated(&self, i: usize) -> &[u32] {
+        &self.sequences[i][self.prompt_lengths[i]..]
+    }
+
+    /// The wall time of every decoding step together.
+    pub fn decode_time(&self) -> Duration {
+        self.steps.iter().sum()
+    }
+
+    /// The attention mask `[b, T − 1]` of the positions the captures cover: every
+    /// position of the final batch but the last.
+    pub fn captured_mask(&self) -> Result<Tensor> {
+        let mask = self.batch.mask_or_ones()?;
+        let t = mask.dim(1)?;
+        Ok(mask.narrow(1, 0, t - 1)?)
+    }
+}
+
+impl FlexModel {
+    /// Continues each of `prompts` greedily, running the hooks `options.groups` selects
+    /// at every pass; the captures of the whole generation, joined along positions (the
+    /// attention scores and patterns as `[b, h, T, T]`), go to the store as one tensor per
+    /// hook point, zero at padded positions.
+    pub fn generate<P: AsRef<[u32]>>(
+        &mut self,
+        prompts: &[P],
+        options: &GenerateOptions,
+    ) -> Result<Generation> {
+        self.generate_with(prompts, options, |_| Ok(()))
+    }
+
+    /// [`generate`](Self::generate), calling `on_step` after every pass with the token
+    /// each sequence got (`None` for sequences already stopped).
+    pub fn generate_with<P: AsRef<[u32]>>(
+        &mut self,
+        prompts: &[P],
+        options: &GenerateOptions,
+        mut on_step: impl FnMut(&[Option<u32>]) -> Result<()>,
+    ) -> Result<Generation> {
+        if options.max_new_tokens == 0 {
+            return Err(Error::InvalidArgument {
+                argument: "max_new_tokens",
+                problem: "must be at least 1".into(),
+            });
+        }
+        let prompt_lengths: Vec<usize> = prompts.iter().map(|p| p.as_ref().len()).collect();
+        let prompt = TokenBatch::left_padded(prompts)?;
+        let (b, t0) = prompt.dims()?;
+        let context = self.config().max_position_embeddings;
+        if t0 > context {
+            return Err(Error::SequenceTooLong { len: t0, context });
+        }
+        let eos = self.config().eos_token_ids.clone();
+        let mut rows = Rows::new(&prompt)?;
+        let mut finished = vec![false; b];
+        let mut steps_captures = Vec::new();
+        let (mut prefill, mut steps) = (Duration::ZERO, Vec::new());
+        let stop = loop {
+            let started = Instant::now();
+            let (input, window) = rows.next_pass(options.kv_cache)?;
+            let (logits, captures) = self.pass(&input, &window, &options.groups)?;
+            match options.kv_cache {
+                true => steps_captures.push(captures),
+                false => steps_captures = vec![captures],
+            }
+            let last = logits.dim(1)? - 1;
+            let next = logits.narrow(1, last, 1)?.squeeze(1)?.argmax(D::Minus1)?;
+            let next = next.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+            let got: Vec<Option<u32>> = next
+                .iter()
+                .zip(&finished)
+                .map(|(&token, &done)| (!done).then_some(token))
+                .collect();
+            rows.push(&got);
+            for (done, token) in finished.iter_mut().zip(&got) {
+                *done |= options.stop_at_eos && token.is_some_and(|t| eos.contains(&t));
+            }
+            match rows.len() - t0 {
+                1 => prefill = started.elapsed(),
+                _ => steps.push(started.elapsed()),
+            }
+            on_step(&got)?;
+            if finished.iter().all(|&f| f) {
+                break Stop::EndOfSequence;
+            }
+            if rows.len() - t0 == options.max_new_tokens {
+                break Stop::MaxNewTokens;
+            }
+            if rows.len() == context {
+                tracing::warn!(context, "the generation stopped at the model's context");
+                break Stop::Context;
+            }
+        };
+        let batch = rows.batch()?;
+        let generation = Generation {
+            sequences: batch.sequences()?,
+            prompt_lengths,
+            batch,
+            stop,
+            prefill,
+            steps,
+        };
+        let joined = join_along_positions(steps_captures, &generation.captured_mask()?)?;
+        self.store_mut().append(joined);
+        Ok(generation)
+    }
+}
+
+/// The growing batch of a generation: token ids and mask by sequence.
+struct Rows {
+    ids: Vec<Vec<u32>>,
+    mask: Vec<Vec<f32>>,
+    /// Whether any position is padding.
+    padded: bool,
+    /// Whether a pass ran before (the cache holds the positions so far but the last).
+    started: bool,
+}
+
+impl Rows {
+    fn new(prompt: &TokenBatch) -> Result<Self> {
+        Ok(Self {
+            ids: prompt.tokens().to_vec2::<u32>()?,
+            mask: prompt.mask_or_ones()?.to_vec2::<f32>()?,
+            padded: prompt.attention_mask().is_some(),
+            started: false,
+        })
+    }
+
+    /// The positions so far.
+    fn len(&self) -> usize {
+        self.ids[0].len()
+    }
+
+    /// The next pass's input and window: through the cache, the prompts then one new
+    /// position at a time; without it, every position so far.
+    fn next_pass(&mut self, kv_cache: bool) -> Result<(Tensor, Window)> {
+        let (b, t) = (self.ids.len(), self.len());
+        let mask = match self.padded {
+            true => Some(Tensor::from_vec(self.mask.concat(), (b, t), &Device::Cpu)?),
+            false => None,
+        };
+        let (first, cache) = match (kv_cache, self.started) {
+            (false, _) => (0, CacheUse::Off),
+            (true, false) => (0, CacheUse::Start),
+            (true, true) => (t - 1, CacheUse::Extend),
+        };
+        self.started = true;
+        let columns: Vec<u32> = self
+            .ids
+            .iter()
+            .flat_map(|row| row[first..].to_vec())
+            .collect();
+        let input = Tensor::from_vec(columns, (b, t - first), &Device::Cpu)?;
+        let window = Window {
+            mask,
+            offset: first,
+            cache,
+        };
+        Ok((input, window))
+    }
+
+    /// Appends one position: each sequence's token, or padding where it has stopped.
+    fn push(&mut self, got: &[Option<u32>]) {
+        for ((ids, mask), token) in self.ids.iter_mut().zip(&mut self.mask).zip(got) {
+            ids.push(token.unwrap_or(PAD_TOKEN));
+            mask.push(f32::from(u8::from(token.is_some())));
+            self.padded |= token.is_none();
+        }
+    }
+
+    fn batch(&self) -> Result<TokenBatch> {
+        let (b, t) = (self.ids.len(), self.len());
+        let tokens = Tensor::from_vec(self.ids.concat(), (b, t), &Device::Cpu)?;
+        let mask = Tensor::from_vec(self.mask.concat(), (b, t), &Device::Cpu)?;
+        TokenBatch::with_mask(tokens, mask)
+    }
+}
+
+/// The captures of consecutive passes joined along positions into one tensor per hook
+/// point: scores and patterns `[b, h, q, k]` are widened to every key (−∞ and 0 where a
+/// step's query cannot see), and padded positions of `mask` (`[b, T]`) are zero.
+fn join_along_positions(passes: Vec<ActivationStore>, mask: &Tensor) -> Result<ActivationStore> {
+    let keys = mask.dim(1)?;
+    let mut by_name: std::collections::BTreeMap<String, Vec<Tensor>> = Default::default();
+    for mut pass in passes {
+        for (name, values) in pass.take_all() {
+            by_name.entry(name).or_default().extend(values);
+        }
+    }
+    let mut joined = ActivationStore::default();
+    for (name, values) in by_name {
+        let point: HookPoint = name
+            .parse()
+            .map_err(|_| Error::Internal("a capture under a name that is no hook point"))?;
+        let values = match point.attends() {
+            false => values,
+            true => {
+                let hidden = match point {
+                    HookPoint::Block {
+                        site: crate::BlockSite::Pattern,
+                        ..
+                    } => 0.0,
+                    _ => f32::NEG_INFINITY,
+                };
+                values
+                    .into_iter()
+                    .map(|v| widen_keys(&v, keys, hidden))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        let dim = point.position_dim();
+        let whole = Tensor::cat(&values, dim)?;
+        joined.push(name, zero_padding(&whole, mask, dim)?);
+    }
+    Ok(joined)
+}
+
+/// `[b, h, q, k]` widened to `keys` keys, the new ones `hidden`.
+fn widen_keys(value: &Tensor, keys: usize, hidden: f32) -> Result<Tensor> {
+    let (b, h, q, k) = value.dims4()?;
+    if k == keys {
+        return Ok(value.clone());
+    }
+    let rest = (Tensor::ones((b, h, q, keys - k), value.dtype(), value.device())? * hidden as f64)?;
+    Ok(Tensor::cat(&[value, &rest], 3)?)
 }

@@ -10,6 +10,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
+use crate::text::TokenBatch;
 use crate::{Error, Result};
 
 /// LLaMA 3's pre-tokenizer pattern (llama.cpp's `llama-bpe`).
@@ -83,22 +84,14 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// A `[b, t]` u32 batch of `texts`, which must encode to the same number of tokens.
-    pub fn encode_batch(&self, texts: &[&str]) -> Result<candle_core::Tensor> {
+    /// The batch of `texts`, left-padded where they encode to unequal token counts; every
+    /// text needs a token.
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<TokenBatch> {
         let rows = texts
             .iter()
             .map(|t| self.encode(t))
             .collect::<Result<Vec<_>>>()?;
-        let t = rows.first().map_or(0, Vec::len);
-        if rows.is_empty() || t == 0 || rows.iter().any(|r| r.len() != t) {
-            let lengths: Vec<usize> = rows.iter().map(Vec::len).collect();
-            return Err(Error::RaggedBatch { lengths });
-        }
-        Ok(candle_core::Tensor::from_vec(
-            rows.concat(),
-            (texts.len(), t),
-            &candle_core::Device::Cpu,
-        )?)
+        TokenBatch::left_padded(&rows)
     }
 
     /// The text of `ids`, special tokens included.

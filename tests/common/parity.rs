@@ -82,7 +82,7 @@ pub fn everything(
         .hooks_mut()
         .register(HookFunction::backward("*"))
         .unwrap();
-    let (logits, loss) = model.forward_backward(&parity_tokens()).unwrap();
+    let (logits, loss) = model.forward_backward(parity_tokens()).unwrap();
     let mut all = take_last_calls(&mut model);
     all.insert("logits".into(), logits);
     all.insert(
@@ -99,7 +99,7 @@ pub fn everything(
     }
     // A plain forward pass afterwards, with the same hooks.
     model.store_mut().clear();
-    let again = model.forward(&parity_tokens()).unwrap();
+    let again = model.forward(parity_tokens()).unwrap();
     all.insert("logits_again".into(), again);
     all
 }

@@ -23,7 +23,7 @@ use crate::shard::{Position, ReadParameters, Run, ShardArgs};
 use crate::threads::PARAMETERS_TIMEOUT;
 use crate::trace_context::{RemoteParent, TracePropagation};
 use crate::wire::{self, WireError};
-use crate::{Error, Result, ShardActor, ShardModel};
+use crate::{Error, Result, ShardActor, ShardModel, Window};
 
 /// What a worker keeps from one driver to the next: the shard it loaded.
 #[derive(Default)]
@@ -330,15 +330,26 @@ fn serve_passes(
                         pass,
                         trace: context,
                         input,
+                        mask,
+                        offset,
+                        cache,
                         actions,
                         fault,
                         backward,
                     } => {
-                        let n = usize::from(input) + usize::from(backward.is_some());
+                        let n = usize::from(input)
+                            + usize::from(mask)
+                            + usize::from(backward.is_some());
                         let mut tensors = wire::attached(driver, n)
                             .map_err(|e| protocol(e.to_string()))?
                             .into_iter();
                         let input = if input { tensors.next() } else { None };
+                        let mask = if mask { tensors.next() } else { None };
+                        let window = Window {
+                            mask,
+                            offset,
+                            cache,
+                        };
                         let backward = match (backward, tensors.next()) {
                             (Some(plan), Some(tokens)) => Some(BackwardPass { tokens, plan }),
                             _ => None,
@@ -347,6 +358,7 @@ fn serve_passes(
                         let run = RunPass {
                             pass,
                             input,
+                            window,
                             actions,
                             fault,
                             backward,

@@ -716,6 +716,9 @@ impl Ranks for WorkerSet {
             pass: run.pass,
             trace,
             input: run.input.is_some(),
+            mask: run.window.mask.is_some(),
+            offset: run.window.offset,
+            cache: run.window.cache,
             actions: run.actions,
             fault: run.fault,
             backward: run.backward.as_ref().map(|b| b.plan.clone()),
@@ -723,6 +726,7 @@ impl Ranks for WorkerSet {
         let attached: Vec<&Tensor> = run
             .input
             .iter()
+            .chain(&run.window.mask)
             .chain(run.backward.as_ref().map(|b| &b.tokens))
             .collect();
         self.send_control(rank, &message, &attached)

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use candle_core::{DType, Tensor};
 use clap::Args;
-use flexmodel::edits::EditSpec;
 use flexmodel::weights::write_safetensors;
-use flexmodel::{Checkpoint, HookFunction, HookKind, next_token_loss};
+use flexmodel::{Checkpoint, HookFunction, masked_next_token_loss, next_token_loss};
 
+use crate::hook_args::Hooks;
 use crate::input::InputArgs;
 use crate::layout::{LayoutArgs, Plan};
 
@@ -39,42 +39,33 @@ pub struct CaptureArgs {
 
 /// Captures the hooked points (the last call of each) and the loss into `--out`.
 pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
-    let edits = args
-        .edits
-        .iter()
-        .map(|spec| EditSpec::parse(spec))
-        .collect::<flexmodel::Result<Vec<_>>>()?;
+    let hooks = Hooks::parse(&args.hooks, &args.edits)?;
     let checkpoint = Checkpoint::open(&args.model)?;
-    let tokens = args.input.tokens(&checkpoint)?;
-    let targets = args.hooks.iter().chain(edits.iter().map(|e| &e.target));
+    let batch = args.input.tokens(&checkpoint)?;
+    let tokens = batch.tokens().clone();
     let plan = Plan {
         batches: std::slice::from_ref(&tokens),
-        targets: targets.map(|t| (t.as_str(), HookKind::Forward)).collect(),
+        targets: hooks.targets(),
     };
     let mut model = args.layout.build(&checkpoint, &args.model, plan)?;
-    for edit in &edits {
-        model.hooks_mut().register(edit.hook_function())?;
-    }
-    for pattern in &args.hooks {
-        model
-            .hooks_mut()
-            .register(HookFunction::new(pattern.clone()))?;
-        if args.grad {
+    hooks.register(&mut model)?;
+    if args.grad {
+        for pattern in &args.hooks {
             model
                 .hooks_mut()
                 .register(HookFunction::backward(pattern.clone()))?;
         }
     }
-    let seq = tokens.dim(1)?;
+    let seq = batch.sequences()?.iter().map(Vec::len).max().unwrap_or(0);
     if args.grad && seq < 2 {
         bail!("--grad needs sequences of at least two tokens (the loss predicts the next token)");
     }
     let (logits, loss) = match args.grad {
         true => {
-            let (logits, loss) = model.forward_backward(&tokens)?;
+            let (logits, loss) = model.forward_backward(&batch)?;
             (logits, Some(loss))
         }
-        false => (model.forward(&tokens)?, None),
+        false => (model.forward(&batch)?, None),
     };
 
     let mut out: HashMap<String, Tensor> = HashMap::new();
@@ -86,13 +77,19 @@ pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
     if seq > 1 {
         let loss = match loss {
             Some(loss) => Tensor::new(&[loss], logits.device())?,
-            None => next_token_loss(&logits, &tokens)?.reshape(1)?,
+            None => match batch.attention_mask() {
+                Some(mask) => masked_next_token_loss(&logits, &tokens, mask)?.reshape(1)?,
+                None => next_token_loss(&logits, &tokens)?.reshape(1)?,
+            },
         };
         eprintln!(
             "loss (mean next-token cross-entropy): {:.4}",
             loss.to_vec1::<f32>()?[0]
         );
         out.insert("loss".to_string(), loss);
+    }
+    if let Some(mask) = batch.attention_mask() {
+        out.insert("attention_mask".to_string(), mask.clone());
     }
     write_safetensors(&out, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;

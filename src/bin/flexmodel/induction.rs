@@ -43,7 +43,15 @@ pub fn run(args: InductionArgs) -> anyhow::Result<()> {
         checkpoint.config.max_position_embeddings,
     );
     let tokens = match (&args.tokens_file, args.seq_len, args.batch, args.seed) {
-        (Some(path), ..) => read_tokens_file(path, vocab)?,
+        (Some(path), ..) => {
+            let batch = read_tokens_file(path, vocab)?;
+            anyhow::ensure!(
+                batch.attention_mask().is_none(),
+                "{}: induction needs lines of equal length (each a sequence repeated twice)",
+                path.display()
+            );
+            batch.tokens().clone()
+        }
         (None, Some(seq_len), Some(batch), Some(seed)) => {
             anyhow::ensure!(
                 seq_len <= context / 2,

@@ -1,33 +1,40 @@
-//! The token input of a command: `--prompt TEXT` or `--tokens-file F`.
+//! The token input of a command: `--prompt TEXT...` or `--tokens-file F`.
 
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
 use clap::Args;
-use flexmodel::{Checkpoint, read_tokens_file};
+use flexmodel::{Checkpoint, TokenBatch, read_tokens_file};
 
 /// Where the tokens of the batch come from.
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false)]
 pub struct InputArgs {
-    /// Text to tokenize (a batch of one sequence).
-    #[arg(long)]
-    prompt: Option<String>,
-    /// One sequence per line, token ids separated by spaces, all lines of equal length.
+    /// Text to tokenize; repeat for a batch (sequences of unequal length are left-padded).
+    #[arg(long = "prompt", num_args = 1..)]
+    prompts: Vec<String>,
+    /// One sequence per line, token ids separated by spaces (lines of unequal length are
+    /// left-padded).
     #[arg(long)]
     tokens_file: Option<PathBuf>,
 }
 
 impl InputArgs {
-    /// The `[b, t]` u32 batch.
-    pub fn tokens(&self, checkpoint: &Checkpoint) -> anyhow::Result<Tensor> {
+    /// The batch, padded where its sequences differ in length.
+    pub fn tokens(&self, checkpoint: &Checkpoint) -> anyhow::Result<TokenBatch> {
         if let Some(path) = &self.tokens_file {
             return Ok(read_tokens_file(path, checkpoint.config.vocab_size)?);
         }
-        let text = self.prompt.as_deref().unwrap_or_default();
+        prompt_batch(checkpoint, &self.prompts)
+    }
+}
+
+/// The batch of `prompts`, left-padded; a prompt without tokens is an error naming it.
+pub fn prompt_batch(checkpoint: &Checkpoint, prompts: &[String]) -> anyhow::Result<TokenBatch> {
+    let mut rows = Vec::with_capacity(prompts.len());
+    for text in prompts {
         let ids = checkpoint.tokenizer.encode(text)?;
         anyhow::ensure!(!ids.is_empty(), "the prompt {text:?} has no tokens");
-        let n = ids.len();
-        Ok(Tensor::from_vec(ids, (1, n), &Device::Cpu)?)
+        rows.push(ids);
     }
+    Ok(TokenBatch::left_padded(&rows)?)
 }

@@ -3,6 +3,7 @@
 mod bench;
 mod capture;
 mod generate;
+mod hook_args;
 mod hooks;
 mod induction;
 mod input;

@@ -3,11 +3,12 @@
 use candle_core::{D, Tensor};
 use std::sync::Arc;
 
+use flexmodel_actors::KvCache;
 use flexmodel_cluster::{Collective, TpRank, conjugate};
 
 use super::LlamaConfig;
+use super::positions::Positions;
 use super::rms_norm::RmsNorm;
-use super::rope::Rope;
 use crate::hooks::point::{BlockSite, HookPoint};
 use crate::models::{ColumnParallelLinear, RowParallelLinear};
 use crate::weights::WeightSource;
@@ -92,13 +93,15 @@ impl Attention {
         all
     }
 
-    /// Attention of `input` (`[b, t, d_model]`), summed over all ranks.
+    /// Attention of `input` (`[b, t, d_model]`) at `positions`, summed over all ranks;
+    /// with a cache, over the cached keys and values of `layer` too (this pass's are
+    /// appended).
     pub fn forward(
         &self,
         input: AttentionInput<'_>,
         layer: usize,
-        rope: &Rope,
-        mask: &Tensor,
+        positions: &Positions,
+        cache: Option<&mut KvCache>,
         hooks: &mut dyn HookLayer,
         collective: &Arc<dyn Collective>,
     ) -> Result<Tensor> {
@@ -138,17 +141,22 @@ impl Attention {
         let [q, k, v] = <[Tensor; 3]>::try_from(qkv)
             .map_err(|_| crate::Error::Internal("attention has three projections"))?;
         let mut hook = |site, value| hooks.hook(point(site), value);
-        let q = hook(BlockSite::RotQ, rope.apply(&q)?)?;
-        let k = hook(BlockSite::RotK, rope.apply(&k)?)?;
+        let q = hook(BlockSite::RotQ, positions.rope.apply(&q)?)?;
+        let k = hook(BlockSite::RotK, positions.rope.apply(&k)?)?;
 
-        // [b, heads, t, d_head]; query head j reads key/value head j / group.
+        // [b, heads, keys, d_head]; query head j reads key/value head j / group.
         let group = self.n_heads / self.n_kv_heads;
         let q = q.transpose(1, 2)?.contiguous()?;
-        let k = repeat_heads(&k.transpose(1, 2)?, group)?;
-        let v = repeat_heads(&v.transpose(1, 2)?, group)?;
+        let (k, v) = (k.transpose(1, 2)?, v.transpose(1, 2)?);
+        let (k, v) = match cache {
+            Some(cache) => cache.append(layer, &k.contiguous()?, &v.contiguous()?)?,
+            None => (k, v),
+        };
+        let k = repeat_heads(&k, group)?;
+        let v = repeat_heads(&v, group)?;
 
         let scale = 1.0 / (self.d_head as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&positions.mask)?;
         let scores = hook(BlockSite::AttnScores, scores)?;
         let pattern = hook(BlockSite::Pattern, softmax_last_dim(&scores)?)?;
         let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?;
@@ -204,12 +212,4 @@ fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
-
-/// The causal mask `[t, t]`: 0 on and below the diagonal, −∞ above.
-pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|q| (0..t).map(move |k| if k > q { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, t), device)?)
 }

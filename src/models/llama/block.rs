@@ -3,13 +3,14 @@
 use candle_core::Tensor;
 use std::sync::Arc;
 
+use flexmodel_actors::KvCache;
 use flexmodel_cluster::{Collective, TpRank};
 
 use super::LlamaConfig;
 use super::attention::{Attention, AttentionInput};
 use super::mlp::Mlp;
+use super::positions::Positions;
 use super::rms_norm::RmsNorm;
-use super::rope::Rope;
 use crate::hooks::point::{BlockSite, HookPoint};
 use crate::weights::WeightSource;
 use crate::{HookLayer, Result};
@@ -57,12 +58,13 @@ impl Block {
         all
     }
 
-    /// The residual stream after this block.
+    /// The residual stream after this block; with a cache, attention reads the cached
+    /// keys and values of this block's layer and appends its own.
     pub fn forward(
         &self,
         x: Tensor,
-        rope: &Rope,
-        mask: &Tensor,
+        positions: &Positions,
+        cache: Option<&mut KvCache>,
         hooks: &mut dyn HookLayer,
         collective: &Arc<dyn Collective>,
     ) -> Result<Tensor> {
@@ -78,7 +80,7 @@ impl Block {
         };
         let attn = self
             .attn
-            .forward(inputs, layer, rope, mask, hooks, collective)?;
+            .forward(inputs, layer, positions, cache, hooks, collective)?;
         let x = hooks.hook(point(BlockSite::ResidMid), (x + attn)?)?;
         let mlp_in = hooks.hook(point(BlockSite::MlpIn), x.clone())?;
         let s2 = hooks.hook(point(BlockSite::Ln2Scale), self.ln2.scale(&mlp_in)?)?;

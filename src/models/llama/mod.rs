@@ -13,6 +13,7 @@ mod block;
 mod config;
 mod mlp;
 mod model;
+mod positions;
 mod rms_norm;
 mod rope;
 

@@ -4,14 +4,14 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
+use flexmodel_actors::{CacheUse, KvCache, Window};
 use flexmodel_cluster::ParamSlice;
 use flexmodel_cluster::{Collective, conjugate};
 
 use super::LlamaConfig;
-use super::attention::causal_mask;
 use super::block::Block;
+use super::positions::Positions;
 use super::rms_norm::RmsNorm;
-use super::rope::Rope;
 use crate::models::{ColumnParallelLinear, VocabParallelEmbedding};
 use crate::text::token_batch::check_tokens;
 use crate::weights::WeightSource;
@@ -170,28 +170,60 @@ impl Llama {
     }
 
     /// Logits `[b, t, vocab / tp]` (this rank's vocabulary slice) of `tokens` (`[b, t]`,
-    /// u32), passing every hook point through `hooks`. The shard must hold the whole
-    /// model ([`Stage::whole`]).
+    /// u32, every one real), passing every hook point through `hooks`. The shard must
+    /// hold the whole model ([`Stage::whole`]).
     pub fn forward(&self, tokens: &Tensor, hooks: &mut dyn HookLayer) -> Result<Tensor> {
+        self.forward_window(tokens, &Window::DENSE, &mut KvCache::default(), hooks)
+    }
+
+    /// Logits of `tokens` at the positions `window` says (padding, and the positions
+    /// before them in `cache`), as [`forward`](Self::forward).
+    pub fn forward_window(
+        &self,
+        tokens: &Tensor,
+        window: &Window,
+        cache: &mut KvCache,
+        hooks: &mut dyn HookLayer,
+    ) -> Result<Tensor> {
         if !(self.stage.first && self.stage.last) {
             return Err(Error::InvalidArgument {
                 argument: "model",
                 problem: "forward needs a shard with every stage; use forward_stage".into(),
             });
         }
-        self.forward_stage(tokens, hooks)
+        self.forward_stage(tokens, window, cache, hooks)
     }
 
     /// Runs this stage: `input` is token ids `[b, t]` on the first stage and the hidden
-    /// state `[b, t, d]` otherwise; returns the hidden state, or on the last stage this
-    /// rank's logits `[b, t, vocab / tp]`.
-    pub fn forward_stage(&self, input: &Tensor, hooks: &mut dyn HookLayer) -> Result<Tensor> {
+    /// state `[b, t, d]` otherwise, at the positions `window` says; returns the hidden
+    /// state, or on the last stage this rank's logits `[b, t, vocab / tp]`. A window that
+    /// uses the cache attends to the keys and values in `cache` and appends its own.
+    pub fn forward_stage(
+        &self,
+        input: &Tensor,
+        window: &Window,
+        cache: &mut KvCache,
+        hooks: &mut dyn HookLayer,
+    ) -> Result<Tensor> {
         let collective = &self.collective;
+        let (vocab, context) = (self.config.vocab_size, self.config.max_position_embeddings);
+        let (b, t) = match &self.embed {
+            Some(_) => check_tokens(input, vocab, context)?,
+            None => (input.dim(0)?, input.dim(1)?),
+        };
+        if window.offset + t > context {
+            return Err(Error::SequenceTooLong {
+                len: window.offset + t,
+                context,
+            });
+        }
+        window.check(b, t)?;
+        if window.cache != CacheUse::Extend {
+            cache.clear();
+        }
+        cache.check(window)?;
         let mut x = match &self.embed {
             Some(embed) => {
-                let (vocab, context) =
-                    (self.config.vocab_size, self.config.max_position_embeddings);
-                check_tokens(input, vocab, context)?;
                 // An edit of `hook_tokens` may replace the ids; they are checked again.
                 let ids = match hooks.wants(HookPoint::Tokens) {
                     false => input.clone(),
@@ -206,12 +238,11 @@ impl Llama {
             }
             None => input.clone(),
         };
-        let (_, t) = (x.dim(0)?, x.dim(1)?);
-        let device = x.device().clone();
-        let rope = Rope::new(t, self.config.d_head, self.config.rope_theta, &device)?;
-        let mask = causal_mask(t, &device)?;
+        let (d_head, theta) = (self.config.d_head, self.config.rope_theta);
+        let positions = Positions::new(window, (b, t), d_head, theta, x.device())?;
+        let mut cache = (window.cache != CacheUse::Off).then_some(cache);
         for block in &self.blocks {
-            x = block.forward(x, &rope, &mask, hooks, collective)?;
+            x = block.forward(x, &positions, cache.as_deref_mut(), hooks, collective)?;
         }
         let (Some(norm), Some(head)) = (&self.final_norm, &self.lm_head) else {
             return Ok(x);

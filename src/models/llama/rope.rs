@@ -1,10 +1,11 @@
 //! Rotary position embeddings, Hugging Face's rotate-half convention.
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{D, DType, Tensor};
 
 use crate::Result;
 
-/// The cosines and sines of RoPE for one sequence length, shaped `[1, t, 1, d_head]`.
+/// The cosines and sines of RoPE at given positions, shaped `[n, t, 1, d_head]` (`n` is 1
+/// when every sequence has the same positions, else the batch).
 #[derive(Debug, Clone)]
 pub struct Rope {
     cos: Tensor,
@@ -12,18 +13,18 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Angles `p · θ^(−2i/d)` for positions `p < seq_len` and `i < d_head / 2`.
-    pub fn new(seq_len: usize, d_head: usize, theta: f64, device: &Device) -> Result<Self> {
+    /// Angles `p · θ^(−2i/d)` for the positions `p` of `positions` (`[n, t]`, u32) and
+    /// `i < d_head / 2`.
+    pub fn at(positions: &Tensor, d_head: usize, theta: f64) -> Result<Self> {
+        let (n, t) = positions.dims2()?;
         let half = d_head / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| (1.0 / theta.powf(2.0 * i as f64 / d_head as f64)) as f32)
             .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-        let positions = Tensor::arange(0u32, seq_len as u32, device)?
-            .to_dtype(candle_core::DType::F32)?
-            .reshape((seq_len, 1))?;
+        let inv_freq = Tensor::from_vec(inv_freq, (1, 1, half), positions.device())?;
+        let positions = positions.to_dtype(DType::F32)?.reshape((n, t, 1))?;
         let angles = positions.broadcast_mul(&inv_freq)?;
-        let angles = Tensor::cat(&[&angles, &angles], 1)?.reshape((1, seq_len, 1, d_head))?;
+        let angles = Tensor::cat(&[&angles, &angles], 2)?.reshape((n, t, 1, d_head))?;
         Ok(Self {
             cos: angles.cos()?,
             sin: angles.sin()?,

@@ -1,4 +1,7 @@
-//! `flexmodel bench`: the wall time of one forward pass over a random batch.
+//! `flexmodel bench`: the wall time of one forward pass over a random batch, or with
+//! `--generate N` of generating N tokens from it.
+
+mod generation;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -6,11 +9,11 @@ use std::time::Instant;
 use anyhow::{Context, ensure};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use flexmodel::edits::EditSpec;
 use flexmodel::telemetry::{HookPhase, HookProfile, PhaseTotals};
-use flexmodel::{Checkpoint, HookFunction, HookKind, progress_bar};
+use flexmodel::{Checkpoint, progress_bar};
 use rand::{Rng, SeedableRng};
 
+use crate::hook_args::Hooks;
 use crate::layout::{LayoutArgs, Plan};
 
 /// Options of `flexmodel bench`.
@@ -22,9 +25,17 @@ pub struct BenchArgs {
     /// Sequences per batch.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     batch: u32,
-    /// Tokens per sequence.
+    /// Tokens per sequence (with `--generate`, per prompt).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     seq: u32,
+    /// Time generations of this many new tokens from the batch (greedy, not stopping at
+    /// end-of-sequence tokens) instead of forward passes: with and without the key/value
+    /// cache, unhooked and with `--hook`, interleaved.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    generate: Option<u32>,
+    /// With `--generate`: which generations to time.
+    #[arg(long, value_enum, default_value_t = generation::CacheChoice::Both, requires = "generate")]
+    kv_cache: generation::CacheChoice,
     /// Hook points to capture in every pass: exact names or globs (repeatable).
     #[arg(long = "hook", num_args = 1..)]
     hooks: Vec<String>,
@@ -63,13 +74,9 @@ enum Variant {
 /// Times forward passes: unhooked, and with `--hook` also capturing and with the hooks
 /// registered but disabled, interleaved so that the machine's noise hits all alike.
 pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> {
-    let edits = args
-        .edits
-        .iter()
-        .map(|spec| EditSpec::parse(spec))
-        .collect::<flexmodel::Result<Vec<_>>>()?;
+    let hooks = Hooks::parse(&args.hooks, &args.edits)?;
     ensure!(
-        !args.profile || !args.hooks.is_empty() || !edits.is_empty(),
+        !args.profile || !hooks.is_empty(),
         "--profile needs hooks to profile: give --hook PAT or --edit SPEC"
     );
     let checkpoint = Checkpoint::open(&args.model)?;
@@ -80,45 +87,33 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
         "--seq {seq} is longer than the model's context of {} tokens",
         config.max_position_embeddings
     );
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let vocab = config.vocab_size as u32;
-    let ids: Vec<u32> = (0..batch * seq)
-        .map(|_| rng.random_range(0..vocab))
-        .collect();
-    let tokens = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
-    let targets = args.hooks.iter().chain(edits.iter().map(|e| &e.target));
+    let tokens = random_tokens(batch, seq, config.vocab_size)?;
     let plan = Plan {
         batches: std::slice::from_ref(&tokens),
-        targets: targets.map(|t| (t.as_str(), HookKind::Forward)).collect(),
+        targets: hooks.targets(),
     };
     let mut model = args.layout.build(&checkpoint, &args.model, plan)?;
+    if let Some(new_tokens) = args.generate {
+        ensure!(
+            !args.profile && !args.backward,
+            "--generate times generations: it takes no --profile or --backward"
+        );
+        return generation::run(&args, &hooks, &mut model, &tokens, new_tokens as usize);
+    }
 
-    // Check the patterns once; each variant then sets up its hooks outside the timing.
-    for pattern in &args.hooks {
-        model
-            .hooks_mut()
-            .register(HookFunction::new(pattern.clone()))?;
-    }
-    for edit in &edits {
-        model.hooks_mut().register(edit.hook_function())?;
-    }
-    let variants: &[Variant] = match args.hooks.is_empty() && edits.is_empty() {
+    let variants: &[Variant] = match hooks.is_empty() {
         true => &[Variant::Unhooked],
         false => &[Variant::Unhooked, Variant::Capturing, Variant::Disabled],
     };
     let (mut captured_bytes, mut captured_points) = (0, 0);
     let mut profiled = ProfileTotals::new();
     let mut pass = |variant: Variant| -> anyhow::Result<(f64, ProfileTotals)> {
-        let hooks = model.hooks_mut();
-        hooks.clear();
+        model.hooks_mut().clear();
         if variant != Variant::Unhooked {
-            for pattern in &args.hooks {
-                hooks.register(HookFunction::new(pattern.clone()))?;
-            }
-            for edit in &edits {
-                hooks.register(edit.hook_function())?;
-            }
-            hooks.set_enabled("*", variant == Variant::Capturing)?;
+            hooks.register(&mut model)?;
+            model
+                .hooks_mut()
+                .set_enabled("*", variant == Variant::Capturing)?;
         }
         let start = Instant::now();
         match args.backward {
@@ -214,6 +209,15 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `batch` sequences of `seq` token ids drawn uniformly from the vocabulary (seed 0).
+fn random_tokens(batch: usize, seq: usize, vocab: usize) -> anyhow::Result<Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| rng.random_range(0..vocab as u32))
+        .collect();
+    Ok(Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?)
+}
+
 /// Hook-phase sums over the timed hooked passes, by hook point and phase.
 type ProfileTotals = BTreeMap<(String, HookPhase), PhaseTotals>;
 
@@ -293,7 +297,7 @@ fn print_profile(totals: &ProfileTotals, passes: u32, unhooked_ms: f64, hooked_m
 }
 
 /// Summary statistics of a set of timings.
-struct Stats {
+pub(crate) struct Stats {
     median_ms: f64,
     mean_ms: f64,
     min_ms: f64,
@@ -301,7 +305,7 @@ struct Stats {
 
 impl Stats {
     /// Sorts `times` and summarizes them (`times` is not empty).
-    fn of(times: &mut [f64]) -> Self {
+    pub(crate) fn of(times: &mut [f64]) -> Self {
         times.sort_by(f64::total_cmp);
         let n = times.len();
         let median_ms = if n % 2 == 1 {

@@ -1,0 +1,85 @@
+//! Where a pass's queries and keys sit: each sequence's RoPE positions and which keys
+//! each query may attend to.
+
+use candle_core::{DType, Device, Tensor};
+use flexmodel_actors::Window;
+
+use super::rope::Rope;
+use crate::Result;
+
+/// The positions of one pass over `[b, t]` tokens, of which the `offset` before come from
+/// the key/value cache.
+#[derive(Debug, Clone)]
+pub struct Positions {
+    /// The rotations of each query and key of the pass.
+    pub rope: Rope,
+    /// Added to the attention scores: 0 where a query may attend to a key, −∞ where not;
+    /// `[t, offset + t]` (the same for every sequence) or `[b, 1, t, offset + t]`.
+    pub mask: Tensor,
+}
+
+impl Positions {
+    /// The positions of a pass of `window` over `b` sequences of `t` tokens.
+    ///
+    /// Without padding, position `p` of the pass attends to keys `0..=p` and has RoPE
+    /// position `p`. With padding (a mask), a query attends to the real keys before it
+    /// and to itself (a padded query only to itself, so that every row of the scores has
+    /// a finite entry), and its RoPE position counts the real tokens before it.
+    pub fn new(
+        window: &Window,
+        (b, t): (usize, usize),
+        d_head: usize,
+        theta: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let (offset, keys) = (window.offset, window.offset + t);
+        let Some(mask) = &window.mask else {
+            let positions: Vec<u32> = (offset..keys).map(|p| p as u32).collect();
+            let positions = Tensor::from_vec(positions, (1, t), device)?;
+            let allowed = |q: usize, k: usize| k <= offset + q;
+            let mask = additive_mask(t, keys, allowed);
+            return Ok(Self {
+                rope: Rope::at(&positions, d_head, theta)?,
+                mask: Tensor::from_vec(mask, (t, keys), device)?,
+            });
+        };
+        let real = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut positions = Vec::with_capacity(b * t);
+        let mut masks = Vec::with_capacity(b * t * keys);
+        for row in &real {
+            // A real token's position is the number of real tokens before it.
+            let mut seen = 0u32;
+            let row_positions: Vec<u32> = row
+                .iter()
+                .map(|&m| {
+                    seen += u32::from(m != 0.0);
+                    seen.saturating_sub(1)
+                })
+                .collect();
+            positions.extend_from_slice(&row_positions[offset..]);
+            let allowed = |q: usize, k: usize| {
+                let q = offset + q;
+                k == q || (k < q && row[k] != 0.0)
+            };
+            masks.extend(additive_mask(t, keys, allowed));
+        }
+        Ok(Self {
+            rope: Rope::at(&Tensor::from_vec(positions, (b, t), device)?, d_head, theta)?,
+            mask: Tensor::from_vec(masks, (b, 1, t, keys), device)?,
+        })
+    }
+}
+
+/// `[t, keys]`: 0 where `allowed(query, key)`, −∞ elsewhere.
+fn additive_mask(t: usize, keys: usize, allowed: impl Fn(usize, usize) -> bool) -> Vec<f32> {
+    (0..t)
+        .flat_map(|q| (0..keys).map(move |k| (q, k)))
+        .map(|(q, k)| {
+            if allowed(q, k) {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect()
+}

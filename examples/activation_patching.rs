@@ -2,7 +2,8 @@
 //! (which says " Rome"), and patch the residual stream entering each layer at each
 //! position with its value from "The Eiffel Tower is in the city of" (which says
 //! " Paris"); plot how much of the clean logit difference " Paris" − " Rome" comes back.
-//! The model runs tensor-parallel over three shards.
+//! The model runs tensor-parallel over three shards. Prompts of unequal length line up
+//! at their ends: the last positions, as many as the shorter prompt has, are patched.
 //!
 //! ```sh
 //! cargo run --release --example activation_patching [-- OUT.png]
@@ -47,13 +48,15 @@ fn main() -> anyhow::Result<()> {
         patching.clean_diff,
         patching.corrupted_diff,
         patching.restored.len(),
-        clean.len(),
+        clean.len().min(corrupted.len()),
         start.elapsed().as_secs_f64()
     );
 
-    let labels = clean
+    // The aligned last positions of both prompts.
+    let n = clean.len().min(corrupted.len());
+    let labels = clean[clean.len() - n..]
         .iter()
-        .zip(&corrupted)
+        .zip(&corrupted[corrupted.len() - n..])
         .map(|(&a, &b)| -> anyhow::Result<String> {
             let (a, b) = (tokenizer.decode(&[a])?, tokenizer.decode(&[b])?);
             let (a, b) = (a.trim().to_string(), b.trim().to_string());

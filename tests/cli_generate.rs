@@ -234,6 +234,28 @@ fn bad_generation_input_is_a_clear_error() {
         &["--prompt", "abc", "--max-new-tokens", "0"],
         "--max-new-tokens must be at least 1",
     );
+    run(
+        &["--prompt", "abc", "--temperature", "0"],
+        "temperature: must be a number above 0",
+    );
+    run(
+        &["--prompt", "abc", "--temperature", "1", "--top-p", "1.5"],
+        "top_p: must be in (0, 1]",
+    );
+    // Sampling with a seed repeats itself, and another seed draws other tokens.
+    let sampled = |seed: &str| {
+        let args = [
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "1.5",
+            "--seed",
+            seed,
+        ];
+        completions(model, &["abc", "hello"], &args)
+    };
+    assert_eq!(sampled("1"), sampled("1"));
+    assert_ne!(sampled("1"), sampled("2"));
     // The tiny model's context is 512 tokens; its tokenizer reads one token per byte.
     let long = "a".repeat(600);
     run(

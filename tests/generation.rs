@@ -360,3 +360,57 @@ fn each_decoding_step_calls_every_point_once_with_one_position_and_tells_where()
         assert_eq!(*seen.lock().unwrap(), expected, "{layout}");
     }
 }
+
+#[test]
+fn a_sequence_stops_at_its_end_of_sequence_token_and_is_padded_while_the_others_go_on() {
+    let (_dir, mut checkpoint) = tiny_on_disk(5);
+    let options = GenerateOptions {
+        max_new_tokens: 6,
+        ..GenerateOptions::default()
+    };
+    // The token the first prompt gets at its second step becomes end-of-sequence.
+    let free = FlexModel::build(&checkpoint, Layout::SINGLE)
+        .unwrap()
+        .generate(&PROMPTS, &options)
+        .unwrap();
+    let eos = free.generated(0)[1];
+    assert!(
+        (1..3).all(|i| !free.generated(i)[..2].contains(&eos)),
+        "pick a seed where only the first prompt meets the token early"
+    );
+    checkpoint.config.eos_token_ids = vec![eos];
+    for layout in [Layout::SINGLE, Layout::new(2, 1, 2).unwrap()] {
+        let mut model = FlexModel::build(&checkpoint, layout).unwrap();
+        capture_every_point(&mut model);
+        let generation = model.generate(&PROMPTS, &options).unwrap();
+        assert_eq!(generation.generated(0), &free.generated(0)[..2], "{layout}");
+        for i in 1..3 {
+            let until = free.generated(i).iter().position(|&t| t == eos);
+            let expected = match until {
+                Some(at) => &free.generated(i)[..=at],
+                None => free.generated(i),
+            };
+            assert_eq!(generation.generated(i), expected, "{layout}: sequence {i}");
+        }
+        // The first sequence is padded after its end-of-sequence token.
+        let mask = generation
+            .batch
+            .mask_or_ones()
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(mask[0][PROMPTS[0].len()..], [1., 1., 0., 0., 0., 0.]);
+        // Its captures still equal one pass over the final batch without the last position.
+        let captured = captures(&mut model);
+        let t = generation.batch.dims().unwrap().1;
+        let tokens = generation.batch.tokens().narrow(1, 0, t - 1).unwrap();
+        let one = TokenBatch::with_mask(tokens, generation.captured_mask().unwrap()).unwrap();
+        let mut plain = FlexModel::build(&checkpoint, layout).unwrap();
+        capture_every_point(&mut plain);
+        plain.forward(one).unwrap();
+        for (name, expected) in captures(&mut plain) {
+            let diff = max_abs_diff(&finite(&captured[&name]), &finite(&expected));
+            assert!(diff <= 2e-5, "{layout} {name}: {diff:.2e}");
+        }
+    }
+}

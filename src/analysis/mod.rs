@@ -14,7 +14,7 @@ use crate::{Error, FlexModel, HookFunction, Result};
 /// last call of `blocks.{layer}.{site}`, taken out of the store.
 fn capture_every_layer(
     model: &mut FlexModel,
-    tokens: &Tensor,
+    tokens: impl Into<crate::TokenBatch>,
     site: &str,
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let hook = model

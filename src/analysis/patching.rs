@@ -2,17 +2,22 @@
 //! layer at one position with its value from a clean run, and measure how much of the
 //! clean run's preference for the right answer comes back. Where that fraction is high,
 //! the residual stream at that (layer, position) carries what the answer depends on.
+//!
+//! Prompts of unequal length are aligned at their ends (left-padded in one batch): the
+//! positions patched are the last ones, as many as the shorter prompt has.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use indicatif::ProgressBar;
 
+use crate::text::TokenBatch;
 use crate::{Error, FlexModel, HookFunction, Result};
 
 /// The result of patching `blocks.i.hook_resid_pre` at every (layer, position).
 #[derive(Debug, Clone)]
 pub struct Patching {
     /// `restored[layer][position]`: (patched − corrupted) / (clean − corrupted) logit
-    /// difference; 1 means the patch alone restores the clean behaviour.
+    /// difference; 1 means the patch alone restores the clean behaviour. Position `j`
+    /// is the `j`-th of the last `n` positions of both prompts, `n` the shorter's length.
     pub restored: Vec<Vec<f32>>,
     /// logit(answer) − logit(wrong) at the last position of the clean prompt.
     pub clean_diff: f32,
@@ -28,9 +33,10 @@ fn logit_diffs(logits: &Tensor, answer: u32, wrong: u32) -> Result<Vec<f32>> {
     Ok((last.i((.., answer))? - last.i((.., wrong))?)?.to_vec1()?)
 }
 
-/// Patches the residual stream of `clean` into `corrupted` (token ids of equal length) at
-/// every layer and position, measuring the logit difference between the token ids
-/// `answer` (right for the clean prompt) and `wrong` (right for the corrupted one).
+/// Patches the residual stream of `clean` into `corrupted` at every layer and at each of
+/// their last `n` positions (`n` the shorter's length; the prompts are aligned at their
+/// ends), measuring the logit difference between the token ids `answer` (right for the
+/// clean prompt) and `wrong` (right for the corrupted one).
 ///
 /// One pass per layer: the batch holds one copy of the corrupted prompt per position,
 /// copy `j` patched at position `j`; `progress` advances once per layer.
@@ -42,13 +48,12 @@ pub fn patch_residual_stream(
     wrong: u32,
     progress: &ProgressBar,
 ) -> Result<Patching> {
-    let t = clean.len();
-    if t == 0 || corrupted.len() != t {
+    if clean.is_empty() || corrupted.is_empty() {
         return Err(Error::Analysis {
             analysis: "activation patching",
             problem: format!(
-                "it needs a clean and a corrupted prompt of the same, non-zero number of \
-                 tokens; they have {} and {}",
+                "it needs a clean and a corrupted prompt of at least one token; they have {} \
+                 and {}",
                 clean.len(),
                 corrupted.len()
             ),
@@ -60,15 +65,13 @@ pub fn patch_residual_stream(
             return Err(Error::TokenOutOfVocabulary { id, vocab_size });
         }
     }
-    let device = Device::Cpu;
-    let clean_batch = Tensor::from_slice(clean, (1, t), &device)?;
-    let (clean_logits, clean_residuals) =
-        super::capture_every_layer(model, &clean_batch, "hook_resid_pre")?;
-    let clean_diff = logit_diffs(&clean_logits, answer, wrong)?[0];
-    let n_layers = clean_residuals.len();
-
-    let corrupted_batch = Tensor::from_slice(corrupted, (1, t), &device)?.repeat((t, 1))?;
-    let corrupted_diff = logit_diffs(&model.forward(&corrupted_batch.i(0..1)?)?, answer, wrong)?[0];
+    // Both prompts in one left-padded batch of t positions, so that they line up.
+    let both = TokenBatch::left_padded(&[clean, corrupted])?;
+    let t = both.dims()?.1;
+    let n = clean.len().min(corrupted.len());
+    let (logits, residuals) = super::capture_every_layer(model, &both, "hook_resid_pre")?;
+    let both_diffs = logit_diffs(&logits, answer, wrong)?;
+    let (clean_diff, corrupted_diff) = (both_diffs[0], both_diffs[1]);
     let gap = clean_diff - corrupted_diff;
     if gap.abs() < 1e-6 {
         return Err(Error::Analysis {
@@ -79,10 +82,20 @@ pub fn patch_residual_stream(
             ),
         });
     }
-    let diagonal = Tensor::eye(t, DType::F32, &device)?.unsqueeze(2)?;
-    let mut restored = Vec::with_capacity(n_layers);
-    for (layer, clean_resid) in clean_residuals.into_iter().enumerate() {
-        let mask = diagonal.to_dtype(clean_resid.dtype())?;
+    // n copies of the corrupted row; copy j is patched at position t − n + j.
+    let corrupted_batch = TokenBatch::with_mask(
+        both.tokens().i(1..2)?.repeat((n, 1))?,
+        both.mask_or_ones()?.i(1..2)?.repeat((n, 1))?,
+    )?;
+    let device = Device::Cpu;
+    let at: Vec<f32> = (0..n)
+        .flat_map(|j| (0..t).map(move |p| f32::from(u8::from(p == t - n + j))))
+        .collect();
+    let at = Tensor::from_vec(at, (n, t, 1), &device)?;
+    let mut restored = Vec::with_capacity(residuals.len());
+    for (layer, resid) in residuals.into_iter().enumerate() {
+        let clean_resid = resid.i(0..1)?;
+        let mask = at.to_dtype(clean_resid.dtype())?;
         let patch = HookFunction::new(format!("blocks.{layer}.hook_resid_pre"))
             .with_edit(move |_, x| {
                 let keep = mask.affine(-1.0, 1.0)?;

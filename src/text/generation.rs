@@ -1,5 +1,5 @@
-//! Generation: greedy decoding of a batch of prompts, through the key/value cache and
-//! the registered hooks.
+//! Generation: decoding a batch of prompts (greedy, or sampled), through the key/value
+//! cache and the registered hooks.
 //!
 //! The prompts form one left-padded batch. With the cache, the prefill is one pass over
 //! the prompts and each decoding step is one pass over one new position per sequence;
@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{D, DType, Device, Tensor};
 use flexmodel_actors::{CacheUse, Window};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use crate::hooks::store::zero_padding;
 use crate::text::{PAD_TOKEN, TokenBatch};
@@ -29,6 +31,8 @@ pub struct GenerateOptions {
     pub stop_at_eos: bool,
     /// The registered hooks that run.
     pub groups: Groups,
+    /// How each next token is chosen.
+    pub decoding: Decoding,
 }
 
 impl Default for GenerateOptions {
@@ -38,8 +42,116 @@ impl Default for GenerateOptions {
             kv_cache: true,
             stop_at_eos: true,
             groups: Groups::All,
+            decoding: Decoding::Greedy,
         }
     }
+}
+
+/// How a generation chooses each next token from the logits at a sequence's last
+/// position.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decoding {
+    /// The most likely token.
+    Greedy,
+    /// A token drawn from the softmax of the logits divided by `temperature`, among the
+    /// most likely tokens whose probabilities first reach `top_p` together (nucleus
+    /// sampling), by a generator seeded with `seed`.
+    Sample {
+        /// Above 0: below 1 sharpens, above 1 flattens the distribution.
+        temperature: f64,
+        /// In (0, 1]: 1 keeps every token.
+        top_p: f64,
+        /// The seed of the generator: the same seed, the same tokens.
+        seed: u64,
+    },
+}
+
+impl Decoding {
+    /// Checks the parameters of sampling.
+    fn check(self) -> Result<()> {
+        let Decoding::Sample {
+            temperature, top_p, ..
+        } = self
+        else {
+            return Ok(());
+        };
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(Error::InvalidArgument {
+                argument: "temperature",
+                problem: format!("must be a number above 0, not {temperature}"),
+            });
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(Error::InvalidArgument {
+                argument: "top_p",
+                problem: format!("must be in (0, 1], not {top_p}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Chooses the next token of every sequence from `logits` (`[b, vocab]`).
+struct Chooser {
+    decoding: Decoding,
+    rng: StdRng,
+}
+
+impl Chooser {
+    fn new(decoding: Decoding) -> Self {
+        let seed = match decoding {
+            Decoding::Sample { seed, .. } => seed,
+            Decoding::Greedy => 0,
+        };
+        Self {
+            decoding,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    fn choose(&mut self, logits: &Tensor) -> Result<Vec<u32>> {
+        match self.decoding {
+            Decoding::Greedy => Ok(logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1()?),
+            Decoding::Sample {
+                temperature, top_p, ..
+            } => {
+                let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                Ok(rows
+                    .iter()
+                    .map(|row| sample(row, temperature, top_p, &mut self.rng))
+                    .collect())
+            }
+        }
+    }
+}
+
+/// A token drawn from `softmax(logits / temperature)` restricted to its top-`top_p` mass.
+fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> u32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut weights: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l as f64 - max) / temperature).exp()))
+        .collect();
+    let total: f64 = weights.iter().map(|(_, w)| w).sum();
+    weights.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut kept = 0.0;
+    let mut nucleus = 0;
+    for (_, w) in &weights {
+        kept += w;
+        nucleus += 1;
+        if kept >= top_p * total {
+            break;
+        }
+    }
+    let mut draw = rng.random::<f64>() * kept;
+    for &(token, w) in &weights[..nucleus] {
+        if draw < w {
+            return token;
+        }
+        draw -= w;
+    }
+    weights[nucleus - 1].0
 }
 
 /// Why a generation stopped.
@@ -113,6 +225,7 @@ impl FlexModel {
         options: &GenerateOptions,
         mut on_step: impl FnMut(&[Option<u32>]) -> Result<()>,
     ) -> Result<Generation> {
+        options.decoding.check()?;
         if options.max_new_tokens == 0 {
             return Err(Error::InvalidArgument {
                 argument: "max_new_tokens",
@@ -128,6 +241,7 @@ impl FlexModel {
         }
         let eos = self.config().eos_token_ids.clone();
         let mut rows = Rows::new(&prompt)?;
+        let mut chooser = Chooser::new(options.decoding);
         let mut finished = vec![false; b];
         let mut steps_captures = Vec::new();
         let (mut prefill, mut steps) = (Duration::ZERO, Vec::new());
@@ -140,8 +254,7 @@ impl FlexModel {
                 false => steps_captures = vec![captures],
             }
             let last = logits.dim(1)? - 1;
-            let next = logits.narrow(1, last, 1)?.squeeze(1)?.argmax(D::Minus1)?;
-            let next = next.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+            let next = chooser.choose(&logits.narrow(1, last, 1)?.squeeze(1)?)?;
             let got: Vec<Option<u32>> = next
                 .iter()
                 .zip(&finished)
@@ -299,4 +412,41 @@ fn widen_keys(value: &Tensor, keys: usize, hidden: f32) -> Result<Tensor> {
     }
     let rest = (Tensor::ones((b, h, q, keys - k), value.dtype(), value.device())? * hidden as f64)?;
     Ok(Tensor::cat(&[value, &rest], 3)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_follows_the_softmax_within_the_nucleus_and_repeats_with_its_seed() {
+        let logits = [2.0f32, 1.0, 0.0, -1.0];
+        let softmax: Vec<f64> = {
+            let e: Vec<f64> = logits.iter().map(|&l| (l as f64).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            e.iter().map(|x| x / sum).collect()
+        };
+        let mut rng = StdRng::seed_from_u64(1);
+        let draws = 40_000;
+        let mut counts = [0usize; 4];
+        for _ in 0..draws {
+            counts[sample(&logits, 1.0, 1.0, &mut rng) as usize] += 1;
+        }
+        for (count, p) in counts.iter().zip(&softmax) {
+            let frequency = *count as f64 / draws as f64;
+            // Four standard deviations of a frequency over 40 000 draws is below 0.01.
+            assert!((frequency - p).abs() < 0.01, "{counts:?} vs {softmax:?}");
+        }
+        // A nucleus of 0.5 holds the first token only (its probability is 0.64).
+        assert!((0..100).all(|_| sample(&logits, 1.0, 0.5, &mut rng) == 0));
+        // The same seed draws the same tokens.
+        let run = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..20)
+                .map(|_| sample(&logits, 2.0, 0.9, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
 }

@@ -1,5 +1,5 @@
-//! `flexmodel generate`: greedy continuation of one or more prompts (one left-padded
-//! batch) through the key/value cache, with hooks and edits at every step.
+//! `flexmodel generate`: continuation of one or more prompts (one left-padded batch),
+//! greedy or sampled, through the key/value cache, with hooks and edits at every step.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::{DType, Tensor};
 use clap::Args;
-use flexmodel::text::Stop;
+use flexmodel::text::{Decoding, Stop};
 use flexmodel::weights::write_safetensors;
 use flexmodel::{Checkpoint, GenerateOptions, Generation, progress_bar};
 
@@ -45,6 +45,17 @@ pub struct GenerateArgs {
     /// Print the completions as one JSON object (the last line).
     #[arg(long)]
     json: bool,
+    /// Sample each token at this temperature (above 0) instead of taking the most
+    /// likely one.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// With `--temperature`: sample among the most likely tokens whose probabilities
+    /// reach this together (in (0, 1]).
+    #[arg(long, default_value_t = 1.0, requires = "temperature")]
+    top_p: f64,
+    /// With `--temperature`: the seed of the sampler (the same seed, the same tokens).
+    #[arg(long, default_value_t = 0, requires = "temperature")]
+    seed: u64,
     #[command(flatten)]
     layout: LayoutArgs,
 }
@@ -65,9 +76,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let mut model = args.layout.build(&checkpoint, &args.model, plan)?;
     hooks.register(&mut model)?;
+    let decoding = match args.temperature {
+        Some(temperature) => Decoding::Sample {
+            temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        None => Decoding::Greedy,
+    };
     let options = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         kv_cache: !args.no_kv_cache,
+        decoding,
         ..GenerateOptions::default()
     };
     // One prompt streams its continuation; a batch shows a progress bar.

@@ -276,7 +276,7 @@ impl FlexModel {
                 break Stop::MaxNewTokens;
             }
             if rows.len() == context {
-                tracing::warn!(context, "the generation stopped at the model's context");
+                tracing::info!(context, "the generation stopped at the model's context");
                 break Stop::Context;
             }
         };

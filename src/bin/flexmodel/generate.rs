@@ -37,7 +37,7 @@ pub struct GenerateArgs {
     edits: Vec<String>,
     /// The safetensors file for the captures, joined along positions, and
     /// `attention_mask`.
-    #[arg(long, requires = "hooks")]
+    #[arg(long)]
     out: Option<PathBuf>,
     /// Recompute the whole sequence at every step instead of using the key/value cache.
     #[arg(long)]

@@ -120,6 +120,20 @@ fn induction_reads_a_tokens_file_and_refuses_sequences_that_do_not_repeat() {
         out.to_str().unwrap(),
     ]);
     assert!(error.contains("sequence 2 is not a sequence"), "{error}");
+    std::fs::write(&tokens, "1 2 3 4 1 2 3 4\n9 8 9 8\n").unwrap();
+    let error = run_failing(&[
+        "induction",
+        "--model",
+        model,
+        "--tokens-file",
+        tokens.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        error.contains("induction needs lines of equal length"),
+        "{error}"
+    );
     let error = run_failing(&[
         "induction",
         "--model",

@@ -93,43 +93,33 @@ fn induction_reads_a_tokens_file_and_refuses_sequences_that_do_not_repeat() {
     tiny_checkpoint(5).unwrap().save_hf_dir(&model_dir).unwrap();
     let model = model_dir.to_str().unwrap();
     let tokens = dir.path().join("tokens.txt");
-    std::fs::write(&tokens, "1 2 3 4 1 2 3 4\n9 8 7 6 9 8 7 6\n").unwrap();
     let out = dir.path().join("out");
-    run_ok(&[
+    // Induction over a tokens file of `lines`.
+    let (tokens_arg, out_arg) = (tokens.to_str().unwrap(), out.to_str().unwrap());
+    let args = [
         "induction",
         "--model",
         model,
         "--tokens-file",
-        tokens.to_str().unwrap(),
+        tokens_arg,
         "--out",
-        out.to_str().unwrap(),
-    ]);
+        out_arg,
+    ];
+    let write = |lines: &str| std::fs::write(&tokens, lines).unwrap();
+    write("1 2 3 4 1 2 3 4\n9 8 7 6 9 8 7 6\n");
+    run_ok(&args);
     let written =
         candle_core::safetensors::load(out.join("induction_scores.safetensors"), &Device::Cpu)
             .unwrap();
     assert_eq!(written["score"].dims(), [4, 8]);
 
-    std::fs::write(&tokens, "1 2 3 4 1 2 3 4\n9 8 7 6 9 8 7 5\n").unwrap();
-    let error = run_failing(&[
-        "induction",
-        "--model",
-        model,
-        "--tokens-file",
-        tokens.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let refused = |lines: &str| {
+        write(lines);
+        run_failing(&args)
+    };
+    let error = refused("1 2 3 4 1 2 3 4\n9 8 7 6 9 8 7 5\n");
     assert!(error.contains("sequence 2 is not a sequence"), "{error}");
-    std::fs::write(&tokens, "1 2 3 4 1 2 3 4\n9 8 9 8\n").unwrap();
-    let error = run_failing(&[
-        "induction",
-        "--model",
-        model,
-        "--tokens-file",
-        tokens.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let error = refused("1 2 3 4 1 2 3 4\n9 8 9 8\n");
     assert!(
         error.contains("induction needs lines of equal length"),
         "{error}"

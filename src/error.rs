@@ -307,6 +307,68 @@ pub enum Error {
         /// What is wrong.
         problem: String,
     },
+    /// A corpus without one whole sequence within its token budget.
+    #[error("the corpus has {tokens} tokens to use, fewer than one sequence of {seq_len}")]
+    CorpusTooShort {
+        /// The tokens available (within the budget).
+        tokens: usize,
+        /// The tokens of one sequence.
+        seq_len: usize,
+    },
+    /// One row of a dataset would not fit in a shard.
+    #[error(
+        "one row of the dataset takes {row_bytes} bytes, more than a shard of at most {shard_bytes} bytes can hold: raise the shard size or store fewer hook points"
+    )]
+    RowTooLarge {
+        /// The bytes of one row, with the shard's own overhead.
+        row_bytes: u64,
+        /// The most bytes of a shard.
+        shard_bytes: u64,
+    },
+    /// A directory holding a dataset made with other arguments.
+    #[error(
+        "{} holds a dataset made with other arguments ({differences}): give the same arguments to resume it, or another directory",
+        .dir.display()
+    )]
+    DatasetMismatch {
+        /// The dataset's directory.
+        dir: PathBuf,
+        /// Each argument that differs, with its value there and here.
+        differences: String,
+    },
+    /// A directory that is not an activation dataset FlexModel-rs can resume.
+    #[error("{}: {problem}", .dir.display())]
+    NotADataset {
+        /// The directory.
+        dir: PathBuf,
+        /// What it holds instead.
+        problem: String,
+    },
+    /// Writing a dataset's shard failed; the shards before it are complete and listed.
+    #[error(
+        "writing the dataset in {} failed: {source}; its {complete} complete shards of {shards} are intact, and the same command continues after them",
+        .dir.display()
+    )]
+    DatasetWrite {
+        /// The dataset's directory.
+        dir: PathBuf,
+        /// The complete shards it holds.
+        complete: usize,
+        /// The shards it will hold when finished.
+        shards: usize,
+        /// What failed.
+        source: Box<Error>,
+    },
+    /// A value too large for the float16 that stores `bf16` datasets.
+    #[error(
+        "{hook} has the value {value}, beyond the range of float16 (65504), which stores bf16 datasets: store f32"
+    )]
+    Float16Overflow {
+        /// The hook point.
+        hook: String,
+        /// The value.
+        value: f32,
+    },
     /// Setting up logs or trace export failed.
     #[error(transparent)]
     Telemetry(#[from] crate::telemetry::TelemetryError),

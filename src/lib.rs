@@ -26,6 +26,7 @@
 //! ```
 
 pub mod analysis;
+pub mod dataset;
 mod error;
 pub mod hooks;
 pub mod models;

@@ -31,5 +31,7 @@ pub use shard::ShardActor;
 pub use shard_model::{PointId, ShardHooks, ShardModel, ShardParameters};
 pub use trace_context::TracePropagation;
 pub use window::{CacheUse, KvCache, Window};
-pub use worker::{Join, LoadedShard, ShardLoader, WorkerOptions, leave_every_job, serve};
+pub use worker::{
+    Join, LoadedShard, ShardLoader, WorkerOptions, leave_every_job, peak_rss_bytes, serve,
+};
 pub use workers::{HANG_TIMEOUT, JobLaunch, WorkerLaunch, stop_every_worker};

@@ -122,6 +122,21 @@ impl EditSpec {
         })
     }
 
+    /// What this edit does, as text equal for equal edits: `NAME=zero-head:H`,
+    /// `NAME=scale:F`, or `NAME=add:` and the SHA-256 of the added tensor (its shape and
+    /// values, wherever its file lies).
+    pub fn fingerprint(&self) -> Result<String> {
+        let target = &self.target;
+        Ok(match &self.action {
+            EditAction::ZeroHead(h) => format!("{target}=zero-head:{h}"),
+            EditAction::Scale(f) => format!("{target}=scale:{f}"),
+            EditAction::Add(t) => format!(
+                "{target}=add:sha256:{}",
+                crate::weights::fingerprint::of_tensors([("delta", t)])?
+            ),
+        })
+    }
+
     /// The hook function that performs this edit (without capturing).
     pub fn hook_function(&self) -> HookFunction {
         let hook = HookFunction::new(self.target.clone()).without_capture();
@@ -175,6 +190,26 @@ mod tests {
             let err = EditSpec::parse(spec).unwrap_err().to_string();
             assert!(err.contains(why), "{spec}: {err}");
         }
+    }
+
+    #[test]
+    fn an_added_tensor_is_fingerprinted_by_its_values_not_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, values: &[f32]| {
+            let path = dir.path().join(name);
+            let t = Tensor::new(values, &Device::Cpu).unwrap();
+            crate::weights::write_safetensors(&[("x".to_string(), t)].into(), &path).unwrap();
+            EditSpec::parse(&format!("x=add:{}", path.display())).unwrap()
+        };
+        let (a, b, c) = (
+            write("a", &[1.0, 2.0]),
+            write("b", &[1.0, 2.0]),
+            write("c", &[1.0, 3.0]),
+        );
+        assert_eq!(a.fingerprint().unwrap(), b.fingerprint().unwrap());
+        assert_ne!(a.fingerprint().unwrap(), c.fingerprint().unwrap());
+        let scale = EditSpec::parse("x=scale:0.5").unwrap();
+        assert_eq!(scale.fingerprint().unwrap(), "x=scale:0.5");
     }
 
     #[test]

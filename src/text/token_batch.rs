@@ -146,33 +146,12 @@ impl From<&TokenBatch> for TokenBatch {
 /// below `vocab_size`; blank lines are skipped. Lines of unequal length are left-padded.
 pub fn read_tokens_file(path: &Path, vocab_size: usize) -> Result<TokenBatch> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let bad = |line: usize, problem: String| Error::BadTokensFile {
-        path: path.to_path_buf(),
-        line: Some(line),
-        problem,
-    };
     let mut rows: Vec<Vec<u32>> = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let row = line
-            .split_whitespace()
-            .map(|word| {
-                let id: u32 = word
-                    .parse()
-                    .map_err(|_| bad(i + 1, format!("{word:?} is not a token id")))?;
-                if id as usize >= vocab_size {
-                    return Err(bad(
-                        i + 1,
-                        format!("token id {id} is outside the vocabulary (size {vocab_size})"),
-                    ));
-                }
-                Ok(id)
-            })
-            .collect::<Result<Vec<u32>>>()?;
-        rows.push(row);
+    for (i, line) in text.lines().enumerate() {
+        let row = parse_tokens_line(path, i + 1, line, vocab_size)?;
+        if !row.is_empty() {
+            rows.push(row);
+        }
     }
     if rows.is_empty() {
         return Err(Error::BadTokensFile {
@@ -182,6 +161,34 @@ pub fn read_tokens_file(path: &Path, vocab_size: usize) -> Result<TokenBatch> {
         });
     }
     TokenBatch::left_padded(&rows)
+}
+
+/// The ids of line `line` (1-based) of the tokens file at `path`: whitespace-separated,
+/// every one below `vocab_size`; none for a blank line.
+pub(crate) fn parse_tokens_line(
+    path: &Path,
+    line: usize,
+    text: &str,
+    vocab_size: usize,
+) -> Result<Vec<u32>> {
+    let bad = |problem: String| Error::BadTokensFile {
+        path: path.to_path_buf(),
+        line: Some(line),
+        problem,
+    };
+    text.split_whitespace()
+        .map(|word| {
+            let id: u32 = word
+                .parse()
+                .map_err(|_| bad(format!("{word:?} is not a token id")))?;
+            if id as usize >= vocab_size {
+                return Err(bad(format!(
+                    "token id {id} is outside the vocabulary (size {vocab_size})"
+                )));
+            }
+            Ok(id)
+        })
+        .collect()
 }
 
 /// Cuts `ids` (a tokenized text) into batches of up to `batch` consecutive sequences of

@@ -70,7 +70,8 @@ fn hash_file(hasher: &mut Sha256, path: &Path) -> Result<()> {
     }
 }
 
-fn hex(hasher: Sha256) -> String {
+/// The hex digits of `hasher`'s digest.
+pub(crate) fn hex(hasher: Sha256) -> String {
     hasher
         .finalize()
         .iter()

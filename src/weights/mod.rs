@@ -5,7 +5,7 @@
 //! [`pretrained`] fetches the packaged ones into the cache.
 
 pub(crate) mod checkpoint;
-mod fingerprint;
+pub(crate) mod fingerprint;
 mod gguf;
 pub mod pretrained;
 mod safetensors_dir;

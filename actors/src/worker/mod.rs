@@ -137,7 +137,7 @@ pub fn serve(options: &WorkerOptions, loader: &dyn ShardLoader) -> Result<()> {
 }
 
 /// The process's peak resident memory (`VmHWM` of `/proc/self/status`), in bytes.
-pub(crate) fn peak_rss_bytes() -> Option<u64> {
+pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -1,6 +1,7 @@
 //! The `flexmodel` command line (the README's "Command line").
 
 mod bench;
+mod cache;
 mod capture;
 mod generate;
 mod hook_args;
@@ -30,6 +31,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Capture hook points (optionally edited) into a safetensors file.
     Capture(capture::CaptureArgs),
+    /// Stream the activations of a corpus to disk as a Hugging Face dataset (resumable).
+    Cache(cache::CacheArgs),
     /// List every hook point with its shape and shard spec.
     Hooks(hooks::HooksArgs),
     /// Time forward passes over a random batch, with and without hooks.
@@ -63,6 +66,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Capture(args) => capture::run(args),
+        Command::Cache(args) => cache::run(args),
         Command::Hooks(args) => hooks::run(args),
         Command::Bench(args) => bench::run(args, profile),
         Command::Induction(args) => induction::run(args),

@@ -1,0 +1,317 @@
+//! The plan of a dataset, worked out before any pass: its columns and their row shapes,
+//! its rows, how they fall into shards of a bounded size, and the manifest that a
+//! resumed run must match.
+//!
+//! Shard `s` holds rows `s·R .. (s+1)·R` (the last one fewer), `R` a multiple of the
+//! batch where a shard holds a batch or more; a pass never spans two shards, so a run
+//! resumed at a shard computes every batch exactly as an uninterrupted run does.
+
+use std::ops::Range;
+
+use crate::dataset::corpus::Corpus;
+use crate::dataset::spec::{DatasetSpec, Positions};
+use crate::hooks::HookKind;
+use crate::models::LlamaConfig;
+use crate::{Error, HookCatalog, HookPoint, Result};
+
+/// One hook column: the point, its name, and the shape of one row of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    point: HookPoint,
+    name: String,
+    shape: Vec<usize>,
+}
+
+impl Column {
+    /// The hook point.
+    pub fn point(&self) -> HookPoint {
+        self.point
+    }
+
+    /// The column's name: the hook point's.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The shape of one row: `[positions, d]`, every dimension after the position
+    /// flattened into `d` (heads first, as SAELens stores `hook_z`); attention scores and
+    /// patterns `[heads, positions, seq_len]`.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The values of one row.
+    pub fn values_per_row(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Everything a dataset's writing needs to know, checked.
+#[derive(Debug)]
+pub struct DatasetPlan {
+    pub(crate) spec: DatasetSpec,
+    pub(crate) corpus: Corpus,
+    columns: Vec<Column>,
+    rows: usize,
+    rows_per_shard: usize,
+    shards: usize,
+    pub(crate) manifest: Manifest,
+}
+
+/// The bytes an Arrow stream spends besides the rows' buffers: the schema message (a
+/// bound from the names and the extension metadata) and, per record batch, its message
+/// and each buffer's padding to 64 bytes.
+const SCHEMA_BYTES: u64 = 4096;
+const SCHEMA_BYTES_PER_COLUMN: u64 = 512;
+const RECORD_BATCH_BYTES: u64 = 1024;
+const BYTES_PER_BUFFER: u64 = 96;
+
+impl DatasetPlan {
+    /// The plan of `spec` over `corpus` for a model of `config`: the hook patterns
+    /// resolved (an unknown one is an error suggesting names), the corpus cut into
+    /// whole sequences within `spec.max_tokens`, the rows into shards that fit in
+    /// `spec.shard_bytes`.
+    pub fn new(config: &LlamaConfig, corpus: Corpus, spec: DatasetSpec) -> Result<Self> {
+        let invalid = |argument, problem: String| Error::InvalidArgument { argument, problem };
+        if spec.seq_len == 0 {
+            return Err(invalid("seq_len", "must be at least 1".into()));
+        }
+        if spec.seq_len > config.max_position_embeddings {
+            return Err(Error::SequenceTooLong {
+                len: spec.seq_len,
+                context: config.max_position_embeddings,
+            });
+        }
+        if spec.batch == 0 {
+            return Err(invalid("batch", "must be at least 1".into()));
+        }
+        if spec.hooks.is_empty() {
+            return Err(invalid("hooks", "name at least one hook point".into()));
+        }
+        let columns = columns(config, &spec)?;
+        let tokens = corpus.len().min(spec.max_tokens.unwrap_or(usize::MAX));
+        let rows = tokens / spec.seq_len;
+        if rows == 0 {
+            return Err(Error::CorpusTooShort {
+                tokens,
+                seq_len: spec.seq_len,
+            });
+        }
+        let rows_per_shard = rows_per_shard(&columns, &spec)?;
+        let shards = rows.div_ceil(rows_per_shard);
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            model: spec.model.clone(),
+            corpus_tokens: rows * spec.seq_len,
+            corpus_sha256: corpus.fingerprint(rows * spec.seq_len)?,
+            hooks: columns.iter().map(|c| c.name.clone()).collect(),
+            edits: spec.edits.clone(),
+            seq_len: spec.seq_len,
+            batch: spec.batch,
+            positions: spec.positions,
+            dtype: spec.dtype,
+            shard_bytes: spec.shard_bytes,
+            rows,
+            rows_per_shard,
+            shards,
+        };
+        Ok(Self {
+            spec,
+            corpus,
+            columns,
+            rows,
+            rows_per_shard,
+            shards,
+            manifest,
+        })
+    }
+
+    /// The options it was made from.
+    pub fn spec(&self) -> &DatasetSpec {
+        &self.spec
+    }
+
+    /// The hook columns, in forward order (the dataset also has `token_ids` first).
+    pub fn columns(&self) -> &[Column] {
+        &self.columns
+    }
+
+    /// The rows (sequences) of the finished dataset.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The tokens of those rows.
+    pub fn tokens(&self) -> usize {
+        self.rows * self.spec.seq_len
+    }
+
+    /// The shard files of the finished dataset.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// The rows of every shard but the last.
+    pub fn rows_per_shard(&self) -> usize {
+        self.rows_per_shard
+    }
+
+    /// The bytes of the stored values of one row, token ids included.
+    pub fn row_bytes(&self) -> u64 {
+        row_payload_bytes(&self.columns, &self.spec)
+    }
+
+    /// The rows of shard `shard`.
+    pub(crate) fn shard_rows(&self, shard: usize) -> Range<usize> {
+        let start = shard * self.rows_per_shard;
+        start..(start + self.rows_per_shard).min(self.rows)
+    }
+
+    /// The batches of shard `shard`, in order: row ranges of at most the batch size.
+    pub(crate) fn batches(&self, shard: usize) -> impl Iterator<Item = Range<usize>> + use<> {
+        let rows = self.shard_rows(shard);
+        let batch = self.spec.batch;
+        (rows.start..rows.end)
+            .step_by(batch)
+            .map(move |start| start..(start + batch).min(rows.end))
+    }
+
+    /// The file name of shard `shard`, as `datasets.save_to_disk` names it.
+    pub(crate) fn file_name(&self, shard: usize) -> String {
+        format!("data-{shard:05}-of-{:05}.arrow", self.shards)
+    }
+}
+
+/// The hook columns `spec.hooks` names, in forward order, once each.
+fn columns(config: &LlamaConfig, spec: &DatasetSpec) -> Result<Vec<Column>> {
+    let catalog = HookCatalog::new(config);
+    let mut points = Vec::new();
+    for pattern in &spec.hooks {
+        points.extend(catalog.resolve(pattern, HookKind::Forward)?);
+    }
+    points.sort_by_key(|p| p.index(config.n_layers));
+    points.dedup();
+    let (t, kept) = match spec.positions {
+        Positions::All => (spec.seq_len, spec.seq_len),
+        Positions::Last => (spec.seq_len, 1),
+    };
+    Ok(points
+        .into_iter()
+        .map(|point| {
+            let full = point.shape(config, 1, t);
+            let shape = match point.attends() {
+                true => vec![full[1], kept, t],
+                false => vec![kept, full[2..].iter().product()],
+            };
+            Column {
+                point,
+                name: point.to_string(),
+                shape,
+            }
+        })
+        .collect())
+}
+
+/// The bytes of one row's buffers: its token ids, and per column its values and the
+/// 4-byte offsets of its nested lists (one list of `shape[0]`, each of `shape[1]`, ...).
+fn row_payload_bytes(columns: &[Column], spec: &DatasetSpec) -> u64 {
+    let tokens = 4 * spec.seq_len as u64;
+    let hooks: u64 = columns
+        .iter()
+        .map(|c| {
+            let values = c.values_per_row() as u64 * spec.dtype.size() as u64;
+            let mut lists = 1;
+            let mut offsets = 0;
+            for &d in &c.shape[..c.shape.len() - 1] {
+                offsets += 4 * lists;
+                lists *= d as u64;
+            }
+            values + offsets + 4 * lists
+        })
+        .sum();
+    tokens + hooks
+}
+
+/// The most rows of a shard whose file stays within `spec.shard_bytes`, a multiple of
+/// the batch if a shard holds a batch or more.
+fn rows_per_shard(columns: &[Column], spec: &DatasetSpec) -> Result<usize> {
+    let row = row_payload_bytes(columns, spec);
+    let buffers = 3 + columns
+        .iter()
+        .map(|c| 2 * c.shape.len() as u64 + 2)
+        .sum::<u64>();
+    let per_batch = RECORD_BATCH_BYTES + BYTES_PER_BUFFER * buffers;
+    let schema = SCHEMA_BYTES
+        + columns
+            .iter()
+            .map(|c| SCHEMA_BYTES_PER_COLUMN + 2 * c.name.len() as u64)
+            .sum::<u64>();
+    let batch = spec.batch as u64;
+    let size = |rows: u64| schema + rows.div_ceil(batch) * per_batch + rows * row;
+    let mut rows = spec.shard_bytes.saturating_sub(schema) / (row + per_batch.div_ceil(batch));
+    while rows > 0 && size(rows) > spec.shard_bytes {
+        rows -= 1;
+    }
+    if rows == 0 {
+        return Err(Error::RowTooLarge {
+            row_bytes: size(1),
+            shard_bytes: spec.shard_bytes,
+        });
+    }
+    if rows >= batch {
+        rows -= rows % batch;
+    }
+    Ok(rows as usize)
+}
+
+/// The version of the manifest's layout.
+const MANIFEST_FORMAT: u32 = 1;
+
+/// What a dataset was made from, kept beside it (`flexmodel_cache.json`): a run resumes
+/// a dataset only if its manifest is equal.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Manifest {
+    format: u32,
+    model: String,
+    corpus_tokens: usize,
+    corpus_sha256: String,
+    hooks: Vec<String>,
+    edits: Vec<String>,
+    seq_len: usize,
+    batch: usize,
+    positions: Positions,
+    dtype: crate::dataset::spec::StoredDType,
+    shard_bytes: u64,
+    rows: usize,
+    rows_per_shard: usize,
+    shards: usize,
+}
+
+impl Manifest {
+    /// Each field that differs from `here`: `NAME X there, Y here`.
+    pub(crate) fn differences(&self, here: &Manifest) -> Vec<String> {
+        let (there, here) = (
+            serde_json::to_value(self).unwrap_or_default(),
+            serde_json::to_value(here).unwrap_or_default(),
+        );
+        let (Some(there), Some(here)) = (there.as_object(), here.as_object()) else {
+            return Vec::new();
+        };
+        here.iter()
+            .filter(|(key, value)| there.get(*key) != Some(value))
+            .map(|(key, value)| {
+                let was = there.get(key).map(short).unwrap_or_else(|| "none".into());
+                format!("{key} {was} there, {} here", short(value))
+            })
+            .collect()
+    }
+}
+
+/// A value for a message, cut to 60 characters.
+fn short(value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(60) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}

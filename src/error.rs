@@ -346,8 +346,12 @@ pub enum Error {
     },
     /// Writing a dataset's shard failed; the shards before it are complete and listed.
     #[error(
-        "writing the dataset in {} failed: {source}; its {complete} complete shards of {shards} are intact, and the same command continues after them",
-        .dir.display()
+        "writing the dataset in {} failed: {source}{}",
+        .dir.display(),
+        match .complete {
+            0 => String::new(),
+            n => format!("; its {n} complete shards of {shards} are intact, and the same command continues after them"),
+        }
     )]
     DatasetWrite {
         /// The dataset's directory.

@@ -287,3 +287,73 @@ impl Serialize for Features<'_> {
         map.end()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::{Corpus, DatasetSpec};
+    use crate::tiny::tiny_config;
+
+    fn plan() -> DatasetPlan {
+        let mut spec = DatasetSpec::new("model", ["blocks.0.hook_resid_post"]);
+        spec.seq_len = 4;
+        let corpus = Corpus::from_ids((0..40).collect());
+        DatasetPlan::new(&tiny_config(), corpus, spec).unwrap()
+    }
+
+    #[test]
+    fn the_features_are_those_datasets_writes() {
+        // What `datasets.Dataset.save_to_disk` (5.2) writes for these features.
+        let python = r#"{
+            "token_ids": {"feature": {"dtype": "int32", "_type": "Value"}, "length": 4, "_type": "List"},
+            "blocks.0.hook_resid_post": {"shape": [4, 64], "dtype": "float32", "_type": "Array2D"}
+        }"#;
+        let text = dataset_info_json(&plan());
+        let info: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let python: serde_json::Value = serde_json::from_str(python).unwrap();
+        assert_eq!(info["features"], python);
+        // In the order of the Arrow columns.
+        let at = |key: &str| text.find(&format!("\"{key}\"")).unwrap();
+        assert!(at("token_ids") < at("blocks.0.hook_resid_post"), "{text}");
+    }
+
+    #[test]
+    fn the_state_lists_the_complete_shards_as_datasets_does() {
+        let plan = plan();
+        let state = state_json(&plan, 1);
+        let value: serde_json::Value = serde_json::from_str(&state).unwrap();
+        assert_eq!(
+            listed_files(&state).unwrap(),
+            [format!("data-00000-of-{:05}.arrow", plan.shards())]
+        );
+        for (key, expected) in [
+            ("_format_columns", serde_json::Value::Null),
+            ("_format_kwargs", serde_json::json!({})),
+            ("_format_type", serde_json::Value::Null),
+            ("_output_all_columns", serde_json::json!(false)),
+            ("_split", serde_json::Value::Null),
+        ] {
+            assert_eq!(value[key], expected, "{key}");
+        }
+        assert_ne!(state_json(&plan, 1), state_json(&plan, 0));
+        assert_eq!(state_json(&plan, 1), state);
+    }
+
+    #[test]
+    fn hook_columns_carry_the_array_extension_of_datasets() {
+        let schema = schema(&plan());
+        let field = schema.field_with_name("blocks.0.hook_resid_post").unwrap();
+        assert_eq!(
+            field.metadata()["ARROW:extension:name"],
+            "datasets.features.features.Array2DExtensionType"
+        );
+        assert_eq!(
+            field.metadata()["ARROW:extension:metadata"],
+            "[[4, 64], \"float32\"]"
+        );
+        assert_eq!(
+            field.data_type(),
+            &DataType::List(item(DataType::List(item(DataType::Float32))))
+        );
+    }
+}

@@ -315,3 +315,123 @@ fn short(value: &serde_json::Value) -> String {
         None => text,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::spec::StoredDType;
+    use crate::tiny::tiny_config;
+
+    fn plan(tokens: usize, edit: impl FnOnce(&mut DatasetSpec)) -> Result<DatasetPlan> {
+        let mut spec = DatasetSpec::new("model", ["blocks.*.hook_resid_post"]);
+        spec.seq_len = 16;
+        spec.batch = 4;
+        edit(&mut spec);
+        let corpus = Corpus::from_ids((0..tokens as u32).map(|i| i % 256).collect());
+        DatasetPlan::new(&tiny_config(), corpus, spec)
+    }
+
+    #[test]
+    fn shards_hold_whole_batches_within_their_size_and_passes_never_span_two() {
+        // 4 layers × 16 positions × 64 × 4 bytes = 16 KiB a row, and its offsets.
+        let plan = plan(100 * 16 + 7, |s| s.shard_bytes = 200_000).unwrap();
+        assert_eq!(plan.rows(), 100);
+        assert_eq!(plan.row_bytes(), 16 * 4 + 4 * (16 * 64 * 4 + 4 * 17));
+        let r = plan.rows_per_shard();
+        assert_eq!(r % 4, 0);
+        assert!(r as u64 * plan.row_bytes() < 200_000);
+        assert!(
+            (r + 4) as u64 * plan.row_bytes() > 200_000 - 20_000,
+            "{r} rows"
+        );
+        assert_eq!(plan.shards(), 100usize.div_ceil(r));
+        let mut next = 0;
+        for shard in 0..plan.shards() {
+            for rows in plan.batches(shard) {
+                assert_eq!(rows.start, next);
+                assert!(rows.len() <= 4 && plan.shard_rows(shard).contains(&(rows.end - 1)));
+                next = rows.end;
+            }
+        }
+        assert_eq!(next, 100);
+        assert_eq!(
+            plan.file_name(2),
+            format!("data-00002-of-{:05}", plan.shards()) + ".arrow"
+        );
+    }
+
+    #[test]
+    fn columns_keep_positions_first_and_flatten_the_rest() {
+        let plan = plan(64, |s| {
+            s.hooks = vec![
+                "blocks.1.attn.hook_pattern".into(),
+                "blocks.0.attn.hook_q".into(),
+                "blocks.0.attn.hook_q".into(),
+            ];
+            s.positions = Positions::Last;
+        })
+        .unwrap();
+        let shapes: Vec<(&str, &[usize])> = plan
+            .columns()
+            .iter()
+            .map(|c| (c.name(), c.shape()))
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                ("blocks.0.attn.hook_q", &[1, 64][..]),
+                ("blocks.1.attn.hook_pattern", &[8, 1, 16][..])
+            ]
+        );
+    }
+
+    #[test]
+    fn impossible_plans_are_refused_saying_why() {
+        let e = plan(15, |_| {}).unwrap_err().to_string();
+        assert!(
+            e.contains("15 tokens to use, fewer than one sequence of 16"),
+            "{e}"
+        );
+        let e = plan(1000, |s| s.max_tokens = Some(10))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("10 tokens to use"), "{e}");
+        let e = plan(1000, |s| s.shard_bytes = 10_000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("more than a shard of at most 10000 bytes"),
+            "{e}"
+        );
+        let e = plan(1000, |s| s.hooks = vec!["blocks.0.hook_resid_pots".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("blocks.0.hook_resid_post"), "{e}");
+        assert!(plan(1000, |s| s.batch = 0).is_err());
+        assert!(plan(1000, |s| s.seq_len = 0).is_err());
+    }
+
+    #[test]
+    fn manifests_name_each_argument_that_differs() {
+        let a = plan(1000, |_| {}).unwrap();
+        let b = plan(1000, |s| s.dtype = StoredDType::Bf16).unwrap();
+        assert!(a.manifest.differences(&a.manifest).is_empty());
+        // Half the bytes a value: more rows a shard.
+        assert_eq!(
+            b.manifest.differences(&a.manifest),
+            [
+                "dtype \"bf16\" there, \"f32\" here",
+                "rows_per_shard 6784 there, 3628 here"
+            ]
+        );
+        let c = plan(2000, |_| {}).unwrap();
+        let differences = c.manifest.differences(&a.manifest).join("; ");
+        for field in [
+            "corpus_tokens 2000 there, 992 here",
+            "corpus_sha256",
+            "rows 125 there, 62 here",
+        ] {
+            assert!(differences.contains(field), "{differences}");
+        }
+    }
+}

@@ -84,8 +84,8 @@ pub(crate) fn write_shards(
                 finished_bytes += file.bytes();
                 file.finish()?;
             }
-            written.shards += 1;
             plan.commit(dir, shard + 1)?;
+            written.shards += 1;
         }
         let seconds = started.elapsed().as_secs_f64().max(1e-9);
         progress.inc(record.num_rows() as u64);

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses its own part of these helpers
 
 pub mod cli;
+pub mod dataset;
 pub mod etcd;
 pub mod netns;
 pub mod parity;

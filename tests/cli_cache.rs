@@ -448,6 +448,11 @@ fn a_full_disk_or_a_read_only_directory_fails_clearly_and_keeps_the_complete_sha
     assert!(err.contains("No space left on device"), "{err}");
     let full = out.path().join("full");
     let complete = listed(&full);
+    eprintln!(
+        "the full disk stopped the run with {} of {} shards listed",
+        complete.len(),
+        shards.len()
+    );
     assert!(
         !complete.is_empty() && complete.len() < shards.len(),
         "{complete:?}"
@@ -559,7 +564,10 @@ fn bf16_rows_are_the_f32_rows_rounded_and_last_positions_are_the_last_rows() {
         let expected = values.narrow(position, SEQ - 1, 1).unwrap();
         assert_eq!(last.columns[name].dims(), expected.dims(), "{name}");
         let differs = max_abs_diff(&last.columns[name], &expected);
-        assert!(differs == 0.0, "{name}: the last position differs by {differs}");
+        assert!(
+            differs == 0.0,
+            "{name}: the last position differs by {differs}"
+        );
     }
 }
 

@@ -15,7 +15,7 @@ use common::smollm2_path;
 use flexmodel_cluster::membership::MemberState;
 
 #[test]
-fn a_smollm2_capture_and_generation_over_a_job_at_tp3_pp2_write_what_threads_write_and_workers_lists_it()
+fn a_smollm2_capture_generation_and_dataset_over_a_job_at_tp3_pp2_are_what_threads_write_and_workers_lists_it()
  {
     let job = TestJob::start("capture", 1, 6);
     // Fetched into the cache once; each worker resolves the name on its own.
@@ -100,6 +100,45 @@ fn a_smollm2_capture_and_generation_over_a_job_at_tp3_pp2_write_what_threads_wri
     );
     assert_eq!(threads.0, cluster.0, "the same completions");
     assert_eq!(threads.1, cluster.1, "the same captures");
+
+    // An activation dataset cached through the workers is the threads' dataset, byte
+    // for byte.
+    let text = common::shakespeare_path();
+    let cache = |to: &str, extra: &[&str]| {
+        let to = out.path().join(to);
+        let mut args = vec![
+            "cache",
+            "--model",
+            model,
+            "--text",
+            text.to_str().unwrap(),
+            "--hook",
+            "blocks.*.hook_resid_post",
+            "--seq-len",
+            "32",
+            "--batch",
+            "2",
+            "--max-tokens",
+            "128",
+            "--shard-mb",
+            "5",
+            "--tp",
+            "3",
+            "--pp",
+            "2",
+            "--out",
+            to.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        succeeded(&args);
+        to
+    };
+    let threads = cache("threads-dataset", &[]);
+    let cluster = cache(
+        "cluster-dataset",
+        &["--cluster", &url, "--token-file", token],
+    );
+    common::dataset::assert_same_files(&threads, &cluster);
 
     // Six members, each holding its rank of SmolLM2 under tp=3 pp=2, ready once their
     // sessions have ended.

@@ -73,6 +73,9 @@ pub struct CacheSummary {
     pub bytes_written: u64,
     /// How long this run took.
     pub elapsed: Duration,
+    /// How long of that the writer thread was busy converting and writing (while the
+    /// passes went on): the bytes over it are the writer's own speed.
+    pub write_time: Duration,
 }
 
 impl FlexModel {
@@ -98,6 +101,7 @@ impl FlexModel {
             shards_written: 0,
             bytes_written: 0,
             elapsed: Duration::ZERO,
+            write_time: Duration::ZERO,
         };
         if status == DatasetStatus::Complete {
             return Ok(summary);
@@ -138,6 +142,7 @@ impl FlexModel {
         summary.rows_written = written.rows;
         summary.shards_written = written.shards;
         summary.bytes_written = written.bytes;
+        summary.write_time = written.busy;
         summary.elapsed = started.elapsed();
         Ok(summary)
     }

@@ -176,6 +176,11 @@ impl DatasetPlan {
             .map(move |start| start..(start + batch).min(rows.end))
     }
 
+    /// The rows of every pass, in order, shard after shard.
+    pub fn passes(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+        (0..self.shards).flat_map(|shard| self.batches(shard))
+    }
+
     /// The file name of shard `shard`, as `datasets.save_to_disk` names it.
     pub(crate) fn file_name(&self, shard: usize) -> String {
         format!("data-{shard:05}-of-{:05}.arrow", self.shards)

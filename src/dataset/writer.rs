@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::sync::mpsc::Receiver;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arrow_ipc::writer::StreamWriter;
 use arrow_schema::ArrowError;
@@ -33,6 +33,8 @@ pub(crate) struct Written {
     pub(crate) shards: usize,
     /// Bytes handed to shard files.
     pub(crate) bytes: u64,
+    /// Time spent converting and writing (not waiting for the passes).
+    pub(crate) busy: Duration,
 }
 
 /// Writes the batches `batches` brings into shards `first_shard..` of `plan` in `dir`,
@@ -51,6 +53,7 @@ pub(crate) fn write_shards(
     let mut finished_bytes = 0;
     let mut open: Option<(StreamWriter<ShardFile>, usize)> = None;
     let result = batches.iter().try_for_each(|batch| {
+        let busy = Instant::now();
         let shard = first_shard + written.shards;
         let values = plan
             .columns()
@@ -87,6 +90,7 @@ pub(crate) fn write_shards(
             plan.commit(dir, shard + 1)?;
             written.shards += 1;
         }
+        written.busy += busy.elapsed();
         let seconds = started.elapsed().as_secs_f64().max(1e-9);
         progress.inc(record.num_rows() as u64);
         progress.set_message(format!(

@@ -7,7 +7,7 @@ use anyhow::Context;
 use candle_core::Tensor;
 use flexmodel::{FlexModel, GenerateOptions, progress_bar};
 
-use super::{BenchArgs, Stats};
+use super::{BenchArgs, Stats, run_json};
 use crate::hook_args::Hooks;
 
 /// Which generations `bench --generate` times.
@@ -147,21 +147,11 @@ pub fn run(
             .find(|(v, _)| v.kv_cache == kv_cache && v.hooked == hooked)
             .and_then(|(_, row)| row["median_ms"].as_f64())
     };
-    let mut json = serde_json::json!({
-        "model": args.model,
-        "batch": batch,
-        "seq": seq,
-        "generate": new_tokens,
-        "iters": args.iters,
-        "tp": args.layout.tp,
-        "pp": args.layout.pp,
-        "dp": args.layout.dp,
-        "procs": args.layout.procs,
-        "hooks": args.hooks,
-        "edits": args.edits,
-        "median_ms": rows[0]["median_ms"],
-        "variants": rows,
-    });
+    let mut json = run_json(args);
+    json["generate"] = serde_json::json!(new_tokens);
+    json["edits"] = serde_json::json!(args.edits);
+    json["median_ms"] = rows[0]["median_ms"].clone();
+    json["variants"] = serde_json::json!(rows);
     for hooked in [false, true] {
         if let (Some(cached), Some(recomputed)) = (median(true, hooked), median(false, hooked)) {
             let key = match hooked {

@@ -1,6 +1,8 @@
-//! `flexmodel bench`: the wall time of one forward pass over a random batch, or with
-//! `--generate N` of generating N tokens from it.
+//! `flexmodel bench`: the wall time of one forward pass over a random batch, with
+//! `--generate N` of generating N tokens from it, or with `--cache-tokens N` of caching
+//! the activations of N random tokens to disk.
 
+mod cache;
 mod generation;
 
 use std::collections::BTreeMap;
@@ -36,6 +38,11 @@ pub struct BenchArgs {
     /// With `--generate`: which generations to time.
     #[arg(long, value_enum, default_value_t = generation::CacheChoice::Both, requires = "generate")]
     kv_cache: generation::CacheChoice,
+    /// Time caching the `--hook` points of this many random tokens to a dataset on disk
+    /// (passes of `--batch` × `--seq`, in `$TMPDIR`) against the same passes capturing
+    /// without writing, interleaved.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "generate")]
+    cache_tokens: Option<u64>,
     /// Hook points to capture in every pass: exact names or globs (repeatable).
     #[arg(long = "hook", num_args = 1..)]
     hooks: Vec<String>,
@@ -101,6 +108,14 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
         return generation::run(&args, &hooks, &mut model, &tokens, new_tokens as usize);
     }
 
+    if let Some(corpus_tokens) = args.cache_tokens {
+        ensure!(
+            !args.profile && !args.backward && args.edits.is_empty(),
+            "--cache-tokens times caching: it takes no --profile, --backward or --edit"
+        );
+        return cache::run(&args, &checkpoint, &mut model, corpus_tokens as usize);
+    }
+
     let variants: &[Variant] = match hooks.is_empty() {
         true => &[Variant::Unhooked],
         false => &[Variant::Unhooked, Variant::Capturing, Variant::Disabled],
@@ -156,22 +171,20 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
         args.model, args.iters, base.median_ms, base.mean_ms, base.min_ms
     );
     let overhead = |s: &Stats| 100.0 * (s.median_ms / base.median_ms - 1.0);
-    let mut json = serde_json::json!({
-        "model": args.model,
-        "batch": batch,
-        "seq": seq,
-        "iters": args.iters,
-        "tp": args.layout.tp,
-        "pp": args.layout.pp,
-        "dp": args.layout.dp,
-        "median_ms": base.median_ms,
-        "mean_ms": base.mean_ms,
-        "min_ms": base.min_ms,
-        "tokens_per_s": tokens_per_s,
-        "backward": args.backward,
-        "procs": args.layout.procs,
-        "param_bytes_per_rank": model.shard_weight_bytes(),
-    });
+    let mut json = run_json(&args);
+    for (key, value) in [
+        ("median_ms", serde_json::json!(base.median_ms)),
+        ("mean_ms", serde_json::json!(base.mean_ms)),
+        ("min_ms", serde_json::json!(base.min_ms)),
+        ("tokens_per_s", serde_json::json!(tokens_per_s)),
+        ("backward", serde_json::json!(args.backward)),
+        (
+            "param_bytes_per_rank",
+            serde_json::json!(model.shard_weight_bytes()),
+        ),
+    ] {
+        json[key] = value;
+    }
     if let Some(peaks) = model.worker_peak_rss_bytes() {
         json["peak_rss_bytes_per_rank"] = serde_json::json!(peaks);
         let mb: Vec<String> = peaks
@@ -190,7 +203,6 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
             disabled.median_ms,
             overhead(disabled)
         );
-        json["hooks"] = serde_json::json!(args.hooks);
         json["unhooked_median_ms"] = serde_json::json!(base.median_ms);
         json["median_ms"] = serde_json::json!(capturing.median_ms);
         json["mean_ms"] = serde_json::json!(capturing.mean_ms);
@@ -209,13 +221,31 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// What every `bench --json` line begins with: the model, the work and the layout.
+fn run_json(args: &BenchArgs) -> serde_json::Value {
+    serde_json::json!({
+        "model": args.model,
+        "batch": args.batch,
+        "seq": args.seq,
+        "iters": args.iters,
+        "tp": args.layout.tp,
+        "pp": args.layout.pp,
+        "dp": args.layout.dp,
+        "procs": args.layout.procs,
+        "hooks": args.hooks,
+    })
+}
+
 /// `batch` sequences of `seq` token ids drawn uniformly from the vocabulary (seed 0).
 fn random_tokens(batch: usize, seq: usize, vocab: usize) -> anyhow::Result<Tensor> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let ids: Vec<u32> = (0..batch * seq)
-        .map(|_| rng.random_range(0..vocab as u32))
-        .collect();
+    let ids = random_ids(batch * seq, vocab);
     Ok(Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?)
+}
+
+/// `n` token ids drawn uniformly from the vocabulary (seed 0).
+fn random_ids(n: usize, vocab: usize) -> Vec<u32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
 }
 
 /// Hook-phase sums over the timed hooked passes, by hook point and phase.

@@ -64,11 +64,10 @@ impl DatasetPlan {
         let text = read(&manifest_path)?;
         let there: Manifest = serde_json::from_str(&text)
             .map_err(|e| not_a_dataset(format!("{MANIFEST_FILE} is unreadable: {e}")))?;
-        let differences = there.differences(&self.manifest);
-        if !differences.is_empty() {
+        if there != self.manifest {
             return Err(Error::DatasetMismatch {
                 dir: dir.to_path_buf(),
-                differences: differences.join("; "),
+                differences: there.differences(&self.manifest).join("; "),
             });
         }
         let state_path = dir.join(STATE_FILE);

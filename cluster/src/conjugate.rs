@@ -1,8 +1,10 @@
 //! Collectives as steps of the autograd graph, each with its conjugate in backward
 //! (Megatron's `f` and `g`): the all-reduce after a row-parallel linear passes the
 //! gradient through unchanged, and the identity before a column-parallel linear
-//! all-reduces the gradient.
+//! all-reduces the gradient. FSDP's gather of a parameter's pieces reduce-scatters its
+//! gradient.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
@@ -19,7 +21,7 @@ pub fn all_reduce_sum(x: &Tensor, collective: &dyn Collective) -> Result<Tensor>
     substitute(x, &sum, |grad| Ok(grad.clone()))
 }
 
-/// `value` in place of `x` (same shape): in backward, the gradient of the result goes
+/// `value` in place of `x`: in backward, the gradient of the result goes
 /// through `f` and on to `x`. For values computed elsewhere from `x`, such as an
 /// all-reduce or an edit run by the coordinator. An error of `f` fails the backward
 /// pass (wrap errors of other types with [`candle_core::Error::wrap`]).
@@ -42,6 +44,40 @@ pub fn copy_to_group(x: &Tensor, collective: &Arc<dyn Collective>) -> Result<Ten
         collective
             .all_reduce_sum(grad)
             .map_err(candle_core::Error::wrap)
+    })
+}
+
+/// The whole of a tensor whose pieces along `dim` are spread over the group, in rank
+/// order as [`split_evenly`](crate::split_evenly) cuts them: every member's piece
+/// concatenated.
+/// In backward, each member's piece gets the sum over the members of the gradient at
+/// its own rows — a reduce-scatter — so that the members together hold the gradient of
+/// the whole tensor once. FSDP gathers a block's parameters this way.
+pub fn gather_pieces(
+    piece: &Tensor,
+    dim: usize,
+    collective: &Arc<dyn Collective>,
+) -> Result<Tensor> {
+    let member = collective.tp_rank();
+    if member.size() == 1 {
+        return Ok(piece.clone());
+    }
+    let whole = collective.all_gather(&piece.detach().contiguous()?, dim)?;
+    let n = whole.dim(dim)?;
+    let rows: Range<usize> = crate::split_evenly(n, member.size())[member.rank()].clone();
+    if rows.len() != piece.dim(dim)? {
+        return Err(crate::Error::UnevenSplit {
+            what: "a gathered tensor's pieces".into(),
+            size: n,
+            parts: member.size(),
+        });
+    }
+    let collective = collective.clone();
+    substitute(piece, &whole, move |grad| {
+        let sum = collective
+            .all_reduce_sum(&grad.contiguous()?)
+            .map_err(candle_core::Error::wrap)?;
+        sum.narrow(dim, rows.start, rows.len())
     })
 }
 
@@ -165,6 +201,44 @@ mod tests {
         for (y, grad) in results {
             assert_eq!(y, [3.0, 2.0]);
             assert_eq!(grad, [3.0, 5.0]);
+        }
+    }
+
+    #[test]
+    fn gathered_pieces_are_the_whole_and_each_piece_gets_the_summed_gradient_of_its_rows() {
+        // A [5, 2] tensor in pieces of 2, 2 and 1 rows.
+        let whole: Vec<f32> = (0..10).map(|v| v as f32).collect();
+        let results = on_group(3, |c| {
+            let r = c.tp_rank().rank();
+            let rows = crate::split_evenly(5, 3)[r].clone();
+            let piece = Tensor::from_vec(
+                whole[rows.start * 2..rows.end * 2].to_vec(),
+                (rows.len(), 2),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let piece = Var::from_tensor(&piece).unwrap();
+            let gathered = gather_pieces(piece.as_tensor(), 0, &c).unwrap();
+            // Member r weighs every entry by r + 1.
+            let weight = Tensor::full(r as f32 + 1.0, (5, 2), &Device::Cpu).unwrap();
+            let loss = (&gathered * &weight).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            (
+                gathered.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                grads
+                    .get(piece.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        });
+        let lengths = [4, 4, 2];
+        for ((gathered, grad), len) in results.into_iter().zip(lengths) {
+            assert_eq!(gathered, whole);
+            // 1 + 2 + 3 at every entry of the member's own piece.
+            assert_eq!(grad, vec![6.0; len]);
         }
     }
 

@@ -16,7 +16,7 @@ use crate::Result;
 use crate::weights::WeightSource;
 
 /// `t[.., range, ..]` along `dim` in storage of its own, so a shard holds only its slice.
-fn owned_slice(t: &Tensor, dim: usize, range: &Range<usize>) -> Result<Tensor> {
+pub(crate) fn owned_slice(t: &Tensor, dim: usize, range: &Range<usize>) -> Result<Tensor> {
     if range.start == 0 && range.end == t.dim(dim)? {
         return Ok(t.clone());
     }
@@ -39,6 +39,10 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
     Ok(y.reshape(out_shape)?)
 }
+
+/// A function applied to every parameter tensor of a layer, giving the tensor the new
+/// layer holds in its place (a piece of it, or the whole gathered from pieces).
+pub type ParamMap<'a> = dyn FnMut(&Tensor) -> Result<Tensor> + 'a;
 
 /// A linear layer holding output rows `rows` of its `[out, in]` weight (and bias).
 #[derive(Debug, Clone)]
@@ -94,6 +98,16 @@ impl ColumnParallelLinear {
         let mut all = vec![slice("weight", &self.weight)];
         all.extend(self.bias.as_ref().map(|b| slice("bias", b)));
         all
+    }
+
+    /// The same layer with `f` of each of its tensors.
+    pub fn map_parameters(&self, f: &mut ParamMap<'_>) -> Result<Self> {
+        Ok(Self {
+            name: self.name.clone(),
+            rows: self.rows.clone(),
+            weight: f(&self.weight)?,
+            bias: self.bias.as_ref().map(&mut *f).transpose()?,
+        })
     }
 
     /// This rank's slice of the output: `x · W_sliceᵀ + b_slice`.
@@ -165,6 +179,15 @@ impl RowParallelLinear {
             value: self.weight.clone(),
             split: Some((1, self.cols.clone())),
         }]
+    }
+
+    /// The same layer with `f` of its weight.
+    pub fn map_parameters(&self, f: &mut ParamMap<'_>) -> Result<Self> {
+        Ok(Self {
+            name: self.name.clone(),
+            cols: self.cols.clone(),
+            weight: f(&self.weight)?,
+        })
     }
 
     /// `x_slice · W_sliceᵀ`, all-reduced: the full output on every rank.

@@ -93,6 +93,17 @@ impl Attention {
         all
     }
 
+    /// The same attention with `f` of each of its tensors.
+    pub fn map_parameters(&self, f: &mut crate::models::parallel::ParamMap<'_>) -> Result<Self> {
+        Ok(Self {
+            q_proj: self.q_proj.map_parameters(f)?,
+            k_proj: self.k_proj.map_parameters(f)?,
+            v_proj: self.v_proj.map_parameters(f)?,
+            o_proj: self.o_proj.map_parameters(f)?,
+            ..*self
+        })
+    }
+
     /// Attention of `input` (`[b, t, d_model]`) at `positions`, summed over all ranks;
     /// with a cache, over the cached keys and values of `layer` too (this pass's are
     /// appended).

@@ -58,6 +58,18 @@ impl Block {
         all
     }
 
+    /// The same block with `f` of each of its parameter tensors, in the order of
+    /// [`parameters`](Self::parameters).
+    pub fn map_parameters(&self, f: &mut crate::models::parallel::ParamMap<'_>) -> Result<Self> {
+        Ok(Self {
+            layer: self.layer,
+            ln1: self.ln1.map_parameters(f)?,
+            attn: self.attn.map_parameters(f)?,
+            ln2: self.ln2.map_parameters(f)?,
+            mlp: self.mlp.map_parameters(f)?,
+        })
+    }
+
     /// The residual stream after this block; with a cache, attention reads the cached
     /// keys and values of this block's layer and appends its own.
     pub fn forward(

@@ -57,6 +57,15 @@ impl Mlp {
         all
     }
 
+    /// The same MLP with `f` of each of its tensors.
+    pub fn map_parameters(&self, f: &mut crate::models::parallel::ParamMap<'_>) -> Result<Self> {
+        Ok(Self {
+            gate_proj: self.gate_proj.map_parameters(f)?,
+            up_proj: self.up_proj.map_parameters(f)?,
+            down_proj: self.down_proj.map_parameters(f)?,
+        })
+    }
+
     /// The MLP of `x` (the normed residual), summed over all ranks.
     pub fn forward(
         &self,

@@ -11,9 +11,10 @@
 mod attention;
 mod block;
 mod config;
+mod fsdp;
 mod mlp;
 mod model;
-mod positions;
+pub(crate) mod positions;
 mod rms_norm;
 mod rope;
 

@@ -53,6 +53,8 @@ pub struct Llama {
     final_norm: Option<RmsNorm>,
     lm_head: Option<ColumnParallelLinear>,
     collective: Arc<dyn Collective>,
+    /// With FSDP, the data-parallel replicas holding the other pieces of the blocks.
+    replicas: Option<Arc<dyn Collective>>,
 }
 
 impl Llama {
@@ -121,7 +123,24 @@ impl Llama {
             final_norm,
             lm_head,
             collective,
+            replicas: None,
         })
+    }
+
+    /// This shard under FSDP: each block keeps only its piece of every parameter (see
+    /// the `fsdp` module), the piece of `replicas`' member, and gathers the whole block
+    /// from `replicas` just before computing it. The embedding, the final norm and the
+    /// LM head stay whole. Every replica of the shard must do the same, and run every
+    /// pass with the others.
+    pub fn with_fsdp(mut self, replicas: Arc<dyn Collective>) -> Result<Self> {
+        let member = replicas.tp_rank();
+        self.blocks = self
+            .blocks
+            .iter()
+            .map(|b| b.pieces(member))
+            .collect::<Result<_>>()?;
+        self.replicas = Some(replicas);
+        Ok(self)
     }
 
     /// The model's configuration.
@@ -147,7 +166,8 @@ impl Llama {
     }
 
     /// Every parameter slice this shard holds, under Hugging Face names (tied
-    /// embeddings appear once, as `model.embed_tokens.weight`).
+    /// embeddings appear once, as `model.embed_tokens.weight`); under FSDP, the blocks'
+    /// pieces.
     pub fn parameters(&self) -> Vec<ParamSlice> {
         let mut all = Vec::new();
         all.extend(self.embed.iter().flat_map(|e| e.parameters()));
@@ -242,6 +262,13 @@ impl Llama {
         let positions = Positions::new(window, (b, t), d_head, theta, x.device())?;
         let mut cache = (window.cache != CacheUse::Off).then_some(cache);
         for block in &self.blocks {
+            // Under FSDP the whole block lives only while it computes (and in the
+            // autograd graph of its output).
+            let whole = match &self.replicas {
+                Some(replicas) => Some(block.gathered(replicas)?),
+                None => None,
+            };
+            let block = whole.as_ref().unwrap_or(block);
             x = block.forward(x, &positions, cache.as_deref_mut(), hooks, collective)?;
         }
         let (Some(norm), Some(head)) = (&self.final_norm, &self.lm_head) else {

@@ -46,6 +46,11 @@ impl RmsNorm {
         }]
     }
 
+    /// The same norm with `f` of its weight.
+    pub fn map_parameters(&self, f: &mut crate::models::parallel::ParamMap<'_>) -> Result<Self> {
+        Ok(Self::new(self.name.clone(), f(&self.weight)?, self.eps))
+    }
+
     /// `√(mean(x²) + ε)` over the last dimension (kept, of size 1).
     pub fn scale(&self, x: &Tensor) -> Result<Tensor> {
         let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;

@@ -7,6 +7,7 @@
 //! at which point, and how many times the shard reached it before in the pass.
 
 use candle_core::Tensor;
+use flexmodel_cluster::Layout;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ShardFailure;
@@ -175,8 +176,8 @@ pub struct Assignment {
     pub member: Option<String>,
     /// The rank this worker serves.
     pub rank: usize,
-    /// `(dp, pp, tp)` of the layout.
-    pub layout: (usize, usize, usize),
+    /// The layout.
+    pub layout: Layout,
     /// Every rank's peer address (`HOST:PORT`), in rank order.
     pub peers: Vec<String>,
     /// What to load, as the driver's loader describes it (a model name, say).
@@ -267,6 +268,8 @@ pub(crate) struct SliceHeader {
     pub(crate) name: String,
     /// The dimension it is sliced along and the range of it held: `(dim, start, end)`.
     pub(crate) split: Option<(usize, usize, usize)>,
+    /// Under FSDP, the piece of the slice held: `(dim, start, end)` within the slice.
+    pub(crate) piece: Option<(usize, usize, usize)>,
     /// Whether its gradient follows its value.
     pub(crate) has_grad: bool,
 }

@@ -260,7 +260,11 @@ impl ShardActor {
             remote.adopt(&forward_span);
         }
         let cache = &mut self.cache;
-        let out = forward_span.in_scope(|| args.model.forward(&input, window, cache, &mut hooks));
+        let backward = msg.backward.is_some();
+        let out = forward_span.in_scope(|| {
+            args.model
+                .forward(&input, window, cache, &mut hooks, backward)
+        });
         let out = match out {
             Ok(out) => out,
             Err(e) => {

@@ -27,13 +27,15 @@ pub trait ShardModel: Send + Sync + 'static {
     /// Runs the stage on `input` (token ids `[b, t]` on the first stage, the hidden state
     /// `[b, t, d]` from the previous stage otherwise) at the positions `window` says, and
     /// returns the hidden state, or on the last stage this rank's slice of the output.
-    /// A pass whose window uses the cache reads and extends `cache`.
+    /// A pass whose window uses the cache reads and extends `cache`. `backward` says
+    /// whether a backward pass follows (without one, nothing need be kept for it).
     fn forward(
         &self,
         input: &Tensor,
         window: &Window,
         cache: &mut KvCache,
         hooks: &mut dyn ShardHooks,
+        backward: bool,
     ) -> Result<Tensor, BoxError>;
 
     /// This rank's loss from its slice of the last stage's `output`: the summed

@@ -4,10 +4,9 @@
 //! all-reduces the gradient. FSDP's gather of a parameter's pieces reduce-scatters its
 //! gradient.
 
-use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Storage, Tensor};
 
 use crate::{Collective, Result};
 
@@ -52,33 +51,41 @@ pub fn copy_to_group(x: &Tensor, collective: &Arc<dyn Collective>) -> Result<Ten
 /// concatenated.
 /// In backward, each member's piece gets the sum over the members of the gradient at
 /// its own rows — a reduce-scatter — so that the members together hold the gradient of
-/// the whole tensor once. FSDP gathers a block's parameters this way.
+/// the whole tensor once. FSDP gathers a shard's parameters this way. A piece outside
+/// any autograd graph (detached) gives the whole outside it too: nothing keeps it
+/// alive but its own uses.
 pub fn gather_pieces(
     piece: &Tensor,
     dim: usize,
     collective: &Arc<dyn Collective>,
 ) -> Result<Tensor> {
-    let member = collective.tp_rank();
-    if member.size() == 1 {
+    if collective.tp_rank().size() == 1 {
         return Ok(piece.clone());
     }
-    let whole = collective.all_gather(&piece.detach().contiguous()?, dim)?;
+    if !piece.track_op() {
+        return gather_checked(piece, dim, collective.as_ref());
+    }
+    let op = GatherPieces {
+        dim,
+        collective: collective.clone(),
+    };
+    Ok(piece.apply_op1(op)?)
+}
+
+/// Every member's piece along `dim` joined, checked to be the pieces
+/// [`split_evenly`](crate::split_evenly) cuts the whole into.
+fn gather_checked(piece: &Tensor, dim: usize, collective: &dyn Collective) -> Result<Tensor> {
+    let member = collective.tp_rank();
+    let whole = collective.all_gather(&piece.contiguous()?, dim)?;
     let n = whole.dim(dim)?;
-    let rows: Range<usize> = crate::split_evenly(n, member.size())[member.rank()].clone();
-    if rows.len() != piece.dim(dim)? {
+    if crate::split_evenly(n, member.size())[member.rank()].len() != piece.dim(dim)? {
         return Err(crate::Error::UnevenSplit {
             what: "a gathered tensor's pieces".into(),
             size: n,
             parts: member.size(),
         });
     }
-    let collective = collective.clone();
-    substitute(piece, &whole, move |grad| {
-        let sum = collective
-            .all_reduce_sum(&grad.contiguous()?)
-            .map_err(candle_core::Error::wrap)?;
-        sum.narrow(dim, rows.start, rows.len())
-    })
+    Ok(whole)
 }
 
 /// What [`on_backward`] and [`substitute`] do with a gradient.
@@ -135,6 +142,51 @@ impl CustomOp2 for Substitute {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some((self.0)(grad)?), None))
+    }
+}
+
+/// Forward: every member's piece along `dim` joined; backward: the summed gradient of
+/// the member's own rows.
+struct GatherPieces {
+    dim: usize,
+    collective: Arc<dyn Collective>,
+}
+
+impl CustomOp1 for GatherPieces {
+    fn name(&self) -> &'static str {
+        "gather-pieces"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (copy, shape) = copy_of(storage, layout)?;
+        let piece = match copy {
+            CpuStorage::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
+            CpuStorage::F64(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
+            CpuStorage::F16(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
+            CpuStorage::BF16(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
+            _ => candle_core::bail!("collective autograd ops need f32, f64, f16 or bf16 tensors"),
+        };
+        let whole = gather_checked(&piece, self.dim, self.collective.as_ref())
+            .map_err(candle_core::Error::wrap)?;
+        let (storage, layout) = whole.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(cpu) => copy_of(cpu, layout),
+            _ => candle_core::bail!("a gathered tensor off the CPU"),
+        }
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let member = self.collective.tp_rank();
+        let rows = crate::split_evenly(grad.dim(self.dim)?, member.size())[member.rank()].clone();
+        let sum = self
+            .collective
+            .all_reduce_sum(&grad.contiguous()?)
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Some(sum.narrow(self.dim, rows.start, rows.len())?))
     }
 }
 
@@ -223,6 +275,8 @@ mod tests {
             let weight = Tensor::full(r as f32 + 1.0, (5, 2), &Device::Cpu).unwrap();
             let loss = (&gathered * &weight).unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
+            let untracked = gather_pieces(&piece.as_tensor().detach(), 0, &c).unwrap();
+            assert!(!untracked.track_op());
             (
                 gathered.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 grads
@@ -232,10 +286,15 @@ mod tests {
                     .unwrap()
                     .to_vec1::<f32>()
                     .unwrap(),
+                untracked.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             )
         });
         let lengths = [4, 4, 2];
-        for ((gathered, grad), len) in results.into_iter().zip(lengths) {
+        for ((gathered, grad, untracked), len) in results.into_iter().zip(lengths) {
+            assert_eq!(
+                untracked, whole,
+                "a detached piece gathers to the same whole"
+            );
             assert_eq!(gathered, whole);
             // 1 + 2 + 3 at every entry of the member's own piece.
             assert_eq!(grad, vec![6.0; len]);

@@ -19,6 +19,14 @@ pub enum Error {
         /// `dp`, `pp` or `tp`.
         axis: &'static str,
     },
+    /// FSDP asked for without data-parallel replicas to shard across.
+    #[error(
+        "bad layout: --fsdp shards parameters across data-parallel replicas, but dp={dp}; give --dp 2 or more"
+    )]
+    FsdpWithoutReplicas {
+        /// The data-parallel replicas.
+        dp: usize,
+    },
     /// A layout with more ranks than [`Layout::MAX_RANKS`](crate::Layout::MAX_RANKS).
     #[error("bad layout: dp={dp} pp={pp} tp={tp} is more than {max} ranks")]
     TooManyRanks {

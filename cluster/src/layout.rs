@@ -3,6 +3,8 @@
 use std::fmt;
 use std::ops::Range;
 
+use serde::{Deserialize, Serialize};
+
 use crate::{Error, Result};
 
 /// A rank's coordinates in the layout.
@@ -23,12 +25,44 @@ impl fmt::Display for RankCoords {
 }
 
 /// `dp × pp × tp` ranks numbered `rank = pp_i·(dp·tp) + dp_i·tp + tp_i` (Megatron order:
-/// tensor-parallel neighbours are adjacent, pipeline stages are outermost).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// tensor-parallel neighbours are adjacent, pipeline stages are outermost); with FSDP,
+/// the replicas of a shard each hold 1/dp of its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "LayoutRecord", into = "LayoutRecord")]
 pub struct Layout {
     dp: usize,
     pp: usize,
     tp: usize,
+    fsdp: bool,
+}
+
+/// A layout as messages and records carry it, checked as [`Layout::new`] checks it.
+#[derive(Serialize, Deserialize)]
+struct LayoutRecord {
+    dp: usize,
+    pp: usize,
+    tp: usize,
+    #[serde(default)]
+    fsdp: bool,
+}
+
+impl TryFrom<LayoutRecord> for Layout {
+    type Error = Error;
+
+    fn try_from(r: LayoutRecord) -> Result<Self> {
+        Layout::new(r.dp, r.pp, r.tp)?.with_fsdp(r.fsdp)
+    }
+}
+
+impl From<Layout> for LayoutRecord {
+    fn from(l: Layout) -> Self {
+        Self {
+            dp: l.dp,
+            pp: l.pp,
+            tp: l.tp,
+            fsdp: l.fsdp,
+        }
+    }
 }
 
 impl Layout {
@@ -37,6 +71,7 @@ impl Layout {
         dp: 1,
         pp: 1,
         tp: 1,
+        fsdp: false,
     };
 
     /// The most ranks a layout may have: far more than any model here can use, and few
@@ -60,7 +95,27 @@ impl Layout {
                 max: Self::MAX_RANKS,
             });
         }
-        Ok(Self { dp, pp, tp })
+        Ok(Self {
+            dp,
+            pp,
+            tp,
+            fsdp: false,
+        })
+    }
+
+    /// This layout with FSDP on or off: on, the replicas of each shard hold one piece
+    /// each of its parameters and gather them as they compute. FSDP needs at least two
+    /// replicas.
+    pub fn with_fsdp(self, fsdp: bool) -> Result<Self> {
+        if fsdp && self.dp < 2 {
+            return Err(Error::FsdpWithoutReplicas { dp: self.dp });
+        }
+        Ok(Self { fsdp, ..self })
+    }
+
+    /// Whether the replicas shard the parameters (FSDP).
+    pub fn fsdp(&self) -> bool {
+        self.fsdp
     }
 
     /// Data-parallel replicas.
@@ -129,7 +184,11 @@ impl Layout {
 
 impl fmt::Display for Layout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "tp={} pp={} dp={}", self.tp, self.pp, self.dp)
+        write!(f, "tp={} pp={} dp={}", self.tp, self.pp, self.dp)?;
+        match self.fsdp {
+            true => write!(f, " fsdp"),
+            false => Ok(()),
+        }
     }
 }
 
@@ -218,6 +277,24 @@ mod tests {
             Err(Error::TooManyRanks { .. })
         ));
         assert!(Layout::new(16, 16, 16).is_ok());
+    }
+
+    #[test]
+    fn fsdp_needs_replicas_and_travels_with_the_layout() {
+        let err = Layout::new(1, 2, 2).unwrap().with_fsdp(true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bad layout: --fsdp shards parameters across data-parallel replicas, but dp=1; give --dp 2 or more"
+        );
+        let layout = Layout::new(2, 1, 3).unwrap().with_fsdp(true).unwrap();
+        assert_eq!(layout.to_string(), "tp=3 pp=1 dp=2 fsdp");
+        let json = serde_json::to_string(&layout).unwrap();
+        assert_eq!(json, r#"{"dp":2,"pp":1,"tp":3,"fsdp":true}"#);
+        assert_eq!(serde_json::from_str::<Layout>(&json).unwrap(), layout);
+        let plain: Layout = serde_json::from_str(r#"{"dp":2,"pp":1,"tp":3}"#).unwrap();
+        assert!(!plain.fsdp());
+        let bad = serde_json::from_str::<Layout>(r#"{"dp":1,"pp":1,"tp":1,"fsdp":true}"#);
+        assert!(bad.unwrap_err().to_string().contains("dp=1"));
     }
 
     #[test]

@@ -11,7 +11,11 @@ pub struct ParamSlice {
     pub name: String,
     /// The values this rank holds.
     pub value: Tensor,
-    /// `None` if the rank holds the whole parameter; else the dimension it is sliced
-    /// along and the range of it the rank holds.
+    /// `None` if the rank's tensor-parallel slice is the whole parameter; else the
+    /// dimension it is sliced along and the range of it the slice covers.
     pub split: Option<(usize, Range<usize>)>,
+    /// Under FSDP, the piece of that slice this replica holds (the other replicas of
+    /// the shard hold the rest): the dimension it is cut along and the range of it
+    /// within the slice. `None` when every replica holds the whole slice.
+    pub piece: Option<(usize, Range<usize>)>,
 }

@@ -94,6 +94,7 @@ impl ColumnParallelLinear {
             name: format!("{}.{suffix}", self.name),
             value: value.clone(),
             split: Some((0, self.rows.clone())),
+            piece: None,
         };
         let mut all = vec![slice("weight", &self.weight)];
         all.extend(self.bias.as_ref().map(|b| slice("bias", b)));
@@ -178,6 +179,7 @@ impl RowParallelLinear {
             name: format!("{}.weight", self.name),
             value: self.weight.clone(),
             split: Some((1, self.cols.clone())),
+            piece: None,
         }]
     }
 
@@ -270,7 +272,17 @@ impl VocabParallelEmbedding {
             name: self.name.clone(),
             value: self.weight.clone(),
             split: Some((0, self.rows.clone())),
+            piece: None,
         }]
+    }
+
+    /// The same embedding with `f` of its weight.
+    pub fn map_parameters(&self, f: &mut ParamMap<'_>) -> Result<Self> {
+        Ok(Self {
+            name: self.name.clone(),
+            weight: f(&self.weight)?,
+            rows: self.rows.clone(),
+        })
     }
 
     /// The embedding rows this rank holds, `[rows.len(), d_model]`.

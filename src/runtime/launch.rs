@@ -146,14 +146,18 @@ impl ShardLoader for LlamaLoader {
         &self,
         assignment: &Assignment,
         tp: Arc<dyn Collective>,
+        replicas: Option<Arc<dyn Collective>>,
     ) -> std::result::Result<LoadedShard, BoxError> {
         let checkpoint = Checkpoint::open(&assignment.model)?;
-        let (dp, pp, tp_size) = assignment.layout;
-        let layout = Layout::new(dp, pp, tp_size)?;
+        let layout = assignment.layout;
         let config = &checkpoint.config;
         check_layout(config, &layout)?;
         let stage = stage_of(config, &layout, layout.coords(assignment.rank).pp);
-        let model = Llama::load_stage(config, checkpoint.weights.as_ref(), tp, stage)?;
+        let weights = checkpoint.weights.as_ref();
+        let model = match replicas {
+            Some(replicas) => Llama::load_stage_fsdp(config, weights, tp, stage, replicas)?,
+            None => Llama::load_stage(config, weights, tp, stage)?,
+        };
         Ok(LoadedShard {
             model: Arc::new(LlamaShard::new(model)),
             fingerprint: checkpoint.weights.fingerprint()?,

@@ -1,12 +1,12 @@
-//! Parameters read back whole: the slices every rank holds, joined across tensor-parallel
-//! ranks and pipeline stages; gradients summed where ranks hold parts of them.
+//! Parameters read back whole: the slices every rank holds, joined across FSDP pieces,
+//! tensor-parallel ranks and pipeline stages; gradients summed where ranks hold parts
+//! of them.
 
 use std::collections::BTreeSet;
 
 use candle_core::Tensor;
 use flexmodel_actors::ShardParameters;
-use flexmodel_cluster::Layout;
-use flexmodel_cluster::ParamSlice;
+use flexmodel_cluster::{Layout, ParamSlice, RankCoords};
 
 use crate::hooks::nearest;
 use crate::{Error, Result};
@@ -15,7 +15,7 @@ use crate::{Error, Result};
 pub(crate) type RankSlices = Vec<ShardParameters>;
 
 /// One rank's slice of a parameter: its tensor-parallel rank, the slice, its gradient.
-type Held<'a> = (usize, &'a ParamSlice, &'a Option<Tensor>);
+type Held = (usize, ParamSlice, Option<Tensor>);
 
 /// The names of every parameter, sorted.
 pub(crate) fn names(slices: &RankSlices) -> Vec<String> {
@@ -29,31 +29,43 @@ pub(crate) fn names(slices: &RankSlices) -> Vec<String> {
 
 /// The whole value of parameter `name` and, when every rank has one, its whole gradient.
 ///
-/// The value comes from the first replica's first stage that holds it; the gradient is
-/// summed over replicas (each saw part of the batch) and over stages (a tied embedding
-/// is used by the first and the last stage).
+/// Under FSDP the replicas' pieces of each slice are joined first, and their gradients
+/// are already summed over the replicas. Otherwise the value comes from the first
+/// replica and the gradient is summed over replicas (each saw part of the batch). Both
+/// are summed over stages (a tied embedding is used by the first and the last stage).
 pub(crate) fn gather(
     name: &str,
     layout: &Layout,
     slices: &RankSlices,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    // Per (replica, stage): the tensor-parallel slices of `name`.
-    let mut groups: Vec<((usize, usize), Vec<Held>)> = Vec::new();
-    for (rank, held) in slices.iter().enumerate() {
-        let c = layout.coords(rank);
-        for (p, g) in held.iter().filter(|(p, _)| p.name == name) {
-            match groups.iter_mut().find(|(key, _)| *key == (c.dp, c.pp)) {
-                Some((_, group)) => group.push((c.tp, p, g)),
-                None => groups.push(((c.dp, c.pp), vec![(c.tp, p, g)])),
-            }
-        }
-    }
-    if groups.is_empty() {
+    let held: Vec<(RankCoords, ParamSlice, Option<Tensor>)> = slices
+        .iter()
+        .enumerate()
+        .flat_map(|(rank, held)| {
+            let c = layout.coords(rank);
+            held.iter()
+                .filter(|(p, _)| p.name == name)
+                .map(move |(p, g)| (c, p.clone(), g.clone()))
+        })
+        .collect();
+    if held.is_empty() {
         let all = names(slices);
         return Err(Error::UnknownParameter {
             name: name.to_string(),
             suggestions: nearest(name, all.iter().map(String::as_str), 3),
         });
+    }
+    let held = match held.iter().any(|(_, p, _)| p.piece.is_some()) {
+        true => join_pieces(held)?,
+        false => held,
+    };
+    // Per (replica, stage): the tensor-parallel slices of `name`.
+    let mut groups: Vec<((usize, usize), Vec<Held>)> = Vec::new();
+    for (c, p, g) in held {
+        match groups.iter_mut().find(|(key, _)| *key == (c.dp, c.pp)) {
+            Some((_, group)) => group.push((c.tp, p, g)),
+            None => groups.push(((c.dp, c.pp), vec![(c.tp, p, g)])),
+        }
     }
     groups.sort_by_key(|(key, _)| *key);
     let value = join(&groups[0].1, |(_, p, _)| Some(p.value.clone()), false)?;
@@ -70,11 +82,39 @@ pub(crate) fn gather(
     Ok((value, grad))
 }
 
+/// The FSDP pieces of each (stage, tensor-parallel rank)'s slice joined into the slice,
+/// as replica 0's; a gradient where every piece has one.
+fn join_pieces(
+    mut held: Vec<(RankCoords, ParamSlice, Option<Tensor>)>,
+) -> Result<Vec<(RankCoords, ParamSlice, Option<Tensor>)>> {
+    let start = |p: &ParamSlice| p.piece.as_ref().map(|(_, r)| r.start);
+    held.sort_by_key(|(c, p, _)| (c.pp, c.tp, start(p)));
+    let mut joined = Vec::new();
+    for slice in held.chunk_by(|(a, _, _), (b, _, _)| (a.pp, a.tp) == (b.pp, b.tp)) {
+        let (coords, first, _) = &slice[0];
+        let Some((dim, _)) = first.piece.clone() else {
+            return Err(Error::Internal(
+                "a parameter cut into pieces on some ranks only",
+            ));
+        };
+        let values: Vec<Tensor> = slice.iter().map(|(_, p, _)| p.value.clone()).collect();
+        let grads: Option<Vec<Tensor>> = slice.iter().map(|(_, _, g)| g.clone()).collect();
+        let whole = ParamSlice {
+            value: Tensor::cat(&values, dim)?,
+            piece: None,
+            ..first.clone()
+        };
+        let grad = grads.map(|g| Tensor::cat(&g, dim)).transpose()?;
+        joined.push((RankCoords { dp: 0, ..*coords }, whole, grad));
+    }
+    Ok(joined)
+}
+
 fn join_gradient(group: &[Held]) -> Result<Option<Tensor>> {
     if group.iter().any(|(_, _, g)| g.is_none()) {
         return Ok(None);
     }
-    Ok(Some(join(group, |(_, _, g)| (*g).clone(), true)?))
+    Ok(Some(join(group, |(_, _, g)| g.clone(), true)?))
 }
 
 /// Joins the tensor-parallel slices of one parameter along their split dimension, in

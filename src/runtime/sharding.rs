@@ -7,7 +7,8 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use flexmodel_actors::{BoxError, KvCache, PointGeometry, ShardHooks, ShardModel, Window};
 use flexmodel_cluster::{
-    Collective, InProcessCollective, Layout, PassControl, ShardSpec, TpRank, split_evenly,
+    Collective, InProcessCollective, Layout, PassControl, RankCoords, ShardSpec, TpRank,
+    split_evenly,
 };
 
 use crate::hooks::point::{BlockSite, HookPoint};
@@ -99,16 +100,18 @@ pub fn check_layout(config: &LlamaConfig, layout: &Layout) -> Result<()> {
 }
 
 /// Checks that the weights of every rank of `layout` (each replica holds a whole copy,
-/// and one more copy is read while the shards are sliced) fit in the memory this machine
-/// has available, so that a mistyped layout fails at once instead of swapping or being
-/// killed. Where the available memory cannot be read, nothing is checked.
+/// under FSDP a piece; and one more copy is read while the shards are sliced) fit in the
+/// memory this machine has available, so that a mistyped layout fails at once instead
+/// of swapping or being killed. Where the available memory cannot be read, nothing is
+/// checked.
 pub fn check_fits_in_memory(config: &LlamaConfig, layout: &Layout) -> Result<()> {
     let Some(available_bytes) = available_memory() else {
         return Ok(());
     };
-    let copies = match *layout == Layout::SINGLE {
-        true => 1,
-        false => layout.dp() as u64 + 1,
+    let copies = match (*layout == Layout::SINGLE, layout.fsdp()) {
+        (true, _) => 1,
+        (false, true) => 2,
+        (false, false) => layout.dp() as u64 + 1,
     };
     let needed_bytes = copies.saturating_mul(config.parameter_count() * 4);
     if needed_bytes > available_bytes {
@@ -233,6 +236,7 @@ impl ShardModel for LlamaShard {
         window: &Window,
         cache: &mut KvCache,
         hooks: &mut dyn ShardHooks,
+        backward: bool,
     ) -> std::result::Result<Tensor, BoxError> {
         let mut by_index = ByIndex {
             hooks,
@@ -242,7 +246,7 @@ impl ShardModel for LlamaShard {
         // whose peer is gone) go back as they are, so that their kind is known.
         match self
             .model
-            .forward_stage(input, window, cache, &mut by_index)
+            .forward_stage(input, window, cache, &mut by_index, backward)
         {
             Ok(out) => Ok(out),
             Err(Error::ShardHook(e)) => Err(e),
@@ -274,8 +278,8 @@ impl ShardModel for LlamaShard {
     }
 }
 
-/// Every rank's shard of the model, in rank order, with tensor-parallel collectives that
-/// share `control`.
+/// Every rank's shard of the model, in rank order, with tensor-parallel collectives (and
+/// under FSDP the replicas' collectives) that share `control`.
 pub fn build_shards(
     config: &LlamaConfig,
     weights: &dyn WeightSource,
@@ -283,26 +287,52 @@ pub fn build_shards(
     control: &Arc<PassControl>,
 ) -> Result<Vec<Arc<LlamaShard>>> {
     check_layout(config, layout)?;
-    let mut collectives: Vec<Option<InProcessCollective>> =
-        (0..layout.world_size()).map(|_| None).collect();
-    for first in layout.all().filter(|c| c.tp == 0) {
-        let members = InProcessCollective::group(layout.tp(), control.clone())?;
-        for (tp, member) in members.into_iter().enumerate() {
-            collectives[layout.rank(flexmodel_cluster::RankCoords { tp, ..first })] = Some(member);
-        }
+    let tp_groups = in_process_groups(layout, control, |c| c.tp, |r| layout.tp_group(r))?;
+    let mut dp_groups = match layout.fsdp() {
+        true => in_process_groups(layout, control, |c| c.dp, |r| layout.dp_group(r))?,
+        false => Vec::new(),
     }
-    collectives
+    .into_iter();
+    tp_groups
         .into_iter()
         .enumerate()
-        .map(|(rank, collective)| {
-            let collective: Arc<dyn Collective> =
-                Arc::new(collective.ok_or(Error::Internal("a rank has no tensor-parallel group"))?);
+        .map(|(rank, tp)| {
             let stage = stage_of(config, layout, layout.coords(rank).pp);
-            let model = Llama::load_stage(config, weights, collective, stage)?;
+            let model = match dp_groups.next() {
+                Some(replicas) => Llama::load_stage_fsdp(config, weights, tp, stage, replicas)?,
+                None => Llama::load_stage(config, weights, tp, stage)?,
+            };
             Ok(Arc::new(LlamaShard {
                 model,
                 n_layers: config.n_layers,
             }))
+        })
+        .collect()
+}
+
+/// Each rank's member of its group along one axis of `layout` (`index`: the rank's
+/// coordinate on it, `group`: the ranks of a rank's group in order), in rank order.
+fn in_process_groups(
+    layout: &Layout,
+    control: &Arc<PassControl>,
+    index: impl Fn(RankCoords) -> usize,
+    group: impl Fn(usize) -> Vec<usize>,
+) -> Result<Vec<Arc<dyn Collective>>> {
+    let mut members: Vec<Option<InProcessCollective>> =
+        (0..layout.world_size()).map(|_| None).collect();
+    for rank in (0..layout.world_size()).filter(|&r| index(layout.coords(r)) == 0) {
+        let ranks = group(rank);
+        let group = InProcessCollective::group(ranks.len(), control.clone())?;
+        for (r, member) in ranks.into_iter().zip(group) {
+            members[r] = Some(member);
+        }
+    }
+    members
+        .into_iter()
+        .map(|m| -> Result<Arc<dyn Collective>> {
+            Ok(Arc::new(
+                m.ok_or(Error::Internal("a rank outside its groups"))?,
+            ))
         })
         .collect()
 }

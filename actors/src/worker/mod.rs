@@ -57,11 +57,13 @@ pub struct LoadedShard {
 /// Builds a worker's shard once the driver assigned it a rank.
 pub trait ShardLoader {
     /// The shard of `assignment` (its rank of its layout), computing with `tp`, its
-    /// tensor-parallel group.
+    /// tensor-parallel group, and under FSDP with `replicas`, the group of the replicas
+    /// holding the other pieces of its parameters.
     fn load(
         &self,
         assignment: &Assignment,
         tp: Arc<dyn Collective>,
+        replicas: Option<Arc<dyn Collective>>,
     ) -> std::result::Result<LoadedShard, BoxError>;
 }
 

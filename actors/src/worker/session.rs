@@ -34,11 +34,13 @@ pub(super) struct Slot {
 /// A loaded shard and what it was loaded for.
 struct Loaded {
     model_name: String,
-    layout: (usize, usize, usize),
+    layout: Layout,
     rank: usize,
     model: Arc<dyn ShardModel>,
     /// The model's tensor-parallel group, replaced for each assignment.
     tp: Arc<Regroupable>,
+    /// Under FSDP, the group of the shard's replicas, replaced for each assignment.
+    replicas: Option<Arc<Regroupable>>,
     fingerprint: String,
     param_bytes: u64,
 }
@@ -201,8 +203,7 @@ impl Session<'_> {
         control: &Arc<PassControl>,
         slot: &mut Slot,
     ) -> Result<(Layout, Arc<dyn Collective>, bool)> {
-        let (dp, pp, tp) = assignment.layout;
-        let layout = Layout::new(dp, pp, tp)?;
+        let layout = assignment.layout;
         let rank = assignment.rank;
         let protocol = |what: String| Error::Protocol { rank, what };
         if rank >= layout.world_size() || assignment.peers.len() != layout.world_size() {
@@ -257,20 +258,32 @@ impl Session<'_> {
         };
         let tp_group = join(format!("tp.dp{}.pp{}", me.dp, me.pp), layout.tp_group(rank))?;
         let pipeline = join(format!("pp.dp{}.tp{}", me.dp, me.tp), layout.pp_group(rank))?;
+        let replicas = match layout.fsdp() {
+            true => Some(join(
+                format!("dp.pp{}.tp{}", me.pp, me.tp),
+                layout.dp_group(rank),
+            )?),
+            false => None,
+        };
         let same = slot.loaded.as_ref().is_some_and(|l| {
             l.model_name == assignment.model && l.layout == assignment.layout && l.rank == rank
         });
         if let Some(loaded) = slot.loaded.as_ref().filter(|_| same) {
             loaded.tp.replace(tp_group)?;
+            if let (Some(held), Some(group)) = (&loaded.replicas, replicas) {
+                held.replace(group)?;
+            }
             return Ok((layout, pipeline, true));
         }
         // Another slice: free the old one before reading the new.
         slot.loaded = None;
         self.record(MemberState::Loading, slot);
         let tp = Arc::new(Regroupable::new(tp_group));
+        let replicas = replicas.map(|group| Arc::new(Regroupable::new(group)));
+        let as_collective = |g: &Arc<Regroupable>| -> Arc<dyn Collective> { g.clone() };
         let shard = self
             .loader
-            .load(assignment, tp.clone())
+            .load(assignment, tp.clone(), replicas.as_ref().map(as_collective))
             .map_err(|e| Error::WorkerStart {
                 rank,
                 reason: e.to_string(),
@@ -287,6 +300,7 @@ impl Session<'_> {
             rank,
             model: shard.model,
             tp,
+            replicas,
             fingerprint: shard.fingerprint,
             param_bytes,
         });
@@ -403,10 +417,11 @@ fn send_parameters(driver: &Connection, shard: &ActorRef<ShardActor>, rank: usiz
     let described = slices
         .iter()
         .map(|(p, g)| {
-            let split = p.split.clone().map(|(dim, r)| (dim, r.start, r.end));
+            let bounds = |(dim, r): (usize, std::ops::Range<usize>)| (dim, r.start, r.end);
             SliceHeader {
                 name: p.name.clone(),
-                split,
+                split: p.split.clone().map(bounds),
+                piece: p.piece.clone().map(bounds),
                 has_grad: g.is_some(),
             }
         })

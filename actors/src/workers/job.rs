@@ -65,8 +65,7 @@ impl WorkerSet {
         let claim = job.claim(driver)?;
         let members = wait_for_workers(&job, &layout, &launch.model)?;
         let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
-        let dims = (layout.dp(), layout.pp(), layout.tp());
-        let assignment = claim.assign(dims, &launch.model, ids.clone())?;
+        let assignment = claim.assign(layout, &launch.model, ids.clone())?;
         tracing::info!(job = %launch.url.job, epoch = assignment.epoch, workers = ?ids, "assigned the job's workers");
         let runtime = super::io_runtime()?;
         let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
@@ -132,8 +131,9 @@ impl WorkerSet {
         let ids: Vec<String> = self.workers.iter().map(Worker::member_id).collect();
         let members = wait_for_replacements(hold, &self.layout, &ids, &lost)?;
         let new_ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
-        let dims = (self.layout.dp(), self.layout.pp(), self.layout.tp());
-        let assignment = hold.claim.assign(dims, &hold.model, new_ids.clone())?;
+        let assignment = hold
+            .claim
+            .assign(self.layout, &hold.model, new_ids.clone())?;
         tracing::info!(epoch = assignment.epoch, ranks = ?lost, "replacing lost workers");
         // The replacements join; then every worker gets the new assignment.
         let mut joining = Vec::new();

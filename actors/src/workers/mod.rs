@@ -229,12 +229,11 @@ struct Introduction<'a> {
 impl Introduction<'_> {
     /// The assignment of `rank`, its peers at `peers`.
     fn assignment(&self, rank: usize, peers: &[String]) -> Assignment {
-        let layout = self.layout;
         Assignment {
             epoch: self.epoch,
             member: self.members.map(|m| m[rank].clone()),
             rank,
-            layout: (layout.dp(), layout.pp(), layout.tp()),
+            layout: self.layout,
             peers: peers.to_vec(),
             model: self.model.to_string(),
         }
@@ -676,6 +675,7 @@ impl Relay {
                 |SliceHeader {
                      name,
                      split,
+                     piece,
                      has_grad,
                  }| {
                     let mut tensors = wire::attached(&self.connection, 1 + usize::from(has_grad))
@@ -686,6 +686,7 @@ impl Relay {
                         name,
                         value,
                         split: split.map(|(dim, start, end)| (dim, start..end)),
+                        piece: piece.map(|(dim, start, end)| (dim, start..end)),
                     };
                     Ok((slice, tensors.next()))
                 },

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use super::records::{AssignmentRecord, DriverRecord, MemberRecord};
 use super::url::ClusterUrl;
 use crate::transport::Token;
-use crate::{Error, Result};
+use crate::{Error, Layout, Result};
 
 /// How long a process waits for etcd to answer at first, before it says it cannot.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -568,7 +568,7 @@ impl Claim {
     /// driver holds the job and no other assignment came in between; returns it.
     pub fn assign(
         &self,
-        layout: (usize, usize, usize),
+        layout: Layout,
         model: &str,
         members: Vec<String>,
     ) -> Result<AssignmentRecord> {

@@ -21,12 +21,11 @@ pub fn place_ranks(
     model: &str,
     candidates: &[MemberRecord],
 ) -> Option<Vec<usize>> {
-    let dims = (layout.dp(), layout.pp(), layout.tp());
     let mut ranks: Vec<Option<usize>> = vec![None; layout.world_size()];
     let mut free = Vec::new();
     for (i, candidate) in candidates.iter().enumerate() {
         let keeps = candidate.slice.as_ref().and_then(|s| {
-            (s.model == model && s.layout == dims && s.rank < ranks.len()).then_some(s.rank)
+            (s.model == model && s.layout == *layout && s.rank < ranks.len()).then_some(s.rank)
         });
         match keeps {
             Some(rank) if ranks[rank].is_none() => ranks[rank] = Some(i),
@@ -96,7 +95,7 @@ mod tests {
     use super::*;
     use crate::membership::{LoadedSlice, MemberState};
 
-    fn member(id: &str, host: &str, slice: Option<(usize, (usize, usize, usize))>) -> MemberRecord {
+    fn member(id: &str, host: &str, slice: Option<(usize, Layout)>) -> MemberRecord {
         MemberRecord {
             id: id.into(),
             host: host.into(),
@@ -147,10 +146,18 @@ mod tests {
 
     #[test]
     fn a_member_holding_a_rank_keeps_it() {
-        let dims = (1, 2, 1);
-        let members = [member("w0", "a", Some((1, dims))), member("w1", "a", None)];
-        let placed = place_ranks(&Layout::new(1, 2, 1).unwrap(), "m", &members).unwrap();
+        let layout = Layout::new(1, 2, 1).unwrap();
+        let members = [
+            member("w0", "a", Some((1, layout))),
+            member("w1", "a", None),
+        ];
+        let placed = place_ranks(&layout, "m", &members).unwrap();
         assert_eq!(placed, [1, 0]);
+        // A slice loaded without FSDP is not one loaded with it.
+        let fsdp = Layout::new(2, 1, 1).unwrap();
+        let members = [member("w0", "a", Some((1, fsdp))), member("w1", "a", None)];
+        let placed = place_ranks(&fsdp.with_fsdp(true).unwrap(), "m", &members).unwrap();
+        assert_eq!(placed, [0, 1]);
         // Under another layout the slice is of no use: ranks go in id order.
         let placed = place_ranks(&Layout::new(1, 1, 2).unwrap(), "m", &members).unwrap();
         assert_eq!(placed, [0, 1]);

@@ -11,6 +11,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::Layout;
+
 /// What a worker is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -42,8 +44,8 @@ impl MemberState {
 pub struct LoadedSlice {
     /// The model's name, as the driver gave it.
     pub model: String,
-    /// The layout, as `(dp, pp, tp)`.
-    pub layout: (usize, usize, usize),
+    /// The layout.
+    pub layout: Layout,
     /// The rank whose slice it is.
     pub rank: usize,
     /// The fingerprint of the weights the worker read the slice from.
@@ -91,8 +93,8 @@ impl std::fmt::Display for DriverRecord {
 pub struct AssignmentRecord {
     /// The assignment's number; every assignment has a larger one than the last.
     pub epoch: u64,
-    /// The layout, as `(dp, pp, tp)`.
-    pub layout: (usize, usize, usize),
+    /// The layout.
+    pub layout: Layout,
     /// The model, as the driver names it.
     pub model: String,
     /// The id of each rank's member, in rank order.

@@ -1,5 +1,6 @@
-//! The `[--tp N] [--pp N] [--dp N] [--procs | --cluster URL] [--token-file F]` options
-//! every command takes, and the checks a command makes before it reads any weight.
+//! The `[--tp N] [--pp N] [--dp N] [--fsdp] [--procs | --cluster URL] [--token-file F]`
+//! options every command takes, and the checks a command makes before it reads any
+//! weight.
 
 use std::path::PathBuf;
 
@@ -24,6 +25,11 @@ pub struct LayoutArgs {
     /// Data-parallel replicas.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub dp: u32,
+    /// Shard every parameter across the data-parallel replicas as well (FSDP): each
+    /// holds 1/dp of its shard's parameters and gathers a layer's whole slices just
+    /// before it computes. Needs `--dp` 2 or more.
+    #[arg(long)]
+    pub fsdp: bool,
     /// Run every rank in a worker process of its own on this machine (by default, every
     /// rank is a thread of this process).
     #[arg(long, conflicts_with = "cluster")]
@@ -51,11 +57,8 @@ pub struct Plan<'a> {
 impl LayoutArgs {
     /// The layout these options describe.
     pub fn layout(&self) -> anyhow::Result<Layout> {
-        Ok(Layout::new(
-            self.dp as usize,
-            self.pp as usize,
-            self.tp as usize,
-        )?)
+        let layout = Layout::new(self.dp as usize, self.pp as usize, self.tp as usize)?;
+        Ok(layout.with_fsdp(self.fsdp)?)
     }
 
     /// The model of `checkpoint` split over this layout, after checking `plan`: the

@@ -1,34 +1,98 @@
-//! FSDP: a block's parameters cut into pieces across the data-parallel replicas, and
-//! gathered whole just before the block computes.
+//! FSDP: a shard's parameters cut into pieces across its data-parallel replicas, and
+//! gathered whole just before the layer that uses them computes.
 //!
-//! Each parameter (the tensor-parallel slice a rank holds) is cut along dimension 0 as
-//! [`split_evenly`] cuts it, replica `r` keeping piece `r`. [`Block::gathered`] joins
-//! every replica's pieces through the replicas' collective; the gathered block is
-//! dropped when the block is done. In backward, the gather's conjugate sums each
-//! piece's gradient over the replicas (a reduce-scatter), so that each replica keeps
-//! the gradient of its own piece of the whole batch.
+//! Each parameter (the tensor-parallel slice a rank holds) is cut along the dimension
+//! tensor parallelism slices it (dimension 0 where it is whole), as [`split_evenly`]
+//! cuts it, replica `r` keeping piece `r`. [`Fsdp::gathered`] joins every replica's
+//! pieces of one layer through the replicas' collective. In a pass without a backward
+//! pass the gathered layer is outside the autograd graph and is freed as soon as the
+//! layer has computed; in a pass with one it lives in the graph until the gradients are
+//! computed, when the gather's conjugate sums each piece's gradient over the replicas
+//! (a reduce-scatter), so that each replica keeps the gradient of its own piece of the
+//! whole batch.
 
+use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
-use flexmodel_cluster::{Collective, TpRank, conjugate, split_evenly};
+use candle_core::{Tensor, TensorId};
+use flexmodel_cluster::{Collective, ParamSlice, conjugate, split_evenly};
 
-use super::block::Block;
-use crate::Result;
-use crate::models::parallel::{owned_slice, param};
+use crate::models::parallel::{ParamMap, owned_slice, param};
+use crate::{Error, Result};
 
-impl Block {
-    /// The block holding only `replica`'s piece of each parameter, as new variables.
-    pub(crate) fn pieces(&self, replica: TpRank) -> Result<Block> {
-        self.map_parameters(&mut |t| {
-            let rows = split_evenly(t.dim(0)?, replica.size())[replica.rank()].clone();
-            param(owned_slice(t, 0, &rows)?)
+/// A shard's place among its replicas under FSDP, and the pieces it holds.
+pub(crate) struct Fsdp {
+    /// The replicas holding the other pieces, this shard's replica among them.
+    replicas: Arc<dyn Collective>,
+    /// Each piece held, by its tensor: the dimension it is cut along and its range of
+    /// the tensor-parallel slice along it.
+    pieces: HashMap<TensorId, (usize, Range<usize>)>,
+    /// The piece cut from each slice so far, by the slice's tensor, so that a tensor
+    /// two layers share (a tied embedding and LM head) is cut once.
+    cut_from: HashMap<TensorId, Tensor>,
+}
+
+impl Fsdp {
+    /// A shard holding no piece yet, among `replicas`.
+    pub(crate) fn new(replicas: Arc<dyn Collective>) -> Self {
+        Self {
+            replicas,
+            pieces: HashMap::new(),
+            cut_from: HashMap::new(),
+        }
+    }
+
+    /// The layer whose parameters are `parameters`, rebuilt by `map` holding only this
+    /// replica's piece of each, as new variables.
+    pub(crate) fn cut<M>(
+        &mut self,
+        parameters: Vec<ParamSlice>,
+        map: impl FnOnce(&mut ParamMap<'_>) -> Result<M>,
+    ) -> Result<M> {
+        let member = self.replicas.tp_rank();
+        for p in parameters {
+            if self.cut_from.contains_key(&p.value.id()) {
+                continue;
+            }
+            let dim = p.split.as_ref().map_or(0, |(dim, _)| *dim);
+            let range = split_evenly(p.value.dim(dim)?, member.size())[member.rank()].clone();
+            let piece = param(owned_slice(&p.value, dim, &range)?)?;
+            self.pieces.insert(piece.id(), (dim, range));
+            self.cut_from.insert(p.value.id(), piece);
+        }
+        map(&mut |t| {
+            self.cut_from
+                .get(&t.id())
+                .cloned()
+                .ok_or(Error::Internal("a layer's tensor that its parameters omit"))
         })
     }
 
-    /// The whole block from every replica's [`pieces`](Self::pieces), gathered through
-    /// `replicas` (the collective of the replicas holding this shard).
-    pub(crate) fn gathered(&self, replicas: &Arc<dyn Collective>) -> Result<Block> {
-        self.map_parameters(&mut |piece| Ok(conjugate::gather_pieces(piece, 0, replicas)?))
+    /// The whole layer, rebuilt by `map` from every replica's pieces. With `tracked`,
+    /// the gather is part of the autograd graph (see the module's documentation).
+    pub(crate) fn gathered<M>(
+        &self,
+        tracked: bool,
+        map: impl FnOnce(&mut ParamMap<'_>) -> Result<M>,
+    ) -> Result<M> {
+        map(&mut |piece| {
+            let (dim, _) = self
+                .pieces
+                .get(&piece.id())
+                .ok_or(Error::Internal("a layer's tensor that is not a piece"))?;
+            let piece = match tracked {
+                true => piece.clone(),
+                false => piece.detach(),
+            };
+            Ok(conjugate::gather_pieces(&piece, *dim, &self.replicas)?)
+        })
+    }
+
+    /// `slice` as this replica holds it: with its piece, if it is one.
+    pub(crate) fn describe(&self, slice: ParamSlice) -> ParamSlice {
+        let piece = self.pieces.get(&slice.value.id()).cloned();
+        ParamSlice { piece, ..slice }
     }
 }
 
@@ -40,7 +104,9 @@ mod tests {
 
     use super::*;
     use crate::NoHooks;
+    use crate::models::llama::block::Block;
     use crate::models::llama::positions::Positions;
+    use crate::models::{Llama, Stage};
     use crate::tiny::{tiny_checkpoint, tiny_config};
 
     /// `block`'s output at `x` and the gradients of `sum(output · ramp)` at `of`.
@@ -79,45 +145,61 @@ mod tests {
             .unwrap()
     }
 
+    /// Runs `work` for each member of a group of two replicas, on threads of its own.
+    fn on_replicas<T: Send>(work: impl Fn(usize, Arc<dyn Collective>) -> T + Sync) -> Vec<T> {
+        let replicas = InProcessCollective::group(2, Arc::new(PassControl::default())).unwrap();
+        std::thread::scope(|s| {
+            let work = &work;
+            let handles: Vec<_> = replicas
+                .into_iter()
+                .enumerate()
+                .map(|(r, member)| s.spawn(move || work(r, Arc::new(member))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
     #[test]
     fn a_gathered_block_computes_as_the_whole_one_and_each_piece_gets_the_replicas_gradient() {
         let checkpoint = tiny_checkpoint(3).unwrap();
         let config = &checkpoint.config;
-        let block = Block::load(checkpoint.weights.as_ref(), 1, config, TpRank::SOLE).unwrap();
+        let tp = flexmodel_cluster::TpRank::SOLE;
+        let block = Block::load(checkpoint.weights.as_ref(), 1, config, tp).unwrap();
         let inputs: Vec<Tensor> = (0..2)
             .map(|r| Tensor::randn(r as f32, 1f32, (2, 5, config.d_model), &Device::Cpu).unwrap())
             .collect();
         let whole: Vec<(Tensor, Vec<Tensor>)> =
             inputs.iter().map(|x| run(&block, x, &block)).collect();
 
-        let replicas = InProcessCollective::group(2, Arc::new(PassControl::default())).unwrap();
-        let sharded: Vec<(Tensor, Vec<Tensor>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = replicas
+        let sharded = on_replicas(|r, member| {
+            let mut fsdp = Fsdp::new(member);
+            let pieces = fsdp
+                .cut(block.parameters(), |f| block.map_parameters(f))
+                .unwrap();
+            let untracked = fsdp.gathered(false, |f| pieces.map_parameters(f)).unwrap();
+            assert!(untracked.parameters().iter().all(|p| !p.value.track_op()));
+            let gathered = fsdp.gathered(true, |f| pieces.map_parameters(f)).unwrap();
+            let described: Vec<ParamSlice> = pieces
+                .parameters()
                 .into_iter()
-                .zip(&inputs)
-                .map(|(member, x)| {
-                    let block = &block;
-                    s.spawn(move || {
-                        let member: Arc<dyn Collective> = Arc::new(member);
-                        let pieces = block.pieces(member.tp_rank()).unwrap();
-                        let gathered = pieces.gathered(&member).unwrap();
-                        run(&gathered, x, &pieces)
-                    })
-                })
+                .map(|p| fsdp.describe(p))
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+            (run(&gathered, &inputs[r], &pieces), described)
         });
-        for (replica, (y, grads)) in sharded.iter().enumerate() {
+        for (replica, ((y, grads), described)) in sharded.iter().enumerate() {
             assert_eq!(
                 max_abs_diff(y, &whole[replica].0),
                 0.0,
                 "replica {replica}'s output"
             );
             assert_eq!(grads.len(), block.parameters().len());
-            for (i, grad) in grads.iter().enumerate() {
+            for (i, (grad, whole_slice)) in grads.iter().zip(block.parameters()).enumerate() {
+                // Row-parallel weights are cut along dimension 1, the others along 0.
+                let dim = whole_slice.split.as_ref().map_or(0, |(d, _)| *d);
                 let summed = (&whole[0].1[i] + &whole[1].1[i]).unwrap();
-                let rows = split_evenly(summed.dim(0).unwrap(), 2)[replica].clone();
-                let expected = summed.narrow(0, rows.start, rows.len()).unwrap();
+                let rows = split_evenly(summed.dim(dim).unwrap(), 2)[replica].clone();
+                assert_eq!(described[i].piece, Some((dim, rows.clone())));
+                let expected = summed.narrow(dim, rows.start, rows.len()).unwrap();
                 assert_eq!(grad.dims(), expected.dims());
                 let differs = max_abs_diff(grad, &expected);
                 assert!(
@@ -129,11 +211,12 @@ mod tests {
     }
 
     #[test]
-    fn a_model_under_fsdp_gives_the_whole_models_logits_holding_half_its_blocks() {
+    fn a_model_under_fsdp_gives_the_whole_models_logits_holding_half_its_weights() {
         let checkpoint = tiny_checkpoint(3).unwrap();
         let config = &checkpoint.config;
+        let weights = checkpoint.weights.as_ref();
         let tp: Arc<dyn Collective> = Arc::new(SingleRank);
-        let model = crate::models::Llama::load(config, checkpoint.weights.as_ref(), tp).unwrap();
+        let model = Llama::load(config, weights, tp.clone()).unwrap();
         let tokens: Vec<Tensor> = (0..2u32)
             .map(|r| {
                 let ids: Vec<u32> = (0..12).map(|i| (i * 37 + r * 11) % 256).collect();
@@ -144,30 +227,13 @@ mod tests {
             .iter()
             .map(|t| model.forward(t, &mut NoHooks).unwrap())
             .collect();
-        let block_bytes: usize = model
-            .parameters()
-            .iter()
-            .filter(|p| p.name.starts_with("model.layers."))
-            .map(|p| p.value.elem_count() * 4)
-            .sum();
-
-        let replicas = InProcessCollective::group(2, Arc::new(PassControl::default())).unwrap();
-        let sharded: Vec<(Tensor, usize)> = std::thread::scope(|s| {
-            let handles: Vec<_> = replicas
-                .into_iter()
-                .zip(&tokens)
-                .map(|(member, t)| {
-                    let model = model.clone();
-                    s.spawn(move || {
-                        let model = model.with_fsdp(Arc::new(member)).unwrap();
-                        (
-                            model.forward(t, &mut NoHooks).unwrap(),
-                            model.weight_bytes(),
-                        )
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let sharded = on_replicas(|r, member| {
+            let stage = Stage::whole(config.n_layers);
+            let model = Llama::load_stage_fsdp(config, weights, tp.clone(), stage, member).unwrap();
+            (
+                model.forward(&tokens[r], &mut NoHooks).unwrap(),
+                model.weight_bytes(),
+            )
         });
         for (replica, (logits, bytes)) in sharded.iter().enumerate() {
             assert_eq!(
@@ -175,8 +241,8 @@ mod tests {
                 0.0,
                 "replica {replica}"
             );
-            // Every dimension 0 of the tiny model's blocks is even: exactly half.
-            assert_eq!(*bytes, model.weight_bytes() - block_bytes / 2);
+            // Every parameter of the tiny model cuts evenly in two.
+            assert_eq!(*bytes, model.weight_bytes() / 2);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The whole LLaMA-family model as held by one tensor-parallel shard.
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -10,8 +11,10 @@ use flexmodel_cluster::{Collective, conjugate};
 
 use super::LlamaConfig;
 use super::block::Block;
+use super::fsdp::Fsdp;
 use super::positions::Positions;
 use super::rms_norm::RmsNorm;
+use crate::models::parallel::ParamMap;
 use crate::models::{ColumnParallelLinear, VocabParallelEmbedding};
 use crate::text::token_batch::check_tokens;
 use crate::weights::WeightSource;
@@ -53,8 +56,8 @@ pub struct Llama {
     final_norm: Option<RmsNorm>,
     lm_head: Option<ColumnParallelLinear>,
     collective: Arc<dyn Collective>,
-    /// With FSDP, the data-parallel replicas holding the other pieces of the blocks.
-    replicas: Option<Arc<dyn Collective>>,
+    /// Under FSDP, the replicas holding the other pieces of every parameter.
+    fsdp: Option<Arc<Fsdp>>,
 }
 
 impl Llama {
@@ -74,6 +77,35 @@ impl Llama {
         weights: &dyn WeightSource,
         collective: Arc<dyn Collective>,
         stage: Stage,
+    ) -> Result<Self> {
+        Self::load_parts(config, weights, collective, stage, None)
+    }
+
+    /// Builds `stage` of the model for `collective`'s tensor-parallel rank under FSDP:
+    /// of each of its slices the shard keeps only the piece of `replicas`' member (see
+    /// the `fsdp` module), and gathers a layer's whole slices from `replicas` just
+    /// before the layer computes. Every parameter is cut: the blocks', the embedding,
+    /// the final norm and the LM head. Every replica of the shard must be built so, and
+    /// run every pass with the others.
+    pub fn load_stage_fsdp(
+        config: &LlamaConfig,
+        weights: &dyn WeightSource,
+        collective: Arc<dyn Collective>,
+        stage: Stage,
+        replicas: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        let fsdp = Fsdp::new(replicas);
+        Self::load_parts(config, weights, collective, stage, Some(fsdp))
+    }
+
+    /// Builds `stage`, cutting each block as it is read under FSDP (so that no more
+    /// than one whole block is held at a time), the other layers at the end.
+    fn load_parts(
+        config: &LlamaConfig,
+        weights: &dyn WeightSource,
+        collective: Arc<dyn Collective>,
+        stage: Stage,
+        mut fsdp: Option<Fsdp>,
     ) -> Result<Self> {
         let tp = collective.tp_rank();
         let (v, d) = (config.vocab_size, config.d_model);
@@ -101,11 +133,14 @@ impl Llama {
                 false,
             )?),
         };
-        let blocks = stage
-            .layers
-            .clone()
-            .map(|layer| Block::load(weights, layer, config, tp))
-            .collect::<Result<_>>()?;
+        let mut blocks = Vec::with_capacity(stage.layers.len());
+        for layer in stage.layers.clone() {
+            let block = Block::load(weights, layer, config, tp)?;
+            blocks.push(match &mut fsdp {
+                Some(fsdp) => fsdp.cut(block.parameters(), |f| block.map_parameters(f))?,
+                None => block,
+            });
+        }
         let final_norm = match stage.last {
             true => Some(RmsNorm::load(
                 weights,
@@ -115,6 +150,18 @@ impl Llama {
             )?),
             false => None,
         };
+        let (mut embed, mut final_norm, mut lm_head) = (embed, final_norm, lm_head);
+        if let Some(fsdp) = &mut fsdp {
+            if let Some(e) = &embed {
+                embed = Some(fsdp.cut(e.parameters(), |f| e.map_parameters(f))?);
+            }
+            if let Some(n) = &final_norm {
+                final_norm = Some(fsdp.cut(n.parameters(), |f| n.map_parameters(f))?);
+            }
+            if let Some(h) = &lm_head {
+                lm_head = Some(fsdp.cut(h.parameters(), |f| h.map_parameters(f))?);
+            }
+        }
         Ok(Self {
             config: config.clone(),
             embed: embed.filter(|_| stage.first),
@@ -123,24 +170,8 @@ impl Llama {
             final_norm,
             lm_head,
             collective,
-            replicas: None,
+            fsdp: fsdp.map(Arc::new),
         })
-    }
-
-    /// This shard under FSDP: each block keeps only its piece of every parameter (see
-    /// the `fsdp` module), the piece of `replicas`' member, and gathers the whole block
-    /// from `replicas` just before computing it. The embedding, the final norm and the
-    /// LM head stay whole. Every replica of the shard must do the same, and run every
-    /// pass with the others.
-    pub fn with_fsdp(mut self, replicas: Arc<dyn Collective>) -> Result<Self> {
-        let member = replicas.tp_rank();
-        self.blocks = self
-            .blocks
-            .iter()
-            .map(|b| b.pieces(member))
-            .collect::<Result<_>>()?;
-        self.replicas = Some(replicas);
-        Ok(self)
     }
 
     /// The model's configuration.
@@ -177,7 +208,24 @@ impl Llama {
         // A tied head on a shard that also embeds shares the embedding's tensor.
         let mut seen = std::collections::HashSet::new();
         all.retain(|p| seen.insert(p.value.id()));
-        all
+        match &self.fsdp {
+            Some(fsdp) => all.into_iter().map(|p| fsdp.describe(p)).collect(),
+            None => all,
+        }
+    }
+
+    /// `layer` whole: as it is, or under FSDP gathered from the replicas' pieces by
+    /// `map` (its `map_parameters`), then in the autograd graph only when `tracked`.
+    fn whole<'a, M: Clone>(
+        &self,
+        layer: &'a M,
+        tracked: bool,
+        map: impl FnOnce(&M, &mut ParamMap<'_>) -> Result<M>,
+    ) -> Result<Cow<'a, M>> {
+        match &self.fsdp {
+            Some(fsdp) => Ok(Cow::Owned(fsdp.gathered(tracked, |f| map(layer, f))?)),
+            None => Ok(Cow::Borrowed(layer)),
+        }
     }
 
     /// The bytes of weights this shard holds.
@@ -211,19 +259,22 @@ impl Llama {
                 problem: "forward needs a shard with every stage; use forward_stage".into(),
             });
         }
-        self.forward_stage(tokens, window, cache, hooks)
+        self.forward_stage(tokens, window, cache, hooks, true)
     }
 
     /// Runs this stage: `input` is token ids `[b, t]` on the first stage and the hidden
     /// state `[b, t, d]` otherwise, at the positions `window` says; returns the hidden
     /// state, or on the last stage this rank's logits `[b, t, vocab / tp]`. A window that
     /// uses the cache attends to the keys and values in `cache` and appends its own.
+    /// `backward` says whether a backward pass may follow; without one, a shard under
+    /// FSDP frees each gathered layer as soon as it has computed.
     pub fn forward_stage(
         &self,
         input: &Tensor,
         window: &Window,
         cache: &mut KvCache,
         hooks: &mut dyn HookLayer,
+        backward: bool,
     ) -> Result<Tensor> {
         let collective = &self.collective;
         let (vocab, context) = (self.config.vocab_size, self.config.max_position_embeddings);
@@ -254,6 +305,7 @@ impl Llama {
                         ids
                     }
                 };
+                let embed = self.whole(embed, backward, VocabParallelEmbedding::map_parameters)?;
                 hooks.hook(HookPoint::Embed, embed.forward(&ids, collective.as_ref())?)?
             }
             None => input.clone(),
@@ -262,18 +314,14 @@ impl Llama {
         let positions = Positions::new(window, (b, t), d_head, theta, x.device())?;
         let mut cache = (window.cache != CacheUse::Off).then_some(cache);
         for block in &self.blocks {
-            // Under FSDP the whole block lives only while it computes (and in the
-            // autograd graph of its output).
-            let whole = match &self.replicas {
-                Some(replicas) => Some(block.gathered(replicas)?),
-                None => None,
-            };
-            let block = whole.as_ref().unwrap_or(block);
+            let block = self.whole(block, backward, Block::map_parameters)?;
             x = block.forward(x, &positions, cache.as_deref_mut(), hooks, collective)?;
         }
         let (Some(norm), Some(head)) = (&self.final_norm, &self.lm_head) else {
             return Ok(x);
         };
+        let norm = self.whole(norm, backward, RmsNorm::map_parameters)?;
+        let head = self.whole(head, backward, ColumnParallelLinear::map_parameters)?;
         let scale = hooks.hook(HookPoint::LnFinalScale, norm.scale(&x)?)?;
         let normalized = hooks.hook(HookPoint::LnFinalNormalized, x.broadcast_div(&scale)?)?;
         let logits = head.forward(&conjugate::copy_to_group(

@@ -43,6 +43,7 @@ impl RmsNorm {
             name: self.name.clone(),
             value: self.weight.clone(),
             split: None,
+            piece: None,
         }]
     }
 

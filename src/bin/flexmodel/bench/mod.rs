@@ -231,6 +231,7 @@ fn run_json(args: &BenchArgs) -> serde_json::Value {
         "tp": args.layout.tp,
         "pp": args.layout.pp,
         "dp": args.layout.dp,
+        "fsdp": args.layout.fsdp,
         "procs": args.layout.procs,
         "hooks": args.hooks,
     })

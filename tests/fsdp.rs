@@ -196,6 +196,37 @@ fn a_capture_with_fsdp_writes_what_plain_data_parallel_writes() {
 }
 
 #[test]
+fn induction_scores_with_fsdp_are_plain_data_parallels() {
+    let dir = tiny_dir(70);
+    let model = dir.path().to_str().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let scores = |extra: &[&str]| {
+        let dir = out.path().join(format!("induction{}", extra.len()));
+        let mut args = vec![
+            "induction",
+            "--model",
+            model,
+            "--seq-len",
+            "20",
+            "--batch",
+            "3",
+            "--seed",
+            "3",
+            "--out",
+            dir.to_str().unwrap(),
+            "--dp",
+            "2",
+        ];
+        args.extend(extra);
+        succeeded(&args);
+        tensors(&dir.join("induction_scores.safetensors"))
+    };
+    let data_parallel = scores(&[]);
+    assert!(!data_parallel.is_empty());
+    assert_eq!(scores(&["--fsdp"]), data_parallel);
+}
+
+#[test]
 fn a_jobs_workers_serve_fsdp_bit_for_bit_keep_its_pieces_for_the_next_driver_and_reload_without_it()
 {
     let job = TestJob::start("fsdp", 1, 4);
@@ -223,6 +254,54 @@ fn a_jobs_workers_serve_fsdp_bit_for_bit_keep_its_pieces_for_the_next_driver_and
     let plain_layout = plain(1, 2, 2);
     let model = FlexModel::build_on(&checkpoint, plain_layout, &job.placement()).unwrap();
     assert_eq!(model.workers_reused(), Some(vec![false; 4]));
+}
+
+#[test]
+fn smollm2_workers_under_fsdp_hold_half_the_weights_and_peak_lower() {
+    let (checkpoint, _) = smollm2();
+    let peaks = |model: &FlexModel| -> Vec<u64> {
+        let peaks = model.worker_peak_rss_bytes().unwrap();
+        peaks.into_iter().map(Option::unwrap).collect()
+    };
+    let worker = |layout: Layout| {
+        let mut model = FlexModel::build_on(checkpoint, layout, &processes()).unwrap();
+        let loaded = peaks(&model);
+        model.forward(smollm2_tokens()).unwrap();
+        (model.shard_weight_bytes(), loaded, peaks(&model))
+    };
+    let plain_run = worker(plain(1, 1, 2));
+    let fsdp_run = worker(fsdp(1, 1, 2));
+    let mb = |b: u64| b as f64 / 1e6;
+    for rank in 0..2 {
+        let bytes = (fsdp_run.0[rank] as u64, plain_run.0[rank] as u64);
+        let loaded = (fsdp_run.1[rank], plain_run.1[rank]);
+        let passed = (fsdp_run.2[rank], plain_run.2[rank]);
+        let ratio = |(a, b): (u64, u64)| a as f64 / b as f64;
+        eprintln!(
+            "rank {rank}: weights {:.0} of {:.0} MB; peak {:.0} of {:.0} MB loaded ({:.3}), {:.0} of {:.0} MB after a pass ({:.3})",
+            mb(bytes.0),
+            mb(bytes.1),
+            mb(loaded.0),
+            mb(loaded.1),
+            ratio(loaded),
+            mb(passed.0),
+            mb(passed.1),
+            ratio(passed)
+        );
+        // Every dimension SmolLM2's pieces are cut along is even: exactly half.
+        assert_eq!(2 * bytes.0, bytes.1);
+        // Measured 0.56: each layer is cut as it is read.
+        assert!(
+            ratio(loaded) < 0.65,
+            "rank {rank}: loading peaks at {loaded:?}"
+        );
+        // Measured 0.84 to 0.87: one whole layer at a time beside the pieces (the embedding and
+        // the LM head are a fifth of SmolLM2).
+        assert!(
+            ratio(passed) < 0.9,
+            "rank {rank}: a pass peaks at {passed:?}"
+        );
+    }
 }
 
 /// Every point of a plain pass, of an edited pass, and every gradient (and the loss) of

@@ -4,6 +4,7 @@
 //! all-reduces the gradient. FSDP's gather of a parameter's pieces reduce-scatters its
 //! gradient.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Storage, Tensor};
@@ -46,9 +47,9 @@ pub fn copy_to_group(x: &Tensor, collective: &Arc<dyn Collective>) -> Result<Ten
     })
 }
 
-/// The whole of a tensor whose pieces along `dim` are spread over the group, in rank
-/// order as [`split_evenly`](crate::split_evenly) cuts them: every member's piece
-/// concatenated.
+/// The whole of a tensor of `len` along `dim` whose pieces along it are spread over the
+/// group, in rank order as [`split_evenly`](crate::split_evenly) cuts them: every
+/// member's piece concatenated.
 /// In backward, each member's piece gets the sum over the members of the gradient at
 /// its own rows — a reduce-scatter — so that the members together hold the gradient of
 /// the whole tensor once. FSDP gathers a shard's parameters this way. A piece outside
@@ -57,33 +58,73 @@ pub fn copy_to_group(x: &Tensor, collective: &Arc<dyn Collective>) -> Result<Ten
 pub fn gather_pieces(
     piece: &Tensor,
     dim: usize,
+    len: usize,
     collective: &Arc<dyn Collective>,
 ) -> Result<Tensor> {
     if collective.tp_rank().size() == 1 {
         return Ok(piece.clone());
     }
     if !piece.track_op() {
-        return gather_checked(piece, dim, collective.as_ref());
+        return gather_checked(piece, dim, len, collective.as_ref());
     }
     let op = GatherPieces {
         dim,
+        len,
         collective: collective.clone(),
     };
     Ok(piece.apply_op1(op)?)
 }
 
-/// Every member's piece along `dim` joined, checked to be the pieces
-/// [`split_evenly`](crate::split_evenly) cuts the whole into.
-fn gather_checked(piece: &Tensor, dim: usize, collective: &dyn Collective) -> Result<Tensor> {
+/// The most bytes of its piece a member sends in one all-gather of [`gather_pieces`]:
+/// a larger piece goes in chunks, each written into the whole as it arrives, so that
+/// beside the whole no more than a chunk of each piece is in flight.
+const CHUNK_BYTES: usize = 8 << 20;
+
+/// Every member's piece along `dim` joined into the whole of `len`, after checking that
+/// this member's piece is the one [`split_evenly`](crate::split_evenly) cuts for it.
+fn gather_checked(
+    piece: &Tensor,
+    dim: usize,
+    len: usize,
+    collective: &dyn Collective,
+) -> Result<Tensor> {
     let member = collective.tp_rank();
-    let whole = collective.all_gather(&piece.contiguous()?, dim)?;
-    let n = whole.dim(dim)?;
-    if crate::split_evenly(n, member.size())[member.rank()].len() != piece.dim(dim)? {
+    let (size, me) = (member.size(), member.rank());
+    let rows = crate::split_evenly(len, size);
+    if rows[me].len() != piece.dim(dim)? {
         return Err(crate::Error::UnevenSplit {
             what: "a gathered tensor's pieces".into(),
-            size: n,
-            parts: member.size(),
+            size: len,
+            parts: size,
         });
+    }
+    // Every member computes the same number of chunks, from `len` alone.
+    let row_bytes = piece.elem_count() / piece.dim(dim)?.max(1) * piece.dtype().size_in_bytes();
+    let fewest = rows.iter().map(|r| r.len()).min().unwrap_or(0).max(1);
+    let chunks = (rows[0].len() * row_bytes)
+        .div_ceil(CHUNK_BYTES)
+        .clamp(1, fewest);
+    if chunks == 1 {
+        return collective.all_gather(&piece.contiguous()?, dim);
+    }
+    let mut shape = piece.dims().to_vec();
+    shape[dim] = len;
+    let whole = Tensor::zeros(shape, piece.dtype(), piece.device())?;
+    let parts: Vec<Vec<Range<usize>>> = rows
+        .iter()
+        .map(|r| crate::split_evenly(r.len(), chunks))
+        .collect();
+    for j in 0..chunks {
+        let own = &parts[me][j];
+        let chunk = piece.narrow(dim, own.start, own.len())?.contiguous()?;
+        let gathered = collective.all_gather(&chunk, dim)?;
+        let mut at = 0;
+        for (held, member_parts) in rows.iter().zip(&parts) {
+            let part = &member_parts[j];
+            let rows_of_member = gathered.narrow(dim, at, part.len())?.contiguous()?;
+            whole.slice_set(&rows_of_member, dim, held.start + part.start)?;
+            at += part.len();
+        }
     }
     Ok(whole)
 }
@@ -149,6 +190,7 @@ impl CustomOp2 for Substitute {
 /// the member's own rows.
 struct GatherPieces {
     dim: usize,
+    len: usize,
     collective: Arc<dyn Collective>,
 }
 
@@ -170,7 +212,7 @@ impl CustomOp1 for GatherPieces {
             CpuStorage::BF16(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
             _ => candle_core::bail!("collective autograd ops need f32, f64, f16 or bf16 tensors"),
         };
-        let whole = gather_checked(&piece, self.dim, self.collective.as_ref())
+        let whole = gather_checked(&piece, self.dim, self.len, self.collective.as_ref())
             .map_err(candle_core::Error::wrap)?;
         let (storage, layout) = whole.storage_and_layout();
         match &*storage {
@@ -186,7 +228,9 @@ impl CustomOp1 for GatherPieces {
             .collective
             .all_reduce_sum(&grad.contiguous()?)
             .map_err(candle_core::Error::wrap)?;
-        Ok(Some(sum.narrow(self.dim, rows.start, rows.len())?))
+        // A copy of its own: a view would keep the whole gradient alive with the piece's.
+        let own = sum.narrow(self.dim, rows.start, rows.len())?;
+        Ok(Some(own.force_contiguous()?))
     }
 }
 
@@ -257,6 +301,29 @@ mod tests {
     }
 
     #[test]
+    fn pieces_larger_than_a_chunk_gather_in_chunks_to_the_same_whole() {
+        // 7 rows (or columns) of 4 MiB in pieces of 3, 2 and 2: two chunks each.
+        let big = 1 << 20;
+        let whole = Tensor::arange(0f32, (7 * big) as f32, &Device::Cpu).unwrap();
+        for (dim, whole) in [
+            (0, whole.reshape((7, big)).unwrap()),
+            (1, whole.reshape((big, 7)).unwrap()),
+        ] {
+            let gathered = on_group(3, |c| {
+                let r = c.tp_rank().rank();
+                let rows = crate::split_evenly(7, 3)[r].clone();
+                let piece = whole.narrow(dim, rows.start, rows.len()).unwrap();
+                let piece = piece.contiguous().unwrap().detach();
+                gather_pieces(&piece, dim, 7, &c).unwrap()
+            });
+            for g in gathered {
+                let differs = (&g - &whole).unwrap().abs().unwrap().max_all().unwrap();
+                assert_eq!(differs.to_scalar::<f32>().unwrap(), 0.0, "along {dim}");
+            }
+        }
+    }
+
+    #[test]
     fn gathered_pieces_are_the_whole_and_each_piece_gets_the_summed_gradient_of_its_rows() {
         // A [5, 2] tensor in pieces of 2, 2 and 1 rows.
         let whole: Vec<f32> = (0..10).map(|v| v as f32).collect();
@@ -270,12 +337,12 @@ mod tests {
             )
             .unwrap();
             let piece = Var::from_tensor(&piece).unwrap();
-            let gathered = gather_pieces(piece.as_tensor(), 0, &c).unwrap();
+            let gathered = gather_pieces(piece.as_tensor(), 0, 5, &c).unwrap();
             // Member r weighs every entry by r + 1.
             let weight = Tensor::full(r as f32 + 1.0, (5, 2), &Device::Cpu).unwrap();
             let loss = (&gathered * &weight).unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
-            let untracked = gather_pieces(&piece.as_tensor().detach(), 0, &c).unwrap();
+            let untracked = gather_pieces(&piece.as_tensor().detach(), 0, 5, &c).unwrap();
             assert!(!untracked.track_op());
             (
                 gathered.flatten_all().unwrap().to_vec1::<f32>().unwrap(),

@@ -25,9 +25,9 @@ use crate::{Error, Result};
 pub(crate) struct Fsdp {
     /// The replicas holding the other pieces, this shard's replica among them.
     replicas: Arc<dyn Collective>,
-    /// Each piece held, by its tensor: the dimension it is cut along and its range of
-    /// the tensor-parallel slice along it.
-    pieces: HashMap<TensorId, (usize, Range<usize>)>,
+    /// Each piece held, by its tensor: the dimension it is cut along, its range of the
+    /// tensor-parallel slice along it, and the slice's length along it.
+    pieces: HashMap<TensorId, (usize, Range<usize>, usize)>,
     /// The piece cut from each slice so far, by the slice's tensor, so that a tensor
     /// two layers share (a tied embedding and LM head) is cut once.
     cut_from: HashMap<TensorId, Tensor>,
@@ -44,7 +44,8 @@ impl Fsdp {
     }
 
     /// The layer whose parameters are `parameters`, rebuilt by `map` holding only this
-    /// replica's piece of each, as new variables.
+    /// replica's piece of each, as new variables (a parameter that is a piece already,
+    /// shared with a layer cut before, stays as it is).
     pub(crate) fn cut<M>(
         &mut self,
         parameters: Vec<ParamSlice>,
@@ -52,20 +53,24 @@ impl Fsdp {
     ) -> Result<M> {
         let member = self.replicas.tp_rank();
         for p in parameters {
-            if self.cut_from.contains_key(&p.value.id()) {
+            let id = p.value.id();
+            if self.cut_from.contains_key(&id) || self.pieces.contains_key(&id) {
                 continue;
             }
             let dim = p.split.as_ref().map_or(0, |(dim, _)| *dim);
-            let range = split_evenly(p.value.dim(dim)?, member.size())[member.rank()].clone();
+            let len = p.value.dim(dim)?;
+            let range = split_evenly(len, member.size())[member.rank()].clone();
             let piece = param(owned_slice(&p.value, dim, &range)?)?;
-            self.pieces.insert(piece.id(), (dim, range));
+            self.pieces.insert(piece.id(), (dim, range, len));
             self.cut_from.insert(p.value.id(), piece);
         }
-        map(&mut |t| {
-            self.cut_from
+        map(&mut |t| match self.pieces.contains_key(&t.id()) {
+            true => Ok(t.clone()),
+            false => self
+                .cut_from
                 .get(&t.id())
                 .cloned()
-                .ok_or(Error::Internal("a layer's tensor that its parameters omit"))
+                .ok_or(Error::Internal("a layer's tensor that its parameters omit")),
         })
     }
 
@@ -77,7 +82,7 @@ impl Fsdp {
         map: impl FnOnce(&mut ParamMap<'_>) -> Result<M>,
     ) -> Result<M> {
         map(&mut |piece| {
-            let (dim, _) = self
+            let (dim, _, len) = self
                 .pieces
                 .get(&piece.id())
                 .ok_or(Error::Internal("a layer's tensor that is not a piece"))?;
@@ -85,13 +90,19 @@ impl Fsdp {
                 true => piece.clone(),
                 false => piece.detach(),
             };
-            Ok(conjugate::gather_pieces(&piece, *dim, &self.replicas)?)
+            Ok(conjugate::gather_pieces(
+                &piece,
+                *dim,
+                *len,
+                &self.replicas,
+            )?)
         })
     }
 
     /// `slice` as this replica holds it: with its piece, if it is one.
     pub(crate) fn describe(&self, slice: ParamSlice) -> ParamSlice {
-        let piece = self.pieces.get(&slice.value.id()).cloned();
+        let piece = self.pieces.get(&slice.value.id());
+        let piece = piece.map(|(dim, range, _)| (*dim, range.clone()));
         ParamSlice { piece, ..slice }
     }
 }

@@ -98,8 +98,7 @@ impl Llama {
         Self::load_parts(config, weights, collective, stage, Some(fsdp))
     }
 
-    /// Builds `stage`, cutting each block as it is read under FSDP (so that no more
-    /// than one whole block is held at a time), the other layers at the end.
+    /// Builds `stage`, under FSDP cutting each layer as it is read.
     fn load_parts(
         config: &LlamaConfig,
         weights: &dyn WeightSource,
@@ -111,7 +110,9 @@ impl Llama {
         let (v, d) = (config.vocab_size, config.d_model);
         let vocab = tp.slice_of("vocab_size", v)?;
         let embed_name = "model.embed_tokens.weight";
-        let embed = match stage.first || (stage.last && config.tie_word_embeddings) {
+        // Under FSDP every layer is cut as soon as it is read, so that a rank holds at
+        // most one whole layer (and a tied head shares the embedding's piece).
+        let mut embed = match stage.first || (stage.last && config.tie_word_embeddings) {
             true => Some(VocabParallelEmbedding::load(
                 weights,
                 embed_name,
@@ -120,7 +121,10 @@ impl Llama {
             )?),
             false => None,
         };
-        let lm_head = match (stage.last, &embed) {
+        if let (Some(fsdp), Some(e)) = (&mut fsdp, &embed) {
+            embed = Some(fsdp.cut(e.parameters(), |f| e.map_parameters(f))?);
+        }
+        let mut lm_head = match (stage.last, &embed) {
             (false, _) => None,
             (true, Some(e)) if config.tie_word_embeddings => Some(
                 ColumnParallelLinear::from_weight("model.embed_tokens", e.weight(), vocab.clone())?,
@@ -133,6 +137,9 @@ impl Llama {
                 false,
             )?),
         };
+        if let (Some(fsdp), Some(h)) = (&mut fsdp, &lm_head) {
+            lm_head = Some(fsdp.cut(h.parameters(), |f| h.map_parameters(f))?);
+        }
         let mut blocks = Vec::with_capacity(stage.layers.len());
         for layer in stage.layers.clone() {
             let block = Block::load(weights, layer, config, tp)?;
@@ -141,7 +148,7 @@ impl Llama {
                 None => block,
             });
         }
-        let final_norm = match stage.last {
+        let mut final_norm = match stage.last {
             true => Some(RmsNorm::load(
                 weights,
                 "model.norm.weight",
@@ -150,17 +157,8 @@ impl Llama {
             )?),
             false => None,
         };
-        let (mut embed, mut final_norm, mut lm_head) = (embed, final_norm, lm_head);
-        if let Some(fsdp) = &mut fsdp {
-            if let Some(e) = &embed {
-                embed = Some(fsdp.cut(e.parameters(), |f| e.map_parameters(f))?);
-            }
-            if let Some(n) = &final_norm {
-                final_norm = Some(fsdp.cut(n.parameters(), |f| n.map_parameters(f))?);
-            }
-            if let Some(h) = &lm_head {
-                lm_head = Some(fsdp.cut(h.parameters(), |f| h.map_parameters(f))?);
-            }
+        if let (Some(fsdp), Some(n)) = (&mut fsdp, &final_norm) {
+            final_norm = Some(fsdp.cut(n.parameters(), |f| n.map_parameters(f))?);
         }
         Ok(Self {
             config: config.clone(),
@@ -214,17 +212,20 @@ impl Llama {
         }
     }
 
-    /// `layer` whole: as it is, or under FSDP gathered from the replicas' pieces by
-    /// `map` (its `map_parameters`), then in the autograd graph only when `tracked`.
+    /// `layer` whole (under FSDP gathered from the replicas' pieces by `map`, its
+    /// `map_parameters`), its parameters in the autograd graph only when `tracked`:
+    /// untracked, a pass keeps nothing for a backward pass, and each activation is
+    /// freed once the next is computed.
     fn whole<'a, M: Clone>(
         &self,
         layer: &'a M,
         tracked: bool,
         map: impl FnOnce(&M, &mut ParamMap<'_>) -> Result<M>,
     ) -> Result<Cow<'a, M>> {
-        match &self.fsdp {
-            Some(fsdp) => Ok(Cow::Owned(fsdp.gathered(tracked, |f| map(layer, f))?)),
-            None => Ok(Cow::Borrowed(layer)),
+        match (&self.fsdp, tracked) {
+            (Some(fsdp), _) => Ok(Cow::Owned(fsdp.gathered(tracked, |f| map(layer, f))?)),
+            (None, true) => Ok(Cow::Borrowed(layer)),
+            (None, false) => Ok(Cow::Owned(map(layer, &mut |t| Ok(t.detach()))?)),
         }
     }
 
@@ -266,8 +267,9 @@ impl Llama {
     /// state `[b, t, d]` otherwise, at the positions `window` says; returns the hidden
     /// state, or on the last stage this rank's logits `[b, t, vocab / tp]`. A window that
     /// uses the cache attends to the keys and values in `cache` and appends its own.
-    /// `backward` says whether a backward pass may follow; without one, a shard under
-    /// FSDP frees each gathered layer as soon as it has computed.
+    /// `backward` says whether a backward pass may follow; without one the pass keeps
+    /// no autograd graph, and a shard under FSDP frees each gathered layer as soon as
+    /// it has computed.
     pub fn forward_stage(
         &self,
         input: &Tensor,

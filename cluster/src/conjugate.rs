@@ -222,15 +222,11 @@ impl CustomOp1 for GatherPieces {
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let member = self.collective.tp_rank();
-        let rows = crate::split_evenly(grad.dim(self.dim)?, member.size())[member.rank()].clone();
-        let sum = self
+        let own = self
             .collective
-            .all_reduce_sum(&grad.contiguous()?)
+            .reduce_scatter_sum(&grad.contiguous()?, self.dim)
             .map_err(candle_core::Error::wrap)?;
-        // A copy of its own: a view would keep the whole gradient alive with the piece's.
-        let own = sum.narrow(self.dim, rows.start, rows.len())?;
-        Ok(Some(own.force_contiguous()?))
+        Ok(Some(own))
     }
 }
 

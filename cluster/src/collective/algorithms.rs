@@ -18,6 +18,10 @@ impl<T: PointToPoint> Collective for T {
         all_gather(self, x, dim)
     }
 
+    fn reduce_scatter_sum(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        reduce_scatter_sum(self, x, dim)
+    }
+
     fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
         broadcast(self, x, root)
     }
@@ -98,6 +102,35 @@ pub(crate) fn all_gather(p: &impl PointToPoint, x: &Tensor, dim: usize) -> Resul
         })
         .collect::<Result<Vec<Tensor>>>()?;
     Ok(Tensor::cat(&pieces, dim)?)
+}
+
+/// This member's part along `dim` of the sum of every member's `x`: each member sends
+/// every other its part, then adds the parts it has, in rank order.
+pub(crate) fn reduce_scatter_sum(p: &impl PointToPoint, x: &Tensor, dim: usize) -> Result<Tensor> {
+    let (me, n) = (p.member().rank(), p.member().size());
+    let parts = split_evenly(x.dim(dim)?, n);
+    let part = |of: usize| -> Result<Tensor> {
+        let rows = &parts[of];
+        Ok(x.narrow(dim, rows.start, rows.len())?.contiguous()?)
+    };
+    for peer in (0..n).filter(|&q| q != me) {
+        p.send_to(&part(peer)?, peer)?;
+    }
+    let mut sum: Option<Tensor> = None;
+    for member in 0..n {
+        let addend = match member == me {
+            true => part(me)?,
+            false => p.recv_from(member)?,
+        };
+        sum = Some(match sum {
+            Some(s) => (s + addend)?,
+            None => addend,
+        });
+    }
+    // A copy of its own, so that the part does not keep the whole `x` alive.
+    Ok(sum
+        .ok_or(Error::Internal("a group without members"))?
+        .force_contiguous()?)
 }
 
 /// `root`'s `x` on every member.

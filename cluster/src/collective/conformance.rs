@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use crate::transport::{Hub, Token};
 use crate::{
     Collective, Error, InProcessCollective, PassControl, SingleRank, TcpCollective, TpRank,
+    split_evenly,
 };
 
 /// The implementations under test.
@@ -157,6 +158,23 @@ fn all_gather_concatenates_in_rank_order() {
         .unwrap();
         for g in &gathered {
             assert_eq!(flat(g), flat(&expected), "{transport:?}");
+        }
+    }
+}
+
+#[test]
+fn reduce_scatter_gives_each_member_its_part_of_the_sum() {
+    for transport in TRANSPORTS {
+        // 7 rows over 3 members: parts of 3, 2 and 2 rows.
+        let parts = on_threads(transport, 3, |c| {
+            let x = random(c.tp_rank().rank(), &[7, 2]);
+            c.reduce_scatter_sum(&x, 0).unwrap()
+        });
+        let sum =
+            ((random(0, &[7, 2]) + random(1, &[7, 2])).unwrap() + random(2, &[7, 2])).unwrap();
+        for (member, (part, rows)) in parts.iter().zip(split_evenly(7, 3)).enumerate() {
+            let expected = sum.narrow(0, rows.start, rows.len()).unwrap();
+            assert_eq!(flat(part), flat(&expected), "{transport:?} member {member}");
         }
     }
 }

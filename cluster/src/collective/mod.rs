@@ -34,6 +34,11 @@ pub trait Collective: Send + Sync {
     /// Every member's `x` concatenated along `dim` in rank order.
     fn all_gather(&self, x: &Tensor, dim: usize) -> Result<Tensor>;
 
+    /// This member's part along `dim` (as [`split_evenly`](crate::split_evenly) cuts
+    /// it) of the element-wise sum of every member's `x`, added in rank order: a
+    /// reduce-scatter, each member sending every other only that member's part.
+    fn reduce_scatter_sum(&self, x: &Tensor, dim: usize) -> Result<Tensor>;
+
     /// `root`'s `x` on every member (the others pass any tensor, or their own).
     fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor>;
 
@@ -58,6 +63,10 @@ impl Collective for SingleRank {
     }
 
     fn all_gather(&self, x: &Tensor, _dim: usize) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+
+    fn reduce_scatter_sum(&self, x: &Tensor, _dim: usize) -> Result<Tensor> {
         Ok(x.clone())
     }
 

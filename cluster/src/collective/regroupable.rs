@@ -54,6 +54,10 @@ impl Collective for Regroupable {
         self.current().all_gather(x, dim)
     }
 
+    fn reduce_scatter_sum(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        self.current().reduce_scatter_sum(x, dim)
+    }
+
     fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
         self.current().broadcast(x, root)
     }

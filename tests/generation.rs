@@ -285,8 +285,12 @@ fn steered_generation_through_the_cache_equals_recomputing_under_every_layout() 
     let single = steered_generation(&checkpoint, Layout::SINGLE, &PROMPTS, true);
     let recomputed = steered_generation(&checkpoint, Layout::SINGLE, &PROMPTS, false);
     assert_same_generation("single, no cache", &single, &recomputed, 5e-6);
-    for (dp, pp, tp) in [(1, 2, 3), (2, 1, 1)] {
-        let layout = Layout::new(dp, pp, tp).unwrap();
+    let fsdp = Layout::new(2, 1, 3).unwrap().with_fsdp(true).unwrap();
+    for layout in [
+        Layout::new(1, 2, 3).unwrap(),
+        Layout::new(2, 1, 1).unwrap(),
+        fsdp,
+    ] {
         let cached = steered_generation(&checkpoint, layout, &PROMPTS, true);
         assert_same_generation(&format!("{layout}"), &single, &cached, 5e-6);
         let recomputed = steered_generation(&checkpoint, layout, &PROMPTS, false);

@@ -292,8 +292,9 @@ impl FlexModel {
         if let Backend::Single { model, cache, .. } = &mut self.backend
             && self.registry.is_empty()
         {
+            // A forward pass keeps no autograd graph: backward passes run in the runtime.
             let logits = single_shard_span()
-                .in_scope(|| model.forward_window(tokens, window, cache, &mut NoHooks))?;
+                .in_scope(|| model.forward_stage(tokens, window, cache, &mut NoHooks, false))?;
             return Ok((logits, ActivationStore::default()));
         }
         let plan = self.registry.plan(groups)?;
@@ -301,7 +302,7 @@ impl FlexModel {
             .at(window, t)?;
         let logits = match &mut self.backend {
             Backend::Single { model, cache, .. } => single_shard_span()
-                .in_scope(|| model.forward_window(tokens, window, cache, &mut hooks))?,
+                .in_scope(|| model.forward_stage(tokens, window, cache, &mut hooks, false))?,
             Backend::Sharded { runtime, .. } => {
                 let modes = hooks.modes();
                 runtime.run_pass(tokens, window, &modes, &mut hooks)?

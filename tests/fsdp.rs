@@ -17,11 +17,9 @@ use common::parity::{
     everything, parity_tokens, register_edits, tiny_for_tp3_on_disk, tiny_on_disk,
 };
 use common::processes::wait_until;
-use common::{
-    assert_matches_single, register_smollm2_edits, smollm2, smollm2_tokens, take_last_calls,
-};
+use common::{assert_matches_single, smollm2, smollm2_passes, smollm2_tokens};
 use flexmodel::runtime::{Placement, Processes};
-use flexmodel::{Checkpoint, FlexModel, HookFunction};
+use flexmodel::{Checkpoint, FlexModel};
 use flexmodel_cluster::Layout;
 use flexmodel_cluster::membership::MemberState;
 
@@ -296,36 +294,15 @@ fn smollm2_workers_under_fsdp_hold_half_the_weights_and_peak_lower() {
     }
 }
 
-/// Every point of a plain pass, of an edited pass, and every gradient (and the loss) of
-/// an edited forward and backward pass, each with the logits; and the model.
-fn smollm2_passes(
+/// [`smollm2_passes`] under `layout` on `placement`, with five parameters' gradients
+/// after the edited backward pass; and the model.
+fn smollm2_passes_with_parameters(
     layout: Layout,
     placement: &Placement,
 ) -> ([BTreeMap<String, Tensor>; 3], FlexModel) {
     let (checkpoint, _) = smollm2();
     let mut model = FlexModel::build_on(checkpoint, layout, placement).unwrap();
-    model.hooks_mut().register(HookFunction::new("*")).unwrap();
-    let forward = |model: &mut FlexModel| {
-        let logits = model.forward(smollm2_tokens()).unwrap();
-        let mut all = take_last_calls(model);
-        all.insert("logits".into(), logits);
-        all
-    };
-    let unedited = forward(&mut model);
-    register_smollm2_edits(&mut model);
-    let edited = forward(&mut model);
-    model.hooks_mut().clear();
-    register_smollm2_edits(&mut model);
-    model
-        .hooks_mut()
-        .register(HookFunction::backward("*"))
-        .unwrap();
-    let (_, loss) = model.forward_backward(smollm2_tokens()).unwrap();
-    let mut grads = take_last_calls(&mut model);
-    grads.insert(
-        "loss".into(),
-        Tensor::new(&[loss], &candle_core::Device::Cpu).unwrap(),
-    );
+    let [unedited, edited, mut grads] = smollm2_passes(&mut model);
     for name in [
         "model.embed_tokens.weight",
         "model.layers.7.self_attn.o_proj.weight",
@@ -340,7 +317,7 @@ fn smollm2_passes(
 
 #[test]
 fn smollm2_under_fsdp_matches_the_single_shard_at_every_hook_point_and_gradient() {
-    let (single, _) = smollm2_passes(Layout::SINGLE, &Placement::Threads);
+    let (single, _) = smollm2_passes_with_parameters(Layout::SINGLE, &Placement::Threads);
     let points = common::default_points(30);
     assert_eq!(
         single[0].len(),
@@ -351,7 +328,7 @@ fn smollm2_under_fsdp_matches_the_single_shard_at_every_hook_point_and_gradient(
         (fsdp(3, 1, 2), Placement::Threads),
         (fsdp(1, 2, 2), processes()),
     ] {
-        let (sharded, model) = smollm2_passes(layout, &placement);
+        let (sharded, model) = smollm2_passes_with_parameters(layout, &placement);
         let kinds = ["plain", "edited", "gradients"];
         for ((kind, expected), actual) in kinds.iter().zip(&single).zip(&sharded) {
             let tolerance = match *kind {

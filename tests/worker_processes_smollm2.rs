@@ -3,14 +3,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
-use candle_core::Tensor;
-use common::{
-    assert_matches_single, register_smollm2_edits, smollm2, smollm2_tokens, take_last_calls,
-};
+use common::{assert_matches_single, smollm2, smollm2_passes};
+use flexmodel::FlexModel;
 use flexmodel::runtime::{Placement, Processes};
-use flexmodel::{FlexModel, HookFunction};
 use flexmodel_cluster::Layout;
 
 /// As in `sharded_smollm2.rs`: the worst measured in-process is 3.1e-6 (tp=3).
@@ -21,45 +16,17 @@ const GRADIENT_TOLERANCE: f64 = 1e-4;
 /// buffers): 34 MB measured (SmolLM2 at tp=3 pp=2 dp=2).
 const BASELINE: u64 = 64 << 20;
 
-/// Every point of a plain pass, of an edited pass, and every gradient (and the loss) of
-/// an edited forward and backward pass, each with the logits.
-fn passes(mut model: FlexModel) -> [BTreeMap<String, Tensor>; 3] {
-    model.hooks_mut().register(HookFunction::new("*")).unwrap();
-    let forward = |model: &mut FlexModel| {
-        let logits = model.forward(smollm2_tokens()).unwrap();
-        let mut all = take_last_calls(model);
-        all.insert("logits".into(), logits);
-        all
-    };
-    let plain = forward(&mut model);
-    register_smollm2_edits(&mut model);
-    let edited = forward(&mut model);
-    model.hooks_mut().clear();
-    register_smollm2_edits(&mut model);
-    model
-        .hooks_mut()
-        .register(HookFunction::backward("*"))
-        .unwrap();
-    let (_, loss) = model.forward_backward(smollm2_tokens()).unwrap();
-    let mut grads = take_last_calls(&mut model);
-    grads.insert(
-        "loss".into(),
-        Tensor::new(&[loss], &candle_core::Device::Cpu).unwrap(),
-    );
-    [plain, edited, grads]
-}
-
 #[test]
 fn smollm2_in_twelve_worker_processes_matches_the_single_shard() {
     let (checkpoint, _) = smollm2();
-    let single = passes(FlexModel::build(checkpoint, Layout::SINGLE).unwrap());
+    let single = smollm2_passes(&mut FlexModel::build(checkpoint, Layout::SINGLE).unwrap());
     let processes = Placement::Processes(Processes {
         program: Some(env!("CARGO_BIN_EXE_flexmodel").into()),
         threads: Some(1),
         token_file: None,
     });
     let layout = Layout::new(2, 2, 3).unwrap();
-    let model = FlexModel::build_on(checkpoint, layout, &processes).unwrap();
+    let mut model = FlexModel::build_on(checkpoint, layout, &processes).unwrap();
     // Each worker read only its slices, one tensor at a time: its peak memory while
     // loading is its share plus at most the largest tensor (the embedding, read whole
     // and then sliced) and the process's own baseline, far below the whole model.
@@ -87,7 +54,7 @@ fn smollm2_in_twelve_worker_processes_matches_the_single_shard() {
             "rank {rank}: peak {peak} of a {whole}-byte model"
         );
     }
-    let procs = passes(model);
+    let procs = smollm2_passes(&mut model);
     assert_eq!(
         single[2].keys().filter(|n| n.ends_with("_grad")).count(),
         common::gradient_points(30)

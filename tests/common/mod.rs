@@ -55,6 +55,32 @@ pub fn register_smollm2_edits(model: &mut flexmodel::FlexModel) {
         .unwrap();
 }
 
+/// Every point of a plain pass, of an edited pass, and every gradient (and the loss) of
+/// an edited forward and backward pass of SmolLM2's batch, each with the logits.
+pub fn smollm2_passes(model: &mut flexmodel::FlexModel) -> [BTreeMap<String, Tensor>; 3] {
+    use flexmodel::HookFunction;
+    model.hooks_mut().register(HookFunction::new("*")).unwrap();
+    let forward = |model: &mut flexmodel::FlexModel| {
+        let logits = model.forward(smollm2_tokens()).unwrap();
+        let mut all = take_last_calls(model);
+        all.insert("logits".into(), logits);
+        all
+    };
+    let plain = forward(model);
+    register_smollm2_edits(model);
+    let edited = forward(model);
+    model.hooks_mut().clear();
+    register_smollm2_edits(model);
+    model
+        .hooks_mut()
+        .register(HookFunction::backward("*"))
+        .unwrap();
+    let (_, loss) = model.forward_backward(smollm2_tokens()).unwrap();
+    let mut grads = take_last_calls(model);
+    grads.insert("loss".into(), Tensor::new(&[loss], &Device::Cpu).unwrap());
+    [plain, edited, grads]
+}
+
 /// The path of the cached SmolLM2 GGUF.
 pub fn smollm2_path() -> PathBuf {
     smollm2();

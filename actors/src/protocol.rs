@@ -270,6 +270,8 @@ pub(crate) struct SliceHeader {
     pub(crate) split: Option<(usize, usize, usize)>,
     /// Under FSDP, the piece of the slice held: `(dim, start, end)` within the slice.
     pub(crate) piece: Option<(usize, usize, usize)>,
+    /// Whether the value (and the gradient) is the slice transposed.
+    pub(crate) transposed: bool,
     /// Whether its gradient follows its value.
     pub(crate) has_grad: bool,
 }

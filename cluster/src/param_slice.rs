@@ -18,4 +18,33 @@ pub struct ParamSlice {
     /// the shard hold the rest): the dimension it is cut along and the range of it
     /// within the slice. `None` when every replica holds the whole slice.
     pub piece: Option<(usize, Range<usize>)>,
+    /// Whether `value` holds the slice transposed: a linear layer's `[out, in]` weight
+    /// kept as `[in, out]`, the layout its products read fastest. `split` and `piece`
+    /// name the dimensions of the parameter itself, not of `value`.
+    pub transposed: bool,
+}
+
+impl ParamSlice {
+    /// The slice as the parameter is laid out (`value` transposed back if it is held
+    /// transposed), with `grad`, a gradient of `value`, laid out alike.
+    pub fn presented(self, grad: Option<Tensor>) -> candle_core::Result<(Self, Option<Tensor>)> {
+        if !self.transposed {
+            return Ok((self, grad));
+        }
+        let grad = grad.map(|g| g.t()?.contiguous()).transpose()?;
+        let slice = Self {
+            value: self.value.t()?.contiguous()?,
+            transposed: false,
+            ..self
+        };
+        Ok((slice, grad))
+    }
+
+    /// The dimension of `value` that is dimension `dim` of the parameter.
+    pub fn held_dim(&self, dim: usize) -> usize {
+        match self.transposed {
+            true => 1 - dim,
+            false => dim,
+        }
+    }
 }

@@ -285,6 +285,7 @@ impl HookLayer for PassHooks<'_> {
         if self.plan.by_point[index].is_empty() {
             return Ok(value);
         }
+        let _op = crate::op_span!("hooks");
         let call = self.calls[index];
         self.calls[index] += 1;
         self.apply(point, call, value, false)

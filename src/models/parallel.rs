@@ -30,14 +30,32 @@ pub(crate) fn param(t: Tensor) -> Result<Tensor> {
     Ok(candle_core::Var::from_tensor(&t)?.as_tensor().clone())
 }
 
-/// `x · wᵀ` for `x` of shape `[.., in]` and `w` of shape `[out, in]`.
-fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (rows, inner) = (x.elem_count() / x.dim(candle_core::D::Minus1)?, w.dim(1)?);
+/// `x · W` for `x` of shape `[.., in]`, where `w` is `W` (`[in, out]`) or, not
+/// `transposed`, `Wᵀ` (`[out, in]`). Held `[in, out]`, a weight is read by the matrix
+/// kernels in the order they pack it, which is faster than reading `[out, in]`
+/// transposed (see the README's performance section).
+fn product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+    let _op = crate::op_span!("matmul");
+    let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+    let (inner, out) = match transposed {
+        true => w.dims2()?,
+        false => (w.dim(1)?, w.dim(0)?),
+    };
     let mut out_shape = x.dims().to_vec();
     let last = out_shape.len() - 1;
-    out_shape[last] = w.dim(0)?;
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    out_shape[last] = out;
+    let x = x.reshape((rows, inner))?;
+    let y = match transposed {
+        true => x.matmul(w)?,
+        false => x.matmul(&w.t()?)?,
+    };
     Ok(y.reshape(out_shape)?)
+}
+
+/// `t[.., range]` along `dim` of a `[out, in]` weight, held transposed (`[in, out]`) in
+/// storage of its own.
+fn transposed_slice(t: &Tensor, dim: usize, range: &Range<usize>) -> Result<Tensor> {
+    Ok(t.narrow(dim, range.start, range.len())?.t()?.contiguous()?)
 }
 
 /// A function applied to every parameter tensor of a layer, giving the tensor the new
@@ -49,12 +67,15 @@ pub type ParamMap<'a> = dyn FnMut(&Tensor) -> Result<Tensor> + 'a;
 pub struct ColumnParallelLinear {
     name: String,
     rows: Range<usize>,
+    /// The weight slice, `[in, rows]` when `transposed`, else `[rows, in]`.
     weight: Tensor,
+    transposed: bool,
     bias: Option<Tensor>,
 }
 
 impl ColumnParallelLinear {
-    /// Loads rows `rows` of `{name}.weight` (shape `[out, in]`) and, with `bias`, of `{name}.bias`.
+    /// Loads rows `rows` of `{name}.weight` (shape `[out, in]`, held transposed) and, with
+    /// `bias`, of `{name}.bias`.
     pub fn load(
         weights: &dyn WeightSource,
         name: &str,
@@ -71,7 +92,8 @@ impl ColumnParallelLinear {
         };
         Ok(Self {
             name: name.to_string(),
-            weight: param(owned_slice(&weight, 0, &rows)?)?,
+            weight: param(transposed_slice(&weight, 0, &rows)?)?,
+            transposed: true,
             rows,
             bias,
         })
@@ -83,6 +105,7 @@ impl ColumnParallelLinear {
         Ok(Self {
             name: name.to_string(),
             weight: weight.clone(),
+            transposed: false,
             rows,
             bias: None,
         })
@@ -90,14 +113,15 @@ impl ColumnParallelLinear {
 
     /// The weight (`{name}.weight`) and bias slices, split along dimension 0.
     pub fn parameters(&self) -> Vec<ParamSlice> {
-        let slice = |suffix: &str, value: &Tensor| ParamSlice {
+        let slice = |suffix: &str, value: &Tensor, transposed| ParamSlice {
             name: format!("{}.{suffix}", self.name),
             value: value.clone(),
             split: Some((0, self.rows.clone())),
             piece: None,
+            transposed,
         };
-        let mut all = vec![slice("weight", &self.weight)];
-        all.extend(self.bias.as_ref().map(|b| slice("bias", b)));
+        let mut all = vec![slice("weight", &self.weight, self.transposed)];
+        all.extend(self.bias.as_ref().map(|b| slice("bias", b, false)));
         all
     }
 
@@ -107,13 +131,14 @@ impl ColumnParallelLinear {
             name: self.name.clone(),
             rows: self.rows.clone(),
             weight: f(&self.weight)?,
+            transposed: self.transposed,
             bias: self.bias.as_ref().map(&mut *f).transpose()?,
         })
     }
 
     /// This rank's slice of the output: `x · W_sliceᵀ + b_slice`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_t(x, &self.weight)?;
+        let y = product(x, &self.weight, self.transposed)?;
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
@@ -124,22 +149,21 @@ impl ColumnParallelLinear {
     /// head `h` reads `x[.., h, ..]` and gets rows `h·e..(h+1)·e` of this rank's output
     /// slice (`e` = rows / heads); returns `[b, t, heads, e]`.
     pub fn forward_per_head(&self, x: &Tensor) -> Result<Tensor> {
+        let _op = crate::op_span!("matmul");
         let (b, t, heads, inner) = x.dims4()?;
-        let e = self.weight.dim(0)? / heads;
+        let e = self.rows.len() / heads;
         // [heads, b·t, in] · [heads, in, e] = [heads, b·t, e]
         let x = x.permute((2, 0, 1, 3))?.reshape((heads, b * t, inner))?;
-        let w = self.weight.reshape((heads, e, inner))?.transpose(1, 2)?;
+        let w = match self.transposed {
+            true => self.weight.reshape((inner, heads, e))?.transpose(0, 1)?,
+            false => self.weight.reshape((heads, e, inner))?.transpose(1, 2)?,
+        };
         let y = x.matmul(&w.contiguous()?)?.reshape((heads, b, t, e))?;
         let y = y.permute((1, 2, 0, 3))?;
         match &self.bias {
             Some(bias) => Ok(y.broadcast_add(&bias.reshape((heads, e))?)?.contiguous()?),
             None => Ok(y.contiguous()?),
         }
-    }
-
-    /// The weight slice this rank holds.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
     }
 
     /// The bias slice this rank holds, if the layer has a bias.
@@ -154,11 +178,12 @@ impl ColumnParallelLinear {
 pub struct RowParallelLinear {
     name: String,
     cols: Range<usize>,
+    /// The weight slice, held transposed: `[cols, out]`.
     weight: Tensor,
 }
 
 impl RowParallelLinear {
-    /// Loads columns `cols` of `{name}.weight` (shape `[out, in]`).
+    /// Loads columns `cols` of `{name}.weight` (shape `[out, in]`, held transposed).
     pub fn load(
         weights: &dyn WeightSource,
         name: &str,
@@ -168,7 +193,7 @@ impl RowParallelLinear {
         let weight = weights.tensor_with_shape(&format!("{name}.weight"), &out_in)?;
         Ok(Self {
             name: name.to_string(),
-            weight: param(owned_slice(&weight, 1, &cols)?)?,
+            weight: param(transposed_slice(&weight, 1, &cols)?)?,
             cols,
         })
     }
@@ -180,6 +205,7 @@ impl RowParallelLinear {
             value: self.weight.clone(),
             split: Some((1, self.cols.clone())),
             piece: None,
+            transposed: true,
         }]
     }
 
@@ -194,10 +220,9 @@ impl RowParallelLinear {
 
     /// `x_slice · W_sliceᵀ`, all-reduced: the full output on every rank.
     pub fn forward(&self, x: &Tensor, collective: &dyn Collective) -> Result<Tensor> {
-        Ok(conjugate::all_reduce_sum(
-            &matmul_t(x, &self.weight)?,
-            collective,
-        )?)
+        let partial = product(x, &self.weight, true)?;
+        let _op = crate::op_span!("collective");
+        Ok(conjugate::all_reduce_sum(&partial, collective)?)
     }
 
     /// Each head's term of this rank's partial product, not reduced: `x` is
@@ -205,18 +230,14 @@ impl RowParallelLinear {
     /// `x[.., h, ..] · W[:, h·e..(h+1)·e]ᵀ`; returns `[b, t, heads, out]`, whose sum over
     /// heads is the partial product.
     pub fn per_head(&self, x: &Tensor) -> Result<Tensor> {
+        let _op = crate::op_span!("matmul");
         let (b, t, heads, e) = x.dims4()?;
-        let out = self.weight.dim(0)?;
+        let out = self.weight.dim(1)?;
         // [heads, b·t, e] · [heads, e, out] = [heads, b·t, out]
         let x = x.permute((2, 0, 1, 3))?.reshape((heads, b * t, e))?;
-        let w = self.weight.reshape((out, heads, e))?.permute((1, 2, 0))?;
-        let y = x.matmul(&w.contiguous()?)?.reshape((heads, b, t, out))?;
+        let w = self.weight.reshape((heads, e, out))?;
+        let y = x.matmul(&w)?.reshape((heads, b, t, out))?;
         Ok(y.permute((1, 2, 0, 3))?.contiguous()?)
-    }
-
-    /// The weight slice this rank holds.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
     }
 }
 
@@ -273,6 +294,7 @@ impl VocabParallelEmbedding {
             value: self.weight.clone(),
             split: Some((0, self.rows.clone())),
             piece: None,
+            transposed: false,
         }]
     }
 
@@ -298,6 +320,7 @@ impl VocabParallelEmbedding {
     /// The embeddings of `ids` (`[b, t]`, u32, already checked against the vocabulary),
     /// each looked up by the rank that holds its row and summed across the group.
     pub fn forward(&self, ids: &Tensor, collective: &dyn Collective) -> Result<Tensor> {
+        let _op = crate::op_span!("embed");
         let (b, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;
         let local = if collective.tp_rank().size() == 1 {
@@ -310,6 +333,7 @@ impl VocabParallelEmbedding {
             rows.broadcast_mul(&mask.to_dtype(rows.dtype())?)?
         };
         let d = local.dim(1)?;
+        let _op = crate::op_span!("collective");
         let summed = conjugate::all_reduce_sum(&local, collective)?;
         Ok(summed.reshape((b, t, d))?)
     }
@@ -379,11 +403,8 @@ mod tests {
         let outputs = on_group(2, |member| {
             let cols = member.tp_rank().slice_of("in", 6).unwrap();
             let layer = RowParallelLinear::load(&src, "w", [5, 6], cols.clone()).unwrap();
-            assert_eq!(
-                layer.weight().dims(),
-                [5, 3],
-                "a rank holds only its columns"
-            );
+            let (held, _) = layer.parameters().remove(0).presented(None).unwrap();
+            assert_eq!(held.value.dims(), [5, 3], "a rank holds only its columns");
             layer
                 .forward(&x.narrow(2, cols.start, cols.len()).unwrap(), member)
                 .unwrap()

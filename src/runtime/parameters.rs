@@ -38,16 +38,15 @@ pub(crate) fn gather(
     layout: &Layout,
     slices: &RankSlices,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let held: Vec<(RankCoords, ParamSlice, Option<Tensor>)> = slices
-        .iter()
-        .enumerate()
-        .flat_map(|(rank, held)| {
-            let c = layout.coords(rank);
-            held.iter()
-                .filter(|(p, _)| p.name == name)
-                .map(move |(p, g)| (c, p.clone(), g.clone()))
-        })
-        .collect();
+    // Each slice laid out as the parameter is (a linear layer's weight is held transposed).
+    let mut held: Vec<(RankCoords, ParamSlice, Option<Tensor>)> = Vec::new();
+    for (rank, of_rank) in slices.iter().enumerate() {
+        let c = layout.coords(rank);
+        for (p, g) in of_rank.iter().filter(|(p, _)| p.name == name) {
+            let (p, g) = p.clone().presented(g.clone())?;
+            held.push((c, p, g));
+        }
+    }
     if held.is_empty() {
         let all = names(slices);
         return Err(Error::UnknownParameter {

@@ -223,6 +223,7 @@ impl HookLayer for ByIndex<'_> {
     }
 
     fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
+        let _op = crate::op_span!("hooks");
         self.hooks
             .hook(point.index(self.n_layers), value)
             .map_err(Error::ShardHook)

@@ -10,12 +10,15 @@
 //! the standard variables ask for one (`OTEL_EXPORTER_OTLP_ENDPOINT` or
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; `OTEL_EXPORTER_OTLP_PROTOCOL` = `grpc` or
 //! `http/protobuf`, the default; `OTEL_SERVICE_NAME`, default `flexmodel`), and a
-//! [`HookProfile`] when asked for one.
+//! [`Profile`] (per hook point, [`HookProfile`]; per kind of op, [`OpProfile`]) when asked
+//! for one.
 
+mod op_profile;
 #[cfg(feature = "otlp")]
 mod otlp;
 mod profile;
 
+pub use op_profile::{OP_KINDS, OP_TARGET, OpProfile, OpTotals};
 pub use profile::{HookPhase, HookProfile, PhaseTotals};
 
 use tracing::level_filters::LevelFilter;
@@ -131,13 +134,24 @@ pub struct Telemetry {
     _exporter: Option<otlp::Exporter>,
 }
 
+/// Where the time of passes goes: the hook spans per hook point and the model's op spans
+/// per kind. Clones share the sums.
+#[derive(Debug, Clone, Default)]
+pub struct Profile {
+    /// The `hook.*` spans.
+    pub hooks: HookProfile,
+    /// The `op` spans.
+    pub ops: OpProfile,
+}
+
 /// Installs the global subscriber: logs filtered by `logs` on stderr, the OTLP exporter
 /// if [`OtlpConfig::from_env`] asks for one (only FlexModel's own spans are exported, not
-/// those of the exporter's network stack), and `profile` if given.
+/// those of the exporter's network stack, nor the model's TRACE-level op spans), and
+/// `profile` if given.
 ///
 /// Without the `otlp` feature nothing is exported, and a variable asking for export is
 /// answered with a warning.
-pub fn init(logs: EnvFilter, profile: Option<HookProfile>) -> Result<Telemetry> {
+pub fn init(logs: EnvFilter, profile: Option<Profile>) -> Result<Telemetry> {
     let config = OtlpConfig::from_env()?;
     let ours = Targets::new()
         .with_target("flexmodel", LevelFilter::INFO)
@@ -155,10 +169,16 @@ pub fn init(logs: EnvFilter, profile: Option<HookProfile>) -> Result<Telemetry> 
         .with_writer(std::io::stderr)
         .without_time()
         .with_filter(logs);
+    let (hooks, ops) = match profile {
+        Some(Profile { hooks, ops }) => (Some(hooks), Some(ops)),
+        None => (None, None),
+    };
+    let op_spans = Targets::new().with_target(OP_TARGET, LevelFilter::TRACE);
     tracing_subscriber::registry()
         .with(logs)
         .with(otel)
-        .with(profile.map(|p| p.with_filter(ours)))
+        .with(hooks.map(|p| p.with_filter(ours)))
+        .with(ops.map(|p| p.with_filter(op_spans)))
         .try_init()
         .map_err(|e| TelemetryError::SubscriberAlreadySet(e.to_string()))?;
     match config {

@@ -422,6 +422,7 @@ fn send_parameters(driver: &Connection, shard: &ActorRef<ShardActor>, rank: usiz
                 name: p.name.clone(),
                 split: p.split.clone().map(bounds),
                 piece: p.piece.clone().map(bounds),
+                transposed: p.transposed,
                 has_grad: g.is_some(),
             }
         })

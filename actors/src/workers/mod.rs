@@ -676,6 +676,7 @@ impl Relay {
                      name,
                      split,
                      piece,
+                     transposed,
                      has_grad,
                  }| {
                     let mut tensors = wire::attached(&self.connection, 1 + usize::from(has_grad))
@@ -687,6 +688,7 @@ impl Relay {
                         value,
                         split: split.map(|(dim, start, end)| (dim, start..end)),
                         piece: piece.map(|(dim, start, end)| (dim, start..end)),
+                        transposed,
                     };
                     Ok((slice, tensors.next()))
                 },

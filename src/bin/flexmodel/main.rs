@@ -14,7 +14,7 @@ mod worker;
 mod workers;
 
 use clap::{Parser, Subcommand};
-use flexmodel::telemetry::{self, HookProfile};
+use flexmodel::telemetry::{self, Profile};
 use tracing_subscriber::EnvFilter;
 
 /// Hook any point of a sharded transformer as if it were in one piece.
@@ -49,10 +49,11 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
+    one_thread_pool();
     stop_workers_on_signals();
     let cli = Cli::parse();
     let profile = match &cli.command {
-        Command::Bench(args) if args.profile => Some(HookProfile::new()),
+        Command::Bench(args) if args.profile => Some(Profile::default()),
         _ => None,
     };
     let logs = EnvFilter::try_from_env("FLEXMODEL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -95,6 +96,18 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {}", describe(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Keeps the pass's work on one pool of threads: the matrix products' and the fused
+/// kernels' (rayon's), not also candle's pool for elementwise ops, whose threads spin
+/// after each op and took cores from the matrix products (one SmolLM2 pass: 1158–1178 ms
+/// with both pools, 920–957 ms with rayon's alone; the README's "Performance").
+/// `CANDLE_NUM_THREADS` set by the user is left as it is.
+fn one_thread_pool() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called first thing in `main`, before any other thread exists.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
 }
 

@@ -1,6 +1,6 @@
 //! Grouped-query causal self-attention over this rank's heads.
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 use std::sync::Arc;
 
 use flexmodel_actors::KvCache;
@@ -155,22 +155,45 @@ impl Attention {
         let q = hook(BlockSite::RotQ, positions.rope.apply(&q)?)?;
         let k = hook(BlockSite::RotK, positions.rope.apply(&k)?)?;
 
-        // [b, heads, keys, d_head]; query head j reads key/value head j / group.
-        let group = self.n_heads / self.n_kv_heads;
+        // Heads first: q [b, heads, t, d_head], k and v [b, kv_heads, keys, d_head].
+        let layout = crate::op_span!("layout");
         let q = q.transpose(1, 2)?.contiguous()?;
-        let (k, v) = (k.transpose(1, 2)?, v.transpose(1, 2)?);
+        let (k, v) = (
+            k.transpose(1, 2)?.contiguous()?,
+            v.transpose(1, 2)?.contiguous()?,
+        );
         let (k, v) = match cache {
-            Some(cache) => cache.append(layer, &k.contiguous()?, &v.contiguous()?)?,
+            Some(cache) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let k = repeat_heads(&k, group)?;
-        let v = repeat_heads(&v, group)?;
+        drop(layout);
 
-        let scale = 1.0 / (self.d_head as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&positions.mask)?;
+        // Query heads j·group … (j+1)·group − 1 read key/value head j: stacked as
+        // [b, kv_heads, group·t, d_head], their queries are one matrix per key head.
+        let (h, kv, dh, keys) = (self.n_heads, self.n_kv_heads, self.d_head, k.dim(2)?);
+        let group = h / kv;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let scores = {
+            let _op = crate::op_span!("attention");
+            let q = q.reshape((b, kv, group * t, dh))?;
+            let raw = q.matmul(&k.t()?)?.reshape((b, h, t, keys))?;
+            flexmodel_kernels::scaled_masked(&raw, &positions.mask, scale)?
+        };
         let scores = hook(BlockSite::AttnScores, scores)?;
-        let pattern = hook(BlockSite::Pattern, softmax_last_dim(&scores)?)?;
-        let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?;
+        let pattern = {
+            let _op = crate::op_span!("attention");
+            flexmodel_kernels::softmax_last_dim(&scores)?
+        };
+        let pattern = hook(BlockSite::Pattern, pattern)?;
+        let z = {
+            let _op = crate::op_span!("attention");
+            let pattern = pattern.reshape((b, kv, group * t, keys))?;
+            pattern.matmul(&v)?.reshape((b, h, t, dh))?
+        };
+        let z = {
+            let _op = crate::op_span!("layout");
+            z.transpose(1, 2)?.contiguous()?
+        };
         let z = hook(BlockSite::Z, z)?;
         let out = match hooks.wants(point(BlockSite::Result)) {
             false => self.o_proj.forward(
@@ -203,24 +226,4 @@ pub fn kv_heads_of(tp: TpRank, n_kv_heads: usize) -> Result<std::ops::Range<usiz
     }
     let head = tp.rank() / (tp.size() / n_kv_heads);
     Ok(head..head + 1)
-}
-
-/// `[b, kv_heads, t, d] → [b, kv_heads·group, t, d]`, each head repeated `group` times in place.
-fn repeat_heads(x: &Tensor, group: usize) -> Result<Tensor> {
-    if group == 1 {
-        return Ok(x.contiguous()?);
-    }
-    let (b, h, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .expand((b, h, group, t, d))?
-        .contiguous()?
-        .reshape((b, h * group, t, d))?)
-}
-
-/// Softmax over the last dimension, from differentiable primitives (rows of −∞ but one
-/// finite entry are fine: the causal mask never hides the diagonal).
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }

@@ -84,7 +84,10 @@ impl Block {
         let point = |site| HookPoint::Block { layer, site };
         let x = hooks.hook(point(BlockSite::ResidPre), x)?;
         let s1 = hooks.hook(point(BlockSite::Ln1Scale), self.ln1.scale(&x)?)?;
-        let n1 = hooks.hook(point(BlockSite::Ln1Normalized), x.broadcast_div(&s1)?)?;
+        let n1 = hooks.hook(
+            point(BlockSite::Ln1Normalized),
+            RmsNorm::normalize(&x, &s1)?,
+        )?;
         let inputs = AttentionInput {
             resid: &x,
             normed: &self.ln1.times_weight(&n1)?,
@@ -93,13 +96,22 @@ impl Block {
         let attn = self
             .attn
             .forward(inputs, layer, positions, cache, hooks, collective)?;
-        let x = hooks.hook(point(BlockSite::ResidMid), (x + attn)?)?;
+        let x = hooks.hook(point(BlockSite::ResidMid), residual(&x, &attn)?)?;
         let mlp_in = hooks.hook(point(BlockSite::MlpIn), x.clone())?;
         let s2 = hooks.hook(point(BlockSite::Ln2Scale), self.ln2.scale(&mlp_in)?)?;
-        let n2 = hooks.hook(point(BlockSite::Ln2Normalized), mlp_in.broadcast_div(&s2)?)?;
+        let n2 = hooks.hook(
+            point(BlockSite::Ln2Normalized),
+            RmsNorm::normalize(&mlp_in, &s2)?,
+        )?;
         let mlp = self
             .mlp
             .forward(&self.ln2.times_weight(&n2)?, layer, hooks, collective)?;
-        hooks.hook(point(BlockSite::ResidPost), (x + mlp)?)
+        hooks.hook(point(BlockSite::ResidPost), residual(&x, &mlp)?)
     }
+}
+
+/// The residual stream `x` plus what a sublayer wrote, `out`.
+fn residual(x: &Tensor, out: &Tensor) -> Result<Tensor> {
+    let _op = crate::op_span!("residual");
+    Ok((x + out)?)
 }

@@ -57,7 +57,8 @@ impl Fsdp {
             if self.cut_from.contains_key(&id) || self.pieces.contains_key(&id) {
                 continue;
             }
-            let dim = p.split.as_ref().map_or(0, |(dim, _)| *dim);
+            // The dimension of the parameter; `value` may hold it transposed.
+            let dim = p.held_dim(p.split.as_ref().map_or(0, |(dim, _)| *dim));
             let len = p.value.dim(dim)?;
             let range = split_evenly(len, member.size())[member.rank()].clone();
             let piece = param(owned_slice(&p.value, dim, &range)?)?;
@@ -82,6 +83,7 @@ impl Fsdp {
         map: impl FnOnce(&mut ParamMap<'_>) -> Result<M>,
     ) -> Result<M> {
         map(&mut |piece| {
+            let _op = crate::op_span!("collective");
             let (dim, _, len) = self
                 .pieces
                 .get(&piece.id())
@@ -102,7 +104,7 @@ impl Fsdp {
     /// `slice` as this replica holds it: with its piece, if it is one.
     pub(crate) fn describe(&self, slice: ParamSlice) -> ParamSlice {
         let piece = self.pieces.get(&slice.value.id());
-        let piece = piece.map(|(dim, range, _)| (*dim, range.clone()));
+        let piece = piece.map(|(dim, range, _)| (slice.held_dim(*dim), range.clone()));
         ParamSlice { piece, ..slice }
     }
 }
@@ -205,12 +207,14 @@ mod tests {
             );
             assert_eq!(grads.len(), block.parameters().len());
             for (i, (grad, whole_slice)) in grads.iter().zip(block.parameters()).enumerate() {
-                // Row-parallel weights are cut along dimension 1, the others along 0.
+                // Row-parallel weights are cut along dimension 1, the others along 0 (of
+                // the parameter: a linear layer holds its weight transposed).
                 let dim = whole_slice.split.as_ref().map_or(0, |(d, _)| *d);
+                let held = whole_slice.held_dim(dim);
                 let summed = (&whole[0].1[i] + &whole[1].1[i]).unwrap();
-                let rows = split_evenly(summed.dim(dim).unwrap(), 2)[replica].clone();
+                let rows = split_evenly(summed.dim(held).unwrap(), 2)[replica].clone();
                 assert_eq!(described[i].piece, Some((dim, rows.clone())));
-                let expected = summed.narrow(dim, rows.start, rows.len()).unwrap();
+                let expected = summed.narrow(held, rows.start, rows.len()).unwrap();
                 assert_eq!(grad.dims(), expected.dims());
                 let differs = max_abs_diff(grad, &expected);
                 assert!(

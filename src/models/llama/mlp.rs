@@ -78,10 +78,16 @@ impl Mlp {
         let mut hook = |site, value| hooks.hook(HookPoint::Block { layer, site }, value);
         let gate = hook(BlockSite::MlpPre, self.gate_proj.forward(x)?)?;
         let up = hook(BlockSite::MlpPreLinear, self.up_proj.forward(x)?)?;
-        let post = hook(BlockSite::MlpPost, (gate.silu()? * up)?)?;
+        let post = hook(BlockSite::MlpPost, swiglu(&gate, &up)?)?;
         hook(
             BlockSite::MlpOut,
             self.down_proj.forward(&post, collective.as_ref())?,
         )
     }
+}
+
+/// `silu(gate) · up`.
+fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let _op = crate::op_span!("activation");
+    Ok(flexmodel_kernels::swiglu(gate, up)?)
 }

@@ -325,7 +325,10 @@ impl Llama {
         let norm = self.whole(norm, backward, RmsNorm::map_parameters)?;
         let head = self.whole(head, backward, ColumnParallelLinear::map_parameters)?;
         let scale = hooks.hook(HookPoint::LnFinalScale, norm.scale(&x)?)?;
-        let normalized = hooks.hook(HookPoint::LnFinalNormalized, x.broadcast_div(&scale)?)?;
+        let normalized = hooks.hook(
+            HookPoint::LnFinalNormalized,
+            RmsNorm::normalize(&x, &scale)?,
+        )?;
         let logits = head.forward(&conjugate::copy_to_group(
             &norm.times_weight(&normalized)?,
             collective,

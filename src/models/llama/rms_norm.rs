@@ -6,7 +6,7 @@
 //! y     = (x / scale) · weight
 //! ```
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 use flexmodel_cluster::ParamSlice;
 
 use crate::Result;
@@ -44,6 +44,7 @@ impl RmsNorm {
             value: self.weight.clone(),
             split: None,
             piece: None,
+            transposed: false,
         }]
     }
 
@@ -54,17 +55,24 @@ impl RmsNorm {
 
     /// `√(mean(x²) + ε)` over the last dimension (kept, of size 1).
     pub fn scale(&self, x: &Tensor) -> Result<Tensor> {
-        let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
-        Ok((mean_square + self.eps)?.sqrt()?)
+        let _op = crate::op_span!("norm");
+        Ok(flexmodel_kernels::rms(x, self.eps)?)
     }
 
     /// The normalized value times the weight.
     pub fn times_weight(&self, normalized: &Tensor) -> Result<Tensor> {
+        let _op = crate::op_span!("norm");
         Ok(normalized.broadcast_mul(&self.weight)?)
+    }
+
+    /// `x / scale`, scale being [`scale`](Self::scale) of `x`.
+    pub fn normalize(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+        let _op = crate::op_span!("norm");
+        Ok(x.broadcast_div(scale)?)
     }
 
     /// The whole norm: `x / scale(x) · weight`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.times_weight(&x.broadcast_div(&self.scale(x)?)?)
+        self.times_weight(&Self::normalize(x, &self.scale(x)?)?)
     }
 }

@@ -1,6 +1,6 @@
 //! Rotary position embeddings, Hugging Face's rotate-half convention.
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::Result;
 
@@ -33,10 +33,7 @@ impl Rope {
 
     /// `x·cos + rotate_half(x)·sin` for `x` of shape `[b, t, heads, d_head]`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let half = x.dim(D::Minus1)? / 2;
-        let first = x.narrow(D::Minus1, 0, half)?;
-        let second = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
-        Ok((x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?)
+        let _op = crate::op_span!("rope");
+        Ok(flexmodel_kernels::rope(x, &self.cos, &self.sin)?)
     }
 }

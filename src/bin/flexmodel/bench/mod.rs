@@ -4,14 +4,14 @@
 
 mod cache;
 mod generation;
+mod profile;
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{Context, ensure};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use flexmodel::telemetry::{HookPhase, HookProfile, PhaseTotals};
+use flexmodel::telemetry::Profile;
 use flexmodel::{Checkpoint, progress_bar};
 use rand::{Rng, SeedableRng};
 
@@ -50,8 +50,9 @@ pub struct BenchArgs {
     /// `NAME=add:FILE.safetensors` (repeatable).
     #[arg(long = "edit")]
     edits: Vec<String>,
-    /// Print where hook time goes: per hook point, the time in gather, edit, scatter and
-    /// store, and the total overhead against the unhooked passes.
+    /// Print where the time goes: per kind of op (matrix products, attention, norms, …,
+    /// hooks, collectives), and with hooks per hook point the time in gather, edit,
+    /// scatter and store, and the total overhead against the unhooked passes.
     #[arg(long)]
     pub profile: bool,
     /// Timed forward passes of each variant (after one warm-up pass each).
@@ -80,12 +81,8 @@ enum Variant {
 
 /// Times forward passes: unhooked, and with `--hook` also capturing and with the hooks
 /// registered but disabled, interleaved so that the machine's noise hits all alike.
-pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> {
+pub fn run(args: BenchArgs, profile: Option<Profile>) -> anyhow::Result<()> {
     let hooks = Hooks::parse(&args.hooks, &args.edits)?;
-    ensure!(
-        !args.profile || !hooks.is_empty(),
-        "--profile needs hooks to profile: give --hook PAT or --edit SPEC"
-    );
     let checkpoint = Checkpoint::open(&args.model)?;
     let config = checkpoint.config.clone();
     let (batch, seq) = (args.batch as usize, args.seq as usize);
@@ -121,8 +118,8 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
         false => &[Variant::Unhooked, Variant::Capturing, Variant::Disabled],
     };
     let (mut captured_bytes, mut captured_points) = (0, 0);
-    let mut profiled = ProfileTotals::new();
-    let mut pass = |variant: Variant| -> anyhow::Result<(f64, ProfileTotals)> {
+    let mut profiled = profile::Totals::new(variants.len());
+    let mut pass = |variant: Variant| -> anyhow::Result<(f64, profile::Spans)> {
         model.hooks_mut().clear();
         if variant != Variant::Unhooked {
             hooks.register(&mut model)?;
@@ -136,7 +133,7 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
             false => drop(model.forward(&tokens)?),
         }
         let elapsed = start.elapsed().as_secs_f64() * 1e3;
-        let spans = profile.as_ref().map(HookProfile::take).unwrap_or_default();
+        let spans = profile::Spans::take(profile.as_ref());
         if variant == Variant::Capturing {
             (captured_bytes, captured_points) = (model.store().bytes(), model.store().len());
         }
@@ -155,9 +152,7 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
         for (i, &variant) in variants.iter().enumerate() {
             let (elapsed, spans) = pass(variant)?;
             times[i].push(elapsed);
-            if variant == Variant::Capturing {
-                merge(&mut profiled, spans);
-            }
+            profiled.add(i, elapsed, spans);
             progress.inc(1);
         }
     }
@@ -212,8 +207,11 @@ pub fn run(args: BenchArgs, profile: Option<HookProfile>) -> anyhow::Result<()> 
         json["disabled_overhead_pct"] = serde_json::json!(overhead(disabled));
         json["captured_bytes_per_pass"] = serde_json::json!(captured_bytes);
     }
+    if args.profile {
+        json["op_ms_per_pass"] = profiled.print_ops(&["unhooked", "capturing", "disabled"]);
+    }
     if let (true, [_, capturing, _]) = (args.profile, stats.as_slice()) {
-        print_profile(&profiled, args.iters, base.median_ms, capturing.median_ms);
+        profiled.print_hooks(1, base.median_ms, capturing.median_ms);
     }
     if args.json {
         println!("{json}");
@@ -250,83 +248,6 @@ fn random_ids(n: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// Hook-phase sums over the timed hooked passes, by hook point and phase.
-type ProfileTotals = BTreeMap<(String, HookPhase), PhaseTotals>;
-
-fn merge(into: &mut ProfileTotals, spans: ProfileTotals) {
-    for (key, totals) in spans {
-        let entry = into.entry(key).or_default();
-        entry.calls += totals.calls;
-        entry.time += totals.time;
-        entry.bytes += totals.bytes;
-    }
-}
-
-/// How many hook points the profile lists one by one (the slowest first).
-const PROFILE_ROWS: usize = 25;
-
-/// Prints, per hook point, the mean time per pass in each phase and the megabytes of the
-/// point's tensors per pass, then the totals and the overhead of the hooked passes
-/// against the unhooked ones.
-fn print_profile(totals: &ProfileTotals, passes: u32, unhooked_ms: f64, hooked_ms: f64) {
-    let per_pass = |d: std::time::Duration| d.as_secs_f64() * 1e3 / f64::from(passes);
-    let mut points: BTreeMap<&str, [f64; 4]> = BTreeMap::new();
-    let mut bytes: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut phase_sums = [0.0; 4];
-    for ((point, phase), t) in totals {
-        let i = HookPhase::ALL.iter().position(|p| p == phase).unwrap_or(0);
-        points.entry(point).or_default()[i] += per_pass(t.time);
-        // Each phase handles the same tensor (or its pieces): count it once.
-        let point_bytes = bytes.entry(point).or_default();
-        *point_bytes = (*point_bytes).max(t.bytes / u64::from(passes));
-        phase_sums[i] += per_pass(t.time);
-    }
-    let mut rows: Vec<(&str, [f64; 4])> = points.into_iter().collect();
-    rows.sort_by(|a, b| b.1.iter().sum::<f64>().total_cmp(&a.1.iter().sum::<f64>()));
-    println!(
-        "hook profile: mean ms per pass over {passes} hooked passes ({} hook points, slowest first)",
-        rows.len()
-    );
-    println!(
-        "{:<40} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
-        "hook point", "gather", "edit", "scatter", "store", "total", "MB"
-    );
-    let row = |name: &str, t: &[f64; 4], mb: f64| {
-        println!(
-            "{name:<40} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {mb:>10.2}",
-            t[0],
-            t[1],
-            t[2],
-            t[3],
-            t.iter().sum::<f64>()
-        );
-    };
-    for (name, t) in rows.iter().take(PROFILE_ROWS) {
-        row(name, t, bytes[name] as f64 / 1e6);
-    }
-    if rows.len() > PROFILE_ROWS {
-        let mut rest = [0.0; 4];
-        for (_, t) in &rows[PROFILE_ROWS..] {
-            for (r, v) in rest.iter_mut().zip(t) {
-                *r += v;
-            }
-        }
-        let mb: u64 = rows[PROFILE_ROWS..].iter().map(|(n, _)| bytes[n]).sum();
-        row(
-            &format!("({} more points)", rows.len() - PROFILE_ROWS),
-            &rest,
-            mb as f64 / 1e6,
-        );
-    }
-    let all_mb: u64 = bytes.values().sum();
-    row("all hook points", &phase_sums, all_mb as f64 / 1e6);
-    println!(
-        "hooked pass {hooked_ms:.1} ms vs unhooked {unhooked_ms:.1} ms (medians): overhead {:+.1} ms ({:+.1}%), of which {:.1} ms inside hook spans",
-        hooked_ms - unhooked_ms,
-        100.0 * (hooked_ms / unhooked_ms - 1.0),
-        phase_sums.iter().sum::<f64>()
-    );
-}
-
 /// Summary statistics of a set of timings.
 pub(crate) struct Stats {
     median_ms: f64,

@@ -1,0 +1,157 @@
+//! Every fused kernel against the chain of candle ops it replaces: the values, and the
+//! gradients autograd takes through each.
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use flexmodel_kernels::{composed, rms, rope, scaled_masked, softmax_last_dim, swiglu};
+
+/// The largest `|a − b| / max|b|`.
+fn rel_error(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap();
+    (diff / scale).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Values drawn uniformly from [−2, 2) with `seed`.
+fn uniform(shape: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+/// The gradient of `Σ f(x)·w` (a fixed random weighting) at `x`.
+fn grad_of(x: &Tensor, w: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
+    let var = Var::from_tensor(x).unwrap();
+    let loss = (f(var.as_tensor()) * w).unwrap().sum_all().unwrap();
+    loss.backward()
+        .unwrap()
+        .get(var.as_tensor())
+        .unwrap()
+        .clone()
+}
+
+/// `fused` and `composed` agree on `x`: the values to `tol.0` and the gradients to
+/// `tol.1` (relative to the largest).
+fn agree(
+    x: &Tensor,
+    fused: impl Fn(&Tensor) -> Tensor,
+    composed: impl Fn(&Tensor) -> Tensor,
+    tol: (f32, f32),
+) {
+    let (ours, theirs) = (fused(x), composed(x));
+    assert_eq!(ours.dims(), theirs.dims());
+    let err = rel_error(&ours, &theirs);
+    assert!(err <= tol.0, "values: relative error {err:e}");
+    let w = uniform(ours.dims(), 7);
+    let err = rel_error(&grad_of(x, &w, fused), &grad_of(x, &w, composed));
+    assert!(err <= tol.1, "gradients: relative error {err:e}");
+}
+
+#[test]
+fn softmax_equals_the_composed_chain_and_so_do_its_gradients() {
+    // A causal mask's −∞ in every row but the first entry, as attention has.
+    let mask = Tensor::tril2(130, DType::F32, &Device::Cpu).unwrap();
+    let mask = ((mask - 1.0).unwrap() * 1e30).unwrap();
+    let x = uniform(&[3, 2, 130, 130], 1).broadcast_add(&mask).unwrap();
+    let x = x.clamp(-1e30f32, 1e30f32).unwrap();
+    agree(
+        &x,
+        |x| softmax_last_dim(x).unwrap(),
+        |x| composed::softmax_last_dim(x).unwrap(),
+        // Measured: 8.9e-8 and 2.2e-7 (a polynomial eˣ, the sums in another order).
+        (1e-6, 2e-6),
+    );
+    let rows = softmax_last_dim(&x).unwrap().sum(D::Minus1).unwrap();
+    let ones = Tensor::ones_like(&rows).unwrap();
+    assert!(rel_error(&rows, &ones) < 1e-6);
+}
+
+#[test]
+fn rope_equals_the_composed_chain_bit_for_bit_for_shared_and_per_sequence_angles() {
+    for n in [1, 3] {
+        let angles = uniform(&[n, 50, 1, 16], 2);
+        let angles = Tensor::cat(&[&angles, &angles], D::Minus1).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let x = uniform(&[3, 50, 5, 32], 3);
+        let fused = rope(&x, &cos, &sin).unwrap();
+        let chain = composed::rope(&x, &cos, &sin).unwrap();
+        assert_eq!(rel_error(&fused, &chain), 0.0, "n = {n}");
+        agree(
+            &x,
+            |x| rope(x, &cos, &sin).unwrap(),
+            |x| composed::rope(x, &cos, &sin).unwrap(),
+            (0.0, 0.0),
+        );
+    }
+}
+
+#[test]
+fn swiglu_equals_the_composed_chain_and_so_do_both_gradients() {
+    let (gate, up) = (uniform(&[4, 70, 300], 4), uniform(&[4, 70, 300], 5));
+    agree(
+        &gate,
+        |g| swiglu(g, &up).unwrap(),
+        |g| composed::swiglu(g, &up).unwrap(),
+        // Measured: 1.4e-7 and 1.1e-7 (a polynomial eˣ; the derivative in another form).
+        (1e-6, 1e-6),
+    );
+    agree(
+        &up,
+        |u| swiglu(&gate, u).unwrap(),
+        |u| composed::swiglu(&gate, u).unwrap(),
+        // Measured: 1.4e-7 and 6.8e-8.
+        (1e-6, 1e-6),
+    );
+}
+
+#[test]
+fn rms_equals_the_composed_chain_and_so_does_its_gradient() {
+    let x = uniform(&[4, 70, 576], 6);
+    agree(
+        &x,
+        |x| rms(x, 1e-5).unwrap(),
+        |x| composed::rms(x, 1e-5).unwrap(),
+        // Measured: 9.7e-8 and 2.3e-7 (the sum of squares in another order).
+        (1e-6, 2e-6),
+    );
+    assert_eq!(rms(&x, 1e-5).unwrap().dims(), [4, 70, 1]);
+}
+
+#[test]
+fn scaled_masked_equals_the_composed_chain_bit_for_bit_for_both_mask_shapes() {
+    let scores = uniform(&[2, 3, 40, 60], 8);
+    for mask in [uniform(&[40, 60], 9), uniform(&[2, 1, 40, 60], 10)] {
+        let fused = scaled_masked(&scores, &mask, 0.125).unwrap();
+        let chain = composed::scaled_masked(&scores, &mask, 0.125).unwrap();
+        assert_eq!(rel_error(&fused, &chain), 0.0, "mask {:?}", mask.dims());
+        agree(
+            &scores,
+            |s| scaled_masked(s, &mask, 0.125).unwrap(),
+            |s| composed::scaled_masked(s, &mask, 0.125).unwrap(),
+            (0.0, 0.0),
+        );
+    }
+}
+
+#[test]
+fn shapes_the_kernels_cannot_take_are_errors_naming_the_shapes() {
+    let x = uniform(&[2, 5, 3, 8], 11);
+    let wrong = uniform(&[1, 4, 1, 8], 12);
+    let err = rope(&x, &wrong, &wrong).unwrap_err().to_string();
+    assert!(err.contains("[1, 4, 1, 8]"), "{err}");
+    let err = swiglu(&x, &wrong).unwrap_err().to_string();
+    assert!(err.contains("differ"), "{err}");
+    let err = scaled_masked(&x, &wrong, 1.0).unwrap_err().to_string();
+    assert!(err.contains("mask"), "{err}");
+}
+
+#[test]
+fn other_dtypes_take_the_composed_chain() {
+    let x = uniform(&[2, 3, 64], 13).to_dtype(DType::F64).unwrap();
+    let fused = softmax_last_dim(&x).unwrap();
+    let chain = composed::softmax_last_dim(&x).unwrap();
+    assert_eq!(fused.dtype(), DType::F64);
+    let diff = (fused - chain).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(diff.to_scalar::<f64>().unwrap(), 0.0);
+}

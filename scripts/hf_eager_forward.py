@@ -1,0 +1,59 @@
+"""Median forward pass of Hugging Face transformers in eager mode, as one JSON line.
+
+    python hf_eager_forward.py HF_DIR --batch 4 --seq 128 --iters 5 --threads 2
+
+HF_DIR is a Hugging Face directory (the `gguf_to_hf` example writes one from the GGUF
+that `flexmodel` reads: the same weights, dequantized to float32). The model runs in
+float32 with `attn_implementation="eager"` under `torch.inference_mode()`, computing the
+logits of every position, on `--threads` intra-op threads (one inter-op thread), over
+random token ids; one warm-up pass, then `--iters` timed passes.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_dir, torch_dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator)
+    times = []
+    with torch.inference_mode():
+        for i in range(args.iters + 1):
+            start = time.perf_counter()
+            logits = model(input_ids=ids).logits
+            elapsed = (time.perf_counter() - start) * 1e3
+            assert logits.shape == (args.batch, args.seq, model.config.vocab_size)
+            if i > 0:
+                times.append(elapsed)
+    print(json.dumps({
+        "runner": "transformers-eager",
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "batch": args.batch,
+        "seq": args.seq,
+        "iters": args.iters,
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -285,10 +285,11 @@ fn smollm2_workers_under_fsdp_hold_half_the_weights_and_peak_lower() {
             ratio(loaded) < 0.65,
             "rank {rank}: loading peaks at {loaded:?}"
         );
-        // Measured 0.84 to 0.87: one whole layer at a time beside the pieces (the embedding and
-        // the LM head are a fifth of SmolLM2).
+        // Measured 0.84 to 0.91: one whole layer at a time beside the pieces (the embedding and
+        // the LM head are a fifth of SmolLM2); the plain pass's own peak fell when attention
+        // stopped repeating the keys and values, so the ratio rose from 0.84–0.87.
         assert!(
-            ratio(passed) < 0.9,
+            ratio(passed) < 0.95,
             "rank {rank}: a pass peaks at {passed:?}"
         );
     }

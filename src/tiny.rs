@@ -1,19 +1,23 @@
-//! A tiny random LLaMA for fast tests: 4 layers, d_model 64, 8 heads, 4 key/value
-//! heads, a 256-token byte-level vocabulary. Head, hidden and vocabulary counts split
-//! evenly over 2 and 4 tensor-parallel ranks.
+//! Random LLaMA models for tests and benchmarks: the tiny one for fast tests (4 layers,
+//! d_model 64, 8 heads, 4 key/value heads, a 256-token byte-level vocabulary; head,
+//! hidden and vocabulary counts split evenly over 2 and 4 tensor-parallel ranks), any
+//! configuration in memory, and checkpoints of any size written to disk in the Hugging
+//! Face layout ([`write_random_hf_dir`]).
 
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
-use crate::Result;
 use crate::models::{Architecture, LlamaConfig};
 use crate::text::tokenizer::Tokenizer;
 use crate::weights::TensorMap;
 use crate::weights::checkpoint::Checkpoint;
+use crate::{Error, Result};
 
 /// The tiny configuration.
 pub fn tiny_config() -> LlamaConfig {
@@ -61,19 +65,34 @@ pub fn random_checkpoint(config: LlamaConfig, seed: u64) -> Result<Checkpoint> {
     })
 }
 
-/// Gaussian weights: linears with std 1/√fan_in, norms around 1, unit embeddings.
-fn random_weights(c: &LlamaConfig, seed: u64) -> Result<TensorMap> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut draw = |shape: &[usize], mean: f32, std: f32| -> Result<Tensor> {
-        let normal = Normal::new(mean, std).map_err(|e| crate::Error::InvalidArgument {
-            argument: "config",
-            problem: format!("weights with std {std}: {e}"),
-        })?;
-        let n = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
-        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
-    };
-    let linear = |out: usize, inp: usize| ([out, inp], 1.0 / (inp as f32).sqrt());
+/// One tensor of a random model and how its values are drawn.
+struct TensorSpec {
+    name: String,
+    shape: Vec<usize>,
+    mean: f32,
+    std: f32,
+}
+
+impl TensorSpec {
+    fn new(name: String, (shape, mean, std): (Vec<usize>, f32, f32)) -> Self {
+        Self {
+            name,
+            shape,
+            mean,
+            std,
+        }
+    }
+
+    fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Every tensor of a model of `config` (an LM head also where it is tied), in the order
+/// their values are drawn, with the mean and standard deviation of those values:
+/// linears with std 1/√fan_in, norms around 1, unit embeddings.
+fn tensor_specs(c: &LlamaConfig) -> Vec<TensorSpec> {
+    let linear = |out: usize, inp: usize| (vec![out, inp], 0.0, 1.0 / (inp as f32).sqrt());
     let (d, q, kv, h, v) = (
         c.d_model,
         c.n_heads * c.d_head,
@@ -81,19 +100,18 @@ fn random_weights(c: &LlamaConfig, seed: u64) -> Result<TensorMap> {
         c.d_mlp,
         c.vocab_size,
     );
-    let mut tensors = BTreeMap::new();
-    tensors.insert(
-        "model.embed_tokens.weight".to_string(),
-        draw(&[v, d], 0.0, 1.0)?,
-    );
-    tensors.insert("model.norm.weight".to_string(), draw(&[d], 1.0, 0.1)?);
-    tensors.insert(
-        "lm_head.weight".to_string(),
-        draw(&[v, d], 0.0, 1.0 / (d as f32).sqrt())?,
-    );
+    let global = [
+        ("model.embed_tokens.weight", (vec![v, d], 0.0, 1.0)),
+        ("model.norm.weight", (vec![d], 1.0, 0.1)),
+        ("lm_head.weight", (vec![v, d], 0.0, 1.0 / (d as f32).sqrt())),
+    ];
+    let mut specs: Vec<_> = global
+        .into_iter()
+        .map(|(name, drawn)| TensorSpec::new(name.to_string(), drawn))
+        .collect();
     for layer in 0..c.n_layers {
         let p = format!("model.layers.{layer}");
-        for (name, (shape, std)) in [
+        let mut block = vec![
             ("self_attn.q_proj.weight", linear(q, d)),
             ("self_attn.k_proj.weight", linear(kv, d)),
             ("self_attn.v_proj.weight", linear(kv, d)),
@@ -101,22 +119,161 @@ fn random_weights(c: &LlamaConfig, seed: u64) -> Result<TensorMap> {
             ("mlp.gate_proj.weight", linear(h, d)),
             ("mlp.up_proj.weight", linear(h, d)),
             ("mlp.down_proj.weight", linear(d, h)),
-        ] {
-            tensors.insert(format!("{p}.{name}"), draw(&shape, 0.0, std)?);
-        }
+        ];
         if c.attention_bias {
-            for (name, width) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-                tensors.insert(
-                    format!("{p}.self_attn.{name}.bias"),
-                    draw(&[width], 0.0, 0.1)?,
-                );
-            }
+            block.push(("self_attn.q_proj.bias", (vec![q], 0.0, 0.1)));
+            block.push(("self_attn.k_proj.bias", (vec![kv], 0.0, 0.1)));
+            block.push(("self_attn.v_proj.bias", (vec![kv], 0.0, 0.1)));
         }
-        for norm in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-            tensors.insert(format!("{p}.{norm}"), draw(&[d], 1.0, 0.1)?);
-        }
+        block.push(("input_layernorm.weight", (vec![d], 1.0, 0.1)));
+        block.push(("post_attention_layernorm.weight", (vec![d], 1.0, 0.1)));
+        specs.extend(
+            block
+                .into_iter()
+                .map(|(name, drawn)| TensorSpec::new(format!("{p}.{name}"), drawn)),
+        );
+    }
+    specs
+}
+
+/// Gaussian weights drawn from `seed` (see [`tensor_specs`]).
+fn random_weights(c: &LlamaConfig, seed: u64) -> Result<TensorMap> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors = BTreeMap::new();
+    for spec in tensor_specs(c) {
+        let normal =
+            Normal::new(spec.mean, spec.std).map_err(|e| crate::Error::InvalidArgument {
+                argument: "config",
+                problem: format!("weights with std {}: {e}", spec.std),
+            })?;
+        let values: Vec<f32> = (0..spec.elements())
+            .map(|_| normal.sample(&mut rng))
+            .collect();
+        let tensor = Tensor::from_vec(values, spec.shape, &Device::Cpu)?;
+        tensors.insert(spec.name, tensor);
     }
     Ok(TensorMap::new("<tiny random model>", tensors))
+}
+
+/// Values a chunk of a random tensor is written in, at most.
+const WRITE_CHUNK: usize = 1 << 20;
+
+/// Writes a random model of `config` to `dir` in the Hugging Face layout: `config.json`,
+/// the byte-level `tokenizer.json`, and the weights in bf16 over `files` safetensors
+/// files (`model-0000i-of-0000n.safetensors`, each about the same size) with a
+/// `model.safetensors.index.json`. Each tensor's values are uniform with its mean and
+/// standard deviation (see [`tensor_specs`]), a function of `seed` and their place alone,
+/// and are written a chunk at a time: memory stays a few MB whatever the model's size.
+/// Returns the bytes of weights written.
+pub fn write_random_hf_dir(
+    dir: &Path,
+    config: &LlamaConfig,
+    files: usize,
+    seed: u64,
+) -> Result<u64> {
+    if files == 0 || config.vocab_size < 256 {
+        return Err(Error::InvalidArgument {
+            argument: "random checkpoint",
+            problem: format!(
+                "needs at least one file and 256 byte tokens, not {files} files and a vocabulary of {}",
+                config.vocab_size
+            ),
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut specs = tensor_specs(config);
+    if config.tie_word_embeddings {
+        specs.retain(|spec| spec.name != "lm_head.weight");
+    }
+    let bytes_of = |spec: &TensorSpec| 2 * spec.elements() as u64;
+    let total: u64 = specs.iter().map(bytes_of).sum();
+    // Consecutive tensors to each file, a new file once the last has its share.
+    let mut groups: Vec<Vec<TensorSpec>> = vec![Vec::new()];
+    let mut filled = 0;
+    for spec in specs {
+        let full = filled >= total * groups.len() as u64 / files as u64;
+        if full && groups.len() < files && !groups.last().is_some_and(Vec::is_empty) {
+            groups.push(Vec::new());
+        }
+        filled += bytes_of(&spec);
+        if let Some(group) = groups.last_mut() {
+            group.push(spec);
+        }
+    }
+    let n = groups.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut start = 0u64;
+    for (i, group) in groups.iter().enumerate() {
+        let name = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        for spec in group {
+            weight_map.insert(spec.name.clone(), name.clone().into());
+        }
+        start = write_random_safetensors(&dir.join(&name), group, seed, start)?;
+    }
+    let index = serde_json::json!({
+        "metadata": {"total_size": total},
+        "weight_map": weight_map,
+    });
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+    };
+    write("model.safetensors.index.json", index.to_string())?;
+    write("config.json", config.to_hf_json())?;
+    byte_tokenizer()?.save(&dir.join("tokenizer.json"))?;
+    Ok(total)
+}
+
+/// Writes the tensors `specs` in bf16 to the safetensors file `path`, their values
+/// numbered from `start` on (see [`random_values`]); returns the number after the last.
+fn write_random_safetensors(
+    path: &Path,
+    specs: &[TensorSpec],
+    seed: u64,
+    mut start: u64,
+) -> Result<u64> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0u64;
+    for spec in specs {
+        let end = offset + 2 * spec.elements() as u64;
+        let entry = serde_json::json!({"dtype": "BF16", "shape": spec.shape, "data_offsets": [offset, end]});
+        header.insert(spec.name.clone(), entry);
+        offset = end;
+    }
+    let mut header = serde_json::Value::Object(header).to_string().into_bytes();
+    // Data aligned to 8 bytes, as the safetensors library writes it.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let io = |e| Error::io(path, e);
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    file.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    file.write_all(&header).map_err(io)?;
+    for spec in specs {
+        let mut left = spec.elements();
+        while left > 0 {
+            let n = left.min(WRITE_CHUNK);
+            let values = random_values(seed, start, n, spec.mean, spec.std)?;
+            file.write_all(bytemuck::cast_slice(&values)).map_err(io)?;
+            (start, left) = (start + n as u64, left - n);
+        }
+    }
+    file.into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    Ok(start)
+}
+
+/// Values `start..start + n` of the random sequence of `seed`, uniform with mean `mean`
+/// and standard deviation `std`, in bf16: `fract(sin(12.9898·i + 78.233·seed) · 43758.5453)`,
+/// a classic hash, computed by candle's vectorized ops in f64.
+fn random_values(seed: u64, start: u64, n: usize, mean: f32, std: f32) -> Result<Vec<half::bf16>> {
+    let i = Tensor::arange(start as f64, (start + n as u64) as f64, &Device::Cpu)?;
+    let x = (((i * 12.9898)? + (seed % 1_000_003) as f64 * 78.233)?.sin()? * 43758.5453)?;
+    let uniform = ((&x - x.floor()?)? - 0.5)?;
+    let values = ((uniform * (f64::from(std) * 12f64.sqrt()))? + f64::from(mean))?;
+    Ok(values.to_dtype(DType::BF16)?.to_vec1()?)
 }
 
 /// GPT-2's printable stand-in for byte `b` in byte-level BPE vocabularies.
@@ -163,5 +320,59 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert_eq!(diff, 0.0);
+    }
+
+    #[test]
+    fn a_random_directory_reads_back_as_its_config_with_the_drawn_statistics() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tiny_config();
+        config.tie_word_embeddings = true;
+        let bytes = write_random_hf_dir(dir.path(), &config, 3, 5).unwrap();
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(
+            files,
+            3 + 3,
+            "three weight files, the index, config and tokenizer"
+        );
+        assert_eq!(bytes, 2 * config.parameter_count());
+        let checkpoint = Checkpoint::open_hf_dir(dir.path()).unwrap();
+        assert_eq!(checkpoint.config.n_layers, 4);
+        let names = checkpoint.weights.names();
+        assert!(!names.contains(&"lm_head.weight".to_string()), "tied");
+        assert_eq!(names.len(), 2 + 9 * config.n_layers);
+        // Uniform values: mean and standard deviation as drawn (bf16, 16 384 values).
+        let up = checkpoint
+            .weights
+            .tensor("model.layers.1.mlp.up_proj.weight")
+            .unwrap();
+        let mean = up.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let std = up
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        let expected = 1.0 / 64f32.sqrt();
+        assert!(mean.abs() < 0.03 * expected, "mean {mean}");
+        assert!(
+            (std / expected - 1.0).abs() < 0.03,
+            "std {std} of {expected}"
+        );
+        let norm = checkpoint.weights.tensor("model.norm.weight").unwrap();
+        let mean = norm.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((mean - 1.0).abs() < 0.05, "norm mean {mean}");
+        // Another seed, other weights and another fingerprint; the same seed, the same.
+        let again = tempfile::tempdir().unwrap();
+        write_random_hf_dir(again.path(), &config, 3, 5).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        write_random_hf_dir(other.path(), &config, 3, 6).unwrap();
+        let fingerprint = |d: &Path| {
+            let c = Checkpoint::open_hf_dir(d).unwrap();
+            c.weights.fingerprint().unwrap()
+        };
+        assert_eq!(fingerprint(dir.path()), fingerprint(again.path()));
+        assert_ne!(fingerprint(dir.path()), fingerprint(other.path()));
     }
 }

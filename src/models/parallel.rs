@@ -52,12 +52,6 @@ fn product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
     Ok(y.reshape(out_shape)?)
 }
 
-/// `t[.., range]` along `dim` of a `[out, in]` weight, held transposed (`[in, out]`) in
-/// storage of its own.
-fn transposed_slice(t: &Tensor, dim: usize, range: &Range<usize>) -> Result<Tensor> {
-    Ok(t.narrow(dim, range.start, range.len())?.t()?.contiguous()?)
-}
-
 /// A function applied to every parameter tensor of a layer, giving the tensor the new
 /// layer holds in its place (a piece of it, or the whole gathered from pieces).
 pub type ParamMap<'a> = dyn FnMut(&Tensor) -> Result<Tensor> + 'a;
@@ -83,16 +77,17 @@ impl ColumnParallelLinear {
         rows: Range<usize>,
         bias: bool,
     ) -> Result<Self> {
-        let weight = weights.tensor_with_shape(&format!("{name}.weight"), &out_in)?;
+        let slice = Some((0, rows.clone()));
+        let weight = weights.tensor_slice(&format!("{name}.weight"), &out_in, slice.clone())?;
         let bias = if bias {
-            let b = weights.tensor_with_shape(&format!("{name}.bias"), &out_in[..1])?;
-            Some(param(owned_slice(&b, 0, &rows)?)?)
+            let b = weights.tensor_slice(&format!("{name}.bias"), &out_in[..1], slice)?;
+            Some(param(b)?)
         } else {
             None
         };
         Ok(Self {
             name: name.to_string(),
-            weight: param(transposed_slice(&weight, 0, &rows)?)?,
+            weight: param(weight.t()?.contiguous()?)?,
             transposed: true,
             rows,
             bias,
@@ -190,10 +185,11 @@ impl RowParallelLinear {
         out_in: [usize; 2],
         cols: Range<usize>,
     ) -> Result<Self> {
-        let weight = weights.tensor_with_shape(&format!("{name}.weight"), &out_in)?;
+        let slice = Some((1, cols.clone()));
+        let weight = weights.tensor_slice(&format!("{name}.weight"), &out_in, slice)?;
         Ok(Self {
             name: name.to_string(),
-            weight: param(transposed_slice(&weight, 1, &cols)?)?,
+            weight: param(weight.t()?.contiguous()?)?,
             cols,
         })
     }
@@ -279,10 +275,10 @@ impl VocabParallelEmbedding {
         vocab_d: [usize; 2],
         rows: Range<usize>,
     ) -> Result<Self> {
-        let weight = weights.tensor_with_shape(name, &vocab_d)?;
+        let weight = weights.tensor_slice(name, &vocab_d, Some((0, rows.clone())))?;
         Ok(Self {
             name: name.to_string(),
-            weight: param(owned_slice(&weight, 0, &rows)?)?,
+            weight: param(weight)?,
             rows,
         })
     }

@@ -21,7 +21,7 @@ use crate::runtime::sharding::{
 };
 use crate::text::TokenBatch;
 use crate::text::token_batch::check_tokens;
-use crate::weights::TensorMap;
+use crate::weights::{TensorMap, WeightSource};
 use crate::{ActivationStore, Checkpoint, Error, HookPoint, NoHooks, Result, SaveContext};
 
 /// Where the model runs.
@@ -104,9 +104,12 @@ impl FlexModel {
     ) -> Result<Self> {
         let config = checkpoint.config.clone();
         check_layout(&config, &layout)?;
-        check_fits_in_memory(&config, &layout)?;
         let workers = match placement {
-            Placement::Threads => None,
+            Placement::Threads => {
+                let whole_copy = !checkpoint.weights.reads_slices();
+                check_fits_in_memory(&config, &layout, whole_copy)?;
+                None
+            }
             Placement::Processes(processes) => {
                 let origin = checkpoint.weights.origin();
                 let fingerprint = checkpoint.weights.fingerprint()?;
@@ -139,11 +142,19 @@ impl FlexModel {
         if layout == Layout::SINGLE {
             return Ok(Self::new(checkpoint.load_model()?));
         }
-        // Read (and dequantize) every tensor once; each shard copies its slices.
-        let weights = TensorMap::read_all(checkpoint.weights.as_ref())?;
+        // A source that cannot read a slice alone (GGUF's quantized blocks) is read and
+        // dequantized once; each shard copies its slices.
+        let source = checkpoint.weights.as_ref();
+        let in_memory = match source.reads_slices() {
+            true => None,
+            false => Some(TensorMap::read_all(source)?),
+        };
+        let weights = in_memory
+            .as_ref()
+            .map_or(source, |w| w as &dyn WeightSource);
         let control = Arc::new(PassControl::default());
-        let shards = build_shards(&config, &weights, &layout, &control)?;
-        drop(weights);
+        let shards = build_shards(&config, weights, &layout, &control)?;
+        drop(in_memory);
         let runtime = start_runtime(&config, layout, &shards, control)?;
         let weight_bytes = shards.iter().map(|s| s.model().weight_bytes()).collect();
         Ok(Self::with_backend(

@@ -12,7 +12,7 @@ use flexmodel_cluster::{Collective, Layout};
 
 use crate::Checkpoint;
 use crate::models::Llama;
-use crate::runtime::sharding::{LlamaShard, check_layout, stage_of};
+use crate::runtime::sharding::{LlamaShard, check_layout, check_rank_fits_in_memory, stage_of};
 use crate::{Error, Result};
 
 /// Where the ranks of a model run.
@@ -152,6 +152,7 @@ impl ShardLoader for LlamaLoader {
         let layout = assignment.layout;
         let config = &checkpoint.config;
         check_layout(config, &layout)?;
+        check_rank_fits_in_memory(config, &layout, assignment.rank)?;
         let stage = stage_of(config, &layout, layout.coords(assignment.rank).pp);
         let weights = checkpoint.weights.as_ref();
         let model = match replicas {

@@ -49,7 +49,7 @@ pub enum LayoutProblem {
         /// The model's layers.
         layers: usize,
     },
-    /// The ranks' weights would not fit in this machine's memory.
+    /// The ranks this process would hold would not fit in this machine's memory.
     #[error(
         "{layout} holds about {:.1} GB of weights in this process, but only {:.1} GB of memory is available",
         *.needed_bytes as f64 / 1e9,
@@ -58,8 +58,21 @@ pub enum LayoutProblem {
     DoesNotFit {
         /// The layout.
         layout: Layout,
-        /// The bytes of weights all ranks together would hold (plus one full copy while
-        /// they are sliced).
+        /// The bytes of weights the ranks hold, plus what loading them holds for a while.
+        needed_bytes: u64,
+        /// The memory available (`MemAvailable` of `/proc/meminfo`).
+        available_bytes: u64,
+    },
+    /// One rank's share of the weights would not fit in its machine's memory.
+    #[error(
+        "rank {rank} needs about {:.2} GB for its share of the weights, but only {:.2} GB of memory is available on its machine",
+        *.needed_bytes as f64 / 1e9,
+        *.available_bytes as f64 / 1e9
+    )]
+    RankDoesNotFit {
+        /// The rank.
+        rank: usize,
+        /// The bytes of its weights, plus what loading them holds for a while.
         needed_bytes: u64,
         /// The memory available (`MemAvailable` of `/proc/meminfo`).
         available_bytes: u64,
@@ -99,24 +112,93 @@ pub fn check_layout(config: &LlamaConfig, layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-/// Checks that the weights of every rank of `layout` (each replica holds a whole copy,
-/// under FSDP a piece; and one more copy is read while the shards are sliced) fit in the
-/// memory this machine has available, so that a mistyped layout fails at once instead
-/// of swapping or being killed. Where the available memory cannot be read, nothing is
-/// checked.
-pub fn check_fits_in_memory(config: &LlamaConfig, layout: &Layout) -> Result<()> {
+/// The bytes of f32 weights rank `rank` of `layout` holds: its stage's blocks' slices,
+/// the embedding's slice on the first stage (and on the last with a tied head), the
+/// final norm and the LM head's slice on the last; under FSDP its piece of all that.
+pub fn rank_weight_bytes(config: &LlamaConfig, layout: &Layout, rank: usize) -> u64 {
+    let stage = stage_of(config, layout, layout.coords(rank).pp);
+    let tp = layout.tp() as u64;
+    let [v, d, q, d_head, mlp] = [
+        config.vocab_size,
+        config.d_model,
+        config.n_heads * config.d_head,
+        config.d_head,
+        config.d_mlp,
+    ]
+    .map(|n| n as u64);
+    // Under tensor parallelism beyond the key/value heads, each rank holds one of them.
+    let kv = (config.n_kv_heads as u64 / tp).max(1) * d_head;
+    let biases = if config.attention_bias {
+        q / tp + 2 * kv
+    } else {
+        0
+    };
+    let per_layer = 2 * d * q / tp + 2 * d * kv + 3 * d * mlp / tp + 2 * d + biases;
+    let mut count = stage.layers.len() as u64 * per_layer;
+    let tied = config.tie_word_embeddings;
+    if stage.first || (stage.last && tied) {
+        count += v * d / tp;
+    }
+    if stage.last {
+        count += d + if tied { 0 } else { v * d / tp };
+    }
+    if layout.fsdp() {
+        count = count.div_ceil(layout.dp() as u64);
+    }
+    count * 4
+}
+
+/// The bytes a rank holds for a while as it loads, beyond its share: the largest slice
+/// it reads, twice (as read, and held transposed).
+fn loading_bytes(config: &LlamaConfig, layout: &Layout) -> u64 {
+    let tp = layout.tp();
+    let widest = [
+        config.vocab_size / tp,
+        config.d_mlp / tp,
+        config.n_heads * config.d_head / tp,
+    ];
+    let largest = widest.into_iter().max().unwrap_or(0) * config.d_model;
+    2 * largest as u64 * 4
+}
+
+/// Checks that the ranks of `layout`, as threads of this process, fit in the memory
+/// this machine has available (each replica holds a whole copy, under FSDP a piece;
+/// with `whole_copy`, the weights are read into memory once more while the ranks cut
+/// their slices), so that a mistyped layout fails at once instead of being killed.
+/// Where the available memory cannot be read, nothing is checked. Ranks in worker
+/// processes check their own share ([`check_rank_fits_in_memory`]).
+pub fn check_fits_in_memory(config: &LlamaConfig, layout: &Layout, whole_copy: bool) -> Result<()> {
     let Some(available_bytes) = available_memory() else {
         return Ok(());
     };
-    let copies = match (*layout == Layout::SINGLE, layout.fsdp()) {
-        (true, _) => 1,
-        (false, true) => 2,
-        (false, false) => layout.dp() as u64 + 1,
+    let held: u64 = (0..layout.world_size())
+        .map(|rank| rank_weight_bytes(config, layout, rank))
+        .sum();
+    let transient = match whole_copy {
+        true => config.parameter_count() * 4,
+        false => loading_bytes(config, layout),
     };
-    let needed_bytes = copies.saturating_mul(config.parameter_count() * 4);
+    let needed_bytes = held.saturating_add(transient);
     if needed_bytes > available_bytes {
         return Err(Error::BadLayout(LayoutProblem::DoesNotFit {
             layout: *layout,
+            needed_bytes,
+            available_bytes,
+        }));
+    }
+    Ok(())
+}
+
+/// Checks that rank `rank` of `layout` can hold its share of the weights (and load it)
+/// in the memory this machine has available; an error names the rank and both sizes.
+pub fn check_rank_fits_in_memory(config: &LlamaConfig, layout: &Layout, rank: usize) -> Result<()> {
+    let Some(available_bytes) = available_memory() else {
+        return Ok(());
+    };
+    let needed_bytes = rank_weight_bytes(config, layout, rank) + loading_bytes(config, layout);
+    if needed_bytes > available_bytes {
+        return Err(Error::BadLayout(LayoutProblem::RankDoesNotFit {
+            rank,
             needed_bytes,
             available_bytes,
         }));

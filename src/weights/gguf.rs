@@ -322,8 +322,34 @@ impl WeightSource for GgufFile {
         &self.path
     }
 
+    /// The file's name, length and header (metadata and tensor table), and the first
+    /// and last few KiB of every tensor.
     fn fingerprint(&self) -> Result<String> {
-        super::fingerprint::of_files([self.path.as_path()])
+        use std::os::unix::fs::FileExt;
+        let path = self.path.as_path();
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let length = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let data = self.content.tensor_data_offset;
+        let mut header = vec![0u8; data.min(length) as usize];
+        file.read_exact_at(&mut header, 0)
+            .map_err(|e| Error::io(path, e))?;
+        let mut infos: Vec<_> = self.content.tensor_infos.iter().collect();
+        infos.sort_by_key(|(name, _)| name.as_str());
+        let tensors = infos
+            .into_iter()
+            .map(|(_, info)| {
+                let dtype = info.ggml_dtype;
+                let bytes = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+                let start = (data + info.offset).min(length);
+                start..(start + bytes as u64).min(length)
+            })
+            .collect();
+        super::fingerprint::of_sampled_files([super::fingerprint::SampledFile {
+            path,
+            length,
+            header: &header,
+            tensors,
+        }])
     }
 
     fn names(&self) -> Vec<String> {

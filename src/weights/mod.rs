@@ -10,8 +10,10 @@ mod gguf;
 pub mod pretrained;
 mod safetensors_dir;
 mod safetensors_file;
+mod safetensors_header;
 mod tensor_map;
 
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::Tensor;
@@ -36,20 +38,42 @@ pub trait WeightSource: Send + Sync {
     /// when it is missing or unreadable.
     fn tensor(&self, name: &str) -> Result<Tensor>;
 
-    /// A digest of every tensor's bytes (a SHA-256, in hex): equal for equal weights.
+    /// A digest of the weights (a SHA-256, in hex): equal for equal weights, and
+    /// different for checkpoints that differ in any tensor's name, shape or dtype, or in
+    /// the values that the source samples (see each source).
     fn fingerprint(&self) -> Result<String>;
+
+    /// Indices `range` along dimension `dim` of the tensor `name` (the whole tensor for
+    /// `None`), which must have shape `shape`, as f32 on the CPU in storage of its own.
+    ///
+    /// By default the whole tensor is read and narrowed; a source that
+    /// [`reads_slices`](Self::reads_slices) reads the slice alone.
+    fn tensor_slice(
+        &self,
+        name: &str,
+        shape: &[usize],
+        slice: Option<(usize, Range<usize>)>,
+    ) -> Result<Tensor> {
+        let t = self.tensor_with_shape(name, shape)?;
+        match slice {
+            Some((dim, range)) if shape.get(dim) != Some(&range.len()) => Ok(t
+                .narrow(dim, range.start, range.len())?
+                .force_contiguous()?),
+            _ => Ok(t),
+        }
+    }
+
+    /// Whether [`tensor_slice`](Self::tensor_slice) reads only the slice; if not, a
+    /// caller that cuts one tensor many ways should read the source into memory first
+    /// ([`TensorMap::read_all`]).
+    fn reads_slices(&self) -> bool {
+        false
+    }
 
     /// The tensor `name`, checked to have shape `shape`.
     fn tensor_with_shape(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.tensor(name)?;
-        if t.dims() != shape {
-            return Err(Error::ShapeMismatch {
-                path: self.origin().to_path_buf(),
-                tensor: name.to_string(),
-                expected: shape.to_vec(),
-                found: t.dims().to_vec(),
-            });
-        }
+        check_shape(self.origin(), name, shape, t.dims())?;
         Ok(t)
     }
 }
@@ -61,4 +85,17 @@ fn missing(origin: &Path, name: &str) -> Error {
         tensor: name.to_string(),
         message: "not found".to_string(),
     }
+}
+
+/// An error naming `name` of `origin` unless its shape `found` is `expected`.
+fn check_shape(origin: &Path, name: &str, expected: &[usize], found: &[usize]) -> Result<()> {
+    if found != expected {
+        return Err(Error::ShapeMismatch {
+            path: origin.to_path_buf(),
+            tensor: name.to_string(),
+            expected: expected.to_vec(),
+            found: found.to_vec(),
+        });
+    }
+    Ok(())
 }

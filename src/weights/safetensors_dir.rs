@@ -2,25 +2,27 @@
 //! `model.safetensors.index.json`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::BufferedSafetensors;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
-use super::{WeightSource, missing};
-use crate::error::tensor_message;
+use super::safetensors_header::SafetensorsFile;
+use super::{WeightSource, check_shape, missing};
 use crate::{Error, Result};
 
-/// The safetensors files of a model directory, read into memory at open.
+/// The safetensors files of a model directory. Opening one reads the files' headers
+/// only; a tensor, or a slice of one, is read by offset when asked for.
 pub struct SafetensorsDir {
     dir: PathBuf,
-    files: Vec<(PathBuf, BufferedSafetensors)>,
+    files: Vec<SafetensorsFile>,
     /// Tensor name → index into `files`.
     routing: BTreeMap<String, usize>,
 }
 
 impl SafetensorsDir {
-    /// Opens the single file `model.safetensors` or the shards of the index in `dir`.
+    /// Opens the single file `model.safetensors` or the shards of the index in `dir`,
+    /// reading their headers.
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let shards = if index.exists() {
@@ -31,16 +33,16 @@ impl SafetensorsDir {
         let mut files = Vec::new();
         let mut routing = BTreeMap::new();
         for (i, shard) in shards.iter().enumerate() {
-            let path = dir.join(shard);
-            let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-            let st = BufferedSafetensors::new(bytes).map_err(|e| Error::BadWeightsFile {
-                path: path.clone(),
-                message: format!("not a readable safetensors file: {}", tensor_message(&e)),
-            })?;
-            for (name, _) in st.tensors() {
-                routing.insert(name, i);
+            let file = SafetensorsFile::open(&dir.join(shard))?;
+            for name in file.tensors.keys() {
+                if let Some(other) = routing.insert(name.clone(), i) {
+                    return Err(Error::BadWeightsFile {
+                        path: file.path().to_path_buf(),
+                        message: format!("tensor {name} is also in {}", files_name(&files[other])),
+                    });
+                }
             }
-            files.push((path, st));
+            files.push(file);
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -71,6 +73,28 @@ impl SafetensorsDir {
         }
         Ok(shards)
     }
+
+    /// The file holding `name`, and the tensor's shape there.
+    fn locate(&self, name: &str) -> Result<(&SafetensorsFile, &[usize])> {
+        let file = self
+            .routing
+            .get(name)
+            .map(|&i| &self.files[i])
+            .ok_or_else(|| missing(&self.dir, name))?;
+        let shape = file
+            .tensors
+            .get(name)
+            .map(|entry| entry.shape.as_slice())
+            .ok_or_else(|| missing(&self.dir, name))?;
+        Ok((file, shape))
+    }
+}
+
+fn files_name(file: &SafetensorsFile) -> String {
+    file.path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 impl WeightSource for SafetensorsDir {
@@ -78,8 +102,17 @@ impl WeightSource for SafetensorsDir {
         &self.dir
     }
 
+    /// Each file's name, length and header, and the first and last few KiB of every
+    /// tensor: a few MB however large the checkpoint.
     fn fingerprint(&self) -> Result<String> {
-        super::fingerprint::of_files(self.files.iter().map(|(path, _)| path.as_path()))
+        super::fingerprint::of_sampled_files(self.files.iter().map(|file| {
+            super::fingerprint::SampledFile {
+                path: file.path(),
+                length: file.length,
+                header: &file.header,
+                tensors: file.tensors.values().map(|e| e.bytes.clone()).collect(),
+            }
+        }))
     }
 
     fn names(&self) -> Vec<String> {
@@ -87,16 +120,58 @@ impl WeightSource for SafetensorsDir {
     }
 
     fn tensor(&self, name: &str) -> Result<Tensor> {
-        let &i = self
-            .routing
-            .get(name)
-            .ok_or_else(|| missing(&self.dir, name))?;
-        let (path, st) = &self.files[i];
-        let t = st.load(name, &Device::Cpu).map_err(|e| Error::BadTensor {
-            path: path.clone(),
-            tensor: name.to_string(),
-            message: tensor_message(&e),
-        })?;
-        Ok(t.to_dtype(DType::F32)?)
+        let (file, _) = self.locate(name)?;
+        file.read(name, None, DType::F32)
+    }
+
+    fn tensor_slice(
+        &self,
+        name: &str,
+        shape: &[usize],
+        slice: Option<(usize, Range<usize>)>,
+    ) -> Result<Tensor> {
+        let (file, found) = self.locate(name)?;
+        check_shape(&self.dir, name, shape, found)?;
+        file.read(name, slice, DType::F32)
+    }
+
+    fn reads_slices(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiny::{tiny_config, write_random_hf_dir};
+
+    #[test]
+    fn slices_read_alone_equal_the_whole_tensor_narrowed_in_any_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write_random_hf_dir(dir.path(), &tiny_config(), 2, 1).unwrap();
+        let weights = SafetensorsDir::open(dir.path()).unwrap();
+        assert_eq!(weights.files.len(), 2);
+        for (name, shape, dim, range) in [
+            ("model.embed_tokens.weight", [256, 64], 0, 64..128),
+            (
+                "model.layers.3.self_attn.o_proj.weight",
+                [64, 64],
+                1,
+                16..32,
+            ),
+            ("lm_head.weight", [256, 64], 0, 192..256),
+        ] {
+            let slice = weights
+                .tensor_slice(name, &shape, Some((dim, range.clone())))
+                .unwrap();
+            let whole = weights.tensor(name).unwrap();
+            let narrowed = whole.narrow(dim, range.start, range.len()).unwrap();
+            let diff = (slice - narrowed).unwrap().abs().unwrap();
+            assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        }
+        let err = weights
+            .tensor_slice("lm_head.weight", &[64, 256], None)
+            .unwrap_err();
+        assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
     }
 }

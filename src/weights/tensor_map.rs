@@ -60,4 +60,9 @@ impl WeightSource for TensorMap {
             .ok_or_else(|| missing(&self.origin, name))?;
         Ok(t.to_dtype(DType::F32)?)
     }
+
+    /// In memory, a slice is a copy of only its part.
+    fn reads_slices(&self) -> bool {
+        true
+    }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::Tensor;
 use clap::Args;
-use flexmodel::runtime::sharding::{check_fits_in_memory, check_layout};
+use flexmodel::runtime::sharding::check_layout;
 use flexmodel::runtime::{Cluster, Placement, Processes};
 use flexmodel::text::check_tokens;
 use flexmodel::{Checkpoint, FlexModel, HookCatalog, HookKind};
@@ -76,7 +76,6 @@ impl LayoutArgs {
         let config = &checkpoint.config;
         let layout = self.layout()?;
         check_layout(config, &layout)?;
-        check_fits_in_memory(config, &layout)?;
         for tokens in plan.batches {
             let (batch, _) =
                 check_tokens(tokens, config.vocab_size, config.max_position_embeddings)?;

@@ -331,10 +331,12 @@ impl Element for f16 {
     }
 }
 
-/// Reused buffers for values that must be converted: the file's bytes, then as f32.
+/// Reused buffers for values that must be converted: the file's bytes (as 16-bit words
+/// for half-precision values), then as f32.
 #[derive(Default)]
 struct Buffer {
     raw: Vec<u8>,
+    halves: Vec<u16>,
     f32s: Vec<f32>,
 }
 
@@ -347,34 +349,33 @@ impl Buffer {
         position: u64,
         n: usize,
     ) -> Result<()> {
+        self.f32s.resize(n, 0.0);
+        if let DiskDtype::BF16 | DiskDtype::F16 = from {
+            self.halves.resize(n, 0);
+            file.read_at(bytemuck::cast_slice_mut(&mut self.halves), position)?;
+            if cfg!(target_endian = "big") {
+                self.halves.iter_mut().for_each(|h| *h = u16::from_le(*h));
+            }
+            match from {
+                DiskDtype::BF16 => bytemuck::cast_slice::<u16, bf16>(&self.halves)
+                    .convert_to_f32_slice(&mut self.f32s),
+                _ => bytemuck::cast_slice::<u16, f16>(&self.halves)
+                    .convert_to_f32_slice(&mut self.f32s),
+            }
+            return Ok(());
+        }
         self.raw.resize(n * from.size(), 0);
         file.read_at(&mut self.raw, position)?;
-        self.f32s.resize(n, 0.0);
         let raw = &self.raw;
-        match from {
-            DiskDtype::F32 => {
-                for (v, b) in self.f32s.iter_mut().zip(raw.chunks_exact(4)) {
-                    *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
+        if from == DiskDtype::F64 {
+            for (v, b) in self.f32s.iter_mut().zip(raw.chunks_exact(8)) {
+                let mut le = [0u8; 8];
+                le.copy_from_slice(b);
+                *v = f64::from_le_bytes(le) as f32;
             }
-            DiskDtype::F64 => {
-                for (v, b) in self.f32s.iter_mut().zip(raw.chunks_exact(8)) {
-                    let mut le = [0u8; 8];
-                    le.copy_from_slice(b);
-                    *v = f64::from_le_bytes(le) as f32;
-                }
-            }
-            DiskDtype::BF16 | DiskDtype::F16 => {
-                let mut halves: Vec<u16> = bytemuck::pod_collect_to_vec(raw);
-                if cfg!(target_endian = "big") {
-                    halves.iter_mut().for_each(|h| *h = u16::from_le(*h));
-                }
-                match from {
-                    DiskDtype::BF16 => bytemuck::cast_slice::<u16, bf16>(&halves)
-                        .convert_to_f32_slice(&mut self.f32s),
-                    _ => bytemuck::cast_slice::<u16, f16>(&halves)
-                        .convert_to_f32_slice(&mut self.f32s),
-                }
+        } else {
+            for (v, b) in self.f32s.iter_mut().zip(raw.chunks_exact(4)) {
+                *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
         Ok(())

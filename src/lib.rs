@@ -41,7 +41,7 @@ pub mod weights;
 
 pub use error::{Error, Result};
 pub use flexmodel_actors::Fault;
-pub use flexmodel_cluster::{Layout, RankCoords};
+pub use flexmodel_cluster::{Layout, ModelDtype, RankCoords};
 pub use hooks::{
     ALL, ActivationStore, BlockSite, EditFn, Groups, HookCatalog, HookCtx, HookFunction,
     HookHandle, HookKind, HookLayer, HookPoint, HookRegistry, HookSelector, NoHooks, SaveContext,

@@ -37,6 +37,7 @@ pub fn tiny_config() -> LlamaConfig {
         max_position_embeddings: 512,
         bos_token_id: None,
         eos_token_ids: vec![],
+        dtype: DType::F32,
     }
 }
 

@@ -8,17 +8,16 @@ mod common;
 
 use candle_core::Tensor;
 use common::rel_error;
-use flexmodel::models::{Architecture, LlamaConfig};
+use flexmodel::models::LlamaConfig;
 use flexmodel::runtime::sharding::rank_weight_bytes;
 use flexmodel::runtime::{Placement, Processes};
-use flexmodel::tiny::write_random_hf_dir;
+use flexmodel::tiny::{tiny_config, write_random_hf_dir};
 use flexmodel::{Checkpoint, FlexModel, HookFunction};
 use flexmodel_cluster::Layout;
 
 /// 19 layers of a LLaMA 2-style block at d_model 2048: 1.03 G parameters, 2.05 GB in bf16.
 fn two_gb_config() -> LlamaConfig {
     LlamaConfig {
-        architecture: Architecture::Llama,
         vocab_size: 32_000,
         d_model: 2048,
         n_layers: 19,
@@ -26,13 +25,8 @@ fn two_gb_config() -> LlamaConfig {
         n_kv_heads: 8,
         d_head: 128,
         d_mlp: 5632,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        tie_word_embeddings: false,
-        attention_bias: false,
         max_position_embeddings: 4096,
-        bos_token_id: None,
-        eos_token_ids: vec![],
+        ..tiny_config()
     }
 }
 

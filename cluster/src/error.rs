@@ -27,6 +27,9 @@ pub enum Error {
         /// The data-parallel replicas.
         dp: usize,
     },
+    /// A `--model-dtype` that is not one of those the weights can be held in.
+    #[error("unknown model dtype {0:?} (known: f32, bf16, f16)")]
+    UnknownModelDtype(String),
     /// A layout with more ranks than [`Layout::MAX_RANKS`](crate::Layout::MAX_RANKS).
     #[error("bad layout: dp={dp} pp={pp} tp={tp} is more than {max} ranks")]
     TooManyRanks {

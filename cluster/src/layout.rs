@@ -2,10 +2,71 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::str::FromStr;
 
+use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
+
+/// The dtype a model's weights are held in (`--model-dtype`). Every rank holds its
+/// weights in it; what dtype the products are computed in is the model's choice per
+/// device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelDtype {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// bfloat16: half the memory, f32's range, 8 bits of mantissa.
+    Bf16,
+    /// IEEE half precision: half the memory, 11 bits of mantissa, a range to 65504.
+    F16,
+}
+
+impl ModelDtype {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+
+    /// Whether this is f32, the default.
+    pub fn is_f32(&self) -> bool {
+        *self == Self::F32
+    }
+
+    /// The bytes of one weight.
+    pub fn size(self) -> usize {
+        self.dtype().size_in_bytes()
+    }
+}
+
+impl fmt::Display for ModelDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        })
+    }
+}
+
+impl FromStr for ModelDtype {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            other => Err(Error::UnknownModelDtype(other.to_string())),
+        }
+    }
+}
 
 /// A rank's coordinates in the layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,6 +95,7 @@ pub struct Layout {
     pp: usize,
     tp: usize,
     fsdp: bool,
+    model_dtype: ModelDtype,
 }
 
 /// A layout as messages and records carry it, checked as [`Layout::new`] checks it.
@@ -44,13 +106,18 @@ struct LayoutRecord {
     tp: usize,
     #[serde(default)]
     fsdp: bool,
+    /// Left out for f32, so that records of f32 layouts read as they always did.
+    #[serde(default, skip_serializing_if = "ModelDtype::is_f32")]
+    model_dtype: ModelDtype,
 }
 
 impl TryFrom<LayoutRecord> for Layout {
     type Error = Error;
 
     fn try_from(r: LayoutRecord) -> Result<Self> {
-        Layout::new(r.dp, r.pp, r.tp)?.with_fsdp(r.fsdp)
+        Ok(Layout::new(r.dp, r.pp, r.tp)?
+            .with_fsdp(r.fsdp)?
+            .with_model_dtype(r.model_dtype))
     }
 }
 
@@ -61,6 +128,7 @@ impl From<Layout> for LayoutRecord {
             pp: l.pp,
             tp: l.tp,
             fsdp: l.fsdp,
+            model_dtype: l.model_dtype,
         }
     }
 }
@@ -72,6 +140,7 @@ impl Layout {
         pp: 1,
         tp: 1,
         fsdp: false,
+        model_dtype: ModelDtype::F32,
     };
 
     /// The most ranks a layout may have: far more than any model here can use, and few
@@ -100,6 +169,7 @@ impl Layout {
             pp,
             tp,
             fsdp: false,
+            model_dtype: ModelDtype::F32,
         })
     }
 
@@ -111,6 +181,19 @@ impl Layout {
             return Err(Error::FsdpWithoutReplicas { dp: self.dp });
         }
         Ok(Self { fsdp, ..self })
+    }
+
+    /// This layout with its ranks holding the weights in `model_dtype`.
+    pub fn with_model_dtype(self, model_dtype: ModelDtype) -> Self {
+        Self {
+            model_dtype,
+            ..self
+        }
+    }
+
+    /// The dtype the ranks hold the weights in.
+    pub fn model_dtype(&self) -> ModelDtype {
+        self.model_dtype
     }
 
     /// Whether the replicas shard the parameters (FSDP).
@@ -185,9 +268,12 @@ impl Layout {
 impl fmt::Display for Layout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "tp={} pp={} dp={}", self.tp, self.pp, self.dp)?;
-        match self.fsdp {
-            true => write!(f, " fsdp"),
-            false => Ok(()),
+        if self.fsdp {
+            write!(f, " fsdp")?;
+        }
+        match self.model_dtype {
+            ModelDtype::F32 => Ok(()),
+            other => write!(f, " {other}"),
         }
     }
 }
@@ -295,6 +381,25 @@ mod tests {
         assert!(!plain.fsdp());
         let bad = serde_json::from_str::<Layout>(r#"{"dp":1,"pp":1,"tp":1,"fsdp":true}"#);
         assert!(bad.unwrap_err().to_string().contains("dp=1"));
+    }
+
+    #[test]
+    fn the_model_dtype_travels_with_the_layout_and_parses_by_name() {
+        let layout = Layout::new(1, 2, 2)
+            .unwrap()
+            .with_model_dtype(ModelDtype::Bf16);
+        assert_eq!(layout.to_string(), "tp=2 pp=2 dp=1 bf16");
+        let json = serde_json::to_string(&layout).unwrap();
+        assert_eq!(
+            json,
+            r#"{"dp":1,"pp":2,"tp":2,"fsdp":false,"model_dtype":"bf16"}"#
+        );
+        assert_eq!(serde_json::from_str::<Layout>(&json).unwrap(), layout);
+        assert_ne!(layout, layout.with_model_dtype(ModelDtype::F16));
+        assert_eq!("f16".parse::<ModelDtype>().unwrap(), ModelDtype::F16);
+        assert_eq!(ModelDtype::Bf16.size(), 2);
+        let err = "fp8".parse::<ModelDtype>().unwrap_err().to_string();
+        assert_eq!(err, "unknown model dtype \"fp8\" (known: f32, bf16, f16)");
     }
 
     #[test]

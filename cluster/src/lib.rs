@@ -20,7 +20,7 @@ pub use collective::{
     TcpCollective,
 };
 pub use error::{Error, Result};
-pub use layout::{Layout, RankCoords, split_evenly};
+pub use layout::{Layout, ModelDtype, RankCoords, split_evenly};
 pub use param_slice::ParamSlice;
 pub use shard_spec::ShardSpec;
 pub use tp_rank::TpRank;

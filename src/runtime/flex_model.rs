@@ -8,7 +8,7 @@ use candle_core::{Tensor, Var};
 use flexmodel_actors::{
     Fault, KvCache, PointGeometry, ShardModel, ShardRuntime, ShardSetup, Window,
 };
-use flexmodel_cluster::{Layout, PassControl};
+use flexmodel_cluster::{Layout, PassControl, SingleRank};
 
 use crate::hooks::HookCatalog;
 use crate::hooks::dispatch::{LossFn, PassHooks};
@@ -102,7 +102,10 @@ impl FlexModel {
         layout: Layout,
         placement: &Placement,
     ) -> Result<Self> {
-        let config = checkpoint.config.clone();
+        let config = LlamaConfig {
+            dtype: layout.model_dtype().dtype(),
+            ..checkpoint.config.clone()
+        };
         check_layout(&config, &layout)?;
         let workers = match placement {
             Placement::Threads => {
@@ -139,8 +142,14 @@ impl FlexModel {
             };
             return Ok(Self::with_backend(config, layout, backend));
         }
-        if layout == Layout::SINGLE {
-            return Ok(Self::new(checkpoint.load_model()?));
+        if layout.world_size() == 1 {
+            let model = Llama::load(&config, checkpoint.weights.as_ref(), Arc::new(SingleRank))?;
+            let backend = Backend::Single {
+                model,
+                cache: KvCache::default(),
+                runtime: None,
+            };
+            return Ok(Self::with_backend(config, layout, backend));
         }
         // A source that cannot read a slice alone (GGUF's quantized blocks) is read and
         // dequantized once; each shard copies its slices.
@@ -383,7 +392,7 @@ impl FlexModel {
                     let control = Arc::new(PassControl::default());
                     runtime.insert(Box::new(start_runtime(
                         &self.config,
-                        Layout::SINGLE,
+                        self.layout,
                         &shards,
                         control,
                     )?))

@@ -11,7 +11,7 @@ use flexmodel_cluster::transport::Token;
 use flexmodel_cluster::{Collective, Layout};
 
 use crate::Checkpoint;
-use crate::models::Llama;
+use crate::models::{Llama, LlamaConfig};
 use crate::runtime::sharding::{LlamaShard, check_layout, check_rank_fits_in_memory, stage_of};
 use crate::{Error, Result};
 
@@ -150,7 +150,10 @@ impl ShardLoader for LlamaLoader {
     ) -> std::result::Result<LoadedShard, BoxError> {
         let checkpoint = Checkpoint::open(&assignment.model)?;
         let layout = assignment.layout;
-        let config = &checkpoint.config;
+        let config = &LlamaConfig {
+            dtype: layout.model_dtype().dtype(),
+            ..checkpoint.config.clone()
+        };
         check_layout(config, &layout)?;
         check_rank_fits_in_memory(config, &layout, assignment.rank)?;
         let stage = stage_of(config, &layout, layout.coords(assignment.rank).pp);

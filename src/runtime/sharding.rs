@@ -112,7 +112,7 @@ pub fn check_layout(config: &LlamaConfig, layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-/// The bytes of f32 weights rank `rank` of `layout` holds: its stage's blocks' slices,
+/// The bytes of weights (in the layout's dtype) rank `rank` of `layout` holds: its stage's blocks' slices,
 /// the embedding's slice on the first stage (and on the last with a tied head), the
 /// final norm and the LM head's slice on the last; under FSDP its piece of all that.
 pub fn rank_weight_bytes(config: &LlamaConfig, layout: &Layout, rank: usize) -> u64 {
@@ -145,11 +145,13 @@ pub fn rank_weight_bytes(config: &LlamaConfig, layout: &Layout, rank: usize) -> 
     if layout.fsdp() {
         count = count.div_ceil(layout.dp() as u64);
     }
-    count * 4
+    count * layout.model_dtype().size() as u64
 }
 
 /// The bytes a rank holds for a while as it loads, beyond its share: the largest slice
-/// it reads, twice (as read, and held transposed).
+/// it reads, twice (as read, and held transposed), and once more in f32 where the
+/// weights are held in half precision (a source that cannot convert as it reads
+/// converts a whole f32 slice).
 fn loading_bytes(config: &LlamaConfig, layout: &Layout) -> u64 {
     let tp = layout.tp();
     let widest = [
@@ -157,8 +159,9 @@ fn loading_bytes(config: &LlamaConfig, layout: &Layout) -> u64 {
         config.d_mlp / tp,
         config.n_heads * config.d_head / tp,
     ];
-    let largest = widest.into_iter().max().unwrap_or(0) * config.d_model;
-    2 * largest as u64 * 4
+    let largest = (widest.into_iter().max().unwrap_or(0) * config.d_model) as u64;
+    let held = layout.model_dtype().size() as u64;
+    largest * (2 * held + if held < 4 { 4 } else { 0 })
 }
 
 /// Checks that the ranks of `layout`, as threads of this process, fit in the memory
@@ -175,7 +178,7 @@ pub fn check_fits_in_memory(config: &LlamaConfig, layout: &Layout, whole_copy: b
         .map(|rank| rank_weight_bytes(config, layout, rank))
         .sum();
     let transient = match whole_copy {
-        true => config.parameter_count() * 4,
+        true => config.parameter_count() * 4 + loading_bytes(config, layout),
         false => loading_bytes(config, layout),
     };
     let needed_bytes = held.saturating_add(transient);

@@ -132,6 +132,7 @@ impl GgufFile {
                 .optional_u32("tokenizer.ggml.eos_token_id")?
                 .into_iter()
                 .collect(),
+            dtype: candle_core::DType::F32,
         };
         let scaling_type = self
             .optional_string(&key("rope.scaling.type"))?

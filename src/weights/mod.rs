@@ -16,7 +16,7 @@ mod tensor_map;
 use std::ops::Range;
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 pub use checkpoint::Checkpoint;
 pub use gguf::GgufFile;
@@ -44,23 +44,26 @@ pub trait WeightSource: Send + Sync {
     fn fingerprint(&self) -> Result<String>;
 
     /// Indices `range` along dimension `dim` of the tensor `name` (the whole tensor for
-    /// `None`), which must have shape `shape`, as f32 on the CPU in storage of its own.
+    /// `None`), which must have shape `shape`, in `dtype` on the CPU in storage of its
+    /// own.
     ///
-    /// By default the whole tensor is read and narrowed; a source that
+    /// By default the whole tensor is read as f32, narrowed and converted; a source that
     /// [`reads_slices`](Self::reads_slices) reads the slice alone.
     fn tensor_slice(
         &self,
         name: &str,
         shape: &[usize],
         slice: Option<(usize, Range<usize>)>,
+        dtype: DType,
     ) -> Result<Tensor> {
         let t = self.tensor_with_shape(name, shape)?;
-        match slice {
-            Some((dim, range)) if shape.get(dim) != Some(&range.len()) => Ok(t
+        let t = match slice {
+            Some((dim, range)) if shape.get(dim) != Some(&range.len()) => t
                 .narrow(dim, range.start, range.len())?
-                .force_contiguous()?),
-            _ => Ok(t),
-        }
+                .force_contiguous()?,
+            _ => t,
+        };
+        Ok(t.to_dtype(dtype)?)
     }
 
     /// Whether [`tensor_slice`](Self::tensor_slice) reads only the slice; if not, a
@@ -75,6 +78,36 @@ pub trait WeightSource: Send + Sync {
         let t = self.tensor(name)?;
         check_shape(self.origin(), name, shape, t.dims())?;
         Ok(t)
+    }
+}
+
+/// Weights as a rank holds them: read from `source`, a slice at a time, in `dtype`.
+#[derive(Clone, Copy)]
+pub struct HeldWeights<'a> {
+    /// Where the tensors come from.
+    pub source: &'a dyn WeightSource,
+    /// The dtype they are held in.
+    pub dtype: DType,
+}
+
+impl<'a> HeldWeights<'a> {
+    /// The tensors of `source` held in f32.
+    pub fn f32(source: &'a dyn WeightSource) -> Self {
+        Self {
+            source,
+            dtype: DType::F32,
+        }
+    }
+
+    /// Indices `range` along dimension `dim` of the tensor `name` of shape `shape` (the
+    /// whole tensor for `None`), in this dtype.
+    pub fn slice(
+        &self,
+        name: &str,
+        shape: &[usize],
+        slice: Option<(usize, Range<usize>)>,
+    ) -> Result<Tensor> {
+        self.source.tensor_slice(name, shape, slice, self.dtype)
     }
 }
 

@@ -129,10 +129,11 @@ impl WeightSource for SafetensorsDir {
         name: &str,
         shape: &[usize],
         slice: Option<(usize, Range<usize>)>,
+        dtype: DType,
     ) -> Result<Tensor> {
         let (file, found) = self.locate(name)?;
         check_shape(&self.dir, name, shape, found)?;
-        file.read(name, slice, DType::F32)
+        file.read(name, slice, dtype)
     }
 
     fn reads_slices(&self) -> bool {
@@ -162,7 +163,7 @@ mod tests {
             ("lm_head.weight", [256, 64], 0, 192..256),
         ] {
             let slice = weights
-                .tensor_slice(name, &shape, Some((dim, range.clone())))
+                .tensor_slice(name, &shape, Some((dim, range.clone())), DType::F32)
                 .unwrap();
             let whole = weights.tensor(name).unwrap();
             let narrowed = whole.narrow(dim, range.start, range.len()).unwrap();
@@ -170,7 +171,7 @@ mod tests {
             assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
         }
         let err = weights
-            .tensor_slice("lm_head.weight", &[64, 256], None)
+            .tensor_slice("lm_head.weight", &[64, 256], None, DType::F32)
             .unwrap_err();
         assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
     }

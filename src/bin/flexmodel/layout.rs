@@ -1,4 +1,4 @@
-//! The `[--tp N] [--pp N] [--dp N] [--fsdp] [--procs | --cluster URL] [--token-file F]`
+//! The `[--tp N] [--pp N] [--dp N] [--fsdp] [--model-dtype D] [--procs | --cluster URL] [--token-file F]`
 //! options every command takes, and the checks a command makes before it reads any
 //! weight.
 
@@ -10,8 +10,8 @@ use flexmodel::runtime::sharding::check_layout;
 use flexmodel::runtime::{Cluster, Placement, Processes};
 use flexmodel::text::check_tokens;
 use flexmodel::{Checkpoint, FlexModel, HookCatalog, HookKind};
-use flexmodel_cluster::Layout;
 use flexmodel_cluster::membership::ClusterUrl;
+use flexmodel_cluster::{Layout, ModelDtype};
 
 /// How the model is split: tensor × pipeline × data parallel.
 #[derive(Args, Debug, Clone)]
@@ -30,6 +30,10 @@ pub struct LayoutArgs {
     /// before it computes. Needs `--dp` 2 or more.
     #[arg(long)]
     pub fsdp: bool,
+    /// The dtype the weights are held in: f32, bf16 or f16 (half the memory). On the
+    /// CPU products are computed in f32 whatever the weights' dtype, so hooks see f32.
+    #[arg(long, default_value_t = ModelDtype::F32, value_name = "f32|bf16|f16")]
+    pub model_dtype: ModelDtype,
     /// Run every rank in a worker process of its own on this machine (by default, every
     /// rank is a thread of this process).
     #[arg(long, conflicts_with = "cluster")]
@@ -58,7 +62,9 @@ impl LayoutArgs {
     /// The layout these options describe.
     pub fn layout(&self) -> anyhow::Result<Layout> {
         let layout = Layout::new(self.dp as usize, self.pp as usize, self.tp as usize)?;
-        Ok(layout.with_fsdp(self.fsdp)?)
+        Ok(layout
+            .with_fsdp(self.fsdp)?
+            .with_model_dtype(self.model_dtype))
     }
 
     /// The model of `checkpoint` split over this layout, after checking `plan`: the

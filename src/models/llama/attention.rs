@@ -11,7 +11,7 @@ use super::positions::Positions;
 use super::rms_norm::RmsNorm;
 use crate::hooks::point::{BlockSite, HookPoint};
 use crate::models::{ColumnParallelLinear, RowParallelLinear};
-use crate::weights::WeightSource;
+use crate::weights::HeldWeights;
 use crate::{HookLayer, Result};
 
 /// What attention reads: the normed residual stream that every head's projections
@@ -41,7 +41,7 @@ pub struct Attention {
 impl Attention {
     /// Loads the heads of `tp` from `{prefix}.self_attn.*`.
     pub fn load(
-        weights: &dyn WeightSource,
+        weights: &HeldWeights<'_>,
         prefix: &str,
         config: &LlamaConfig,
         tp: TpRank,

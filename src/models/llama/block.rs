@@ -12,7 +12,7 @@ use super::mlp::Mlp;
 use super::positions::Positions;
 use super::rms_norm::RmsNorm;
 use crate::hooks::point::{BlockSite, HookPoint};
-use crate::weights::WeightSource;
+use crate::weights::HeldWeights;
 use crate::{HookLayer, Result};
 
 /// Block `layer` of the model, holding one tensor-parallel rank's slices.
@@ -28,7 +28,7 @@ pub struct Block {
 impl Block {
     /// Loads `model.layers.{layer}.*` for rank `tp`.
     pub fn load(
-        weights: &dyn WeightSource,
+        weights: &HeldWeights<'_>,
         layer: usize,
         config: &LlamaConfig,
         tp: TpRank,

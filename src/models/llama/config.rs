@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -52,6 +53,9 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     /// Tokens that end generation.
     pub eos_token_ids: Vec<u32>,
+    /// The dtype the weights are held in: f32 unless the layout asks for bf16 or f16
+    /// (`--model-dtype`), whatever dtype the checkpoint stores.
+    pub dtype: DType,
 }
 
 impl LlamaConfig {
@@ -152,6 +156,7 @@ impl LlamaConfig {
                 Some(TokenIds::One(id)) => vec![id],
                 Some(TokenIds::Many(ids)) => ids,
             },
+            dtype: DType::F32,
         };
         let sliding = hf.sliding_window.filter(|_| {
             architecture == Architecture::Mistral || hf.use_sliding_window == Some(true)

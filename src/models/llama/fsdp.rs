@@ -121,6 +121,7 @@ mod tests {
     use crate::models::llama::positions::Positions;
     use crate::models::{Llama, Stage};
     use crate::tiny::{tiny_checkpoint, tiny_config};
+    use crate::weights::HeldWeights;
 
     /// `block`'s output at `x` and the gradients of `sum(output · ramp)` at `of`.
     fn run(block: &Block, x: &Tensor, of: &Block) -> (Tensor, Vec<Tensor>) {
@@ -177,7 +178,8 @@ mod tests {
         let checkpoint = tiny_checkpoint(3).unwrap();
         let config = &checkpoint.config;
         let tp = flexmodel_cluster::TpRank::SOLE;
-        let block = Block::load(checkpoint.weights.as_ref(), 1, config, tp).unwrap();
+        let weights = HeldWeights::f32(checkpoint.weights.as_ref());
+        let block = Block::load(&weights, 1, config, tp).unwrap();
         let inputs: Vec<Tensor> = (0..2)
             .map(|r| Tensor::randn(r as f32, 1f32, (2, 5, config.d_model), &Device::Cpu).unwrap())
             .collect();

@@ -8,7 +8,7 @@ use flexmodel_cluster::{Collective, TpRank, conjugate};
 use super::LlamaConfig;
 use crate::hooks::point::{BlockSite, HookPoint};
 use crate::models::{ColumnParallelLinear, RowParallelLinear};
-use crate::weights::WeightSource;
+use crate::weights::HeldWeights;
 use crate::{HookLayer, Result};
 
 /// `down(silu(gate(x)) · up(x))`, holding hidden units of one tensor-parallel rank.
@@ -22,7 +22,7 @@ pub struct Mlp {
 impl Mlp {
     /// Loads the hidden units of `tp` from `{prefix}.mlp.*`.
     pub fn load(
-        weights: &dyn WeightSource,
+        weights: &HeldWeights<'_>,
         prefix: &str,
         config: &LlamaConfig,
         tp: TpRank,

@@ -17,7 +17,7 @@ use super::rms_norm::RmsNorm;
 use crate::models::parallel::ParamMap;
 use crate::models::{ColumnParallelLinear, VocabParallelEmbedding};
 use crate::text::token_batch::check_tokens;
-use crate::weights::WeightSource;
+use crate::weights::{HeldWeights, WeightSource};
 use crate::{Error, HookLayer, HookPoint, Result};
 
 /// Which part of the model a shard holds: a contiguous run of blocks, plus the
@@ -107,6 +107,10 @@ impl Llama {
         mut fsdp: Option<Fsdp>,
     ) -> Result<Self> {
         let tp = collective.tp_rank();
+        let weights = &HeldWeights {
+            source: weights,
+            dtype: config.dtype,
+        };
         let (v, d) = (config.vocab_size, config.d_model);
         let vocab = tp.slice_of("vocab_size", v)?;
         let embed_name = "model.embed_tokens.weight";

@@ -10,8 +10,8 @@ use candle_core::Tensor;
 use flexmodel_cluster::ParamSlice;
 
 use crate::Result;
-use crate::models::parallel::param;
-use crate::weights::WeightSource;
+use crate::models::parallel::{like, param};
+use crate::weights::HeldWeights;
 
 /// RMSNorm with a learned per-channel weight.
 #[derive(Debug, Clone)]
@@ -32,8 +32,8 @@ impl RmsNorm {
     }
 
     /// Loads the `[d_model]` weight `name`.
-    pub fn load(weights: &dyn WeightSource, name: &str, d_model: usize, eps: f64) -> Result<Self> {
-        let weight = param(weights.tensor_with_shape(name, &[d_model])?)?;
+    pub fn load(weights: &HeldWeights<'_>, name: &str, d_model: usize, eps: f64) -> Result<Self> {
+        let weight = param(weights.slice(name, &[d_model], None)?)?;
         Ok(Self::new(name, weight, eps))
     }
 
@@ -62,7 +62,7 @@ impl RmsNorm {
     /// The normalized value times the weight.
     pub fn times_weight(&self, normalized: &Tensor) -> Result<Tensor> {
         let _op = crate::op_span!("norm");
-        Ok(normalized.broadcast_mul(&self.weight)?)
+        Ok(normalized.broadcast_mul(&like(&self.weight, normalized)?)?)
     }
 
     /// `x / scale`, scale being [`scale`](Self::scale) of `x`.

@@ -13,6 +13,7 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use flexmodel::telemetry::Profile;
 use flexmodel::{Checkpoint, progress_bar};
+use flexmodel_actors::peak_rss_bytes;
 use rand::{Rng, SeedableRng};
 
 use crate::hook_args::Hooks;
@@ -83,6 +84,7 @@ enum Variant {
 /// registered but disabled, interleaved so that the machine's noise hits all alike.
 pub fn run(args: BenchArgs, profile: Option<Profile>) -> anyhow::Result<()> {
     let hooks = Hooks::parse(&args.hooks, &args.edits)?;
+    let start = Instant::now();
     let checkpoint = Checkpoint::open(&args.model)?;
     let config = checkpoint.config.clone();
     let (batch, seq) = (args.batch as usize, args.seq as usize);
@@ -97,6 +99,7 @@ pub fn run(args: BenchArgs, profile: Option<Profile>) -> anyhow::Result<()> {
         targets: hooks.targets(),
     };
     let mut model = args.layout.build(&checkpoint, &args.model, plan)?;
+    let load_ms = start.elapsed().as_secs_f64() * 1e3;
     if let Some(new_tokens) = args.generate {
         ensure!(
             !args.profile && !args.backward,
@@ -173,6 +176,8 @@ pub fn run(args: BenchArgs, profile: Option<Profile>) -> anyhow::Result<()> {
         ("min_ms", serde_json::json!(base.min_ms)),
         ("tokens_per_s", serde_json::json!(tokens_per_s)),
         ("backward", serde_json::json!(args.backward)),
+        ("load_ms", serde_json::json!(load_ms)),
+        ("peak_rss_bytes", serde_json::json!(peak_rss_bytes())),
         (
             "param_bytes_per_rank",
             serde_json::json!(model.shard_weight_bytes()),
@@ -230,6 +235,7 @@ fn run_json(args: &BenchArgs) -> serde_json::Value {
         "pp": args.layout.pp,
         "dp": args.layout.dp,
         "fsdp": args.layout.fsdp,
+        "model_dtype": args.layout.model_dtype.to_string(),
         "procs": args.layout.procs,
         "hooks": args.hooks,
     })

@@ -86,33 +86,99 @@ impl Window {
 
 /// The keys and values one shard computed for the positions so far, by layer: what a
 /// decoding step attends to besides its own position.
+///
+/// Each layer's keys and values live in buffers with room for more positions than are
+/// cached; a step writes its own into the room left, and a full buffer grows to twice
+/// its positions (in whole chunks of [`KvCache::CHUNK`]), so a generation of `n` tokens
+/// copies O(n) positions in all instead of the O(n²) of growing by concatenation.
 #[derive(Debug, Default)]
 pub struct KvCache {
-    /// By layer: keys and values `[b, kv_heads, positions, d_head]`.
-    layers: std::collections::BTreeMap<usize, (Tensor, Tensor)>,
+    layers: std::collections::BTreeMap<usize, LayerCache>,
+}
+
+/// One layer's cached keys and values.
+#[derive(Debug)]
+struct LayerCache {
+    /// Keys and values, `[b, kv_heads, capacity, d_head]`: positions `0..len` are cached.
+    keys: Tensor,
+    values: Tensor,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Room for `positions` of keys and values shaped like `k` and `v`, holding the
+    /// cached positions of `old`.
+    fn with_room(k: &Tensor, v: &Tensor, positions: usize, old: Option<Self>) -> Result<Self> {
+        let buffer = |t: &Tensor| -> Result<Tensor> {
+            let (b, heads, _, d) = t.dims4()?;
+            Ok(Tensor::zeros(
+                (b, heads, positions, d),
+                t.dtype(),
+                t.device(),
+            )?)
+        };
+        let (keys, values) = (buffer(k)?, buffer(v)?);
+        let len = match old {
+            None => 0,
+            Some(old) => {
+                keys.slice_set(&old.keys, 2, 0)?;
+                values.slice_set(&old.values, 2, 0)?;
+                old.len
+            }
+        };
+        Ok(Self { keys, values, len })
+    }
+
+    fn capacity(&self) -> usize {
+        self.keys.dim(2).unwrap_or(0)
+    }
 }
 
 impl KvCache {
+    /// The positions a layer's buffers grow by, at the least.
+    pub const CHUNK: usize = 256;
+
     /// The positions cached (those of the first cached layer; every layer has as many).
     pub fn positions(&self) -> usize {
-        self.layers
-            .values()
-            .next()
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.layers.values().next().map_or(0, |c| c.len)
     }
 
     /// Appends `k` and `v` (`[b, kv_heads, t, d_head]`, detached) to `layer`'s cache;
-    /// returns the whole keys and values cached for it, this pass's included.
+    /// returns the whole keys and values cached for it, this pass's included (views of
+    /// the layer's buffers, `[b, kv_heads, positions, d_head]`).
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = (k.detach(), v.detach());
-        let whole = match self.layers.remove(&layer) {
-            None => (k, v),
-            Some((old_k, old_v)) => (
-                Tensor::cat(&[&old_k, &k], 2)?,
-                Tensor::cat(&[&old_v, &v], 2)?,
-            ),
+        let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
+        let t = k.dim(2)?;
+        if let Some(cache) = self.layers.get(&layer) {
+            let others = |t: &Tensor| [t.dim(0), t.dim(1), t.dim(3)].map(|d| d.unwrap_or(0));
+            if others(&k) != others(&cache.keys) || others(&v) != others(&cache.values) {
+                return Err(Error::BadWindow {
+                    problem: format!(
+                        "layer {layer}'s cache holds keys {:?} and values {:?}, and cannot take {:?} and {:?}",
+                        cache.keys.dims(),
+                        cache.values.dims(),
+                        k.dims(),
+                        v.dims()
+                    ),
+                });
+            }
+        }
+        let cache = match self.layers.remove(&layer) {
+            Some(cache) if cache.len + t <= cache.capacity() => cache,
+            old => {
+                let cached = old.as_ref().map_or(0, |c| c.len);
+                let grown = (2 * cached).max(cached + t).next_multiple_of(Self::CHUNK);
+                LayerCache::with_room(&k, &v, grown, old)?
+            }
         };
-        self.layers.insert(layer, whole.clone());
+        cache.keys.slice_set(&k, 2, cache.len)?;
+        cache.values.slice_set(&v, 2, cache.len)?;
+        let len = cache.len + t;
+        let whole = (
+            cache.keys.narrow(2, 0, len)?,
+            cache.values.narrow(2, 0, len)?,
+        );
+        self.layers.insert(layer, LayerCache { len, ..cache });
         Ok(whole)
     }
 
@@ -170,6 +236,42 @@ mod tests {
         );
         cache.clear();
         assert_eq!(cache.positions(), 0);
+    }
+
+    #[test]
+    fn the_cache_holds_every_step_in_order_as_its_buffers_grow() {
+        let mut cache = KvCache::default();
+        let step = |first: usize, t: usize| {
+            let values: Vec<f32> = (0..2 * t * 3).map(|i| (first * 1000 + i) as f32).collect();
+            Tensor::from_vec(values, (1, 2, t, 3), &Device::Cpu).unwrap()
+        };
+        let mut steps = vec![step(0, 300)];
+        cache.append(4, &steps[0], &steps[0]).unwrap();
+        for position in 300..800 {
+            steps.push(step(position, 1));
+            let last = steps.last().unwrap();
+            let (k, v) = cache.append(4, last, &(last * 2.0).unwrap()).unwrap();
+            assert_eq!(k.dims(), [1, 2, position + 1, 3]);
+            let expected = Tensor::cat(&steps, 2).unwrap();
+            let same = |a: &Tensor, b: &Tensor| {
+                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                d.to_scalar::<f32>().unwrap() == 0.0
+            };
+            assert!(same(&k, &expected), "keys at {position}");
+            let tail = v.narrow(2, 300, position - 299).unwrap();
+            let doubled = (expected.narrow(2, 300, position - 299).unwrap() * 2.0).unwrap();
+            assert!(same(&tail, &doubled), "values at {position}");
+        }
+        // 300 positions took 512 (two chunks), then 1024 once 512 were full.
+        assert_eq!(cache.layers[&4].capacity(), 1024);
+        let wrong = Tensor::zeros((2, 2, 1, 3), DType::F32, &Device::Cpu).unwrap();
+        let err = cache.append(4, &wrong, &wrong).unwrap_err().to_string();
+        assert!(err.contains("cannot take [2, 2, 1, 3]"), "{err}");
+        assert_eq!(
+            cache.positions(),
+            800,
+            "a refused step leaves the cache as it was"
+        );
     }
 
     #[test]

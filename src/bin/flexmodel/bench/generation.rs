@@ -34,6 +34,8 @@ struct Timings {
     total_ms: Vec<f64>,
     prefill_ms: Vec<f64>,
     step_ms: Vec<f64>,
+    /// The decoding steps' times, by the quarter of the generation they fell in.
+    step_ms_by_quarter: [Vec<f64>; 4],
 }
 
 /// Times `args.iters` generations of `new_tokens` tokens from `tokens` for each variant,
@@ -94,6 +96,10 @@ pub fn run(
             timing
                 .step_ms
                 .extend(generation.steps.iter().map(|&d| ms(d)));
+            let steps = generation.steps.len();
+            for (i, &d) in generation.steps.iter().enumerate() {
+                timing.step_ms_by_quarter[4 * i / steps.max(1)].push(ms(d));
+            }
             progress.inc(1);
         }
     }
@@ -114,8 +120,13 @@ pub fn run(
             false => Some(Stats::of(&mut timing.step_ms)),
         };
         let tokens_per_s = (batch * new_tokens) as f64 / (total.median_ms / 1e3);
+        let by_quarter: Vec<Option<f64>> = timing
+            .step_ms_by_quarter
+            .iter_mut()
+            .map(|times| (!times.is_empty()).then(|| Stats::of(times).median_ms))
+            .collect();
         println!(
-            "  {:<13} {:<8} median {:>9.1} ms ({tokens_per_s:>7.1} tokens/s); prefill {:.1} ms; per step: median {} ms",
+            "  {:<13} {:<8} median {:>9.1} ms ({tokens_per_s:>7.1} tokens/s); prefill {:.1} ms; per step: median {} ms, by quarter of the generation {}",
             match variant.kv_cache {
                 true => "kv cache",
                 false => "no kv cache",
@@ -128,6 +139,11 @@ pub fn run(
             prefill.median_ms,
             step.as_ref()
                 .map_or("-".to_string(), |s| format!("{:.2}", s.median_ms)),
+            by_quarter
+                .iter()
+                .map(|q| q.map_or("-".to_string(), |ms| format!("{ms:.2}")))
+                .collect::<Vec<_>>()
+                .join(" / "),
         );
         rows.push(serde_json::json!({
             "kv_cache": variant.kv_cache,
@@ -138,6 +154,7 @@ pub fn run(
             "prefill_median_ms": prefill.median_ms,
             "step_median_ms": step.as_ref().map(|s| s.median_ms),
             "step_mean_ms": step.as_ref().map(|s| s.mean_ms),
+            "step_median_ms_by_quarter": by_quarter,
         }));
     }
     let median = |kv_cache: bool, hooked: bool| {

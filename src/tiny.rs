@@ -32,6 +32,8 @@ pub fn tiny_config() -> LlamaConfig {
         d_mlp: 192,
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
+        rope_scaling: None,
+        sliding_window: None,
         tie_word_embeddings: false,
         attention_bias: false,
         max_position_embeddings: 512,

@@ -269,16 +269,29 @@ fn gguf_rope_scaling_sliding_windows_and_partial_rope_are_refused_like_hugging_f
 }
 
 #[test]
-fn hugging_face_rope_scaling_is_refused_naming_the_config() {
+fn hugging_face_rope_scalings_not_implemented_or_incomplete_are_refused_naming_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_hf_dir(dir.path());
     let config = model.join("config.json");
-    let mut json: serde_json::Value =
+    let original: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
-    json["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0});
-    std::fs::write(&config, json.to_string()).unwrap();
-    let err = open_error(&model);
-    assert!(matches!(err, Error::BadConfig { .. }), "{err:?}");
-    assert!(err.to_string().contains("config.json"), "{err}");
-    assert!(err.to_string().contains("RoPE scaling ("), "{err}");
+    for (scaling, expected) in [
+        (
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            "is not supported: implemented are linear, dynamic and llama3",
+        ),
+        (
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
+            "of type llama3 needs a number \"low_freq_factor\"",
+        ),
+    ] {
+        let mut json = original.clone();
+        json["rope_scaling"] = scaling;
+        std::fs::write(&config, json.to_string()).unwrap();
+        let err = open_error(&model);
+        assert!(matches!(err, Error::BadConfig { .. }), "{err:?}");
+        assert!(err.to_string().contains("config.json"), "{err}");
+        assert!(err.to_string().contains("RoPE scaling ("), "{err}");
+        assert!(err.to_string().contains(expected), "{err}");
+    }
 }

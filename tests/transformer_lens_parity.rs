@@ -12,19 +12,9 @@ use std::process::Command;
 use candle_core::Device;
 use common::{batch, capture_with_opt_in, rel_error, smollm2};
 
-/// The Python interpreter with TransformerLens installed.
-fn transformer_lens_python() -> PathBuf {
-    match std::env::var_os("FLEXMODEL_TRANSFORMER_LENS_PYTHON") {
-        Some(python) => PathBuf::from(python),
-        None => {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/transformer-lens/bin/python")
-        }
-    }
-}
-
 #[test]
 fn every_tensor_agrees_with_transformer_lens_on_smollm2() {
-    let python = transformer_lens_python();
+    let python = common::transformer_lens_python();
     assert!(
         python.exists(),
         "{} is missing: scripts/test installs TransformerLens into target/transformer-lens",

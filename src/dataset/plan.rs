@@ -76,10 +76,10 @@ impl DatasetPlan {
         if spec.seq_len == 0 {
             return Err(invalid("seq_len", "must be at least 1".into()));
         }
-        if spec.seq_len > config.max_position_embeddings {
+        if spec.seq_len > config.context() {
             return Err(Error::SequenceTooLong {
                 len: spec.seq_len,
-                context: config.max_position_embeddings,
+                context: config.context(),
             });
         }
         if spec.batch == 0 {

@@ -5,7 +5,7 @@ pub(crate) mod llama;
 pub(crate) mod loss;
 pub(crate) mod parallel;
 
-pub use llama::{Architecture, Llama, LlamaConfig, RmsNorm, Stage, Unimplemented};
+pub use llama::{Architecture, Llama, LlamaConfig, RmsNorm, RopeScaling, Stage, Unimplemented};
 pub use loss::{
     masked_next_token_loss, next_token_loss, next_token_loss_by_position, vocab_parallel_loss,
 };

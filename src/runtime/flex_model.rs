@@ -437,7 +437,7 @@ impl FlexModel {
     /// replicas before any shard runs; returns `(batch, seq)`.
     fn check_batch(&self, tokens: &Tensor) -> Result<(usize, usize)> {
         let config = &self.config;
-        let (b, t) = check_tokens(tokens, config.vocab_size, config.max_position_embeddings)?;
+        let (b, t) = check_tokens(tokens, config.vocab_size, config.context())?;
         if b < self.layout.dp() {
             return Err(Error::BatchTooSmall {
                 batch: b,

@@ -235,7 +235,7 @@ impl FlexModel {
         let prompt_lengths: Vec<usize> = prompts.iter().map(|p| p.as_ref().len()).collect();
         let prompt = TokenBatch::left_padded(prompts)?;
         let (b, t0) = prompt.dims()?;
-        let context = self.config().max_position_embeddings;
+        let context = self.config().context();
         if t0 > context {
             return Err(Error::SequenceTooLong { len: t0, context });
         }

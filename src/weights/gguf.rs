@@ -124,6 +124,8 @@ impl GgufFile {
             rope_theta: self
                 .optional_f64(&key("rope.freq_base"))?
                 .unwrap_or(10_000.0),
+            rope_scaling: None,
+            sliding_window: None,
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             attention_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
             max_position_embeddings: self.optional_usize(&key("context_length"))?.unwrap_or(4096),

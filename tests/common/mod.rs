@@ -81,6 +81,18 @@ pub fn smollm2_passes(model: &mut flexmodel::FlexModel) -> [BTreeMap<String, Ten
     [plain, edited, grads]
 }
 
+/// The Python interpreter with TransformerLens and Hugging Face transformers installed
+/// (`target/transformer-lens`, which `scripts/test` makes, or the Python named by
+/// `FLEXMODEL_TRANSFORMER_LENS_PYTHON`).
+pub fn transformer_lens_python() -> PathBuf {
+    match std::env::var_os("FLEXMODEL_TRANSFORMER_LENS_PYTHON") {
+        Some(python) => PathBuf::from(python),
+        None => {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/transformer-lens/bin/python")
+        }
+    }
+}
+
 /// The path of the cached SmolLM2 GGUF.
 pub fn smollm2_path() -> PathBuf {
     smollm2();

@@ -110,7 +110,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if generation.stop == Stop::Context {
         eprintln!(
             "stopped at the model's context of {} tokens",
-            checkpoint.config.max_position_embeddings
+            checkpoint.config.context()
         );
     }
     if let Some(out) = &args.out {

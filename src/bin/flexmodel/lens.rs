@@ -53,7 +53,7 @@ pub struct LensArgs {
 /// Trains (or loads) the tuned lens, evaluates both lenses, writes report, plot and lens.
 pub fn run(args: LensArgs) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&args.model)?;
-    let context = checkpoint.config.max_position_embeddings;
+    let context = checkpoint.config.context();
     anyhow::ensure!(
         args.seq_len <= context,
         "--seq-len {} is longer than the model's context of {context} tokens",

@@ -5,6 +5,7 @@ use std::path::Path;
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
+use super::RopeScaling;
 use crate::{Error, Result};
 
 /// The member of the LLaMA family, which decides the details that differ.
@@ -13,8 +14,7 @@ use crate::{Error, Result};
 pub enum Architecture {
     /// LLaMA 2/3, SmolLM2 (`model_type: llama`).
     Llama,
-    /// Mistral (`model_type: mistral`; a sliding window shorter than the context is
-    /// refused, see [`Unimplemented`]).
+    /// Mistral (`model_type: mistral`): attention within a sliding window.
     Mistral,
     /// Qwen2 (`model_type: qwen2`): biases on the q/k/v projections.
     Qwen2,
@@ -43,6 +43,11 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     /// The RoPE base frequency.
     pub rope_theta: f64,
+    /// How RoPE's frequencies are scaled for long contexts (`rope_scaling`), if at all.
+    pub rope_scaling: Option<RopeScaling>,
+    /// Mistral's sliding window: a query attends to itself and the `w − 1` keys before
+    /// it at most. `None` for full causal attention.
+    pub sliding_window: Option<usize>,
     /// Whether the LM head reuses the token embedding.
     pub tie_word_embeddings: bool,
     /// Whether the q/k/v projections have biases.
@@ -96,6 +101,17 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// The longest sequence the model runs: `max_position_embeddings`, or that times the
+    /// factor under dynamic NTK scaling (which exists to run beyond it).
+    pub fn context(&self) -> usize {
+        match self.rope_scaling {
+            Some(RopeScaling::Dynamic { factor }) if factor > 1.0 => {
+                (self.max_position_embeddings as f64 * factor) as usize
+            }
+            _ => self.max_position_embeddings,
+        }
+    }
+
     /// The number of weights of the whole model: biases included, a tied LM head once.
     pub fn parameter_count(&self) -> u64 {
         let [v, d, layers, q, kv, mlp] = [
@@ -135,6 +151,18 @@ impl LlamaConfig {
         let d_head = hf
             .head_dim
             .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
+        let max_position_embeddings = hf.max_position_embeddings.unwrap_or(4096);
+        // Qwen2's window covers only some layers (`max_window_layers`): not implemented.
+        if architecture == Architecture::Qwen2 && hf.use_sliding_window == Some(true) {
+            Unimplemented {
+                sliding_window: hf.sliding_window,
+                ..Unimplemented::default()
+            }
+            .check_window(max_position_embeddings, path)?;
+        }
+        let sliding_window = hf
+            .sliding_window
+            .filter(|&w| architecture == Architecture::Mistral && w < max_position_embeddings);
         let config = LlamaConfig {
             architecture,
             vocab_size: hf.vocab_size,
@@ -146,10 +174,12 @@ impl LlamaConfig {
             d_mlp: hf.intermediate_size,
             rms_norm_eps: hf.rms_norm_eps,
             rope_theta: hf.rope_theta.unwrap_or(10_000.0),
+            rope_scaling: rope_scaling_of(hf.rope_scaling.as_ref()).map_err(bad)?,
+            sliding_window,
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
             attention_bias: architecture == Architecture::Qwen2
                 || hf.attention_bias.unwrap_or(false),
-            max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
+            max_position_embeddings,
             bos_token_id: hf.bos_token_id,
             eos_token_ids: match hf.eos_token_id {
                 None => vec![],
@@ -158,19 +188,6 @@ impl LlamaConfig {
             },
             dtype: DType::F32,
         };
-        let sliding = hf.sliding_window.filter(|_| {
-            architecture == Architecture::Mistral || hf.use_sliding_window == Some(true)
-        });
-        Unimplemented {
-            rope_scaling: hf
-                .rope_scaling
-                .as_ref()
-                .filter(|s| !s.is_null())
-                .map(|s| s.to_string()),
-            sliding_window: sliding,
-            rope_dimensions: None,
-        }
-        .check(&config, path)?;
         config.validate(path)?;
         Ok(config)
     }
@@ -194,8 +211,8 @@ impl LlamaConfig {
             head_dim: Some(self.d_head),
             rms_norm_eps: self.rms_norm_eps,
             rope_theta: Some(self.rope_theta),
-            rope_scaling: None,
-            sliding_window: None,
+            rope_scaling: self.rope_scaling.as_ref().map(rope_scaling_json),
+            sliding_window: self.sliding_window,
             use_sliding_window: None,
             tie_word_embeddings: Some(self.tie_word_embeddings),
             attention_bias: Some(self.attention_bias),
@@ -215,7 +232,9 @@ impl LlamaConfig {
 }
 
 /// What a checkpoint's configuration asks for that the model does not implement; the
-/// Hugging Face and the GGUF readers refuse the same things with the same words.
+/// Hugging Face and the GGUF readers refuse the same things with the same words (a
+/// Hugging Face checkpoint's RoPE scalings and Mistral's window are implemented, see
+/// [`RopeScaling`] and [`LlamaConfig::sliding_window`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Unimplemented {
     /// A RoPE scaling scheme (linear, dynamic, YaRN, LLaMA 3's frequency factors), as
@@ -243,16 +262,7 @@ impl Unimplemented {
                 "RoPE scaling ({scaling}) is not supported: only plain RoPE is implemented"
             ));
         }
-        if let Some(window) = self
-            .sliding_window
-            .filter(|&w| w < config.max_position_embeddings)
-        {
-            return refuse(format!(
-                "sliding-window attention (a window of {window} tokens in a context of {}) \
-                 is not supported: only full causal attention is implemented",
-                config.max_position_embeddings
-            ));
-        }
+        self.check_window(config.max_position_embeddings, source)?;
         if let Some(dims) = self.rope_dimensions.filter(|&d| d != config.d_head) {
             return refuse(format!(
                 "RoPE on {dims} of the {} dimensions of each head is not supported",
@@ -260,6 +270,21 @@ impl Unimplemented {
             ));
         }
         Ok(())
+    }
+
+    /// An error naming `source` if a sliding window shorter than a context of `context`
+    /// tokens is asked for where it is not implemented.
+    fn check_window(&self, context: usize, source: &Path) -> Result<()> {
+        match self.sliding_window.filter(|&w| w < context) {
+            Some(window) => Err(Error::BadConfig {
+                path: source.to_path_buf(),
+                message: format!(
+                    "sliding-window attention (a window of {window} tokens in a context of {context}) \
+                     is not supported: only full causal attention is implemented"
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -306,6 +331,70 @@ enum TokenIds {
     Many(Vec<u32>),
 }
 
+/// The scaling a `rope_scaling` object describes (`rope_type`, or the older `type`);
+/// `None` for none or `default`; an error naming what is unsupported or missing.
+fn rope_scaling_of(
+    json: Option<&serde_json::Value>,
+) -> std::result::Result<Option<RopeScaling>, String> {
+    let Some(json) = json.filter(|j| !j.is_null()) else {
+        return Ok(None);
+    };
+    let kind = json
+        .get("rope_type")
+        .or_else(|| json.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let number = |key: &str| {
+        json.get(key)
+            .and_then(serde_json::Value::as_f64)
+            .ok_or_else(|| format!("RoPE scaling ({json}) of type {kind} needs a number {key:?}"))
+    };
+    Ok(Some(match kind {
+        "default" => return Ok(None),
+        "linear" => RopeScaling::Linear {
+            factor: number("factor")?,
+        },
+        "dynamic" => RopeScaling::Dynamic {
+            factor: number("factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: number("factor")?,
+            low_freq_factor: number("low_freq_factor")?,
+            high_freq_factor: number("high_freq_factor")?,
+            original_max_position_embeddings: number("original_max_position_embeddings")? as usize,
+        },
+        _ => {
+            return Err(format!(
+                "RoPE scaling ({json}) is not supported: implemented are linear, dynamic and llama3"
+            ));
+        }
+    }))
+}
+
+/// `scaling` as a `rope_scaling` object.
+fn rope_scaling_json(scaling: &RopeScaling) -> serde_json::Value {
+    match *scaling {
+        RopeScaling::Linear { factor } => {
+            serde_json::json!({"rope_type": "linear", "factor": factor})
+        }
+        RopeScaling::Dynamic { factor } => {
+            serde_json::json!({"rope_type": "dynamic", "factor": factor})
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => serde_json::json!({
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,28 +436,65 @@ mod tests {
     }
 
     #[test]
-    fn rope_scaling_and_short_sliding_windows_are_refused() {
-        let with = |extra: &str| {
-            let json = config_json("\"mistral\"")
+    fn rope_scalings_and_windows_are_read_and_what_is_not_implemented_refused() {
+        let with = |model_type: &str, extra: &str| {
+            let json = config_json(model_type)
                 .replace("\"rms_norm_eps\"", &format!("{extra}, \"rms_norm_eps\""));
             LlamaConfig::from_hf_json(write(&json).path())
         };
-        let err = with(r#""rope_scaling": {"type": "linear", "factor": 2.0}"#)
+        let linear = with(
+            "\"llama\"",
+            r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
+        );
+        let expected = Some(RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(linear.unwrap().rope_scaling, expected);
+        let err = with("\"llama\"", r#""rope_scaling": {"rope_type": "longrope"}"#)
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("RoPE scaling ({\"factor\":2.0,\"type\":\"linear\"}) is not supported"),
+            err.contains("is not supported: implemented are linear"),
             "{err}"
         );
-        let err = with(r#""sliding_window": 16, "max_position_embeddings": 64"#)
-            .unwrap_err()
-            .to_string();
+        let window = r#""sliding_window": 16, "max_position_embeddings": 64"#;
+        assert_eq!(
+            with("\"mistral\"", window).unwrap().sliding_window,
+            Some(16)
+        );
+        let qwen = format!("{window}, \"use_sliding_window\": true");
+        let err = with("\"qwen2\"", &qwen).unwrap_err().to_string();
         assert!(
             err.contains("sliding-window attention (a window of 16 tokens in a context of 64) is not supported"),
             "{err}"
         );
-        assert!(with(r#""sliding_window": 64, "max_position_embeddings": 64"#).is_ok());
-        assert!(with(r#""rope_scaling": null, "sliding_window": null"#).is_ok());
+        let whole = r#""sliding_window": 64, "max_position_embeddings": 64"#;
+        assert_eq!(with("\"mistral\"", whole).unwrap().sliding_window, None);
+        let none = with(
+            "\"mistral\"",
+            r#""rope_scaling": null, "sliding_window": null"#,
+        );
+        assert_eq!(none.unwrap().rope_scaling, None);
+    }
+
+    #[test]
+    fn scalings_and_windows_round_trip_through_hf_json() {
+        let config = LlamaConfig {
+            architecture: Architecture::Mistral,
+            sliding_window: Some(7),
+            rope_scaling: Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 128,
+            }),
+            ..crate::tiny::tiny_config()
+        };
+        let file = write(&config.to_hf_json());
+        assert_eq!(LlamaConfig::from_hf_json(file.path()).unwrap(), config);
+        let dynamic = LlamaConfig {
+            rope_scaling: Some(RopeScaling::Dynamic { factor: 2.0 }),
+            ..crate::tiny::tiny_config()
+        };
+        assert_eq!(dynamic.context(), 2 * dynamic.max_position_embeddings);
     }
 
     fn config_json(model_type: &str) -> String {

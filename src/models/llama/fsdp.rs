@@ -127,8 +127,7 @@ mod tests {
     fn run(block: &Block, x: &Tensor, of: &Block) -> (Tensor, Vec<Tensor>) {
         let config = tiny_config();
         let (b, t, _) = x.dims3().unwrap();
-        let (dh, theta) = (config.d_head, config.rope_theta);
-        let positions = Positions::new(&Window::DENSE, (b, t), dh, theta, &Device::Cpu).unwrap();
+        let positions = Positions::new(&Window::DENSE, (b, t), &config, &Device::Cpu).unwrap();
         let tp: Arc<dyn Collective> = Arc::new(SingleRank);
         let y = block
             .forward(x.clone(), &positions, None, &mut NoHooks, &tp)

@@ -22,3 +22,4 @@ pub use attention::kv_heads_of;
 pub use config::{Architecture, LlamaConfig, Unimplemented};
 pub use model::{Llama, Stage};
 pub use rms_norm::RmsNorm;
+pub use rope::RopeScaling;

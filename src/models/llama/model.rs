@@ -283,7 +283,7 @@ impl Llama {
         backward: bool,
     ) -> Result<Tensor> {
         let collective = &self.collective;
-        let (vocab, context) = (self.config.vocab_size, self.config.max_position_embeddings);
+        let (vocab, context) = (self.config.vocab_size, self.config.context());
         let (b, t) = match &self.embed {
             Some(_) => check_tokens(input, vocab, context)?,
             None => (input.dim(0)?, input.dim(1)?),
@@ -316,8 +316,7 @@ impl Llama {
             }
             None => input.clone(),
         };
-        let (d_head, theta) = (self.config.d_head, self.config.rope_theta);
-        let positions = Positions::new(window, (b, t), d_head, theta, x.device())?;
+        let positions = Positions::new(window, (b, t), &self.config, x.device())?;
         let mut cache = (window.cache != CacheUse::Off).then_some(cache);
         for block in &self.blocks {
             let block = self.whole(block, backward, Block::map_parameters)?;

@@ -4,7 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 use flexmodel_actors::Window;
 
-use super::rope::Rope;
+use super::LlamaConfig;
+use super::rope::{Rope, inverse_frequencies};
 use crate::Result;
 
 /// The positions of one pass over `[b, t]` tokens, of which the `offset` before come from
@@ -24,22 +25,35 @@ impl Positions {
     /// Without padding, position `p` of the pass attends to keys `0..=p` and has RoPE
     /// position `p`. With padding (a mask), a query attends to the real keys before it
     /// and to itself (a padded query only to itself, so that every row of the scores has
-    /// a finite entry), and its RoPE position counts the real tokens before it.
+    /// a finite entry), and its RoPE position counts the real tokens before it. With a
+    /// sliding window of `w` (Mistral), a query at index `i` of the sequence (cached
+    /// keys included) attends only to keys at indices above `i − w`, as `transformers`
+    /// masks it. RoPE's frequencies follow `config`'s scaling.
     pub fn new(
         window: &Window,
         (b, t): (usize, usize),
-        d_head: usize,
-        theta: f64,
+        config: &LlamaConfig,
         device: &Device,
     ) -> Result<Self> {
         let (offset, keys) = (window.offset, window.offset + t);
+        let in_window = |q: usize, k: usize| config.sliding_window.is_none_or(|w| q - k < w);
+        let rope = |positions: Vec<u32>, n: usize| -> Result<Rope> {
+            let reach = positions.iter().max().map_or(0, |&p| p as usize + 1);
+            let frequencies = inverse_frequencies(
+                config.d_head,
+                config.rope_theta,
+                config.rope_scaling.as_ref(),
+                reach,
+                config.max_position_embeddings,
+            );
+            Rope::at(&Tensor::from_vec(positions, (n, t), device)?, &frequencies)
+        };
         let Some(mask) = &window.mask else {
             let positions: Vec<u32> = (offset..keys).map(|p| p as u32).collect();
-            let positions = Tensor::from_vec(positions, (1, t), device)?;
-            let allowed = |q: usize, k: usize| k <= offset + q;
+            let allowed = |q: usize, k: usize| k <= offset + q && in_window(offset + q, k);
             let mask = additive_mask(t, keys, allowed);
             return Ok(Self {
-                rope: Rope::at(&positions, d_head, theta)?,
+                rope: rope(positions, 1)?,
                 mask: Tensor::from_vec(mask, (t, keys), device)?,
             });
         };
@@ -59,12 +73,12 @@ impl Positions {
             positions.extend_from_slice(&row_positions[offset..]);
             let allowed = |q: usize, k: usize| {
                 let q = offset + q;
-                k == q || (k < q && row[k] != 0.0)
+                k == q || (k < q && row[k] != 0.0 && in_window(q, k))
             };
             masks.extend(additive_mask(t, keys, allowed));
         }
         Ok(Self {
-            rope: Rope::at(&Tensor::from_vec(positions, (b, t), device)?, d_head, theta)?,
+            rope: rope(positions, b)?,
             mask: Tensor::from_vec(masks, (b, 1, t, keys), device)?,
         })
     }

@@ -89,9 +89,9 @@ pub fn run(args: BenchArgs, profile: Option<Profile>) -> anyhow::Result<()> {
     let config = checkpoint.config.clone();
     let (batch, seq) = (args.batch as usize, args.seq as usize);
     ensure!(
-        seq <= config.max_position_embeddings,
+        seq <= config.context(),
         "--seq {seq} is longer than the model's context of {} tokens",
-        config.max_position_embeddings
+        config.context()
     );
     let tokens = random_tokens(batch, seq, config.vocab_size)?;
     let plan = Plan {

@@ -5,6 +5,15 @@ use std::path::PathBuf;
 /// Everything that can go wrong while loading, running or hooking a model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A hook registered by the exact name of a point that the pass does not compute
+    /// (one stopped at a layer, or one without the logits).
+    #[error("hook point {point} is not computed by this pass: {why}")]
+    PointNotInPass {
+        /// The point.
+        point: String,
+        /// Why the pass does not compute it.
+        why: String,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -40,7 +40,7 @@ pub mod tiny;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use flexmodel_actors::Fault;
+pub use flexmodel_actors::{Fault, Logits, PassScope};
 pub use flexmodel_cluster::{Layout, ModelDtype, RankCoords};
 pub use hooks::{
     ALL, ActivationStore, BlockSite, EditFn, Groups, HookCatalog, HookCtx, HookFunction,

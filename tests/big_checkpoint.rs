@@ -10,7 +10,6 @@ use candle_core::Tensor;
 use common::rel_error;
 use flexmodel::models::LlamaConfig;
 use flexmodel::runtime::sharding::rank_weight_bytes;
-use flexmodel::runtime::{Placement, Processes};
 use flexmodel::tiny::{tiny_config, write_random_hf_dir};
 use flexmodel::{Checkpoint, FlexModel, HookFunction};
 use flexmodel_cluster::Layout;
@@ -63,11 +62,7 @@ fn a_two_gb_checkpoint_under_procs_is_read_and_held_a_share_per_rank() {
 
     let checkpoint = Checkpoint::open_hf_dir(dir.path()).unwrap();
     let layout = Layout::new(1, 2, 2).unwrap();
-    let placement = Placement::Processes(Processes {
-        program: Some(env!("CARGO_BIN_EXE_flexmodel").into()),
-        threads: Some(1),
-        token_file: None,
-    });
+    let placement = common::parity::worker_processes();
     let mut model = FlexModel::build_on(&checkpoint, layout, &placement).unwrap();
     let pids = model.worker_pids().unwrap();
     for (rank, pid) in pids.iter().enumerate() {

@@ -18,7 +18,7 @@ use common::parity::{
 };
 use common::processes::wait_until;
 use common::{assert_matches_single, smollm2, smollm2_passes, smollm2_tokens};
-use flexmodel::runtime::{Placement, Processes};
+use flexmodel::runtime::Placement;
 use flexmodel::{Checkpoint, FlexModel};
 use flexmodel_cluster::Layout;
 use flexmodel_cluster::membership::MemberState;
@@ -42,11 +42,7 @@ fn fsdp(tp: usize, pp: usize, dp: usize) -> Layout {
 }
 
 fn processes() -> Placement {
-    Placement::Processes(Processes {
-        program: Some(env!("CARGO_BIN_EXE_flexmodel").into()),
-        threads: Some(1),
-        token_file: None,
-    })
+    common::parity::worker_processes()
 }
 
 /// Every parameter and its gradient after a forward and backward pass with edits on

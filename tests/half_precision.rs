@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 use common::cli::{flexmodel, succeeded, tiny_dir};
 use common::{assert_matches_single, rel_error, smollm2, smollm2_passes};
-use flexmodel::runtime::{Placement, Processes};
+use flexmodel::runtime::Placement;
 use flexmodel::{FlexModel, ModelDtype};
 use flexmodel_cluster::Layout;
 
@@ -79,11 +79,7 @@ fn half_precision_layouts_equal_the_half_precision_single_shard_holding_half_the
             .with_model_dtype(ModelDtype::Bf16)
     };
     let [plain, edited, grads] = passes(bf16(1, 1, 1), &Placement::Threads);
-    let processes = Placement::Processes(Processes {
-        program: Some(env!("CARGO_BIN_EXE_flexmodel").into()),
-        threads: Some(1),
-        token_file: None,
-    });
+    let processes = common::parity::worker_processes();
     for (layout, placement) in [
         (bf16(3, 2, 1), Placement::Threads),
         (bf16(1, 1, 2).with_fsdp(true).unwrap(), Placement::Threads),

@@ -20,11 +20,7 @@ use flexmodel_cluster::Layout;
 const TOLERANCE: f64 = 5e-6;
 
 fn processes() -> Placement {
-    Placement::Processes(Processes {
-        program: Some(env!("CARGO_BIN_EXE_flexmodel").into()),
-        threads: Some(1),
-        token_file: None,
-    })
+    common::parity::worker_processes()
 }
 
 #[test]

@@ -60,8 +60,9 @@ impl Replies {
 /// What a pass produced: the assembled output and, after a backward pass, the loss.
 #[derive(Debug, Clone)]
 pub struct PassOutput {
-    /// The last stage's output, assembled over every rank.
-    pub output: Tensor,
+    /// The ending stage's output, assembled over every rank (`None` for a pass that
+    /// gathers none).
+    pub output: Option<Tensor>,
     /// The mean next-token loss over the global batch, after a backward pass.
     pub loss: Option<f32>,
 }
@@ -71,7 +72,8 @@ pub struct HookCoordinator<'a> {
     layout: Layout,
     pass: u64,
     geometry: &'a [PointGeometry],
-    output: &'a PointGeometry,
+    /// Where the pass's output is and how it is assembled, if it has one.
+    output: Option<&'a PointGeometry>,
     /// Which gathered tensors are answered.
     replies: &'a Replies,
     /// The batch rows of each data-parallel replica.
@@ -92,7 +94,7 @@ impl<'a> HookCoordinator<'a> {
         layout: Layout,
         pass: u64,
         geometry: &'a [PointGeometry],
-        output: &'a PointGeometry,
+        output: Option<&'a PointGeometry>,
         replies: &'a Replies,
         batches: &'a [Range<usize>],
     ) -> Self {
@@ -199,14 +201,18 @@ impl<'a> HookCoordinator<'a> {
             .map(|row| {
                 row.iter()
                     .enumerate()
-                    .map(|(tp, t)| t.clone().filter(|_| self.output.sends(tp)))
+                    .map(|(tp, t)| {
+                        t.clone()
+                            .filter(|_| self.output.is_some_and(|o| o.sends(tp)))
+                    })
                     .collect()
             })
             .collect();
-        Ok(PassOutput {
-            output: self.output.assemble(&senders)?,
-            loss,
-        })
+        let output = match self.output {
+            Some(geometry) => Some(geometry.assemble(&senders)?),
+            None => None,
+        };
+        Ok(PassOutput { output, loss })
     }
 
     /// Where a shard was, by hook name.
@@ -255,7 +261,10 @@ impl<'a> HookCoordinator<'a> {
             return Ok(());
         }
         let geometry = match tap.point() {
-            None => self.output,
+            None => self.output.ok_or(Error::Protocol {
+                rank,
+                what: "a piece of the output of a pass that gathers none".to_string(),
+            })?,
             Some(point) => self.geometry.get(point).ok_or(Error::Protocol {
                 rank,
                 what: format!("a piece of hook point {point}, which does not exist"),

@@ -26,11 +26,11 @@ pub use coordinator::{HookCoordinator, HookSink, PassOutput};
 pub use error::{BoxError, Error, FailedAt, FailureKind, InjectedFault, Result, ShardFailure};
 pub use geometry::{PointGeometry, PointMode, ShardAction};
 pub use protocol::{Assignment, Fault, Tap};
-pub use runtime::{ShardRuntime, ShardSetup};
+pub use runtime::{PassEnd, ShardRuntime, ShardSetup};
 pub use shard::ShardActor;
 pub use shard_model::{PointId, ShardHooks, ShardModel, ShardParameters};
 pub use trace_context::TracePropagation;
-pub use window::{CacheUse, KvCache, Window};
+pub use window::{CacheUse, KvCache, Logits, PassScope, Window};
 pub use worker::{
     Join, LoadedShard, ShardLoader, WorkerOptions, leave_every_job, peak_rss_bytes, serve,
 };

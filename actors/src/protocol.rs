@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ShardFailure;
 use crate::geometry::{PointMode, ShardAction};
-use crate::{CacheUse, PointId, Window};
+use crate::{CacheUse, PassScope, PointId, Window};
 
 /// What a piece of a hook call is: the value at a point, its gradient, the gradient
 /// at the result of its edit, or the last stage's output.
@@ -123,6 +123,10 @@ pub struct RunPass {
     pub(crate) fault: Option<(PointId, Fault)>,
     /// Run backward too.
     pub(crate) backward: Option<BackwardPass>,
+    /// The stage whose output ends the pass: later stages do not run.
+    pub(crate) end_stage: usize,
+    /// Whether the ending stage sends its output to the coordinator.
+    pub(crate) sends_output: bool,
 }
 
 /// The backward half of a pass.
@@ -201,6 +205,9 @@ pub(crate) enum ToWorker {
         mask: bool,
         offset: usize,
         cache: CacheUse,
+        scope: PassScope,
+        end_stage: usize,
+        sends_output: bool,
         actions: Vec<ShardAction>,
         fault: Option<(PointId, Fault)>,
         backward: Option<BackwardPlan>,

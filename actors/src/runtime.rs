@@ -112,7 +112,7 @@ impl ShardRuntime {
 
     /// Runs one pass over `tokens` (`[b, t]`; replicas get contiguous, possibly uneven,
     /// runs of sequences) at the positions `window` says, with each point hooked as
-    /// `modes` says; returns the assembled output.
+    /// `modes` says; returns the assembled output of the last stage.
     pub fn run_pass(
         &mut self,
         tokens: &Tensor,
@@ -120,7 +120,22 @@ impl ShardRuntime {
         modes: &[PointMode],
         sink: &mut dyn HookSink,
     ) -> Result<Tensor> {
-        Ok(self.run(tokens, window, modes, None, sink)?.output)
+        self.run(tokens, window, modes, None, sink, PassEnd::Whole)?
+            .output
+            .ok_or(Error::Internal("a whole pass gathered no output"))
+    }
+
+    /// [`run_pass`](Self::run_pass) ending where `end` says: the stages after its stage
+    /// do not run, and its output (if any) is gathered as its geometry says.
+    pub fn run_pass_to(
+        &mut self,
+        tokens: &Tensor,
+        window: &Window,
+        modes: &[PointMode],
+        sink: &mut dyn HookSink,
+        end: PassEnd<'_>,
+    ) -> Result<Option<Tensor>> {
+        Ok(self.run(tokens, window, modes, None, sink, end)?.output)
     }
 
     /// Runs a forward and a backward pass from the mean next-token loss over the pairs of
@@ -135,7 +150,14 @@ impl ShardRuntime {
         grads: &[PointMode],
         sink: &mut dyn HookSink,
     ) -> Result<PassOutput> {
-        self.run(tokens, window, modes, Some((grads, false)), sink)
+        self.run(
+            tokens,
+            window,
+            modes,
+            Some((grads, false)),
+            sink,
+            PassEnd::Whole,
+        )
     }
 
     /// Like [`run_forward_backward`](Self::run_forward_backward), with the loss computed
@@ -149,7 +171,14 @@ impl ShardRuntime {
         grads: &[PointMode],
         sink: &mut dyn HookSink,
     ) -> Result<PassOutput> {
-        self.run(tokens, window, modes, Some((grads, true)), sink)
+        self.run(
+            tokens,
+            window,
+            modes,
+            Some((grads, true)),
+            sink,
+            PassEnd::Whole,
+        )
     }
 
     fn run(
@@ -159,7 +188,15 @@ impl ShardRuntime {
         modes: &[PointMode],
         backward: Option<(&[PointMode], bool)>,
         sink: &mut dyn HookSink,
+        end: PassEnd<'_>,
     ) -> Result<PassOutput> {
+        let last = self.layout.pp() - 1;
+        let (end_stage, output) = match end {
+            PassEnd::Whole => (last, Some(&self.output)),
+            PassEnd::Silent => (last, None),
+            PassEnd::At(geometry) if geometry.stage <= last => (geometry.stage, Some(geometry)),
+            PassEnd::At(_) => return Err(Error::Internal("a pass ending after the last stage")),
+        };
         let grads = backward.map(|(grads, _)| grads);
         let driver_loss = backward.is_some_and(|(_, driver)| driver);
         let (batch, t) = tokens.dims2()?;
@@ -224,6 +261,8 @@ impl ShardRuntime {
                 actions,
                 fault: self.faults.remove(&rank),
                 backward,
+                end_stage,
+                sends_output: output.is_some(),
             };
             self.ranks.run(rank, run)?;
         }
@@ -231,12 +270,25 @@ impl ShardRuntime {
             self.layout,
             pass,
             &self.geometry,
-            &self.output,
+            output,
             &replies,
             &batches,
         );
         coordinator.run(&self.events, self.ranks.as_ref(), sink)
     }
+}
+
+/// Where a pass ends and what it gathers.
+#[derive(Debug, Clone, Copy)]
+pub enum PassEnd<'a> {
+    /// Through every stage, gathering the last stage's output as the runtime's setup
+    /// describes it.
+    Whole,
+    /// Through every stage, gathering no output.
+    Silent,
+    /// At the stage of a point: the stages after it do not run, and its output is
+    /// gathered as the point's geometry says.
+    At(&'a PointGeometry),
 }
 
 /// The next tokens a batch of `b` sequences of `t` positions predicts: the pairs of

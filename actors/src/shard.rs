@@ -36,7 +36,6 @@ use crate::{BoxError, CacheUse, Error, KvCache, PointId, ShardHooks, ShardModel,
 pub struct ShardArgs {
     pub(crate) rank: usize,
     pub(crate) coords: RankCoords,
-    pub(crate) stages: usize,
     pub(crate) model: Arc<dyn ShardModel>,
     /// This rank's member of its pipeline group (stage `s` is member `s`).
     pub(crate) pipeline: Arc<dyn Collective>,
@@ -219,7 +218,11 @@ impl ShardActor {
     ) -> Result<(Option<Tensor>, Option<f32>), BoxError> {
         let args = &self.args;
         let stage = args.coords.pp;
-        let last = stage + 1 == args.stages;
+        if stage > msg.end_stage {
+            // The pass ends before this stage.
+            return Ok((None, None));
+        }
+        let last = stage == msg.end_stage;
         let window = &msg.window;
         if window.cache != CacheUse::Off && msg.backward.is_some() {
             return Err(Box::new(Error::BadWindow {
@@ -278,7 +281,7 @@ impl ShardActor {
                 args.pipeline.send(&out, stage + 1)?;
                 return Ok((None, None));
             }
-            return Ok((Some(out), None));
+            return Ok((msg.sends_output.then_some(out), None));
         };
         let backward_span = shard_span!("shard.backward", parent, args);
         if let Some(remote) = remote {

@@ -78,7 +78,6 @@ impl ShardThreads {
                 Ok(ShardArgs {
                     rank,
                     coords: layout.coords(rank),
-                    stages: layout.pp(),
                     model: models[rank].clone(),
                     pipeline: pipeline[rank]
                         .clone()

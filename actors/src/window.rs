@@ -19,6 +19,37 @@ pub enum CacheUse {
     Extend,
 }
 
+/// Which logits a pass returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Logits {
+    /// Every position's: `[b, t, vocab]`.
+    #[default]
+    All,
+    /// The last position's only: `[b, 1, vocab]`.
+    Last,
+    /// None: the pass computes no LM head.
+    None,
+}
+
+/// How much of the model a pass runs and what it returns. The model reads it; the
+/// runtime learns only where the pass ends and what it gathers ([`PassEnd`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassScope {
+    /// Run the blocks below this layer only, and return the residual stream there
+    /// (TransformerLens's `stop_at_layer`); no final norm, logits or loss.
+    pub stop_at_layer: Option<usize>,
+    /// Which logits a pass that runs to the end returns.
+    pub logits: Logits,
+}
+
+impl PassScope {
+    /// The whole model, every position's logits.
+    pub const FULL: PassScope = PassScope {
+        stop_at_layer: None,
+        logits: Logits::All,
+    };
+}
+
 /// Which positions of a batch are real tokens, and where a pass's own positions start.
 ///
 /// A pass computes positions `offset .. offset + t` of every sequence; the `offset`
@@ -34,6 +65,8 @@ pub struct Window {
     pub offset: usize,
     /// How the pass uses the key/value cache.
     pub cache: CacheUse,
+    /// How much of the model the pass runs.
+    pub scope: PassScope,
 }
 
 impl Window {
@@ -42,6 +75,7 @@ impl Window {
         mask: None,
         offset: 0,
         cache: CacheUse::Off,
+        scope: PassScope::FULL,
     };
 
     /// This window for the sequences `rows` of the batch (a data-parallel replica's).
@@ -54,6 +88,7 @@ impl Window {
             mask,
             offset: self.offset,
             cache: self.cache,
+            scope: self.scope,
         })
     }
 
@@ -224,9 +259,9 @@ mod tests {
         assert_eq!(k.dims(), [2, 3, 6, 4]);
         assert_eq!(cache.positions(), 6);
         let extend = |offset| Window {
-            mask: None,
             offset,
             cache: CacheUse::Extend,
+            ..Window::DENSE
         };
         assert!(cache.check(&extend(6)).is_ok());
         let err = cache.check(&extend(5)).unwrap_err().to_string();

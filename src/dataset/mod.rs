@@ -207,7 +207,11 @@ impl FlexModel {
             ids.extend_from_slice(&last);
         }
         let batch = Tensor::from_vec(ids, (padded, seq_len), &Device::Cpu)?;
-        let (_, mut captures) = self.pass(&batch, &Window::DENSE, &Groups::All)?;
+        let window = Window {
+            scope: plan.scope(),
+            ..Window::DENSE
+        };
+        let (_, mut captures) = self.pass(&batch, &window, &Groups::All)?;
         plan.columns()
             .iter()
             .map(|column| {

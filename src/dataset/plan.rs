@@ -8,6 +8,8 @@
 
 use std::ops::Range;
 
+use flexmodel_actors::PassScope;
+
 use crate::dataset::corpus::Corpus;
 use crate::dataset::spec::{DatasetSpec, Positions};
 use crate::hooks::HookKind;
@@ -56,6 +58,7 @@ pub struct DatasetPlan {
     rows_per_shard: usize,
     shards: usize,
     pub(crate) manifest: Manifest,
+    scope: PassScope,
 }
 
 /// The bytes an Arrow stream spends besides the rows' buffers: the schema message (a
@@ -123,12 +126,25 @@ impl DatasetPlan {
             rows_per_shard,
             shards,
             manifest,
+            scope: PassScope::FULL,
         })
     }
 
     /// The options it was made from.
     pub fn spec(&self) -> &DatasetSpec {
         &self.spec
+    }
+
+    /// This plan with its passes running as much of the model as `scope` says (the
+    /// captured values are the same; a pass that stops early, or gathers no logits,
+    /// is cheaper).
+    pub fn with_scope(self, scope: PassScope) -> Self {
+        Self { scope, ..self }
+    }
+
+    /// How much of the model each pass runs.
+    pub fn scope(&self) -> PassScope {
+        self.scope
     }
 
     /// The hook columns, in forward order (the dataset also has `token_ids` first).

@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use flexmodel_actors::{Logits, PassScope};
+
 use crate::hooks::pattern::{glob_match, is_glob, nearest};
 use crate::hooks::point::{BlockSite, HookPoint};
 use crate::models::LlamaConfig;
@@ -170,6 +172,29 @@ impl HookCatalog {
         Ok(points)
     }
 
+    /// Checks that a pass of `scope` computes the points `target` names exactly (a
+    /// pattern may match points it does not compute: it skips them); else the error a
+    /// pass with that hook would raise, before any weight is read.
+    pub fn check_in_scope(&self, target: &str, kind: HookKind, scope: PassScope) -> Result<()> {
+        let Some((computed, why)) = scope_limits(scope, self.n_layers()) else {
+            return Ok(());
+        };
+        if is_glob(target) {
+            return Ok(());
+        }
+        match self
+            .resolve(target, kind)?
+            .into_iter()
+            .find(|&p| !computed(p))
+        {
+            Some(point) => Err(Error::PointNotInPass {
+                point: point.to_string(),
+                why,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The module aliases of `point`, with their kinds.
     pub fn aliases_of(&self, point: HookPoint) -> impl Iterator<Item = (&str, HookKind)> {
         let own = point.to_string();
@@ -177,6 +202,37 @@ impl HookCatalog {
             .iter()
             .filter(move |(name, _, p)| *p == point && *name != own)
             .map(|(name, kind, _)| (name.as_str(), *kind))
+    }
+}
+
+/// Which points a pass of `scope` computes, and why it lacks the others; `None` when
+/// it computes every point.
+#[allow(clippy::type_complexity)]
+pub(crate) fn scope_limits(
+    scope: PassScope,
+    n_layers: usize,
+) -> Option<(Box<dyn Fn(HookPoint) -> bool>, String)> {
+    let before = |n: usize| {
+        move |p: HookPoint| match p {
+            HookPoint::Tokens | HookPoint::Embed => true,
+            HookPoint::Block { layer, .. } => layer < n,
+            _ => false,
+        }
+    };
+    match (scope.stop_at_layer, scope.logits) {
+        (Some(n), _) => Some((
+            Box::new(before(n)),
+            format!("the pass stops at layer {n} of {n_layers} (--stop-at-layer)"),
+        )),
+        (None, Logits::All) => None,
+        (None, logits) => Some((
+            Box::new(|p| p != HookPoint::UnembedOut),
+            match logits {
+                Logits::Last => "the pass gathers only the last position's logits (--logits last)",
+                _ => "the pass gathers no logits (--logits none)",
+            }
+            .to_string(),
+        )),
     }
 }
 

@@ -16,7 +16,7 @@
 //! Nothing here knows about threads, ranks or transports: sharded runs hand the hooks
 //! the gathered, full tensors.
 
-mod catalog;
+pub(crate) mod catalog;
 pub(crate) mod dispatch;
 pub mod edits;
 pub(crate) mod function;

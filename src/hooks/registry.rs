@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::hooks::catalog::{HookCatalog, HookKind};
 use crate::hooks::function::SharedEdit;
-use crate::hooks::pattern::glob_match;
+use crate::hooks::pattern::{glob_match, is_glob};
 use crate::{Error, HookFunction, HookPoint, Result};
 
 /// The group every hook belongs to; it cannot be removed.
@@ -74,6 +74,8 @@ pub(crate) struct Entry {
     pub(crate) points: Vec<HookPoint>,
     pub(crate) edit: Option<SharedEdit>,
     pub(crate) capture: bool,
+    /// Whether the target named a point exactly (not a pattern).
+    exact: bool,
     tags: BTreeSet<String>,
     enabled: bool,
 }
@@ -92,6 +94,36 @@ pub struct HookRegistry {
 pub(crate) struct PassPlan {
     pub(crate) by_point: Vec<Vec<usize>>,
     pub(crate) grad_by_point: Vec<Vec<usize>>,
+}
+
+impl PassPlan {
+    /// This plan for a pass that computes only the points `computed` keeps: hooks
+    /// registered by a pattern skip the others, and a hook registered by the exact name
+    /// of one is an error saying `why` the pass lacks it.
+    pub(crate) fn within(
+        mut self,
+        entries: &[Entry],
+        n_layers: usize,
+        computed: impl Fn(HookPoint) -> bool,
+        why: &str,
+    ) -> Result<Self> {
+        for point in HookPoint::all(n_layers) {
+            if computed(point) {
+                continue;
+            }
+            let i = point.index(n_layers);
+            for table in [&mut self.by_point, &mut self.grad_by_point] {
+                if table[i].iter().any(|&e| entries[e].exact) {
+                    return Err(Error::PointNotInPass {
+                        point: point.to_string(),
+                        why: why.to_string(),
+                    });
+                }
+                table[i].clear();
+            }
+        }
+        Ok(self)
+    }
 }
 
 impl HookRegistry {
@@ -118,7 +150,8 @@ impl HookRegistry {
         }
         let points = self.catalog.resolve(&hook.target, hook.kind)?;
         let edit = hook.edit.map(|e| Arc::new(Mutex::new(e)));
-        Ok(self.add_entry(points, hook.kind, edit, hook.capture, &hook.tags))
+        let exact = !is_glob(&hook.target);
+        Ok(self.add_entry(points, hook.kind, edit, hook.capture, exact, &hook.tags))
     }
 
     /// Registers one hook per point `hook`'s target matches, each tagged `group` and
@@ -134,12 +167,13 @@ impl HookRegistry {
         }
         let points = self.catalog.resolve(&hook.target, hook.kind)?;
         let edit = hook.edit.map(|e| Arc::new(Mutex::new(e)));
+        let exact = !is_glob(&hook.target);
         let mut tags = hook.tags;
         tags.push(group.to_string());
         self.groups.insert(group.to_string());
         Ok(points
             .into_iter()
-            .map(|p| self.add_entry(vec![p], hook.kind, edit.clone(), hook.capture, &tags))
+            .map(|p| self.add_entry(vec![p], hook.kind, edit.clone(), hook.capture, exact, &tags))
             .collect())
     }
 
@@ -149,6 +183,7 @@ impl HookRegistry {
         kind: HookKind,
         edit: Option<SharedEdit>,
         capture: bool,
+        exact: bool,
         tags: &[String],
     ) -> HookHandle {
         let handle = HookHandle(self.next_handle);
@@ -162,6 +197,7 @@ impl HookRegistry {
             points,
             edit,
             capture,
+            exact,
             tags: tag_set,
             enabled: true,
         });

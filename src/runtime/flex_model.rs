@@ -6,11 +6,13 @@ use std::collections::BTreeMap;
 
 use candle_core::{Tensor, Var};
 use flexmodel_actors::{
-    Fault, KvCache, PointGeometry, ShardModel, ShardRuntime, ShardSetup, Window,
+    Fault, KvCache, Logits, PassEnd, PassScope, PointGeometry, ShardModel, ShardRuntime,
+    ShardSetup, Window,
 };
 use flexmodel_cluster::{Layout, PassControl, SingleRank};
 
 use crate::hooks::HookCatalog;
+use crate::hooks::catalog::scope_limits;
 use crate::hooks::dispatch::{LossFn, PassHooks};
 use crate::hooks::registry::{Groups, HookRegistry};
 use crate::models::{Llama, LlamaConfig};
@@ -22,7 +24,9 @@ use crate::runtime::sharding::{
 use crate::text::TokenBatch;
 use crate::text::token_batch::check_tokens;
 use crate::weights::{TensorMap, WeightSource};
-use crate::{ActivationStore, Checkpoint, Error, HookPoint, NoHooks, Result, SaveContext};
+use crate::{
+    ActivationStore, BlockSite, Checkpoint, Error, HookPoint, NoHooks, Result, SaveContext,
+};
 
 /// Where the model runs.
 enum Backend {
@@ -288,47 +292,113 @@ impl FlexModel {
         batch: impl Into<TokenBatch>,
         groups: &Groups,
     ) -> Result<Tensor> {
+        self.forward_scoped_groups(batch, PassScope::FULL, groups)?
+            .ok_or(Error::Internal("a whole pass returned no logits"))
+    }
+
+    /// One forward pass over as much of the model as `scope` says, running every enabled
+    /// hook. With `stop_at_layer: Some(n)` (TransformerLens's `stop_at_layer`), blocks
+    /// `0..n` run and the residual stream there, `[b, t, d_model]`, is returned (no final
+    /// norm, logits or loss; under pipeline parallelism the later stages do not run).
+    /// Otherwise the logits `scope.logits` asks for are returned: `[b, t, vocab]`, the
+    /// last position's `[b, 1, vocab]`, or none (no LM head is computed).
+    ///
+    /// A hook registered by the exact name of a point the pass does not compute (after
+    /// the stop, or `unembed.hook_out` without every position's logits) is an error;
+    /// patterns skip such points.
+    pub fn forward_scoped(
+        &mut self,
+        batch: impl Into<TokenBatch>,
+        scope: PassScope,
+    ) -> Result<Option<Tensor>> {
+        self.forward_scoped_groups(batch, scope, &Groups::All)
+    }
+
+    /// [`forward_scoped`](Self::forward_scoped) running the hooks `groups` selects.
+    pub fn forward_scoped_groups(
+        &mut self,
+        batch: impl Into<TokenBatch>,
+        scope: PassScope,
+        groups: &Groups,
+    ) -> Result<Option<Tensor>> {
         let batch = batch.into();
         let window = Window {
             mask: batch.attention_mask().cloned(),
+            scope,
             ..Window::DENSE
         };
-        let (logits, captures) = self.pass(batch.tokens(), &window, groups)?;
+        let (output, captures) = self.pass(batch.tokens(), &window, groups)?;
         self.store.append(captures);
-        Ok(logits)
+        Ok(output)
     }
 
-    /// One forward pass over `tokens` at the positions `window` says, running the hooks
-    /// `groups` selects; returns the logits and the pass's captures.
+    /// One forward pass over `tokens` at the positions and over the part of the model
+    /// `window` says, running the hooks `groups` selects; returns the pass's output (see
+    /// [`forward_scoped`](Self::forward_scoped)) and its captures.
     pub(crate) fn pass(
         &mut self,
         tokens: &Tensor,
         window: &Window,
         groups: &Groups,
-    ) -> Result<(Tensor, ActivationStore)> {
+    ) -> Result<(Option<Tensor>, ActivationStore)> {
         let span = self.pass_span(false, tokens);
         let _entered = span.enter();
         let (_, t) = self.check_batch(tokens)?;
+        let scope = window.scope;
+        let n_layers = self.config.n_layers;
+        if let Some(n) = scope.stop_at_layer.filter(|&n| n > n_layers) {
+            return Err(Error::InvalidArgument {
+                argument: "stop_at_layer",
+                problem: format!("{n} is beyond the model's {n_layers} layers"),
+            });
+        }
+        let returned = |out: Tensor| match (scope.stop_at_layer, scope.logits) {
+            (None, Logits::None) => None,
+            _ => Some(out),
+        };
         if let Backend::Single { model, cache, .. } = &mut self.backend
             && self.registry.is_empty()
         {
             // A forward pass keeps no autograd graph: backward passes run in the runtime.
-            let logits = single_shard_span()
+            let out = single_shard_span()
                 .in_scope(|| model.forward_stage(tokens, window, cache, &mut NoHooks, false))?;
-            return Ok((logits, ActivationStore::default()));
+            return Ok((returned(out), ActivationStore::default()));
         }
         let plan = self.registry.plan(groups)?;
+        let plan = match scope_limits(scope, n_layers) {
+            Some((computed, why)) => {
+                plan.within(self.registry.entries(), n_layers, computed, &why)?
+            }
+            None => plan,
+        };
         let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points)
             .at(window, t)?;
-        let logits = match &mut self.backend {
+        let out = match &mut self.backend {
             Backend::Single { model, cache, .. } => single_shard_span()
-                .in_scope(|| model.forward_stage(tokens, window, cache, &mut hooks, false))?,
+                .in_scope(|| model.forward_stage(tokens, window, cache, &mut hooks, false))
+                .map(returned)?,
             Backend::Sharded { runtime, .. } => {
                 let modes = hooks.modes();
-                runtime.run_pass(tokens, window, &modes, &mut hooks)?
+                let resid = match scope.stop_at_layer {
+                    Some(0) => Some(HookPoint::Embed),
+                    Some(n) => Some(HookPoint::Block {
+                        layer: n - 1,
+                        site: BlockSite::ResidPost,
+                    }),
+                    None => None,
+                };
+                let resid = resid
+                    .map(|p| geometry(p, &self.config, &self.layout))
+                    .transpose()?;
+                let end = match (&resid, scope.logits) {
+                    (Some(resid), _) => PassEnd::At(resid),
+                    (None, Logits::None) => PassEnd::Silent,
+                    (None, _) => PassEnd::Whole,
+                };
+                runtime.run_pass_to(tokens, window, &modes, &mut hooks, end)?
             }
         };
-        Ok((logits, hooks.captures))
+        Ok((out, hooks.captures))
     }
 
     /// A forward and a backward pass from the mean next-token cross-entropy over the whole
@@ -430,7 +500,10 @@ impl FlexModel {
             .loss
             .or(hooks.loss)
             .ok_or(Error::Internal("the backward pass reported no loss"))?;
-        Ok((out.output, loss))
+        let logits = out
+            .output
+            .ok_or(Error::Internal("a backward pass gathered no logits"))?;
+        Ok((logits, loss))
     }
 
     /// Checks `tokens` against the vocabulary, the context and the data-parallel

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{D, DType, Device, Tensor};
-use flexmodel_actors::{CacheUse, Window};
+use flexmodel_actors::{CacheUse, PassScope, Window};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -249,6 +249,7 @@ impl FlexModel {
             let started = Instant::now();
             let (input, window) = rows.next_pass(options.kv_cache)?;
             let (logits, captures) = self.pass(&input, &window, &options.groups)?;
+            let logits = logits.ok_or(Error::Internal("a generation step returned no logits"))?;
             match options.kv_cache {
                 true => steps_captures.push(captures),
                 false => steps_captures = vec![captures],
@@ -344,6 +345,7 @@ impl Rows {
             mask,
             offset: first,
             cache,
+            scope: PassScope::FULL,
         };
         Ok((input, window))
     }

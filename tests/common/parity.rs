@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{Tensor, Var};
 use flexmodel::models::LlamaConfig;
-use flexmodel::runtime::Placement;
+use flexmodel::runtime::{Placement, Processes};
 use flexmodel::tiny::{random_checkpoint, tiny_checkpoint, tiny_config};
 use flexmodel::{Checkpoint, FlexModel, HookFunction, edits};
 use flexmodel_cluster::Layout;
@@ -102,4 +102,13 @@ pub fn everything(
     let again = model.forward(parity_tokens()).unwrap();
     all.insert("logits_again".into(), again);
     all
+}
+
+/// One worker process per rank, of this build's `flexmodel`, one compute thread each.
+pub fn worker_processes() -> Placement {
+    Placement::Processes(Processes {
+        program: Some(env!("CARGO_BIN_EXE_flexmodel").into()),
+        threads: Some(1),
+        token_file: None,
+    })
 }

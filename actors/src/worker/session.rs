@@ -164,7 +164,6 @@ impl Session<'_> {
         let args = ShardArgs {
             rank,
             coords: layout.coords(rank),
-            stages: layout.pp(),
             model: loaded.model.clone(),
             pipeline,
             events,
@@ -347,6 +346,9 @@ fn serve_passes(
                         mask,
                         offset,
                         cache,
+                        scope,
+                        end_stage,
+                        sends_output,
                         actions,
                         fault,
                         backward,
@@ -363,6 +365,7 @@ fn serve_passes(
                             mask,
                             offset,
                             cache,
+                            scope,
                         };
                         let backward = match (backward, tensors.next()) {
                             (Some(plan), Some(tokens)) => Some(BackwardPass { tokens, plan }),
@@ -376,6 +379,8 @@ fn serve_passes(
                             actions,
                             fault,
                             backward,
+                            end_stage,
+                            sends_output,
                         };
                         let remote = trace.map(|propagation| RemoteParent {
                             propagation: propagation.clone(),

@@ -10,6 +10,7 @@ use flexmodel::dataset::{Corpus, DatasetPlan, DatasetSpec, DatasetStatus, Positi
 
 use crate::hook_args::Hooks;
 use crate::layout::{LayoutArgs, Plan};
+use crate::pass_args::PassArgs;
 
 /// Options of `flexmodel cache`.
 #[derive(Args, Debug)]
@@ -46,6 +47,8 @@ pub struct CacheArgs {
     /// Every position of a sequence, or only its last.
     #[arg(long, value_enum, default_value_t = PositionsArg::All)]
     positions: PositionsArg,
+    #[command(flatten)]
+    pass: PassArgs,
     #[command(flatten)]
     layout: LayoutArgs,
 }
@@ -102,7 +105,7 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
         PositionsArg::All => Positions::All,
         PositionsArg::Last => Positions::Last,
     };
-    let plan = DatasetPlan::new(&checkpoint.config, corpus, spec)?;
+    let plan = DatasetPlan::new(&checkpoint.config, corpus, spec)?.with_scope(args.pass.scope());
     let out = &args.out;
     if plan.status(out)? == DatasetStatus::Complete {
         println!(
@@ -120,6 +123,7 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
         Plan {
             batches: &[],
             targets: hooks.targets(),
+            scope: args.pass.scope(),
         },
     )?;
     hooks.register(&mut model)?;

@@ -12,6 +12,7 @@ use flexmodel::{Checkpoint, HookFunction, masked_next_token_loss, next_token_los
 use crate::hook_args::Hooks;
 use crate::input::InputArgs;
 use crate::layout::{LayoutArgs, Plan};
+use crate::pass_args::PassArgs;
 
 /// Options of `flexmodel capture`.
 #[derive(Args, Debug)]
@@ -34,6 +35,8 @@ pub struct CaptureArgs {
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
+    pass: PassArgs,
+    #[command(flatten)]
     layout: LayoutArgs,
 }
 
@@ -43,9 +46,16 @@ pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&args.model)?;
     let batch = args.input.tokens(&checkpoint)?;
     let tokens = batch.tokens().clone();
+    if args.grad && !args.pass.full() {
+        bail!(
+            "--grad needs the loss, from every position's logits: it takes no --stop-at-layer and only --logits all"
+        );
+    }
+    let scope = args.pass.scope();
     let plan = Plan {
         batches: std::slice::from_ref(&tokens),
         targets: hooks.targets(),
+        scope,
     };
     let mut model = args.layout.build(&checkpoint, &args.model, plan)?;
     hooks.register(&mut model)?;
@@ -60,13 +70,15 @@ pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
     if args.grad && seq < 2 {
         bail!("--grad needs sequences of at least two tokens (the loss predicts the next token)");
     }
-    let (logits, loss) = match args.grad {
+    let (output, loss) = match args.grad {
         true => {
             let (logits, loss) = model.forward_backward(&batch)?;
-            (logits, Some(loss))
+            (Some(logits), Some(loss))
         }
-        false => (model.forward(&batch)?, None),
+        false => (model.forward_scoped(&batch, scope)?, None),
     };
+    // The loss needs every position's logits.
+    let logits = output.filter(|_| args.pass.full());
 
     let mut out: HashMap<String, Tensor> = HashMap::new();
     for (name, calls) in model.store().iter() {
@@ -74,7 +86,7 @@ pub fn run(args: CaptureArgs) -> anyhow::Result<()> {
             out.insert(name.to_string(), last.to_dtype(DType::F32)?.contiguous()?);
         }
     }
-    if seq > 1 {
+    if let Some(logits) = logits.filter(|_| seq > 1) {
         let loss = match loss {
             Some(loss) => Tensor::new(&[loss], logits.device())?,
             None => match batch.attention_mask() {

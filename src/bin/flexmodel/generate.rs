@@ -73,6 +73,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let plan = Plan {
         batches: std::slice::from_ref(batch.tokens()),
         targets: hooks.targets(),
+        ..Plan::default()
     };
     let mut model = args.layout.build(&checkpoint, &args.model, plan)?;
     hooks.register(&mut model)?;

@@ -9,7 +9,7 @@ use clap::Args;
 use flexmodel::runtime::sharding::check_layout;
 use flexmodel::runtime::{Cluster, Placement, Processes};
 use flexmodel::text::check_tokens;
-use flexmodel::{Checkpoint, FlexModel, HookCatalog, HookKind};
+use flexmodel::{Checkpoint, FlexModel, HookCatalog, HookKind, PassScope};
 use flexmodel_cluster::membership::ClusterUrl;
 use flexmodel_cluster::{Layout, ModelDtype};
 
@@ -56,6 +56,8 @@ pub struct Plan<'a> {
     pub batches: &'a [Tensor],
     /// The hook targets it will register, with their kinds.
     pub targets: Vec<(&'a str, HookKind)>,
+    /// How much of the model its passes run.
+    pub scope: PassScope,
 }
 
 impl LayoutArgs {
@@ -95,6 +97,7 @@ impl LayoutArgs {
         let catalog = HookCatalog::new(config);
         for (target, kind) in plan.targets {
             catalog.resolve(target, kind)?;
+            catalog.check_in_scope(target, kind, plan.scope)?;
         }
         Ok(FlexModel::build_on(
             checkpoint,

@@ -10,6 +10,7 @@ mod induction;
 mod input;
 mod layout;
 mod lens;
+mod pass_args;
 mod worker;
 mod workers;
 

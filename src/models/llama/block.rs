@@ -49,6 +49,11 @@ impl Block {
         })
     }
 
+    /// The block's layer in the whole model.
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
     /// Every parameter slice this block holds.
     pub fn parameters(&self) -> Vec<flexmodel_cluster::ParamSlice> {
         let mut all = self.ln1.parameters();

@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use flexmodel_actors::{CacheUse, KvCache, Window};
+use flexmodel_actors::{CacheUse, KvCache, Logits, Window};
 use flexmodel_cluster::ParamSlice;
 use flexmodel_cluster::{Collective, conjugate};
 
@@ -318,13 +318,20 @@ impl Llama {
         };
         let positions = Positions::new(window, (b, t), &self.config, x.device())?;
         let mut cache = (window.cache != CacheUse::Off).then_some(cache);
+        let stop = window.scope.stop_at_layer;
         for block in &self.blocks {
+            if stop.is_some_and(|n| block.layer() >= n) {
+                break;
+            }
             let block = self.whole(block, backward, Block::map_parameters)?;
             x = block.forward(x, &positions, cache.as_deref_mut(), hooks, collective)?;
         }
         let (Some(norm), Some(head)) = (&self.final_norm, &self.lm_head) else {
             return Ok(x);
         };
+        if stop.is_some() {
+            return Ok(x);
+        }
         let norm = self.whole(norm, backward, RmsNorm::map_parameters)?;
         let head = self.whole(head, backward, ColumnParallelLinear::map_parameters)?;
         let scale = hooks.hook(HookPoint::LnFinalScale, norm.scale(&x)?)?;
@@ -332,10 +339,17 @@ impl Llama {
             HookPoint::LnFinalNormalized,
             RmsNorm::normalize(&x, &scale)?,
         )?;
-        let logits = head.forward(&conjugate::copy_to_group(
-            &norm.times_weight(&normalized)?,
-            collective,
-        )?)?;
+        let normed = norm.times_weight(&normalized)?;
+        if window.scope.logits == Logits::None {
+            // No LM head: the pass returns nothing (the runtime gathers no output).
+            return Ok(normed);
+        }
+        if window.scope.logits == Logits::Last {
+            // Only the last position's logits (not a hook point of such a pass).
+            let last = normed.narrow(1, t - 1, 1)?.contiguous()?;
+            return head.forward(&conjugate::copy_to_group(&last, collective)?);
+        }
+        let logits = head.forward(&conjugate::copy_to_group(&normed, collective)?)?;
         hooks.hook(HookPoint::UnembedOut, logits)
     }
 }

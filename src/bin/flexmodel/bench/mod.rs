@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::hook_args::Hooks;
 use crate::layout::{LayoutArgs, Plan};
+use crate::pass_args::PassArgs;
 
 /// Options of `flexmodel bench`.
 #[derive(Args, Debug)]
@@ -66,6 +67,8 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
+    pass: PassArgs,
+    #[command(flatten)]
     layout: LayoutArgs,
 }
 
@@ -94,9 +97,15 @@ pub fn run(args: BenchArgs, profile: Option<Profile>) -> anyhow::Result<()> {
         config.context()
     );
     let tokens = random_tokens(batch, seq, config.vocab_size)?;
+    let scope = args.pass.scope();
+    ensure!(
+        args.pass.full() || (!args.backward && args.generate.is_none()),
+        "--backward and --generate need every position's logits: they take no --stop-at-layer and only --logits all"
+    );
     let plan = Plan {
         batches: std::slice::from_ref(&tokens),
         targets: hooks.targets(),
+        scope,
     };
     let mut model = args.layout.build(&checkpoint, &args.model, plan)?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -133,7 +142,7 @@ pub fn run(args: BenchArgs, profile: Option<Profile>) -> anyhow::Result<()> {
         let start = Instant::now();
         match args.backward {
             true => drop(model.forward_backward(&tokens)?),
-            false => drop(model.forward(&tokens)?),
+            false => drop(model.forward_scoped(&tokens, scope)?),
         }
         let elapsed = start.elapsed().as_secs_f64() * 1e3;
         let spans = profile::Spans::take(profile.as_ref());
@@ -236,6 +245,8 @@ fn run_json(args: &BenchArgs) -> serde_json::Value {
         "dp": args.layout.dp,
         "fsdp": args.layout.fsdp,
         "model_dtype": args.layout.model_dtype.to_string(),
+        "stop_at_layer": args.pass.stop_at_layer,
+        "logits": format!("{:?}", args.pass.logits).to_lowercase(),
         "procs": args.layout.procs,
         "hooks": args.hooks,
     })

@@ -369,3 +369,44 @@ fn a_token_file_of_ones_own_is_used_and_an_empty_one_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("readable by others"), "{stderr}");
 }
+
+#[test]
+fn memory_is_checked_by_the_process_that_holds_the_weights() {
+    let dir = tiny_dir(44);
+    let model = dir.path().to_str().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let path = out.path().join("c.safetensors");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["capture", "--model", model, "--prompt", "Hi", "--hook"];
+        args.extend(["hook_embed", "--out", path.to_str().unwrap(), "--tp", "2"]);
+        args.extend(extra);
+        Command::new(env!("CARGO_BIN_EXE_flexmodel"))
+            .args(&args)
+            .env("FLEXMODEL_LOG", "warn")
+            // 100 kB for every process: less than any rank's share of the tiny model.
+            .env("FLEXMODEL_MEMORY_BYTES", "100000")
+            .output()
+            .unwrap()
+    };
+    // In threads, this process holds both ranks and refuses the layout itself.
+    let threads = run(&[]);
+    let stderr = String::from_utf8_lossy(&threads.stderr);
+    assert!(!threads.status.success());
+    assert!(
+        stderr.contains("tp=2 pp=1 dp=1 holds about 1.0 MB of weights in this process, but only 0.1 MB of memory is available"),
+        "{stderr}"
+    );
+    // Under --procs the driver holds no weights; each worker checks its own share.
+    let procs = run(&["--procs"]);
+    let stderr = String::from_utf8_lossy(&procs.stderr);
+    eprintln!("{stderr}");
+    assert!(!procs.status.success());
+    assert!(
+        stderr.contains("needs about 0.5 MB for its share of the weights, but only 0.1 MB of memory is available on its machine"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("rank 0") || stderr.contains("rank 1"),
+        "{stderr}"
+    );
+}

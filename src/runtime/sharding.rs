@@ -51,32 +51,42 @@ pub enum LayoutProblem {
     },
     /// The ranks this process would hold would not fit in this machine's memory.
     #[error(
-        "{layout} holds about {:.1} GB of weights in this process, but only {:.1} GB of memory is available",
-        *.needed_bytes as f64 / 1e9,
-        *.available_bytes as f64 / 1e9
+        "{layout} holds about {} of weights in this process, but only {} of memory is available",
+        size(*.needed_bytes),
+        size(*.available_bytes)
     )]
     DoesNotFit {
         /// The layout.
         layout: Layout,
         /// The bytes of weights the ranks hold, plus what loading them holds for a while.
         needed_bytes: u64,
-        /// The memory available (`MemAvailable` of `/proc/meminfo`).
+        /// The memory available (`MemAvailable` of `/proc/meminfo`, or
+        /// `FLEXMODEL_MEMORY_BYTES`).
         available_bytes: u64,
     },
     /// One rank's share of the weights would not fit in its machine's memory.
     #[error(
-        "rank {rank} needs about {:.2} GB for its share of the weights, but only {:.2} GB of memory is available on its machine",
-        *.needed_bytes as f64 / 1e9,
-        *.available_bytes as f64 / 1e9
+        "rank {rank} needs about {} for its share of the weights, but only {} of memory is available on its machine",
+        size(*.needed_bytes),
+        size(*.available_bytes)
     )]
     RankDoesNotFit {
         /// The rank.
         rank: usize,
         /// The bytes of its weights, plus what loading them holds for a while.
         needed_bytes: u64,
-        /// The memory available (`MemAvailable` of `/proc/meminfo`).
+        /// The memory available (`MemAvailable` of `/proc/meminfo`, or
+        /// `FLEXMODEL_MEMORY_BYTES`).
         available_bytes: u64,
     },
+}
+
+/// `bytes` in GB, or in MB below one GB.
+fn size(bytes: u64) -> String {
+    match bytes >= 1_000_000_000 {
+        true => format!("{:.1} GB", bytes as f64 / 1e9),
+        false => format!("{:.1} MB", bytes as f64 / 1e6),
+    }
 }
 
 /// Checks that `layout` can split a model of `config`, with a message that says why not.
@@ -209,8 +219,19 @@ pub fn check_rank_fits_in_memory(config: &LlamaConfig, layout: &Layout, rank: us
     Ok(())
 }
 
+/// The variable that, set to a number of bytes, replaces `MemAvailable` in the memory
+/// checks (to keep a share of a shared machine free, or to test the checks).
+pub const MEMORY_VARIABLE: &str = "FLEXMODEL_MEMORY_BYTES";
+
+/// The memory the checks count on: `FLEXMODEL_MEMORY_BYTES` if set, else
 /// `MemAvailable` of `/proc/meminfo`, in bytes.
 fn available_memory() -> Option<u64> {
+    if let Some(bytes) = std::env::var(MEMORY_VARIABLE)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        return Some(bytes);
+    }
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use flexmodel_cluster::membership::{LoadedSlice, MemberState};
@@ -24,6 +24,10 @@ use crate::threads::PARAMETERS_TIMEOUT;
 use crate::trace_context::{RemoteParent, TracePropagation};
 use crate::wire::{self, WireError};
 use crate::{Error, Result, ShardActor, ShardModel, Window};
+
+/// How long a worker that refused an assignment waits for the driver's answer, so
+/// that its refusal is sent before it leaves.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// What a worker keeps from one driver to the next: the shard it loaded.
 #[derive(Default)]
@@ -139,7 +143,12 @@ impl Session<'_> {
                 let refused = ToDriver::Refused {
                     message: e.to_string(),
                 };
-                let _ = wire::send(driver, &refused, &[]);
+                // The refusal is queued to the connection's writer: give it until the
+                // driver answers (it lets the workers go) to reach the driver, so that
+                // the driver's error says why rather than that the worker vanished.
+                if wire::send(driver, &refused, &[]).is_ok() {
+                    let _ = driver.inbox().recv_timeout(REFUSAL_LINGER);
+                }
                 self.record(MemberState::Idle, slot);
                 return Err(e);
             }

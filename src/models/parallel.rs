@@ -15,15 +15,6 @@ use flexmodel_cluster::{Collective, conjugate};
 use crate::Result;
 use crate::weights::HeldWeights;
 
-/// `t[.., range, ..]` along `dim` in storage of its own, so a shard holds only its slice.
-pub(crate) fn owned_slice(t: &Tensor, dim: usize, range: &Range<usize>) -> Result<Tensor> {
-    if range.start == 0 && range.end == t.dim(dim)? {
-        return Ok(t.clone());
-    }
-    Ok(t.narrow(dim, range.start, range.len())?
-        .force_contiguous()?)
-}
-
 /// `t` as a trainable parameter: a candle variable, so that backward passes give its
 /// gradient.
 pub(crate) fn param(t: Tensor) -> Result<Tensor> {

@@ -81,33 +81,99 @@ pub trait WeightSource: Send + Sync {
     }
 }
 
-/// Weights as a rank holds them: read from `source`, a slice at a time, in `dtype`.
+/// Weights as a rank holds them: read from `source`, a slice at a time, in `dtype`;
+/// with `pieces`, only a replica's piece of each slice (FSDP).
 #[derive(Clone, Copy)]
 pub struct HeldWeights<'a> {
     /// Where the tensors come from.
     pub source: &'a dyn WeightSource,
     /// The dtype they are held in.
     pub dtype: DType,
+    /// Under FSDP, the replica whose piece of each slice is read, and what was read.
+    pub pieces: Option<&'a PieceReads>,
 }
 
 impl<'a> HeldWeights<'a> {
-    /// The tensors of `source` held in f32.
+    /// The tensors of `source` held in f32, whole slices.
     pub fn f32(source: &'a dyn WeightSource) -> Self {
         Self {
             source,
             dtype: DType::F32,
+            pieces: None,
         }
     }
 
     /// Indices `range` along dimension `dim` of the tensor `name` of shape `shape` (the
-    /// whole tensor for `None`), in this dtype.
+    /// whole tensor for `None`, which FSDP cuts along dimension 0), in this dtype; with
+    /// `pieces`, only the replica's piece of those indices.
     pub fn slice(
         &self,
         name: &str,
         shape: &[usize],
         slice: Option<(usize, Range<usize>)>,
     ) -> Result<Tensor> {
-        self.source.tensor_slice(name, shape, slice, self.dtype)
+        let Some(pieces) = self.pieces else {
+            return self.source.tensor_slice(name, shape, slice, self.dtype);
+        };
+        let (dim, range) = slice.unwrap_or((0, 0..shape.first().copied().unwrap_or(1)));
+        let piece = pieces.read(name, dim, range.len());
+        let range = range.start + piece.start..range.start + piece.end;
+        self.source
+            .tensor_slice(name, shape, Some((dim, range)), self.dtype)
+    }
+}
+
+/// What a replica reads under FSDP: piece `r` of `n` (as [`split_evenly`] cuts) of every
+/// slice it is asked for, and, by tensor name, which piece of how long a slice that
+/// was.
+///
+/// [`split_evenly`]: flexmodel_cluster::split_evenly
+pub struct PieceReads {
+    member: flexmodel_cluster::TpRank,
+    read: std::sync::Mutex<std::collections::HashMap<String, PieceRead>>,
+}
+
+/// One tensor's piece: cut along source dimension `dim`, indices `range` of a slice of
+/// `len`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PieceRead {
+    /// The tensor's dimension (as stored) the piece is cut along.
+    pub dim: usize,
+    /// The piece's indices within the slice.
+    pub range: Range<usize>,
+    /// The slice's length along `dim`.
+    pub len: usize,
+}
+
+impl PieceReads {
+    /// Reads for `member` of its replicas.
+    pub fn new(member: flexmodel_cluster::TpRank) -> Self {
+        Self {
+            member,
+            read: Default::default(),
+        }
+    }
+
+    /// The piece of a slice of `len` along `dim` of `name`, recorded.
+    fn read(&self, name: &str, dim: usize, len: usize) -> Range<usize> {
+        let range =
+            flexmodel_cluster::split_evenly(len, self.member.size())[self.member.rank()].clone();
+        let piece = PieceRead {
+            dim,
+            range: range.clone(),
+            len,
+        };
+        self.lock().insert(name.to_string(), piece);
+        range
+    }
+
+    /// The piece read of `name`, if any.
+    pub fn of(&self, name: &str) -> Option<PieceRead> {
+        self.lock().get(name).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, PieceRead>> {
+        self.read.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -2,8 +2,9 @@
 //! gathered whole just before the layer that uses them computes.
 //!
 //! Each parameter (the tensor-parallel slice a rank holds) is cut along the dimension
-//! tensor parallelism slices it (dimension 0 where it is whole), as [`split_evenly`]
-//! cuts it, replica `r` keeping piece `r`. [`Fsdp::gathered`] joins every replica's
+//! tensor parallelism slices it (dimension 0 where it is whole), as
+//! [`split_evenly`](flexmodel_cluster::split_evenly) cuts it, replica `r` keeping piece `r`; a replica reads only its piece from the
+//! checkpoint ([`PieceReads`]). [`Fsdp::gathered`] joins every replica's
 //! pieces of one layer through the replicas' collective. In a pass without a backward
 //! pass the gathered layer is outside the autograd graph and is freed as soon as the
 //! layer has computed; in a pass with one it lives in the graph until the gradients are
@@ -15,10 +16,11 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{Tensor, TensorId};
-use flexmodel_cluster::{Collective, ParamSlice, conjugate, split_evenly};
+use candle_core::TensorId;
+use flexmodel_cluster::{Collective, ParamSlice, conjugate};
 
-use crate::models::parallel::{ParamMap, owned_slice, param};
+use crate::models::parallel::ParamMap;
+use crate::weights::PieceReads;
 use crate::{Error, Result};
 
 /// A shard's place among its replicas under FSDP, and the pieces it holds.
@@ -28,9 +30,6 @@ pub(crate) struct Fsdp {
     /// Each piece held, by its tensor: the dimension it is cut along, its range of the
     /// tensor-parallel slice along it, and the slice's length along it.
     pieces: HashMap<TensorId, (usize, Range<usize>, usize)>,
-    /// The piece cut from each slice so far, by the slice's tensor, so that a tensor
-    /// two layers share (a tied embedding and LM head) is cut once.
-    cut_from: HashMap<TensorId, Tensor>,
 }
 
 impl Fsdp {
@@ -39,40 +38,36 @@ impl Fsdp {
         Self {
             replicas,
             pieces: HashMap::new(),
-            cut_from: HashMap::new(),
         }
     }
 
-    /// The layer whose parameters are `parameters`, rebuilt by `map` holding only this
-    /// replica's piece of each, as new variables (a parameter that is a piece already,
-    /// shared with a layer cut before, stays as it is).
-    pub(crate) fn cut<M>(
+    /// What this replica reads: its piece of every slice.
+    pub(crate) fn reads(&self) -> PieceReads {
+        PieceReads::new(self.replicas.tp_rank())
+    }
+
+    /// Takes `layer`, loaded through `reads` (so holding this replica's piece of each of
+    /// its `parameters`), as this shard's: its pieces are gathered whole when it
+    /// computes. A piece shared with a layer taken before (a tied LM head) stays one.
+    pub(crate) fn adopt<M>(
         &mut self,
+        layer: M,
         parameters: Vec<ParamSlice>,
-        map: impl FnOnce(&mut ParamMap<'_>) -> Result<M>,
+        reads: &PieceReads,
     ) -> Result<M> {
-        let member = self.replicas.tp_rank();
         for p in parameters {
             let id = p.value.id();
-            if self.cut_from.contains_key(&id) || self.pieces.contains_key(&id) {
+            if self.pieces.contains_key(&id) {
                 continue;
             }
+            let read = reads
+                .of(&p.name)
+                .ok_or(Error::Internal("a parameter under FSDP read whole"))?;
             // The dimension of the parameter; `value` may hold it transposed.
-            let dim = p.held_dim(p.split.as_ref().map_or(0, |(dim, _)| *dim));
-            let len = p.value.dim(dim)?;
-            let range = split_evenly(len, member.size())[member.rank()].clone();
-            let piece = param(owned_slice(&p.value, dim, &range)?)?;
-            self.pieces.insert(piece.id(), (dim, range, len));
-            self.cut_from.insert(p.value.id(), piece);
+            let dim = p.held_dim(read.dim);
+            self.pieces.insert(id, (dim, read.range, read.len));
         }
-        map(&mut |t| match self.pieces.contains_key(&t.id()) {
-            true => Ok(t.clone()),
-            false => self
-                .cut_from
-                .get(&t.id())
-                .cloned()
-                .ok_or(Error::Internal("a layer's tensor that its parameters omit")),
-        })
+        Ok(layer)
     }
 
     /// The whole layer, rebuilt by `map` from every replica's pieces. With `tracked`,
@@ -113,7 +108,7 @@ impl Fsdp {
 mod tests {
     use candle_core::{Device, Tensor};
     use flexmodel_actors::Window;
-    use flexmodel_cluster::{InProcessCollective, PassControl, SingleRank};
+    use flexmodel_cluster::{InProcessCollective, PassControl, SingleRank, split_evenly};
 
     use super::*;
     use crate::NoHooks;
@@ -121,7 +116,47 @@ mod tests {
     use crate::models::llama::positions::Positions;
     use crate::models::{Llama, Stage};
     use crate::tiny::{tiny_checkpoint, tiny_config};
-    use crate::weights::HeldWeights;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::weights::{HeldWeights, WeightSource};
+
+    /// A source that counts the values it serves.
+    struct Counting<'a> {
+        inner: &'a dyn WeightSource,
+        values: AtomicUsize,
+    }
+
+    impl WeightSource for Counting<'_> {
+        fn origin(&self) -> &std::path::Path {
+            self.inner.origin()
+        }
+
+        fn names(&self) -> Vec<String> {
+            self.inner.names()
+        }
+
+        fn tensor(&self, name: &str) -> Result<Tensor> {
+            let t = self.inner.tensor(name)?;
+            self.values.fetch_add(t.elem_count(), Ordering::Relaxed);
+            Ok(t)
+        }
+
+        fn fingerprint(&self) -> Result<String> {
+            self.inner.fingerprint()
+        }
+
+        fn tensor_slice(
+            &self,
+            name: &str,
+            shape: &[usize],
+            slice: Option<(usize, Range<usize>)>,
+            dtype: candle_core::DType,
+        ) -> Result<Tensor> {
+            let t = self.inner.tensor_slice(name, shape, slice, dtype)?;
+            self.values.fetch_add(t.elem_count(), Ordering::Relaxed);
+            Ok(t)
+        }
+    }
 
     /// `block`'s output at `x` and the gradients of `sum(output · ramp)` at `of`.
     fn run(block: &Block, x: &Tensor, of: &Block) -> (Tensor, Vec<Tensor>) {
@@ -187,9 +222,14 @@ mod tests {
 
         let sharded = on_replicas(|r, member| {
             let mut fsdp = Fsdp::new(member);
-            let pieces = fsdp
-                .cut(block.parameters(), |f| block.map_parameters(f))
-                .unwrap();
+            let reads = fsdp.reads();
+            let held = HeldWeights {
+                pieces: Some(&reads),
+                ..weights
+            };
+            let pieces = Block::load(&held, 1, config, tp).unwrap();
+            let parameters = pieces.parameters();
+            let pieces = fsdp.adopt(pieces, parameters, &reads).unwrap();
             let untracked = fsdp.gathered(false, |f| pieces.map_parameters(f)).unwrap();
             assert!(untracked.parameters().iter().all(|p| !p.value.track_op()));
             let gathered = fsdp.gathered(true, |f| pieces.map_parameters(f)).unwrap();
@@ -245,20 +285,28 @@ mod tests {
             .collect();
         let sharded = on_replicas(|r, member| {
             let stage = Stage::whole(config.n_layers);
-            let model = Llama::load_stage_fsdp(config, weights, tp.clone(), stage, member).unwrap();
+            let counting = Counting {
+                inner: weights,
+                values: AtomicUsize::new(0),
+            };
+            let model =
+                Llama::load_stage_fsdp(config, &counting, tp.clone(), stage, member).unwrap();
             (
                 model.forward(&tokens[r], &mut NoHooks).unwrap(),
                 model.weight_bytes(),
+                counting.values.into_inner(),
             )
         });
-        for (replica, (logits, bytes)) in sharded.iter().enumerate() {
+        for (replica, (logits, bytes, read)) in sharded.iter().enumerate() {
             assert_eq!(
                 max_abs_diff(logits, &whole[replica]),
                 0.0,
                 "replica {replica}"
             );
-            // Every parameter of the tiny model cuts evenly in two.
+            // Every parameter of the tiny model cuts evenly in two; a replica reads
+            // only its piece of each.
             assert_eq!(*bytes, model.weight_bytes() / 2);
+            assert_eq!(*read * 4, model.weight_bytes() / 2, "replica {replica}");
         }
     }
 }

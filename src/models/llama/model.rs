@@ -17,7 +17,7 @@ use super::rms_norm::RmsNorm;
 use crate::models::parallel::ParamMap;
 use crate::models::{ColumnParallelLinear, VocabParallelEmbedding};
 use crate::text::token_batch::check_tokens;
-use crate::weights::{HeldWeights, WeightSource};
+use crate::weights::{HeldWeights, PieceReads, WeightSource};
 use crate::{Error, HookLayer, HookPoint, Result};
 
 /// Which part of the model a shard holds: a contiguous run of blocks, plus the
@@ -107,63 +107,48 @@ impl Llama {
         mut fsdp: Option<Fsdp>,
     ) -> Result<Self> {
         let tp = collective.tp_rank();
+        // Under FSDP a replica reads only its piece of every slice, and holds at most
+        // one slice while it reads (a tied head shares the embedding's piece).
+        let reads = fsdp.as_ref().map(Fsdp::reads);
         let weights = &HeldWeights {
             source: weights,
             dtype: config.dtype,
+            pieces: reads.as_ref(),
         };
+        let fsdp = &mut fsdp;
         let (v, d) = (config.vocab_size, config.d_model);
         let vocab = tp.slice_of("vocab_size", v)?;
         let embed_name = "model.embed_tokens.weight";
-        // Under FSDP every layer is cut as soon as it is read, so that a rank holds at
-        // most one whole layer (and a tied head shares the embedding's piece).
-        let mut embed = match stage.first || (stage.last && config.tie_word_embeddings) {
-            true => Some(VocabParallelEmbedding::load(
-                weights,
-                embed_name,
-                [v, d],
-                vocab.clone(),
-            )?),
+        let embed = match stage.first || (stage.last && config.tie_word_embeddings) {
+            true => {
+                let e = VocabParallelEmbedding::load(weights, embed_name, [v, d], vocab.clone())?;
+                Some(adopted(fsdp, &reads, e.parameters(), e)?)
+            }
             false => None,
         };
-        if let (Some(fsdp), Some(e)) = (&mut fsdp, &embed) {
-            embed = Some(fsdp.cut(e.parameters(), |f| e.map_parameters(f))?);
-        }
-        let mut lm_head = match (stage.last, &embed) {
+        let lm_head = match (stage.last, &embed) {
             (false, _) => None,
             (true, Some(e)) if config.tie_word_embeddings => Some(
                 ColumnParallelLinear::from_weight("model.embed_tokens", e.weight(), vocab.clone())?,
             ),
-            (true, _) => Some(ColumnParallelLinear::load(
-                weights,
-                "lm_head",
-                [v, d],
-                vocab,
-                false,
-            )?),
+            (true, _) => {
+                let h = ColumnParallelLinear::load(weights, "lm_head", [v, d], vocab, false)?;
+                Some(adopted(fsdp, &reads, h.parameters(), h)?)
+            }
         };
-        if let (Some(fsdp), Some(h)) = (&mut fsdp, &lm_head) {
-            lm_head = Some(fsdp.cut(h.parameters(), |f| h.map_parameters(f))?);
-        }
         let mut blocks = Vec::with_capacity(stage.layers.len());
         for layer in stage.layers.clone() {
             let block = Block::load(weights, layer, config, tp)?;
-            blocks.push(match &mut fsdp {
-                Some(fsdp) => fsdp.cut(block.parameters(), |f| block.map_parameters(f))?,
-                None => block,
-            });
+            blocks.push(adopted(fsdp, &reads, block.parameters(), block)?);
         }
-        let mut final_norm = match stage.last {
-            true => Some(RmsNorm::load(
-                weights,
-                "model.norm.weight",
-                d,
-                config.rms_norm_eps,
-            )?),
+        let final_norm = match stage.last {
+            true => {
+                let n = RmsNorm::load(weights, "model.norm.weight", d, config.rms_norm_eps)?;
+                Some(adopted(fsdp, &reads, n.parameters(), n)?)
+            }
             false => None,
         };
-        if let (Some(fsdp), Some(n)) = (&mut fsdp, &final_norm) {
-            final_norm = Some(fsdp.cut(n.parameters(), |f| n.map_parameters(f))?);
-        }
+        let fsdp = fsdp.take();
         Ok(Self {
             config: config.clone(),
             embed: embed.filter(|_| stage.first),
@@ -351,5 +336,19 @@ impl Llama {
         }
         let logits = head.forward(&conjugate::copy_to_group(&normed, collective)?)?;
         hooks.hook(HookPoint::UnembedOut, logits)
+    }
+}
+
+/// `layer` as this shard holds it: under FSDP taken as its replica's pieces (read
+/// through `reads`), else as it is.
+fn adopted<M>(
+    fsdp: &mut Option<Fsdp>,
+    reads: &Option<PieceReads>,
+    parameters: Vec<ParamSlice>,
+    layer: M,
+) -> Result<M> {
+    match (fsdp, reads) {
+        (Some(fsdp), Some(reads)) => fsdp.adopt(layer, parameters, reads),
+        _ => Ok(layer),
     }
 }

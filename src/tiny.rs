@@ -43,6 +43,25 @@ pub fn tiny_config() -> LlamaConfig {
     }
 }
 
+/// The shapes of SmolLM2-135M (30 layers, d_model 576, 9 heads, 3 key/value heads,
+/// d_mlp 1536, a 49 152-token vocabulary, tied embeddings), for random models as big as
+/// the real one.
+pub fn smollm2_shaped_config() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 49_152,
+        d_model: 576,
+        n_layers: 30,
+        n_heads: 9,
+        n_kv_heads: 3,
+        d_head: 64,
+        d_mlp: 1536,
+        rope_theta: 100_000.0,
+        tie_word_embeddings: true,
+        max_position_embeddings: 8192,
+        ..tiny_config()
+    }
+}
+
 /// The tiny model with weights drawn from `seed`: the same seed gives the same model.
 pub fn tiny_checkpoint(seed: u64) -> Result<Checkpoint> {
     random_checkpoint(tiny_config(), seed)

@@ -12,7 +12,7 @@ use flexmodel::tiny::tiny_checkpoint;
 use flexmodel::{FlexModel, Layout};
 
 fn flexmodel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flexmodel"))
+    Command::new(common::flexmodel_binary())
         .args(args)
         .output()
         .unwrap()

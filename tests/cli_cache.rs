@@ -246,7 +246,7 @@ fn a_run_killed_at_any_point_and_resumed_writes_the_uninterrupted_dataset_bit_fo
     ];
     args.extend_from_slice(&extra);
     for (run, kill_after) in [1, shards / 3, 2 * shards / 3].into_iter().enumerate() {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flexmodel"))
+        let mut child = Command::new(common::flexmodel_binary())
             .args(&args)
             .env("FLEXMODEL_LOG", "warn")
             .stdout(Stdio::null())
@@ -406,7 +406,7 @@ fn a_full_disk_or_a_read_only_directory_fails_clearly_and_keeps_the_complete_sha
     std::fs::create_dir(&read_only).unwrap();
     let command = |dir: &Path| {
         let mut words = vec![
-            env!("CARGO_BIN_EXE_flexmodel").to_string(),
+            common::flexmodel_binary().display().to_string(),
             "cache".into(),
             "--model".into(),
             model.path().display().to_string(),

@@ -260,7 +260,7 @@ fn a_job_worker_keeps_serving_after_its_driver_is_killed() {
         ];
         args.map(str::to_string)
     };
-    let mut driver = Command::new(env!("CARGO_BIN_EXE_flexmodel"))
+    let mut driver = Command::new(common::flexmodel_binary())
         .args(bench("100000"))
         .env("FLEXMODEL_LOG", "warn")
         .stdout(std::process::Stdio::null())

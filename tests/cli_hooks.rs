@@ -8,7 +8,7 @@ use candle_core::Device;
 use common::{assert_matches_single, numpy_reference_with_edits, rel_error, smollm2_path};
 
 fn flexmodel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flexmodel"))
+    Command::new(common::flexmodel_binary())
         .args(args)
         .output()
         .unwrap()

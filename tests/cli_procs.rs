@@ -221,7 +221,7 @@ struct LongRun {
 
 impl LongRun {
     fn start(model: &str) -> Self {
-        let driver = Command::new(env!("CARGO_BIN_EXE_flexmodel"))
+        let driver = Command::new(common::flexmodel_binary())
             .args([
                 "bench", "--model", model, "--batch", "2", "--seq", "16", "--iters", "1000000",
             ])
@@ -380,7 +380,7 @@ fn memory_is_checked_by_the_process_that_holds_the_weights() {
         let mut args = vec!["capture", "--model", model, "--prompt", "Hi", "--hook"];
         args.extend(["hook_embed", "--out", path.to_str().unwrap(), "--tp", "2"]);
         args.extend(extra);
-        Command::new(env!("CARGO_BIN_EXE_flexmodel"))
+        Command::new(common::flexmodel_binary())
             .args(&args)
             .env("FLEXMODEL_LOG", "warn")
             // 100 kB for every process: less than any rank's share of the tiny model.

@@ -89,7 +89,7 @@ fn spans_of(requests: &[ExportTraceServiceRequest]) -> (Vec<ReceivedSpan>, Vec<S
 fn capture_with_export(dir: &Path, endpoint: &str, protocol: &str, extra: &[&str]) {
     let model = dir.join("tiny");
     tiny_checkpoint(3).unwrap().save_hf_dir(&model).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_flexmodel"))
+    let out = Command::new(common::flexmodel_binary())
         .args([
             "capture",
             "--model",

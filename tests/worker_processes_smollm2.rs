@@ -21,7 +21,7 @@ fn smollm2_in_twelve_worker_processes_matches_the_single_shard() {
     let (checkpoint, _) = smollm2();
     let single = smollm2_passes(&mut FlexModel::build(checkpoint, Layout::SINGLE).unwrap());
     let processes = Placement::Processes(Processes {
-        program: Some(env!("CARGO_BIN_EXE_flexmodel").into()),
+        program: Some(common::flexmodel_binary()),
         threads: Some(1),
         token_file: None,
     });

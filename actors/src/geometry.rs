@@ -74,6 +74,7 @@ impl PointGeometry {
     /// not send), tensor-parallel pieces joined along the split dimension, replicas
     /// joined along the batch.
     pub fn assemble(&self, pieces: &[Vec<Option<Tensor>>]) -> Result<Tensor> {
+        let pieces = &on_one_device(pieces)?;
         let replicas = pieces
             .iter()
             .map(|row| {
@@ -96,7 +97,7 @@ impl PointGeometry {
         let Some((_, ranges)) = &self.split else {
             return self.assemble(pieces);
         };
-        let summed = pieces
+        let summed = on_one_device(pieces)?
             .iter()
             .map(|row| {
                 let mut out: Vec<Option<Tensor>> = vec![None; row.len()];
@@ -123,6 +124,29 @@ impl PointGeometry {
         };
         Ok(mine.contiguous()?)
     }
+}
+
+/// `pieces` on the device of the first: ranks of one process may compute on different
+/// GPUs.
+fn on_one_device(pieces: &[Vec<Option<Tensor>>]) -> Result<Vec<Vec<Option<Tensor>>>> {
+    let Some(device) = pieces
+        .iter()
+        .flatten()
+        .flatten()
+        .next()
+        .map(|t| t.device().clone())
+    else {
+        return Ok(pieces.to_vec());
+    };
+    pieces
+        .iter()
+        .map(|row| {
+            row.iter()
+                .map(|p| p.as_ref().map(|t| t.to_device(&device)).transpose())
+                .collect::<candle_core::Result<Vec<_>>>()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map_err(Into::into)
 }
 
 #[cfg(test)]

@@ -293,7 +293,7 @@ impl ShardActor {
                 // The driver computes its loss on the gathered output and sends back the
                 // gradient of this rank's slice.
                 link.send(Tap::Output, 0, &out.detach())?;
-                let grad = link.wait(Tap::Output, 0)?;
+                let grad = link.wait(Tap::Output, 0)?.to_device(out.device())?;
                 ((&out * grad)?.sum_all()?, None)
             }
             (true, false) => {
@@ -305,7 +305,7 @@ impl ShardActor {
             }
             (false, _) => {
                 args.pipeline.send(&out.detach(), stage + 1)?;
-                let grad = args.pipeline.recv(stage + 1)?;
+                let grad = args.pipeline.recv(stage + 1)?.to_device(out.device())?;
                 ((&out * grad)?.sum_all()?, None)
             }
         };
@@ -393,7 +393,11 @@ impl HookClient<'_> {
     /// of the pre-edit piece.
     fn edited(&self, value: &Tensor, point: PointId, call: usize) -> Result<Tensor, BoxError> {
         self.at.announce();
-        let edited = self.link.wait(Tap::Value(point), call)?;
+        // Edits run where the coordinator is: the edited piece comes back to this device.
+        let edited = self
+            .link
+            .wait(Tap::Value(point), call)?
+            .to_device(value.device())?;
         let Some(sends) = self.sends_gradients.map(|sends| sends[point]) else {
             return Ok(edited);
         };
@@ -405,7 +409,8 @@ impl HookClient<'_> {
                 link.send(edit_grad, call, grad).map_err(|e| at.fail(e))?;
             }
             at.announce();
-            link.wait(edit_grad, call).map_err(|e| at.fail(e))
+            let edited = link.wait(edit_grad, call).map_err(|e| at.fail(e))?;
+            edited.to_device(grad.device())
         };
         Ok(conjugate::substitute(value, &edited, through_edit)?)
     }
@@ -478,7 +483,8 @@ impl ShardHooks for HookClient<'_> {
             match tap {
                 PointMode::Edit => {
                     at.announce();
-                    link.wait(grad_point, call).map_err(|e| at.fail(e))
+                    let edited = link.wait(grad_point, call).map_err(|e| at.fail(e))?;
+                    edited.to_device(grad.device())
                 }
                 _ => Ok(grad.clone()),
             }

@@ -7,7 +7,8 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Storage, Tensor};
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 use crate::{Collective, Result};
 
@@ -64,15 +65,16 @@ pub fn gather_pieces(
     if collective.tp_rank().size() == 1 {
         return Ok(piece.clone());
     }
+    let whole = gather_checked(&piece.detach(), dim, len, collective.as_ref())?;
     if !piece.track_op() {
-        return gather_checked(piece, dim, len, collective.as_ref());
+        return Ok(whole);
     }
-    let op = GatherPieces {
-        dim,
-        len,
-        collective: collective.clone(),
-    };
-    Ok(piece.apply_op1(op)?)
+    let collective = collective.clone();
+    substitute(piece, &whole, move |grad| {
+        collective
+            .reduce_scatter_sum(&grad.contiguous()?, dim)
+            .map_err(candle_core::Error::wrap)
+    })
 }
 
 /// The most bytes of its piece a member sends in one all-gather of [`gather_pieces`]:
@@ -141,19 +143,17 @@ pub fn on_backward(
     Ok(x.apply_op1(OnBackward(Box::new(f)))?)
 }
 
-/// A contiguous copy of the elements `layout` selects from `storage` (CPU).
-fn copy_of(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("collective autograd ops need contiguous tensors")
-    };
-    let copy = match storage {
-        CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
-        CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
-        CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
-        CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
-        _ => candle_core::bail!("collective autograd ops need f32, f64, f16 or bf16 tensors"),
-    };
-    Ok((copy, layout.shape().clone()))
+/// A contiguous copy of the elements `layout` selects from `storage`, on its device.
+fn copy_of<S>(storage: &S, layout: &Layout) -> candle_core::Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    let shape = layout.shape();
+    // SAFETY: every element of the new storage is written by the copy that follows.
+    let mut copy = unsafe { storage.device().alloc_uninit(shape, storage.dtype())? };
+    storage.copy_strided_src(&mut copy, 0, layout)?;
+    Ok((copy, shape.clone()))
 }
 
 /// Forward: the value of the second argument; backward: the gradient, through a
@@ -175,6 +175,16 @@ impl CustomOp2 for Substitute {
         copy_of(s2, l2)
     }
 
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        copy_of(s2, l2)
+    }
+
     fn bwd(
         &self,
         _: &Tensor,
@@ -183,50 +193,6 @@ impl CustomOp2 for Substitute {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some((self.0)(grad)?), None))
-    }
-}
-
-/// Forward: every member's piece along `dim` joined; backward: the summed gradient of
-/// the member's own rows.
-struct GatherPieces {
-    dim: usize,
-    len: usize,
-    collective: Arc<dyn Collective>,
-}
-
-impl CustomOp1 for GatherPieces {
-    fn name(&self) -> &'static str {
-        "gather-pieces"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (copy, shape) = copy_of(storage, layout)?;
-        let piece = match copy {
-            CpuStorage::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
-            CpuStorage::F64(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
-            CpuStorage::F16(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
-            CpuStorage::BF16(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
-            _ => candle_core::bail!("collective autograd ops need f32, f64, f16 or bf16 tensors"),
-        };
-        let whole = gather_checked(&piece, self.dim, self.len, self.collective.as_ref())
-            .map_err(candle_core::Error::wrap)?;
-        let (storage, layout) = whole.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(cpu) => copy_of(cpu, layout),
-            _ => candle_core::bail!("a gathered tensor off the CPU"),
-        }
-    }
-
-    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let own = self
-            .collective
-            .reduce_scatter_sum(&grad.contiguous()?, self.dim)
-            .map_err(candle_core::Error::wrap)?;
-        Ok(Some(own))
     }
 }
 
@@ -243,6 +209,14 @@ impl CustomOp1 for OnBackward {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy_of(storage, layout)
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
         copy_of(storage, layout)
     }
 

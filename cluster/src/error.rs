@@ -30,6 +30,18 @@ pub enum Error {
     /// A `--model-dtype` that is not one of those the weights can be held in.
     #[error("unknown model dtype {0:?} (known: f32, bf16, f16)")]
     UnknownModelDtype(String),
+    /// A `--device` that names no device.
+    #[error("unknown device {0:?} (known: cpu, cuda, cuda:N)")]
+    UnknownDevice(String),
+    /// A GPU asked of a build without CUDA.
+    #[error(
+        "this build of flexmodel is built without the `cuda` feature and computes on the \
+         CPU only; build it with scripts/build-cuda (or `cargo build --features cuda`) for GPUs"
+    )]
+    CudaNotBuilt,
+    /// The CUDA driver failed or has no such GPU.
+    #[error("CUDA: {0}")]
+    Cuda(String),
     /// A layout with more ranks than [`Layout::MAX_RANKS`](crate::Layout::MAX_RANKS).
     #[error("bad layout: dp={dp} pp={pp} tp={tp} is more than {max} ranks")]
     TooManyRanks {

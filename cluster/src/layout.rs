@@ -7,7 +7,7 @@ use std::str::FromStr;
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::{DeviceSpec, Error, Result};
 
 /// The dtype a model's weights are held in (`--model-dtype`). Every rank holds its
 /// weights in it; what dtype the products are computed in is the model's choice per
@@ -96,6 +96,7 @@ pub struct Layout {
     tp: usize,
     fsdp: bool,
     model_dtype: ModelDtype,
+    device: DeviceSpec,
 }
 
 /// A layout as messages and records carry it, checked as [`Layout::new`] checks it.
@@ -109,6 +110,9 @@ struct LayoutRecord {
     /// Left out for f32, so that records of f32 layouts read as they always did.
     #[serde(default, skip_serializing_if = "ModelDtype::is_f32")]
     model_dtype: ModelDtype,
+    /// Left out for the CPU, likewise.
+    #[serde(default, skip_serializing_if = "DeviceSpec::is_cpu")]
+    device: DeviceSpec,
 }
 
 impl TryFrom<LayoutRecord> for Layout {
@@ -117,7 +121,8 @@ impl TryFrom<LayoutRecord> for Layout {
     fn try_from(r: LayoutRecord) -> Result<Self> {
         Ok(Layout::new(r.dp, r.pp, r.tp)?
             .with_fsdp(r.fsdp)?
-            .with_model_dtype(r.model_dtype))
+            .with_model_dtype(r.model_dtype)
+            .with_device(r.device))
     }
 }
 
@@ -129,6 +134,7 @@ impl From<Layout> for LayoutRecord {
             tp: l.tp,
             fsdp: l.fsdp,
             model_dtype: l.model_dtype,
+            device: l.device,
         }
     }
 }
@@ -141,6 +147,7 @@ impl Layout {
         tp: 1,
         fsdp: false,
         model_dtype: ModelDtype::F32,
+        device: DeviceSpec::Cpu,
     };
 
     /// The most ranks a layout may have: far more than any model here can use, and few
@@ -170,6 +177,7 @@ impl Layout {
             tp,
             fsdp: false,
             model_dtype: ModelDtype::F32,
+            device: DeviceSpec::Cpu,
         })
     }
 
@@ -189,6 +197,16 @@ impl Layout {
             model_dtype,
             ..self
         }
+    }
+
+    /// This layout with its ranks computing on `device`.
+    pub fn with_device(self, device: DeviceSpec) -> Self {
+        Self { device, ..self }
+    }
+
+    /// Where the ranks compute.
+    pub fn device(&self) -> DeviceSpec {
+        self.device
     }
 
     /// The dtype the ranks hold the weights in.
@@ -271,9 +289,12 @@ impl fmt::Display for Layout {
         if self.fsdp {
             write!(f, " fsdp")?;
         }
-        match self.model_dtype {
-            ModelDtype::F32 => Ok(()),
-            other => write!(f, " {other}"),
+        if !self.model_dtype.is_f32() {
+            write!(f, " {}", self.model_dtype)?;
+        }
+        match self.device {
+            DeviceSpec::Cpu => Ok(()),
+            device => write!(f, " {device}"),
         }
     }
 }
@@ -400,6 +421,28 @@ mod tests {
         assert_eq!(ModelDtype::Bf16.size(), 2);
         let err = "fp8".parse::<ModelDtype>().unwrap_err().to_string();
         assert_eq!(err, "unknown model dtype \"fp8\" (known: f32, bf16, f16)");
+    }
+
+    #[test]
+    fn the_device_travels_with_the_layout_and_is_left_out_for_the_cpu() {
+        let layout = Layout::new(2, 1, 1)
+            .unwrap()
+            .with_device(DeviceSpec::Cuda(None));
+        assert_eq!(layout.to_string(), "tp=1 pp=1 dp=2 cuda");
+        let json = serde_json::to_string(&layout).unwrap();
+        assert_eq!(
+            json,
+            r#"{"dp":2,"pp":1,"tp":1,"fsdp":false,"device":"cuda"}"#
+        );
+        assert_eq!(serde_json::from_str::<Layout>(&json).unwrap(), layout);
+        let cpu = layout.with_device(DeviceSpec::Cpu);
+        assert!(!serde_json::to_string(&cpu).unwrap().contains("device"));
+        let bad = serde_json::from_str::<Layout>(r#"{"dp":1,"pp":1,"tp":1,"device":"gpu"}"#);
+        assert!(
+            bad.unwrap_err()
+                .to_string()
+                .contains("unknown device \"gpu\"")
+        );
     }
 
     #[test]

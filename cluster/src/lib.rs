@@ -7,7 +7,9 @@
 
 mod collective;
 pub mod conjugate;
+mod device;
 mod error;
+pub mod host_copy;
 mod layout;
 pub mod membership;
 mod param_slice;
@@ -15,10 +17,13 @@ mod shard_spec;
 mod tp_rank;
 pub mod transport;
 
+#[cfg(feature = "nccl")]
+pub use collective::NcclCollective;
 pub use collective::{
     Collective, InProcessCollective, PassControl, PointToPoint, Regroupable, SingleRank,
     TcpCollective,
 };
+pub use device::{CUDA_BUILT, DeviceSpec, gpu_count};
 pub use error::{Error, Result};
 pub use layout::{Layout, ModelDtype, RankCoords, split_evenly};
 pub use param_slice::ParamSlice;

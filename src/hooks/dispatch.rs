@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use candle_core::Tensor;
+use flexmodel_cluster::host_copy::to_host;
 
 use flexmodel_actors::{BoxError, HookSink, PointMode, Tap, Window};
 
@@ -96,7 +97,9 @@ impl<'a> PassHooks<'a> {
             .loss_fn
             .as_mut()
             .ok_or(Error::Internal("the runtime asked for a loss nobody gave"))?;
-        let logits = candle_core::Var::from_tensor(logits)?.as_tensor().clone();
+        // A loss of the user's is computed on the host, where its other tensors are.
+        let logits = to_host(logits)?;
+        let logits = candle_core::Var::from_tensor(&logits)?.as_tensor().clone();
         let loss = loss_fn(&logits)?;
         if loss.elem_count() != 1 {
             return Err(Error::LossNotScalar {
@@ -177,9 +180,11 @@ impl<'a> PassHooks<'a> {
                 hook.bytes = bytes,
             )
             .entered();
+            // The store keeps captures on the host, whatever device computed them.
+            let host = to_host(&value.detach())?;
             let captured = match &self.padding {
-                Some(padding) => zero_padding(&value.detach(), padding, point.position_dim())?,
-                None => value.detach(),
+                Some(padding) => zero_padding(&host, padding, point.position_dim())?,
+                None => host,
             };
             self.captures.push(key.clone(), captured);
         }

@@ -43,11 +43,15 @@ pub fn scale(
     move |_, x| Ok((x * factor)?)
 }
 
-/// An edit that adds `delta`, broadcast to the value's shape.
+/// An edit that adds `delta`, broadcast to the value's shape (copied to the value's
+/// device on first use).
 pub fn add(
-    delta: Tensor,
+    mut delta: Tensor,
 ) -> impl FnMut(&mut HookCtx<'_>, Tensor) -> Result<Tensor> + Send + 'static {
     move |ctx, x| {
+        if !delta.device().same_device(x.device()) {
+            delta = delta.to_device(x.device())?;
+        }
         let delta = delta.to_dtype(x.dtype())?;
         x.broadcast_add(&delta)
             .map_err(|_| Error::DoesNotBroadcast {

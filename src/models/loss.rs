@@ -89,7 +89,13 @@ pub fn vocab_parallel_loss(
     let (b, t, local_vocab) = logits.dims3()?;
     check_predicts_a_token(t)?;
     let n = b * (t - 1);
+    // At least in f32 whatever the logits' dtype, as Hugging Face computes its loss.
+    let dtype = match logits.dtype() {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    };
     let predictions = logits.narrow(1, 0, t - 1)?.reshape((n, local_vocab))?;
+    let predictions = predictions.to_dtype(dtype)?;
     let targets = tokens.narrow(1, 1, t - 1)?.reshape(n)?.to_vec1::<u32>()?;
     // The largest logit of each row over every rank (a constant: log-sum-exp is invariant).
     let local_max = predictions.detach().max_keepdim(D::Minus1)?;
@@ -104,12 +110,16 @@ pub fn vocab_parallel_loss(
     // Each target logit comes from the rank that holds its row; the others add zero.
     let (index, mine) = rows_in_slice(&targets, &vocab, logits.device())?;
     let index = index.reshape((n, 1))?;
-    let mine = mine.to_dtype(logits.dtype())?;
+    let mine = mine.to_dtype(dtype)?;
     let target_logit = (predictions.gather(&index, 1)? * mine)?;
     let target_logit = conjugate::all_reduce_sum(&target_logit, collective)?;
     let losses = (log_sum_exp - target_logit)?;
     let losses = match mask {
-        Some(mask) => losses.broadcast_mul(&real_pairs(mask)?.reshape((n, 1))?)?,
+        Some(mask) => {
+            let real = real_pairs(mask)?.reshape((n, 1))?;
+            let real = real.to_device(losses.device())?.to_dtype(dtype)?;
+            losses.broadcast_mul(&real)?
+        }
         None => losses,
     };
     Ok((losses.sum_all()? / normalizer)?)

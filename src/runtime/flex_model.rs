@@ -9,13 +9,14 @@ use flexmodel_actors::{
     Fault, KvCache, Logits, PassEnd, PassScope, PointGeometry, ShardModel, ShardRuntime,
     ShardSetup, Window,
 };
+use flexmodel_cluster::host_copy::to_host;
 use flexmodel_cluster::{Layout, PassControl, SingleRank};
 
 use crate::hooks::HookCatalog;
 use crate::hooks::catalog::scope_limits;
 use crate::hooks::dispatch::{LossFn, PassHooks};
 use crate::hooks::registry::{Groups, HookRegistry};
-use crate::models::{Llama, LlamaConfig};
+use crate::models::{Llama, LlamaConfig, Stage};
 use crate::runtime::launch::Placement;
 use crate::runtime::parameters::{self, RankSlices};
 use crate::runtime::sharding::{
@@ -124,6 +125,16 @@ impl FlexModel {
                 let (geometry, output) = geometry_of(&config, layout)?;
                 Some(ShardRuntime::launch(layout, &launch, geometry, output)?)
             }
+            Placement::Cluster(_) if !layout.device().is_cpu() => {
+                return Err(Error::InvalidArgument {
+                    argument: "device",
+                    problem: format!(
+                        "{} with a job's workers: each computes on the device it was \
+                         started with (`flexmodel worker --device cpu|cuda:N`)",
+                        layout.device()
+                    ),
+                });
+            }
             Placement::Cluster(cluster) => {
                 let origin = checkpoint.weights.origin();
                 let launch = cluster.launch(origin, checkpoint.weights.fingerprint()?)?;
@@ -147,7 +158,10 @@ impl FlexModel {
             return Ok(Self::with_backend(config, layout, backend));
         }
         if layout.world_size() == 1 {
-            let model = Llama::load(&config, checkpoint.weights.as_ref(), Arc::new(SingleRank))?;
+            let whole = Stage::whole(config.n_layers);
+            let device = &layout.device().device(0)?;
+            let (weights, one) = (checkpoint.weights.as_ref(), Arc::new(SingleRank));
+            let model = Llama::load_stage(&config, weights, one, whole, device)?;
             let backend = Backend::Single {
                 model,
                 cache: KvCache::default(),
@@ -352,9 +366,10 @@ impl FlexModel {
                 problem: format!("{n} is beyond the model's {n_layers} layers"),
             });
         }
+        // What the driver gets back is on the host, whatever device computed it.
         let returned = |out: Tensor| match (scope.stop_at_layer, scope.logits) {
-            (None, Logits::None) => None,
-            _ => Some(out),
+            (None, Logits::None) => Ok(None),
+            _ => to_host(&out).map(Some),
         };
         if let Backend::Single { model, cache, .. } = &mut self.backend
             && self.registry.is_empty()
@@ -362,7 +377,7 @@ impl FlexModel {
             // A forward pass keeps no autograd graph: backward passes run in the runtime.
             let out = single_shard_span()
                 .in_scope(|| model.forward_stage(tokens, window, cache, &mut NoHooks, false))?;
-            return Ok((returned(out), ActivationStore::default()));
+            return Ok((returned(out)?, ActivationStore::default()));
         }
         let plan = self.registry.plan(groups)?;
         let plan = match scope_limits(scope, n_layers) {
@@ -376,7 +391,7 @@ impl FlexModel {
         let out = match &mut self.backend {
             Backend::Single { model, cache, .. } => single_shard_span()
                 .in_scope(|| model.forward_stage(tokens, window, cache, &mut hooks, false))
-                .map(returned)?,
+                .map(returned)??,
             Backend::Sharded { runtime, .. } => {
                 let modes = hooks.modes();
                 let resid = match scope.stop_at_layer {
@@ -395,7 +410,8 @@ impl FlexModel {
                     (None, Logits::None) => PassEnd::Silent,
                     (None, _) => PassEnd::Whole,
                 };
-                runtime.run_pass_to(tokens, window, &modes, &mut hooks, end)?
+                let out = runtime.run_pass_to(tokens, window, &modes, &mut hooks, end)?;
+                out.as_ref().map(to_host).transpose()?
             }
         };
         Ok((out, hooks.captures))
@@ -503,6 +519,7 @@ impl FlexModel {
         let logits = out
             .output
             .ok_or(Error::Internal("a backward pass gathered no logits"))?;
+        let logits = to_host(&logits)?;
         Ok((logits, loss))
     }
 

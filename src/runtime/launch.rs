@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use candle_core::Device;
 use flexmodel_actors::{Assignment, BoxError, JobLaunch, LoadedShard, ShardLoader, WorkerLaunch};
 use flexmodel_cluster::membership::ClusterUrl;
 use flexmodel_cluster::transport::Token;
@@ -138,13 +139,15 @@ fn worker_program() -> PathBuf {
 }
 
 /// Loads a worker's shard of a LLaMA-family model: opens the model the assignment
-/// names on this machine's disk and reads only the tensors of its rank, one at a time.
+/// names on this machine's disk and reads only the tensors of its rank, one at a time,
+/// onto the worker's device.
 pub struct LlamaLoader;
 
 impl ShardLoader for LlamaLoader {
     fn load(
         &self,
         assignment: &Assignment,
+        device: &Device,
         tp: Arc<dyn Collective>,
         replicas: Option<Arc<dyn Collective>>,
     ) -> std::result::Result<LoadedShard, BoxError> {
@@ -155,12 +158,16 @@ impl ShardLoader for LlamaLoader {
             ..checkpoint.config.clone()
         };
         check_layout(config, &layout)?;
-        check_rank_fits_in_memory(config, &layout, assignment.rank)?;
+        // Weights on a GPU take none of this machine's memory (a job's worker computes
+        // on its own device, whatever the layout says).
+        if device.is_cpu() {
+            check_rank_fits_in_memory(config, &layout, assignment.rank)?;
+        }
         let stage = stage_of(config, &layout, layout.coords(assignment.rank).pp);
         let weights = checkpoint.weights.as_ref();
         let model = match replicas {
-            Some(replicas) => Llama::load_stage_fsdp(config, weights, tp, stage, replicas)?,
-            None => Llama::load_stage(config, weights, tp, stage)?,
+            Some(replicas) => Llama::load_stage_fsdp(config, weights, tp, stage, device, replicas)?,
+            None => Llama::load_stage(config, weights, tp, stage, device)?,
         };
         Ok(LoadedShard {
             model: Arc::new(LlamaShard::new(model)),

@@ -185,7 +185,7 @@ pub fn check_fits_in_memory(config: &LlamaConfig, layout: &Layout, whole_copy: b
         return Ok(());
     };
     let held: u64 = (0..layout.world_size())
-        .map(|rank| rank_weight_bytes(config, layout, rank))
+        .map(|rank| host_weight_bytes(config, layout, rank))
         .sum();
     let transient = match whole_copy {
         true => config.parameter_count() * 4 + loading_bytes(config, layout),
@@ -208,7 +208,7 @@ pub fn check_rank_fits_in_memory(config: &LlamaConfig, layout: &Layout, rank: us
     let Some(available_bytes) = available_memory() else {
         return Ok(());
     };
-    let needed_bytes = rank_weight_bytes(config, layout, rank) + loading_bytes(config, layout);
+    let needed_bytes = host_weight_bytes(config, layout, rank) + loading_bytes(config, layout);
     if needed_bytes > available_bytes {
         return Err(Error::BadLayout(LayoutProblem::RankDoesNotFit {
             rank,
@@ -217,6 +217,15 @@ pub fn check_rank_fits_in_memory(config: &LlamaConfig, layout: &Layout, rank: us
         }));
     }
     Ok(())
+}
+
+/// The bytes of weights rank `rank` holds in this machine's memory: none when it holds
+/// them on a GPU.
+fn host_weight_bytes(config: &LlamaConfig, layout: &Layout, rank: usize) -> u64 {
+    match layout.device().is_cpu() {
+        true => rank_weight_bytes(config, layout, rank),
+        false => 0,
+    }
 }
 
 /// The variable that, set to a number of bytes, replaces `MemAvailable` in the memory
@@ -385,8 +394,9 @@ impl ShardModel for LlamaShard {
     }
 }
 
-/// Every rank's shard of the model, in rank order, with tensor-parallel collectives (and
-/// under FSDP the replicas' collectives) that share `control`.
+/// Every rank's shard of the model, in rank order, each on its device of `layout`, with
+/// tensor-parallel collectives (and under FSDP the replicas' collectives) that share
+/// `control`.
 pub fn build_shards(
     config: &LlamaConfig,
     weights: &dyn WeightSource,
@@ -405,9 +415,12 @@ pub fn build_shards(
         .enumerate()
         .map(|(rank, tp)| {
             let stage = stage_of(config, layout, layout.coords(rank).pp);
+            let device = &layout.device().device(rank)?;
             let model = match dp_groups.next() {
-                Some(replicas) => Llama::load_stage_fsdp(config, weights, tp, stage, replicas)?,
-                None => Llama::load_stage(config, weights, tp, stage)?,
+                Some(replicas) => {
+                    Llama::load_stage_fsdp(config, weights, tp, stage, device, replicas)?
+                }
+                None => Llama::load_stage(config, weights, tp, stage, device)?,
             };
             Ok(Arc::new(LlamaShard {
                 model,

@@ -16,7 +16,7 @@ mod tensor_map;
 use std::ops::Range;
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 pub use checkpoint::Checkpoint;
 pub use gguf::GgufFile;
@@ -81,24 +81,28 @@ pub trait WeightSource: Send + Sync {
     }
 }
 
-/// Weights as a rank holds them: read from `source`, a slice at a time, in `dtype`;
-/// with `pieces`, only a replica's piece of each slice (FSDP).
+/// Weights as a rank holds them: read from `source`, a slice at a time, in `dtype`, onto
+/// `device`; with `pieces`, only a replica's piece of each slice (FSDP).
 #[derive(Clone, Copy)]
 pub struct HeldWeights<'a> {
     /// Where the tensors come from.
     pub source: &'a dyn WeightSource,
     /// The dtype they are held in.
     pub dtype: DType,
+    /// The device they are held on: each slice is read on the host and copied there
+    /// before the next is read.
+    pub device: &'a Device,
     /// Under FSDP, the replica whose piece of each slice is read, and what was read.
     pub pieces: Option<&'a PieceReads>,
 }
 
 impl<'a> HeldWeights<'a> {
-    /// The tensors of `source` held in f32, whole slices.
+    /// The tensors of `source` held in f32 on the CPU, whole slices.
     pub fn f32(source: &'a dyn WeightSource) -> Self {
         Self {
             source,
             dtype: DType::F32,
+            device: &Device::Cpu,
             pieces: None,
         }
     }
@@ -112,14 +116,16 @@ impl<'a> HeldWeights<'a> {
         shape: &[usize],
         slice: Option<(usize, Range<usize>)>,
     ) -> Result<Tensor> {
-        let Some(pieces) = self.pieces else {
-            return self.source.tensor_slice(name, shape, slice, self.dtype);
+        let slice = match self.pieces {
+            None => slice,
+            Some(pieces) => {
+                let (dim, range) = slice.unwrap_or((0, 0..shape.first().copied().unwrap_or(1)));
+                let piece = pieces.read(name, dim, range.len());
+                Some((dim, range.start + piece.start..range.start + piece.end))
+            }
         };
-        let (dim, range) = slice.unwrap_or((0, 0..shape.first().copied().unwrap_or(1)));
-        let piece = pieces.read(name, dim, range.len());
-        let range = range.start + piece.start..range.start + piece.end;
-        self.source
-            .tensor_slice(name, shape, Some((dim, range)), self.dtype)
+        let host = self.source.tensor_slice(name, shape, slice, self.dtype)?;
+        Ok(host.to_device(self.device)?)
     }
 }
 

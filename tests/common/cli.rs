@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 
 /// `flexmodel ARGS`, with warnings only in its log.
 pub fn flexmodel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flexmodel"))
+    Command::new(crate::common::flexmodel_binary())
         .args(args)
         .env("FLEXMODEL_LOG", "warn")
         .output()

@@ -214,7 +214,7 @@ impl JobWorker {
 
     /// The command that starts a worker as [`JobWorker::start`] does, to change first.
     pub fn command(url: &ClusterUrl, token: Option<&Path>, listen: &str) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_flexmodel"));
+        let mut command = Command::new(crate::common::flexmodel_binary());
         command
             .args([
                 "worker",

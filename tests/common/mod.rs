@@ -385,3 +385,11 @@ pub fn assert_matches_single(
     eprintln!("{label}: worst relative error {worst:.2e}");
     worst
 }
+
+/// The `flexmodel` binary the tests run: `FLEXMODEL_BIN` when set (to run the CPU tests
+/// with the CUDA build, say), else the one Cargo built.
+pub fn flexmodel_binary() -> PathBuf {
+    std::env::var_os("FLEXMODEL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_flexmodel").into())
+}

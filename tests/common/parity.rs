@@ -107,7 +107,7 @@ pub fn everything(
 /// One worker process per rank, of this build's `flexmodel`, one compute thread each.
 pub fn worker_processes() -> Placement {
     Placement::Processes(Processes {
-        program: Some(env!("CARGO_BIN_EXE_flexmodel").into()),
+        program: Some(crate::common::flexmodel_binary()),
         threads: Some(1),
         token_file: None,
     })

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, bounded};
+use flexmodel_cluster::DeviceSpec;
 use flexmodel_cluster::membership::{
     ClusterUrl, EtcdJob, LoadedSlice, MemberRecord, MemberState, Registration,
 };
@@ -38,7 +39,7 @@ pub fn leave_every_job() {
 /// Registers in the job at `url` and serves its drivers until the process is stopped.
 pub(super) fn serve_job(
     url: &ClusterUrl,
-    device: &str,
+    device: DeviceSpec,
     runtime: &tokio::runtime::Handle,
     loader: &dyn ShardLoader,
     options: &WorkerOptions,
@@ -92,6 +93,7 @@ pub(super) fn serve_job(
             address: address.clone(),
             rank: None,
             member: Some(&member),
+            device: Some(device),
         };
         let done = AtomicBool::new(false);
         let watched = driver.clone();

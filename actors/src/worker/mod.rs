@@ -28,9 +28,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flexmodel_cluster::Collective;
+use candle_core::Device;
 use flexmodel_cluster::membership::ClusterUrl;
 use flexmodel_cluster::transport::{Hello, Hub, Token};
+use flexmodel_cluster::{Collective, DeviceSpec};
 
 pub use job::leave_every_job;
 use session::{Session, Slot};
@@ -56,12 +57,13 @@ pub struct LoadedShard {
 
 /// Builds a worker's shard once the driver assigned it a rank.
 pub trait ShardLoader {
-    /// The shard of `assignment` (its rank of its layout), computing with `tp`, its
-    /// tensor-parallel group, and under FSDP with `replicas`, the group of the replicas
-    /// holding the other pieces of its parameters.
+    /// The shard of `assignment` (its rank of its layout) on `device`, computing with
+    /// `tp`, its tensor-parallel group, and under FSDP with `replicas`, the group of the
+    /// replicas holding the other pieces of its parameters.
     fn load(
         &self,
         assignment: &Assignment,
+        device: &Device,
         tp: Arc<dyn Collective>,
         replicas: Option<Arc<dyn Collective>>,
     ) -> std::result::Result<LoadedShard, BoxError>;
@@ -81,8 +83,9 @@ pub enum Join {
     Job {
         /// The job.
         url: ClusterUrl,
-        /// The device this worker computes on, as its record names it.
-        device: String,
+        /// The device this worker computes on, whatever the layout of its drivers says
+        /// (`Cuda(None)`: GPU `rank mod count` for each rank it serves).
+        device: DeviceSpec,
     },
 }
 
@@ -130,11 +133,14 @@ pub fn serve(options: &WorkerOptions, loader: &dyn ShardLoader) -> Result<()> {
                 address: hub.local_addr().to_string(),
                 rank: Some(*rank),
                 member: None,
+                device: None,
             };
             let mut slot = Slot::default();
             session.serve(Arc::new(connection), &mut slot)
         }
-        Join::Job { url, device } => job::serve_job(url, device, runtime.handle(), loader, options),
+        Join::Job { url, device } => {
+            job::serve_job(url, *device, runtime.handle(), loader, options)
+        }
     }
 }
 

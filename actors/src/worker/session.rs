@@ -9,7 +9,7 @@ use crossbeam_channel::{Receiver, Sender, unbounded};
 use flexmodel_cluster::membership::{LoadedSlice, MemberState};
 use flexmodel_cluster::transport::{Connection, Frame, FrameKind, Hub};
 use flexmodel_cluster::{
-    Collective, Layout, PassControl, Regroupable, SingleRank, TcpCollective, TpRank,
+    Collective, DeviceSpec, Layout, PassControl, Regroupable, SingleRank, TcpCollective, TpRank,
 };
 use kameo::actor::{ActorRef, Spawn};
 use tokio::runtime::Handle;
@@ -81,6 +81,9 @@ pub(super) struct Session<'a> {
     pub(super) rank: Option<usize>,
     /// The job this worker is a member of, if it joined one.
     pub(super) member: Option<&'a dyn JobMember>,
+    /// The device it computes on, for a job's worker; a worker its driver started
+    /// computes where the assignment's layout says.
+    pub(super) device: Option<DeviceSpec>,
 }
 
 /// What ended an assignment.
@@ -240,6 +243,9 @@ impl Session<'_> {
             })
             .collect::<Result<Vec<SocketAddr>>>()?;
         let me = layout.coords(rank);
+        let failed = |reason: String| Error::WorkerStart { rank, reason };
+        let spec = self.device.unwrap_or(layout.device());
+        let device = spec.device(rank).map_err(|e| failed(e.to_string()))?;
         let deadline = Instant::now() + JOIN_TIMEOUT;
         // One TCP group per axis and assignment, named after them; `members` are
         // ranks in group order.
@@ -264,13 +270,30 @@ impl Session<'_> {
             )?;
             Ok(Arc::new(group))
         };
-        let tp_group = join(format!("tp.dp{}.pp{}", me.dp, me.pp), layout.tp_group(rank))?;
+        // Tensor-parallel and FSDP groups of workers on distinct GPUs go through NCCL,
+        // joined over their TCP group; the pipeline's hand-offs stay on TCP, where an
+        // aborted pass ends a wait.
+        let fast = |group: Arc<dyn Collective>| -> Result<Arc<dyn Collective>> {
+            #[cfg(feature = "nccl")]
+            if device.is_cuda() && group.tp_rank().size() > 1 {
+                // Members sharing a GPU stay on TCP: NCCL refuses them.
+                let nccl = flexmodel_cluster::NcclCollective::over(group.as_ref(), &device)?;
+                if let Some(nccl) = nccl {
+                    return Ok(Arc::new(nccl));
+                }
+            }
+            Ok(group)
+        };
+        let tp_group = fast(join(
+            format!("tp.dp{}.pp{}", me.dp, me.pp),
+            layout.tp_group(rank),
+        )?)?;
         let pipeline = join(format!("pp.dp{}.tp{}", me.dp, me.tp), layout.pp_group(rank))?;
         let replicas = match layout.fsdp() {
-            true => Some(join(
+            true => Some(fast(join(
                 format!("dp.pp{}.tp{}", me.pp, me.tp),
                 layout.dp_group(rank),
-            )?),
+            )?)?),
             false => None,
         };
         let same = slot.loaded.as_ref().is_some_and(|l| {
@@ -291,11 +314,13 @@ impl Session<'_> {
         let as_collective = |g: &Arc<Regroupable>| -> Arc<dyn Collective> { g.clone() };
         let shard = self
             .loader
-            .load(assignment, tp.clone(), replicas.as_ref().map(as_collective))
-            .map_err(|e| Error::WorkerStart {
-                rank,
-                reason: e.to_string(),
-            })?;
+            .load(
+                assignment,
+                &device,
+                tp.clone(),
+                replicas.as_ref().map(as_collective),
+            )
+            .map_err(|e| failed(e.to_string()))?;
         let param_bytes = shard
             .model
             .parameters()

@@ -58,6 +58,13 @@ pub(crate) fn check_peer(me: TpRank, peer: usize) -> Result<()> {
     Ok(())
 }
 
+/// The next tensor from member `from`, on the device of `like`: members of a group of
+/// threads may compute on different GPUs, and members of a group of processes receive
+/// on the host.
+fn recv_onto(p: &impl PointToPoint, from: usize, like: &Tensor) -> Result<Tensor> {
+    Ok(p.recv_from(from)?.to_device(like.device())?)
+}
+
 /// The ring all-reduce: `n − 1` steps of reduce-scatter, then `n − 1` of all-gather,
 /// each moving one `1/n` chunk to the next member. Every member sends and receives
 /// `2 (n − 1) / n` of the tensor, and every member ends with the same bits (each chunk
@@ -77,14 +84,14 @@ pub(crate) fn ring_all_reduce_sum(p: &impl PointToPoint, x: &Tensor) -> Result<T
         let send = (me + n - step) % n;
         let add = (me + 2 * n - step - 1) % n;
         p.send_to(&chunks[send], next)?;
-        chunks[add] = (&chunks[add] + p.recv_from(prev)?)?;
+        chunks[add] = (&chunks[add] + recv_onto(p, prev, x)?)?;
     }
     // Chunk me + 1 is complete here; pass the complete chunks around.
     for step in 0..n - 1 {
         let send = (me + 1 + n - step) % n;
         let take = (me + n - step) % n;
         p.send_to(&chunks[send], next)?;
-        chunks[take] = p.recv_from(prev)?;
+        chunks[take] = recv_onto(p, prev, x)?;
     }
     Ok(Tensor::cat(&chunks, 0)?.reshape(x.shape())?)
 }
@@ -98,7 +105,7 @@ pub(crate) fn all_gather(p: &impl PointToPoint, x: &Tensor, dim: usize) -> Resul
     let pieces = (0..n)
         .map(|peer| match peer == me {
             true => Ok(x.clone()),
-            false => p.recv_from(peer),
+            false => recv_onto(p, peer, x),
         })
         .collect::<Result<Vec<Tensor>>>()?;
     Ok(Tensor::cat(&pieces, dim)?)
@@ -120,7 +127,7 @@ pub(crate) fn reduce_scatter_sum(p: &impl PointToPoint, x: &Tensor, dim: usize) 
     for member in 0..n {
         let addend = match member == me {
             true => part(me)?,
-            false => p.recv_from(member)?,
+            false => recv_onto(p, member, x)?,
         };
         sum = Some(match sum {
             Some(s) => (s + addend)?,
@@ -143,7 +150,7 @@ pub(crate) fn broadcast(p: &impl PointToPoint, x: &Tensor, root: usize) -> Resul
         });
     }
     if me != root {
-        return p.recv_from(root);
+        return recv_onto(p, root, x);
     }
     for peer in (0..n).filter(|&q| q != me) {
         p.send_to(x, peer)?;

@@ -1,5 +1,6 @@
 //! One suite of tests that every implementation of [`Collective`] passes: the in-process
-//! channels, TCP between hubs on loopback, and the group of one.
+//! channels, TCP between hubs on loopback, the group of one, and with the `nccl` feature
+//! on a machine with at least four GPUs (the largest group here), NCCL.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -19,9 +20,21 @@ use crate::{
 enum Transport {
     InProcess,
     Tcp,
+    /// NCCL, member `m` on GPU `m`, joined over TCP.
+    #[cfg(feature = "nccl")]
+    Nccl,
 }
 
-const TRANSPORTS: [Transport; 2] = [Transport::InProcess, Transport::Tcp];
+/// The transports this machine can test.
+fn transports() -> Vec<Transport> {
+    #[allow(unused_mut)]
+    let mut all = vec![Transport::InProcess, Transport::Tcp];
+    #[cfg(feature = "nccl")]
+    if crate::gpu_count().is_ok_and(|n| n >= 4) {
+        all.push(Transport::Nccl);
+    }
+    all
+}
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -46,6 +59,27 @@ fn group(
             .into_iter()
             .map(|c| Box::new(c) as Box<dyn Collective>)
             .collect(),
+        #[cfg(feature = "nccl")]
+        Transport::Nccl => {
+            let joins: Vec<_> = group(Transport::Tcp, size, control)
+                .into_iter()
+                .enumerate()
+                .map(|(member, tcp)| {
+                    std::thread::spawn(move || {
+                        let device = crate::DeviceSpec::Cuda(Some(member))
+                            .device(member)
+                            .unwrap();
+                        crate::NcclCollective::over(tcp.as_ref(), &device)
+                            .unwrap()
+                            .expect("one GPU per member")
+                    })
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| Box::new(j.join().unwrap()) as Box<dyn Collective>)
+                .collect()
+        }
         Transport::Tcp => {
             let handle = runtime().handle();
             let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
@@ -107,7 +141,7 @@ fn flat(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn all_reduce_gives_every_member_the_same_sum() {
-    for transport in TRANSPORTS {
+    for transport in transports() {
         // Fewer elements than members, an uneven split, and a large tensor.
         for (size, shape) in [
             (3, vec![2]),
@@ -146,7 +180,7 @@ fn all_reduce_gives_every_member_the_same_sum() {
 
 #[test]
 fn all_gather_concatenates_in_rank_order() {
-    for transport in TRANSPORTS {
+    for transport in transports() {
         let gathered = on_threads(transport, 3, |c| {
             let x = random(c.tp_rank().rank(), &[2, 3]);
             c.all_gather(&x, 1).unwrap()
@@ -164,7 +198,7 @@ fn all_gather_concatenates_in_rank_order() {
 
 #[test]
 fn reduce_scatter_gives_each_member_its_part_of_the_sum() {
-    for transport in TRANSPORTS {
+    for transport in transports() {
         // 7 rows over 3 members: parts of 3, 2 and 2 rows.
         let parts = on_threads(transport, 3, |c| {
             let x = random(c.tp_rank().rank(), &[7, 2]);
@@ -181,7 +215,7 @@ fn reduce_scatter_gives_each_member_its_part_of_the_sum() {
 
 #[test]
 fn broadcast_copies_the_root() {
-    for transport in TRANSPORTS {
+    for transport in transports() {
         let got = on_threads(transport, 3, |c| {
             flat(&c.broadcast(&random(c.tp_rank().rank(), &[4]), 2).unwrap())
         });
@@ -191,7 +225,7 @@ fn broadcast_copies_the_root() {
 
 #[test]
 fn send_and_recv_pass_along_a_pipeline_in_every_dtype() {
-    for transport in TRANSPORTS {
+    for transport in transports() {
         for dtype in [DType::F32, DType::BF16, DType::U32] {
             let got = on_threads(transport, 3, move |c| {
                 let me = c.tp_rank().rank();
@@ -216,7 +250,7 @@ fn send_and_recv_pass_along_a_pipeline_in_every_dtype() {
 
 #[test]
 fn an_aborted_pass_unblocks_receivers() {
-    for transport in TRANSPORTS {
+    for transport in transports() {
         let control = Arc::new(PassControl::default());
         control.begin(1);
         let mut members = group(transport, 2, &control);
@@ -235,7 +269,7 @@ fn an_aborted_pass_unblocks_receivers() {
 
 #[test]
 fn a_vanished_peer_is_an_error_not_a_hang() {
-    for transport in TRANSPORTS {
+    for transport in transports() {
         let control = Arc::new(PassControl::default());
         let mut members = group(transport, 2, &control);
         drop(members.pop());
@@ -251,7 +285,7 @@ fn a_vanished_peer_is_an_error_not_a_hang() {
 
 #[test]
 fn messages_of_an_earlier_pass_are_dropped() {
-    for transport in TRANSPORTS {
+    for transport in transports() {
         let control = Arc::new(PassControl::default());
         let mut members = group(transport, 2, &control);
         let (b, a) = (members.pop().unwrap(), members.pop().unwrap());

@@ -4,12 +4,16 @@ mod algorithms;
 #[cfg(test)]
 mod conformance;
 mod in_process;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod pass_control;
 mod regroupable;
 mod tcp;
 
 pub use algorithms::PointToPoint;
 pub use in_process::InProcessCollective;
+#[cfg(feature = "nccl")]
+pub use nccl::NcclCollective;
 pub use pass_control::PassControl;
 pub use regroupable::Regroupable;
 pub use tcp::TcpCollective;

@@ -191,7 +191,9 @@ impl Frame {
             call,
             dtype: tensor.dtype(),
             shape: tensor.dims().to_vec(),
-            body: Body::Tensor(tensor.to_device(&Device::Cpu)?),
+            body: Body::Tensor(
+                crate::host_copy::to_host(tensor).map_err(candle_core::Error::wrap)?,
+            ),
         })
     }
 

@@ -1,4 +1,4 @@
-//! The `[--tp N] [--pp N] [--dp N] [--fsdp] [--model-dtype D] [--procs | --cluster URL] [--token-file F]`
+//! The `[--tp N] [--pp N] [--dp N] [--fsdp] [--model-dtype D] [--device D] [--procs | --cluster URL] [--token-file F]`
 //! options every command takes, and the checks a command makes before it reads any
 //! weight.
 
@@ -11,7 +11,7 @@ use flexmodel::runtime::{Cluster, Placement, Processes};
 use flexmodel::text::check_tokens;
 use flexmodel::{Checkpoint, FlexModel, HookCatalog, HookKind, PassScope};
 use flexmodel_cluster::membership::ClusterUrl;
-use flexmodel_cluster::{Layout, ModelDtype};
+use flexmodel_cluster::{DeviceSpec, Layout, ModelDtype};
 
 /// How the model is split: tensor × pipeline × data parallel.
 #[derive(Args, Debug, Clone)]
@@ -34,6 +34,12 @@ pub struct LayoutArgs {
     /// CPU products are computed in f32 whatever the weights' dtype, so hooks see f32.
     #[arg(long, default_value_t = ModelDtype::F32, value_name = "f32|bf16|f16")]
     pub model_dtype: ModelDtype,
+    /// The device the ranks compute on: `cpu`, `cuda:N` (every rank on GPU N: ranks of
+    /// one process share it) or `cuda` (rank r on GPU r mod the number of GPUs). Needs a
+    /// build with the `cuda` feature (scripts/build-cuda). A job's workers compute on
+    /// the device each was started with instead.
+    #[arg(long, default_value_t = DeviceSpec::Cpu, value_name = "cpu|cuda[:N]", conflicts_with = "cluster")]
+    pub device: DeviceSpec,
     /// Run every rank in a worker process of its own on this machine (by default, every
     /// rank is a thread of this process).
     #[arg(long, conflicts_with = "cluster")]
@@ -66,7 +72,8 @@ impl LayoutArgs {
         let layout = Layout::new(self.dp as usize, self.pp as usize, self.tp as usize)?;
         Ok(layout
             .with_fsdp(self.fsdp)?
-            .with_model_dtype(self.model_dtype))
+            .with_model_dtype(self.model_dtype)
+            .with_device(self.device))
     }
 
     /// The model of `checkpoint` split over this layout, after checking `plan`: the

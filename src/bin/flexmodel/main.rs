@@ -11,6 +11,7 @@ mod input;
 mod layout;
 mod lens;
 mod pass_args;
+mod random_checkpoint;
 mod worker;
 mod workers;
 
@@ -46,6 +47,9 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// List the workers of a job: id, host, address, device, rank, model, state.
     Workers(workers::WorkersArgs),
+    /// Write a random model in the Hugging Face layout (for checks without weights).
+    #[command(hide = true)]
+    RandomCheckpoint(random_checkpoint::RandomCheckpointArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -74,6 +78,7 @@ fn main() -> std::process::ExitCode {
         Command::Induction(args) => induction::run(args),
         Command::Lens(args) => lens::run(args),
         Command::Workers(args) => workers::run(args),
+        Command::RandomCheckpoint(args) => random_checkpoint::run(args),
         Command::Worker(args) => {
             // The shard's thread may still be blocked in a pass: end the process now.
             let code = match worker::run(args) {

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use clap::Args;
 use flexmodel::runtime::LlamaLoader;
 use flexmodel_actors::{Join, WorkerOptions, serve};
+use flexmodel_cluster::DeviceSpec;
 use flexmodel_cluster::membership::ClusterUrl;
 use flexmodel_cluster::transport::Token;
 
@@ -43,27 +44,19 @@ pub struct WorkerArgs {
     /// the token the job keeps in etcd.
     #[arg(long, value_name = "F")]
     token_file: Option<PathBuf>,
-    /// The device to compute on.
-    #[arg(long, default_value = "cpu", value_parser = parse_device)]
-    device: String,
-}
-
-/// `cpu`, or `cuda:N` where this build has CUDA.
-fn parse_device(device: &str) -> Result<String, String> {
-    match device {
-        "cpu" => Ok(device.to_string()),
-        d if d.starts_with("cuda") => Err(format!(
-            "{d}: this build computes on the CPU only (GPUs come with the `cuda` feature)"
-        )),
-        d => Err(format!("{d}: expected cpu or cuda:N")),
-    }
+    /// The device to compute on: `cpu`, `cuda:N`, or `cuda` (for each rank it serves,
+    /// GPU rank mod the number of GPUs). Needs a build with the `cuda` feature.
+    #[arg(long, default_value_t = DeviceSpec::Cpu, value_name = "cpu|cuda[:N]")]
+    device: DeviceSpec,
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    // A device this build or machine cannot give fails now, not at the first driver.
+    args.device.device(args.rank.unwrap_or(0))?;
     let join = match (&args.etcd, &args.job, args.driver, args.rank) {
         (Some(etcd), Some(job), None, None) => Join::Job {
             url: ClusterUrl::new(etcd, job)?,
-            device: args.device.clone(),
+            device: args.device,
         },
         (None, None, Some(driver), Some(rank)) => Join::Driver { driver, rank },
         _ => anyhow::bail!("give --etcd HOST:PORT[,...] and --job JOB"),

@@ -290,7 +290,8 @@ mod tests {
                 values: AtomicUsize::new(0),
             };
             let model =
-                Llama::load_stage_fsdp(config, &counting, tp.clone(), stage, member).unwrap();
+                Llama::load_stage_fsdp(config, &counting, tp.clone(), stage, &Device::Cpu, member)
+                    .unwrap();
             (
                 model.forward(&tokens[r], &mut NoHooks).unwrap(),
                 model.weight_bytes(),

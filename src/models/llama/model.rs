@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use flexmodel_actors::{CacheUse, KvCache, Logits, Window};
 use flexmodel_cluster::ParamSlice;
 use flexmodel_cluster::{Collective, conjugate};
@@ -58,27 +58,31 @@ pub struct Llama {
     collective: Arc<dyn Collective>,
     /// Under FSDP, the replicas holding the other pieces of every parameter.
     fsdp: Option<Arc<Fsdp>>,
+    device: Device,
 }
 
 impl Llama {
-    /// Builds the whole model for `collective`'s rank from Hugging Face-named weights.
+    /// Builds the whole model for `collective`'s rank from Hugging Face-named weights,
+    /// on the CPU.
     pub fn load(
         config: &LlamaConfig,
         weights: &dyn WeightSource,
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
-        Self::load_stage(config, weights, collective, Stage::whole(config.n_layers))
+        let whole = Stage::whole(config.n_layers);
+        Self::load_stage(config, weights, collective, whole, &Device::Cpu)
     }
 
-    /// Builds `stage` of the model for `collective`'s tensor-parallel rank, holding only
-    /// that rank's slices of that stage's weights.
+    /// Builds `stage` of the model for `collective`'s tensor-parallel rank on `device`,
+    /// holding only that rank's slices of that stage's weights.
     pub fn load_stage(
         config: &LlamaConfig,
         weights: &dyn WeightSource,
         collective: Arc<dyn Collective>,
         stage: Stage,
+        device: &Device,
     ) -> Result<Self> {
-        Self::load_parts(config, weights, collective, stage, None)
+        Self::load_parts(config, weights, collective, stage, device, None)
     }
 
     /// Builds `stage` of the model for `collective`'s tensor-parallel rank under FSDP:
@@ -92,10 +96,11 @@ impl Llama {
         weights: &dyn WeightSource,
         collective: Arc<dyn Collective>,
         stage: Stage,
+        device: &Device,
         replicas: Arc<dyn Collective>,
     ) -> Result<Self> {
         let fsdp = Fsdp::new(replicas);
-        Self::load_parts(config, weights, collective, stage, Some(fsdp))
+        Self::load_parts(config, weights, collective, stage, device, Some(fsdp))
     }
 
     /// Builds `stage`, under FSDP cutting each layer as it is read.
@@ -104,6 +109,7 @@ impl Llama {
         weights: &dyn WeightSource,
         collective: Arc<dyn Collective>,
         stage: Stage,
+        device: &Device,
         mut fsdp: Option<Fsdp>,
     ) -> Result<Self> {
         let tp = collective.tp_rank();
@@ -113,6 +119,7 @@ impl Llama {
         let weights = &HeldWeights {
             source: weights,
             dtype: config.dtype,
+            device,
             pieces: reads.as_ref(),
         };
         let fsdp = &mut fsdp;
@@ -158,7 +165,13 @@ impl Llama {
             lm_head,
             collective,
             fsdp: fsdp.map(Arc::new),
+            device: device.clone(),
         })
+    }
+
+    /// The device this shard computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// The model's configuration.
@@ -284,6 +297,13 @@ impl Llama {
             cache.clear();
         }
         cache.check(window)?;
+        // Token ids (or the previous stage's hidden state) may arrive from the host; what
+        // a hook gives back, from wherever its edit ran.
+        let input = &input.to_device(&self.device)?;
+        let hooks = &mut OnDevice {
+            hooks,
+            device: &self.device,
+        };
         let mut x = match &self.embed {
             Some(embed) => {
                 // An edit of `hook_tokens` may replace the ids; they are checked again.
@@ -350,5 +370,26 @@ fn adopted<M>(
     match (fsdp, reads) {
         (Some(fsdp), Some(reads)) => fsdp.adopt(layer, parameters, reads),
         _ => Ok(layer),
+    }
+}
+
+/// A hook layer whose returned values are brought to `device`, the shard's: an edit
+/// may compute where it likes.
+struct OnDevice<'a> {
+    hooks: &'a mut dyn HookLayer,
+    device: &'a Device,
+}
+
+impl HookLayer for OnDevice<'_> {
+    fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
+        let out = self.hooks.hook(point, value)?;
+        match out.device().same_device(self.device) {
+            true => Ok(out),
+            false => Ok(out.to_device(self.device)?),
+        }
+    }
+
+    fn wants(&self, point: HookPoint) -> bool {
+        self.hooks.wants(point)
     }
 }

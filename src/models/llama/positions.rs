@@ -7,6 +7,7 @@ use flexmodel_actors::Window;
 use super::LlamaConfig;
 use super::rope::{Rope, inverse_frequencies};
 use crate::Result;
+use crate::models::parallel::compute_dtype;
 
 /// The positions of one pass over `[b, t]` tokens, of which the `offset` before come from
 /// the key/value cache.
@@ -20,7 +21,8 @@ pub struct Positions {
 }
 
 impl Positions {
-    /// The positions of a pass of `window` over `b` sequences of `t` tokens.
+    /// The positions of a pass of `window` over `b` sequences of `t` tokens, in the dtype
+    /// the pass computes in on `device`.
     ///
     /// Without padding, position `p` of the pass attends to keys `0..=p` and has RoPE
     /// position `p`. With padding (a mask), a query attends to the real keys before it
@@ -30,6 +32,23 @@ impl Positions {
     /// keys included) attends only to keys at indices above `i − w`, as `transformers`
     /// masks it. RoPE's frequencies follow `config`'s scaling.
     pub fn new(
+        window: &Window,
+        shape: (usize, usize),
+        config: &LlamaConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let positions = Self::in_f32(window, shape, config, device)?;
+        let dtype = compute_dtype(config.dtype, device);
+        if dtype == DType::F32 {
+            return Ok(positions);
+        }
+        Ok(Self {
+            rope: positions.rope.to_dtype(dtype)?,
+            mask: positions.mask.to_dtype(dtype)?,
+        })
+    }
+
+    fn in_f32(
         window: &Window,
         (b, t): (usize, usize),
         config: &LlamaConfig,

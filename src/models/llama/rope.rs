@@ -108,6 +108,15 @@ impl Rope {
         })
     }
 
+    /// The same rotations in `dtype` (the dtype a pass computes in), still computed in
+    /// f32.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            cos: self.cos.to_dtype(dtype)?,
+            sin: self.sin.to_dtype(dtype)?,
+        })
+    }
+
     /// `x·cos + rotate_half(x)·sin` for `x` of shape `[b, t, heads, d_head]`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let _op = crate::op_span!("rope");

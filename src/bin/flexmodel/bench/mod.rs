@@ -109,6 +109,21 @@ pub fn run(args: BenchArgs, profile: Option<Profile>) -> anyhow::Result<()> {
     };
     let mut model = args.layout.build(&checkpoint, &args.model, plan)?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
+    // A timed pass ends when this process's GPUs have done its work (the passes of
+    // worker processes end when the workers report them done).
+    let layout = model.layout();
+    let devices = match args.layout.procs || args.layout.cluster.is_some() {
+        true => Vec::new(),
+        false => (0..layout.world_size())
+            .map(|rank| layout.device().device(rank))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let synchronize = || -> anyhow::Result<()> {
+        for device in &devices {
+            device.synchronize()?;
+        }
+        Ok(())
+    };
     if let Some(new_tokens) = args.generate {
         ensure!(
             !args.profile && !args.backward,
@@ -144,6 +159,7 @@ pub fn run(args: BenchArgs, profile: Option<Profile>) -> anyhow::Result<()> {
             true => drop(model.forward_backward(&tokens)?),
             false => drop(model.forward_scoped(&tokens, scope)?),
         }
+        synchronize()?;
         let elapsed = start.elapsed().as_secs_f64() * 1e3;
         let spans = profile::Spans::take(profile.as_ref());
         if variant == Variant::Capturing {
@@ -245,6 +261,8 @@ fn run_json(args: &BenchArgs) -> serde_json::Value {
         "dp": args.layout.dp,
         "fsdp": args.layout.fsdp,
         "model_dtype": args.layout.model_dtype.to_string(),
+        "device": args.layout.device.to_string(),
+        "pinned_copies": flexmodel_cluster::host_copy::pinned_copies(),
         "stop_at_layer": args.pass.stop_at_layer,
         "logits": format!("{:?}", args.pass.logits).to_lowercase(),
         "procs": args.layout.procs,

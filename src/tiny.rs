@@ -171,6 +171,7 @@ fn random_weights(c: &LlamaConfig, seed: u64) -> Result<TensorMap> {
         let values: Vec<f32> = (0..spec.elements())
             .map(|_| normal.sample(&mut rng))
             .collect();
+        // Random weights are drawn on the host, like weights read from disk.
         let tensor = Tensor::from_vec(values, spec.shape, &Device::Cpu)?;
         tensors.insert(spec.name, tensor);
     }

@@ -10,7 +10,7 @@ use std::process::Output;
 use common::cli::{flexmodel, succeeded};
 use common::smollm2_path;
 use flexmodel::tiny::tiny_checkpoint;
-use flexmodel::{Checkpoint, FlexModel, HookFunction};
+use flexmodel::{FlexModel, HookFunction};
 use flexmodel_cluster::{DeviceSpec, Layout};
 
 fn stderr(out: &Output) -> String {
@@ -151,7 +151,7 @@ mod without_cuda {
 
     #[test]
     fn the_api_asked_for_a_gpu_fails_before_reading_weights() {
-        let checkpoint: Checkpoint = tiny_checkpoint(3).unwrap();
+        let checkpoint = tiny_checkpoint(3).unwrap();
         for layout in [
             Layout::SINGLE.with_device(DeviceSpec::Cuda(Some(0))),
             Layout::new(2, 1, 2)

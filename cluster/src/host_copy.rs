@@ -191,6 +191,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pinned_copies_can_be_turned_off_and_on() {
+        set_pinned_copies(false);
+        assert!(!pinned_copies());
+        set_pinned_copies(true);
+        assert!(pinned_copies());
+    }
+
+    #[test]
     fn host_tensors_are_returned_as_they_are() {
         let t = Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap();
         let host = to_host(&t).unwrap();

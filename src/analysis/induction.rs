@@ -54,6 +54,7 @@ pub fn repeated_random_tokens(
         ids.extend_from_slice(&first);
         ids.extend_from_slice(&first);
     }
+    // Inputs are made on the host; the ranks bring them to their devices.
     Ok(Tensor::from_vec(ids, (batch, 2 * half), &Device::Cpu)?)
 }
 

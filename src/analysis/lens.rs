@@ -137,6 +137,7 @@ pub struct TunedLens {
 impl TunedLens {
     /// Identity translators (`A = 0`, `b = 0`): the logit lens.
     pub fn identity(n_layers: usize, d_model: usize) -> Result<Self> {
+        // Trained on the host, on captured (host) residuals.
         let device = Device::Cpu;
         Ok(Self {
             weights: (0..n_layers)
@@ -196,6 +197,7 @@ impl TunedLens {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
             ));
         }
+        // The lens is trained and applied on the host, where the captures are.
         let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let mut take = |name: String, shape: &[usize]| -> Result<Var> {

@@ -87,6 +87,7 @@ pub fn patch_residual_stream(
         both.tokens().i(1..2)?.repeat((n, 1))?,
         both.mask_or_ones()?.i(1..2)?.repeat((n, 1))?,
     )?;
+    // Built on the host, where the captures are; the edit takes it to the value's device.
     let device = Device::Cpu;
     let at: Vec<f32> = (0..n)
         .flat_map(|j| (0..t).map(move |p| f32::from(u8::from(p == t - n + j))))
@@ -98,8 +99,14 @@ pub fn patch_residual_stream(
         let mask = at.to_dtype(clean_resid.dtype())?;
         let patch = HookFunction::new(format!("blocks.{layer}.hook_resid_pre"))
             .with_edit(move |_, x| {
+                // The captures are on the host; the value where the model computes.
+                let (mask, clean) = (
+                    mask.to_device(x.device())?,
+                    clean_resid.to_device(x.device())?,
+                );
+                let (mask, clean) = (mask.to_dtype(x.dtype())?, clean.to_dtype(x.dtype())?);
                 let keep = mask.affine(-1.0, 1.0)?;
-                Ok((x.broadcast_mul(&keep)? + clean_resid.broadcast_mul(&mask)?)?)
+                Ok((x.broadcast_mul(&keep)? + clean.broadcast_mul(&mask)?)?)
             })
             .without_capture();
         let hook = model.hooks_mut().register(patch)?;

@@ -59,16 +59,23 @@ pub fn train_steering_vector(
             vocab_size: config.vocab_size,
         });
     }
+    // On the host, with the optimizer; see the edit for its way to the model's device.
     let vector = Var::zeros(config.d_model, DType::F32, &Device::Cpu)?;
     model.register_trainable(format!("steering.{}", steering.layer), &vector)?;
     let added = vector.as_tensor().clone();
     let hook = model.hooks_mut().register(
         HookFunction::new(format!("blocks.{}.hook_resid_pre", steering.layer))
             .without_capture()
-            .with_edit(move |_, x| Ok(x.broadcast_add(&added)?)),
+            .with_edit(move |_, x| {
+                // The vector is trained on the host; its copy to the value's device
+                // passes the gradient back.
+                let added = added.to_device(x.device())?.to_dtype(x.dtype())?;
+                Ok(x.broadcast_add(&added)?)
+            }),
     )?;
     let mut ids = prompt.to_vec();
     ids.push(target);
+    // Token ids go from the host to the ranks, which bring them to their devices.
     let tokens = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
     let params = ParamsAdamW {
         lr: steering.learning_rate,

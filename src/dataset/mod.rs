@@ -206,6 +206,7 @@ impl FlexModel {
         for _ in rows..padded {
             ids.extend_from_slice(&last);
         }
+        // Inputs are made on the host; the ranks bring them to their devices.
         let batch = Tensor::from_vec(ids, (padded, seq_len), &Device::Cpu)?;
         let window = Window {
             scope: plan.scope(),

@@ -158,6 +158,7 @@ fn read_tensor(path: &Path, key: &str) -> Result<Tensor> {
         path: path.to_path_buf(),
         message,
     };
+    // Read on the host; `add` copies it to the value's device on first use.
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| bad(format!("cannot read: {}", crate::error::tensor_message(&e))))?;
     let t = tensors

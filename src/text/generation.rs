@@ -326,6 +326,7 @@ impl Rows {
     fn next_pass(&mut self, kv_cache: bool) -> Result<(Tensor, Window)> {
         let (b, t) = (self.ids.len(), self.len());
         let mask = match self.padded {
+            // Ids and masks are made on the host; the ranks bring them to their devices.
             true => Some(Tensor::from_vec(self.mask.concat(), (b, t), &Device::Cpu)?),
             false => None,
         };
@@ -361,6 +362,7 @@ impl Rows {
 
     fn batch(&self) -> Result<TokenBatch> {
         let (b, t) = (self.ids.len(), self.len());
+        // On the host, as every input (see above).
         let tokens = Tensor::from_vec(self.ids.concat(), (b, t), &Device::Cpu)?;
         let mask = Tensor::from_vec(self.mask.concat(), (b, t), &Device::Cpu)?;
         TokenBatch::with_mask(tokens, mask)

@@ -40,6 +40,7 @@ impl TokenBatch {
             mask.extend(std::iter::repeat_n(0f32, pad).chain(std::iter::repeat_n(1f32, row.len())));
         }
         let b = rows.len();
+        // Inputs are made on the host; the ranks bring them to their devices.
         let tokens = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
         let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu)?;
         Self::with_mask(tokens, mask)
@@ -219,6 +220,7 @@ pub fn chunk_tokens(
     let usable = &ids[..ids.len().min(max_tokens)];
     if usable.len() < seq_len {
         let n = usable.len();
+        // Inputs are made on the host; the ranks bring them to their devices.
         return Ok(vec![Tensor::from_slice(usable, (1, n), &Device::Cpu)?]);
     }
     let sequences = usable.len() / seq_len;

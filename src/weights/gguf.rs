@@ -377,6 +377,7 @@ impl WeightSource for GgufFile {
             message,
         };
         let file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        // Dequantized on the host; `HeldWeights` copies each slice to the rank's device.
         let qtensor = self
             .content
             .tensor(&mut BufReader::new(file), &gguf, &Device::Cpu)

@@ -278,6 +278,7 @@ enum Values {
 
 impl Values {
     fn into_tensor(self, shape: Vec<usize>) -> Result<Tensor> {
+        // Read on the host; `HeldWeights` copies each slice to the rank's device.
         let cpu = &Device::Cpu;
         Ok(match self {
             Values::F32(v) => Tensor::from_vec(v, shape, cpu)?,

@@ -25,15 +25,19 @@ use crate::{Collective, Error, Result, TpRank};
 /// One member of a group whose members are GPU processes joined by NCCL.
 pub struct NcclCollective {
     rank: TpRank,
-    comm: Arc<Comm>,
+    comm: Arc<SharedComm>,
     device: Device,
 }
 
-// SAFETY: an NCCL communicator may be used from any thread, one call at a time; every
-// call here goes through the shard's thread (a member is one rank's).
-unsafe impl Send for NcclCollective {}
+/// An NCCL communicator that a member's threads pass between them.
+struct SharedComm(Comm);
+
+// SAFETY: an NCCL communicator may be used from any thread, one call at a time; a member
+// is one rank's, whose collectives run one after another (on its shard's thread, or in
+// its backward pass on the same thread).
+unsafe impl Send for SharedComm {}
 // SAFETY: as above.
-unsafe impl Sync for NcclCollective {}
+unsafe impl Sync for SharedComm {}
 
 fn nccl_error(e: impl std::fmt::Debug) -> Error {
     Error::Cuda(format!("NCCL: {e:?}"))
@@ -80,7 +84,7 @@ impl NcclCollective {
         .map_err(nccl_error)?;
         Ok(Some(Self {
             rank,
-            comm: Arc::new(comm),
+            comm: Arc::new(SharedComm(comm)),
             device: device.clone(),
         }))
     }
@@ -121,7 +125,7 @@ impl NcclCollective {
     }
 
     /// A zeroed tensor on this GPU of the dtype and shape `header` describes.
-    fn from_header(&self, header: &Tensor) -> Result<Tensor> {
+    fn buffer_for(&self, header: &Tensor) -> Result<Tensor> {
         let header: Vec<i64> = header.to_device(&Device::Cpu)?.to_vec1()?;
         let dtype = dtype_of(header[0])?;
         let rank = usize::try_from(header[1]).ok().filter(|&r| r <= 8);
@@ -174,7 +178,7 @@ impl Collective for NcclCollective {
         let header = self.run(&Self::header(x)?, Kind::Broadcast(root))?;
         let value = match self.rank.rank() == root {
             true => x.clone(),
-            false => self.from_header(&header)?,
+            false => self.buffer_for(&header)?,
         };
         self.run(&value, Kind::Broadcast(root))
     }
@@ -190,7 +194,7 @@ impl Collective for NcclCollective {
         check_peer(self.rank, from)?;
         let header = Tensor::zeros(10, DType::I64, &self.device)?;
         let header = self.run(&header, Kind::Recv(from))?;
-        let buffer = self.from_header(&header)?;
+        let buffer = self.buffer_for(&header)?;
         self.run(&buffer, Kind::Recv(from))
     }
 }
@@ -249,7 +253,7 @@ enum Kind {
 /// One NCCL call as a candle op on CUDA storage (no backward: the conjugate ops of
 /// `conjugate` give collectives their gradients).
 struct Nccl {
-    comm: Arc<Comm>,
+    comm: Arc<SharedComm>,
     kind: Kind,
 }
 
@@ -268,45 +272,45 @@ impl Nccl {
             candle_core::bail!("NCCL needs contiguous tensors")
         };
         let src = src.slice(start..end);
-        let stream = self.comm.stream();
+        let stream = self.comm.0.stream();
         let n = end - start;
-        let size = self.comm.world_size();
-        let fail = |e| candle_core::Error::Cuda(format!("NCCL: {e:?}").into());
+        let size = self.comm.0.world_size();
+        fn fail(e: impl std::fmt::Debug) -> candle_core::Error {
+            candle_core::Error::Cuda(format!("NCCL: {e:?}").into())
+        }
         let shape = layout.shape().clone();
         match self.kind {
             Kind::AllReduceSum => {
-                let mut out = stream.alloc_zeros::<T>(n).map_err(|e| fail(e.into()))?;
+                let mut out = stream.alloc_zeros::<T>(n).map_err(fail)?;
                 self.comm
+                    .0
                     .all_reduce(&src, &mut out, &ReduceOp::Sum)
                     .map_err(fail)?;
                 Ok((out, shape))
             }
             Kind::AllGather => {
-                let mut out = stream
-                    .alloc_zeros::<T>(n * size)
-                    .map_err(|e| fail(e.into()))?;
-                self.comm.all_gather(&src, &mut out).map_err(fail)?;
+                let mut out = stream.alloc_zeros::<T>(n * size).map_err(fail)?;
+                self.comm.0.all_gather(&src, &mut out).map_err(fail)?;
                 Ok((out, Shape::from(n * size)))
             }
             Kind::Broadcast(root) => {
-                let mut out = stream.alloc_zeros::<T>(n).map_err(|e| fail(e.into()))?;
-                let send = (self.comm.rank() == root).then_some(&src);
+                let mut out = stream.alloc_zeros::<T>(n).map_err(fail)?;
+                let send = (self.comm.0.rank() == root).then_some(&src);
                 self.comm
+                    .0
                     .broadcast(send, &mut out, root as i32)
                     .map_err(fail)?;
                 Ok((out, shape))
             }
             Kind::Send(to) => {
-                self.comm.send(&src, to as i32).map_err(fail)?;
-                let mut out = stream.alloc_zeros::<T>(n).map_err(|e| fail(e.into()))?;
-                stream
-                    .memcpy_dtod(&src, &mut out)
-                    .map_err(|e| fail(e.into()))?;
+                self.comm.0.send(&src, to as i32).map_err(fail)?;
+                let mut out = stream.alloc_zeros::<T>(n).map_err(fail)?;
+                stream.memcpy_dtod(&src, &mut out).map_err(fail)?;
                 Ok((out, shape))
             }
             Kind::Recv(from) => {
-                let mut out = stream.alloc_zeros::<T>(n).map_err(|e| fail(e.into()))?;
-                self.comm.recv(&mut out, from as i32).map_err(fail)?;
+                let mut out = stream.alloc_zeros::<T>(n).map_err(fail)?;
+                self.comm.0.recv(&mut out, from as i32).map_err(fail)?;
                 Ok((out, shape))
             }
         }

@@ -202,6 +202,7 @@ impl Frame {
         match &self.body {
             Body::Tensor(t) => Ok(t.clone()),
             Body::Bytes(bytes) => {
+                // Received tensors land on the host; the shard brings them to its device.
                 Tensor::from_raw_buffer(bytes, self.dtype, &self.shape, &Device::Cpu)
             }
         }

@@ -58,7 +58,8 @@ pub struct Llama {
     collective: Arc<dyn Collective>,
     /// Under FSDP, the replicas holding the other pieces of every parameter.
     fsdp: Option<Arc<Fsdp>>,
-    device: Device,
+    /// Boxed: a CUDA device is a few hundred bytes.
+    device: Box<Device>,
 }
 
 impl Llama {
@@ -165,7 +166,7 @@ impl Llama {
             lm_head,
             collective,
             fsdp: fsdp.map(Arc::new),
-            device: device.clone(),
+            device: Box::new(device.clone()),
         })
     }
 

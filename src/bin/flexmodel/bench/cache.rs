@@ -32,6 +32,7 @@ pub fn run(
         .map(|rows| {
             let seq = plan.spec().seq_len;
             let ids = ids[rows.start * seq..rows.end * seq].to_vec();
+            // Inputs are made on the host; the ranks bring them to their devices.
             Tensor::from_vec(ids, (rows.len(), seq), &Device::Cpu)
         })
         .collect::<candle_core::Result<_>>()?;

@@ -273,6 +273,7 @@ fn run_json(args: &BenchArgs) -> serde_json::Value {
 /// `batch` sequences of `seq` token ids drawn uniformly from the vocabulary (seed 0).
 fn random_tokens(batch: usize, seq: usize, vocab: usize) -> anyhow::Result<Tensor> {
     let ids = random_ids(batch * seq, vocab);
+    // Inputs are made on the host; the ranks bring them to their devices.
     Ok(Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?)
 }
 

@@ -101,7 +101,8 @@ pub fn gpu_count() -> Result<usize> {
     #[cfg(feature = "cuda")]
     {
         use candle_core::cuda::cudarc::driver::CudaContext;
-        let count = CudaContext::device_count().map_err(|e| Error::Cuda(e.to_string()))?;
+        let count = CudaContext::device_count()
+            .map_err(|e| Error::Cuda(format!("counting the GPUs: {e:?}")))?;
         match usize::try_from(count) {
             Ok(n) if n > 0 => Ok(n),
             _ => Err(Error::Cuda("the CUDA driver sees no GPU".into())),
@@ -130,7 +131,8 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
             "cuda:{ordinal} asked for, but the driver sees {count} GPU(s)"
         )));
     }
-    let device = Device::new_cuda(ordinal).map_err(|e| Error::Cuda(e.to_string()))?;
+    let device = Device::new_cuda(ordinal)
+        .map_err(|e| Error::Cuda(format!("opening cuda:{ordinal}: {e}")))?;
     devices.insert(ordinal, device.clone());
     Ok(device)
 }

@@ -573,12 +573,12 @@ impl FlexModel {
         Ok(parameters::names(&self.parameter_slices()?))
     }
 
-    /// The whole value of parameter `name`, joined from every rank's slices.
+    /// The whole value of parameter `name`, joined from every rank's slices (on the host).
     pub fn parameter(&self, name: &str) -> Result<Tensor> {
         Ok(parameters::gather(name, &self.layout, &self.parameter_slices()?)?.0)
     }
 
-    /// The whole gradient of parameter `name` from the last backward pass.
+    /// The whole gradient of parameter `name` from the last backward pass (on the host).
     pub fn parameter_grad(&self, name: &str) -> Result<Tensor> {
         parameters::gather(name, &self.layout, &self.parameter_slices()?)?
             .1

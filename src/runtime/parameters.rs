@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 
 use candle_core::Tensor;
 use flexmodel_actors::ShardParameters;
+use flexmodel_cluster::host_copy::to_host;
 use flexmodel_cluster::{Layout, ParamSlice, RankCoords};
 
 use crate::hooks::nearest;
@@ -43,7 +44,10 @@ pub(crate) fn gather(
     for (rank, of_rank) in slices.iter().enumerate() {
         let c = layout.coords(rank);
         for (p, g) in of_rank.iter().filter(|(p, _)| p.name == name) {
-            let (p, g) = p.clone().presented(g.clone())?;
+            let (mut p, g) = p.clone().presented(g.clone())?;
+            // Joined on the host: the slices may be on different GPUs.
+            p.value = to_host(&p.value)?;
+            let g = g.as_ref().map(to_host).transpose()?;
             held.push((c, p, g));
         }
     }

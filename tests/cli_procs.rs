@@ -319,7 +319,7 @@ fn a_killed_worker_fails_the_command_naming_its_rank_and_stops_the_others() {
 }
 
 #[test]
-fn a_token_file_of_ones_own_is_used_and_an_empty_one_refused() {
+fn a_token_file_of_ones_own_is_used_and_an_empty_or_open_one_refused() {
     let dir = tiny_dir(44);
     let model = dir.path().to_str().unwrap();
     let out = tempfile::tempdir().unwrap();
@@ -362,12 +362,21 @@ fn a_token_file_of_ones_own_is_used_and_an_empty_one_refused() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Readable by others: used, with a warning.
-    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    let out = capture(&token);
-    assert!(out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("readable by others"), "{stderr}");
+    // Open to group or others: refused, saying how to mend it.
+    for mode in [0o644, 0o640, 0o604] {
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .unwrap();
+        let out = capture(&token);
+        assert!(!out.status.success(), "mode {mode:o}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "the token file {0}: it is open to group or others (mode {mode:o}): `chmod 600 {0}` it",
+                token.display()
+            )),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]

@@ -52,17 +52,17 @@ impl Token {
         if secret.is_empty() {
             return Err(bad("the file is empty".into()));
         }
+        // A secret others can read is no secret: refused, not used with a warning.
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
-            if let Ok(meta) = std::fs::metadata(path)
-                && meta.permissions().mode() & 0o077 != 0
-            {
-                tracing::warn!(
-                    path = %path.display(),
-                    mode = format!("{:o}", meta.permissions().mode() & 0o777),
-                    "the job's token file is readable by others; make it mode 0600"
-                );
+            let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(bad(format!(
+                    "it is open to group or others (mode {mode:o}): `chmod 600 {}` it",
+                    path.display()
+                )));
             }
         }
         Ok(Token(secret.to_vec()))
@@ -224,6 +224,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         std::fs::write(&path, "  s3cret\n").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let open = Token::read(&path).unwrap_err().to_string();
+            assert!(open.contains("open to group or others"), "{open}");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         assert_eq!(Token::read(&path).unwrap(), Token(b"s3cret".to_vec()));
         std::fs::write(&path, "\n").unwrap();
         let err = Token::read(&path).unwrap_err().to_string();

@@ -4,8 +4,10 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use candle_core::{Device, Tensor};
+use common::child::OutputWithin;
 use common::{rel_error, smollm2};
 use flexmodel::analysis::induction::{measure, repeated_random_tokens};
 use flexmodel::tiny::tiny_checkpoint;
@@ -14,8 +16,7 @@ use flexmodel::{FlexModel, Layout};
 fn flexmodel(args: &[&str]) -> Output {
     Command::new(common::flexmodel_binary())
         .args(args)
-        .output()
-        .unwrap()
+        .output_within(Duration::from_secs(600))
 }
 
 fn run_ok(args: &[&str]) -> String {

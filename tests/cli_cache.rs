@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use candle_core::{DType, Tensor};
+use common::child::Guarded;
 use common::cli::{flexmodel, succeeded, tiny_dir};
 use common::dataset::{Read, assert_same_files, files, read_with_datasets, tokens_file};
 use common::parity::tiny_for_tp3_on_disk;
@@ -246,19 +247,19 @@ fn a_run_killed_at_any_point_and_resumed_writes_the_uninterrupted_dataset_bit_fo
     ];
     args.extend_from_slice(&extra);
     for (run, kill_after) in [1, shards / 3, 2 * shards / 3].into_iter().enumerate() {
-        let mut child = Command::new(common::flexmodel_binary())
-            .args(&args)
-            .env("FLEXMODEL_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let pid = child.id();
+        let mut child = Guarded::spawn(
+            Command::new(common::flexmodel_binary())
+                .args(&args)
+                .env("FLEXMODEL_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            "flexmodel cache",
+        );
         wait_until("shards to be listed", Duration::from_secs(120), || {
             listed(&resumed).len() >= kill_after
         });
-        signal(pid, "KILL");
-        child.wait().unwrap();
+        signal(child.id(), "KILL");
+        child.wait_within(Duration::from_secs(10));
         let done = listed(&resumed).len();
         assert!(done < shards, "run {run} finished before it was killed");
         eprintln!("run {run} killed with {done} of {shards} shards listed");

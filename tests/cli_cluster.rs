@@ -8,6 +8,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::child::Guarded;
+use common::child::OutputWithin;
 use common::cli::{flexmodel, succeeded, tensors, tiny_dir};
 use common::etcd::{TestJob, free_port, members, wait_for_members};
 use common::processes::{signal, wait_until};
@@ -191,8 +193,18 @@ fn a_worker_leaves_its_job_at_once_on_sigterm() {
 #[test]
 fn a_worker_or_a_driver_that_cannot_reach_etcd_fails_within_seconds_saying_so() {
     let nobody = format!("127.0.0.1:{}", free_port());
+    let token = common::etcd::TokenFile::new("unreachable-secret");
+    let token = token.path.to_str().unwrap();
     let start = Instant::now();
-    let out = flexmodel(&["worker", "--etcd", &nobody, "--job", "j"]);
+    let out = flexmodel(&[
+        "worker",
+        "--etcd",
+        &nobody,
+        "--job",
+        "j",
+        "--token-file",
+        token,
+    ]);
     let took = start.elapsed();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -217,6 +229,8 @@ fn a_worker_or_a_driver_that_cannot_reach_etcd_fails_within_seconds_saying_so() 
         "1",
         "--cluster",
         &url,
+        "--token-file",
+        token,
     ]);
     let took = start.elapsed();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -260,20 +274,20 @@ fn a_job_worker_keeps_serving_after_its_driver_is_killed() {
         ];
         args.map(str::to_string)
     };
-    let mut driver = Command::new(common::flexmodel_binary())
-        .args(bench("100000"))
-        .env("FLEXMODEL_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut driver = Guarded::spawn(
+        Command::new(common::flexmodel_binary())
+            .args(bench("100000"))
+            .env("FLEXMODEL_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+        "the driver",
+    );
     wait_until("the workers to serve", Duration::from_secs(30), || {
         members(&job.url)
             .iter()
             .all(|m| m.state == MemberState::Serving)
     });
-    let _ = driver.kill();
-    let _ = driver.wait();
+    driver.kill();
     // The workers notice at once; the job is free again once the killed driver's lease
     // expires (5 s), and they serve the next driver with the slices they kept.
     wait_until("the workers to be ready", Duration::from_secs(5), || {
@@ -331,12 +345,25 @@ fn a_driver_without_enough_workers_fails_after_60_s_saying_how_many_it_has() {
 }
 
 #[test]
-fn without_token_files_a_job_keeps_its_token_in_etcd() {
-    let job = TestJob::start("tokenless", 1, 0);
-    let workers: Vec<common::etcd::JobWorker> = (0..2)
-        .map(|_| common::etcd::JobWorker::start(&job.url, None, "127.0.0.1:0"))
-        .collect();
-    wait_for_members(&job.url, 2);
+fn a_job_needs_token_files_and_etcd_never_holds_its_token() {
+    let job = TestJob::start("tokens", 1, 1);
+    // A worker without a token file is refused before it touches etcd.
+    let worker = Command::new(common::flexmodel_binary())
+        .args([
+            "worker",
+            "--etcd",
+            &job.url.endpoints.join(","),
+            "--job",
+            "tokens",
+        ])
+        .output_within(Duration::from_secs(120));
+    let err = String::from_utf8_lossy(&worker.stderr);
+    assert!(
+        !worker.status.success() && err.contains("--token-file"),
+        "{err}"
+    );
+    assert_eq!(members(&job.url).len(), 1);
+    // So is a driver.
     let dir = tiny_dir(4);
     let url = job.url.to_string();
     let out = tempfile::tempdir().unwrap();
@@ -351,20 +378,34 @@ fn without_token_files_a_job_keeps_its_token_in_etcd() {
         "blocks.0.hook_resid_post",
         "--out",
         to.to_str().unwrap(),
-        "--tp",
-        "2",
         "--cluster",
         &url,
     ];
-    succeeded(&args);
-    assert!(to.exists());
-    // A driver holding a token of its own is not one of them.
-    args.extend(["--token-file", job.token.path.to_str().unwrap()]);
     let refused = flexmodel(&args);
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        !refused.status.success() && err.contains("authentication failed"),
+        !refused.status.success() && err.contains("--token-file"),
         "{err}"
     );
-    assert_eq!(workers.len(), 2);
+    args.extend(["--token-file", job.token.path.to_str().unwrap()]);
+    succeeded(&args);
+    assert!(to.exists());
+    // Every key and value of the job in etcd, after a pass: no token, nothing of it.
+    let dump = Command::new("etcdctl")
+        .args([
+            "--endpoints",
+            &job.url.endpoints.join(","),
+            "get",
+            "--prefix",
+            "/flexmodel/",
+        ])
+        .output_within(Duration::from_secs(120));
+    assert!(dump.status.success());
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("/flexmodel/v1/jobs/tokens/assignment"),
+        "{dump}"
+    );
+    assert!(!dump.contains("tokens-secret"), "{dump}");
+    assert!(!dump.lines().any(|l| l.ends_with("/token")), "{dump}");
 }

@@ -3,15 +3,16 @@
 mod common;
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use candle_core::Device;
+use common::child::OutputWithin;
 use common::{assert_matches_single, numpy_reference_with_edits, rel_error, smollm2_path};
 
 fn flexmodel(args: &[&str]) -> Output {
     Command::new(common::flexmodel_binary())
         .args(args)
-        .output()
-        .unwrap()
+        .output_within(Duration::from_secs(600))
 }
 
 fn stderr(out: &Output) -> String {

@@ -2,11 +2,13 @@
 //! no worker outlives its driver — killed, terminated or interrupted — or a failed run.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
+use common::child::Guarded;
+use common::child::OutputWithin;
 use common::cli::{flexmodel, succeeded, tensors, tiny_dir};
 use common::processes::{children_of, ended, signal, wait_until};
 
@@ -215,22 +217,23 @@ fn every_command_under_procs_writes_what_threads_write() {
 /// A driver benchmarking for a long time under `--procs --tp 2 --pp 2`, once its four
 /// workers are up; kills the driver if the test fails.
 struct LongRun {
-    driver: Child,
+    driver: Guarded,
     workers: Vec<u32>,
 }
 
 impl LongRun {
     fn start(model: &str) -> Self {
-        let driver = Command::new(common::flexmodel_binary())
-            .args([
-                "bench", "--model", model, "--batch", "2", "--seq", "16", "--iters", "1000000",
-            ])
-            .args(["--tp", "2", "--pp", "2", "--procs"])
-            .env("FLEXMODEL_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let driver = Guarded::spawn(
+            Command::new(common::flexmodel_binary())
+                .args([
+                    "bench", "--model", model, "--batch", "2", "--seq", "16", "--iters", "1000000",
+                ])
+                .args(["--tp", "2", "--pp", "2", "--procs"])
+                .env("FLEXMODEL_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+            "the driver",
+        );
         let pid = driver.id();
         wait_until("four workers", Duration::from_secs(30), || {
             children_of(pid).len() == 4
@@ -244,8 +247,7 @@ impl LongRun {
 
 impl Drop for LongRun {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        self.driver.kill();
         for &pid in &self.workers {
             if !ended(pid) {
                 signal(pid, "KILL");
@@ -260,7 +262,7 @@ fn no_worker_outlives_its_driver_killed_terminated_or_interrupted() {
     for (how, number) in [("KILL", 9), ("TERM", 15), ("INT", 2)] {
         let mut run = LongRun::start(dir.path().to_str().unwrap());
         signal(run.driver.id(), how);
-        let status = run.driver.wait().unwrap();
+        let status = run.driver.wait_within(Duration::from_secs(30));
         let workers = run.workers.clone();
         let took = wait_until("the workers to exit", Duration::from_secs(5), || {
             workers.iter().all(|&p| ended(p))
@@ -297,12 +299,11 @@ fn a_killed_worker_fails_the_command_naming_its_rank_and_stops_the_others() {
     let rank = args[args.iter().position(|a| *a == "--rank").unwrap() + 1].to_string();
     signal(victim, "KILL");
     let start = Instant::now();
-    let status = run.driver.wait().unwrap();
+    let status = run.driver.wait_within(Duration::from_secs(30));
     let took = start.elapsed();
     assert!(!status.success());
     assert!(took < Duration::from_secs(10), "took {took:?}");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(run.driver.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let (_, stderr) = run.driver.printed();
     assert!(
         stderr.contains(&format!("error: rank {rank} (")) && stderr.contains("is gone"),
         "{stderr}"
@@ -394,8 +395,7 @@ fn memory_is_checked_by_the_process_that_holds_the_weights() {
             .env("FLEXMODEL_LOG", "warn")
             // 100 kB for every process: less than any rank's share of the tiny model.
             .env("FLEXMODEL_MEMORY_BYTES", "100000")
-            .output()
-            .unwrap()
+            .output_within(Duration::from_secs(300))
     };
     // In threads, this process holds both ranks and refuses the layout itself.
     let threads = run(&[]);

@@ -11,6 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::assert_matches_single;
+use common::child::Guarded;
+use common::child::OutputWithin;
 use common::cli::{succeeded_output, tensors};
 use common::etcd::{JobWorker, TokenFile};
 use common::netns::{EtcdOnHost, Hosts};
@@ -78,8 +80,7 @@ impl TwoHosts {
         let out = self
             .hosts
             .command(0, FLEXMODEL, &["workers", "--cluster", &self.url])
-            .output()
-            .unwrap();
+            .output_within(Duration::from_secs(600));
         succeeded_output(out, "workers")
     }
 
@@ -130,13 +131,15 @@ fn a_capture_at_tp3_pp2_across_two_hosts_writes_what_threads_write() {
     let ran = Command::new(FLEXMODEL)
         .args(&args)
         .env("FLEXMODEL_LOG", "warn")
-        .output()
-        .unwrap();
+        .output_within(Duration::from_secs(600));
     succeeded_output(ran, "capture with threads");
     let across = out.path().join("across.safetensors");
     let args = capture(&across);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    succeeded_output(two.driver(&args).output().unwrap(), "capture across hosts");
+    succeeded_output(
+        two.driver(&args).output_within(Duration::from_secs(600)),
+        "capture across hosts",
+    );
     // And the single shard: the worst relative error measured is 1.15e-6.
     let single = out.path().join("single.safetensors");
     let mut args = capture(&single);
@@ -145,8 +148,7 @@ fn a_capture_at_tp3_pp2_across_two_hosts_writes_what_threads_write() {
     let ran = Command::new(FLEXMODEL)
         .args(&args)
         .env("FLEXMODEL_LOG", "warn")
-        .output()
-        .unwrap();
+        .output_within(Duration::from_secs(600));
     succeeded_output(ran, "capture on one shard");
     let load = |path: &Path| -> std::collections::BTreeMap<String, candle_core::Tensor> {
         candle_core::safetensors::load(path, &candle_core::Device::Cpu)
@@ -199,12 +201,12 @@ fn a_hosts_link_cut_fails_the_running_pass_within_20_s_naming_a_rank_on_it() {
         "bench", "--model", model, "--batch", "1", "--seq", "16", "--iters", "100000", "--tp", "3",
         "--pp", "2",
     ];
-    let driver = two
-        .driver(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let driver = Guarded::spawn(
+        two.driver(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+        "the driver",
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !two.list().contains("serving") {
         assert!(Instant::now() < deadline, "the job's workers never served");
@@ -213,7 +215,7 @@ fn a_hosts_link_cut_fails_the_running_pass_within_20_s_naming_a_rank_on_it() {
     std::thread::sleep(Duration::from_secs(1));
     let cut = Instant::now();
     two.hosts.cut(1);
-    let out = driver.wait_with_output().unwrap();
+    let out = driver.output_within(Duration::from_secs(60));
     let took = cut.elapsed();
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("the pass failed {took:?} after the cut: {err}");

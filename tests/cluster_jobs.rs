@@ -204,7 +204,7 @@ fn a_worker_with_other_weights_under_the_same_name_is_refused_by_name() {
     let placement = Placement::Cluster(Cluster {
         url: url.clone(),
         model: Some("model".into()),
-        token_file: Some(token.path.clone()),
+        token_file: token.path.clone(),
     });
     let err = FlexModel::build_on(&checkpoint, Layout::new(1, 2, 1).unwrap(), &placement)
         .err()

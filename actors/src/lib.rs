@@ -32,6 +32,7 @@ pub use shard_model::{PointId, ShardHooks, ShardModel, ShardParameters};
 pub use trace_context::TracePropagation;
 pub use window::{CacheUse, KvCache, Logits, PassScope, Window};
 pub use worker::{
-    Join, LoadedShard, ShardLoader, WorkerOptions, leave_every_job, peak_rss_bytes, serve,
+    DRIVER_SILENCE, Join, LoadedShard, ShardLoader, WorkerOptions, leave_every_job, peak_rss_bytes,
+    serve,
 };
 pub use workers::{HANG_TIMEOUT, JobLaunch, WorkerLaunch, stop_every_worker};

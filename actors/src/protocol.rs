@@ -151,7 +151,8 @@ pub(crate) struct BackwardPlan {
     pub(crate) sends_gradients: Vec<bool>,
 }
 
-/// A deliberate failure of one shard, to test that failures are reported and survived.
+/// A deliberate failure of one shard, to test that failures are reported and survived;
+/// asked for only with the `fault-injection` feature (tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Fault {
     /// The shard's pass returns an error on reaching the hook point.
@@ -209,11 +210,18 @@ pub(crate) enum ToWorker {
         end_stage: usize,
         sends_output: bool,
         actions: Vec<ShardAction>,
+        /// Never on the wire without the `fault-injection` feature: a release worker
+        /// neither sends nor reads it.
+        #[cfg_attr(not(feature = "fault-injection"), serde(skip))]
         fault: Option<(PointId, Fault)>,
         backward: Option<BackwardPlan>,
     },
     /// Abort the pass (another rank failed).
     Abort { pass: u64 },
+    /// The driver is alive (every [`HEARTBEAT`](crate::worker::HEARTBEAT), once the
+    /// worker is ready); a worker whose driver is silent for
+    /// [`DRIVER_SILENCE`](crate::worker::DRIVER_SILENCE) ends the session.
+    Heartbeat,
     /// Send the parameter slices and their gradients.
     ReadParameters,
     /// Leave: the driver is done.

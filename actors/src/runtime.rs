@@ -93,7 +93,9 @@ impl ShardRuntime {
     }
 
     /// Makes rank `rank` fail with `fault` when it reaches `point` in the next pass: for
-    /// testing that a failing shard is reported and that the runtime stays usable.
+    /// testing that a failing shard is reported and that the runtime stays usable. Only
+    /// with the `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
     pub fn inject_fault(&mut self, rank: usize, point: PointId, fault: Fault) -> Result<()> {
         if rank >= self.layout.world_size() || point >= self.geometry.len() {
             return Err(Error::NoFaultTarget { rank, point });

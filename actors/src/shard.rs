@@ -31,6 +31,11 @@ use crate::protocol::{EditedPiece, Fault, RunPass, ShardEvent, Tap};
 use crate::trace_context::RemoteParent;
 use crate::{BoxError, CacheUse, Error, KvCache, PointId, ShardHooks, ShardModel, ShardParameters};
 
+/// How long a shard may take to stop once told to (it stops at its next hook point or
+/// collective, each of which checks for the pass's abort); past it, whoever waits gives
+/// up on it and says so.
+pub(crate) const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Everything a shard starts from; cloned to restart it.
 #[derive(Clone)]
 pub struct ShardArgs {

@@ -186,13 +186,22 @@ impl Drop for ShardThreads {
     fn drop(&mut self) {
         let shards = std::mem::take(&mut self.shards);
         let supervisor = self.supervisor.clone();
-        self.runtime.block_on(async move {
-            supervisor.kill();
-            supervisor.wait_for_shutdown().await;
-            for shard in &shards {
-                shard.kill();
-                shard.wait_for_shutdown().await;
-            }
+        let stopped = self.runtime.block_on(async move {
+            let stop = async {
+                supervisor.kill();
+                supervisor.wait_for_shutdown().await;
+                for shard in &shards {
+                    shard.kill();
+                    shard.wait_for_shutdown().await;
+                }
+            };
+            tokio::time::timeout(crate::shard::SHUTDOWN_TIMEOUT, stop).await
         });
+        if stopped.is_err() {
+            tracing::error!(
+                "the shards did not stop within {} s; their threads are left behind",
+                crate::shard::SHUTDOWN_TIMEOUT.as_secs()
+            );
+        }
     }
 }

@@ -93,9 +93,26 @@ pub(crate) fn next_control<T: DeserializeOwned>(
     }
 }
 
-/// The socket address of `address` (`HOST:PORT`, the host a name or an address).
+/// How long resolving a host name may take.
+pub(crate) const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The socket address of `address` (`HOST:PORT`, the host a name or an address);
+/// `None` if it does not resolve within [`RESOLVE_TIMEOUT`]. The system's resolver
+/// has no deadline of its own, so it runs on a thread of its own, left behind if it hangs.
 pub(crate) fn resolve(address: &str) -> Option<std::net::SocketAddr> {
-    std::net::ToSocketAddrs::to_socket_addrs(address)
-        .ok()?
-        .next()
+    if let Ok(literal) = address.parse() {
+        return Some(literal);
+    }
+    let (answer, resolved) = crossbeam_channel::bounded(1);
+    let name = address.to_string();
+    std::thread::Builder::new()
+        .name("flexmodel-resolve".into())
+        .spawn(move || {
+            let first = std::net::ToSocketAddrs::to_socket_addrs(&name)
+                .ok()
+                .and_then(|mut addresses| addresses.next());
+            let _ = answer.send(first);
+        })
+        .ok()?;
+    resolved.recv_timeout(RESOLVE_TIMEOUT).ok().flatten()
 }

@@ -118,6 +118,15 @@ pub enum Error {
         /// The member.
         member: usize,
     },
+    /// A frame on a connection failed its authentication check (here or at the other
+    /// end): the connection is closed, and nothing of that frame was acted on.
+    #[error("the connection to {peer} was tampered with: {how}")]
+    Tampered {
+        /// The other end.
+        peer: std::net::SocketAddr,
+        /// Which side saw it.
+        how: crate::transport::Tampering,
+    },
     /// A connection closed.
     #[error("the connection to {0} is closed")]
     ConnectionClosed(std::net::SocketAddr),
@@ -167,7 +176,10 @@ pub enum Error {
         reason: String,
     },
     /// This driver's hold on its job expired (etcd was out of reach for too long).
-    #[error("this driver no longer holds job {job}: its lease in etcd expired")]
+    #[error(
+        "this driver lost its claim on job {job}: etcd was out of reach for longer than its {} s lease, so another driver may hold the job now",
+        crate::membership::LEASE_TTL_SECONDS
+    )]
     LostClaim {
         /// The job.
         job: String,

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use candle_core::{Tensor, Var};
 use flexmodel_actors::{
-    Fault, KvCache, Logits, PassEnd, PassScope, PointGeometry, ShardModel, ShardRuntime,
-    ShardSetup, Window,
+    KvCache, Logits, PassEnd, PassScope, PointGeometry, ShardModel, ShardRuntime, ShardSetup,
+    Window,
 };
 use flexmodel_cluster::host_copy::to_host;
 use flexmodel_cluster::{Layout, PassControl, SingleRank};
@@ -589,7 +589,14 @@ impl FlexModel {
 
     /// Makes rank `rank` fail with `fault` on reaching hook point `hook` in the next
     /// pass (sharded layouts only): for testing that failures are reported and survived.
-    pub fn inject_fault(&mut self, rank: usize, hook: HookPoint, fault: Fault) -> Result<()> {
+    /// Only with the `fault-injection` feature, which the tests turn on.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_fault(
+        &mut self,
+        rank: usize,
+        hook: HookPoint,
+        fault: crate::Fault,
+    ) -> Result<()> {
         match &mut self.backend {
             Backend::Single { .. } => Err(Error::FaultNeedsShards),
             Backend::Sharded { runtime, .. } => {

@@ -77,9 +77,9 @@ pub struct Cluster {
     /// The model as each worker names it on its own disk (the same names as `--model`);
     /// by default the checkpoint's file or directory.
     pub model: Option<String>,
-    /// The job's token file (mode 0600), which the job's workers hold too; without one,
-    /// the token the job keeps in etcd.
-    pub token_file: Option<PathBuf>,
+    /// The job's token file (mode 0600), which the job's workers hold too. A job's
+    /// token lives only in files: nothing that would let someone join is kept in etcd.
+    pub token_file: PathBuf,
 }
 
 impl Cluster {
@@ -98,7 +98,7 @@ impl Cluster {
             url: self.url.clone(),
             model,
             fingerprint: Some(fingerprint),
-            token: self.token_file.as_deref().map(Token::read).transpose()?,
+            token: Token::read(&self.token_file)?,
             trace: crate::telemetry::propagation(),
         })
     }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::child::OutputWithin;
 use flexmodel_cluster::membership::{ClusterUrl, EtcdJob, MemberRecord};
 
 /// A port no one listens on now.
@@ -147,8 +148,7 @@ impl Etcd {
         let out = Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
             .args(["--endpoints", &self.endpoints(), "endpoint", "status"])
-            .output()
-            .expect("etcdctl");
+            .output_within(Duration::from_secs(60));
         let text = String::from_utf8_lossy(&out.stdout);
         // One line per endpoint: ENDPOINT, ID, VERSION, DB SIZE, IS LEADER, ...
         for line in text.lines() {
@@ -176,11 +176,10 @@ impl Etcd {
     }
 }
 
-impl Drop for Etcd {
+impl Drop for EtcdMember {
     fn drop(&mut self) {
-        for member in &mut self.members {
-            member.kill();
-        }
+        // Also when a later member of its cluster fails to start.
+        self.kill();
     }
 }
 
@@ -329,7 +328,7 @@ impl TestJob {
         flexmodel::runtime::Placement::Cluster(flexmodel::runtime::Cluster {
             url: self.url.clone(),
             model: None,
-            token_file: Some(token.path.clone()),
+            token_file: token.path.clone(),
         })
     }
 }

@@ -2,21 +2,25 @@
 //! capture, relative errors, the numpy reference and a GGUF writer.
 #![allow(dead_code)] // each test binary uses its own part of these helpers
 
+pub mod child;
 pub mod cli;
 pub mod dataset;
 pub mod etcd;
 pub mod netns;
 pub mod parity;
 pub mod processes;
+pub mod relay;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
+use child::OutputWithin;
 use flexmodel::models::Llama;
 use flexmodel::{Checkpoint, HookLayer, HookPoint};
 
@@ -238,10 +242,7 @@ pub fn numpy_reference_with_edits(
         .arg(tokens.join(";"))
         .arg(out.path())
         .args(edits.iter().flat_map(|e| ["--edit", e.as_str()]))
-        .output()
-        .expect(
-            "run python3 (the numpy reference needs python3 with numpy: scripts/test installs it)",
-        );
+        .output_within(Duration::from_secs(1200));
     assert!(
         output.status.success(),
         "numpy reference failed: {}",

@@ -4,8 +4,10 @@
 //! Every namespace (and with it every link) the test made is deleted when dropped,
 //! also when the test fails.
 
+use crate::common::child::OutputWithin;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 /// Namespaces this process made, numbered so that two tests never share a name.
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -14,8 +16,7 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 fn ip(args: &[&str]) {
     let out = Command::new("ip")
         .args(args)
-        .output()
-        .expect("ip (iproute2)");
+        .output_within(Duration::from_secs(60));
     assert!(
         out.status.success(),
         "ip {}: {}",
@@ -185,8 +186,7 @@ impl EtcdOnHost {
                     &["--endpoints", &etcd.endpoint, "endpoint", "health"],
                 )
                 .env("ETCDCTL_API", "3")
-                .output()
-                .unwrap();
+                .output_within(Duration::from_secs(60));
             if health.status.success() {
                 return etcd;
             }

@@ -45,16 +45,7 @@ pub(super) fn serve_job(
     options: &WorkerOptions,
 ) -> Result<()> {
     let job = EtcdJob::connect(url)?;
-    let token = match &options.token {
-        Some(token) => token.clone(),
-        None => {
-            tracing::warn!(
-                "no --token-file: this job's token is kept in etcd, so whoever can read the job's keys can join it"
-            );
-            job.shared_token()?
-        }
-    };
-    let hub = Arc::new(Hub::bind(options.listen, token, runtime)?);
+    let hub = Arc::new(Hub::bind(options.listen, options.token.clone(), runtime)?);
     let hub = &hub;
     let address = advertised(hub.local_addr());
     let host = host_name();

@@ -41,8 +41,11 @@ use crate::trace_context::TracePropagation;
 use crate::wire::DRIVER_GROUP;
 use crate::{BoxError, Error, Result, ShardModel};
 
-/// How often a worker tells its driver it is alive.
+/// How often a worker tells its driver it is alive, and a driver its workers.
 pub(crate) const HEARTBEAT: Duration = Duration::from_millis(250);
+/// How long a worker serves a driver that sends nothing, not even a heartbeat: a driver
+/// that was stopped (SIGSTOP), hangs or was cut off loses its workers after it.
+pub const DRIVER_SILENCE: Duration = Duration::from_secs(5);
 /// How long a worker waits for its driver's assignment, and for its peers to connect.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -99,9 +102,8 @@ pub struct WorkerOptions {
     pub listen: SocketAddr,
     /// How the shard's spans join the driver's trace, if they are exported.
     pub trace: Option<Arc<dyn TracePropagation>>,
-    /// The job's secret, which every connection proves it holds; a worker of a job
-    /// without one uses the token the job keeps in etcd.
-    pub token: Option<Token>,
+    /// The job's secret, which every connection proves it holds.
+    pub token: Token,
 }
 
 /// Serves drivers as `options` says: the one that started this worker until it is done
@@ -115,11 +117,7 @@ pub fn serve(options: &WorkerOptions, loader: &dyn ShardLoader) -> Result<()> {
         .map_err(Error::RuntimeStart)?;
     match &options.join {
         Join::Driver { driver, rank } => {
-            let token = options.token.clone().ok_or(Error::WorkerStart {
-                rank: *rank,
-                reason: "a worker started by a driver needs the driver's token file".into(),
-            })?;
-            let hub = Hub::bind(options.listen, token, runtime.handle())?;
+            let hub = Hub::bind(options.listen, options.token.clone(), runtime.handle())?;
             let hello = Hello {
                 group: DRIVER_GROUP.into(),
                 member: *rank,

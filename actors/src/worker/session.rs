@@ -14,12 +14,12 @@ use flexmodel_cluster::{
 use kameo::actor::{ActorRef, Spawn};
 use tokio::runtime::Handle;
 
-use super::{HEARTBEAT, JOIN_TIMEOUT, ShardLoader, host_name, peak_rss_bytes};
+use super::{DRIVER_SILENCE, HEARTBEAT, JOIN_TIMEOUT, ShardLoader, host_name, peak_rss_bytes};
 use crate::protocol::{
     Assignment, BackwardPass, EditedPiece, RunPass, ShardEvent, SliceHeader, Tap, ToDriver,
     ToWorker,
 };
-use crate::shard::{Position, ReadParameters, Run, ShardArgs};
+use crate::shard::{Position, ReadParameters, Run, SHUTDOWN_TIMEOUT, ShardArgs};
 use crate::threads::PARAMETERS_TIMEOUT;
 use crate::trace_context::{RemoteParent, TracePropagation};
 use crate::wire::{self, WireError};
@@ -150,7 +150,7 @@ impl Session<'_> {
                 // driver answers (it lets the workers go) to reach the driver, so that
                 // the driver's error says why rather than that the worker vanished.
                 if wire::send(driver, &refused, &[]).is_ok() {
-                    let _ = driver.inbox().recv_timeout(REFUSAL_LINGER);
+                    linger(driver);
                 }
                 self.record(MemberState::Idle, slot);
                 return Err(e);
@@ -197,7 +197,17 @@ impl Session<'_> {
         // A shard blocked in a pass notices the abort.
         control.abort();
         shard.kill();
-        self.runtime.block_on(shard.wait_for_shutdown());
+        let stopped = self.runtime.block_on(async {
+            tokio::time::timeout(SHUTDOWN_TIMEOUT, shard.wait_for_shutdown()).await
+        });
+        if stopped.is_err() {
+            // Its thread is stuck in the model; the session ends without it.
+            tracing::error!(
+                rank,
+                "the shard did not stop within {} s",
+                SHUTDOWN_TIMEOUT.as_secs()
+            );
+        }
         heartbeat.stop();
         if !matches!(served, Ok(Next::Reassigned(_))) {
             driver.close();
@@ -347,7 +357,22 @@ impl Session<'_> {
     }
 }
 
-/// Handles the driver's messages until it is done, gone, or assigns the worker again.
+/// Waits up to [`REFUSAL_LINGER`] for the driver's answer to a refusal (anything but a
+/// heartbeat), or for the connection to end.
+fn linger(driver: &Connection) {
+    let until = Instant::now() + REFUSAL_LINGER;
+    while let Ok(frame) = driver
+        .inbox()
+        .recv_timeout(until.saturating_duration_since(Instant::now()))
+    {
+        if !matches!(wire::parse::<ToWorker>(&frame), Ok(ToWorker::Heartbeat)) {
+            return;
+        }
+    }
+}
+
+/// Handles the driver's messages until it is done, gone, silent for
+/// [`DRIVER_SILENCE`], or assigns the worker again.
 fn serve_passes(
     rank: usize,
     driver: &Connection,
@@ -357,7 +382,19 @@ fn serve_passes(
     trace: Option<&Arc<dyn TracePropagation>>,
 ) -> Result<Next> {
     let protocol = |what: String| Error::Protocol { rank, what };
-    while let Ok(frame) = driver.inbox().recv() {
+    loop {
+        let frame = match driver.inbox().recv_timeout(DRIVER_SILENCE) {
+            Ok(frame) => frame,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                tracing::warn!(
+                    rank,
+                    "the driver sent nothing for {} s, not even a heartbeat: ending its session",
+                    DRIVER_SILENCE.as_secs()
+                );
+                return Ok(Next::Done);
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(Next::Done),
+        };
         match frame.kind {
             FrameKind::Edited => {
                 let value = frame.to_tensor().map_err(|e| protocol(e.to_string()))?;
@@ -431,7 +468,7 @@ fn serve_passes(
                             .map_err(|_| Error::Internal("the worker's shard actor stopped"))?;
                     }
                     ToWorker::Abort { pass } if pass == control.pass() => control.abort(),
-                    ToWorker::Abort { .. } => {}
+                    ToWorker::Abort { .. } | ToWorker::Heartbeat => {}
                     ToWorker::ReadParameters => send_parameters(driver, shard, rank)?,
                     ToWorker::Shutdown => return Ok(Next::Done),
                     ToWorker::Assign(assignment) => return Ok(Next::Reassigned(assignment)),
@@ -440,7 +477,6 @@ fn serve_passes(
             kind => return Err(protocol(format!("a {kind:?} frame from the driver"))),
         }
     }
-    Ok(Next::Done)
 }
 
 /// Sends the shard's parameter slices and gradients to the driver.

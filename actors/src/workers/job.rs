@@ -37,9 +37,8 @@ pub struct JobLaunch {
     pub model: String,
     /// The fingerprint every worker's weights must have (the driver's own), if known.
     pub fingerprint: Option<String>,
-    /// The job's secret; without one, the job's token kept in etcd
-    /// ([`EtcdJob::shared_token`]).
-    pub token: Option<Token>,
+    /// The job's secret (never kept in etcd).
+    pub token: Token,
     /// How each pass's trace context is sent along.
     pub trace: Option<Arc<dyn TracePropagation>>,
 }
@@ -58,10 +57,7 @@ impl WorkerSet {
             pid: std::process::id(),
             claim: format!("{:016x}", rand::random::<u64>()),
         };
-        let token = match &launch.token {
-            Some(token) => token.clone(),
-            None => job.shared_token()?,
-        };
+        let token = launch.token.clone();
         let claim = job.claim(driver)?;
         let members = wait_for_workers(&job, &layout, &launch.model)?;
         let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
@@ -115,13 +111,21 @@ impl WorkerSet {
         Ok(set)
     }
 
-    /// Replaces every lost worker with a free member of the job, waiting up to
-    /// [`WAIT_FOR_WORKERS`] for one to register; the workers left keep their ranks and
-    /// their shards, and only the replacements load.
+    /// Fails if this driver's hold on the job lapsed; else replaces every lost worker
+    /// with a free member of the job, waiting up to [`WAIT_FOR_WORKERS`] for one to
+    /// register; the workers left keep their ranks and their shards, and only the
+    /// replacements load.
     pub(super) fn replace_lost(&mut self) -> Result<()> {
         let Some(hold) = &self.job else {
             return Ok(());
         };
+        // Before every pass: a driver whose lease lapsed may no longer hold the job.
+        if hold.claim.lost() {
+            return Err(flexmodel_cluster::Error::LostClaim {
+                job: hold.job.url().job.clone(),
+            }
+            .into());
+        }
         let lost: Vec<usize> = (0..self.workers.len())
             .filter(|&rank| self.workers[rank].lost().is_some())
             .collect();

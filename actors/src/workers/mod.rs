@@ -5,9 +5,11 @@
 //!
 //! # Failure
 //!
-//! A worker is lost when its process exits, its connection closes, or its heartbeats
-//! stop for [`HANG_TIMEOUT`]; the pass it takes part in fails naming its rank, host and
-//! the hook it was last seen at. A worker this driver started is not replaced: later
+//! A worker is lost when its process exits, its connection closes or is tampered with,
+//! or its heartbeats stop for [`HANG_TIMEOUT`]; the pass it takes part in fails naming
+//! its rank, host and the hook it was last seen at. The driver beats too, every
+//! [`HEARTBEAT`]: a worker whose driver is silent for
+//! [`DRIVER_SILENCE`](crate::worker::DRIVER_SILENCE) ends the session. A worker this driver started is not replaced: later
 //! passes fail at once. A job's lost worker is replaced before the next pass by a free
 //! member of the job, which alone loads; the others keep their ranks and shards.
 //!
@@ -21,6 +23,7 @@
 mod job;
 mod local;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -101,6 +104,44 @@ struct Worker {
     fingerprint: String,
     /// Whether it kept the shard it held rather than loading one.
     reused: bool,
+    /// Tells it that this driver lives.
+    _beat: DriverBeat,
+}
+
+/// Tells a worker every [`HEARTBEAT`] that its driver is alive, from a thread of its
+/// own (so that a driver busy in a hook still beats), until dropped; a worker that hears
+/// nothing for [`DRIVER_SILENCE`](crate::worker::DRIVER_SILENCE) ends the session.
+struct DriverBeat {
+    stop: Arc<AtomicBool>,
+}
+
+impl DriverBeat {
+    fn start(rank: usize, connection: &Arc<Connection>) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (connection, stopped) = (Arc::downgrade(connection), stop.clone());
+        std::thread::Builder::new()
+            .name(format!("flexmodel-beat-{rank}"))
+            .spawn(move || {
+                while !stopped.load(Ordering::SeqCst) {
+                    let Some(connection) = connection.upgrade() else {
+                        return;
+                    };
+                    if wire::send(&connection, &ToWorker::Heartbeat, &[]).is_err() {
+                        return;
+                    }
+                    drop(connection);
+                    std::thread::sleep(HEARTBEAT);
+                }
+            })
+            .map_err(Error::RuntimeStart)?;
+        Ok(Self { stop })
+    }
+}
+
+impl Drop for DriverBeat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Worker {
@@ -134,6 +175,7 @@ impl Worker {
             .name(format!("flexmodel-rank-{rank}"))
             .spawn(move || relay.run())
             .map_err(Error::RuntimeStart)?;
+        let beat = DriverBeat::start(rank, &connection)?;
         Ok(Worker {
             process,
             pid: joined.pid,
@@ -146,6 +188,7 @@ impl Worker {
             param_bytes: ready.param_bytes,
             fingerprint: ready.fingerprint.clone(),
             reused: ready.reused,
+            _beat: beat,
         })
     }
 
@@ -157,6 +200,11 @@ impl Worker {
     fn lost(&self) -> Option<String> {
         if let Some(status) = self.process.exited() {
             return Some(format!("its process exited ({status})"));
+        }
+        if let Some(how) = self.connection.tampering() {
+            return Some(format!(
+                "its connection was tampered with: {how}; the connection is closed, and nothing of that frame was acted on"
+            ));
         }
         let state = self.state();
         if let Some(broken) = &state.broken {

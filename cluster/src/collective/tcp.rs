@@ -12,7 +12,7 @@ use crate::{Error, PassControl, Result, TpRank};
 
 /// One member of a group whose members are processes: a TCP connection to every other
 /// member. A connection that ends fails every later operation with that member with
-/// [`Error::PeerGone`].
+/// [`Error::PeerGone`], or [`Error::Tampered`] if a frame on it failed its check.
 pub struct TcpCollective {
     rank: TpRank,
     /// By member; `None` for this member.
@@ -66,6 +66,14 @@ impl TcpCollective {
             "a group member has no connection to another",
         ))
     }
+
+    /// The error of an operation with `member` whose connection ended.
+    fn gone(&self, member: usize) -> Error {
+        match self.peers[member].as_ref() {
+            Some(connection) if connection.tampering().is_some() => connection.ended(),
+            _ => Error::PeerGone(member),
+        }
+    }
 }
 
 impl PointToPoint for TcpCollective {
@@ -75,15 +83,19 @@ impl PointToPoint for TcpCollective {
 
     fn send_to(&self, x: &Tensor, to: usize) -> Result<()> {
         let frame = Frame::tensor(FrameKind::Collective, self.control.pass(), 0, 0, x)?;
-        self.peer(to)?.send(frame).map_err(|_| Error::PeerGone(to))
+        self.peer(to)?.send(frame).map_err(|_| self.gone(to))
     }
 
     fn recv_from(&self, from: usize) -> Result<Tensor> {
         let pass = self.control.pass();
         let wanted = |f: &Frame| f.pass == pass && f.kind == FrameKind::Collective;
-        let frame =
-            self.control
-                .receive(self.peer(from)?.inbox(), wanted, Error::PeerGone(from))?;
+        let frame = self
+            .control
+            .receive(self.peer(from)?.inbox(), wanted, Error::PeerGone(from))
+            .map_err(|e| match e {
+                Error::PeerGone(_) => self.gone(from),
+                e => e,
+            })?;
         Ok(frame.to_tensor()?)
     }
 }

@@ -27,7 +27,6 @@ use tokio::task::JoinHandle;
 
 use super::records::{AssignmentRecord, DriverRecord, MemberRecord};
 use super::url::ClusterUrl;
-use crate::transport::Token;
 use crate::{Error, Layout, Result};
 
 /// How long a process waits for etcd to answer at first, before it says it cannot.
@@ -68,9 +67,6 @@ impl Keys {
     }
     fn assignment(&self) -> String {
         format!("{}assignment", self.root)
-    }
-    fn token(&self) -> String {
-        format!("{}token", self.root)
     }
 }
 
@@ -165,33 +161,6 @@ impl EtcdJob {
     /// The driver holding the job, if one does.
     pub fn driver(&self) -> Result<Option<DriverRecord>> {
         self.get_record(self.0.keys.driver(), "reading the job's driver")
-    }
-
-    /// The job's token as etcd keeps it, for processes given no token file: the first
-    /// to ask writes a fresh one. Whoever can read the job's keys in etcd can join it.
-    pub fn shared_token(&self) -> Result<Token> {
-        let key = self.0.keys.token();
-        let fresh = Token::random();
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), fresh.as_bytes().to_vec(), None)])
-            .or_else([TxnOp::get(key.clone(), None)]);
-        let response = self.call("reading the job's token", |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })?;
-        if response.succeeded() {
-            return Ok(fresh);
-        }
-        let kept = response.op_responses().into_iter().find_map(|r| match r {
-            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-            _ => None,
-        });
-        match kept {
-            Some(bytes) if !bytes.is_empty() => Ok(Token::from_bytes(bytes)),
-            // Deleted in between: write one again.
-            _ => self.shared_token(),
-        }
     }
 
     /// Registers `member` on a lease kept alive until the registration is dropped.
@@ -431,12 +400,20 @@ async fn probe(client: Client, endpoints: Vec<String>) {
 }
 
 /// Renews `lease` every third of its life over a keep-alive stream, reopening the
-/// stream when it breaks; returns when the lease expired.
+/// stream when it breaks; returns once the lease expired: etcd said so, or no renewal
+/// went through for the lease's whole life ([`LEASE_TTL_SECONDS`]), after which etcd
+/// has let it go (or will, before anyone could be told otherwise).
 async fn renew(client: &Client, lease: i64) {
     let every = Duration::from_millis((LEASE_TTL_SECONDS as u64 * 1000) / 3);
-    loop {
-        let opened =
-            tokio::time::timeout(ATTEMPT_TIMEOUT, client.clone().lease_keep_alive(lease)).await;
+    let life = Duration::from_secs(LEASE_TTL_SECONDS as u64);
+    let mut renewed = Instant::now();
+    while renewed.elapsed() < life {
+        let left = life.saturating_sub(renewed.elapsed());
+        let opened = tokio::time::timeout(
+            ATTEMPT_TIMEOUT.min(left),
+            client.clone().lease_keep_alive(lease),
+        )
+        .await;
         let Ok(Ok((mut keeper, mut stream))) = opened else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -445,8 +422,9 @@ async fn renew(client: &Client, lease: i64) {
             if keeper.keep_alive().await.is_err() {
                 break;
             }
-            match tokio::time::timeout(ATTEMPT_TIMEOUT, stream.message()).await {
-                Ok(Ok(Some(answer))) if answer.ttl() > 0 => {}
+            let left = life.saturating_sub(renewed.elapsed());
+            match tokio::time::timeout(ATTEMPT_TIMEOUT.min(left), stream.message()).await {
+                Ok(Ok(Some(answer))) if answer.ttl() > 0 => renewed = Instant::now(),
                 Ok(Ok(Some(_))) => return,
                 _ => break,
             }
@@ -465,30 +443,41 @@ async fn keep_member_alive(
 ) {
     loop {
         renew(&client, lease.load(Ordering::SeqCst)).await;
-        tracing::warn!(%key, "this worker's lease expired; registering again");
-        let granted = retry(&client, "registering again", |mut c| async move {
-            c.lease_grant(LEASE_TTL_SECONDS, None).await
-        })
-        .await;
-        let Ok(granted) = granted else { continue };
-        let granted = granted.id();
-        lease.store(granted, Ordering::SeqCst);
-        let value = match to_json(&*lock(&record)) {
-            Ok(value) => value,
-            Err(_) => continue,
-        };
-        let put = retry(&client, "registering again", |mut c| {
-            let (key, value) = (key.clone(), value.clone());
-            async move {
-                c.put(key, value, Some(PutOptions::new().with_lease(granted)))
-                    .await
+        tracing::warn!(%key, "this worker's lease expired; registering again once etcd answers");
+        // However long etcd takes to answer: unlisted, the worker is of no use.
+        loop {
+            match register_again(&client, &key, &record).await {
+                Ok(granted) => {
+                    lease.store(granted, Ordering::SeqCst);
+                    tracing::info!(%key, "registered again");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not register again yet");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
-        })
-        .await;
-        if let Err(e) = put {
-            tracing::warn!(error = %e, "could not register again");
         }
     }
+}
+
+/// Writes the member's `record` at `key` on a new lease; the lease.
+async fn register_again(client: &Client, key: &str, record: &Mutex<MemberRecord>) -> Result<i64> {
+    let granted = retry(client, "registering again", |mut c| async move {
+        c.lease_grant(LEASE_TTL_SECONDS, None).await
+    })
+    .await?
+    .id();
+    let value = to_json(&*lock(record))?;
+    retry(client, "registering again", |mut c| {
+        let (key, value) = (key.to_string(), value.clone());
+        async move {
+            c.put(key, value, Some(PutOptions::new().with_lease(granted)))
+                .await
+        }
+    })
+    .await?;
+    Ok(granted)
 }
 
 /// Keeps a driver's lease alive; sets `lost` when it expired.

@@ -75,11 +75,6 @@ impl Token {
         Token(hex(&bytes).into_bytes())
     }
 
-    /// The token whose secret is `bytes` (a token kept elsewhere than in a file).
-    pub(crate) fn from_bytes(bytes: Vec<u8>) -> Token {
-        Token(bytes)
-    }
-
     /// The secret's bytes.
     pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.0

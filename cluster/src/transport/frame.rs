@@ -20,10 +20,18 @@
 //! magic, kind, dtype, dimensions, and the length against [`FrameCodec::max_payload`]
 //! and against the shape — before it reserves any memory for the payload, so a
 //! malformed, truncated or absurd frame costs nothing but the connection it came on.
+//!
+//! After the handshake a connection's codec is [sealed](FrameCodec::sealed): a 16-byte
+//! tag follows each frame's payload, authenticating the frame and its place in the
+//! connection (see `seal`). A sealed frame is delivered only once its tag checks out;
+//! one that fails (or is malformed) is [`FrameError::Tampered`], and nothing of it is
+//! returned.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use candle_core::{DType, Device, Storage, Tensor};
 use tokio_util::codec::{Decoder, Encoder};
+
+use super::seal::{Seal, TAG_BYTES, Unsealed};
 
 /// The first bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FMR1";
@@ -49,6 +57,9 @@ pub enum FrameKind {
     Edited = 3,
     /// A tensor of an in-model collective, between peers.
     Collective = 4,
+    /// The transport's own: the sender received a frame that failed its check and is
+    /// closing the connection (never delivered to the inbox).
+    Abort = 5,
 }
 
 impl FrameKind {
@@ -59,6 +70,7 @@ impl FrameKind {
             2 => Self::Piece,
             3 => Self::Edited,
             4 => Self::Collective,
+            5 => Self::Abort,
             _ => return None,
         })
     }
@@ -150,6 +162,10 @@ pub enum FrameError {
         /// The dtype it claims.
         dtype: DType,
     },
+    /// A sealed frame failed its authentication check: altered, injected, replayed or
+    /// out of order.
+    #[error(transparent)]
+    Tampered(#[from] Unsealed),
     /// The connection ended in the middle of a frame.
     #[error("connection closed in the middle of a frame ({0} bytes left over)")]
     Truncated(usize),
@@ -172,6 +188,14 @@ impl Frame {
             dtype: DType::U8,
             shape: vec![bytes.len()],
             body: Body::Bytes(bytes.into()),
+        }
+    }
+
+    /// The frame that tells the peer a frame of its failed its check here.
+    pub(crate) fn abort() -> Self {
+        Self {
+            kind: FrameKind::Abort,
+            ..Self::control(Vec::new())
         }
     }
 
@@ -218,16 +242,16 @@ impl Frame {
 }
 
 /// Encodes and decodes [`Frame`]s; the read buffer is reused from frame to frame.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct FrameCodec {
     max_payload: u64,
+    /// The connection's keys once its handshake is done.
+    seal: Option<Seal>,
 }
 
 impl Default for FrameCodec {
     fn default() -> Self {
-        Self {
-            max_payload: DEFAULT_MAX_PAYLOAD,
-        }
+        Self::with_max_payload(DEFAULT_MAX_PAYLOAD)
     }
 }
 
@@ -245,7 +269,18 @@ struct Header {
 impl FrameCodec {
     /// A codec that refuses payloads longer than `max_payload` bytes.
     pub fn with_max_payload(max_payload: u64) -> Self {
-        Self { max_payload }
+        Self {
+            max_payload,
+            seal: None,
+        }
+    }
+
+    /// The codec of a connection past its handshake: every frame sealed with `seal`.
+    pub(crate) fn sealed(seal: Seal) -> Self {
+        Self {
+            seal: Some(seal),
+            ..Self::default()
+        }
     }
 
     /// The longest payload this codec accepts.
@@ -330,18 +365,35 @@ impl Decoder for FrameCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        let Some(header) = self.header(src)? else {
-            return Ok(None);
+        let header = match (self.header(src), &self.seal) {
+            (Ok(Some(header)), _) => header,
+            (Ok(None), _) => return Ok(None),
+            (Err(e), None) => return Err(e),
+            // Past the handshake only an altered frame can be malformed.
+            (Err(e), Some(seal)) => {
+                tracing::debug!(error = %e, "a malformed frame on a sealed connection");
+                return Err(Unsealed {
+                    sequence: seal.received(),
+                }
+                .into());
+            }
         };
         let start = HEADER_BYTES + 8 * header.shape.len();
-        let total = start + header.len;
+        let tag = if self.seal.is_some() { TAG_BYTES } else { 0 };
+        let total = start + header.len + tag;
         if src.len() < total {
             // The length is checked, so reserving the rest is bounded by the limit.
             src.reserve(total - src.len());
             return Ok(None);
         }
-        src.advance(start);
-        let payload = src.split_to(header.len).freeze();
+        let mut frame = src.split_to(total);
+        if let Some(seal) = &mut self.seal {
+            let (bytes, tag) = frame.split_at(start + header.len);
+            seal.open(bytes, tag)?;
+        }
+        frame.advance(start);
+        frame.truncate(header.len);
+        let payload = frame.freeze();
         Ok(Some(Frame {
             kind: header.kind,
             pass: header.pass,
@@ -377,7 +429,9 @@ impl Encoder<Frame> for FrameCodec {
                 max: self.max_payload,
             });
         }
-        dst.reserve(HEADER_BYTES + 8 * frame.shape.len() + len as usize);
+        let tag = if self.seal.is_some() { TAG_BYTES } else { 0 };
+        dst.reserve(HEADER_BYTES + 8 * frame.shape.len() + len as usize + tag);
+        let start = dst.len();
         dst.put_slice(&MAGIC);
         dst.put_u8(frame.kind as u8);
         dst.put_u8(dtype);
@@ -401,6 +455,10 @@ impl Encoder<Frame> for FrameCodec {
                 shape: frame.shape.iter().map(|&d| d as u64).collect(),
                 dtype: frame.dtype,
             });
+        }
+        if let Some(seal) = &mut self.seal {
+            let tag = seal.seal(&dst[start..]);
+            dst.put_slice(&tag);
         }
         Ok(())
     }
@@ -490,6 +548,60 @@ mod tests {
                 back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 "{dtype:?}"
+            );
+        }
+    }
+
+    /// The two ends' codecs of a fresh sealed connection.
+    fn sealed_pair() -> (FrameCodec, FrameCodec) {
+        use crate::transport::auth::{Role, Token, nonce};
+        let (token, d, a) = (Token::random(), nonce(), nonce());
+        let side = |role| FrameCodec::sealed(Seal::new(&token, role, &d, &a, "g", 0));
+        (side(Role::Dialer), side(Role::Acceptor))
+    }
+
+    #[test]
+    fn sealed_frames_decode_to_what_was_sent_and_any_flipped_byte_is_tampering() {
+        let (mut sender, mut receiver) = sealed_pair();
+        let mut wire = BytesMut::new();
+        for pass in 0..3 {
+            let frame = Frame::tensor(FrameKind::Piece, pass, 1, 0, &sample()).unwrap();
+            sender.encode(frame, &mut wire).unwrap();
+        }
+        let one = wire.len() / 3;
+        assert_eq!(one, HEADER_BYTES + 3 * 8 + 24 * 4 + TAG_BYTES);
+        for pass in 0..3 {
+            let frame = receiver.decode(&mut wire).unwrap().unwrap();
+            assert_eq!(frame.pass, pass);
+            let back: Vec<f32> = frame
+                .to_tensor()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(back, (0..24).map(|i| i as f32).collect::<Vec<_>>());
+        }
+        // A byte flipped anywhere: the magic, the kind, the routing fields, the shape, the
+        // payload or the tag.
+        for at in [
+            0,
+            4,
+            8,
+            16,
+            HEADER_BYTES + 3,
+            HEADER_BYTES + 24 + 5,
+            one - 1,
+        ] {
+            let (mut sender, mut receiver) = sealed_pair();
+            let mut wire = BytesMut::new();
+            let frame = Frame::tensor(FrameKind::Piece, 1, 1, 0, &sample()).unwrap();
+            sender.encode(frame, &mut wire).unwrap();
+            wire[at] ^= 0x10;
+            let err = receiver.decode(&mut wire).unwrap_err();
+            assert!(
+                matches!(err, FrameError::Tampered(Unsealed { sequence: 0 })),
+                "byte {at}: {err}"
             );
         }
     }

@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
@@ -36,12 +36,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{self, Handshake, Role, Token};
 use super::frame::{Frame, FrameCodec, FrameError, FrameKind};
+use super::seal::{Seal, Unsealed};
 use crate::{Error, Result};
 
 /// How long each step of a new connection's handshake may take.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most connections a hub keeps waiting for someone to claim them.
 const MAX_UNCLAIMED: usize = 4096;
+/// How long an authenticated connection waits to be claimed before it is closed: longer
+/// than any join's deadline (a minute), so that only connections nobody wants expire.
+pub const UNCLAIMED_FOR: Duration = Duration::from_secs(120);
 
 /// Who a connection's dialer is: which group it joins, as which member.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -52,15 +56,45 @@ pub struct Hello {
     pub member: usize,
 }
 
+/// How long a connection that received a tampered frame waits for its abort to reach
+/// the peer before it closes the socket.
+const ABORT_GRACE: Duration = Duration::from_secs(1);
+
+/// How a connection was tampered with, once it was; the connection is closed then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tampering {
+    /// A frame from the peer failed its check here (its frame number among those received).
+    Received(Unsealed),
+    /// The peer closed the connection because a frame from this side failed its check there.
+    ReportedByPeer,
+}
+
+impl std::fmt::Display for Tampering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tampering::Received(unsealed) => write!(
+                f,
+                "frame {} it sent failed its authentication check (altered, injected, replayed or out of order)",
+                unsealed.sequence
+            ),
+            Tampering::ReportedByPeer => {
+                f.write_str("a frame sent to it failed its authentication check there")
+            }
+        }
+    }
+}
+
 /// One framed TCP connection. Frames sent are queued to its writer task (a send never
 /// blocks); frames received arrive in [`inbox`](Self::inbox). The inbox disconnects
-/// when the connection ends: the peer closed it, it failed, or a frame was malformed (logged).
+/// when the connection ends: the peer closed it, it failed, a frame was malformed
+/// (logged), or it was [tampered with](Self::tampering).
 pub struct Connection {
     /// Messages to write: each one's frames go out back to back.
     outbox: mpsc::UnboundedSender<Vec<Frame>>,
     inbox: Receiver<Frame>,
     peer: SocketAddr,
     closed: CancellationToken,
+    tampering: Arc<OnceLock<Tampering>>,
 }
 
 impl Connection {
@@ -70,16 +104,39 @@ impl Connection {
         let (outbox, mut queued) = mpsc::unbounded_channel::<Vec<Frame>>();
         let (deliver, inbox): (Sender<Frame>, Receiver<Frame>) = unbounded();
         let closed = CancellationToken::new();
-        let reader_closed = closed.clone();
+        let tampering = Arc::new(OnceLock::new());
+        let (reader_closed, reader_tampering) = (closed.clone(), tampering.clone());
+        // Weak, so that dropping the connection still ends its writer.
+        let abort = outbox.downgrade();
         runtime.spawn(async move {
             loop {
                 tokio::select! {
                     _ = reader_closed.cancelled() => break,
                     next = stream.next() => match next {
+                        Some(Ok(frame)) if frame.kind == FrameKind::Abort => {
+                            let _ = reader_tampering.set(Tampering::ReportedByPeer);
+                            tracing::error!(%peer, "the connection was tampered with: {}", Tampering::ReportedByPeer);
+                            break;
+                        }
                         Some(Ok(frame)) => {
                             if deliver.send(frame).is_err() {
                                 break;
                             }
+                        }
+                        Some(Err(FrameError::Tampered(unsealed))) => {
+                            let tampered = Tampering::Received(unsealed);
+                            let _ = reader_tampering.set(tampered);
+                            tracing::error!(%peer, "the connection was tampered with: {tampered}; closing it, nothing of that frame was acted on");
+                            // Tell the peer why, then close, whether or not it reads.
+                            if let Some(outbox) = abort.upgrade() {
+                                let _ = outbox.send(vec![Frame::abort()]);
+                            }
+                            let closing = reader_closed.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(ABORT_GRACE).await;
+                                closing.cancel();
+                            });
+                            return;
                         }
                         // A peer that went away is the liveness checks' business.
                         Some(Err(FrameError::Io(e))) => {
@@ -106,9 +163,11 @@ impl Connection {
                 let Some(message) = message else { break };
                 // Queue what else is waiting, then write it all at once.
                 let mut result = Ok(());
+                let mut aborting = false;
                 let mut next = Some(message);
                 while let Some(frames) = next.take() {
                     for frame in frames {
+                        aborting |= frame.kind == FrameKind::Abort;
                         if result.is_ok() {
                             result = sink.feed(frame).await;
                         }
@@ -117,6 +176,9 @@ impl Connection {
                 }
                 if let Err(e) = result.and(sink.flush().await) {
                     tracing::warn!(%peer, error = %e, "closing the connection");
+                    break;
+                }
+                if aborting {
                     break;
                 }
             }
@@ -128,6 +190,7 @@ impl Connection {
             inbox,
             peer,
             closed,
+            tampering,
         }
     }
 
@@ -140,12 +203,26 @@ impl Connection {
     /// between (a message and the tensors attached to it); an error once the
     /// connection is closed.
     pub fn send_all(&self, frames: Vec<Frame>) -> Result<()> {
-        if self.closed.is_cancelled() {
-            return Err(Error::ConnectionClosed(self.peer));
+        if !self.is_open() {
+            return Err(self.ended());
         }
-        self.outbox
-            .send(frames)
-            .map_err(|_| Error::ConnectionClosed(self.peer))
+        self.outbox.send(frames).map_err(|_| self.ended())
+    }
+
+    /// The error that says why the connection ended: tampered with, or closed.
+    pub fn ended(&self) -> Error {
+        match self.tampering() {
+            Some(how) => Error::Tampered {
+                peer: self.peer,
+                how,
+            },
+            None => Error::ConnectionClosed(self.peer),
+        }
+    }
+
+    /// How the connection was tampered with, if it was (it is closed then).
+    pub fn tampering(&self) -> Option<Tampering> {
+        self.tampering.get().copied()
     }
 
     /// The frames received, in order; disconnected once the connection has ended.
@@ -155,7 +232,7 @@ impl Connection {
 
     /// Whether the connection is still open.
     pub fn is_open(&self) -> bool {
-        !self.closed.is_cancelled()
+        !self.closed.is_cancelled() && self.tampering.get().is_none()
     }
 
     /// The address of the other end.
@@ -169,10 +246,11 @@ impl Connection {
     }
 }
 
-/// Connections that arrived and said who they are, until someone claims them.
+/// Connections that arrived and said who they are, with when they did, until someone
+/// claims them or they expire ([`UNCLAIMED_FOR`]).
 #[derive(Default)]
 struct Arrivals {
-    waiting: Mutex<HashMap<Hello, Connection>>,
+    waiting: Mutex<HashMap<Hello, (Connection, Instant)>>,
     changed: Condvar,
 }
 
@@ -201,9 +279,14 @@ impl Hub {
         let (accepting, stopped, secret) = (arrivals.clone(), stop.clone(), token.clone());
         let handle = runtime.clone();
         runtime.spawn(async move {
+            let mut sweep = tokio::time::interval(UNCLAIMED_FOR / 4);
             loop {
                 let (stream, peer) = tokio::select! {
                     _ = stopped.cancelled() => break,
+                    _ = sweep.tick() => {
+                        accepting.expire();
+                        continue;
+                    }
                     accepted = listener.accept() => match accepted {
                         Ok(accepted) => accepted,
                         Err(e) => {
@@ -250,22 +333,16 @@ impl Hub {
                 .set_nodelay(true)
                 .map_err(|source| Error::Connect { addr, source })?;
             let mut framed = Framed::new(stream, FrameCodec::with_max_payload(4096));
-            match introduce(&mut framed, hello, &self.token).await {
-                Ok(()) => {}
+            let seal = match introduce(&mut framed, hello, &self.token).await {
+                Ok(seal) => seal,
                 Err(HandshakeFailure::Refused) => {
                     return Err(Error::AuthenticationFailed { peer: addr });
                 }
                 Err(HandshakeFailure::Broken(reason)) => {
                     return Err(Error::Handshake { peer: addr, reason });
                 }
-            }
-            let mut parts = framed.into_parts();
-            parts.codec = FrameCodec::default();
-            Ok(Connection::start(
-                Framed::from_parts(parts),
-                addr,
-                &self.runtime,
-            ))
+            };
+            Ok(Connection::start(sealed(framed, seal), addr, &self.runtime))
         })
     }
 
@@ -316,7 +393,7 @@ impl Hub {
         loop {
             let arrived = waiting.keys().find(|h| wanted(h)).cloned();
             if let Some(hello) = arrived {
-                let connection = waiting.remove(&hello)?;
+                let (connection, _) = waiting.remove(&hello)?;
                 return Some((hello, connection));
             }
             let now = Instant::now();
@@ -341,11 +418,24 @@ impl Drop for Hub {
 }
 
 impl Arrivals {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Hello, Connection>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Hello, (Connection, Instant)>> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Closes the connections that waited longer than [`UNCLAIMED_FOR`].
+    fn expire(&self) {
+        // Dropping a connection closes it.
+        self.lock().retain(|hello, (connection, arrived)| {
+            let fresh = arrived.elapsed() < UNCLAIMED_FOR;
+            if !fresh {
+                tracing::warn!(peer = %connection.peer(), group = %hello.group, member = hello.member, "closing a connection nobody claimed within {} s", UNCLAIMED_FOR.as_secs());
+            }
+            fresh
+        });
+    }
+
     fn arrive(&self, hello: Hello, connection: Connection) {
+        self.expire();
         let mut waiting = self.lock();
         if waiting.len() >= MAX_UNCLAIMED {
             tracing::warn!(peer = %connection.peer(), "too many unclaimed connections; refused");
@@ -353,7 +443,7 @@ impl Arrivals {
         }
         // A second connection with the same hello replaces the first (a peer that
         // reconnected); the first one closes.
-        waiting.insert(hello, connection);
+        waiting.insert(hello, (connection, Instant::now()));
         self.changed.notify_all();
     }
 }
@@ -423,18 +513,24 @@ async fn greet(
     }
     send_handshake(&mut framed, &Handshake::Welcome).await?;
     tracing::debug!(%peer, %group, member, "connected");
-    // Later frames may be as long as any tensor.
-    let mut parts = framed.into_parts();
-    parts.codec = FrameCodec::default();
-    Ok((Hello { group, member }, Framed::from_parts(parts)))
+    let seal = Seal::new(token, Role::Acceptor, &theirs, &mine, &group, member);
+    Ok((Hello { group, member }, sealed(framed, seal)))
 }
 
-/// The dialer's side of the handshake.
+/// `framed` past its handshake: every later frame sealed, and as long as any tensor.
+fn sealed(framed: Framed<TcpStream, FrameCodec>, seal: Seal) -> Framed<TcpStream, FrameCodec> {
+    let mut parts = framed.into_parts();
+    parts.codec = FrameCodec::sealed(seal);
+    Framed::from_parts(parts)
+}
+
+/// The dialer's side of the handshake: the connection's seal once both sides proved
+/// that they hold the token.
 async fn introduce(
     framed: &mut Framed<TcpStream, FrameCodec>,
     hello: &Hello,
     token: &Token,
-) -> std::result::Result<(), HandshakeFailure> {
+) -> std::result::Result<Seal, HandshakeFailure> {
     let mine = auth::nonce();
     let opening = Handshake::Hello {
         group: hello.group.clone(),
@@ -464,7 +560,14 @@ async fn introduce(
         .await
         .map_err(HandshakeFailure::Broken)?;
     match next_handshake(framed).await {
-        Ok(Handshake::Welcome) => Ok(()),
+        Ok(Handshake::Welcome) => Ok(Seal::new(
+            token,
+            Role::Dialer,
+            &mine,
+            &theirs,
+            group,
+            member,
+        )),
         // The acceptor closes a connection whose proof it does not take.
         Err(_) => Err(HandshakeFailure::Refused),
         Ok(other) => Err(HandshakeFailure::Broken(format!(

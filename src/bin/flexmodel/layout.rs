@@ -46,11 +46,11 @@ pub struct LayoutArgs {
     pub procs: bool,
     /// Run every rank on a worker of the job at `etcd://HOST:PORT[,HOST:PORT...]/JOB`
     /// (workers started with `flexmodel worker --etcd ... --job JOB`, on any machine).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", requires = "token_file")]
     pub cluster: Option<ClusterUrl>,
     /// The job's secret token (a file, mode 0600) that every connection between its
     /// processes proves it holds; with `--procs`, by default a fresh one; with
-    /// `--cluster`, by default the one the job keeps in etcd.
+    /// `--cluster`, required (the job's workers hold the same one).
     #[arg(long, value_name = "F")]
     pub token_file: Option<PathBuf>,
 }
@@ -109,25 +109,30 @@ impl LayoutArgs {
         Ok(FlexModel::build_on(
             checkpoint,
             layout,
-            &self.placement(model),
+            &self.placement(model)?,
         )?)
     }
 
     /// Where the ranks run, for the model named `model`.
-    pub fn placement(&self, model: &str) -> Placement {
+    pub fn placement(&self, model: &str) -> anyhow::Result<Placement> {
         if let Some(url) = &self.cluster {
-            return Placement::Cluster(Cluster {
+            let Some(token_file) = &self.token_file else {
+                anyhow::bail!(
+                    "--cluster needs --token-file F: the job's token, which its workers hold too"
+                );
+            };
+            return Ok(Placement::Cluster(Cluster {
                 url: url.clone(),
                 model: Some(model.to_string()),
-                token_file: self.token_file.clone(),
-            });
+                token_file: token_file.clone(),
+            }));
         }
-        match self.procs {
+        Ok(match self.procs {
             true => Placement::Processes(Processes {
                 token_file: self.token_file.clone(),
                 ..Processes::default()
             }),
             false => Placement::Threads,
-        }
+        })
     }
 }

@@ -40,10 +40,9 @@ pub struct WorkerArgs {
     /// The address other processes reach this worker at (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// The job's secret token (a file, mode 0600); without one, a job's worker uses
-    /// the token the job keeps in etcd.
+    /// The job's secret token (a file, mode 0600, that the job's drivers hold too).
     #[arg(long, value_name = "F")]
-    token_file: Option<PathBuf>,
+    token_file: PathBuf,
     /// The device to compute on: `cpu`, `cuda:N`, or `cuda` (for each rank it serves,
     /// GPU rank mod the number of GPUs). Needs a build with the `cuda` feature.
     #[arg(long, default_value_t = DeviceSpec::Cpu, value_name = "cpu|cuda[:N]")]
@@ -61,7 +60,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         (None, None, Some(driver), Some(rank)) => Join::Driver { driver, rank },
         _ => anyhow::bail!("give --etcd HOST:PORT[,...] and --job JOB"),
     };
-    let token = args.token_file.as_deref().map(Token::read).transpose()?;
+    let token = Token::read(&args.token_file)?;
     let options = WorkerOptions {
         join,
         listen: args.listen,

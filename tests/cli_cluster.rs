@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::child::Guarded;
 use common::child::OutputWithin;
 use common::cli::{flexmodel, succeeded, tensors, tiny_dir};
-use common::etcd::{TestJob, free_port, members, wait_for_members};
+use common::etcd::{TestJob, all_members_are, free_port, members, wait_for_members};
 use common::processes::{signal, wait_until};
 use common::smollm2_path;
 use flexmodel_cluster::membership::MemberState;
@@ -145,9 +145,7 @@ fn a_smollm2_capture_generation_and_dataset_over_a_job_at_tp3_pp2_are_what_threa
     // Six members, each holding its rank of SmolLM2 under tp=3 pp=2, ready once their
     // sessions have ended.
     wait_until("every worker to be ready", Duration::from_secs(5), || {
-        members(&job.url)
-            .iter()
-            .all(|m| m.state == MemberState::Ready)
+        all_members_are(&job.url, MemberState::Ready)
     });
     let listed = succeeded(&["workers", "--cluster", &url]);
     let lines: Vec<Vec<&str>> = listed
@@ -283,17 +281,13 @@ fn a_job_worker_keeps_serving_after_its_driver_is_killed() {
         "the driver",
     );
     wait_until("the workers to serve", Duration::from_secs(30), || {
-        members(&job.url)
-            .iter()
-            .all(|m| m.state == MemberState::Serving)
+        all_members_are(&job.url, MemberState::Serving)
     });
     driver.kill();
     // The workers notice at once; the job is free again once the killed driver's lease
     // expires (5 s), and they serve the next driver with the slices they kept.
     wait_until("the workers to be ready", Duration::from_secs(5), || {
-        members(&job.url)
-            .iter()
-            .all(|m| m.state == MemberState::Ready)
+        all_members_are(&job.url, MemberState::Ready)
     });
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -289,6 +289,25 @@ fn no_worker_outlives_its_driver_killed_terminated_or_interrupted() {
 }
 
 #[test]
+fn a_stopped_driver_loses_its_workers_once_it_is_silent_for_the_stated_time() {
+    let dir = tiny_dir(44);
+    let run = LongRun::start(dir.path().to_str().unwrap());
+    // Stopped, not dead: its connections stay open, and it says nothing more.
+    signal(run.driver.id(), "STOP");
+    let workers = run.workers.clone();
+    let took = wait_until("the workers to exit", Duration::from_secs(15), || {
+        workers.iter().all(|&p| ended(p))
+    });
+    eprintln!("every worker ended {took:?} after its driver stopped");
+    let silence = flexmodel_actors::DRIVER_SILENCE;
+    assert!(
+        took >= silence - Duration::from_millis(500),
+        "took {took:?}"
+    );
+    assert!(took < silence + Duration::from_secs(2), "took {took:?}");
+}
+
+#[test]
 fn a_killed_worker_fails_the_command_naming_its_rank_and_stops_the_others() {
     let dir = tiny_dir(43);
     let mut run = LongRun::start(dir.path().to_str().unwrap());

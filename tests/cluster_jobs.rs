@@ -10,16 +10,21 @@ mod common;
 
 use std::io::Write as _;
 use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::etcd::{Etcd, JobWorker, TestJob, TokenFile, members, wait_for_members};
+use common::child::Guarded;
+use common::etcd::{
+    Etcd, JobWorker, TestJob, TokenFile, all_members_are, members, wait_for_members,
+};
 use common::parity::{everything, tiny_for_tp3_on_disk, tiny_on_disk};
 use common::processes::{signal, signal_at_hook, wait_until};
 use common::{assert_matches_single, batch};
 use flexmodel::FlexModel;
 use flexmodel::runtime::{Cluster, Placement};
+use flexmodel_actors::DRIVER_SILENCE;
 use flexmodel_cluster::Layout;
-use flexmodel_cluster::membership::MemberState;
+use flexmodel_cluster::membership::{LEASE_TTL_SECONDS, MemberState};
 
 /// As in `worker_processes.rs`: the layouts' worst relative error against the single
 /// shard is 7.8e-7.
@@ -39,9 +44,7 @@ fn a_job_at_tp3_pp2_gives_the_threads_results_bit_for_bit_and_serves_a_second_dr
     // The workers keep their slices for the next driver, which loads nothing; each says
     // so once its session has ended.
     wait_until("every worker to be ready", Duration::from_secs(5), || {
-        members(&job.url)
-            .iter()
-            .all(|m| m.state == MemberState::Ready)
+        all_members_are(&job.url, MemberState::Ready)
     });
     let model = FlexModel::build_on(&checkpoint, layout, &job.placement()).unwrap();
     assert_eq!(model.workers_reused(), Some(vec![true; 6]));
@@ -181,6 +184,121 @@ fn a_killed_worker_fails_its_pass_by_name_and_a_replacement_takes_its_rank() {
 #[test]
 fn a_stopped_worker_fails_its_pass_once_its_heartbeats_stop_and_is_replaced() {
     lose_a_worker_then_replace_it("STOP", "stopped answering");
+}
+
+/// Sends SIGCONT to a stopped process when dropped, on every path of the test.
+struct ContinueOnDrop(u32);
+
+impl Drop for ContinueOnDrop {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+#[test]
+fn a_stopped_driver_frees_its_workers_for_the_next_driver_within_seconds() {
+    let job = TestJob::start("stopped-driver", 1, 2);
+    let (dir, checkpoint) = tiny_on_disk(46);
+    let layout = Layout::new(1, 1, 2).unwrap();
+    let url = job.url.to_string();
+    let args = [
+        "bench",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--batch",
+        "1",
+        "--seq",
+        "8",
+        "--iters",
+        "1000000",
+        "--tp",
+        "2",
+        "--cluster",
+        &url,
+        "--token-file",
+        job.token.path.to_str().unwrap(),
+    ];
+    let driver = Guarded::spawn(
+        Command::new(common::flexmodel_binary())
+            .args(args)
+            .env("FLEXMODEL_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "the driver",
+    );
+    wait_until("the workers to serve", Duration::from_secs(30), || {
+        all_members_are(&job.url, MemberState::Serving)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // Stopped, not dead: its connections stay open, and it says nothing more.
+    signal(driver.id(), "STOP");
+    let took = wait_until("the workers to be free", Duration::from_secs(15), || {
+        all_members_are(&job.url, MemberState::Ready)
+    });
+    eprintln!("the workers were free {took:?} after their driver stopped");
+    assert!(
+        took < DRIVER_SILENCE + Duration::from_secs(2),
+        "took {took:?}"
+    );
+    // The next driver gets them, with the slices they kept.
+    let tokens = batch(&[&[1, 2, 3, 4]]);
+    let expected = FlexModel::build(&checkpoint, layout)
+        .unwrap()
+        .forward(&tokens)
+        .unwrap();
+    let mut next = FlexModel::build_on(&checkpoint, layout, &job.placement()).unwrap();
+    assert_eq!(
+        common::max_abs_diff(&next.forward(&tokens).unwrap(), &expected),
+        0.0
+    );
+    assert_eq!(next.workers_reused(), Some(vec![true, true]));
+    drop(driver);
+}
+
+#[test]
+fn etcd_stopped_longer_than_the_lease_fails_the_next_pass_and_the_job_serves_a_new_driver() {
+    let job = TestJob::start("outage", 1, 1);
+    let (_dir, checkpoint) = tiny_on_disk(47);
+    let tokens = batch(&[&[1, 2, 3, 4]]);
+    let mut model = FlexModel::build_on(&checkpoint, Layout::SINGLE, &job.placement()).unwrap();
+    let expected = model.forward(&tokens).unwrap();
+    let etcd = job.etcd.members[0].pid().unwrap();
+    signal(etcd, "STOP");
+    let stopped = ContinueOnDrop(etcd);
+    std::thread::sleep(Duration::from_secs(LEASE_TTL_SECONDS as u64 + 2));
+    let start = Instant::now();
+    let err = model
+        .forward(&tokens)
+        .expect_err("a driver whose claim lapsed must not run a pass")
+        .to_string();
+    eprintln!("{err}");
+    assert!(
+        err.contains("this driver lost its claim on job outage: etcd was out of reach for longer than its 5 s lease"),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    // etcd answers again, and lets the lapsed leases go: the worker registers again.
+    drop(stopped);
+    let took = wait_until(
+        "the worker to register again",
+        Duration::from_secs(20),
+        || {
+            members(&job.url)
+                .first()
+                .is_some_and(|m| m.state == MemberState::Ready)
+        },
+    );
+    eprintln!("the worker was registered and ready {took:?} after etcd came back");
+    drop(model);
+    let mut next = FlexModel::build_on(&checkpoint, Layout::SINGLE, &job.placement()).unwrap();
+    assert_eq!(
+        common::max_abs_diff(&next.forward(&tokens).unwrap(), &expected),
+        0.0
+    );
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use candle_core::{Tensor, Var};
 use common::cli::{flexmodel, succeeded, tensors, tiny_dir};
-use common::etcd::TestJob;
+use common::etcd::{TestJob, all_members_are};
 use common::parity::{
     everything, parity_tokens, register_edits, tiny_for_tp3_on_disk, tiny_on_disk,
 };
@@ -223,9 +223,7 @@ fn a_jobs_workers_serve_fsdp_bit_for_bit_keep_its_pieces_for_the_next_driver_and
     assert_matches_single("cluster fsdp", &threads, &first, 0.0, true);
     let ready = || {
         wait_until("every worker to be ready", Duration::from_secs(5), || {
-            common::etcd::members(&job.url)
-                .iter()
-                .all(|m| m.state == MemberState::Ready)
+            all_members_are(&job.url, MemberState::Ready)
         })
     };
     ready();

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::child::OutputWithin;
-use flexmodel_cluster::membership::{ClusterUrl, EtcdJob, MemberRecord};
+use flexmodel_cluster::membership::{ClusterUrl, EtcdJob, MemberRecord, MemberState};
 
 /// A port no one listens on now.
 pub fn free_port() -> u16 {
@@ -224,7 +224,11 @@ impl JobWorker {
             ])
             .args(["--listen", listen])
             .env("RAYON_NUM_THREADS", "1")
-            .env("FLEXMODEL_LOG", "warn")
+            .env(
+                "FLEXMODEL_LOG",
+                // Warnings only, unless a test run asks for more.
+                std::env::var("FLEXMODEL_TEST_WORKER_LOG").unwrap_or("warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         if let Some(token) = token {
@@ -280,6 +284,11 @@ pub fn start_workers(url: &ClusterUrl, token: Option<&Path>, n: usize) -> Vec<Jo
 /// The job's members as etcd has them.
 pub fn members(url: &ClusterUrl) -> Vec<MemberRecord> {
     EtcdJob::connect(url).unwrap().members().unwrap()
+}
+
+/// Whether every member of the job is in `state`.
+pub fn all_members_are(url: &ClusterUrl, state: MemberState) -> bool {
+    members(url).iter().all(|m| m.state == state)
 }
 
 /// Waits until the job has `n` members.

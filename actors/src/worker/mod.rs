@@ -15,6 +15,20 @@
 //! wait. A worker that cannot join its groups or load its shard tells the driver why
 //! (`Refused`); one a driver started then exits, one of a job waits for the next driver.
 //!
+//! No wait is without a deadline:
+//!
+//! - the driver's assignment, and the peers' connections: [`JOIN_TIMEOUT`] (60 s);
+//! - the driver itself: it beats every [`HEARTBEAT`] (250 ms), and a driver silent for
+//!   [`DRIVER_SILENCE`] (5 s) — stopped, hung or cut off — ends the session (a job's
+//!   worker then serves the next driver; one a driver started exits). A job's worker
+//!   also ends the session once its driver no longer holds the job in etcd;
+//! - a frame that fails its authentication check ends the session at once (see
+//!   [`flexmodel_cluster::transport`]);
+//! - the tensors attached to a message: 60 s; a peer's host name: 10 s to resolve;
+//! - the shard stopping when the session ends: 10 s, after which it is left behind;
+//! - etcd: a job's worker whose lease lapsed (etcd out of reach for longer than the
+//!   lease) registers again, on a new lease, as soon as etcd answers.
+//!
 //! # Shutdown
 //!
 //! A worker a driver started ends with that driver (its `Shutdown`, or the end of its

@@ -9,7 +9,12 @@
 //! or its heartbeats stop for [`HANG_TIMEOUT`]; the pass it takes part in fails naming
 //! its rank, host and the hook it was last seen at. The driver beats too, every
 //! [`HEARTBEAT`]: a worker whose driver is silent for
-//! [`DRIVER_SILENCE`](crate::worker::DRIVER_SILENCE) ends the session. A worker this driver started is not replaced: later
+//! [`DRIVER_SILENCE`](crate::worker::DRIVER_SILENCE) ends the session. A job's driver
+//! checks before every pass that it still holds the job: one whose claim lapsed (etcd
+//! out of reach for longer than its lease) fails the pass with
+//! [`LostClaim`](flexmodel_cluster::Error::LostClaim). Workers have [`JOIN_TIMEOUT`]
+//! (60 s) to connect, [`LOAD_TIMEOUT`] (30 min, beating all along) to load, and
+//! [`STOP_TIMEOUT`] (5 s) to stop before they are killed. A worker this driver started is not replaced: later
 //! passes fail at once. A job's lost worker is replaced before the next pass by a free
 //! member of the job, which alone loads; the others keep their ranks and shards.
 //!

@@ -10,6 +10,15 @@
 //! (keeping at least one), then puts them back once they answer again. Every request is
 //! retried for up to [`RETRY_FOR`], so that an election after a leader's death is only
 //! a pause; a lease's keep-alive stream is reopened on the members left.
+//!
+//! # Failure
+//!
+//! Each attempt of a request has 2 s, and a request gives up after [`RETRY_FOR`] (10 s);
+//! connecting gives up after [`CONNECT_TIMEOUT`] (10 s). A lease is renewed every third
+//! of its life ([`LEASE_TTL_SECONDS`], 5 s); renewal gives up once no renewal went
+//! through for the whole life, since etcd has let the lease go by then. A driver's
+//! [`Claim`] is then [lost](Claim::lost) (the driver fails its next pass saying so), and
+//! a worker's [`Registration`] registers again on a new lease as soon as etcd answers.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -519,9 +528,10 @@ impl Registration {
 
     fn put(&self) -> Result<()> {
         let value = to_json(&*lock(&self.record))?;
-        let lease = self.lease.load(Ordering::SeqCst);
         self.job.call("writing this worker's record", |mut c| {
             let (key, value) = (self.key.clone(), value.clone());
+            // Read at each attempt: the member may have registered again meanwhile.
+            let lease = self.lease.load(Ordering::SeqCst);
             async move {
                 c.put(key, value, Some(PutOptions::new().with_lease(lease)))
                     .await

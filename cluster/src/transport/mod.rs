@@ -10,4 +10,4 @@ pub use auth::Token;
 
 pub use frame::{Body, DEFAULT_MAX_PAYLOAD, Frame, FrameCodec, FrameError, FrameKind, MAX_DIMS};
 pub use seal::Unsealed;
-pub use tcp::{Connection, HELLO_TIMEOUT, Hello, Hub, Tampering};
+pub use tcp::{ABORT_GRACE, Connection, HELLO_TIMEOUT, Hello, Hub, Tampering, UNCLAIMED_FOR};

@@ -15,6 +15,15 @@
 //! memory is reserved for it; the process stays up. The inbox of a closed connection
 //! disconnects, which is how the synchronous side learns that its peer is gone.
 //!
+//! A sealed frame that fails its authentication check (altered, injected, replayed or
+//! out of order) closes its connection too: nothing of it is delivered, the peer is sent
+//! an abort saying why (and given [`ABORT_GRACE`], 1 s, to get it), and
+//! [`Connection::tampering`] tells the synchronous side what happened.
+//!
+//! Deadlines: each step of a handshake has [`HELLO_TIMEOUT`] (10 s); a dial has the
+//! caller's timeout; an authenticated connection that nobody claims is closed after
+//! [`UNCLAIMED_FOR`] (120 s).
+//!
 //! # Shutdown
 //!
 //! Dropping a [`Connection`] lets its writer send what is queued and close the socket;
@@ -58,7 +67,7 @@ pub struct Hello {
 
 /// How long a connection that received a tampered frame waits for its abort to reach
 /// the peer before it closes the socket.
-const ABORT_GRACE: Duration = Duration::from_secs(1);
+pub const ABORT_GRACE: Duration = Duration::from_secs(1);
 
 /// How a connection was tampered with, once it was; the connection is closed then.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -302,6 +302,36 @@ fn etcd_stopped_longer_than_the_lease_fails_the_next_pass_and_the_job_serves_a_n
 }
 
 #[test]
+fn a_job_worker_that_cannot_load_refuses_with_its_own_rank_and_why() {
+    let job = TestJob::start("unloadable", 1, 2);
+    let (_dir, checkpoint) = tiny_on_disk(48);
+    // A name no worker resolves on its disk.
+    let placement = Placement::Cluster(Cluster {
+        url: job.url.clone(),
+        model: Some("/nonexistent/model".into()),
+        token_file: job.token.path.clone(),
+    });
+    let err = FlexModel::build_on(&checkpoint, Layout::new(1, 1, 2).unwrap(), &placement)
+        .err()
+        .expect("a model the workers cannot load must be refused");
+    let flexmodel::Error::Sharded(inner) = &err else {
+        panic!("{err:?}");
+    };
+    let flexmodel_actors::Error::WorkerRefused { rank, message } = &**inner else {
+        panic!("{inner:?}");
+    };
+    assert!(
+        message.starts_with(&format!("loading the shard of rank {rank}: ")),
+        "{message}"
+    );
+    assert!(message.contains("/nonexistent/model"), "{message}");
+    // Both stay free for the next driver.
+    wait_until("the workers to be idle", Duration::from_secs(10), || {
+        members(&job.url).len() == 2 && all_members_are(&job.url, MemberState::Idle)
+    });
+}
+
+#[test]
 fn a_worker_with_other_weights_under_the_same_name_is_refused_by_name() {
     let etcd = Etcd::start();
     let url = etcd.url("weights");

@@ -165,8 +165,12 @@ fn a_worker_that_cannot_start_is_a_clear_error() {
     });
     let err = FlexModel::build_on(&checkpoint, Layout::new(1, 1, 2).unwrap(), &missing)
         .err()
-        .unwrap()
-        .to_string();
+        .unwrap();
+    assert!(
+        matches!(&err, flexmodel::Error::Sharded(e) if matches!(**e, flexmodel_actors::Error::SpawnWorker { rank: 0, .. })),
+        "{err:?}"
+    );
+    let err = err.to_string();
     assert!(
         err.contains("starting the worker of rank 0: running /nonexistent/flexmodel"),
         "{err}"
@@ -180,13 +184,17 @@ fn a_worker_that_cannot_start_is_a_clear_error() {
     let start = Instant::now();
     let err = FlexModel::build_on(&checkpoint, Layout::new(1, 1, 2).unwrap(), &wrong)
         .err()
-        .unwrap()
-        .to_string();
+        .unwrap();
     assert!(
         start.elapsed() < Duration::from_secs(5),
         "took {:?}",
         start.elapsed()
     );
+    assert!(
+        matches!(&err, flexmodel::Error::Sharded(e) if matches!(**e, flexmodel_actors::Error::WorkerNotConnected { exited: Some(_), .. })),
+        "{err:?}"
+    );
+    let err = err.to_string();
     assert!(
         err.contains("did not connect") && err.contains("exited"),
         "{err}"

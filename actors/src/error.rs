@@ -148,13 +148,99 @@ pub enum Error {
         /// What happened to it.
         reason: String,
     },
-    /// A worker process could not be started or did not join.
-    #[error("starting the worker of rank {rank}: {reason}")]
-    WorkerStart {
+    /// The driver could not start the worker process of a rank.
+    #[error("starting the worker of rank {rank}: running {}: {source}", .program.display())]
+    SpawnWorker {
         /// The rank.
         rank: usize,
-        /// What went wrong.
+        /// The program it ran.
+        program: std::path::PathBuf,
+        /// Why it could not.
+        source: std::io::Error,
+    },
+    /// The driver could not write the token file for the workers it starts.
+    #[error("writing the job's token to {}: {source}", .path.display())]
+    WriteToken {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it could not.
+        source: std::io::Error,
+    },
+    /// A worker the driver started never connected to it.
+    #[error("the worker of rank {rank} did not connect{}", exit_note(.exited))]
+    WorkerNotConnected {
+        /// The rank.
+        rank: usize,
+        /// How its process ended, if it did.
+        exited: Option<String>,
+    },
+    /// The driver could not reach the job's worker chosen for a rank.
+    #[error("cannot reach worker {worker} for rank {rank}: {reason}")]
+    WorkerUnreachable {
+        /// The rank.
+        rank: usize,
+        /// The worker: its member id, host and address.
+        worker: String,
+        /// Why (it does not resolve, refuses the connection, holds another token, …).
         reason: String,
+    },
+    /// A worker refused its assignment, saying why (its shard did not load, it could
+    /// not join its groups, it is busy, …).
+    #[error("the worker of rank {rank} refused its assignment: {message}")]
+    WorkerRefused {
+        /// The rank.
+        rank: usize,
+        /// What the worker said.
+        message: String,
+    },
+    /// A worker stopped sending heartbeats while it started (joined, loaded, or joined
+    /// new groups).
+    #[error("the worker of rank {rank} stopped answering while {during}")]
+    WorkerSilent {
+        /// The rank.
+        rank: usize,
+        /// What it was doing.
+        during: &'static str,
+    },
+    /// A worker was lost before it was ready: its process exited or its connection
+    /// closed (or was tampered with).
+    #[error("the worker of rank {rank} was lost while it started: {reason}")]
+    WorkerGoneWhileStarting {
+        /// The rank.
+        rank: usize,
+        /// What happened.
+        reason: String,
+    },
+    /// A worker lost its driver (the driver's connection closed or failed).
+    #[error("the driver went away: {reason}")]
+    LostDriver {
+        /// What happened.
+        reason: String,
+    },
+    /// A job's worker was sent an assignment that is not its own (another member's, or
+    /// an epoch that is not the job's latest).
+    #[error("refused the assignment of rank {rank}: {reason}")]
+    WrongAssignment {
+        /// The rank assigned.
+        rank: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A worker cannot compute on the device its rank was given.
+    #[error("rank {rank} cannot compute on its device: {source}")]
+    Device {
+        /// The rank.
+        rank: usize,
+        /// Why.
+        source: flexmodel_cluster::Error,
+    },
+    /// A worker could not load its rank's shard.
+    #[error("loading the shard of rank {rank}: {source}")]
+    LoadShard {
+        /// The rank.
+        rank: usize,
+        /// Why.
+        source: BoxError,
     },
     /// A job had too few workers free for a layout.
     #[error(
@@ -274,6 +360,14 @@ fn on_host(host: &Option<String>) -> String {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// "(N more busy)" when some of a job's workers are busy.
+/// `; its process exited (STATUS)` when a process's end is known.
+fn exit_note(exited: &Option<String>) -> String {
+    exited
+        .as_ref()
+        .map(|status| format!("; its process exited ({status})"))
+        .unwrap_or_default()
+}
+
 fn busy_note(busy: usize) -> String {
     match busy {
         0 => String::new(),

@@ -98,9 +98,8 @@ impl Session<'_> {
     /// Serves the driver at the other end of `driver` until it is done or gone; fails
     /// if an assignment could not be served (the driver was told why).
     pub(super) fn serve(&self, driver: Arc<Connection>, slot: &mut Slot) -> Result<()> {
-        let lost = |e: WireError| Error::WorkerStart {
-            rank: self.rank.unwrap_or(0),
-            reason: format!("the driver: {e}"),
+        let lost = |e: WireError| Error::LostDriver {
+            reason: e.to_string(),
         };
         let joined = ToDriver::Joined {
             pid: std::process::id(),
@@ -166,9 +165,8 @@ impl Session<'_> {
             fingerprint: loaded.fingerprint.clone(),
             reused,
         };
-        wire::send(driver, &ready, &[]).map_err(|e| Error::WorkerStart {
-            rank,
-            reason: format!("the driver: {e}"),
+        wire::send(driver, &ready, &[]).map_err(|e| Error::LostDriver {
+            reason: e.to_string(),
         })?;
         self.record(MemberState::Serving, slot);
         let (events, events_rx) = unbounded();
@@ -242,7 +240,7 @@ impl Session<'_> {
         if let Some(member) = self.member {
             member
                 .check(assignment)
-                .map_err(|reason| Error::WorkerStart { rank, reason })?;
+                .map_err(|reason| Error::WrongAssignment { rank, reason })?;
         }
         let peers = assignment
             .peers
@@ -253,9 +251,10 @@ impl Session<'_> {
             })
             .collect::<Result<Vec<SocketAddr>>>()?;
         let me = layout.coords(rank);
-        let failed = |reason: String| Error::WorkerStart { rank, reason };
         let spec = self.device.unwrap_or(layout.device());
-        let device = spec.device(rank).map_err(|e| failed(e.to_string()))?;
+        let device = spec
+            .device(rank)
+            .map_err(|source| Error::Device { rank, source })?;
         let deadline = Instant::now() + JOIN_TIMEOUT;
         // One TCP group per axis and assignment, named after them; `members` are
         // ranks in group order.
@@ -330,7 +329,7 @@ impl Session<'_> {
                 tp.clone(),
                 replicas.as_ref().map(as_collective),
             )
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|source| Error::LoadShard { rank, source })?;
         let param_bytes = shard
             .model
             .parameters()

@@ -169,7 +169,7 @@ impl WorkerSet {
                 Some((_, connection, ..)) => connection.clone(),
                 None => self.workers[rank].connection.clone(),
             };
-            wire::send(&connection, &assign, &[]).map_err(|e| Error::WorkerStart {
+            wire::send(&connection, &assign, &[]).map_err(|e| Error::WorkerGoneWhileStarting {
                 rank,
                 reason: e.to_string(),
             })?;
@@ -218,21 +218,16 @@ impl Worker {
                     return Ok(());
                 }
                 Ok(ToDriver::Refused { message }) => {
-                    return Err(Error::WorkerStart {
-                        rank,
-                        reason: message,
-                    });
+                    return Err(Error::WorkerRefused { rank, message });
                 }
                 Ok(_) | Err(_) => {}
             }
             if let Some(reason) = self.lost() {
-                return Err(Error::WorkerStart { rank, reason });
+                return Err(Error::WorkerGoneWhileStarting { rank, reason });
             }
             if Instant::now() > deadline || self.state().last_heartbeat.elapsed() > HANG_TIMEOUT {
-                return Err(Error::WorkerStart {
-                    rank,
-                    reason: "it stopped answering while it joined its new groups".into(),
-                });
+                let during = "joining its new groups";
+                return Err(Error::WorkerSilent { rank, during });
             }
         }
     }
@@ -254,12 +249,10 @@ fn dial(
             hub.dial(address, &hello, DIAL_TIMEOUT)
                 .map_err(|e| e.to_string())
         })
-        .map_err(|reason| Error::WorkerStart {
+        .map_err(|reason| Error::WorkerUnreachable {
             rank,
-            reason: format!(
-                "worker {} on {} ({}): {reason}",
-                member.id, member.host, member.address
-            ),
+            worker: format!("{} on {} ({})", member.id, member.host, member.address),
+            reason,
         })
 }
 

@@ -139,14 +139,9 @@ impl WorkerSet {
             match hub.accept_while(&hello, deadline, || child.exited().is_none()) {
                 Ok(connection) => connections.push(Arc::new(connection)),
                 Err(_) => {
-                    let reason = match child.exited() {
-                        Some(status) => {
-                            format!("it did not connect; its process exited ({status})")
-                        }
-                        None => "it did not connect".into(),
-                    };
+                    let exited = child.exited().map(|status| status.to_string());
                     stop_children(&children);
-                    return Err(Error::WorkerStart { rank, reason });
+                    return Err(Error::WorkerNotConnected { rank, exited });
                 }
             }
         }
@@ -206,9 +201,10 @@ fn spawn(
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         command.env("RAYON_NUM_THREADS", launch.threads.to_string());
     }
-    WorkerChild::spawn(&mut command).map_err(|e| Error::WorkerStart {
+    WorkerChild::spawn(&mut command).map_err(|source| Error::SpawnWorker {
         rank,
-        reason: format!("running {}: {e}", launch.program.display()),
+        program: launch.program.clone(),
+        source,
     })
 }
 
@@ -237,9 +233,9 @@ impl JobToken {
             rand::random::<u64>()
         );
         let path = std::env::temp_dir().join(name);
-        token.write(&path).map_err(|e| Error::WorkerStart {
-            rank: 0,
-            reason: format!("writing the job's token to {}: {e}", path.display()),
+        token.write(&path).map_err(|source| Error::WriteToken {
+            path: path.clone(),
+            source,
         })?;
         Ok(Self {
             token,

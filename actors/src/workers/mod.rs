@@ -305,13 +305,12 @@ fn read_joined(connection: &Connection, process: &Process, rank: usize) -> Resul
             host,
             peer_address,
         }),
-        Ok(ToDriver::Refused { message }) => Err(failed_start(process, rank, message)),
-        Ok(other) => Err(failed_start(
-            process,
+        Ok(ToDriver::Refused { message }) => Err(Error::WorkerRefused { rank, message }),
+        Ok(other) => Err(Error::Protocol {
             rank,
-            format!("it sent {other:?} first"),
-        )),
-        Err(e) => Err(failed_start(process, rank, e.to_string())),
+            what: format!("it sent {other:?} first"),
+        }),
+        Err(e) => Err(failed_start(connection, process, rank, e, "joining")),
     }
 }
 
@@ -490,7 +489,13 @@ fn handshake(
     for (rank, connection) in connections.iter().enumerate() {
         let assignment = introduction.assignment(rank, &peers);
         if let Err(e) = wire::send(connection, &ToWorker::Assign(assignment), &[]) {
-            return Err(failed_start(&processes[rank], rank, e.to_string()));
+            return Err(failed_start(
+                connection,
+                &processes[rank],
+                rank,
+                e,
+                "joining",
+            ));
         }
     }
     let mut ready = Vec::with_capacity(connections.len());
@@ -565,34 +570,49 @@ fn wait_ready(connection: &Connection, process: &Process, rank: usize) -> Result
                     reused,
                 });
             }
-            Ok(ToDriver::Refused { message }) => return Err(failed_start(process, rank, message)),
+            Ok(ToDriver::Refused { message }) => {
+                return Err(Error::WorkerRefused { rank, message });
+            }
             Ok(ToDriver::Heartbeat { .. }) => last_heartbeat = Instant::now(),
             Ok(other) => {
-                let reason = format!("it sent {other:?} before it was ready");
-                return Err(failed_start(process, rank, reason));
+                let what = format!("it sent {other:?} before it was ready");
+                return Err(Error::Protocol { rank, what });
             }
             Err(WireError::TimedOut) => {}
-            Err(e) => return Err(failed_start(process, rank, e.to_string())),
+            Err(e) => return Err(failed_start(connection, process, rank, e, "loading")),
         }
         if let Some(status) = process.exited() {
-            return Err(failed_start(process, rank, format!("it exited ({status})")));
+            let reason = format!("its process exited ({status})");
+            return Err(Error::WorkerGoneWhileStarting { rank, reason });
         }
         if last_heartbeat.elapsed() > HANG_TIMEOUT || Instant::now() > deadline {
-            let reason = "it stopped answering while loading".into();
-            return Err(failed_start(process, rank, reason));
+            let during = "loading";
+            return Err(Error::WorkerSilent { rank, during });
         }
     }
 }
 
-/// The error for `rank`, which did not start; says how its process ended, if it did.
-fn failed_start(process: &Process, rank: usize, reason: String) -> Error {
-    let reason = match process.exited() {
-        Some(status) if !reason.contains("exited") => {
-            format!("{reason}; its process exited ({status})")
+/// The error for `rank`, whose connection failed with `e` while it was `during`
+/// (joining, loading): how its process ended or its connection closed, if either did.
+fn failed_start(
+    connection: &Connection,
+    process: &Process,
+    rank: usize,
+    e: WireError,
+    during: &'static str,
+) -> Error {
+    match e {
+        WireError::TimedOut => Error::WorkerSilent { rank, during },
+        WireError::Unexpected(what) => Error::Protocol { rank, what },
+        WireError::Closed => {
+            let reason = match (process.exited(), connection.tampering()) {
+                (Some(status), _) => format!("its process exited ({status})"),
+                (None, Some(how)) => format!("its connection was tampered with: {how}"),
+                (None, None) => "its connection closed".into(),
+            };
+            Error::WorkerGoneWhileStarting { rank, reason }
         }
-        _ => reason,
-    };
-    Error::WorkerStart { rank, reason }
+    }
 }
 
 /// Tells every worker the driver is done with it; stops the processes this driver

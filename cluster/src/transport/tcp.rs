@@ -773,6 +773,40 @@ mod tests {
         assert_eq!(got.bytes().unwrap().as_ref(), b"welcome");
     }
 
+    #[test]
+    fn a_connection_nobody_claims_is_closed_once_it_expires() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let token = Token::random();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let hub = Hub::bind(any, token.clone(), runtime.handle()).unwrap();
+        let client = Hub::bind(any, token, runtime.handle()).unwrap();
+        let hello = |member| Hello {
+            group: "g".into(),
+            member,
+        };
+        let (old, fresh) = (
+            client.dial(hub.local_addr(), &hello(0), HELLO_TIMEOUT).unwrap(),
+            client.dial(hub.local_addr(), &hello(1), HELLO_TIMEOUT).unwrap(),
+        );
+        let deadline = Instant::now() + HELLO_TIMEOUT;
+        while hub.arrivals.lock().len() < 2 {
+            assert!(Instant::now() < deadline, "both arrive");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Member 0 has waited longer than anyone may.
+        if let Some((_, arrived)) = hub.arrivals.lock().get_mut(&hello(0)) {
+            *arrived = Instant::now() - UNCLAIMED_FOR - Duration::from_secs(1);
+        }
+        hub.arrivals.expire();
+        assert!(old.inbox().recv_timeout(HELLO_TIMEOUT).is_err(), "closed");
+        let soon = Instant::now() + Duration::from_millis(100);
+        assert!(hub.accept(&hello(0), soon).is_err());
+        let claimed = hub.accept(&hello(1), soon).unwrap();
+        fresh.send(Frame::control(b"still here".to_vec())).unwrap();
+        let got = claimed.inbox().recv_timeout(HELLO_TIMEOUT).unwrap();
+        assert_eq!(got.bytes().unwrap().as_ref(), b"still here");
+    }
+
     /// A valid header (magic, control kind, u8, one dimension) with no payload yet.
     const MAGIC_HEADER: [u8; 40] = {
         let mut h = [0u8; 40];

@@ -785,8 +785,12 @@ mod tests {
             member,
         };
         let (old, fresh) = (
-            client.dial(hub.local_addr(), &hello(0), HELLO_TIMEOUT).unwrap(),
-            client.dial(hub.local_addr(), &hello(1), HELLO_TIMEOUT).unwrap(),
+            client
+                .dial(hub.local_addr(), &hello(0), HELLO_TIMEOUT)
+                .unwrap(),
+            client
+                .dial(hub.local_addr(), &hello(1), HELLO_TIMEOUT)
+                .unwrap(),
         );
         let deadline = Instant::now() + HELLO_TIMEOUT;
         while hub.arrivals.lock().len() < 2 {

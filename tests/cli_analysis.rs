@@ -4,10 +4,9 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use common::child::OutputWithin;
+use common::child::{OutputWithin, RUN_DEADLINE};
 use common::{rel_error, smollm2};
 use flexmodel::analysis::induction::{measure, repeated_random_tokens};
 use flexmodel::tiny::tiny_checkpoint;
@@ -16,7 +15,7 @@ use flexmodel::{FlexModel, Layout};
 fn flexmodel(args: &[&str]) -> Output {
     Command::new(common::flexmodel_binary())
         .args(args)
-        .output_within(Duration::from_secs(600))
+        .output_within(RUN_DEADLINE)
 }
 
 fn run_ok(args: &[&str]) -> String {

@@ -3,16 +3,15 @@
 mod common;
 
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use candle_core::Device;
-use common::child::OutputWithin;
+use common::child::{OutputWithin, RUN_DEADLINE};
 use common::{assert_matches_single, numpy_reference_with_edits, rel_error, smollm2_path};
 
 fn flexmodel(args: &[&str]) -> Output {
     Command::new(common::flexmodel_binary())
         .args(args)
-        .output_within(Duration::from_secs(600))
+        .output_within(RUN_DEADLINE)
 }
 
 fn stderr(out: &Output) -> String {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::child::Guarded;
-use common::child::OutputWithin;
+use common::child::{OutputWithin, RUN_DEADLINE};
 use common::cli::{flexmodel, succeeded, tensors, tiny_dir};
 use common::processes::{children_of, ended, signal, wait_until};
 
@@ -414,7 +414,7 @@ fn memory_is_checked_by_the_process_that_holds_the_weights() {
             .env("FLEXMODEL_LOG", "warn")
             // 100 kB for every process: less than any rank's share of the tiny model.
             .env("FLEXMODEL_MEMORY_BYTES", "100000")
-            .output_within(Duration::from_secs(300))
+            .output_within(RUN_DEADLINE)
     };
     // In threads, this process holds both ranks and refuses the layout itself.
     let threads = run(&[]);

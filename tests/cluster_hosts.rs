@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::assert_matches_single;
 use common::child::Guarded;
-use common::child::OutputWithin;
+use common::child::{OutputWithin, RUN_DEADLINE};
 use common::cli::{succeeded_output, tensors};
 use common::etcd::{JobWorker, TokenFile};
 use common::netns::{EtcdOnHost, Hosts};
@@ -80,7 +80,7 @@ impl TwoHosts {
         let out = self
             .hosts
             .command(0, FLEXMODEL, &["workers", "--cluster", &self.url])
-            .output_within(Duration::from_secs(600));
+            .output_within(RUN_DEADLINE);
         succeeded_output(out, "workers")
     }
 
@@ -131,13 +131,13 @@ fn a_capture_at_tp3_pp2_across_two_hosts_writes_what_threads_write() {
     let ran = Command::new(FLEXMODEL)
         .args(&args)
         .env("FLEXMODEL_LOG", "warn")
-        .output_within(Duration::from_secs(600));
+        .output_within(RUN_DEADLINE);
     succeeded_output(ran, "capture with threads");
     let across = out.path().join("across.safetensors");
     let args = capture(&across);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     succeeded_output(
-        two.driver(&args).output_within(Duration::from_secs(600)),
+        two.driver(&args).output_within(RUN_DEADLINE),
         "capture across hosts",
     );
     // And the single shard: the worst relative error measured is 1.15e-6.
@@ -148,7 +148,7 @@ fn a_capture_at_tp3_pp2_across_two_hosts_writes_what_threads_write() {
     let ran = Command::new(FLEXMODEL)
         .args(&args)
         .env("FLEXMODEL_LOG", "warn")
-        .output_within(Duration::from_secs(600));
+        .output_within(RUN_DEADLINE);
     succeeded_output(ran, "capture on one shard");
     let load = |path: &Path| -> std::collections::BTreeMap<String, candle_core::Tensor> {
         candle_core::safetensors::load(path, &candle_core::Device::Cpu)

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Duration;
 
-use common::child::OutputWithin;
+use common::child::{OutputWithin, RUN_DEADLINE};
 use flexmodel::tiny::tiny_checkpoint;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -114,7 +114,7 @@ fn capture_with_export(dir: &Path, endpoint: &str, protocol: &str, extra: &[&str
         .env("OTEL_SERVICE_NAME", "flexmodel-test")
         .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .env_remove("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .output_within(Duration::from_secs(600));
+        .output_within(RUN_DEADLINE);
     assert!(
         out.status.success(),
         "{}",

@@ -8,10 +8,9 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 use candle_core::Device;
-use common::child::OutputWithin;
+use common::child::{OutputWithin, RUN_DEADLINE};
 use common::{batch, capture_with_opt_in, rel_error, smollm2};
 
 #[test]
@@ -42,7 +41,7 @@ fn every_tensor_agrees_with_transformer_lens_on_smollm2() {
         .arg(&hf_dir)
         .arg(tokens.join(";"))
         .arg(&out)
-        .output_within(Duration::from_secs(1200));
+        .output_within(RUN_DEADLINE);
     assert!(
         run.status.success(),
         "TransformerLens failed: {}",

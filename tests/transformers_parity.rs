@@ -11,10 +11,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use common::child::OutputWithin;
+use common::child::{OutputWithin, RUN_DEADLINE};
 use common::{rel_error, take_last_calls, transformer_lens_python};
 use flexmodel::models::{Architecture, LlamaConfig, RopeScaling};
 use flexmodel::text::TokenBatch;
@@ -56,7 +55,7 @@ fn transformers(dir: &Path, rows: &[Vec<u32>]) -> BTreeMap<String, Tensor> {
         .arg(dir)
         .arg(rows.join(";"))
         .arg(out.path())
-        .output_within(Duration::from_secs(1200));
+        .output_within(RUN_DEADLINE);
     assert!(
         run.status.success(),
         "transformers failed: {}",

@@ -7,6 +7,11 @@ use std::process::{Child, Command, ExitStatus, Output};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// How long a test's run of a program may take before the test fails: far above what
+/// any takes (the longest, the README's lens run in a debug build beside the other tests,
+/// took more than 10 minutes), so that it catches only a hang.
+pub const RUN_DEADLINE: Duration = Duration::from_secs(1800);
+
 /// A child process, killed (SIGKILL) and reaped when dropped.
 pub struct Guarded {
     child: Child,

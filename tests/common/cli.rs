@@ -1,16 +1,15 @@
 //! Running the `flexmodel` binary and reading what it writes.
 
-use crate::common::child::OutputWithin;
+use crate::common::child::{OutputWithin, RUN_DEADLINE};
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
 
 /// `flexmodel ARGS`, with warnings only in its log.
 pub fn flexmodel(args: &[&str]) -> Output {
     Command::new(crate::common::flexmodel_binary())
         .args(args)
         .env("FLEXMODEL_LOG", "warn")
-        .output_within(Duration::from_secs(900))
+        .output_within(RUN_DEADLINE)
 }
 
 /// The standard output of `flexmodel ARGS`, which must succeed.

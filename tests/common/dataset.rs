@@ -4,9 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
-use crate::common::child::OutputWithin;
+use crate::common::child::{OutputWithin, RUN_DEADLINE};
 use candle_core::{Device, Tensor};
 
 /// What `datasets.load_from_disk` read: the script's JSON line (rows, features, Arrow
@@ -26,7 +25,7 @@ pub fn read_with_datasets(dir: &Path) -> Read {
         .arg(out.path())
         .env("HF_DATASETS_OFFLINE", "1")
         .env("HF_HUB_OFFLINE", "1")
-        .output_within(Duration::from_secs(600));
+        .output_within(RUN_DEADLINE);
     assert!(
         output.status.success(),
         "datasets.load_from_disk({}) failed: {}",

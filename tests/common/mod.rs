@@ -15,12 +15,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use child::OutputWithin;
+use child::{OutputWithin, RUN_DEADLINE};
 use flexmodel::models::Llama;
 use flexmodel::{Checkpoint, HookLayer, HookPoint};
 
@@ -242,7 +241,7 @@ pub fn numpy_reference_with_edits(
         .arg(tokens.join(";"))
         .arg(out.path())
         .args(edits.iter().flat_map(|e| ["--edit", e.as_str()]))
-        .output_within(Duration::from_secs(1200));
+        .output_within(RUN_DEADLINE);
     assert!(
         output.status.success(),
         "numpy reference failed: {}",

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use candle_core::{DType, Tensor};
-use common::child::Guarded;
+use common::child::{Guarded, OutputWithin};
 use common::cli::{flexmodel, succeeded, tiny_dir};
 use common::dataset::{Read, assert_same_files, files, read_with_datasets, tokens_file};
 use common::parity::tiny_for_tp3_on_disk;
@@ -373,11 +373,14 @@ fn a_complete_dataset_run_again_exits_0_and_changes_nothing() {
 /// Runs `script` with `sh` in a mount namespace of its own (root), where it can mount
 /// file systems that vanish with it.
 fn in_mount_namespace(script: &str) {
-    let status = Command::new("unshare")
+    let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", script])
-        .status()
-        .expect("unshare (util-linux)");
-    assert!(status.success(), "the namespace's script failed");
+        .output_within(Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "the namespace's script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

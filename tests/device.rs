@@ -136,12 +136,15 @@ mod without_cuda {
     #[test]
     fn a_worker_asked_for_a_gpu_fails_at_start_saying_why() {
         // Nothing listens on port 9: the device is checked before etcd is dialled.
+        let token = common::etcd::TokenFile::new("device-secret");
         let out = flexmodel(&[
             "worker",
             "--etcd",
             "127.0.0.1:9",
             "--job",
             "j",
+            "--token-file",
+            token.path.to_str().unwrap(),
             "--device",
             "cuda:0",
         ]);

@@ -249,8 +249,13 @@ impl Connection {
         self.peer
     }
 
-    /// Closes the connection (queued frames may be dropped).
+    /// Closes the connection (queued frames may be dropped). A connection that received
+    /// a tampered frame is already closing: it sends its abort first, so that the peer
+    /// learns why, and closes within [`ABORT_GRACE`].
     pub fn close(&self) {
+        if matches!(self.tampering(), Some(Tampering::Received(_))) {
+            return;
+        }
         self.closed.cancel();
     }
 }

@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 use flexmodel_cluster::ParamSlice;
-use flexmodel_cluster::{Collective, conjugate};
+use flexmodel_cluster::{Collective, TpRank, conjugate};
 
 use crate::Result;
 use crate::weights::HeldWeights;
@@ -350,6 +350,25 @@ impl VocabParallelEmbedding {
         let summed = conjugate::all_reduce_sum(&local, collective)?;
         Ok(summed.reshape((b, t, d))?)
     }
+}
+
+/// The key/value heads of `tp`: an even slice when the heads split over the ranks, or
+/// the one head this rank's query heads read when there are more ranks than heads (each
+/// key/value head is then replicated on `tp / n_kv_heads` ranks).
+pub fn kv_heads_of(tp: TpRank, n_kv_heads: usize) -> Result<std::ops::Range<usize>> {
+    if tp.size() <= n_kv_heads {
+        return Ok(tp.slice_of("num_key_value_heads", n_kv_heads)?);
+    }
+    if !tp.size().is_multiple_of(n_kv_heads) {
+        return Err(flexmodel_cluster::Error::UnevenSplit {
+            what: "num_key_value_heads (replicated)".into(),
+            size: n_kv_heads,
+            parts: tp.size(),
+        }
+        .into());
+    }
+    let head = tp.rank() / (tp.size() / n_kv_heads);
+    Ok(head..head + 1)
 }
 
 #[cfg(test)]

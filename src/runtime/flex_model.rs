@@ -16,12 +16,10 @@ use crate::hooks::HookCatalog;
 use crate::hooks::catalog::scope_limits;
 use crate::hooks::dispatch::{LossFn, PassHooks};
 use crate::hooks::registry::{Groups, HookRegistry};
-use crate::models::{Llama, LlamaConfig, Stage};
+use crate::models::{Llama, LlamaConfig, ModelShard, Stage};
 use crate::runtime::launch::Placement;
 use crate::runtime::parameters::{self, RankSlices};
-use crate::runtime::sharding::{
-    LlamaShard, build_shards, check_fits_in_memory, check_layout, geometry,
-};
+use crate::runtime::sharding::{Shard, build_shards, check_fits_in_memory, check_layout, geometry};
 use crate::text::TokenBatch;
 use crate::text::token_batch::check_tokens;
 use crate::weights::{TensorMap, WeightSource};
@@ -34,7 +32,7 @@ enum Backend {
     /// One shard: forward passes in the calling thread (with its key/value cache);
     /// backward passes in a one-rank runtime started on first use (it shares the weights).
     Single {
-        model: Llama,
+        model: Arc<dyn ModelShard>,
         cache: KvCache,
         runtime: Option<Box<ShardRuntime>>,
     },
@@ -83,7 +81,7 @@ impl FlexModel {
     pub fn new(model: Llama) -> Self {
         let config = model.config().clone();
         let backend = Backend::Single {
-            model,
+            model: Arc::new(model),
             cache: KvCache::default(),
             runtime: None,
         };
@@ -163,7 +161,7 @@ impl FlexModel {
             let (weights, one) = (checkpoint.weights.as_ref(), Arc::new(SingleRank));
             let model = Llama::load_stage(&config, weights, one, whole, device)?;
             let backend = Backend::Single {
-                model,
+                model: Arc::new(model),
                 cache: KvCache::default(),
                 runtime: None,
             };
@@ -474,7 +472,7 @@ impl FlexModel {
             Backend::Single { model, runtime, .. } => match runtime {
                 Some(runtime) => runtime,
                 None => {
-                    let shards = vec![Arc::new(LlamaShard::new(model.clone()))];
+                    let shards = vec![Arc::new(Shard::new(model.clone(), self.config.n_layers))];
                     let control = Arc::new(PassControl::default());
                     runtime.insert(Box::new(start_runtime(
                         &self.config,
@@ -638,7 +636,7 @@ fn geometry_of(
 fn start_runtime(
     config: &LlamaConfig,
     layout: Layout,
-    shards: &[Arc<LlamaShard>],
+    shards: &[Arc<Shard>],
     control: Arc<PassControl>,
 ) -> Result<ShardRuntime> {
     let (geometry, output) = geometry_of(config, layout)?;

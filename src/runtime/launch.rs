@@ -13,7 +13,7 @@ use flexmodel_cluster::{Collective, Layout};
 
 use crate::Checkpoint;
 use crate::models::{Llama, LlamaConfig};
-use crate::runtime::sharding::{LlamaShard, check_layout, check_rank_fits_in_memory, stage_of};
+use crate::runtime::sharding::{Shard, check_layout, check_rank_fits_in_memory, stage_of};
 use crate::{Error, Result};
 
 /// Where the ranks of a model run.
@@ -170,7 +170,7 @@ impl ShardLoader for LlamaLoader {
             None => Llama::load_stage(config, weights, tp, stage, device)?,
         };
         Ok(LoadedShard {
-            model: Arc::new(LlamaShard::new(model)),
+            model: Arc::new(Shard::new(Arc::new(model), config.n_layers)),
             fingerprint: checkpoint.weights.fingerprint()?,
         })
     }

@@ -12,9 +12,9 @@ use flexmodel_cluster::{
 };
 
 use crate::hooks::point::{BlockSite, HookPoint};
-use crate::models::llama::kv_heads_of;
+use crate::models::kv_heads_of;
 use crate::models::loss::vocab_parallel_loss;
-use crate::models::{Llama, LlamaConfig, Stage};
+use crate::models::{Llama, LlamaConfig, ModelShard, Stage};
 use crate::weights::WeightSource;
 use crate::{Error, HookLayer, Result};
 
@@ -307,21 +307,20 @@ pub fn geometry(point: HookPoint, config: &LlamaConfig, layout: &Layout) -> Resu
     })
 }
 
-/// One shard of a LLaMA model, as the runtime drives it.
-pub struct LlamaShard {
-    model: Llama,
+/// One rank's shard of a model, as the runtime drives it.
+pub struct Shard {
+    model: Arc<dyn ModelShard>,
     n_layers: usize,
 }
 
-impl LlamaShard {
-    /// `model` as a shard of the runtime.
-    pub fn new(model: Llama) -> Self {
-        let n_layers = model.config().n_layers;
+impl Shard {
+    /// `model`, a shard of a model of `n_layers` blocks, as a shard of the runtime.
+    pub fn new(model: Arc<dyn ModelShard>, n_layers: usize) -> Self {
         Self { model, n_layers }
     }
 
-    /// The model shard.
-    pub fn model(&self) -> &Llama {
+    /// The model's shard.
+    pub fn model(&self) -> &Arc<dyn ModelShard> {
         &self.model
     }
 }
@@ -345,7 +344,7 @@ impl HookLayer for ByIndex<'_> {
     }
 }
 
-impl ShardModel for LlamaShard {
+impl ShardModel for Shard {
     fn forward(
         &self,
         input: &Tensor,
@@ -402,7 +401,7 @@ pub fn build_shards(
     weights: &dyn WeightSource,
     layout: &Layout,
     control: &Arc<PassControl>,
-) -> Result<Vec<Arc<LlamaShard>>> {
+) -> Result<Vec<Arc<Shard>>> {
     check_layout(config, layout)?;
     let tp_groups = in_process_groups(layout, control, |c| c.tp, |r| layout.tp_group(r))?;
     let mut dp_groups = match layout.fsdp() {
@@ -422,10 +421,7 @@ pub fn build_shards(
                 }
                 None => Llama::load_stage(config, weights, tp, stage, device)?,
             };
-            Ok(Arc::new(LlamaShard {
-                model,
-                n_layers: config.n_layers,
-            }))
+            Ok(Arc::new(Shard::new(Arc::new(model), config.n_layers)))
         })
         .collect()
 }

@@ -9,17 +9,15 @@
 //! Every hook point of `docs/ARCHITECTURE.md` is a call into the [`HookLayer`](crate::HookLayer).
 
 mod attention;
-mod block;
+pub(crate) mod block;
 mod config;
-mod fsdp;
 mod mlp;
 mod model;
 pub(crate) mod positions;
 mod rms_norm;
 mod rope;
 
-pub use attention::kv_heads_of;
 pub use config::{Architecture, LlamaConfig, Unimplemented};
-pub use model::{Llama, Stage};
+pub use model::Llama;
 pub use rms_norm::RmsNorm;
 pub use rope::RopeScaling;

@@ -11,37 +11,15 @@ use flexmodel_cluster::{Collective, conjugate};
 
 use super::LlamaConfig;
 use super::block::Block;
-use super::fsdp::Fsdp;
 use super::positions::Positions;
 use super::rms_norm::RmsNorm;
+use crate::models::fsdp::Fsdp;
 use crate::models::parallel::ParamMap;
+use crate::models::stage::Stage;
 use crate::models::{ColumnParallelLinear, VocabParallelEmbedding};
 use crate::text::token_batch::check_tokens;
 use crate::weights::{HeldWeights, PieceReads, WeightSource};
 use crate::{Error, HookLayer, HookPoint, Result};
-
-/// Which part of the model a shard holds: a contiguous run of blocks, plus the
-/// embedding on the first stage and the final norm and LM head on the last.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stage {
-    /// The blocks of this stage.
-    pub layers: Range<usize>,
-    /// Whether this stage starts with the token embedding.
-    pub first: bool,
-    /// Whether this stage ends with the final norm and the LM head.
-    pub last: bool,
-}
-
-impl Stage {
-    /// The whole model in one stage.
-    pub fn whole(n_layers: usize) -> Self {
-        Self {
-            layers: 0..n_layers,
-            first: true,
-            last: true,
-        }
-    }
-}
 
 /// A LLaMA-family transformer: one pipeline stage of one tensor-parallel rank.
 ///
@@ -392,5 +370,34 @@ impl HookLayer for OnDevice<'_> {
 
     fn wants(&self, point: HookPoint) -> bool {
         self.hooks.wants(point)
+    }
+}
+
+impl crate::models::ModelShard for Llama {
+    fn forward_stage(
+        &self,
+        input: &Tensor,
+        window: &Window,
+        cache: &mut KvCache,
+        hooks: &mut dyn HookLayer,
+        backward: bool,
+    ) -> Result<Tensor> {
+        Llama::forward_stage(self, input, window, cache, hooks, backward)
+    }
+
+    fn parameters(&self) -> Vec<ParamSlice> {
+        Llama::parameters(self)
+    }
+
+    fn vocab_rows(&self) -> Range<usize> {
+        Llama::vocab_rows(self)
+    }
+
+    fn collective(&self) -> &Arc<dyn Collective> {
+        Llama::collective(self)
+    }
+
+    fn weight_bytes(&self) -> usize {
+        Llama::weight_bytes(self)
     }
 }

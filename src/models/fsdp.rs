@@ -114,7 +114,7 @@ mod tests {
     use crate::NoHooks;
     use crate::models::llama::block::Block;
     use crate::models::llama::positions::Positions;
-    use crate::models::{Llama, Stage};
+    use crate::models::{Llama, ModelShard, Stage};
     use crate::tiny::{tiny_checkpoint, tiny_config};
     use std::sync::atomic::{AtomicUsize, Ordering};
 

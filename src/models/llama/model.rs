@@ -210,15 +210,6 @@ impl Llama {
         }
     }
 
-    /// The bytes of weights this shard holds.
-    pub fn weight_bytes(&self) -> usize {
-        let parameters = self.parameters();
-        parameters
-            .iter()
-            .map(|p| p.value.elem_count() * p.value.dtype().size_in_bytes())
-            .sum()
-    }
-
     /// Logits `[b, t, vocab / tp]` (this rank's vocabulary slice) of `tokens` (`[b, t]`,
     /// u32, every one real), passing every hook point through `hooks`. The shard must
     /// hold the whole model ([`Stage::whole`]).
@@ -395,9 +386,5 @@ impl crate::models::ModelShard for Llama {
 
     fn collective(&self) -> &Arc<dyn Collective> {
         Llama::collective(self)
-    }
-
-    fn weight_bytes(&self) -> usize {
-        Llama::weight_bytes(self)
     }
 }

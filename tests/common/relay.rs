@@ -116,7 +116,8 @@ impl Relay {
     }
 }
 
-/// Forwards frames from `from` to `to` until either end closes.
+/// Forwards frames from `from` to `to` until `from` ends (then ends `to`'s writing) or
+/// `to` fails.
 fn pump(mut from: TcpStream, mut to: TcpStream, direction: Direction, plan: &Mutex<Plan>) {
     let mut frames = 0usize;
     while let Some(mut frame) = read_frame(&mut from, frames >= HANDSHAKE_FRAMES) {
@@ -148,11 +149,13 @@ fn pump(mut from: TcpStream, mut to: TcpStream, direction: Direction, plan: &Mut
             plan.last.insert(key, frame.clone());
         }
         if to.write_all(&before).is_err() || to.write_all(&frame).is_err() {
-            break;
+            // `to` is gone; the other direction still forwards what it sent before.
+            let _ = from.shutdown(Shutdown::Read);
+            return;
         }
     }
-    let _ = to.shutdown(Shutdown::Both);
-    let _ = from.shutdown(Shutdown::Both);
+    // Like TCP itself: the end of one direction is passed on, the other goes on.
+    let _ = to.shutdown(Shutdown::Write);
 }
 
 /// The next whole frame on `from` (with its tag if `sealed`), or `None` at its end.

@@ -13,7 +13,9 @@
 //!
 //! A frame that does not decode closes its connection with a log line, before any
 //! memory is reserved for it; the process stays up. The inbox of a closed connection
-//! disconnects, which is how the synchronous side learns that its peer is gone.
+//! disconnects, which is how the synchronous side learns that its peer is gone. A write
+//! that fails does not end the reading at once: what the peer sent before it went (an
+//! abort saying why) is still read, for up to [`ABORT_GRACE`].
 //!
 //! A sealed frame that fails its authentication check (altered, injected, replayed or
 //! out of order) closes its connection too: nothing of it is delivered, the peer is sent
@@ -93,6 +95,15 @@ impl std::fmt::Display for Tampering {
     }
 }
 
+/// Closes `closed` after [`ABORT_GRACE`] (on the current runtime).
+fn close_after_grace(closed: &CancellationToken) {
+    let closed = closed.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(ABORT_GRACE).await;
+        closed.cancel();
+    });
+}
+
 /// One framed TCP connection. Frames sent are queued to its writer task (a send never
 /// blocks); frames received arrive in [`inbox`](Self::inbox). The inbox disconnects
 /// when the connection ends: the peer closed it, it failed, a frame was malformed
@@ -140,11 +151,7 @@ impl Connection {
                             if let Some(outbox) = abort.upgrade() {
                                 let _ = outbox.send(vec![Frame::abort()]);
                             }
-                            let closing = reader_closed.clone();
-                            tokio::spawn(async move {
-                                tokio::time::sleep(ABORT_GRACE).await;
-                                closing.cancel();
-                            });
+                            close_after_grace(&reader_closed);
                             return;
                         }
                         // A peer that went away is the liveness checks' business.
@@ -185,7 +192,11 @@ impl Connection {
                 }
                 if let Err(e) = result.and(sink.flush().await) {
                     tracing::warn!(%peer, error = %e, "closing the connection");
-                    break;
+                    // The peer is gone, but what it sent before may still be unread
+                    // (an abort saying why): the reader drains it and ends at the
+                    // socket's end, or within the grace at the latest.
+                    close_after_grace(&writer_closed);
+                    return;
                 }
                 if aborting {
                     break;

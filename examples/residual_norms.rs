@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
     model.forward(&tokens, &mut |point: HookPoint, x: Tensor| {
         if let HookPoint::Block {
             layer,
-            site: BlockSite::ResidPre,
+            site: BlockSite::RESID_PRE,
         } = point
         {
             let last = x.get(0)?.get(ids.len() - 1)?;

@@ -44,8 +44,8 @@ pub use flexmodel_actors::{Fault, Logits, PassScope};
 pub use flexmodel_cluster::{Layout, ModelDtype, RankCoords};
 pub use hooks::{
     ALL, ActivationStore, BlockSite, EditFn, Groups, HookCatalog, HookCtx, HookFunction,
-    HookHandle, HookKind, HookLayer, HookPoint, HookRegistry, HookSelector, NoHooks, SaveContext,
-    edits, glob_match,
+    HookHandle, HookKind, HookLayer, HookPoint, HookRegistry, HookSelector, ModelPoints, NoHooks,
+    SaveContext, edits, glob_match,
 };
 pub use models::{masked_next_token_loss, next_token_loss, next_token_loss_by_position};
 pub use progress::progress_bar;

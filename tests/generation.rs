@@ -12,7 +12,7 @@ use common::{max_abs_diff, numpy_reference, rel_error, smollm2_path};
 use flexmodel::text::Stop;
 use flexmodel::{
     Checkpoint, FlexModel, GenerateOptions, Generation, HookFunction, HookPoint, Layout,
-    TokenBatch, edits,
+    ModelPoints, TokenBatch, edits,
 };
 
 /// Every hook point, the opt-in ones included.
@@ -59,6 +59,7 @@ fn real_part(value: &Tensor, point: HookPoint, i: usize, pad: usize, len: usize)
 /// positions, and that its padded positions are zero (and padded keys hidden); returns
 /// the worst relative error.
 fn assert_each_sequence_alone(
+    points: &ModelPoints,
     padded: &BTreeMap<String, Tensor>,
     rows: &[&[u32]],
     alone: &[BTreeMap<String, Tensor>],
@@ -67,7 +68,7 @@ fn assert_each_sequence_alone(
     let t = rows.iter().map(|r| r.len()).max().unwrap();
     let mut worst = (0.0, String::new());
     for (name, value) in padded {
-        let point: HookPoint = name.parse().unwrap();
+        let point = points.parse(name).unwrap();
         for (i, row) in rows.iter().enumerate() {
             let (pad, len) = (t - row.len(), row.len());
             let expected = alone[i]
@@ -136,10 +137,9 @@ fn a_ragged_smollm2_batch_equals_each_prompt_alone_in_the_numpy_reference_at_eve
     let batch = TokenBatch::left_padded(rows).unwrap();
     model.forward(&batch).unwrap();
     let padded = captures(&mut model);
-    let n_layers = model.config().n_layers;
-    assert_eq!(padded.len(), HookPoint::count(n_layers), "every hook point");
+    assert_eq!(padded.len(), model.points().count(), "every hook point");
     // The numpy reference in float64 against f32: as the unpadded SmolLM2 parity test.
-    let worst = assert_each_sequence_alone(&padded, rows, &alone, 3e-5);
+    let worst = assert_each_sequence_alone(model.points(), &padded, rows, &alone, 3e-5);
     assert!(worst > 0.0, "f32 against float64 is never exact");
 }
 
@@ -156,7 +156,7 @@ fn a_ragged_batch_equals_each_sequence_alone_and_its_loss_counts_real_pairs_only
     let batch = TokenBatch::left_padded(rows).unwrap();
     model.forward(&batch).unwrap();
     let padded = captures(&mut model);
-    assert_each_sequence_alone(&padded, rows, &alone, 5e-6);
+    assert_each_sequence_alone(model.points(), &padded, rows, &alone, 5e-6);
 
     // The loss over the batch is the mean over every real next-token pair.
     let (_, loss) = model.forward_backward(&batch).unwrap();
@@ -253,7 +253,7 @@ fn a_cached_generation_captures_what_one_pass_over_its_final_sequence_does() {
         .iter()
         .map(|row| numpy_reference(checkpoint.weights.origin(), &[row]))
         .collect();
-    assert_each_sequence_alone(&captured, &without_last, &alone, 5e-6);
+    assert_each_sequence_alone(plain.points(), &captured, &without_last, &alone, 5e-6);
 }
 
 /// `x` with −∞ replaced by a large finite number, for differences.

@@ -102,7 +102,7 @@ fn the_stages_after_the_stop_do_not_run() {
     let mut model = FlexModel::build(&checkpoint, Layout::new(1, 2, 1).unwrap()).unwrap();
     let late = HookPoint::Block {
         layer: 3,
-        site: BlockSite::ResidPost,
+        site: BlockSite::RESID_POST,
     };
     // Rank 1 (the second stage) would fail at layer 3 in the next pass, had it run.
     model.inject_fault(1, late, Fault::Error).unwrap();

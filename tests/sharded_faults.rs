@@ -29,7 +29,7 @@ fn a_failing_shard_is_named_and_the_model_stays_usable() {
 
     let point = HookPoint::Block {
         layer: 2,
-        site: BlockSite::ResidMid,
+        site: BlockSite::RESID_MID,
     };
     for fault in [Fault::Error, Fault::Panic] {
         model.inject_fault(5, point, fault).unwrap();

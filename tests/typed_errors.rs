@@ -136,7 +136,7 @@ fn a_shard_failure_is_typed_with_rank_hook_and_kind_in_forward_and_backward() {
     let mut model = FlexModel::build(&checkpoint, Layout::new(2, 2, 2).unwrap()).unwrap();
     let point = HookPoint::Block {
         layer: 2,
-        site: BlockSite::ResidMid,
+        site: BlockSite::RESID_MID,
     };
     let at = |backward| {
         Some(FailedAt {

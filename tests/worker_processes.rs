@@ -76,7 +76,7 @@ fn an_injected_fault_in_a_worker_is_named_and_the_model_stays_usable() {
     let expected = model.forward(&tokens).unwrap();
     let point = HookPoint::Block {
         layer: 2,
-        site: BlockSite::ResidMid,
+        site: BlockSite::RESID_MID,
     };
     for fault in [Fault::Error, Fault::Panic, Fault::ErrorInBackward] {
         model.inject_fault(5, point, fault).unwrap();

@@ -205,12 +205,12 @@ impl DatasetPlan {
 
 /// The hook columns `spec.hooks` names, in forward order, once each.
 fn columns(config: &LlamaConfig, spec: &DatasetSpec) -> Result<Vec<Column>> {
-    let catalog = HookCatalog::new(config);
+    let catalog = HookCatalog::new(config.points());
     let mut points = Vec::new();
     for pattern in &spec.hooks {
         points.extend(catalog.resolve(pattern, HookKind::Forward)?);
     }
-    points.sort_by_key(|p| p.index(config.n_layers));
+    points.sort_by_key(|&p| catalog.points().index(p));
     points.dedup();
     let (t, kept) = match spec.positions {
         Positions::All => (spec.seq_len, spec.seq_len),
@@ -219,7 +219,7 @@ fn columns(config: &LlamaConfig, spec: &DatasetSpec) -> Result<Vec<Column>> {
     Ok(points
         .into_iter()
         .map(|point| {
-            let full = point.shape(config, 1, t);
+            let full = catalog.points().shape(point, 1, t);
             let shape = match point.attends() {
                 true => vec![full[1], kept, t],
                 false => vec![kept, full[2..].iter().product()],

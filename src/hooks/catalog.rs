@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use flexmodel_actors::{Logits, PassScope};
 
 use crate::hooks::pattern::{glob_match, is_glob, nearest};
-use crate::hooks::point::{BlockSite, HookPoint};
-use crate::models::LlamaConfig;
+use crate::hooks::point::{HookPoint, ModelPoints};
+use crate::hooks::site::BlockSite;
 use crate::{Error, Result};
 
 /// When a hook runs relative to the module or point it targets.
@@ -31,84 +31,58 @@ impl HookKind {
     }
 }
 
-/// Module paths of block `i` (after `model.layers.{i}`) whose output is a hook point.
-const BLOCK_OUTPUTS: [(&str, BlockSite); 7] = [
-    ("", BlockSite::ResidPost),
-    (".self_attn", BlockSite::AttnOut),
-    (".self_attn.o_proj", BlockSite::AttnOut),
-    (".mlp", BlockSite::MlpOut),
-    (".mlp.down_proj", BlockSite::MlpOut),
-    (".mlp.gate_proj", BlockSite::MlpPre),
-    (".mlp.up_proj", BlockSite::MlpPreLinear),
-];
-
-/// Module paths of block `i` whose input is a hook point.
-const BLOCK_INPUTS: [(&str, BlockSite); 5] = [
-    ("", BlockSite::ResidPre),
-    (".input_layernorm", BlockSite::ResidPre),
-    (".post_attention_layernorm", BlockSite::ResidMid),
-    (".mlp.down_proj", BlockSite::MlpPost),
-    (".mlp.act_fn", BlockSite::MlpPre),
-];
-
 /// The names a hook can target in a model, and the hook point each one means.
 #[derive(Debug, Clone)]
 pub struct HookCatalog {
-    n_layers: usize,
+    points: ModelPoints,
     /// `(name, kind, point)` in forward order: hook points first, then aliases.
     names: Vec<(String, HookKind, HookPoint)>,
     lookup: HashMap<(String, HookKind), HookPoint>,
 }
 
 impl HookCatalog {
-    /// The catalog of a model with `config`'s number of layers.
-    pub fn new(config: &LlamaConfig) -> Self {
-        let n = config.n_layers;
-        let mut names: Vec<(String, HookKind, HookPoint)> = HookPoint::all(n)
+    /// The catalog of a model with `points`: their names, the block modules its family
+    /// declares, and the modules every Hugging Face causal LM has (`model.embed_tokens`,
+    /// `model.norm`'s input, `lm_head`).
+    pub fn new(points: ModelPoints) -> Self {
+        let n = points.n_layers();
+        let mut names: Vec<(String, HookKind, HookPoint)> = points
+            .all()
             .into_iter()
             .map(|p| (p.to_string(), HookKind::Forward, p))
             .collect();
-        let alias = |name: String, kind, point| (name, kind, point);
-        names.push(alias(
+        names.push((
             "model.embed_tokens".into(),
             HookKind::Forward,
             HookPoint::Embed,
         ));
         for layer in 0..n {
-            let block = |site| HookPoint::Block { layer, site };
-            for (suffix, site) in BLOCK_OUTPUTS {
-                names.push(alias(
-                    format!("model.layers.{layer}{suffix}"),
-                    HookKind::Forward,
-                    block(site),
-                ));
-            }
-            for (suffix, site) in BLOCK_INPUTS {
-                names.push(alias(
-                    format!("model.layers.{layer}{suffix}"),
-                    HookKind::ForwardPre,
-                    block(site),
+            for module in points.modules() {
+                let point = HookPoint::Block {
+                    layer,
+                    site: module.site,
+                };
+                names.push((
+                    format!("model.layers.{layer}{}", module.path),
+                    module.kind,
+                    point,
                 ));
             }
         }
         if n > 0 {
             let last = HookPoint::Block {
                 layer: n - 1,
-                site: BlockSite::ResidPost,
+                site: BlockSite::RESID_POST,
             };
-            names.push(alias("model.norm".into(), HookKind::ForwardPre, last));
+            names.push(("model.norm".into(), HookKind::ForwardPre, last));
         }
-        names.push(alias(
-            "lm_head".into(),
-            HookKind::Forward,
-            HookPoint::UnembedOut,
-        ));
+        names.push(("lm_head".into(), HookKind::Forward, HookPoint::UnembedOut));
         let lookup = names
             .iter()
             .map(|(name, kind, point)| ((name.clone(), *kind), *point))
             .collect();
         Self {
-            n_layers: n,
+            points,
             names,
             lookup,
         }
@@ -116,7 +90,12 @@ impl HookCatalog {
 
     /// The number of blocks of the model.
     pub fn n_layers(&self) -> usize {
-        self.n_layers
+        self.points.n_layers()
+    }
+
+    /// The model's hook points.
+    pub fn points(&self) -> &ModelPoints {
+        &self.points
     }
 
     /// The hook points `target` (an exact name or a glob) means for hooks of `kind`, in
@@ -167,7 +146,7 @@ impl HookCatalog {
                 suggestions: nearest(target, candidates, 3),
             });
         }
-        points.sort_by_key(|p| p.index(self.n_layers));
+        points.sort_by_key(|&p| self.points.index(p));
         points.dedup();
         Ok(points)
     }
@@ -239,45 +218,18 @@ pub(crate) fn scope_limits(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tiny::tiny_config;
+    use crate::hooks::point::tests::points;
 
     fn catalog() -> HookCatalog {
-        HookCatalog::new(&tiny_config())
-    }
-
-    #[test]
-    fn module_outputs_and_inputs_are_hook_points() {
-        let c = catalog();
-        let one = |name, kind| c.resolve(name, kind).unwrap();
-        let block = |layer, site| vec![HookPoint::Block { layer, site }];
-        assert_eq!(
-            one("model.layers.3.mlp", HookKind::Forward),
-            block(3, BlockSite::MlpOut)
-        );
-        assert_eq!(
-            one("model.layers.3", HookKind::ForwardPre),
-            block(3, BlockSite::ResidPre)
-        );
-        assert_eq!(
-            one("model.layers.3", HookKind::Forward),
-            block(3, BlockSite::ResidPost)
-        );
-        assert_eq!(
-            one("model.layers.1.mlp.down_proj", HookKind::ForwardPre),
-            block(1, BlockSite::MlpPost)
-        );
-        assert_eq!(
-            one("lm_head", HookKind::Forward),
-            vec![HookPoint::UnembedOut]
-        );
+        HookCatalog::new(points(4))
     }
 
     #[test]
     fn globs_match_in_forward_order_without_repeats() {
-        let points = catalog()
+        let resolved = catalog()
             .resolve("blocks.*.hook_resid_post", HookKind::Forward)
             .unwrap();
-        let names: Vec<String> = points.iter().map(|p| p.to_string()).collect();
+        let names: Vec<String> = resolved.iter().map(|p| p.to_string()).collect();
         assert_eq!(
             names,
             (0..4)
@@ -287,7 +239,7 @@ mod tests {
         let everything = catalog().resolve("*", HookKind::Forward).unwrap();
         assert_eq!(
             everything.len(),
-            HookPoint::count(4) - 4 * 4,
+            points(4).count() - 4 * 4,
             "all but the opt-in"
         );
     }
@@ -314,7 +266,7 @@ mod tests {
     fn backward_hooks_skip_the_token_ids_and_refuse_them_by_name() {
         let c = catalog();
         let grads = c.resolve("*", HookKind::Backward).unwrap();
-        assert_eq!(grads.len(), HookPoint::count(4) - 4 * 4 - 1);
+        assert_eq!(grads.len(), points(4).count() - 4 * 4 - 1);
         let err = c.resolve("hook_tokens", HookKind::Backward).unwrap_err();
         assert!(matches!(err, Error::NoGradientAt { .. }), "{err:?}");
     }

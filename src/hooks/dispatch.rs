@@ -9,6 +9,7 @@ use flexmodel_cluster::host_copy::to_host;
 use flexmodel_actors::{BoxError, HookSink, PointMode, Tap, Window};
 
 use crate::hooks::function::HookCtx;
+use crate::hooks::point::ModelPoints;
 use crate::hooks::registry::{Entry, PassPlan};
 use crate::hooks::store::zero_padding;
 use crate::{ActivationStore, Error, HookLayer, HookPoint, Result, SaveContext};
@@ -23,8 +24,7 @@ pub(crate) struct PassHooks<'a> {
     plan: PassPlan,
     entries: &'a [Entry],
     save: &'a mut SaveContext,
-    points: &'a [HookPoint],
-    n_layers: usize,
+    points: &'a ModelPoints,
     /// Calls so far of each hook point in this pass, by point index.
     calls: Vec<usize>,
     /// In a backward pass through the runtime: the pre-edit leaf and the edited result of
@@ -46,12 +46,12 @@ pub(crate) struct PassHooks<'a> {
 }
 
 impl<'a> PassHooks<'a> {
-    /// The hooks of `plan`; `points` lists the model's hook points in index order.
+    /// The hooks of `plan` on a model with `points`.
     pub(crate) fn new(
         plan: PassPlan,
         entries: &'a [Entry],
         save: &'a mut SaveContext,
-        points: &'a [HookPoint],
+        points: &'a ModelPoints,
     ) -> Self {
         let calls = vec![0; plan.by_point.len()];
         Self {
@@ -59,7 +59,6 @@ impl<'a> PassHooks<'a> {
             entries,
             save,
             points,
-            n_layers: HookPoint::layers_of(points.len()),
             calls,
             edit_graphs: None,
             loss_fn: None,
@@ -161,7 +160,7 @@ impl<'a> PassHooks<'a> {
         value: Tensor,
         gradient: bool,
     ) -> Result<Tensor> {
-        let index = point.index(self.n_layers);
+        let index = self.points.index(point);
         let active = match gradient {
             true => &self.plan.grad_by_point[index],
             false => &self.plan.by_point[index],
@@ -281,12 +280,12 @@ impl<'a> PassHooks<'a> {
 
 impl HookLayer for PassHooks<'_> {
     fn wants(&self, point: HookPoint) -> bool {
-        let index = point.index(self.n_layers);
+        let index = self.points.index(point);
         !self.plan.by_point[index].is_empty() || !self.plan.grad_by_point[index].is_empty()
     }
 
     fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
-        let index = point.index(self.n_layers);
+        let index = self.points.index(point);
         if self.plan.by_point[index].is_empty() {
             return Ok(value);
         }
@@ -310,11 +309,11 @@ impl HookSink for PassHooks<'_> {
             Tap::Value(id) => (id, false),
             Tap::Gradient(id) => (id, true),
         };
-        let point = *self
+        let point = self
             .points
-            .get(id)
+            .at(id)
             .ok_or(Error::Internal("a hook point index outside the model"))?;
-        let index = point.index(self.n_layers);
+        let index = self.points.index(point);
         let table = if gradient {
             &self.plan.grad_by_point
         } else {

@@ -1,7 +1,8 @@
 //! The hook API: the named points of the forward pass, what can target them, the hooks
 //! registered on a model, and what one pass does with them.
 //!
-//! - [`point`]: TransformerLens names, shapes and tensor-parallel shard specs;
+//! - [`point`], [`site`]: TransformerLens names, and what a model family declares of its
+//!   points (their shapes, from which tensor-parallel shard specs follow);
 //! - [`catalog`](HookCatalog): every targetable name (hook points and Hugging Face
 //!   module aliases) and glob resolution ([`glob_match`]);
 //! - [`HookFunction`], [`HookRegistry`]: hooks with edits, handles, tags and groups;
@@ -25,6 +26,7 @@ mod pattern;
 pub mod point;
 pub(crate) mod registry;
 mod save_context;
+pub mod site;
 pub(crate) mod store;
 
 pub use catalog::{HookCatalog, HookKind};
@@ -32,7 +34,8 @@ pub use function::{EditFn, HookCtx, HookFunction};
 pub use layer::{HookLayer, NoHooks};
 pub use pattern::glob_match;
 pub(crate) use pattern::nearest;
-pub use point::{BlockSite, HookPoint};
+pub use point::{BlockModule, HookPoint, ModelPoints, Sizes};
 pub use registry::{ALL, Groups, HookHandle, HookRegistry, HookSelector};
 pub use save_context::SaveContext;
+pub use site::{BlockSite, SiteSpec, Size};
 pub use store::ActivationStore;

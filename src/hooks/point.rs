@@ -5,141 +5,11 @@
 //! name is only built when someone asks for it.
 
 use std::fmt;
-use std::str::FromStr;
 
 use flexmodel_cluster::ShardSpec;
 
-use crate::models::LlamaConfig;
-
-/// A point inside one transformer block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum BlockSite {
-    /// The residual stream entering the block.
-    ResidPre,
-    /// `√(mean(x²) + ε)`, the attention norm's RMS divisor.
-    Ln1Scale,
-    /// `x / rms(x)` before the attention norm's weight.
-    Ln1Normalized,
-    /// The residual stream repeated per query head, the input of each head's query
-    /// (opt-in).
-    QInput,
-    /// The residual stream repeated per key/value head, the input of each head's key
-    /// (opt-in).
-    KInput,
-    /// The residual stream repeated per key/value head, the input of each head's value
-    /// (opt-in).
-    VInput,
-    /// Queries, before RoPE.
-    Q,
-    /// Keys, before RoPE.
-    K,
-    /// Values.
-    V,
-    /// Queries after RoPE.
-    RotQ,
-    /// Keys after RoPE.
-    RotK,
-    /// `q·k/√d_head` with masked entries at −∞.
-    AttnScores,
-    /// The softmax of the scores.
-    Pattern,
-    /// The attention-weighted values of each head.
-    Z,
-    /// Each head's contribution to the residual stream: its `z` through its slice of the
-    /// output projection (opt-in).
-    Result,
-    /// The attention output, after the output projection.
-    AttnOut,
-    /// The residual stream between attention and MLP.
-    ResidMid,
-    /// The MLP block's input (the residual stream between attention and MLP).
-    MlpIn,
-    /// `√(mean(x²) + ε)`, the MLP norm's RMS divisor.
-    Ln2Scale,
-    /// `x / rms(x)` before the MLP norm's weight.
-    Ln2Normalized,
-    /// The gate projection, before SiLU.
-    MlpPre,
-    /// The up projection.
-    MlpPreLinear,
-    /// `silu(gate) · up`.
-    MlpPost,
-    /// The MLP output, after the down projection.
-    MlpOut,
-    /// The residual stream leaving the block.
-    ResidPost,
-}
-
-impl BlockSite {
-    /// Every site, in the order the forward pass reaches them.
-    pub const ALL: [BlockSite; 25] = [
-        BlockSite::ResidPre,
-        BlockSite::Ln1Scale,
-        BlockSite::Ln1Normalized,
-        BlockSite::QInput,
-        BlockSite::KInput,
-        BlockSite::VInput,
-        BlockSite::Q,
-        BlockSite::K,
-        BlockSite::V,
-        BlockSite::RotQ,
-        BlockSite::RotK,
-        BlockSite::AttnScores,
-        BlockSite::Pattern,
-        BlockSite::Z,
-        BlockSite::Result,
-        BlockSite::AttnOut,
-        BlockSite::ResidMid,
-        BlockSite::MlpIn,
-        BlockSite::Ln2Scale,
-        BlockSite::Ln2Normalized,
-        BlockSite::MlpPre,
-        BlockSite::MlpPreLinear,
-        BlockSite::MlpPost,
-        BlockSite::MlpOut,
-        BlockSite::ResidPost,
-    ];
-
-    /// The name after `blocks.i.`.
-    pub fn suffix(self) -> &'static str {
-        match self {
-            BlockSite::ResidPre => "hook_resid_pre",
-            BlockSite::Ln1Scale => "ln1.hook_scale",
-            BlockSite::Ln1Normalized => "ln1.hook_normalized",
-            BlockSite::QInput => "hook_q_input",
-            BlockSite::KInput => "hook_k_input",
-            BlockSite::VInput => "hook_v_input",
-            BlockSite::Q => "attn.hook_q",
-            BlockSite::K => "attn.hook_k",
-            BlockSite::V => "attn.hook_v",
-            BlockSite::RotQ => "attn.hook_rot_q",
-            BlockSite::RotK => "attn.hook_rot_k",
-            BlockSite::AttnScores => "attn.hook_attn_scores",
-            BlockSite::Pattern => "attn.hook_pattern",
-            BlockSite::Z => "attn.hook_z",
-            BlockSite::Result => "attn.hook_result",
-            BlockSite::AttnOut => "hook_attn_out",
-            BlockSite::ResidMid => "hook_resid_mid",
-            BlockSite::MlpIn => "hook_mlp_in",
-            BlockSite::Ln2Scale => "ln2.hook_scale",
-            BlockSite::Ln2Normalized => "ln2.hook_normalized",
-            BlockSite::MlpPre => "mlp.hook_pre",
-            BlockSite::MlpPreLinear => "mlp.hook_pre_linear",
-            BlockSite::MlpPost => "mlp.hook_post",
-            BlockSite::MlpOut => "hook_mlp_out",
-            BlockSite::ResidPost => "hook_resid_post",
-        }
-    }
-
-    /// Whether the site is one of TransformerLens's opt-in points, computed only when a
-    /// hook names it: each head's result and the per-head q/k/v inputs.
-    pub fn is_opt_in(self) -> bool {
-        matches!(
-            self,
-            BlockSite::Result | BlockSite::QInput | BlockSite::KInput | BlockSite::VInput
-        )
-    }
-}
+use crate::hooks::catalog::HookKind;
+use crate::hooks::site::{self, BlockSite, Size};
 
 /// A named tensor of the forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -164,42 +34,15 @@ pub enum HookPoint {
 }
 
 impl HookPoint {
-    /// Every hook point of a model with `n_layers` blocks, in forward order.
-    pub fn all(n_layers: usize) -> Vec<HookPoint> {
-        let blocks = (0..n_layers)
-            .flat_map(|layer| BlockSite::ALL.map(|site| HookPoint::Block { layer, site }));
-        [HookPoint::Tokens, HookPoint::Embed]
-            .into_iter()
-            .chain(blocks)
-            .chain([
-                HookPoint::LnFinalScale,
-                HookPoint::LnFinalNormalized,
-                HookPoint::UnembedOut,
-            ])
-            .collect()
-    }
-
-    /// The number of hook points of a model with `n_layers` blocks.
-    pub fn count(n_layers: usize) -> usize {
-        n_layers * BlockSite::ALL.len() + 5
-    }
-
-    /// The number of blocks of a model with `count` hook points (the inverse of
-    /// [`HookPoint::count`]).
-    pub fn layers_of(count: usize) -> usize {
-        count.saturating_sub(5) / BlockSite::ALL.len()
-    }
-
-    /// This point's position in [`HookPoint::all`]: a dense index for lookup tables.
-    pub fn index(self, n_layers: usize) -> usize {
-        let per_block = BlockSite::ALL.len();
+    /// The full shape of this point, in the model's sizes.
+    pub fn shape_spec(self) -> &'static [Size] {
+        use Size::{Batch as B, DModel, One, Seq as T, Vocab};
         match self {
-            HookPoint::Tokens => 0,
-            HookPoint::Embed => 1,
-            HookPoint::Block { layer, site } => 2 + layer * per_block + site as usize,
-            HookPoint::LnFinalScale => 2 + n_layers * per_block,
-            HookPoint::LnFinalNormalized => 3 + n_layers * per_block,
-            HookPoint::UnembedOut => 4 + n_layers * per_block,
+            HookPoint::Tokens => &[B, T],
+            HookPoint::Embed | HookPoint::LnFinalNormalized => &[B, T, DModel],
+            HookPoint::Block { site, .. } => site.shape(),
+            HookPoint::LnFinalScale => &[B, T, One],
+            HookPoint::UnembedOut => &[B, T, Vocab],
         }
     }
 
@@ -217,65 +60,200 @@ impl HookPoint {
     /// The dimension that indexes attention heads: 2 of `[b, t, h, ·]`, 1 of
     /// `[b, h, q, k]`; `None` for points without heads.
     pub fn head_dim(self) -> Option<usize> {
-        match self {
-            HookPoint::Block { site, .. } => match site {
-                BlockSite::Q
-                | BlockSite::K
-                | BlockSite::V
-                | BlockSite::RotQ
-                | BlockSite::RotK
-                | BlockSite::Z
-                | BlockSite::Result
-                | BlockSite::QInput
-                | BlockSite::KInput
-                | BlockSite::VInput => Some(2),
-                BlockSite::AttnScores | BlockSite::Pattern => Some(1),
-                _ => None,
-            },
-            _ => None,
-        }
+        site::head_dim(self.shape_spec())
     }
 
     /// The dimension that indexes a call's positions: 1, or 2 (the queries) of the
     /// attention scores and patterns `[b, h, q, k]`.
     pub fn position_dim(self) -> usize {
-        match self.attends() {
-            true => 2,
-            false => 1,
-        }
+        site::position_dim(self.shape_spec())
     }
 
     /// Whether the point is attention scores or a pattern, `[b, h, q, k]`, whose last
     /// dimension indexes keys: every position up to the call's last.
     pub fn attends(self) -> bool {
-        matches!(
-            self,
-            HookPoint::Block {
-                site: BlockSite::AttnScores | BlockSite::Pattern,
-                ..
-            }
-        )
+        site::attends(self.shape_spec())
     }
 
     /// How the tensor at this point is split across tensor-parallel ranks: heads,
     /// MLP hidden units and the vocabulary are split, the residual stream is replicated.
     pub fn shard_spec(self) -> ShardSpec {
-        if let Some(dim) = self.head_dim() {
-            return ShardSpec::Split { dim };
+        match site::split_dim(self.shape_spec()) {
+            Some(dim) => ShardSpec::Split { dim },
+            None => ShardSpec::Replicated,
         }
-        match self {
-            HookPoint::Block {
-                site: BlockSite::MlpPre | BlockSite::MlpPreLinear | BlockSite::MlpPost,
-                ..
-            }
-            | HookPoint::UnembedOut => ShardSpec::Split { dim: 2 },
-            _ => ShardSpec::Replicated,
+    }
+}
+
+/// The sizes of a model that its hook points' shapes are made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// The width of one head.
+    pub d_head: usize,
+    /// The width of the residual stream.
+    pub d_model: usize,
+    /// The MLP's hidden units.
+    pub d_mlp: usize,
+    /// The vocabulary.
+    pub vocab_size: usize,
+}
+
+impl Sizes {
+    /// The size of `dim`; `None` for the batch and positions, which each call sets.
+    pub fn of(self, dim: Size) -> Option<usize> {
+        Some(match dim {
+            Size::Batch | Size::Seq => return None,
+            Size::Heads => self.n_heads,
+            Size::KvHeads => self.n_kv_heads,
+            Size::DHead => self.d_head,
+            Size::DModel => self.d_model,
+            Size::DMlp => self.d_mlp,
+            Size::Vocab => self.vocab_size,
+            Size::One => 1,
+        })
+    }
+}
+
+/// A Hugging Face module path inside block `i` (after `model.layers.{i}`) whose output
+/// (a forward hook) or input (a forward-pre hook) is one of the block's points.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockModule {
+    /// The path after `model.layers.{i}` (`""` for the block itself, `.mlp`, …).
+    pub path: &'static str,
+    /// [`HookKind::Forward`] for its output, [`HookKind::ForwardPre`] for its input.
+    pub kind: HookKind,
+    /// The point it is.
+    pub site: BlockSite,
+}
+
+/// The hook points of one model, as its family declares them: the sites of each block,
+/// in the order the forward pass reaches them, the sizes of their shapes, the number of
+/// blocks, and the Hugging Face modules that are points too. Points are numbered in
+/// forward order ([`index`](Self::index)).
+#[derive(Debug, Clone)]
+pub struct ModelPoints {
+    n_layers: usize,
+    sites: &'static [BlockSite],
+    sizes: Sizes,
+    modules: &'static [BlockModule],
+}
+
+/// The points outside the blocks: before them, and after.
+const BEFORE_BLOCKS: [HookPoint; 2] = [HookPoint::Tokens, HookPoint::Embed];
+const AFTER_BLOCKS: [HookPoint; 3] = [
+    HookPoint::LnFinalScale,
+    HookPoint::LnFinalNormalized,
+    HookPoint::UnembedOut,
+];
+
+impl ModelPoints {
+    /// The points of a model of `n_layers` blocks, each with `sites`, whose shapes are
+    /// made of `sizes`; `modules` are the block's Hugging Face modules that are points.
+    pub fn new(
+        n_layers: usize,
+        sites: &'static [BlockSite],
+        sizes: Sizes,
+        modules: &'static [BlockModule],
+    ) -> Self {
+        Self {
+            n_layers,
+            sites,
+            sizes,
+            modules,
         }
     }
 
-    /// The full (unsharded) shape of this point for `batch` sequences of `seq` tokens.
-    pub fn shape(self, config: &LlamaConfig, batch: usize, seq: usize) -> Vec<usize> {
-        self.dims(config)
+    /// The number of blocks.
+    pub fn n_layers(&self) -> usize {
+        self.n_layers
+    }
+
+    /// Each block's sites, in forward order.
+    pub fn sites(&self) -> &'static [BlockSite] {
+        self.sites
+    }
+
+    /// The sizes of the points' shapes.
+    pub fn sizes(&self) -> Sizes {
+        self.sizes
+    }
+
+    /// The block's Hugging Face modules that are points.
+    pub fn modules(&self) -> &'static [BlockModule] {
+        self.modules
+    }
+
+    /// Every hook point, in forward order.
+    pub fn all(&self) -> Vec<HookPoint> {
+        let blocks = (0..self.n_layers).flat_map(|layer| {
+            self.sites
+                .iter()
+                .map(move |&site| HookPoint::Block { layer, site })
+        });
+        BEFORE_BLOCKS
+            .into_iter()
+            .chain(blocks)
+            .chain(AFTER_BLOCKS)
+            .collect()
+    }
+
+    /// The number of hook points.
+    pub fn count(&self) -> usize {
+        BEFORE_BLOCKS.len() + self.n_layers * self.sites.len() + AFTER_BLOCKS.len()
+    }
+
+    /// Whether `point` is one of this model's.
+    pub fn contains(&self, point: HookPoint) -> bool {
+        match point {
+            HookPoint::Block { layer, site } => layer < self.n_layers && self.sites.contains(&site),
+            _ => true,
+        }
+    }
+
+    /// `point`'s position in [`all`](Self::all): a dense index for lookup tables.
+    ///
+    /// # Panics
+    ///
+    /// If `point` is not one of this model's (a site its family does not have).
+    pub fn index(&self, point: HookPoint) -> usize {
+        let per_block = self.sites.len();
+        let after = BEFORE_BLOCKS.len() + self.n_layers * per_block;
+        match point {
+            HookPoint::Tokens => 0,
+            HookPoint::Embed => 1,
+            HookPoint::Block { layer, site } => {
+                let ordinal = self.sites.iter().position(|&s| s == site);
+                let ordinal =
+                    ordinal.unwrap_or_else(|| panic!("{site:?} is not a site of this model"));
+                BEFORE_BLOCKS.len() + layer * per_block + ordinal
+            }
+            HookPoint::LnFinalScale => after,
+            HookPoint::LnFinalNormalized => after + 1,
+            HookPoint::UnembedOut => after + 2,
+        }
+    }
+
+    /// The point at `index` of [`all`](Self::all), if there is one.
+    pub fn at(&self, index: usize) -> Option<HookPoint> {
+        let per_block = self.sites.len();
+        let blocks = self.n_layers * per_block;
+        match index.checked_sub(BEFORE_BLOCKS.len()) {
+            None => BEFORE_BLOCKS.get(index).copied(),
+            Some(i) if i < blocks => Some(HookPoint::Block {
+                layer: i / per_block,
+                site: self.sites[i % per_block],
+            }),
+            Some(i) => AFTER_BLOCKS.get(i - blocks).copied(),
+        }
+    }
+
+    /// The full (unsharded) shape of `point` for `batch` sequences of `seq` tokens.
+    pub fn shape(&self, point: HookPoint, batch: usize, seq: usize) -> Vec<usize> {
+        self.dims(point)
             .into_iter()
             .map(|d| match d {
                 Dim::Batch => batch,
@@ -285,34 +263,44 @@ impl HookPoint {
             .collect()
     }
 
-    /// The full shape of this point with the batch and sequence left symbolic.
-    pub fn dims(self, config: &LlamaConfig) -> Vec<Dim> {
-        let c = config;
-        let (b, t, n) = (Dim::Batch, Dim::Seq, Dim::Fixed);
-        match self {
-            HookPoint::Block { site, .. } => match site {
-                BlockSite::Q | BlockSite::RotQ | BlockSite::Z => {
-                    vec![b, t, n(c.n_heads), n(c.d_head)]
-                }
-                BlockSite::K | BlockSite::V | BlockSite::RotK => {
-                    vec![b, t, n(c.n_kv_heads), n(c.d_head)]
-                }
-                BlockSite::QInput | BlockSite::Result => vec![b, t, n(c.n_heads), n(c.d_model)],
-                BlockSite::KInput | BlockSite::VInput => {
-                    vec![b, t, n(c.n_kv_heads), n(c.d_model)]
-                }
-                BlockSite::AttnScores | BlockSite::Pattern => vec![b, n(c.n_heads), t, t],
-                BlockSite::MlpPre | BlockSite::MlpPreLinear | BlockSite::MlpPost => {
-                    vec![b, t, n(c.d_mlp)]
-                }
-                BlockSite::Ln1Scale | BlockSite::Ln2Scale => vec![b, t, n(1)],
-                _ => vec![b, t, n(c.d_model)],
-            },
-            HookPoint::Tokens => vec![b, t],
-            HookPoint::LnFinalScale => vec![b, t, n(1)],
-            HookPoint::UnembedOut => vec![b, t, n(c.vocab_size)],
-            HookPoint::Embed | HookPoint::LnFinalNormalized => vec![b, t, n(c.d_model)],
+    /// The full shape of `point` with the batch and sequence left symbolic.
+    pub fn dims(&self, point: HookPoint) -> Vec<Dim> {
+        point
+            .shape_spec()
+            .iter()
+            .map(|&size| match (size, self.sizes.of(size)) {
+                (_, Some(n)) => Dim::Fixed(n),
+                (Size::Batch, None) => Dim::Batch,
+                (_, None) => Dim::Seq,
+            })
+            .collect()
+    }
+
+    /// The point named `name`; an error if this model has none of that name.
+    pub fn parse(&self, name: &str) -> Result<HookPoint, NotAHookPoint> {
+        let fail = || NotAHookPoint(name.to_string());
+        if let Some(point) = BEFORE_BLOCKS
+            .into_iter()
+            .chain(AFTER_BLOCKS)
+            .find(|p| p.to_string() == name)
+        {
+            return Ok(point);
         }
+        let rest = name.strip_prefix("blocks.").ok_or_else(fail)?;
+        let (layer, suffix) = rest.split_once('.').ok_or_else(fail)?;
+        if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(fail());
+        }
+        let layer: usize = layer.parse().map_err(|_| fail())?;
+        let site = self
+            .sites
+            .iter()
+            .find(|s| s.suffix() == suffix)
+            .ok_or_else(fail)?;
+        if layer >= self.n_layers {
+            return Err(fail());
+        }
+        Ok(HookPoint::Block { layer, site: *site })
     }
 }
 
@@ -355,57 +343,73 @@ impl fmt::Display for HookPoint {
 #[error("{0:?} is not a hook point name")]
 pub struct NotAHookPoint(pub String);
 
-impl FromStr for HookPoint {
-    type Err = NotAHookPoint;
-
-    fn from_str(name: &str) -> Result<Self, Self::Err> {
-        let fail = || NotAHookPoint(name.to_string());
-        match name {
-            "hook_tokens" => return Ok(HookPoint::Tokens),
-            "hook_embed" => return Ok(HookPoint::Embed),
-            "ln_final.hook_scale" => return Ok(HookPoint::LnFinalScale),
-            "ln_final.hook_normalized" => return Ok(HookPoint::LnFinalNormalized),
-            "unembed.hook_out" => return Ok(HookPoint::UnembedOut),
-            _ => {}
-        }
-        let rest = name.strip_prefix("blocks.").ok_or_else(fail)?;
-        let (layer, suffix) = rest.split_once('.').ok_or_else(fail)?;
-        if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(fail());
-        }
-        let layer = layer.parse().map_err(|_| fail())?;
-        let site = BlockSite::ALL
-            .into_iter()
-            .find(|s| s.suffix() == suffix)
-            .ok_or_else(fail)?;
-        Ok(HookPoint::Block { layer, site })
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The points of a small model with TransformerLens's block sites.
+    pub(crate) fn points(n_layers: usize) -> ModelPoints {
+        let sizes = Sizes {
+            n_heads: 4,
+            n_kv_heads: 2,
+            d_head: 8,
+            d_model: 32,
+            d_mlp: 64,
+            vocab_size: 100,
+        };
+        ModelPoints::new(n_layers, &BlockSite::TRANSFORMER_LENS, sizes, &[])
+    }
 
     #[test]
     fn every_name_parses_back_to_its_point() {
-        for point in HookPoint::all(3) {
-            assert_eq!(point.to_string().parse::<HookPoint>(), Ok(point));
+        let points = points(3);
+        for point in points.all() {
+            assert_eq!(points.parse(&point.to_string()), Ok(point));
         }
+        assert!(
+            points.parse("blocks.3.hook_resid_pre").is_err(),
+            "no block 3"
+        );
     }
 
     #[test]
-    fn a_model_has_twenty_five_points_per_block_and_five_outside() {
-        assert_eq!(HookPoint::all(30).len(), 30 * 25 + 5);
-        assert_eq!(HookPoint::count(30), 30 * 25 + 5);
-        let opt_in = HookPoint::all(30).into_iter().filter(|p| p.is_opt_in());
+    fn a_model_has_its_sites_in_every_block_and_five_points_outside() {
+        let points = points(30);
+        assert_eq!(points.all().len(), 30 * 25 + 5);
+        assert_eq!(points.count(), 30 * 25 + 5);
+        let opt_in = points.all().into_iter().filter(|p| p.is_opt_in());
         assert_eq!(opt_in.count(), 30 * 4, "result and the q/k/v inputs");
     }
 
     #[test]
     fn index_is_the_position_in_forward_order() {
-        for (i, point) in HookPoint::all(4).into_iter().enumerate() {
-            assert_eq!(point.index(4), i, "{point}");
+        let points = points(4);
+        for (i, point) in points.all().into_iter().enumerate() {
+            assert_eq!(points.index(point), i, "{point}");
+            assert_eq!(points.at(i), Some(point));
         }
+        assert_eq!(points.at(points.count()), None);
+    }
+
+    #[test]
+    fn shapes_come_from_the_model_sizes() {
+        let points = points(2);
+        let pattern = HookPoint::Block {
+            layer: 1,
+            site: BlockSite::PATTERN,
+        };
+        assert_eq!(points.shape(pattern, 3, 5), [3, 4, 5, 5]);
+        let k = HookPoint::Block {
+            layer: 0,
+            site: BlockSite::K,
+        };
+        assert_eq!(points.shape(k, 3, 5), [3, 5, 2, 8]);
+        assert_eq!(points.shape(HookPoint::UnembedOut, 1, 2), [1, 2, 100]);
+        assert_eq!(
+            HookPoint::UnembedOut.shard_spec(),
+            ShardSpec::Split { dim: 2 }
+        );
+        assert_eq!(HookPoint::Embed.shard_spec(), ShardSpec::Replicated);
     }
 
     #[test]
@@ -417,7 +421,7 @@ mod tests {
             "hook",
             "",
         ] {
-            assert!(name.parse::<HookPoint>().is_err(), "{name}");
+            assert!(points(3).parse(name).is_err(), "{name}");
         }
     }
 
@@ -425,7 +429,7 @@ mod tests {
     fn names_match_transformer_lens() {
         let p = HookPoint::Block {
             layer: 7,
-            site: BlockSite::Pattern,
+            site: BlockSite::PATTERN,
         };
         assert_eq!(p.to_string(), "blocks.7.attn.hook_pattern");
         assert_eq!(p.shard_spec(), ShardSpec::Split { dim: 1 });

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use crate::hooks::catalog::{HookCatalog, HookKind};
 use crate::hooks::function::SharedEdit;
 use crate::hooks::pattern::{glob_match, is_glob};
+use crate::hooks::point::ModelPoints;
 use crate::{Error, HookFunction, HookPoint, Result};
 
 /// The group every hook belongs to; it cannot be removed.
@@ -103,15 +104,15 @@ impl PassPlan {
     pub(crate) fn within(
         mut self,
         entries: &[Entry],
-        n_layers: usize,
+        points: &ModelPoints,
         computed: impl Fn(HookPoint) -> bool,
         why: &str,
     ) -> Result<Self> {
-        for point in HookPoint::all(n_layers) {
+        for point in points.all() {
             if computed(point) {
                 continue;
             }
-            let i = point.index(n_layers);
+            let i = points.index(point);
             for table in [&mut self.by_point, &mut self.grad_by_point] {
                 if table[i].iter().any(|&e| entries[e].exact) {
                     return Err(Error::PointNotInPass {
@@ -308,8 +309,8 @@ impl HookRegistry {
                 self.check_known(name)?;
             }
         }
-        let n_layers = self.catalog.n_layers();
-        let mut by_point = vec![Vec::new(); HookPoint::count(n_layers)];
+        let points = self.catalog.points();
+        let mut by_point = vec![Vec::new(); points.count()];
         let mut grad_by_point = by_point.clone();
         for (i, entry) in self.entries.iter().enumerate() {
             if entry.enabled && wanted(entry) {
@@ -318,7 +319,7 @@ impl HookRegistry {
                     HookKind::Forward | HookKind::ForwardPre => &mut by_point,
                 };
                 for p in &entry.points {
-                    table[p.index(n_layers)].push(i);
+                    table[points.index(*p)].push(i);
                 }
             }
         }

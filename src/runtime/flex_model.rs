@@ -12,10 +12,10 @@ use flexmodel_actors::{
 use flexmodel_cluster::host_copy::to_host;
 use flexmodel_cluster::{Layout, PassControl, SingleRank};
 
-use crate::hooks::HookCatalog;
 use crate::hooks::catalog::scope_limits;
 use crate::hooks::dispatch::{LossFn, PassHooks};
 use crate::hooks::registry::{Groups, HookRegistry};
+use crate::hooks::{HookCatalog, ModelPoints};
 use crate::models::{Llama, LlamaConfig, ModelShard, Stage};
 use crate::runtime::launch::Placement;
 use crate::runtime::parameters::{self, RankSlices};
@@ -67,7 +67,7 @@ pub struct FlexModel {
     config: LlamaConfig,
     layout: Layout,
     backend: Backend,
-    points: Vec<HookPoint>,
+    points: ModelPoints,
     registry: HookRegistry,
     store: ActivationStore,
     save: SaveContext,
@@ -194,8 +194,8 @@ impl FlexModel {
 
     fn with_backend(config: LlamaConfig, layout: Layout, backend: Backend) -> Self {
         Self {
-            points: HookPoint::all(config.n_layers),
-            registry: HookRegistry::new(HookCatalog::new(&config)),
+            points: config.points(),
+            registry: HookRegistry::new(HookCatalog::new(config.points())),
             config,
             layout,
             backend,
@@ -237,6 +237,11 @@ impl FlexModel {
     /// The model's configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// The model's hook points: their names, shapes and order.
+    pub fn points(&self) -> &ModelPoints {
+        &self.points
     }
 
     /// How the model is split.
@@ -380,7 +385,7 @@ impl FlexModel {
         let plan = self.registry.plan(groups)?;
         let plan = match scope_limits(scope, n_layers) {
             Some((computed, why)) => {
-                plan.within(self.registry.entries(), n_layers, computed, &why)?
+                plan.within(self.registry.entries(), &self.points, computed, &why)?
             }
             None => plan,
         };
@@ -396,12 +401,12 @@ impl FlexModel {
                     Some(0) => Some(HookPoint::Embed),
                     Some(n) => Some(HookPoint::Block {
                         layer: n - 1,
-                        site: BlockSite::ResidPost,
+                        site: BlockSite::RESID_POST,
                     }),
                     None => None,
                 };
                 let resid = resid
-                    .map(|p| geometry(p, &self.config, &self.layout))
+                    .map(|p| geometry(p, &self.points, &self.layout))
                     .transpose()?;
                 let end = match (&resid, scope.logits) {
                     (Some(resid), _) => PassEnd::At(resid),
@@ -472,7 +477,7 @@ impl FlexModel {
             Backend::Single { model, runtime, .. } => match runtime {
                 Some(runtime) => runtime,
                 None => {
-                    let shards = vec![Arc::new(Shard::new(model.clone(), self.config.n_layers))];
+                    let shards = vec![Arc::new(Shard::new(model.clone(), self.points.clone()))];
                     let control = Arc::new(PassControl::default());
                     runtime.insert(Box::new(start_runtime(
                         &self.config,
@@ -598,7 +603,7 @@ impl FlexModel {
         match &mut self.backend {
             Backend::Single { .. } => Err(Error::FaultNeedsShards),
             Backend::Sharded { runtime, .. } => {
-                Ok(runtime.inject_fault(rank, hook.index(self.config.n_layers), fault)?)
+                Ok(runtime.inject_fault(rank, self.points.index(hook), fault)?)
             }
         }
     }
@@ -624,11 +629,13 @@ fn geometry_of(
     config: &LlamaConfig,
     layout: Layout,
 ) -> Result<(Vec<PointGeometry>, PointGeometry)> {
-    let geometry = HookPoint::all(config.n_layers)
+    let points = config.points();
+    let geometry = points
+        .all()
         .into_iter()
-        .map(|p| geometry(p, config, &layout))
+        .map(|p| geometry(p, &points, &layout))
         .collect::<Result<Vec<_>>>()?;
-    let output = geometry[HookPoint::UnembedOut.index(config.n_layers)].clone();
+    let output = geometry[points.index(HookPoint::UnembedOut)].clone();
     Ok((geometry, output))
 }
 

@@ -170,7 +170,7 @@ impl ShardLoader for LlamaLoader {
             None => Llama::load_stage(config, weights, tp, stage, device)?,
         };
         Ok(LoadedShard {
-            model: Arc::new(Shard::new(Arc::new(model), config.n_layers)),
+            model: Arc::new(Shard::new(Arc::new(model), config.points())),
             fingerprint: checkpoint.weights.fingerprint()?,
         })
     }

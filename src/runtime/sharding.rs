@@ -11,7 +11,8 @@ use flexmodel_cluster::{
     split_evenly,
 };
 
-use crate::hooks::point::{BlockSite, HookPoint};
+use crate::hooks::point::{HookPoint, ModelPoints, Sizes};
+use crate::hooks::site::Size;
 use crate::models::kv_heads_of;
 use crate::models::loss::vocab_parallel_loss;
 use crate::models::{Llama, LlamaConfig, ModelShard, Stage};
@@ -257,11 +258,11 @@ pub fn stage_of(config: &LlamaConfig, layout: &Layout, stage: usize) -> Stage {
     }
 }
 
-/// The pipeline stage that computes `point`.
-fn stage_of_point(point: HookPoint, config: &LlamaConfig, layout: &Layout) -> usize {
+/// The pipeline stage that computes `point` of a model of `n_layers` blocks.
+fn stage_of_point(point: HookPoint, n_layers: usize, layout: &Layout) -> usize {
     match point {
         HookPoint::Tokens | HookPoint::Embed => 0,
-        HookPoint::Block { layer, .. } => split_evenly(config.n_layers, layout.pp())
+        HookPoint::Block { layer, .. } => split_evenly(n_layers, layout.pp())
             .iter()
             .position(|r| r.contains(&layer))
             .unwrap_or(0),
@@ -271,38 +272,35 @@ fn stage_of_point(point: HookPoint, config: &LlamaConfig, layout: &Layout) -> us
     }
 }
 
-/// The range each tensor-parallel rank holds of `point`'s split dimension.
-fn tp_ranges(point: HookPoint, config: &LlamaConfig, tp: usize) -> Result<Vec<Range<usize>>> {
-    let even = |n: usize| -> Result<Vec<Range<usize>>> {
-        (0..tp)
-            .map(|r| Ok(TpRank::new(r, tp)?.slice_of("hook point", n)?))
-            .collect()
-    };
-    match point {
-        HookPoint::Block { site, .. } => match site {
-            BlockSite::K
-            | BlockSite::V
-            | BlockSite::RotK
-            | BlockSite::KInput
-            | BlockSite::VInput => (0..tp)
-                .map(|r| kv_heads_of(TpRank::new(r, tp)?, config.n_kv_heads))
-                .collect(),
-            BlockSite::MlpPre | BlockSite::MlpPreLinear | BlockSite::MlpPost => even(config.d_mlp),
-            _ => even(config.n_heads),
-        },
-        _ => even(config.vocab_size),
-    }
+/// The range each tensor-parallel rank holds of `dim`, the split dimension of a point:
+/// even slices, but key/value heads are replicated where there are more ranks than them.
+fn tp_ranges(dim: Size, sizes: Sizes, tp: usize) -> Result<Vec<Range<usize>>> {
+    let n = sizes
+        .of(dim)
+        .ok_or(Error::Internal("a hook point split along its positions"))?;
+    (0..tp)
+        .map(|r| {
+            let rank = TpRank::new(r, tp)?;
+            match dim {
+                Size::KvHeads => kv_heads_of(rank, n),
+                _ => Ok(rank.slice_of("hook point", n)?),
+            }
+        })
+        .collect()
 }
 
-/// Where `point` lives on `layout`.
-pub fn geometry(point: HookPoint, config: &LlamaConfig, layout: &Layout) -> Result<PointGeometry> {
+/// Where `point` of a model with `points` lives on `layout`.
+pub fn geometry(point: HookPoint, points: &ModelPoints, layout: &Layout) -> Result<PointGeometry> {
     let split = match point.shard_spec() {
         ShardSpec::Replicated => None,
-        ShardSpec::Split { dim } => Some((dim, tp_ranges(point, config, layout.tp())?)),
+        ShardSpec::Split { dim } => {
+            let size = point.shape_spec()[dim];
+            Some((dim, tp_ranges(size, points.sizes(), layout.tp())?))
+        }
     };
     Ok(PointGeometry {
         name: point.to_string(),
-        stage: stage_of_point(point, config, layout),
+        stage: stage_of_point(point, points.n_layers(), layout),
         split,
     })
 }
@@ -310,13 +308,13 @@ pub fn geometry(point: HookPoint, config: &LlamaConfig, layout: &Layout) -> Resu
 /// One rank's shard of a model, as the runtime drives it.
 pub struct Shard {
     model: Arc<dyn ModelShard>,
-    n_layers: usize,
+    points: ModelPoints,
 }
 
 impl Shard {
-    /// `model`, a shard of a model of `n_layers` blocks, as a shard of the runtime.
-    pub fn new(model: Arc<dyn ModelShard>, n_layers: usize) -> Self {
-        Self { model, n_layers }
+    /// `model`, a shard of a model with `points`, as a shard of the runtime.
+    pub fn new(model: Arc<dyn ModelShard>, points: ModelPoints) -> Self {
+        Self { model, points }
     }
 
     /// The model's shard.
@@ -328,18 +326,18 @@ impl Shard {
 /// Hands the model's hook calls to the runtime's hook layer by point index.
 struct ByIndex<'a> {
     hooks: &'a mut dyn ShardHooks,
-    n_layers: usize,
+    points: &'a ModelPoints,
 }
 
 impl HookLayer for ByIndex<'_> {
     fn wants(&self, point: HookPoint) -> bool {
-        self.hooks.wants(point.index(self.n_layers))
+        self.hooks.wants(self.points.index(point))
     }
 
     fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
         let _op = crate::op_span!("hooks");
         self.hooks
-            .hook(point.index(self.n_layers), value)
+            .hook(self.points.index(point), value)
             .map_err(Error::ShardHook)
     }
 }
@@ -355,7 +353,7 @@ impl ShardModel for Shard {
     ) -> std::result::Result<Tensor, BoxError> {
         let mut by_index = ByIndex {
             hooks,
-            n_layers: self.n_layers,
+            points: &self.points,
         };
         // The runtime's own errors (an aborted pass, an injected fault, a collective
         // whose peer is gone) go back as they are, so that their kind is known.
@@ -421,7 +419,7 @@ pub fn build_shards(
                 }
                 None => Llama::load_stage(config, weights, tp, stage, device)?,
             };
-            Ok(Arc::new(Shard::new(Arc::new(model), config.n_layers)))
+            Ok(Arc::new(Shard::new(Arc::new(model), config.points())))
         })
         .collect()
 }
@@ -456,6 +454,7 @@ fn in_process_groups(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hooks::BlockSite;
     use crate::tiny::tiny_config;
 
     fn layout(dp: usize, pp: usize, tp: usize) -> Layout {
@@ -498,7 +497,7 @@ mod tests {
                 layer: 0,
                 site: BlockSite::K,
             },
-            &tiny_config(),
+            &tiny_config().points(),
             &layout(1, 1, 8),
         )
         .unwrap();
@@ -511,7 +510,7 @@ mod tests {
     fn points_live_on_the_stage_of_their_layer() {
         let c = tiny_config();
         let l = layout(1, 3, 1);
-        let stage = |p| geometry(p, &c, &l).unwrap().stage;
+        let stage = |p| geometry(p, &c.points(), &l).unwrap().stage;
         assert_eq!(stage(HookPoint::Embed), 0);
         assert_eq!(
             stage(HookPoint::Block {

@@ -14,6 +14,7 @@ use flexmodel_actors::{CacheUse, PassScope, Window};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::hooks::ModelPoints;
 use crate::hooks::store::zero_padding;
 use crate::text::{PAD_TOKEN, TokenBatch};
 use crate::{ActivationStore, Error, FlexModel, Groups, HookPoint, Result};
@@ -290,7 +291,8 @@ impl FlexModel {
             prefill,
             steps,
         };
-        let joined = join_along_positions(steps_captures, &generation.captured_mask()?)?;
+        let joined =
+            join_along_positions(self.points(), steps_captures, &generation.captured_mask()?)?;
         self.store_mut().append(joined);
         Ok(generation)
     }
@@ -372,7 +374,11 @@ impl Rows {
 /// The captures of consecutive passes joined along positions into one tensor per hook
 /// point: scores and patterns `[b, h, q, k]` are widened to every key (−∞ and 0 where a
 /// step's query cannot see), and padded positions of `mask` (`[b, T]`) are zero.
-fn join_along_positions(passes: Vec<ActivationStore>, mask: &Tensor) -> Result<ActivationStore> {
+fn join_along_positions(
+    points: &ModelPoints,
+    passes: Vec<ActivationStore>,
+    mask: &Tensor,
+) -> Result<ActivationStore> {
     let keys = mask.dim(1)?;
     let mut by_name: std::collections::BTreeMap<String, Vec<Tensor>> = Default::default();
     for mut pass in passes {
@@ -382,19 +388,17 @@ fn join_along_positions(passes: Vec<ActivationStore>, mask: &Tensor) -> Result<A
     }
     let mut joined = ActivationStore::default();
     for (name, values) in by_name {
-        let point: HookPoint = name
-            .parse()
+        let point = points
+            .parse(&name)
             .map_err(|_| Error::Internal("a capture under a name that is no hook point"))?;
         let values = match point.attends() {
             false => values,
             true => {
-                let hidden = match point {
-                    HookPoint::Block {
-                        site: crate::BlockSite::Pattern,
-                        ..
-                    } => 0.0,
-                    _ => f32::NEG_INFINITY,
-                };
+                let is_pattern = matches!(
+                    point,
+                    HookPoint::Block { site, .. } if site == crate::BlockSite::PATTERN
+                );
+                let hidden = if is_pattern { 0.0 } else { f32::NEG_INFINITY };
                 values
                     .into_iter()
                     .map(|v| widen_keys(&v, keys, hidden))

@@ -21,7 +21,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use child::{OutputWithin, RUN_DEADLINE};
 use flexmodel::models::Llama;
-use flexmodel::{Checkpoint, HookLayer, HookPoint};
+use flexmodel::{BlockSite, Checkpoint, HookLayer, HookPoint};
 
 /// SmolLM2-135M-Instruct (fetched into the cache on first use) and its model, loaded
 /// once per test binary.
@@ -158,10 +158,13 @@ fn capture(model: &Llama, tokens: &Tensor, opt_in: bool) -> (Tensor, BTreeMap<St
 
 /// The number of default (not opt-in) hook points of a model with `n_layers` blocks.
 pub fn default_points(n_layers: usize) -> usize {
-    HookPoint::all(n_layers)
-        .into_iter()
-        .filter(|p| !p.is_opt_in())
-        .count()
+    let per_block = BlockSite::TRANSFORMER_LENS
+        .iter()
+        .filter(|s| !s.is_opt_in())
+        .count();
+    // hook_tokens and hook_embed before the blocks, the final norm's two and the logits
+    // after.
+    2 + n_layers * per_block + 3
 }
 
 /// The number of default hook points with a gradient (all but `hook_tokens`).

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use clap::Args;
-use flexmodel::{Checkpoint, HookCatalog, HookKind, HookPoint};
+use flexmodel::{Checkpoint, HookCatalog, HookKind};
 
 use crate::layout::LayoutArgs;
 
@@ -23,11 +23,13 @@ pub fn run(args: HooksArgs) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&args.model)?;
     let config = &checkpoint.config;
     flexmodel::runtime::sharding::check_layout(config, &args.layout.layout()?)?;
-    let catalog = HookCatalog::new(config);
-    let rows: Vec<[String; 4]> = HookPoint::all(config.n_layers)
+    let points = config.points();
+    let catalog = HookCatalog::new(points.clone());
+    let rows: Vec<[String; 4]> = points
+        .all()
         .into_iter()
         .map(|point| {
-            let dims: Vec<String> = point.dims(config).iter().map(|d| d.to_string()).collect();
+            let dims: Vec<String> = points.dims(point).iter().map(|d| d.to_string()).collect();
             let mut aliases: Vec<String> = catalog
                 .aliases_of(point)
                 .map(|(name, kind)| match kind {

@@ -101,7 +101,7 @@ impl LayoutArgs {
                 .into());
             }
         }
-        let catalog = HookCatalog::new(config);
+        let catalog = HookCatalog::new(config.points());
         for (target, kind) in plan.targets {
             catalog.resolve(target, kind)?;
             catalog.check_in_scope(target, kind, plan.scope)?;

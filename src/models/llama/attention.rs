@@ -9,7 +9,7 @@ use flexmodel_cluster::{Collective, TpRank, conjugate};
 use super::LlamaConfig;
 use super::positions::Positions;
 use super::rms_norm::RmsNorm;
-use crate::hooks::point::{BlockSite, HookPoint};
+use crate::hooks::{BlockSite, HookPoint};
 use crate::models::{ColumnParallelLinear, RowParallelLinear, kv_heads_of};
 use crate::weights::HeldWeights;
 use crate::{HookLayer, Result};
@@ -120,17 +120,17 @@ impl Attention {
         let x = &conjugate::copy_to_group(input.normed, collective)?;
         let point = |site| HookPoint::Block { layer, site };
         let projections = [
-            (&self.q_proj, self.n_heads, BlockSite::QInput, BlockSite::Q),
+            (&self.q_proj, self.n_heads, BlockSite::Q_INPUT, BlockSite::Q),
             (
                 &self.k_proj,
                 self.n_kv_heads,
-                BlockSite::KInput,
+                BlockSite::K_INPUT,
                 BlockSite::K,
             ),
             (
                 &self.v_proj,
                 self.n_kv_heads,
-                BlockSite::VInput,
+                BlockSite::V_INPUT,
                 BlockSite::V,
             ),
         ];
@@ -152,8 +152,8 @@ impl Attention {
         let [q, k, v] = <[Tensor; 3]>::try_from(qkv)
             .map_err(|_| crate::Error::Internal("attention has three projections"))?;
         let mut hook = |site, value| hooks.hook(point(site), value);
-        let q = hook(BlockSite::RotQ, positions.rope.apply(&q)?)?;
-        let k = hook(BlockSite::RotK, positions.rope.apply(&k)?)?;
+        let q = hook(BlockSite::ROT_Q, positions.rope.apply(&q)?)?;
+        let k = hook(BlockSite::ROT_K, positions.rope.apply(&k)?)?;
 
         // Heads first: q [b, heads, t, d_head], k and v [b, kv_heads, keys, d_head].
         let layout = crate::op_span!("layout");
@@ -179,12 +179,12 @@ impl Attention {
             let raw = q.matmul(&k.t()?)?.reshape((b, h, t, keys))?;
             flexmodel_kernels::scaled_masked(&raw, &positions.mask, scale)?
         };
-        let scores = hook(BlockSite::AttnScores, scores)?;
+        let scores = hook(BlockSite::ATTN_SCORES, scores)?;
         let pattern = {
             let _op = crate::op_span!("attention");
             flexmodel_kernels::softmax_last_dim(&scores)?
         };
-        let pattern = hook(BlockSite::Pattern, pattern)?;
+        let pattern = hook(BlockSite::PATTERN, pattern)?;
         let z = {
             let _op = crate::op_span!("attention");
             let pattern = pattern.reshape((b, kv, group * t, keys))?;
@@ -195,16 +195,16 @@ impl Attention {
             z.transpose(1, 2)?.contiguous()?
         };
         let z = hook(BlockSite::Z, z)?;
-        let out = match hooks.wants(point(BlockSite::Result)) {
+        let out = match hooks.wants(point(BlockSite::RESULT)) {
             false => self.o_proj.forward(
                 &z.reshape((b, t, self.n_heads * self.d_head))?,
                 collective.as_ref(),
             )?,
             true => {
-                let result = hooks.hook(point(BlockSite::Result), self.o_proj.per_head(&z)?)?;
+                let result = hooks.hook(point(BlockSite::RESULT), self.o_proj.per_head(&z)?)?;
                 conjugate::all_reduce_sum(&result.sum(2)?, collective.as_ref())?
             }
         };
-        hooks.hook(point(BlockSite::AttnOut), out)
+        hooks.hook(point(BlockSite::ATTN_OUT), out)
     }
 }

@@ -11,7 +11,7 @@ use super::attention::{Attention, AttentionInput};
 use super::mlp::Mlp;
 use super::positions::Positions;
 use super::rms_norm::RmsNorm;
-use crate::hooks::point::{BlockSite, HookPoint};
+use crate::hooks::{BlockSite, HookPoint};
 use crate::weights::HeldWeights;
 use crate::{HookLayer, Result};
 
@@ -87,10 +87,10 @@ impl Block {
     ) -> Result<Tensor> {
         let layer = self.layer;
         let point = |site| HookPoint::Block { layer, site };
-        let x = hooks.hook(point(BlockSite::ResidPre), x)?;
-        let s1 = hooks.hook(point(BlockSite::Ln1Scale), self.ln1.scale(&x)?)?;
+        let x = hooks.hook(point(BlockSite::RESID_PRE), x)?;
+        let s1 = hooks.hook(point(BlockSite::LN1_SCALE), self.ln1.scale(&x)?)?;
         let n1 = hooks.hook(
-            point(BlockSite::Ln1Normalized),
+            point(BlockSite::LN1_NORMALIZED),
             RmsNorm::normalize(&x, &s1)?,
         )?;
         let inputs = AttentionInput {
@@ -101,17 +101,17 @@ impl Block {
         let attn = self
             .attn
             .forward(inputs, layer, positions, cache, hooks, collective)?;
-        let x = hooks.hook(point(BlockSite::ResidMid), residual(&x, &attn)?)?;
-        let mlp_in = hooks.hook(point(BlockSite::MlpIn), x.clone())?;
-        let s2 = hooks.hook(point(BlockSite::Ln2Scale), self.ln2.scale(&mlp_in)?)?;
+        let x = hooks.hook(point(BlockSite::RESID_MID), residual(&x, &attn)?)?;
+        let mlp_in = hooks.hook(point(BlockSite::MLP_IN), x.clone())?;
+        let s2 = hooks.hook(point(BlockSite::LN2_SCALE), self.ln2.scale(&mlp_in)?)?;
         let n2 = hooks.hook(
-            point(BlockSite::Ln2Normalized),
+            point(BlockSite::LN2_NORMALIZED),
             RmsNorm::normalize(&mlp_in, &s2)?,
         )?;
         let mlp = self
             .mlp
             .forward(&self.ln2.times_weight(&n2)?, layer, hooks, collective)?;
-        hooks.hook(point(BlockSite::ResidPost), residual(&x, &mlp)?)
+        hooks.hook(point(BlockSite::RESID_POST), residual(&x, &mlp)?)
     }
 }
 

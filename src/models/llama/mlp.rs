@@ -6,7 +6,7 @@ use std::sync::Arc;
 use flexmodel_cluster::{Collective, TpRank, conjugate};
 
 use super::LlamaConfig;
-use crate::hooks::point::{BlockSite, HookPoint};
+use crate::hooks::{BlockSite, HookPoint};
 use crate::models::{ColumnParallelLinear, RowParallelLinear};
 use crate::weights::HeldWeights;
 use crate::{HookLayer, Result};
@@ -76,11 +76,11 @@ impl Mlp {
     ) -> Result<Tensor> {
         let x = &conjugate::copy_to_group(x, collective)?;
         let mut hook = |site, value| hooks.hook(HookPoint::Block { layer, site }, value);
-        let gate = hook(BlockSite::MlpPre, self.gate_proj.forward(x)?)?;
-        let up = hook(BlockSite::MlpPreLinear, self.up_proj.forward(x)?)?;
-        let post = hook(BlockSite::MlpPost, swiglu(&gate, &up)?)?;
+        let gate = hook(BlockSite::MLP_PRE, self.gate_proj.forward(x)?)?;
+        let up = hook(BlockSite::MLP_PRE_LINEAR, self.up_proj.forward(x)?)?;
+        let post = hook(BlockSite::MLP_POST, swiglu(&gate, &up)?)?;
         hook(
-            BlockSite::MlpOut,
+            BlockSite::MLP_OUT,
             self.down_proj.forward(&post, collective.as_ref())?,
         )
     }

@@ -11,6 +11,7 @@
 mod attention;
 pub(crate) mod block;
 mod config;
+mod hook_points;
 mod mlp;
 mod model;
 pub(crate) mod positions;

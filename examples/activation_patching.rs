@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut model = FlexModel::build(&checkpoint, Layout::new(1, 1, 3)?)?;
     let start = Instant::now();
-    let n_layers = model.config().n_layers as u64;
+    let n_layers = model.config().n_layers() as u64;
     let progress = progress_bar(n_layers, "patching layer by layer");
     let patching = patch_residual_stream(&mut model, &clean, &corrupted, paris, rome, &progress)
         .context("patching the residual stream")?;

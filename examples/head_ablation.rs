@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
         .first()
         .context("empty encoding")?;
     let mut model = FlexModel::new(checkpoint.load_model()?);
-    let n_heads = model.config().n_heads;
+    let n_heads = model.config().sizes().n_heads;
 
     let paris_logit = |logits: &Tensor| -> anyhow::Result<f32> {
         let last = logits.get(0)?.get(logits.dim(1)? - 1)?;

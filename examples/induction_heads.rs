@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| "induction".into()),
     );
     let checkpoint = Checkpoint::open("smollm2")?;
-    let tokens = repeated_random_tokens(4, 48, checkpoint.config.vocab_size, 0)?;
+    let tokens = repeated_random_tokens(4, 48, checkpoint.config.vocab_size(), 0)?;
     let mut model = FlexModel::build(&checkpoint, Layout::new(1, 1, 3)?)?;
     let induction = measure(&mut model, &tokens)?;
 

@@ -13,7 +13,7 @@
 //! is what reaches the size.
 
 use anyhow::{Context, bail};
-use flexmodel::models::LlamaConfig;
+use flexmodel::models::{LlamaConfig, ModelSpec};
 use flexmodel::tiny::{tiny_config, write_random_hf_dir};
 
 fn main() -> anyhow::Result<()> {

@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut model = FlexModel::build(&checkpoint, Layout::new(1, 2, 1)?)?;
     let unembed = Unembed::of(&model)?;
-    let (n_layers, d_model) = (model.config().n_layers, model.config().d_model);
+    let (n_layers, d_model) = (model.config().n_layers(), model.config().d_model());
     let mut lens = TunedLens::identity(n_layers, d_model)?;
     let progress = progress_bar(train.len() as u64, "training");
     lens.train(&mut model, &unembed, &train, Training::default(), &progress)?;

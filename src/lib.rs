@@ -26,6 +26,7 @@
 //! ```
 
 pub mod analysis;
+mod checkpoint;
 pub mod dataset;
 mod error;
 pub mod hooks;
@@ -39,6 +40,7 @@ pub mod text;
 pub mod tiny;
 pub mod weights;
 
+pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
 pub use flexmodel_actors::{Fault, Logits, PassScope};
 pub use flexmodel_cluster::{Layout, ModelDtype, RankCoords};
@@ -53,4 +55,3 @@ pub use runtime::FlexModel;
 pub use text::{
     GenerateOptions, Generation, TokenBatch, Tokenizer, chunk_tokens, read_tokens_file,
 };
-pub use weights::Checkpoint;

@@ -13,10 +13,10 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
-use crate::models::{Architecture, LlamaConfig};
+use crate::Checkpoint;
+use crate::models::{Architecture, LlamaConfig, ModelSpec};
 use crate::text::tokenizer::Tokenizer;
 use crate::weights::TensorMap;
-use crate::weights::checkpoint::Checkpoint;
 use crate::{Error, Result};
 
 /// The tiny configuration.
@@ -81,7 +81,7 @@ pub fn random_checkpoint(config: LlamaConfig, seed: u64) -> Result<Checkpoint> {
     }
     let weights = random_weights(&config, seed)?;
     Ok(Checkpoint {
-        config,
+        config: config.into(),
         weights: Box::new(weights),
         tokenizer: byte_tokenizer()?,
     })
@@ -359,7 +359,7 @@ mod tests {
         );
         assert_eq!(bytes, 2 * config.parameter_count());
         let checkpoint = Checkpoint::open_hf_dir(dir.path()).unwrap();
-        assert_eq!(checkpoint.config.n_layers, 4);
+        assert_eq!(checkpoint.config.n_layers(), 4);
         let names = checkpoint.weights.names();
         assert!(!names.contains(&"lm_head.weight".to_string()), "tied");
         assert_eq!(names.len(), 2 + 9 * config.n_layers);

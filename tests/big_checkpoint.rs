@@ -66,7 +66,7 @@ fn a_two_gb_checkpoint_under_procs_is_read_and_held_a_share_per_rank() {
     let mut model = FlexModel::build_on(&checkpoint, layout, &placement).unwrap();
     let pids = model.worker_pids().unwrap();
     for (rank, pid) in pids.iter().enumerate() {
-        let share = rank_weight_bytes(&config, &layout, rank) / 2;
+        let share = rank_weight_bytes(&checkpoint.config, &layout, rank) / 2;
         let read = proc_field(&pid.to_string(), "io", "rchar");
         eprintln!(
             "rank {rank}: read {:.1} MB at start-up for a share of {:.1} MB on disk",
@@ -93,7 +93,7 @@ fn a_two_gb_checkpoint_under_procs_is_read_and_held_a_share_per_rank() {
     let largest_slice = 32_000 / 2 * 2048 * 4; // the embedding's and the LM head's rows
     for (rank, peak) in peaks.into_iter().enumerate() {
         let peak = peak.unwrap();
-        let held = rank_weight_bytes(&config, &layout, rank);
+        let held = rank_weight_bytes(&checkpoint.config, &layout, rank);
         let overhead = peak.saturating_sub(held + largest_slice);
         eprintln!(
             "rank {rank}: peak {:.0} MB holding {:.0} MB of weights ({:.0} MB over them and the largest slice)",

@@ -69,7 +69,7 @@ fn induction_under_tp3_writes_the_single_shard_scores_figures_and_top_heads() {
     assert_eq!(score.dims(), [30, 9]);
 
     let (checkpoint, _) = smollm2();
-    let tokens = repeated_random_tokens(2, 20, checkpoint.config.vocab_size, 3).unwrap();
+    let tokens = repeated_random_tokens(2, 20, checkpoint.config.vocab_size(), 3).unwrap();
     let mut single = FlexModel::build(checkpoint, Layout::SINGLE).unwrap();
     let expected = measure(&mut single, &tokens).unwrap();
     assert!(rel_error(score, &expected.scores) < 1e-4);

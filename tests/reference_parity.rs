@@ -53,12 +53,12 @@ fn compare(
 /// points (shared q/k/v inputs, one output projection) and every point with the opt-in
 /// ones (per-head inputs and results), which must be all of the reference's.
 fn compare_both_paths(
-    model: &flexmodel::models::Llama,
+    model: &std::sync::Arc<dyn flexmodel::models::ModelShard>,
     rows: &[&[u32]],
     reference: &BTreeMap<String, Tensor>,
     tolerance: f64,
 ) {
-    let n_layers = model.config().n_layers;
+    let n_layers = model.model_config().n_layers();
     let (_, default) = capture_all(model, &batch(rows));
     assert_eq!(default.len(), default_points(n_layers));
     compare(reference, &default, tolerance);
@@ -87,7 +87,7 @@ fn smollm2_logits_and_residual_stream_match_committed_numpy_fixture() {
     let (_, captured) = capture_all(model, &tokens);
     assert_eq!(
         fixture.len(),
-        model.config().n_layers + 2,
+        model.model_config().n_layers() + 2,
         "resid_pre of every layer, the last resid_post, logits"
     );
     let fixture: BTreeMap<String, Tensor> = fixture.into_iter().collect();

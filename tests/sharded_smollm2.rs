@@ -16,7 +16,6 @@ use common::{
 const TOLERANCE: f64 = 2e-5;
 /// The same for gradients: the worst measured is 3.4e-5 (tp=3, edited).
 const GRADIENT_TOLERANCE: f64 = 1e-4;
-use flexmodel::models::ModelShard as _;
 use flexmodel::{FlexModel, HookFunction};
 use flexmodel_cluster::Layout;
 

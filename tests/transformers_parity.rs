@@ -180,7 +180,10 @@ fn mistral(window: usize) -> LlamaConfig {
 #[test]
 fn a_sliding_window_matches_transformers_in_plain_and_ragged_batches_and_under_tp() {
     let (dir, checkpoint) = on_disk(mistral(5), 62);
-    assert_eq!(checkpoint.config.sliding_window, Some(5));
+    assert_eq!(
+        checkpoint.config.as_llama().unwrap().sliding_window,
+        Some(5)
+    );
     for (batch, rows) in [("plain", rows()), ("ragged", ragged())] {
         let expected = transformers(dir.path(), &rows);
         let single = ours(&checkpoint, Layout::SINGLE, &rows);

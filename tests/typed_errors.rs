@@ -31,8 +31,8 @@ fn a_huge_layout_is_refused_at_once_without_starting_anything() {
     let checkpoint = tiny_checkpoint(0).unwrap();
     let mut config = tiny_config();
     config.d_mlp = 1 << 20; // 4 layers × 3 × 64 × 2^20 f32 weights = 3.2 GB a replica
-    let big = flexmodel::weights::Checkpoint {
-        config,
+    let big = flexmodel::Checkpoint {
+        config: config.into(),
         weights: checkpoint.weights,
         tokenizer: checkpoint.tokenizer,
     };
@@ -59,7 +59,7 @@ fn a_layout_that_cannot_split_the_model_is_refused_before_the_weights_are_read()
     let checkpoint = tiny_checkpoint(0).unwrap();
     // The tiny model's weights are in memory, so a missing tensor would only show when
     // they are read: the layout error comes first.
-    let broken = flexmodel::weights::Checkpoint {
+    let broken = flexmodel::Checkpoint {
         config: checkpoint.config.clone(),
         weights: Box::new(flexmodel::weights::TensorMap::default()),
         tokenizer: checkpoint.tokenizer,

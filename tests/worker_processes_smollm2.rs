@@ -31,7 +31,7 @@ fn smollm2_in_twelve_worker_processes_matches_the_single_shard() {
     // loading is its share plus at most the largest tensor (the embedding, read whole
     // and then sliced) and the process's own baseline, far below the whole model.
     let config = &checkpoint.config;
-    let largest = (config.vocab_size * config.d_model * 4) as u64;
+    let largest = (config.vocab_size() * config.d_model() * 4) as u64;
     let whole = config.parameter_count() * 4;
     let shares = model.shard_weight_bytes();
     let peaks = model.worker_peak_rss_bytes().unwrap();

@@ -35,14 +35,14 @@ impl Unembed {
     /// The final norm and LM head of `model`, joined from its shards.
     pub fn of(model: &FlexModel) -> Result<Self> {
         let config = model.config();
-        let head = match config.tie_word_embeddings {
-            true => "model.embed_tokens.weight",
-            false => "lm_head.weight",
-        };
         let norm_weight = model.parameter("model.norm.weight")?.detach();
         Ok(Self {
-            norm: RmsNorm::new("model.norm.weight", norm_weight, config.rms_norm_eps),
-            head_t: model.parameter(head)?.detach().t()?.contiguous()?,
+            norm: config.final_norm(norm_weight)?,
+            head_t: model
+                .parameter(config.lm_head())?
+                .detach()
+                .t()?
+                .contiguous()?,
         })
     }
 

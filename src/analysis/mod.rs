@@ -23,7 +23,7 @@ fn capture_every_layer(
     let pass = model.forward(tokens);
     model.hooks_mut().remove(hook)?;
     let logits = pass?;
-    let values = (0..model.config().n_layers)
+    let values = (0..model.config().n_layers())
         .map(|layer| {
             let name = format!("blocks.{layer}.{site}");
             model

@@ -59,7 +59,7 @@ pub fn patch_residual_stream(
             ),
         });
     }
-    let vocab_size = model.config().vocab_size;
+    let vocab_size = model.config().vocab_size();
     for id in [answer, wrong] {
         if id as usize >= vocab_size {
             return Err(Error::TokenOutOfVocabulary { id, vocab_size });

@@ -41,26 +41,27 @@ pub fn train_steering_vector(
     steering: Steering,
 ) -> Result<SteeringVector> {
     let config = model.config().clone();
-    if steering.layer >= config.n_layers {
+    if steering.layer >= config.n_layers() {
         return Err(Error::InvalidArgument {
             argument: "layer",
             problem: format!(
                 "the model has {} layers, layer {} was asked for",
-                config.n_layers, steering.layer
+                config.n_layers(),
+                steering.layer
             ),
         });
     }
     if prompt.is_empty() {
         return Err(Error::NoTokens { what: "the prompt" });
     }
-    if target as usize >= config.vocab_size {
+    if target as usize >= config.vocab_size() {
         return Err(Error::TokenOutOfVocabulary {
             id: target,
-            vocab_size: config.vocab_size,
+            vocab_size: config.vocab_size(),
         });
     }
     // On the host, with the optimizer; see the edit for its way to the model's device.
-    let vector = Var::zeros(config.d_model, DType::F32, &Device::Cpu)?;
+    let vector = Var::zeros(config.d_model(), DType::F32, &Device::Cpu)?;
     model.register_trainable(format!("steering.{}", steering.layer), &vector)?;
     let added = vector.as_tensor().clone();
     let hook = model.hooks_mut().register(

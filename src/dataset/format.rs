@@ -298,7 +298,7 @@ mod tests {
         let mut spec = DatasetSpec::new("model", ["blocks.0.hook_resid_post"]);
         spec.seq_len = 4;
         let corpus = Corpus::from_ids((0..40).collect());
-        DatasetPlan::new(&tiny_config(), corpus, spec).unwrap()
+        DatasetPlan::new(&tiny_config().into(), corpus, spec).unwrap()
     }
 
     #[test]

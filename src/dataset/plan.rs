@@ -13,7 +13,7 @@ use flexmodel_actors::PassScope;
 use crate::dataset::corpus::Corpus;
 use crate::dataset::spec::{DatasetSpec, Positions};
 use crate::hooks::HookKind;
-use crate::models::LlamaConfig;
+use crate::models::ModelConfig;
 use crate::{Error, HookCatalog, HookPoint, Result};
 
 /// One hook column: the point, its name, and the shape of one row of it.
@@ -74,7 +74,7 @@ impl DatasetPlan {
     /// resolved (an unknown one is an error suggesting names), the corpus cut into
     /// whole sequences within `spec.max_tokens`, the rows into shards that fit in
     /// `spec.shard_bytes`.
-    pub fn new(config: &LlamaConfig, corpus: Corpus, spec: DatasetSpec) -> Result<Self> {
+    pub fn new(config: &ModelConfig, corpus: Corpus, spec: DatasetSpec) -> Result<Self> {
         let invalid = |argument, problem: String| Error::InvalidArgument { argument, problem };
         if spec.seq_len == 0 {
             return Err(invalid("seq_len", "must be at least 1".into()));
@@ -204,7 +204,7 @@ impl DatasetPlan {
 }
 
 /// The hook columns `spec.hooks` names, in forward order, once each.
-fn columns(config: &LlamaConfig, spec: &DatasetSpec) -> Result<Vec<Column>> {
+fn columns(config: &ModelConfig, spec: &DatasetSpec) -> Result<Vec<Column>> {
     let catalog = HookCatalog::new(config.points());
     let mut points = Vec::new();
     for pattern in &spec.hooks {
@@ -349,7 +349,7 @@ mod tests {
         spec.batch = 4;
         edit(&mut spec);
         let corpus = Corpus::from_ids((0..tokens as u32).map(|i| i % 256).collect());
-        DatasetPlan::new(&tiny_config(), corpus, spec)
+        DatasetPlan::new(&tiny_config().into(), corpus, spec)
     }
 
     #[test]

@@ -210,7 +210,7 @@ mod tests {
     #[test]
     fn a_gathered_block_computes_as_the_whole_one_and_each_piece_gets_the_replicas_gradient() {
         let checkpoint = tiny_checkpoint(3).unwrap();
-        let config = &checkpoint.config;
+        let config = checkpoint.config.as_llama().unwrap();
         let tp = flexmodel_cluster::TpRank::SOLE;
         let weights = HeldWeights::f32(checkpoint.weights.as_ref());
         let block = Block::load(&weights, 1, config, tp).unwrap();
@@ -269,7 +269,7 @@ mod tests {
     #[test]
     fn a_model_under_fsdp_gives_the_whole_models_logits_holding_half_its_weights() {
         let checkpoint = tiny_checkpoint(3).unwrap();
-        let config = &checkpoint.config;
+        let config = checkpoint.config.as_llama().unwrap();
         let weights = checkpoint.weights.as_ref();
         let tp: Arc<dyn Collective> = Arc::new(SingleRank);
         let model = Llama::load(config, weights, tp.clone()).unwrap();

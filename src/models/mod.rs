@@ -1,17 +1,25 @@
 //! Transformer models whose every hook point goes through the hook layer and whose
 //! every linear layer can hold a tensor-parallel slice.
+//!
+//! A family is a folder (`llama/`) whose configuration declares what the rest of the
+//! crate needs ([`ModelSpec`]: sizes, hook points, parameter counts, how to build a
+//! shard) and whose model is a [`ModelShard`]; [`ModelConfig`] lists the families.
 
+mod config;
 pub(crate) mod fsdp;
 pub(crate) mod llama;
 pub(crate) mod loss;
 pub(crate) mod parallel;
 pub(crate) mod shard;
+mod spec;
 pub(crate) mod stage;
 
+pub use config::ModelConfig;
 pub use llama::{Architecture, Llama, LlamaConfig, RmsNorm, RopeScaling, Unimplemented};
 pub use loss::{
     masked_next_token_loss, next_token_loss, next_token_loss_by_position, vocab_parallel_loss,
 };
 pub use parallel::{ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, kv_heads_of};
 pub use shard::ModelShard;
+pub use spec::ModelSpec;
 pub use stage::Stage;

@@ -7,7 +7,8 @@ use candle_core::Tensor;
 use flexmodel_actors::{KvCache, Window};
 use flexmodel_cluster::{Collective, ParamSlice};
 
-use crate::{HookLayer, Result};
+use crate::models::{ModelConfig, Stage};
+use crate::{Error, HookLayer, Result};
 
 /// One pipeline stage of one tensor-parallel rank of a model: what the runtime drives,
 /// in this process or in a worker.
@@ -33,6 +34,27 @@ pub trait ModelShard: Send + Sync {
 
     /// The shard's tensor-parallel group.
     fn collective(&self) -> &Arc<dyn Collective>;
+
+    /// The configuration of the model this is a shard of.
+    fn model_config(&self) -> ModelConfig;
+
+    /// The part of the model this shard holds.
+    fn stage(&self) -> &Stage;
+
+    /// Logits `[b, t, vocab / tp]` (this rank's vocabulary slice) of `tokens` (`[b, t]`,
+    /// u32, every one real), passing every hook point through `hooks`; an error unless
+    /// the shard holds the whole model ([`Stage::whole`]).
+    fn forward(&self, tokens: &Tensor, hooks: &mut dyn HookLayer) -> Result<Tensor> {
+        let stage = self.stage();
+        if !(stage.first && stage.last) {
+            return Err(Error::InvalidArgument {
+                argument: "model",
+                problem: "forward needs a shard with every stage; use forward_stage".into(),
+            });
+        }
+        let mut cache = KvCache::default();
+        self.forward_stage(tokens, &Window::DENSE, &mut cache, hooks, true)
+    }
 
     /// The bytes of weights this shard holds.
     fn weight_bytes(&self) -> usize {

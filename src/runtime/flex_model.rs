@@ -16,7 +16,7 @@ use crate::hooks::catalog::scope_limits;
 use crate::hooks::dispatch::{LossFn, PassHooks};
 use crate::hooks::registry::{Groups, HookRegistry};
 use crate::hooks::{HookCatalog, ModelPoints};
-use crate::models::{Llama, LlamaConfig, ModelShard, Stage};
+use crate::models::{ModelConfig, ModelShard, Stage};
 use crate::runtime::launch::Placement;
 use crate::runtime::parameters::{self, RankSlices};
 use crate::runtime::sharding::{Shard, build_shards, check_fits_in_memory, check_layout, geometry};
@@ -64,7 +64,7 @@ enum Backend {
 ///
 /// [`HookFunction`]: crate::HookFunction
 pub struct FlexModel {
-    config: LlamaConfig,
+    config: ModelConfig,
     layout: Layout,
     backend: Backend,
     points: ModelPoints,
@@ -77,11 +77,12 @@ pub struct FlexModel {
 }
 
 impl FlexModel {
-    /// Wraps a single-shard `model` with no hooks registered.
-    pub fn new(model: Llama) -> Self {
-        let config = model.config().clone();
+    /// Wraps a single-shard `model` (one holding the whole model) with no hooks
+    /// registered.
+    pub fn new(model: Arc<dyn ModelShard>) -> Self {
+        let config = model.model_config();
         let backend = Backend::Single {
-            model: Arc::new(model),
+            model,
             cache: KvCache::default(),
             runtime: None,
         };
@@ -105,10 +106,10 @@ impl FlexModel {
         layout: Layout,
         placement: &Placement,
     ) -> Result<Self> {
-        let config = LlamaConfig {
-            dtype: layout.model_dtype().dtype(),
-            ..checkpoint.config.clone()
-        };
+        let config = checkpoint
+            .config
+            .clone()
+            .with_dtype(layout.model_dtype().dtype());
         check_layout(&config, &layout)?;
         let workers = match placement {
             Placement::Threads => {
@@ -156,12 +157,12 @@ impl FlexModel {
             return Ok(Self::with_backend(config, layout, backend));
         }
         if layout.world_size() == 1 {
-            let whole = Stage::whole(config.n_layers);
+            let whole = Stage::whole(config.n_layers());
             let device = &layout.device().device(0)?;
             let (weights, one) = (checkpoint.weights.as_ref(), Arc::new(SingleRank));
-            let model = Llama::load_stage(&config, weights, one, whole, device)?;
+            let model = config.load(weights, one, whole, device, None)?;
             let backend = Backend::Single {
-                model: Arc::new(model),
+                model,
                 cache: KvCache::default(),
                 runtime: None,
             };
@@ -192,7 +193,7 @@ impl FlexModel {
         ))
     }
 
-    fn with_backend(config: LlamaConfig, layout: Layout, backend: Backend) -> Self {
+    fn with_backend(config: ModelConfig, layout: Layout, backend: Backend) -> Self {
         Self {
             points: config.points(),
             registry: HookRegistry::new(HookCatalog::new(config.points())),
@@ -235,7 +236,7 @@ impl FlexModel {
     }
 
     /// The model's configuration.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
@@ -362,7 +363,7 @@ impl FlexModel {
         let _entered = span.enter();
         let (_, t) = self.check_batch(tokens)?;
         let scope = window.scope;
-        let n_layers = self.config.n_layers;
+        let n_layers = self.config.n_layers();
         if let Some(n) = scope.stop_at_layer.filter(|&n| n > n_layers) {
             return Err(Error::InvalidArgument {
                 argument: "stop_at_layer",
@@ -530,7 +531,7 @@ impl FlexModel {
     /// replicas before any shard runs; returns `(batch, seq)`.
     fn check_batch(&self, tokens: &Tensor) -> Result<(usize, usize)> {
         let config = &self.config;
-        let (b, t) = check_tokens(tokens, config.vocab_size, config.context())?;
+        let (b, t) = check_tokens(tokens, config.sizes().vocab_size, config.context())?;
         if b < self.layout.dp() {
             return Err(Error::BatchTooSmall {
                 batch: b,
@@ -626,7 +627,7 @@ impl FlexModel {
 
 /// Where every hook point, and the output, lives on `layout`.
 fn geometry_of(
-    config: &LlamaConfig,
+    config: &ModelConfig,
     layout: Layout,
 ) -> Result<(Vec<PointGeometry>, PointGeometry)> {
     let points = config.points();
@@ -641,7 +642,7 @@ fn geometry_of(
 
 /// Starts the shard actors of `shards` (in rank order) with every hook point's geometry.
 fn start_runtime(
-    config: &LlamaConfig,
+    config: &ModelConfig,
     layout: Layout,
     shards: &[Arc<Shard>],
     control: Arc<PassControl>,

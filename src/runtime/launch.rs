@@ -12,7 +12,6 @@ use flexmodel_cluster::transport::Token;
 use flexmodel_cluster::{Collective, Layout};
 
 use crate::Checkpoint;
-use crate::models::{Llama, LlamaConfig};
 use crate::runtime::sharding::{Shard, check_layout, check_rank_fits_in_memory, stage_of};
 use crate::{Error, Result};
 
@@ -138,12 +137,12 @@ fn worker_program() -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Loads a worker's shard of a LLaMA-family model: opens the model the assignment
-/// names on this machine's disk and reads only the tensors of its rank, one at a time,
+/// Loads a worker's shard of a model: opens the model the assignment names on this
+/// machine's disk and reads only the tensors of its rank, one at a time,
 /// onto the worker's device.
-pub struct LlamaLoader;
+pub struct CheckpointLoader;
 
-impl ShardLoader for LlamaLoader {
+impl ShardLoader for CheckpointLoader {
     fn load(
         &self,
         assignment: &Assignment,
@@ -153,10 +152,10 @@ impl ShardLoader for LlamaLoader {
     ) -> std::result::Result<LoadedShard, BoxError> {
         let checkpoint = Checkpoint::open(&assignment.model)?;
         let layout = assignment.layout;
-        let config = &LlamaConfig {
-            dtype: layout.model_dtype().dtype(),
-            ..checkpoint.config.clone()
-        };
+        let config = &checkpoint
+            .config
+            .clone()
+            .with_dtype(layout.model_dtype().dtype());
         check_layout(config, &layout)?;
         // Weights on a GPU take none of this machine's memory (a job's worker computes
         // on its own device, whatever the layout says).
@@ -165,12 +164,9 @@ impl ShardLoader for LlamaLoader {
         }
         let stage = stage_of(config, &layout, layout.coords(assignment.rank).pp);
         let weights = checkpoint.weights.as_ref();
-        let model = match replicas {
-            Some(replicas) => Llama::load_stage_fsdp(config, weights, tp, stage, device, replicas)?,
-            None => Llama::load_stage(config, weights, tp, stage, device)?,
-        };
+        let model = config.load(weights, tp, stage, device, replicas)?;
         Ok(LoadedShard {
-            model: Arc::new(Shard::new(Arc::new(model), config.points())),
+            model: Arc::new(Shard::new(model, config.points())),
             fingerprint: checkpoint.weights.fingerprint()?,
         })
     }

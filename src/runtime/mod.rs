@@ -12,4 +12,4 @@ pub mod sharding;
 
 pub use flex_model::FlexModel;
 pub use flexmodel_actors::{leave_every_job, stop_every_worker};
-pub use launch::{Cluster, LlamaLoader, Placement, Processes};
+pub use launch::{CheckpointLoader, Cluster, Placement, Processes};

@@ -1,4 +1,4 @@
-//! How a LLaMA-family model splits over a layout: validation, stages, the geometry of
+//! How a model splits over a layout: validation, stages, the geometry of
 //! every hook point, and the shard models the runtime drives.
 
 use std::ops::Range;
@@ -15,7 +15,7 @@ use crate::hooks::point::{HookPoint, ModelPoints, Sizes};
 use crate::hooks::site::Size;
 use crate::models::kv_heads_of;
 use crate::models::loss::vocab_parallel_loss;
-use crate::models::{Llama, LlamaConfig, ModelShard, Stage};
+use crate::models::{ModelConfig, ModelShard, Stage};
 use crate::weights::WeightSource;
 use crate::{Error, HookLayer, Result};
 
@@ -91,19 +91,20 @@ fn size(bytes: u64) -> String {
 }
 
 /// Checks that `layout` can split a model of `config`, with a message that says why not.
-pub fn check_layout(config: &LlamaConfig, layout: &Layout) -> Result<()> {
+pub fn check_layout(config: &ModelConfig, layout: &Layout) -> Result<()> {
     let tp = layout.tp();
     let bad = |problem| Err(Error::BadLayout(problem));
+    let sizes = config.sizes();
     for (what, size) in [
-        ("num_attention_heads", config.n_heads),
-        ("intermediate_size (d_mlp)", config.d_mlp),
-        ("vocab_size", config.vocab_size),
+        ("num_attention_heads", sizes.n_heads),
+        ("intermediate_size (d_mlp)", sizes.d_mlp),
+        ("vocab_size", sizes.vocab_size),
     ] {
         if !size.is_multiple_of(tp) {
             return bad(LayoutProblem::NotDivisible { tp, what, size });
         }
     }
-    let kv = config.n_kv_heads;
+    let kv = sizes.n_kv_heads;
     if tp <= kv && !kv.is_multiple_of(tp) {
         return bad(LayoutProblem::NotDivisible {
             tp,
@@ -114,45 +115,21 @@ pub fn check_layout(config: &LlamaConfig, layout: &Layout) -> Result<()> {
     if tp > kv && !tp.is_multiple_of(kv) {
         return bad(LayoutProblem::KvHeadsNotReplicable { tp, kv_heads: kv });
     }
-    if layout.pp() > config.n_layers {
+    if layout.pp() > config.n_layers() {
         return bad(LayoutProblem::TooManyStages {
             pp: layout.pp(),
-            layers: config.n_layers,
+            layers: config.n_layers(),
         });
     }
     Ok(())
 }
 
-/// The bytes of weights (in the layout's dtype) rank `rank` of `layout` holds: its stage's blocks' slices,
-/// the embedding's slice on the first stage (and on the last with a tied head), the
-/// final norm and the LM head's slice on the last; under FSDP its piece of all that.
-pub fn rank_weight_bytes(config: &LlamaConfig, layout: &Layout, rank: usize) -> u64 {
+/// The bytes of weights (in the layout's dtype) rank `rank` of `layout` holds: its
+/// tensor-parallel share of its stage ([`ModelSpec::stage_parameter_count`]), under FSDP
+/// its piece of that.
+pub fn rank_weight_bytes(config: &ModelConfig, layout: &Layout, rank: usize) -> u64 {
     let stage = stage_of(config, layout, layout.coords(rank).pp);
-    let tp = layout.tp() as u64;
-    let [v, d, q, d_head, mlp] = [
-        config.vocab_size,
-        config.d_model,
-        config.n_heads * config.d_head,
-        config.d_head,
-        config.d_mlp,
-    ]
-    .map(|n| n as u64);
-    // Under tensor parallelism beyond the key/value heads, each rank holds one of them.
-    let kv = (config.n_kv_heads as u64 / tp).max(1) * d_head;
-    let biases = if config.attention_bias {
-        q / tp + 2 * kv
-    } else {
-        0
-    };
-    let per_layer = 2 * d * q / tp + 2 * d * kv + 3 * d * mlp / tp + 2 * d + biases;
-    let mut count = stage.layers.len() as u64 * per_layer;
-    let tied = config.tie_word_embeddings;
-    if stage.first || (stage.last && tied) {
-        count += v * d / tp;
-    }
-    if stage.last {
-        count += d + if tied { 0 } else { v * d / tp };
-    }
+    let mut count = config.stage_parameter_count(&stage, layout.tp());
     if layout.fsdp() {
         count = count.div_ceil(layout.dp() as u64);
     }
@@ -163,14 +140,14 @@ pub fn rank_weight_bytes(config: &LlamaConfig, layout: &Layout, rank: usize) -> 
 /// it reads, twice (as read, and held transposed), and once more in f32 where the
 /// weights are held in half precision (a source that cannot convert as it reads
 /// converts a whole f32 slice).
-fn loading_bytes(config: &LlamaConfig, layout: &Layout) -> u64 {
-    let tp = layout.tp();
+fn loading_bytes(config: &ModelConfig, layout: &Layout) -> u64 {
+    let (tp, sizes) = (layout.tp(), config.sizes());
     let widest = [
-        config.vocab_size / tp,
-        config.d_mlp / tp,
-        config.n_heads * config.d_head / tp,
+        sizes.vocab_size / tp,
+        sizes.d_mlp / tp,
+        sizes.n_heads * sizes.d_head / tp,
     ];
-    let largest = (widest.into_iter().max().unwrap_or(0) * config.d_model) as u64;
+    let largest = (widest.into_iter().max().unwrap_or(0) * sizes.d_model) as u64;
     let held = layout.model_dtype().size() as u64;
     largest * (2 * held + if held < 4 { 4 } else { 0 })
 }
@@ -181,7 +158,7 @@ fn loading_bytes(config: &LlamaConfig, layout: &Layout) -> u64 {
 /// their slices), so that a mistyped layout fails at once instead of being killed.
 /// Where the available memory cannot be read, nothing is checked. Ranks in worker
 /// processes check their own share ([`check_rank_fits_in_memory`]).
-pub fn check_fits_in_memory(config: &LlamaConfig, layout: &Layout, whole_copy: bool) -> Result<()> {
+pub fn check_fits_in_memory(config: &ModelConfig, layout: &Layout, whole_copy: bool) -> Result<()> {
     let Some(available_bytes) = available_memory() else {
         return Ok(());
     };
@@ -205,7 +182,7 @@ pub fn check_fits_in_memory(config: &LlamaConfig, layout: &Layout, whole_copy: b
 
 /// Checks that rank `rank` of `layout` can hold its share of the weights (and load it)
 /// in the memory this machine has available; an error names the rank and both sizes.
-pub fn check_rank_fits_in_memory(config: &LlamaConfig, layout: &Layout, rank: usize) -> Result<()> {
+pub fn check_rank_fits_in_memory(config: &ModelConfig, layout: &Layout, rank: usize) -> Result<()> {
     let Some(available_bytes) = available_memory() else {
         return Ok(());
     };
@@ -222,7 +199,7 @@ pub fn check_rank_fits_in_memory(config: &LlamaConfig, layout: &Layout, rank: us
 
 /// The bytes of weights rank `rank` holds in this machine's memory: none when it holds
 /// them on a GPU.
-fn host_weight_bytes(config: &LlamaConfig, layout: &Layout, rank: usize) -> u64 {
+fn host_weight_bytes(config: &ModelConfig, layout: &Layout, rank: usize) -> u64 {
     match layout.device().is_cpu() {
         true => rank_weight_bytes(config, layout, rank),
         false => 0,
@@ -249,8 +226,8 @@ fn available_memory() -> Option<u64> {
 }
 
 /// The part of the model pipeline stage `stage` of `layout` holds.
-pub fn stage_of(config: &LlamaConfig, layout: &Layout, stage: usize) -> Stage {
-    let layers = split_evenly(config.n_layers, layout.pp())[stage].clone();
+pub fn stage_of(config: &ModelConfig, layout: &Layout, stage: usize) -> Stage {
+    let layers = split_evenly(config.n_layers(), layout.pp())[stage].clone();
     Stage {
         layers,
         first: stage == 0,
@@ -395,7 +372,7 @@ impl ShardModel for Shard {
 /// tensor-parallel collectives (and under FSDP the replicas' collectives) that share
 /// `control`.
 pub fn build_shards(
-    config: &LlamaConfig,
+    config: &ModelConfig,
     weights: &dyn WeightSource,
     layout: &Layout,
     control: &Arc<PassControl>,
@@ -413,13 +390,8 @@ pub fn build_shards(
         .map(|(rank, tp)| {
             let stage = stage_of(config, layout, layout.coords(rank).pp);
             let device = &layout.device().device(rank)?;
-            let model = match dp_groups.next() {
-                Some(replicas) => {
-                    Llama::load_stage_fsdp(config, weights, tp, stage, device, replicas)?
-                }
-                None => Llama::load_stage(config, weights, tp, stage, device)?,
-            };
-            Ok(Arc::new(Shard::new(Arc::new(model), config.points())))
+            let model = config.load(weights, tp, stage, device, dp_groups.next())?;
+            Ok(Arc::new(Shard::new(model, config.points())))
         })
         .collect()
 }
@@ -455,6 +427,7 @@ fn in_process_groups(
 mod tests {
     use super::*;
     use crate::hooks::BlockSite;
+    use crate::models::{LlamaConfig, ModelSpec};
     use crate::tiny::tiny_config;
 
     fn layout(dp: usize, pp: usize, tp: usize) -> Layout {
@@ -464,7 +437,7 @@ mod tests {
     #[test]
     fn layouts_that_cannot_split_the_model_say_why() {
         let c = tiny_config(); // 8 heads, 4 kv heads, d_mlp 192, vocab 256, 4 layers
-        let err = |l| check_layout(&c, &l).unwrap_err().to_string();
+        let err = |l| err_of(&c, l);
         assert_eq!(
             err(layout(1, 1, 3)),
             "bad layout: tp=3 does not divide num_attention_heads = 8"
@@ -474,7 +447,7 @@ mod tests {
             "bad layout: pp=5 exceeds the model's 4 layers"
         );
         assert!(
-            check_layout(&c, &layout(2, 2, 8)).is_ok(),
+            check_layout(&c.clone().into(), &layout(2, 2, 8)).is_ok(),
             "8 ranks replicate the 4 kv heads"
         );
         let mut odd = c.clone();
@@ -487,7 +460,7 @@ mod tests {
     }
 
     fn err_of(c: &LlamaConfig, l: Layout) -> String {
-        check_layout(c, &l).unwrap_err().to_string()
+        check_layout(&c.clone().into(), &l).unwrap_err().to_string()
     }
 
     #[test]

@@ -240,7 +240,7 @@ impl FlexModel {
         if t0 > context {
             return Err(Error::SequenceTooLong { len: t0, context });
         }
-        let eos = self.config().eos_token_ids.clone();
+        let eos = self.config().eos_token_ids().to_vec();
         let mut rows = Rows::new(&prompt)?;
         let mut chooser = Chooser::new(options.decoding);
         let mut finished = vec![false; b];

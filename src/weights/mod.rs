@@ -1,10 +1,9 @@
 //! Where a model's weights come from: GGUF files, Hugging Face safetensors
 //! checkpoints, or tensors in memory. Every source serves f32 tensors on the CPU under
-//! their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`). A
-//! [`Checkpoint`] is what `--model` names: configuration, weights and tokenizer;
-//! [`pretrained`] fetches the packaged ones into the cache.
+//! their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`), a GGUF file as
+//! its family names them ([`GgufNames`]); [`pretrained`] fetches the packaged ones into
+//! the cache.
 
-pub(crate) mod checkpoint;
 pub(crate) mod fingerprint;
 mod gguf;
 pub mod pretrained;
@@ -18,8 +17,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use checkpoint::Checkpoint;
-pub use gguf::GgufFile;
+pub use gguf::{GgufFile, GgufNames, NameTable};
 pub use safetensors_dir::SafetensorsDir;
 pub use safetensors_file::write_safetensors;
 pub use tensor_map::TensorMap;

@@ -14,19 +14,19 @@ pub mod relay;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use child::{OutputWithin, RUN_DEADLINE};
-use flexmodel::models::Llama;
+use flexmodel::models::ModelShard;
 use flexmodel::{BlockSite, Checkpoint, HookLayer, HookPoint};
 
 /// SmolLM2-135M-Instruct (fetched into the cache on first use) and its model, loaded
 /// once per test binary.
-pub fn smollm2() -> &'static (Checkpoint, Llama) {
-    static MODEL: OnceLock<(Checkpoint, Llama)> = OnceLock::new();
+pub fn smollm2() -> &'static (Checkpoint, Arc<dyn ModelShard>) {
+    static MODEL: OnceLock<(Checkpoint, Arc<dyn ModelShard>)> = OnceLock::new();
     MODEL.get_or_init(|| {
         let checkpoint = Checkpoint::open("smollm2").expect("open smollm2");
         let model = checkpoint.load_model().expect("build smollm2");
@@ -137,17 +137,27 @@ impl HookLayer for Recorder {
 
 /// The logits and every default hook point's value of one forward pass (what `*`
 /// captures: no opt-in point).
-pub fn capture_all(model: &Llama, tokens: &Tensor) -> (Tensor, BTreeMap<String, Tensor>) {
+pub fn capture_all(
+    model: &Arc<dyn ModelShard>,
+    tokens: &Tensor,
+) -> (Tensor, BTreeMap<String, Tensor>) {
     capture(model, tokens, false)
 }
 
 /// The logits and every hook point's value, the opt-in ones included (each head's
 /// result and the per-head q/k/v inputs, which the model then computes).
-pub fn capture_with_opt_in(model: &Llama, tokens: &Tensor) -> (Tensor, BTreeMap<String, Tensor>) {
+pub fn capture_with_opt_in(
+    model: &Arc<dyn ModelShard>,
+    tokens: &Tensor,
+) -> (Tensor, BTreeMap<String, Tensor>) {
     capture(model, tokens, true)
 }
 
-fn capture(model: &Llama, tokens: &Tensor, opt_in: bool) -> (Tensor, BTreeMap<String, Tensor>) {
+fn capture(
+    model: &Arc<dyn ModelShard>,
+    tokens: &Tensor,
+    opt_in: bool,
+) -> (Tensor, BTreeMap<String, Tensor>) {
     let mut recorder = Recorder {
         opt_in,
         captured: BTreeMap::new(),
@@ -269,7 +279,7 @@ pub fn write_gguf_with_metadata(
     dtype_of: impl Fn(&str) -> GgmlDType,
     extra: Vec<(&str, Value)>,
 ) {
-    let c = &checkpoint.config;
+    let c = checkpoint.config.as_llama().expect("a LLaMA-family model");
     let mut tensors = Vec::new();
     for name in checkpoint.weights.names() {
         let mut t = checkpoint.weights.tensor(&name).unwrap();

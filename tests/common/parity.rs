@@ -73,7 +73,7 @@ pub fn everything(
     placement: &Placement,
 ) -> BTreeMap<String, Tensor> {
     let mut model = FlexModel::build_on(checkpoint, layout, placement).unwrap();
-    let d_model = checkpoint.config.d_model as f32;
+    let d_model = checkpoint.config.d_model() as f32;
     let start = Tensor::arange(0f32, d_model, &candle_core::Device::Cpu).unwrap();
     let steer = Var::from_tensor(&(start.sin().unwrap() * 0.1).unwrap()).unwrap();
     register_edits(&mut model, &steer);

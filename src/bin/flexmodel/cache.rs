@@ -84,7 +84,7 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&args.model)?;
     let corpus = match (&args.corpus.text, &args.corpus.tokens_file) {
         (Some(text), _) => Corpus::from_text(text, &checkpoint.tokenizer)?,
-        (None, Some(tokens)) => Corpus::from_tokens_file(tokens, checkpoint.config.vocab_size)?,
+        (None, Some(tokens)) => Corpus::from_tokens_file(tokens, checkpoint.config.vocab_size())?,
         (None, None) => anyhow::bail!("give --text or --tokens-file"),
     };
     let mut spec = DatasetSpec::new(checkpoint.weights.fingerprint()?, args.hooks.clone());

@@ -156,7 +156,7 @@ fn generated_text_ids<'a>(
 ) -> &'a [u32] {
     let generated = generation.generated(i);
     match generated.split_last() {
-        Some((last, rest)) if checkpoint.config.eos_token_ids.contains(last) => rest,
+        Some((last, rest)) if checkpoint.config.eos_token_ids().contains(last) => rest,
         _ => generated,
     }
 }
@@ -174,7 +174,7 @@ struct Printer {
 
 impl Printer {
     fn push(&mut self, checkpoint: &Checkpoint, token: u32) -> flexmodel::Result<()> {
-        if checkpoint.config.eos_token_ids.contains(&token) {
+        if checkpoint.config.eos_token_ids().contains(&token) {
             return Ok(());
         }
         // Decode the whole continuation so multi-token characters print whole.

@@ -38,7 +38,7 @@ pub struct InductionArgs {
 /// Measures the scores, writes them and the figures, prints the top heads.
 pub fn run(args: InductionArgs) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&args.model)?;
-    let (vocab, context) = (checkpoint.config.vocab_size, checkpoint.config.context());
+    let (vocab, context) = (checkpoint.config.vocab_size(), checkpoint.config.context());
     let tokens = match (&args.tokens_file, args.seq_len, args.batch, args.seed) {
         (Some(path), ..) => {
             let batch = read_tokens_file(path, vocab)?;

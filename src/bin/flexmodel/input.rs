@@ -22,7 +22,7 @@ impl InputArgs {
     /// The batch, padded where its sequences differ in length.
     pub fn tokens(&self, checkpoint: &Checkpoint) -> anyhow::Result<TokenBatch> {
         if let Some(path) = &self.tokens_file {
-            return Ok(read_tokens_file(path, checkpoint.config.vocab_size)?);
+            return Ok(read_tokens_file(path, checkpoint.config.vocab_size())?);
         }
         prompt_batch(checkpoint, &self.prompts)
     }

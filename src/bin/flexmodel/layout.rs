@@ -92,7 +92,7 @@ impl LayoutArgs {
         let layout = self.layout()?;
         check_layout(config, &layout)?;
         for tokens in plan.batches {
-            let (batch, _) = check_tokens(tokens, config.vocab_size, config.context())?;
+            let (batch, _) = check_tokens(tokens, config.vocab_size(), config.context())?;
             if batch < layout.dp() {
                 return Err(flexmodel::Error::BatchTooSmall {
                     batch,

@@ -60,7 +60,7 @@ pub fn run(args: LensArgs) -> anyhow::Result<()> {
         args.seq_len
     );
     let eval = batches_of(&checkpoint, &args.eval_text, &args, args.eval_tokens)?;
-    let (n_layers, d_model) = (checkpoint.config.n_layers, checkpoint.config.d_model);
+    let (n_layers, d_model) = (checkpoint.config.n_layers(), checkpoint.config.d_model());
     // Translators to evaluate, or the text to train new ones on: read before the model.
     let source = match &args.translators {
         Some(path) => Translators::Saved(TunedLens::load(path, n_layers, d_model)?),

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
-use flexmodel::runtime::LlamaLoader;
+use flexmodel::runtime::CheckpointLoader;
 use flexmodel_actors::{Join, WorkerOptions, serve};
 use flexmodel_cluster::DeviceSpec;
 use flexmodel_cluster::membership::ClusterUrl;
@@ -67,6 +67,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         trace: flexmodel::telemetry::propagation(),
         token,
     };
-    serve(&options, &LlamaLoader)?;
+    serve(&options, &CheckpointLoader)?;
     Ok(())
 }

@@ -2,10 +2,16 @@
 
 use std::path::Path;
 
-use candle_core::DType;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use flexmodel_cluster::Collective;
 use serde::{Deserialize, Serialize};
 
-use super::RopeScaling;
+use super::{Llama, RmsNorm, RopeScaling, hook_points};
+use crate::hooks::{ModelPoints, Sizes};
+use crate::models::{ModelShard, ModelSpec, Stage};
+use crate::weights::WeightSource;
 use crate::{Error, Result};
 
 /// The member of the LLaMA family, which decides the details that differ.
@@ -101,34 +107,6 @@ impl LlamaConfig {
         Ok(())
     }
 
-    /// The longest sequence the model runs: `max_position_embeddings`, or that times the
-    /// factor under dynamic NTK scaling (which exists to run beyond it).
-    pub fn context(&self) -> usize {
-        match self.rope_scaling {
-            Some(RopeScaling::Dynamic { factor }) if factor > 1.0 => {
-                (self.max_position_embeddings as f64 * factor) as usize
-            }
-            _ => self.max_position_embeddings,
-        }
-    }
-
-    /// The number of weights of the whole model: biases included, a tied LM head once.
-    pub fn parameter_count(&self) -> u64 {
-        let [v, d, layers, q, kv, mlp] = [
-            self.vocab_size,
-            self.d_model,
-            self.n_layers,
-            self.n_heads * self.d_head,
-            self.n_kv_heads * self.d_head,
-            self.d_mlp,
-        ]
-        .map(|n| n as u64);
-        let biases = if self.attention_bias { q + 2 * kv } else { 0 };
-        let per_layer = 2 * d * q + 2 * d * kv + 3 * d * mlp + 2 * d + biases;
-        let heads = if self.tie_word_embeddings { 1 } else { 2 };
-        heads * v * d + layers * per_layer + d
-    }
-
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -191,9 +169,129 @@ impl LlamaConfig {
         config.validate(path)?;
         Ok(config)
     }
+}
+
+impl ModelSpec for LlamaConfig {
+    fn model_type(&self) -> &'static str {
+        match self.architecture {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+
+    fn n_layers(&self) -> usize {
+        self.n_layers
+    }
+
+    fn sizes(&self) -> Sizes {
+        Sizes {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            d_head: self.d_head,
+            d_model: self.d_model,
+            d_mlp: self.d_mlp,
+            vocab_size: self.vocab_size,
+        }
+    }
+
+    fn points(&self) -> ModelPoints {
+        hook_points::points(self.n_layers, self.sizes())
+    }
+
+    /// `max_position_embeddings`, or that times the factor under dynamic NTK scaling
+    /// (which exists to run beyond it).
+    fn context(&self) -> usize {
+        match self.rope_scaling {
+            Some(RopeScaling::Dynamic { factor }) if factor > 1.0 => {
+                (self.max_position_embeddings as f64 * factor) as usize
+            }
+            _ => self.max_position_embeddings,
+        }
+    }
+
+    fn bos_token_id(&self) -> Option<u32> {
+        self.bos_token_id
+    }
+
+    fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn rms_norm_eps(&self) -> f64 {
+        self.rms_norm_eps
+    }
+
+    /// Biases included, a tied LM head once.
+    fn parameter_count(&self) -> u64 {
+        self.stage_parameter_count(&Stage::whole(self.n_layers), 1)
+    }
+
+    /// Each block's slices (with more ranks than key/value heads, one of them whole),
+    /// the embedding's slice on the first stage (and on the last with a tied head), the
+    /// final norm and the LM head's slice on the last.
+    fn stage_parameter_count(&self, stage: &Stage, tp: usize) -> u64 {
+        let tp = tp as u64;
+        let [v, d, q, d_head, mlp] = [
+            self.vocab_size,
+            self.d_model,
+            self.n_heads * self.d_head,
+            self.d_head,
+            self.d_mlp,
+        ]
+        .map(|n| n as u64);
+        let kv = (self.n_kv_heads as u64 / tp).max(1) * d_head;
+        let biases = if self.attention_bias {
+            q / tp + 2 * kv
+        } else {
+            0
+        };
+        let per_layer = 2 * d * q / tp + 2 * d * kv + 3 * d * mlp / tp + 2 * d + biases;
+        let mut count = stage.layers.len() as u64 * per_layer;
+        let tied = self.tie_word_embeddings;
+        if stage.first || (stage.last && tied) {
+            count += v * d / tp;
+        }
+        if stage.last {
+            count += d + if tied { 0 } else { v * d / tp };
+        }
+        count
+    }
+
+    fn load(
+        &self,
+        weights: &dyn WeightSource,
+        collective: Arc<dyn Collective>,
+        stage: Stage,
+        device: &Device,
+        replicas: Option<Arc<dyn Collective>>,
+    ) -> Result<Arc<dyn ModelShard>> {
+        let model = match replicas {
+            Some(replicas) => {
+                Llama::load_stage_fsdp(self, weights, collective, stage, device, replicas)?
+            }
+            None => Llama::load_stage(self, weights, collective, stage, device)?,
+        };
+        Ok(Arc::new(model))
+    }
+
+    fn final_norm(&self, weight: Tensor) -> Result<RmsNorm> {
+        Ok(RmsNorm::new("model.norm.weight", weight, self.rms_norm_eps))
+    }
+
+    fn lm_head(&self) -> &'static str {
+        match self.tie_word_embeddings {
+            true => "model.embed_tokens.weight",
+            false => "lm_head.weight",
+        }
+    }
 
     /// The Hugging Face `config.json` text of this configuration.
-    pub fn to_hf_json(&self) -> String {
+    fn to_hf_json(&self) -> String {
         let (model_type, class) = match self.architecture {
             Architecture::Llama => ("llama", "LlamaForCausalLM"),
             Architecture::Mistral => ("mistral", "MistralForCausalLM"),

@@ -2,7 +2,6 @@
 //! modules (`LlamaDecoderLayer`'s) that are points too.
 
 use crate::hooks::{BlockModule, BlockSite, HookKind, ModelPoints, Sizes};
-use crate::models::llama::LlamaConfig;
 
 /// Modules of block `i` (after `model.layers.{i}`) whose output (forward) or input
 /// (forward-pre) is a hook point.
@@ -27,24 +26,16 @@ const MODULES: [BlockModule; 12] = {
     ]
 };
 
-impl LlamaConfig {
-    /// The model's hook points: TransformerLens's sites in each of its blocks.
-    pub fn points(&self) -> ModelPoints {
-        let sizes = Sizes {
-            n_heads: self.n_heads,
-            n_kv_heads: self.n_kv_heads,
-            d_head: self.d_head,
-            d_model: self.d_model,
-            d_mlp: self.d_mlp,
-            vocab_size: self.vocab_size,
-        };
-        ModelPoints::new(self.n_layers, &BlockSite::TRANSFORMER_LENS, sizes, &MODULES)
-    }
+/// The hook points of a LLaMA model of `n_layers` blocks: TransformerLens's sites in
+/// each of them.
+pub(super) fn points(n_layers: usize, sizes: Sizes) -> ModelPoints {
+    ModelPoints::new(n_layers, &BlockSite::TRANSFORMER_LENS, sizes, &MODULES)
 }
 
 #[cfg(test)]
 mod tests {
     use crate::hooks::{BlockSite, HookCatalog, HookKind, HookPoint};
+    use crate::models::ModelSpec;
     use crate::tiny::tiny_config;
 
     #[test]

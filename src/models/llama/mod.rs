@@ -11,6 +11,7 @@
 mod attention;
 pub(crate) mod block;
 mod config;
+mod gguf;
 mod hook_points;
 mod mlp;
 mod model;

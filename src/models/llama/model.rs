@@ -16,7 +16,9 @@ use super::rms_norm::RmsNorm;
 use crate::models::fsdp::Fsdp;
 use crate::models::parallel::ParamMap;
 use crate::models::stage::Stage;
-use crate::models::{ColumnParallelLinear, VocabParallelEmbedding};
+use crate::models::{
+    ColumnParallelLinear, ModelConfig, ModelShard, ModelSpec, VocabParallelEmbedding,
+};
 use crate::text::token_batch::check_tokens;
 use crate::weights::{HeldWeights, PieceReads, WeightSource};
 use crate::{Error, HookLayer, HookPoint, Result};
@@ -158,41 +160,6 @@ impl Llama {
         &self.config
     }
 
-    /// The vocabulary rows of this rank's LM-head slice.
-    pub fn vocab_rows(&self) -> Range<usize> {
-        let tp = self.collective.tp_rank();
-        let per_rank = self.config.vocab_size / tp.size();
-        tp.rank() * per_rank..(tp.rank() + 1) * per_rank
-    }
-
-    /// The tensor-parallel group of this shard.
-    pub fn collective(&self) -> &Arc<dyn Collective> {
-        &self.collective
-    }
-
-    /// The part of the model this shard holds.
-    pub fn stage(&self) -> &Stage {
-        &self.stage
-    }
-
-    /// Every parameter slice this shard holds, under Hugging Face names (tied
-    /// embeddings appear once, as `model.embed_tokens.weight`); under FSDP, the blocks'
-    /// pieces.
-    pub fn parameters(&self) -> Vec<ParamSlice> {
-        let mut all = Vec::new();
-        all.extend(self.embed.iter().flat_map(|e| e.parameters()));
-        all.extend(self.blocks.iter().flat_map(|b| b.parameters()));
-        all.extend(self.final_norm.iter().flat_map(|n| n.parameters()));
-        all.extend(self.lm_head.iter().flat_map(|h| h.parameters()));
-        // A tied head on a shard that also embeds shares the embedding's tensor.
-        let mut seen = std::collections::HashSet::new();
-        all.retain(|p| seen.insert(p.value.id()));
-        match &self.fsdp {
-            Some(fsdp) => all.into_iter().map(|p| fsdp.describe(p)).collect(),
-            None => all,
-        }
-    }
-
     /// `layer` whole (under FSDP gathered from the replicas' pieces by `map`, its
     /// `map_parameters`), its parameters in the autograd graph only when `tracked`:
     /// untracked, a pass keeps nothing for a backward pass, and each activation is
@@ -209,32 +176,44 @@ impl Llama {
             (None, false) => Ok(Cow::Owned(map(layer, &mut |t| Ok(t.detach()))?)),
         }
     }
+}
 
-    /// Logits `[b, t, vocab / tp]` (this rank's vocabulary slice) of `tokens` (`[b, t]`,
-    /// u32, every one real), passing every hook point through `hooks`. The shard must
-    /// hold the whole model ([`Stage::whole`]).
-    pub fn forward(&self, tokens: &Tensor, hooks: &mut dyn HookLayer) -> Result<Tensor> {
-        self.forward_window(tokens, &Window::DENSE, &mut KvCache::default(), hooks)
+/// `layer` as this shard holds it: under FSDP taken as its replica's pieces (read
+/// through `reads`), else as it is.
+fn adopted<M>(
+    fsdp: &mut Option<Fsdp>,
+    reads: &Option<PieceReads>,
+    parameters: Vec<ParamSlice>,
+    layer: M,
+) -> Result<M> {
+    match (fsdp, reads) {
+        (Some(fsdp), Some(reads)) => fsdp.adopt(layer, parameters, reads),
+        _ => Ok(layer),
     }
+}
 
-    /// Logits of `tokens` at the positions `window` says (padding, and the positions
-    /// before them in `cache`), as [`forward`](Self::forward).
-    pub fn forward_window(
-        &self,
-        tokens: &Tensor,
-        window: &Window,
-        cache: &mut KvCache,
-        hooks: &mut dyn HookLayer,
-    ) -> Result<Tensor> {
-        if !(self.stage.first && self.stage.last) {
-            return Err(Error::InvalidArgument {
-                argument: "model",
-                problem: "forward needs a shard with every stage; use forward_stage".into(),
-            });
+/// A hook layer whose returned values are brought to `device`, the shard's: an edit
+/// may compute where it likes.
+struct OnDevice<'a> {
+    hooks: &'a mut dyn HookLayer,
+    device: &'a Device,
+}
+
+impl HookLayer for OnDevice<'_> {
+    fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
+        let out = self.hooks.hook(point, value)?;
+        match out.device().same_device(self.device) {
+            true => Ok(out),
+            false => Ok(out.to_device(self.device)?),
         }
-        self.forward_stage(tokens, window, cache, hooks, true)
     }
 
+    fn wants(&self, point: HookPoint) -> bool {
+        self.hooks.wants(point)
+    }
+}
+
+impl ModelShard for Llama {
     /// Runs this stage: `input` is token ids `[b, t]` on the first stage and the hidden
     /// state `[b, t, d]` otherwise, at the positions `window` says; returns the hidden
     /// state, or on the last stage this rank's logits `[b, t, vocab / tp]`. A window that
@@ -242,7 +221,7 @@ impl Llama {
     /// `backward` says whether a backward pass may follow; without one the pass keeps
     /// no autograd graph, and a shard under FSDP frees each gathered layer as soon as
     /// it has computed.
-    pub fn forward_stage(
+    fn forward_stage(
         &self,
         input: &Tensor,
         window: &Window,
@@ -327,64 +306,43 @@ impl Llama {
         let logits = head.forward(&conjugate::copy_to_group(&normed, collective)?)?;
         hooks.hook(HookPoint::UnembedOut, logits)
     }
-}
 
-/// `layer` as this shard holds it: under FSDP taken as its replica's pieces (read
-/// through `reads`), else as it is.
-fn adopted<M>(
-    fsdp: &mut Option<Fsdp>,
-    reads: &Option<PieceReads>,
-    parameters: Vec<ParamSlice>,
-    layer: M,
-) -> Result<M> {
-    match (fsdp, reads) {
-        (Some(fsdp), Some(reads)) => fsdp.adopt(layer, parameters, reads),
-        _ => Ok(layer),
+    /// The vocabulary rows of this rank's LM-head slice.
+    fn vocab_rows(&self) -> Range<usize> {
+        let tp = self.collective.tp_rank();
+        let per_rank = self.config.vocab_size / tp.size();
+        tp.rank() * per_rank..(tp.rank() + 1) * per_rank
     }
-}
 
-/// A hook layer whose returned values are brought to `device`, the shard's: an edit
-/// may compute where it likes.
-struct OnDevice<'a> {
-    hooks: &'a mut dyn HookLayer,
-    device: &'a Device,
-}
+    /// The tensor-parallel group of this shard.
+    fn collective(&self) -> &Arc<dyn Collective> {
+        &self.collective
+    }
 
-impl HookLayer for OnDevice<'_> {
-    fn hook(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
-        let out = self.hooks.hook(point, value)?;
-        match out.device().same_device(self.device) {
-            true => Ok(out),
-            false => Ok(out.to_device(self.device)?),
+    /// The part of the model this shard holds.
+    fn stage(&self) -> &Stage {
+        &self.stage
+    }
+
+    /// Every parameter slice this shard holds, under Hugging Face names (tied
+    /// embeddings appear once, as `model.embed_tokens.weight`); under FSDP, the blocks'
+    /// pieces.
+    fn parameters(&self) -> Vec<ParamSlice> {
+        let mut all = Vec::new();
+        all.extend(self.embed.iter().flat_map(|e| e.parameters()));
+        all.extend(self.blocks.iter().flat_map(|b| b.parameters()));
+        all.extend(self.final_norm.iter().flat_map(|n| n.parameters()));
+        all.extend(self.lm_head.iter().flat_map(|h| h.parameters()));
+        // A tied head on a shard that also embeds shares the embedding's tensor.
+        let mut seen = std::collections::HashSet::new();
+        all.retain(|p| seen.insert(p.value.id()));
+        match &self.fsdp {
+            Some(fsdp) => all.into_iter().map(|p| fsdp.describe(p)).collect(),
+            None => all,
         }
     }
 
-    fn wants(&self, point: HookPoint) -> bool {
-        self.hooks.wants(point)
-    }
-}
-
-impl crate::models::ModelShard for Llama {
-    fn forward_stage(
-        &self,
-        input: &Tensor,
-        window: &Window,
-        cache: &mut KvCache,
-        hooks: &mut dyn HookLayer,
-        backward: bool,
-    ) -> Result<Tensor> {
-        Llama::forward_stage(self, input, window, cache, hooks, backward)
-    }
-
-    fn parameters(&self) -> Vec<ParamSlice> {
-        Llama::parameters(self)
-    }
-
-    fn vocab_rows(&self) -> Range<usize> {
-        Llama::vocab_rows(self)
-    }
-
-    fn collective(&self) -> &Arc<dyn Collective> {
-        Llama::collective(self)
+    fn model_config(&self) -> ModelConfig {
+        ModelConfig::Llama(self.config.clone())
     }
 }

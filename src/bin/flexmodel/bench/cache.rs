@@ -22,7 +22,7 @@ pub fn run(
         !args.hooks.is_empty(),
         "--cache-tokens needs --hook points to cache"
     );
-    let ids = random_ids(corpus_tokens, checkpoint.config.vocab_size);
+    let ids = random_ids(corpus_tokens, checkpoint.config.vocab_size());
     let mut spec = DatasetSpec::new("bench", args.hooks.clone());
     spec.seq_len = args.seq as usize;
     spec.batch = args.batch as usize;

@@ -96,7 +96,7 @@ pub fn run(args: BenchArgs, profile: Option<Profile>) -> anyhow::Result<()> {
         "--seq {seq} is longer than the model's context of {} tokens",
         config.context()
     );
-    let tokens = random_tokens(batch, seq, config.vocab_size)?;
+    let tokens = random_tokens(batch, seq, config.vocab_size())?;
     let scope = args.pass.scope();
     ensure!(
         args.pass.full() || (!args.backward && args.generate.is_none()),

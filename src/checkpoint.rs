@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use flexmodel_cluster::SingleRank;
 
-use crate::models::{Llama, LlamaConfig};
+use crate::models::{ModelConfig, ModelShard, Stage};
 use crate::text::tokenizer::Tokenizer;
 use crate::weights::pretrained::SMOLLM2;
 use crate::weights::{GgufFile, SafetensorsDir, WeightSource};
@@ -15,8 +15,8 @@ use crate::{Error, Result};
 
 /// Everything needed to build a model.
 pub struct Checkpoint {
-    /// The architecture's numbers.
-    pub config: LlamaConfig,
+    /// The architecture's numbers, of the model's family.
+    pub config: ModelConfig,
     /// The weights, under Hugging Face names.
     pub weights: Box<dyn WeightSource>,
     /// The tokenizer.
@@ -45,25 +45,29 @@ impl Checkpoint {
     /// Opens a GGUF file: configuration and tokenizer from its metadata.
     pub fn open_gguf(path: &Path) -> Result<Self> {
         let gguf = GgufFile::open(path)?;
+        let (config, names) = ModelConfig::from_gguf(&gguf)?;
         Ok(Self {
-            config: gguf.config()?,
+            config,
             tokenizer: gguf.tokenizer()?,
-            weights: Box::new(gguf),
+            weights: Box::new(gguf.with_names(names)),
         })
     }
 
     /// Opens a Hugging Face directory: `config.json`, safetensors, `tokenizer.json`.
     pub fn open_hf_dir(dir: &Path) -> Result<Self> {
         Ok(Self {
-            config: LlamaConfig::from_hf_json(&dir.join("config.json"))?,
+            config: ModelConfig::from_hf_json(&dir.join("config.json"))?,
             tokenizer: Tokenizer::from_file(&dir.join("tokenizer.json"))?,
             weights: Box::new(SafetensorsDir::open(dir)?),
         })
     }
 
-    /// The whole model in one shard.
-    pub fn load_model(&self) -> Result<Llama> {
-        Llama::load(&self.config, self.weights.as_ref(), Arc::new(SingleRank))
+    /// The whole model in one shard, on the CPU.
+    pub fn load_model(&self) -> Result<Arc<dyn ModelShard>> {
+        let whole = Stage::whole(self.config.n_layers());
+        let (weights, one) = (self.weights.as_ref(), Arc::new(SingleRank));
+        self.config
+            .load(weights, one, whole, &candle_core::Device::Cpu, None)
     }
 
     /// Writes a Hugging Face directory (`config.json`, `model.safetensors` in f32,

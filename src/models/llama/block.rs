@@ -8,10 +8,9 @@ use flexmodel_cluster::{Collective, TpRank};
 
 use super::LlamaConfig;
 use super::attention::{Attention, AttentionInput};
-use super::mlp::Mlp;
 use super::positions::Positions;
-use super::rms_norm::RmsNorm;
 use crate::hooks::{BlockSite, HookPoint};
+use crate::models::{Activation, Mlp, RmsNorm};
 use crate::weights::HeldWeights;
 use crate::{HookLayer, Result};
 
@@ -45,7 +44,13 @@ impl Block {
                 d,
                 eps,
             )?,
-            mlp: Mlp::load(weights, &p, config, tp)?,
+            mlp: Mlp::load(
+                weights,
+                &p,
+                [config.d_model, config.d_mlp],
+                tp,
+                Activation::SiLU,
+            )?,
         })
     }
 

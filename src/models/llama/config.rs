@@ -8,9 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use flexmodel_cluster::Collective;
 use serde::{Deserialize, Serialize};
 
-use super::{Llama, RmsNorm, RopeScaling, hook_points};
+use super::{Llama, RopeScaling, hook_points};
 use crate::hooks::{ModelPoints, Sizes};
-use crate::models::{ModelShard, ModelSpec, Stage};
+use crate::models::{ModelShard, ModelSpec, RmsNorm, Stage};
 use crate::weights::WeightSource;
 use crate::{Error, Result};
 

@@ -13,13 +13,10 @@ pub(crate) mod block;
 mod config;
 mod gguf;
 mod hook_points;
-mod mlp;
 mod model;
 pub(crate) mod positions;
-mod rms_norm;
 mod rope;
 
 pub use config::{Architecture, LlamaConfig, Unimplemented};
 pub use model::Llama;
-pub use rms_norm::RmsNorm;
 pub use rope::RopeScaling;

@@ -12,12 +12,11 @@ use flexmodel_cluster::{Collective, conjugate};
 use super::LlamaConfig;
 use super::block::Block;
 use super::positions::Positions;
-use super::rms_norm::RmsNorm;
 use crate::models::fsdp::Fsdp;
 use crate::models::parallel::ParamMap;
 use crate::models::stage::Stage;
 use crate::models::{
-    ColumnParallelLinear, ModelConfig, ModelShard, ModelSpec, VocabParallelEmbedding,
+    ColumnParallelLinear, ModelConfig, ModelShard, ModelSpec, RmsNorm, VocabParallelEmbedding,
 };
 use crate::text::token_batch::check_tokens;
 use crate::weights::{HeldWeights, PieceReads, WeightSource};

@@ -3,8 +3,11 @@
 //!
 //! ```text
 //! scale = √(mean(x²) + ε)        over the last dimension, [.., 1]
-//! y     = (x / scale) · weight
+//! y     = (x / scale) · (offset + weight)
 //! ```
+//!
+//! The offset is 0 for LLaMA and 1 for Gemma, whose norms hold their weight as a
+//! difference from one (Hugging Face's `1 + w`).
 
 use candle_core::Tensor;
 use flexmodel_cluster::ParamSlice;
@@ -19,6 +22,7 @@ pub struct RmsNorm {
     name: String,
     weight: Tensor,
     eps: f64,
+    offset: f64,
 }
 
 impl RmsNorm {
@@ -28,7 +32,13 @@ impl RmsNorm {
             name: name.into(),
             weight,
             eps,
+            offset: 0.0,
         }
+    }
+
+    /// This norm scaling by `offset + weight` (Gemma's `1 + w`).
+    pub fn with_offset(self, offset: f64) -> Self {
+        Self { offset, ..self }
     }
 
     /// Loads the `[d_model]` weight `name`.
@@ -50,7 +60,10 @@ impl RmsNorm {
 
     /// The same norm with `f` of its weight.
     pub fn map_parameters(&self, f: &mut crate::models::parallel::ParamMap<'_>) -> Result<Self> {
-        Ok(Self::new(self.name.clone(), f(&self.weight)?, self.eps))
+        Ok(Self {
+            weight: f(&self.weight)?,
+            ..self.clone()
+        })
     }
 
     /// `√(mean(x²) + ε)` over the last dimension (kept, of size 1).
@@ -59,10 +72,15 @@ impl RmsNorm {
         Ok(flexmodel_kernels::rms(x, self.eps)?)
     }
 
-    /// The normalized value times the weight.
+    /// The normalized value times the weight (plus the offset).
     pub fn times_weight(&self, normalized: &Tensor) -> Result<Tensor> {
         let _op = crate::op_span!("norm");
-        Ok(normalized.broadcast_mul(&like(&self.weight, normalized)?)?)
+        let weight = like(&self.weight, normalized)?;
+        let weight = match self.offset {
+            0.0 => weight,
+            offset => (weight + offset)?,
+        };
+        Ok(normalized.broadcast_mul(&weight)?)
     }
 
     /// `x / scale`, scale being [`scale`](Self::scale) of `x`.
@@ -74,5 +92,32 @@ impl RmsNorm {
     /// The whole norm: `x / scale(x) · weight`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.times_weight(&Self::normalize(x, &self.scale(x)?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn an_offset_norm_scales_by_one_plus_its_weight() {
+        let x = [3.0f32, -4.0, 0.5, 2.0];
+        let w = [0.5f32, -1.0, 0.0, 2.0];
+        let eps = 1e-6;
+        let weight = Tensor::new(&w, &Device::Cpu).unwrap();
+        let norm = RmsNorm::new("n", weight, eps).with_offset(1.0);
+        let y = norm
+            .forward(&Tensor::new(&[x], &Device::Cpu).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mean_square = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / 4.0;
+        let rms = (mean_square + eps).sqrt();
+        for ((xi, wi), yi) in x.iter().zip(w).zip(&y[0]) {
+            let expected = *xi as f64 / rms * (1.0 + wi as f64);
+            assert!((*yi as f64 - expected).abs() < 1e-6, "{yi} vs {expected}");
+        }
     }
 }

@@ -113,7 +113,7 @@ mod tests {
     use super::*;
     use crate::NoHooks;
     use crate::models::llama::block::Block;
-    use crate::models::llama::positions::Positions;
+    use crate::models::positions::Positions;
     use crate::models::{Llama, ModelShard, Stage};
     use crate::tiny::{tiny_checkpoint, tiny_config};
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -162,7 +162,8 @@ mod tests {
     fn run(block: &Block, x: &Tensor, of: &Block) -> (Tensor, Vec<Tensor>) {
         let config = tiny_config();
         let (b, t, _) = x.dims3().unwrap();
-        let positions = Positions::new(&Window::DENSE, (b, t), &config, &Device::Cpu).unwrap();
+        let positions =
+            Positions::new(&Window::DENSE, (b, t), &config.positions(), &Device::Cpu).unwrap();
         let tp: Arc<dyn Collective> = Arc::new(SingleRank);
         let y = block
             .forward(x.clone(), &positions, None, &mut NoHooks, &tp)

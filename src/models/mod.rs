@@ -11,19 +11,23 @@ pub(crate) mod llama;
 pub(crate) mod loss;
 pub(crate) mod mlp;
 pub(crate) mod parallel;
+pub(crate) mod positions;
 mod rms_norm;
+mod rope;
 pub(crate) mod shard;
 mod spec;
 pub(crate) mod stage;
 
 pub use config::ModelConfig;
-pub use llama::{Architecture, Llama, LlamaConfig, RopeScaling, Unimplemented};
+pub use llama::{Architecture, Llama, LlamaConfig, Unimplemented};
 pub use loss::{
     masked_next_token_loss, next_token_loss, next_token_loss_by_position, vocab_parallel_loss,
 };
 pub use mlp::{Activation, Mlp};
 pub use parallel::{ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, kv_heads_of};
+pub use positions::PositionSpec;
 pub use rms_norm::RmsNorm;
+pub use rope::RopeScaling;
 pub use shard::ModelShard;
 pub use spec::ModelSpec;
 pub use stage::Stage;

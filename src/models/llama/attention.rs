@@ -7,9 +7,9 @@ use flexmodel_actors::KvCache;
 use flexmodel_cluster::{Collective, TpRank, conjugate};
 
 use super::LlamaConfig;
-use super::positions::Positions;
 use crate::hooks::{BlockSite, HookPoint};
 use crate::models::RmsNorm;
+use crate::models::positions::Positions;
 use crate::models::{ColumnParallelLinear, RowParallelLinear, kv_heads_of};
 use crate::weights::HeldWeights;
 use crate::{HookLayer, Result};

@@ -8,8 +8,8 @@ use flexmodel_cluster::{Collective, TpRank};
 
 use super::LlamaConfig;
 use super::attention::{Attention, AttentionInput};
-use super::positions::Positions;
 use crate::hooks::{BlockSite, HookPoint};
+use crate::models::positions::Positions;
 use crate::models::{Activation, Mlp, RmsNorm};
 use crate::weights::HeldWeights;
 use crate::{HookLayer, Result};

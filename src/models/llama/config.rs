@@ -8,9 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use flexmodel_cluster::Collective;
 use serde::{Deserialize, Serialize};
 
-use super::{Llama, RopeScaling, hook_points};
+use super::{Llama, hook_points};
 use crate::hooks::{ModelPoints, Sizes};
-use crate::models::{ModelShard, ModelSpec, RmsNorm, Stage};
+use crate::models::{ModelShard, ModelSpec, PositionSpec, RmsNorm, RopeScaling, Stage};
 use crate::weights::WeightSource;
 use crate::{Error, Result};
 
@@ -70,6 +70,18 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// Where every layer's queries and keys sit: one RoPE and one window for all.
+    pub fn positions(&self) -> PositionSpec {
+        PositionSpec {
+            d_head: self.d_head,
+            rope_theta: self.rope_theta,
+            rope_scaling: self.rope_scaling.clone(),
+            max_position_embeddings: self.max_position_embeddings,
+            sliding_window: self.sliding_window,
+            dtype: self.dtype,
+        }
+    }
+
     /// Checks that the numbers describe a buildable model; `source` names where they came from.
     pub fn validate(&self, source: &Path) -> Result<()> {
         let fail = |message: String| {

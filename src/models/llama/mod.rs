@@ -14,9 +14,6 @@ mod config;
 mod gguf;
 mod hook_points;
 mod model;
-pub(crate) mod positions;
-mod rope;
 
 pub use config::{Architecture, LlamaConfig, Unimplemented};
 pub use model::Llama;
-pub use rope::RopeScaling;

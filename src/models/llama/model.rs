@@ -11,9 +11,9 @@ use flexmodel_cluster::{Collective, conjugate};
 
 use super::LlamaConfig;
 use super::block::Block;
-use super::positions::Positions;
 use crate::models::fsdp::Fsdp;
 use crate::models::parallel::ParamMap;
+use crate::models::positions::Positions;
 use crate::models::stage::Stage;
 use crate::models::{
     ColumnParallelLinear, ModelConfig, ModelShard, ModelSpec, RmsNorm, VocabParallelEmbedding,
@@ -269,7 +269,7 @@ impl ModelShard for Llama {
             }
             None => input.clone(),
         };
-        let positions = Positions::new(window, (b, t), &self.config, x.device())?;
+        let positions = Positions::new(window, (b, t), &self.config.positions(), x.device())?;
         let mut cache = (window.cache != CacheUse::Off).then_some(cache);
         let stop = window.scope.stop_at_layer;
         for block in &self.blocks {

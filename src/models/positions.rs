@@ -4,10 +4,28 @@
 use candle_core::{DType, Device, Tensor};
 use flexmodel_actors::Window;
 
-use super::LlamaConfig;
-use super::rope::{Rope, inverse_frequencies};
 use crate::Result;
+use crate::models::RopeScaling;
 use crate::models::parallel::compute_dtype;
+use crate::models::rope::{Rope, inverse_frequencies};
+
+/// How a layer places its queries and keys: its RoPE and which keys a query sees.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PositionSpec {
+    /// The width of one head, all of which RoPE rotates.
+    pub d_head: usize,
+    /// RoPE's base frequency.
+    pub rope_theta: f64,
+    /// How RoPE's frequencies are scaled for long contexts, if at all.
+    pub rope_scaling: Option<RopeScaling>,
+    /// The context the model was trained for (what the scalings scale from).
+    pub max_position_embeddings: usize,
+    /// A query at index `i` attends only to keys at indices above `i − w`; `None` for
+    /// full causal attention.
+    pub sliding_window: Option<usize>,
+    /// The dtype the weights are held in (the pass computes in it, or in f32 on the CPU).
+    pub dtype: DType,
+}
 
 /// The positions of one pass over `[b, t]` tokens, of which the `offset` before come from
 /// the key/value cache.
@@ -30,15 +48,15 @@ impl Positions {
     /// a finite entry), and its RoPE position counts the real tokens before it. With a
     /// sliding window of `w` (Mistral), a query at index `i` of the sequence (cached
     /// keys included) attends only to keys at indices above `i − w`, as `transformers`
-    /// masks it. RoPE's frequencies follow `config`'s scaling.
+    /// masks it. RoPE's frequencies follow `spec`'s scaling.
     pub fn new(
         window: &Window,
         shape: (usize, usize),
-        config: &LlamaConfig,
+        spec: &PositionSpec,
         device: &Device,
     ) -> Result<Self> {
-        let positions = Self::in_f32(window, shape, config, device)?;
-        let dtype = compute_dtype(config.dtype, device);
+        let positions = Self::in_f32(window, shape, spec, device)?;
+        let dtype = compute_dtype(spec.dtype, device);
         if dtype == DType::F32 {
             return Ok(positions);
         }
@@ -51,19 +69,19 @@ impl Positions {
     fn in_f32(
         window: &Window,
         (b, t): (usize, usize),
-        config: &LlamaConfig,
+        spec: &PositionSpec,
         device: &Device,
     ) -> Result<Self> {
         let (offset, keys) = (window.offset, window.offset + t);
-        let in_window = |q: usize, k: usize| config.sliding_window.is_none_or(|w| q - k < w);
+        let in_window = |q: usize, k: usize| spec.sliding_window.is_none_or(|w| q - k < w);
         let rope = |positions: Vec<u32>, n: usize| -> Result<Rope> {
             let reach = positions.iter().max().map_or(0, |&p| p as usize + 1);
             let frequencies = inverse_frequencies(
-                config.d_head,
-                config.rope_theta,
-                config.rope_scaling.as_ref(),
+                spec.d_head,
+                spec.rope_theta,
+                spec.rope_scaling.as_ref(),
                 reach,
-                config.max_position_embeddings,
+                spec.max_position_embeddings,
             );
             Rope::at(&Tensor::from_vec(positions, (n, t), device)?, &frequencies)
         };

@@ -99,6 +99,27 @@ impl BlockSite {
     pub const K: Self = BlockSite(&SiteSpec::new("attn.hook_k", &[B, T, KvHeads, DHead]));
     /// Values.
     pub const V: Self = BlockSite(&SiteSpec::new("attn.hook_v", &[B, T, KvHeads, DHead]));
+    /// `√(mean(q²) + ε)` of each head's queries, the query norm's RMS divisor (the
+    /// families with a query norm: Gemma 3).
+    pub const Q_NORM_SCALE: Self = BlockSite(&SiteSpec::new(
+        "attn.q_norm.hook_scale",
+        &[B, T, Heads, One],
+    ));
+    /// Each head's queries over their RMS, before the query norm's weight.
+    pub const Q_NORM_NORMALIZED: Self = BlockSite(&SiteSpec::new(
+        "attn.q_norm.hook_normalized",
+        &[B, T, Heads, DHead],
+    ));
+    /// `√(mean(k²) + ε)` of each head's keys, the key norm's RMS divisor.
+    pub const K_NORM_SCALE: Self = BlockSite(&SiteSpec::new(
+        "attn.k_norm.hook_scale",
+        &[B, T, KvHeads, One],
+    ));
+    /// Each head's keys over their RMS, before the key norm's weight.
+    pub const K_NORM_NORMALIZED: Self = BlockSite(&SiteSpec::new(
+        "attn.k_norm.hook_normalized",
+        &[B, T, KvHeads, DHead],
+    ));
     /// Queries after RoPE.
     pub const ROT_Q: Self = BlockSite(&SiteSpec::new("attn.hook_rot_q", &[B, T, Heads, DHead]));
     /// Keys after RoPE.

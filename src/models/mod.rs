@@ -5,6 +5,7 @@
 //! crate needs ([`ModelSpec`]: sizes, hook points, parameter counts, how to build a
 //! shard) and whose model is a [`ModelShard`]; [`ModelConfig`] lists the families.
 
+pub(crate) mod attention;
 mod config;
 pub(crate) mod fsdp;
 pub(crate) mod llama;
@@ -18,6 +19,7 @@ pub(crate) mod shard;
 mod spec;
 pub(crate) mod stage;
 
+pub use attention::AttentionSpec;
 pub use config::ModelConfig;
 pub use llama::{Architecture, Llama, LlamaConfig, Unimplemented};
 pub use loss::{

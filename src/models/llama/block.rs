@@ -7,8 +7,8 @@ use flexmodel_actors::KvCache;
 use flexmodel_cluster::{Collective, TpRank};
 
 use super::LlamaConfig;
-use super::attention::{Attention, AttentionInput};
 use crate::hooks::{BlockSite, HookPoint};
+use crate::models::attention::{Attention, AttentionInput};
 use crate::models::positions::Positions;
 use crate::models::{Activation, Mlp, RmsNorm};
 use crate::weights::HeldWeights;
@@ -37,7 +37,7 @@ impl Block {
         Ok(Self {
             layer,
             ln1: RmsNorm::load(weights, &format!("{p}.input_layernorm.weight"), d, eps)?,
-            attn: Attention::load(weights, &p, config, tp)?,
+            attn: Attention::load(weights, &p, &config.attention(), tp)?,
             ln2: RmsNorm::load(
                 weights,
                 &format!("{p}.post_attention_layernorm.weight"),
@@ -106,6 +106,7 @@ impl Block {
         let attn = self
             .attn
             .forward(inputs, layer, positions, cache, hooks, collective)?;
+        let attn = hooks.hook(point(BlockSite::ATTN_OUT), attn)?;
         let x = hooks.hook(point(BlockSite::RESID_MID), residual(&x, &attn)?)?;
         let mlp_in = hooks.hook(point(BlockSite::MLP_IN), x.clone())?;
         let s2 = hooks.hook(point(BlockSite::LN2_SCALE), self.ln2.scale(&mlp_in)?)?;

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Llama, hook_points};
 use crate::hooks::{ModelPoints, Sizes};
-use crate::models::{ModelShard, ModelSpec, PositionSpec, RmsNorm, RopeScaling, Stage};
+use crate::models::{
+    AttentionSpec, ModelShard, ModelSpec, PositionSpec, RmsNorm, RopeScaling, Stage,
+};
 use crate::weights::WeightSource;
 use crate::{Error, Result};
 
@@ -70,6 +72,20 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// The shape of every block's attention: scores scaled by `1/√d_head`, no query or
+    /// key norms.
+    pub fn attention(&self) -> AttentionSpec {
+        AttentionSpec {
+            d_model: self.d_model,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            d_head: self.d_head,
+            bias: self.attention_bias,
+            scale: 1.0 / (self.d_head as f64).sqrt(),
+            qk_norm: None,
+        }
+    }
+
     /// Where every layer's queries and keys sit: one RoPE and one window for all.
     pub fn positions(&self) -> PositionSpec {
         PositionSpec {

@@ -8,7 +8,6 @@
 //!
 //! Every hook point of `docs/ARCHITECTURE.md` is a call into the [`HookLayer`](crate::HookLayer).
 
-mod attention;
 pub(crate) mod block;
 mod config;
 mod gguf;

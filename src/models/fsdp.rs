@@ -112,6 +112,7 @@ mod tests {
 
     use super::*;
     use crate::NoHooks;
+    use crate::models::DecoderBlock;
     use crate::models::llama::block::Block;
     use crate::models::positions::Positions;
     use crate::models::{Llama, ModelShard, Stage};

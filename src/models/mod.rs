@@ -7,6 +7,7 @@
 
 pub(crate) mod attention;
 mod config;
+pub(crate) mod decoder;
 pub(crate) mod fsdp;
 pub(crate) mod llama;
 pub(crate) mod loss;
@@ -21,6 +22,7 @@ pub(crate) mod stage;
 
 pub use attention::AttentionSpec;
 pub use config::ModelConfig;
+pub use decoder::{Decoder, DecoderBlock, DecoderConfig};
 pub use llama::{Architecture, Llama, LlamaConfig, Unimplemented};
 pub use loss::{
     masked_next_token_loss, next_token_loss, next_token_loss_by_position, vocab_parallel_loss,

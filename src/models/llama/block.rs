@@ -10,7 +10,7 @@ use super::LlamaConfig;
 use crate::hooks::{BlockSite, HookPoint};
 use crate::models::attention::{Attention, AttentionInput};
 use crate::models::positions::Positions;
-use crate::models::{Activation, Mlp, RmsNorm};
+use crate::models::{Activation, DecoderBlock, Mlp, RmsNorm};
 use crate::weights::HeldWeights;
 use crate::{HookLayer, Result};
 
@@ -53,14 +53,16 @@ impl Block {
             )?,
         })
     }
+}
 
+impl DecoderBlock for Block {
     /// The block's layer in the whole model.
-    pub fn layer(&self) -> usize {
+    fn layer(&self) -> usize {
         self.layer
     }
 
     /// Every parameter slice this block holds.
-    pub fn parameters(&self) -> Vec<flexmodel_cluster::ParamSlice> {
+    fn parameters(&self) -> Vec<flexmodel_cluster::ParamSlice> {
         let mut all = self.ln1.parameters();
         all.extend(self.attn.parameters());
         all.extend(self.ln2.parameters());
@@ -70,7 +72,7 @@ impl Block {
 
     /// The same block with `f` of each of its parameter tensors, in the order of
     /// [`parameters`](Self::parameters).
-    pub fn map_parameters(&self, f: &mut crate::models::parallel::ParamMap<'_>) -> Result<Self> {
+    fn map_parameters(&self, f: &mut crate::models::parallel::ParamMap<'_>) -> Result<Self> {
         Ok(Self {
             layer: self.layer,
             ln1: self.ln1.map_parameters(f)?,
@@ -82,7 +84,7 @@ impl Block {
 
     /// The residual stream after this block; with a cache, attention reads the cached
     /// keys and values of this block's layer and appends its own.
-    pub fn forward(
+    fn forward(
         &self,
         x: Tensor,
         positions: &Positions,

@@ -5,14 +5,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use flexmodel_cluster::Collective;
+use flexmodel_cluster::{Collective, TpRank};
 use serde::{Deserialize, Serialize};
 
+use super::block::Block;
 use super::{Llama, hook_points};
 use crate::hooks::{ModelPoints, Sizes};
 use crate::models::{
-    AttentionSpec, ModelShard, ModelSpec, PositionSpec, RmsNorm, RopeScaling, Stage,
+    AttentionSpec, DecoderConfig, ModelShard, ModelSpec, PositionSpec, RmsNorm, RopeScaling, Stage,
 };
+use crate::weights::HeldWeights;
 use crate::weights::WeightSource;
 use crate::{Error, Result};
 
@@ -196,6 +198,22 @@ impl LlamaConfig {
         };
         config.validate(path)?;
         Ok(config)
+    }
+}
+
+impl DecoderConfig for LlamaConfig {
+    type Block = Block;
+
+    fn load_block(&self, weights: &HeldWeights<'_>, layer: usize, tp: TpRank) -> Result<Block> {
+        Block::load(weights, layer, self, tp)
+    }
+
+    fn layer_positions(&self, _layer: usize) -> PositionSpec {
+        self.positions()
+    }
+
+    fn tied_embeddings(&self) -> bool {
+        self.tie_word_embeddings
     }
 }
 

@@ -12,7 +12,8 @@ pub(crate) mod block;
 mod config;
 mod gguf;
 mod hook_points;
-mod model;
 
 pub use config::{Architecture, LlamaConfig, Unimplemented};
-pub use model::Llama;
+
+/// A LLaMA-family model: one pipeline stage of one tensor-parallel rank.
+pub type Llama = crate::models::decoder::Decoder<LlamaConfig>;

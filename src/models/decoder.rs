@@ -1,4 +1,7 @@
-//! The whole LLaMA-family model as held by one tensor-parallel shard.
+//! A decoder-only transformer as held by one tensor-parallel shard: embedding, a
+//! family's blocks, final norm and LM head. A family says what its blocks are and how
+//! they place their queries and keys ([`DecoderConfig`]); LLaMA is one
+//! ([`Llama`](crate::models::Llama)).
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -7,13 +10,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use flexmodel_actors::{CacheUse, KvCache, Logits, Window};
 use flexmodel_cluster::ParamSlice;
-use flexmodel_cluster::{Collective, conjugate};
+use flexmodel_cluster::{Collective, TpRank, conjugate};
 
-use super::LlamaConfig;
-use super::block::Block;
 use crate::models::fsdp::Fsdp;
 use crate::models::parallel::ParamMap;
-use crate::models::positions::Positions;
+use crate::models::positions::{PositionSpec, Positions};
 use crate::models::stage::Stage;
 use crate::models::{
     ColumnParallelLinear, ModelConfig, ModelShard, ModelSpec, RmsNorm, VocabParallelEmbedding,
@@ -22,16 +23,71 @@ use crate::text::token_batch::check_tokens;
 use crate::weights::{HeldWeights, PieceReads, WeightSource};
 use crate::{Error, HookLayer, HookPoint, Result};
 
-/// A LLaMA-family transformer: one pipeline stage of one tensor-parallel rank.
+/// What a decoder needs of a family's configuration beyond [`ModelSpec`].
+pub trait DecoderConfig: ModelSpec + Clone + Into<ModelConfig> + 'static {
+    /// The family's block.
+    type Block: DecoderBlock;
+
+    /// Loads block `layer` for tensor-parallel rank `tp`.
+    fn load_block(
+        &self,
+        weights: &HeldWeights<'_>,
+        layer: usize,
+        tp: TpRank,
+    ) -> Result<Self::Block>;
+
+    /// Where block `layer` places its queries and keys.
+    fn layer_positions(&self, layer: usize) -> PositionSpec;
+
+    /// Whether the LM head is the token embedding.
+    fn tied_embeddings(&self) -> bool;
+
+    /// What the token embeddings are multiplied by (Gemma's `√d_model`), if anything.
+    fn embed_scale(&self) -> Option<f64> {
+        None
+    }
+
+    /// The offset of every RMSNorm's weight (Gemma's `1 + w`).
+    fn norm_offset(&self) -> f64 {
+        0.0
+    }
+}
+
+/// A family's transformer block, as a decoder runs it.
+pub trait DecoderBlock: Clone + Send + Sync + 'static {
+    /// The block's layer in the whole model.
+    fn layer(&self) -> usize;
+
+    /// Every parameter slice the block holds.
+    fn parameters(&self) -> Vec<ParamSlice>;
+
+    /// The same block with `f` of each of its parameters, in the order of
+    /// [`parameters`](Self::parameters).
+    fn map_parameters(&self, f: &mut ParamMap<'_>) -> Result<Self>;
+
+    /// The residual stream after the block; with a cache, attention reads the cached
+    /// keys and values of the block's layer and appends its own.
+    fn forward(
+        &self,
+        x: Tensor,
+        positions: &Positions,
+        cache: Option<&mut KvCache>,
+        hooks: &mut dyn HookLayer,
+        collective: &Arc<dyn Collective>,
+    ) -> Result<Tensor>;
+}
+
+/// A decoder-only transformer of family `C`: one pipeline stage of one tensor-parallel
+/// rank.
 ///
 /// With [`SingleRank`](flexmodel_cluster::SingleRank) and [`Stage::whole`] it is the
 /// whole model. Clones share the weights.
 #[derive(Clone)]
-pub struct Llama {
-    config: LlamaConfig,
+pub struct Decoder<C: DecoderConfig> {
+    config: C,
     stage: Stage,
     embed: Option<VocabParallelEmbedding>,
-    blocks: Vec<Block>,
+    blocks: Vec<C::Block>,
     final_norm: Option<RmsNorm>,
     lm_head: Option<ColumnParallelLinear>,
     collective: Arc<dyn Collective>,
@@ -41,22 +97,22 @@ pub struct Llama {
     device: Box<Device>,
 }
 
-impl Llama {
+impl<C: DecoderConfig> Decoder<C> {
     /// Builds the whole model for `collective`'s rank from Hugging Face-named weights,
     /// on the CPU.
     pub fn load(
-        config: &LlamaConfig,
+        config: &C,
         weights: &dyn WeightSource,
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
-        let whole = Stage::whole(config.n_layers);
+        let whole = Stage::whole(config.n_layers());
         Self::load_stage(config, weights, collective, whole, &Device::Cpu)
     }
 
     /// Builds `stage` of the model for `collective`'s tensor-parallel rank on `device`,
     /// holding only that rank's slices of that stage's weights.
     pub fn load_stage(
-        config: &LlamaConfig,
+        config: &C,
         weights: &dyn WeightSource,
         collective: Arc<dyn Collective>,
         stage: Stage,
@@ -72,7 +128,7 @@ impl Llama {
     /// the final norm and the LM head. Every replica of the shard must be built so, and
     /// run every pass with the others.
     pub fn load_stage_fsdp(
-        config: &LlamaConfig,
+        config: &C,
         weights: &dyn WeightSource,
         collective: Arc<dyn Collective>,
         stage: Stage,
@@ -85,7 +141,7 @@ impl Llama {
 
     /// Builds `stage`, under FSDP cutting each layer as it is read.
     fn load_parts(
-        config: &LlamaConfig,
+        config: &C,
         weights: &dyn WeightSource,
         collective: Arc<dyn Collective>,
         stage: Stage,
@@ -98,15 +154,16 @@ impl Llama {
         let reads = fsdp.as_ref().map(Fsdp::reads);
         let weights = &HeldWeights {
             source: weights,
-            dtype: config.dtype,
+            dtype: config.dtype(),
             device,
             pieces: reads.as_ref(),
         };
         let fsdp = &mut fsdp;
-        let (v, d) = (config.vocab_size, config.d_model);
+        let (v, d) = (config.vocab_size(), config.d_model());
+        let tied = config.tied_embeddings();
         let vocab = tp.slice_of("vocab_size", v)?;
         let embed_name = "model.embed_tokens.weight";
-        let embed = match stage.first || (stage.last && config.tie_word_embeddings) {
+        let embed = match stage.first || (stage.last && tied) {
             true => {
                 let e = VocabParallelEmbedding::load(weights, embed_name, [v, d], vocab.clone())?;
                 Some(adopted(fsdp, &reads, e.parameters(), e)?)
@@ -115,9 +172,11 @@ impl Llama {
         };
         let lm_head = match (stage.last, &embed) {
             (false, _) => None,
-            (true, Some(e)) if config.tie_word_embeddings => Some(
-                ColumnParallelLinear::from_weight("model.embed_tokens", e.weight(), vocab.clone())?,
-            ),
+            (true, Some(e)) if tied => Some(ColumnParallelLinear::from_weight(
+                "model.embed_tokens",
+                e.weight(),
+                vocab.clone(),
+            )?),
             (true, _) => {
                 let h = ColumnParallelLinear::load(weights, "lm_head", [v, d], vocab, false)?;
                 Some(adopted(fsdp, &reads, h.parameters(), h)?)
@@ -125,12 +184,14 @@ impl Llama {
         };
         let mut blocks = Vec::with_capacity(stage.layers.len());
         for layer in stage.layers.clone() {
-            let block = Block::load(weights, layer, config, tp)?;
+            let block = config.load_block(weights, layer, tp)?;
             blocks.push(adopted(fsdp, &reads, block.parameters(), block)?);
         }
         let final_norm = match stage.last {
             true => {
-                let n = RmsNorm::load(weights, "model.norm.weight", d, config.rms_norm_eps)?;
+                let eps = config.rms_norm_eps();
+                let n = RmsNorm::load(weights, "model.norm.weight", d, eps)?
+                    .with_offset(config.norm_offset());
                 Some(adopted(fsdp, &reads, n.parameters(), n)?)
             }
             false => None,
@@ -155,7 +216,7 @@ impl Llama {
     }
 
     /// The model's configuration.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &C {
         &self.config
     }
 
@@ -212,7 +273,7 @@ impl HookLayer for OnDevice<'_> {
     }
 }
 
-impl ModelShard for Llama {
+impl<C: DecoderConfig> ModelShard for Decoder<C> {
     /// Runs this stage: `input` is token ids `[b, t]` on the first stage and the hidden
     /// state `[b, t, d]` otherwise, at the positions `window` says; returns the hidden
     /// state, or on the last stage this rank's logits `[b, t, vocab / tp]`. A window that
@@ -229,7 +290,7 @@ impl ModelShard for Llama {
         backward: bool,
     ) -> Result<Tensor> {
         let collective = &self.collective;
-        let (vocab, context) = (self.config.vocab_size, self.config.context());
+        let (vocab, context) = (self.config.vocab_size(), self.config.context());
         let (b, t) = match &self.embed {
             Some(_) => check_tokens(input, vocab, context)?,
             None => (input.dim(0)?, input.dim(1)?),
@@ -265,19 +326,34 @@ impl ModelShard for Llama {
                     }
                 };
                 let embed = self.whole(embed, backward, VocabParallelEmbedding::map_parameters)?;
-                hooks.hook(HookPoint::Embed, embed.forward(&ids, collective.as_ref())?)?
+                let embedded = embed.forward(&ids, collective.as_ref())?;
+                let embedded = match self.config.embed_scale() {
+                    Some(scale) => (embedded * scale)?,
+                    None => embedded,
+                };
+                hooks.hook(HookPoint::Embed, embedded)?
             }
             None => input.clone(),
         };
-        let positions = Positions::new(window, (b, t), &self.config.positions(), x.device())?;
+        // One set of positions for each way the blocks place queries and keys.
+        let mut positions: Vec<(PositionSpec, Positions)> = Vec::new();
         let mut cache = (window.cache != CacheUse::Off).then_some(cache);
         let stop = window.scope.stop_at_layer;
         for block in &self.blocks {
             if stop.is_some_and(|n| block.layer() >= n) {
                 break;
             }
-            let block = self.whole(block, backward, Block::map_parameters)?;
-            x = block.forward(x, &positions, cache.as_deref_mut(), hooks, collective)?;
+            let spec = self.config.layer_positions(block.layer());
+            let at = match positions.iter().position(|(s, _)| *s == spec) {
+                Some(at) => at,
+                None => {
+                    let made = Positions::new(window, (b, t), &spec, x.device())?;
+                    positions.push((spec, made));
+                    positions.len() - 1
+                }
+            };
+            let block = self.whole(block, backward, C::Block::map_parameters)?;
+            x = block.forward(x, &positions[at].1, cache.as_deref_mut(), hooks, collective)?;
         }
         let (Some(norm), Some(head)) = (&self.final_norm, &self.lm_head) else {
             return Ok(x);
@@ -309,7 +385,7 @@ impl ModelShard for Llama {
     /// The vocabulary rows of this rank's LM-head slice.
     fn vocab_rows(&self) -> Range<usize> {
         let tp = self.collective.tp_rank();
-        let per_rank = self.config.vocab_size / tp.size();
+        let per_rank = self.config.vocab_size() / tp.size();
         tp.rank() * per_rank..(tp.rank() + 1) * per_rank
     }
 
@@ -342,6 +418,6 @@ impl ModelShard for Llama {
     }
 
     fn model_config(&self) -> ModelConfig {
-        ModelConfig::Llama(self.config.clone())
+        self.config.clone().into()
     }
 }

@@ -79,7 +79,8 @@ impl Mlp {
         })
     }
 
-    /// The MLP of `x` (the normed residual), summed over all ranks.
+    /// The MLP of `x` (the normed residual), summed over all ranks (before
+    /// `hook_mlp_out`, which the block hooks: Gemma norms it first).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -92,10 +93,7 @@ impl Mlp {
         let gate = hook(BlockSite::MLP_PRE, self.gate_proj.forward(x)?)?;
         let up = hook(BlockSite::MLP_PRE_LINEAR, self.up_proj.forward(x)?)?;
         let post = hook(BlockSite::MLP_POST, gated(self.activation, &gate, &up)?)?;
-        hook(
-            BlockSite::MLP_OUT,
-            self.down_proj.forward(&post, collective.as_ref())?,
-        )
+        self.down_proj.forward(&post, collective.as_ref())
     }
 }
 

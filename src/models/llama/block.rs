@@ -119,6 +119,7 @@ impl DecoderBlock for Block {
         let mlp = self
             .mlp
             .forward(&self.ln2.times_weight(&n2)?, layer, hooks, collective)?;
+        let mlp = hooks.hook(point(BlockSite::MLP_OUT), mlp)?;
         hooks.hook(point(BlockSite::RESID_POST), residual(&x, &mlp)?)
     }
 }

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::Checkpoint;
-use crate::models::{Architecture, LlamaConfig, ModelSpec};
+use crate::models::{Architecture, Gemma3Config, LlamaConfig, ModelConfig, ModelSpec};
 use crate::text::tokenizer::Tokenizer;
 use crate::weights::TensorMap;
 use crate::{Error, Result};
@@ -62,6 +62,33 @@ pub fn smollm2_shaped_config() -> LlamaConfig {
     }
 }
 
+/// A tiny Gemma 3: the tiny model's sizes, 6 layers (the last global), a window of 4
+/// tokens, 2 key/value heads.
+pub fn tiny_gemma3_config() -> Gemma3Config {
+    let llama = tiny_config();
+    Gemma3Config {
+        vocab_size: llama.vocab_size,
+        d_model: llama.d_model,
+        n_layers: 6,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_head: 16,
+        d_mlp: llama.d_mlp,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        rope_local_base_freq: 10_000.0,
+        rope_scaling: None,
+        sliding_window: 4,
+        layer_types: Gemma3Config::default_layer_types(6),
+        query_pre_attn_scalar: 16.0,
+        tie_word_embeddings: true,
+        max_position_embeddings: 512,
+        bos_token_id: Some(2),
+        eos_token_ids: vec![1],
+        dtype: DType::F32,
+    }
+}
+
 /// The tiny model with weights drawn from `seed`: the same seed gives the same model.
 pub fn tiny_checkpoint(seed: u64) -> Result<Checkpoint> {
     random_checkpoint(tiny_config(), seed)
@@ -69,19 +96,20 @@ pub fn tiny_checkpoint(seed: u64) -> Result<Checkpoint> {
 
 /// A model of any configuration with random weights drawn from `seed` and the
 /// byte-level tokenizer (the vocabulary must have at least 256 tokens).
-pub fn random_checkpoint(config: LlamaConfig, seed: u64) -> Result<Checkpoint> {
-    if config.vocab_size < 256 {
+pub fn random_checkpoint(config: impl Into<ModelConfig>, seed: u64) -> Result<Checkpoint> {
+    let config = config.into();
+    if config.vocab_size() < 256 {
         return Err(crate::Error::InvalidArgument {
             argument: "config",
             problem: format!(
                 "a random model needs a vocabulary of at least 256 byte tokens, got {}",
-                config.vocab_size
+                config.vocab_size()
             ),
         });
     }
     let weights = random_weights(&config, seed)?;
     Ok(Checkpoint {
-        config: config.into(),
+        config,
         weights: Box::new(weights),
         tokenizer: byte_tokenizer()?,
     })
@@ -96,7 +124,7 @@ struct TensorSpec {
 }
 
 impl TensorSpec {
-    fn new(name: String, (shape, mean, std): (Vec<usize>, f32, f32)) -> Self {
+    fn new(name: String, (shape, mean, std): Drawn) -> Self {
         Self {
             name,
             shape,
@@ -113,44 +141,21 @@ impl TensorSpec {
 /// Every tensor of a model of `config` (an LM head also where it is tied), in the order
 /// their values are drawn, with the mean and standard deviation of those values:
 /// linears with std 1/√fan_in, norms around 1, unit embeddings.
-fn tensor_specs(c: &LlamaConfig) -> Vec<TensorSpec> {
-    let linear = |out: usize, inp: usize| (vec![out, inp], 0.0, 1.0 / (inp as f32).sqrt());
-    let (d, q, kv, h, v) = (
-        c.d_model,
-        c.n_heads * c.d_head,
-        c.n_kv_heads * c.d_head,
-        c.d_mlp,
-        c.vocab_size,
-    );
+fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
+    let (d, v) = (config.d_model(), config.vocab_size());
     let global = [
         ("model.embed_tokens.weight", (vec![v, d], 0.0, 1.0)),
-        ("model.norm.weight", (vec![d], 1.0, 0.1)),
+        ("model.norm.weight", norm(config, d)),
         ("lm_head.weight", (vec![v, d], 0.0, 1.0 / (d as f32).sqrt())),
     ];
     let mut specs: Vec<_> = global
         .into_iter()
         .map(|(name, drawn)| TensorSpec::new(name.to_string(), drawn))
         .collect();
-    for layer in 0..c.n_layers {
+    for layer in 0..config.n_layers() {
         let p = format!("model.layers.{layer}");
-        let mut block = vec![
-            ("self_attn.q_proj.weight", linear(q, d)),
-            ("self_attn.k_proj.weight", linear(kv, d)),
-            ("self_attn.v_proj.weight", linear(kv, d)),
-            ("self_attn.o_proj.weight", linear(d, q)),
-            ("mlp.gate_proj.weight", linear(h, d)),
-            ("mlp.up_proj.weight", linear(h, d)),
-            ("mlp.down_proj.weight", linear(d, h)),
-        ];
-        if c.attention_bias {
-            block.push(("self_attn.q_proj.bias", (vec![q], 0.0, 0.1)));
-            block.push(("self_attn.k_proj.bias", (vec![kv], 0.0, 0.1)));
-            block.push(("self_attn.v_proj.bias", (vec![kv], 0.0, 0.1)));
-        }
-        block.push(("input_layernorm.weight", (vec![d], 1.0, 0.1)));
-        block.push(("post_attention_layernorm.weight", (vec![d], 1.0, 0.1)));
         specs.extend(
-            block
+            block_specs(config)
                 .into_iter()
                 .map(|(name, drawn)| TensorSpec::new(format!("{p}.{name}"), drawn)),
         );
@@ -158,8 +163,65 @@ fn tensor_specs(c: &LlamaConfig) -> Vec<TensorSpec> {
     specs
 }
 
+/// A tensor's shape, and the mean and standard deviation its values are drawn with.
+type Drawn = (Vec<usize>, f32, f32);
+
+/// How a norm's `[n]` weight is drawn: around 1 as the model multiplies by it (a
+/// Gemma norm holds its difference from one).
+fn norm(config: &ModelConfig, n: usize) -> Drawn {
+    match config {
+        ModelConfig::Gemma3(_) => (vec![n], 0.0, 0.1),
+        _ => (vec![n], 1.0, 0.1),
+    }
+}
+
+/// The tensors of one block of `config`'s family, after `model.layers.{i}.`.
+fn block_specs(config: &ModelConfig) -> Vec<(&'static str, Drawn)> {
+    let linear = |out: usize, inp: usize| (vec![out, inp], 0.0, 1.0 / (inp as f32).sqrt());
+    let sizes = config.sizes();
+    let (d, q, kv, h) = (
+        sizes.d_model,
+        sizes.n_heads * sizes.d_head,
+        sizes.n_kv_heads * sizes.d_head,
+        sizes.d_mlp,
+    );
+    let mut block = vec![
+        ("self_attn.q_proj.weight", linear(q, d)),
+        ("self_attn.k_proj.weight", linear(kv, d)),
+        ("self_attn.v_proj.weight", linear(kv, d)),
+        ("self_attn.o_proj.weight", linear(d, q)),
+        ("mlp.gate_proj.weight", linear(h, d)),
+        ("mlp.up_proj.weight", linear(h, d)),
+        ("mlp.down_proj.weight", linear(d, h)),
+    ];
+    match config {
+        ModelConfig::Llama(c) => {
+            if c.attention_bias {
+                block.push(("self_attn.q_proj.bias", (vec![q], 0.0, 0.1)));
+                block.push(("self_attn.k_proj.bias", (vec![kv], 0.0, 0.1)));
+                block.push(("self_attn.v_proj.bias", (vec![kv], 0.0, 0.1)));
+            }
+            block.push(("input_layernorm.weight", norm(config, d)));
+            block.push(("post_attention_layernorm.weight", norm(config, d)));
+        }
+        ModelConfig::Gemma3(c) => {
+            block.push(("self_attn.q_norm.weight", norm(config, c.d_head)));
+            block.push(("self_attn.k_norm.weight", norm(config, c.d_head)));
+            for name in [
+                "input_layernorm.weight",
+                "post_attention_layernorm.weight",
+                "pre_feedforward_layernorm.weight",
+                "post_feedforward_layernorm.weight",
+            ] {
+                block.push((name, norm(config, d)));
+            }
+        }
+    }
+    block
+}
+
 /// Gaussian weights drawn from `seed` (see [`tensor_specs`]).
-fn random_weights(c: &LlamaConfig, seed: u64) -> Result<TensorMap> {
+fn random_weights(c: &ModelConfig, seed: u64) -> Result<TensorMap> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tensors = BTreeMap::new();
     for spec in tensor_specs(c) {
@@ -204,7 +266,7 @@ pub fn write_random_hf_dir(
         });
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut specs = tensor_specs(config);
+    let mut specs = tensor_specs(&config.clone().into());
     if config.tie_word_embeddings {
         specs.retain(|spec| spec.name != "lm_head.weight");
     }

@@ -30,7 +30,7 @@ pub use runtime::{PassEnd, ShardRuntime, ShardSetup};
 pub use shard::ShardActor;
 pub use shard_model::{PointId, ShardHooks, ShardModel, ShardParameters};
 pub use trace_context::TracePropagation;
-pub use window::{CacheUse, KvCache, Logits, PassScope, Window};
+pub use window::{CacheUse, CachedKeys, KvCache, Logits, PassScope, Window};
 pub use worker::{
     DRIVER_SILENCE, Join, LoadedShard, ShardLoader, WorkerOptions, leave_every_job, peak_rss_bytes,
     serve,

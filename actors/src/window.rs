@@ -126,6 +126,11 @@ impl Window {
 /// cached; a step writes its own into the room left, and a full buffer grows to twice
 /// its positions (in whole chunks of [`KvCache::CHUNK`]), so a generation of `n` tokens
 /// copies O(n) positions in all instead of the O(n²) of growing by concatenation.
+///
+/// A layer that attends within a sliding window of `w` keys (Gemma's local layers,
+/// Mistral) keeps only the last `w − 1` positions a later query can reach: when its
+/// buffer is full it moves those to the front instead of growing, so it never holds
+/// more than about `2w` positions however long the generation.
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: std::collections::BTreeMap<usize, LayerCache>,
@@ -134,16 +139,26 @@ pub struct KvCache {
 /// One layer's cached keys and values.
 #[derive(Debug)]
 struct LayerCache {
-    /// Keys and values, `[b, kv_heads, capacity, d_head]`: positions `0..len` are cached.
+    /// Keys and values, `[b, kv_heads, capacity, d_head]`: buffer index `i` holds
+    /// position `first + i`, for positions `first..len`.
     keys: Tensor,
     values: Tensor,
+    /// The first position held (0 unless a sliding window dropped earlier ones).
+    first: usize,
+    /// The positions seen: one past the last held.
     len: usize,
 }
 
 impl LayerCache {
     /// Room for `positions` of keys and values shaped like `k` and `v`, holding the
-    /// cached positions of `old`.
-    fn with_room(k: &Tensor, v: &Tensor, positions: usize, old: Option<Self>) -> Result<Self> {
+    /// positions of `old` from `first` on.
+    fn with_room(
+        k: &Tensor,
+        v: &Tensor,
+        positions: usize,
+        old: Option<Self>,
+        first: usize,
+    ) -> Result<Self> {
         let buffer = |t: &Tensor| -> Result<Tensor> {
             let (b, heads, _, d) = t.dims4()?;
             Ok(Tensor::zeros(
@@ -153,20 +168,45 @@ impl LayerCache {
             )?)
         };
         let (keys, values) = (buffer(k)?, buffer(v)?);
-        let len = match old {
-            None => 0,
-            Some(old) => {
-                keys.slice_set(&old.keys, 2, 0)?;
-                values.slice_set(&old.values, 2, 0)?;
-                old.len
-            }
+        let Some(old) = old else {
+            return Ok(Self {
+                keys,
+                values,
+                first: 0,
+                len: 0,
+            });
         };
-        Ok(Self { keys, values, len })
+        let (from, kept) = (first - old.first, old.len - first);
+        keys.slice_set(&old.keys.narrow(2, from, kept)?, 2, 0)?;
+        values.slice_set(&old.values.narrow(2, from, kept)?, 2, 0)?;
+        Ok(Self {
+            keys,
+            values,
+            first,
+            len: old.len,
+        })
     }
 
     fn capacity(&self) -> usize {
         self.keys.dim(2).unwrap_or(0)
     }
+
+    /// The positions held.
+    fn held(&self) -> usize {
+        self.len - self.first
+    }
+}
+
+/// The keys and values a pass's queries attend to in one layer: this pass's and the
+/// cached ones before them, from position `first` on.
+#[derive(Debug, Clone)]
+pub struct CachedKeys {
+    /// `[b, kv_heads, positions, d_head]`.
+    pub keys: Tensor,
+    /// `[b, kv_heads, positions, d_head]`.
+    pub values: Tensor,
+    /// The position of the first key: 0, unless a sliding window dropped earlier ones.
+    pub first: usize,
 }
 
 impl KvCache {
@@ -179,9 +219,17 @@ impl KvCache {
     }
 
     /// Appends `k` and `v` (`[b, kv_heads, t, d_head]`, detached) to `layer`'s cache;
-    /// returns the whole keys and values cached for it, this pass's included (views of
-    /// the layer's buffers, `[b, kv_heads, positions, d_head]`).
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// returns the keys and values cached for it, this pass's included (views of the
+    /// layer's buffers). With a sliding `window` of `w` keys, positions that no later
+    /// query can reach (all but the last `w − 1`) may be dropped: the returned keys
+    /// start at [`CachedKeys::first`], never after the first this pass's queries reach.
+    pub fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        window: Option<usize>,
+    ) -> Result<CachedKeys> {
         let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
         let t = k.dim(2)?;
         if let Some(cache) = self.layers.get(&layer) {
@@ -199,22 +247,35 @@ impl KvCache {
             }
         }
         let cache = match self.layers.remove(&layer) {
-            Some(cache) if cache.len + t <= cache.capacity() => cache,
+            Some(cache) if cache.held() + t <= cache.capacity() => cache,
             old => {
-                let cached = old.as_ref().map_or(0, |c| c.len);
-                let grown = (2 * cached).max(cached + t).next_multiple_of(Self::CHUNK);
-                LayerCache::with_room(&k, &v, grown, old)?
+                let len = old.as_ref().map_or(0, |c| c.len);
+                // What a later query can still reach: the last `w − 1` positions.
+                let first = match (window, &old) {
+                    (Some(w), Some(old)) => len.saturating_sub(w - 1).max(old.first),
+                    _ => old.as_ref().map_or(0, |c| c.first),
+                };
+                let kept = len - first;
+                let room = (2 * kept).max(kept + t).next_multiple_of(Self::CHUNK);
+                LayerCache::with_room(&k, &v, room, old, first)?
             }
         };
-        cache.keys.slice_set(&k, 2, cache.len)?;
-        cache.values.slice_set(&v, 2, cache.len)?;
-        let len = cache.len + t;
-        let whole = (
-            cache.keys.narrow(2, 0, len)?,
-            cache.values.narrow(2, 0, len)?,
+        let held = cache.held();
+        cache.keys.slice_set(&k, 2, held)?;
+        cache.values.slice_set(&v, 2, held)?;
+        let cached = CachedKeys {
+            keys: cache.keys.narrow(2, 0, held + t)?,
+            values: cache.values.narrow(2, 0, held + t)?,
+            first: cache.first,
+        };
+        self.layers.insert(
+            layer,
+            LayerCache {
+                len: cache.len + t,
+                ..cache
+            },
         );
-        self.layers.insert(layer, LayerCache { len, ..cache });
-        Ok(whole)
+        Ok(cached)
     }
 
     /// Checks that a pass of `window` can use this cache: a decoding step must start
@@ -253,9 +314,10 @@ mod tests {
     fn the_cache_grows_along_positions_and_checks_where_a_step_starts() {
         let mut cache = KvCache::default();
         let step = |t| Tensor::ones((2, 3, t, 4), DType::F32, &Device::Cpu).unwrap();
-        let (k, v) = cache.append(0, &step(5), &step(5)).unwrap();
+        let cached = cache.append(0, &step(5), &step(5), None).unwrap();
+        let (k, v) = (cached.keys, cached.values);
         assert_eq!((k.dims(), v.dims()), (&[2, 3, 5, 4][..], &[2, 3, 5, 4][..]));
-        let (k, _) = cache.append(0, &step(1), &step(1)).unwrap();
+        let k = cache.append(0, &step(1), &step(1), None).unwrap().keys;
         assert_eq!(k.dims(), [2, 3, 6, 4]);
         assert_eq!(cache.positions(), 6);
         let extend = |offset| Window {
@@ -281,11 +343,12 @@ mod tests {
             Tensor::from_vec(values, (1, 2, t, 3), &Device::Cpu).unwrap()
         };
         let mut steps = vec![step(0, 300)];
-        cache.append(4, &steps[0], &steps[0]).unwrap();
+        cache.append(4, &steps[0], &steps[0], None).unwrap();
         for position in 300..800 {
             steps.push(step(position, 1));
             let last = steps.last().unwrap();
-            let (k, v) = cache.append(4, last, &(last * 2.0).unwrap()).unwrap();
+            let cached = cache.append(4, last, &(last * 2.0).unwrap(), None).unwrap();
+            let (k, v) = (cached.keys, cached.values);
             assert_eq!(k.dims(), [1, 2, position + 1, 3]);
             let expected = Tensor::cat(&steps, 2).unwrap();
             let same = |a: &Tensor, b: &Tensor| {
@@ -300,13 +363,40 @@ mod tests {
         // 300 positions took 512 (two chunks), then 1024 once 512 were full.
         assert_eq!(cache.layers[&4].capacity(), 1024);
         let wrong = Tensor::zeros((2, 2, 1, 3), DType::F32, &Device::Cpu).unwrap();
-        let err = cache.append(4, &wrong, &wrong).unwrap_err().to_string();
+        let err = cache
+            .append(4, &wrong, &wrong, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot take [2, 2, 1, 3]"), "{err}");
         assert_eq!(
             cache.positions(),
             800,
             "a refused step leaves the cache as it was"
         );
+    }
+
+    #[test]
+    fn a_windowed_layer_keeps_what_later_queries_reach_and_no_more() {
+        let (w, mut cache) = (100, KvCache::default());
+        let step = |first: usize, t: usize| {
+            let values: Vec<f32> = (first..first + t).map(|p| p as f32).collect();
+            Tensor::from_vec(values, (1, 1, t, 1), &Device::Cpu).unwrap()
+        };
+        // A prompt longer than the window, then one position at a time.
+        let prompt = step(0, 150);
+        let cached = cache.append(0, &prompt, &prompt, Some(w)).unwrap();
+        assert_eq!((cached.first, cached.keys.dim(2).unwrap()), (0, 150));
+        for position in 150..2000 {
+            let one = step(position, 1);
+            let cached = cache.append(0, &one, &one, Some(w)).unwrap();
+            let held = cached.keys.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let expected: Vec<f32> = (cached.first..=position).map(|p| p as f32).collect();
+            assert_eq!(held, expected, "at {position}");
+            // The query at `position` reaches back to `position − w + 1`.
+            assert!(cached.first <= position + 1 - w, "at {position}");
+            assert!(cache.layers[&0].capacity() <= 2 * KvCache::CHUNK);
+        }
+        assert_eq!(cache.positions(), 2000);
     }
 
     #[test]

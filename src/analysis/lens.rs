@@ -37,7 +37,7 @@ impl Unembed {
         let config = model.config();
         let norm_weight = model.parameter("model.norm.weight")?.detach();
         Ok(Self {
-            norm: config.final_norm(norm_weight)?,
+            norm: config.final_norm(norm_weight),
             head_t: model
                 .parameter(config.lm_head())?
                 .detach()

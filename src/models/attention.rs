@@ -46,6 +46,25 @@ pub struct AttentionSpec {
     pub qk_norm: Option<(f64, f64)>,
 }
 
+impl AttentionSpec {
+    /// The weights one of `tp` tensor-parallel ranks holds: its query heads' slices of
+    /// the projections, its key/value heads (one whole beyond their number), their
+    /// biases and the query and key norms.
+    pub fn parameter_count(&self, tp: usize) -> u64 {
+        let tp = tp as u64;
+        let [d, q, d_head] =
+            [self.d_model, self.n_heads * self.d_head, self.d_head].map(|n| n as u64);
+        let kv = (self.n_kv_heads as u64 / tp).max(1) * d_head;
+        let biases = if self.bias { q / tp + 2 * kv } else { 0 };
+        let norms = if self.qk_norm.is_some() {
+            2 * d_head
+        } else {
+            0
+        };
+        2 * d * q / tp + 2 * d * kv + biases + norms
+    }
+}
+
 /// The attention of one block, holding the heads of one tensor-parallel rank.
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -189,21 +208,18 @@ impl Attention {
         }
         let [q, k, v] = <[Tensor; 3]>::try_from(qkv)
             .map_err(|_| crate::Error::Internal("attention has three projections"))?;
-        let mut hook = |site, value| hooks.hook(point(site), value);
         let (q, k) = match &self.qk_norm {
             None => (q, k),
             Some([q_norm, k_norm]) => {
-                let mut normed =
-                    |norm: &RmsNorm, x: Tensor, [scale, normalized]: [BlockSite; 2]| {
-                        let s = hook(scale, norm.scale(&x)?)?;
-                        let n = hook(normalized, RmsNorm::normalize(&x, &s)?)?;
-                        norm.times_weight(&n)
-                    };
                 let q_sites = [BlockSite::Q_NORM_SCALE, BlockSite::Q_NORM_NORMALIZED];
                 let k_sites = [BlockSite::K_NORM_SCALE, BlockSite::K_NORM_NORMALIZED];
-                (normed(q_norm, q, q_sites)?, normed(k_norm, k, k_sites)?)
+                (
+                    q_norm.forward_hooked(&q, hooks, q_sites.map(point))?,
+                    k_norm.forward_hooked(&k, hooks, k_sites.map(point))?,
+                )
             }
         };
+        let mut hook = |site, value| hooks.hook(point(site), value);
         let q = hook(BlockSite::ROT_Q, positions.rope.apply(&q)?)?;
         let k = hook(BlockSite::ROT_K, positions.rope.apply(&k)?)?;
 
@@ -214,9 +230,21 @@ impl Attention {
             k.transpose(1, 2)?.contiguous()?,
             v.transpose(1, 2)?.contiguous()?,
         );
-        let (k, v) = match cache {
-            Some(cache) => cache.append(layer, &k, &v)?,
-            None => (k, v),
+        // A sliding window's cache may have dropped the keys before `first`.
+        let (k, v, first) = match cache {
+            Some(cache) => {
+                let cached = cache.append(layer, &k, &v, positions.window)?;
+                (cached.keys, cached.values, cached.first)
+            }
+            None => (k, v, 0),
+        };
+        let mask = match first {
+            0 => positions.mask.clone(),
+            first => {
+                let keys_dim = positions.mask.rank() - 1;
+                let held = positions.mask.dim(keys_dim)? - first;
+                positions.mask.narrow(keys_dim, first, held)?.contiguous()?
+            }
         };
         drop(layout);
 
@@ -228,14 +256,21 @@ impl Attention {
             let _op = crate::op_span!("attention");
             let q = q.reshape((b, kv, group * t, dh))?;
             let raw = q.matmul(&k.t()?)?.reshape((b, h, t, keys))?;
-            flexmodel_kernels::scaled_masked(&raw, &positions.mask, scale)?
+            flexmodel_kernels::scaled_masked(&raw, &mask, scale)?
         };
-        let scores = hook(BlockSite::ATTN_SCORES, scores)?;
+        // Hooks see every key of the sequence: those the cache dropped as masked.
+        let scores = hooked_over_all_keys(
+            &mut hook,
+            BlockSite::ATTN_SCORES,
+            scores,
+            first,
+            f32::NEG_INFINITY,
+        )?;
         let pattern = {
             let _op = crate::op_span!("attention");
             flexmodel_kernels::softmax_last_dim(&scores)?
         };
-        let pattern = hook(BlockSite::PATTERN, pattern)?;
+        let pattern = hooked_over_all_keys(&mut hook, BlockSite::PATTERN, pattern, first, 0.0)?;
         let z = {
             let _op = crate::op_span!("attention");
             let pattern = pattern.reshape((b, kv, group * t, keys))?;
@@ -258,6 +293,25 @@ impl Attention {
         };
         Ok(out)
     }
+}
+
+/// `value` (`[b, h, t, keys from first]`) through the hook at `site`, widened for it to
+/// every key from position 0 with `fill` (what the dropped keys would hold: they lie
+/// outside the window).
+fn hooked_over_all_keys(
+    hook: &mut impl FnMut(BlockSite, Tensor) -> Result<Tensor>,
+    site: BlockSite,
+    value: Tensor,
+    first: usize,
+    fill: f32,
+) -> Result<Tensor> {
+    if first == 0 {
+        return hook(site, value);
+    }
+    let (b, h, t, held) = value.dims4()?;
+    let dropped = Tensor::full(fill, (b, h, t, first), value.device())?.to_dtype(value.dtype())?;
+    let whole = hook(site, Tensor::cat(&[&dropped, &value], 3)?)?;
+    Ok(whole.narrow(3, first, held)?.contiguous()?)
 }
 
 #[cfg(test)]

@@ -39,18 +39,51 @@ pub trait DecoderConfig: ModelSpec + Clone + Into<ModelConfig> + 'static {
     /// Where block `layer` places its queries and keys.
     fn layer_positions(&self, layer: usize) -> PositionSpec;
 
-    /// Whether the LM head is the token embedding.
-    fn tied_embeddings(&self) -> bool;
-
     /// What the token embeddings are multiplied by (Gemma's `√d_model`), if anything.
     fn embed_scale(&self) -> Option<f64> {
         None
     }
+}
 
-    /// The offset of every RMSNorm's weight (Gemma's `1 + w`).
-    fn norm_offset(&self) -> f64 {
-        0.0
+/// Builds `stage` of a decoder of family `C` for `collective`'s tensor-parallel rank
+/// on `device` (under FSDP, `replicas`' member's pieces): what [`ModelSpec::load`] is for
+/// every decoder.
+pub(crate) fn load_shard<C: DecoderConfig>(
+    config: &C,
+    weights: &dyn WeightSource,
+    collective: Arc<dyn Collective>,
+    stage: Stage,
+    device: &Device,
+    replicas: Option<Arc<dyn Collective>>,
+) -> Result<Arc<dyn ModelShard>> {
+    let model = match replicas {
+        Some(replicas) => {
+            Decoder::load_stage_fsdp(config, weights, collective, stage, device, replicas)?
+        }
+        None => Decoder::load_stage(config, weights, collective, stage, device)?,
+    };
+    Ok(Arc::new(model))
+}
+
+/// The weights one of `tp` tensor-parallel ranks holds of `stage` of a decoder whose
+/// blocks hold `per_layer` each: with the embedding's slice on the first stage (and on
+/// the last with a tied head), the final norm and the LM head's slice on the last.
+pub(crate) fn stage_parameter_count(
+    spec: &dyn ModelSpec,
+    stage: &Stage,
+    tp: usize,
+    per_layer: u64,
+) -> u64 {
+    let (v, d, tp) = (spec.vocab_size() as u64, spec.d_model() as u64, tp as u64);
+    let mut count = stage.layers.len() as u64 * per_layer;
+    let tied = spec.tied_embeddings();
+    if stage.first || (stage.last && tied) {
+        count += v * d / tp;
     }
+    if stage.last {
+        count += d + if tied { 0 } else { v * d / tp };
+    }
+    count
 }
 
 /// A family's transformer block, as a decoder runs it.
@@ -189,9 +222,8 @@ impl<C: DecoderConfig> Decoder<C> {
         }
         let final_norm = match stage.last {
             true => {
-                let eps = config.rms_norm_eps();
-                let n = RmsNorm::load(weights, "model.norm.weight", d, eps)?
-                    .with_offset(config.norm_offset());
+                let weight = weights.slice("model.norm.weight", &[d], None)?;
+                let n = config.final_norm(crate::models::parallel::param(weight)?);
                 Some(adopted(fsdp, &reads, n.parameters(), n)?)
             }
             false => None,
@@ -236,6 +268,12 @@ impl<C: DecoderConfig> Decoder<C> {
             (None, false) => Ok(Cow::Owned(map(layer, &mut |t| Ok(t.detach()))?)),
         }
     }
+}
+
+/// The residual stream `x` plus what a sublayer wrote, `out`.
+pub(crate) fn residual(x: &Tensor, out: &Tensor) -> Result<Tensor> {
+    let _op = crate::op_span!("residual");
+    Ok((x + out)?)
 }
 
 /// `layer` as this shard holds it: under FSDP taken as its replica's pieces (read
@@ -363,12 +401,8 @@ impl<C: DecoderConfig> ModelShard for Decoder<C> {
         }
         let norm = self.whole(norm, backward, RmsNorm::map_parameters)?;
         let head = self.whole(head, backward, ColumnParallelLinear::map_parameters)?;
-        let scale = hooks.hook(HookPoint::LnFinalScale, norm.scale(&x)?)?;
-        let normalized = hooks.hook(
-            HookPoint::LnFinalNormalized,
-            RmsNorm::normalize(&x, &scale)?,
-        )?;
-        let normed = norm.times_weight(&normalized)?;
+        let ln_final = [HookPoint::LnFinalScale, HookPoint::LnFinalNormalized];
+        let normed = norm.forward_hooked(&x, hooks, ln_final)?;
         if window.scope.logits == Logits::None {
             // No LM head: the pass returns nothing (the runtime gathers no output).
             return Ok(normed);

@@ -1,7 +1,7 @@
 //! Transformer models whose every hook point goes through the hook layer and whose
 //! every linear layer can hold a tensor-parallel slice.
 //!
-//! A family is a folder (`llama/`) whose configuration declares what the rest of the
+//! A family is a folder (`llama/`, `gemma3/`) whose configuration declares what the rest of the
 //! crate needs ([`ModelSpec`]: sizes, hook points, parameter counts, how to build a
 //! shard) and whose model is a [`ModelShard`]; [`ModelConfig`] lists the families.
 
@@ -9,6 +9,8 @@ pub(crate) mod attention;
 mod config;
 pub(crate) mod decoder;
 pub(crate) mod fsdp;
+pub(crate) mod gemma3;
+mod hf_json;
 pub(crate) mod llama;
 pub(crate) mod loss;
 pub(crate) mod mlp;
@@ -23,6 +25,7 @@ pub(crate) mod stage;
 pub use attention::AttentionSpec;
 pub use config::ModelConfig;
 pub use decoder::{Decoder, DecoderBlock, DecoderConfig};
+pub use gemma3::{Gemma3, Gemma3Config, LayerType};
 pub use llama::{Architecture, Llama, LlamaConfig, Unimplemented};
 pub use loss::{
     masked_next_token_loss, next_token_loss, next_token_loss_by_position, vocab_parallel_loss,

@@ -36,6 +36,9 @@ pub struct Positions {
     /// Added to the attention scores: 0 where a query may attend to a key, −∞ where not;
     /// `[t, offset + t]` (the same for every sequence) or `[b, 1, t, offset + t]`.
     pub mask: Tensor,
+    /// The sliding window a query attends within, if any: the key/value cache may drop
+    /// what falls out of it.
+    pub window: Option<usize>,
 }
 
 impl Positions {
@@ -63,6 +66,7 @@ impl Positions {
         Ok(Self {
             rope: positions.rope.to_dtype(dtype)?,
             mask: positions.mask.to_dtype(dtype)?,
+            ..positions
         })
     }
 
@@ -92,6 +96,7 @@ impl Positions {
             return Ok(Self {
                 rope: rope(positions, 1)?,
                 mask: Tensor::from_vec(mask, (t, keys), device)?,
+                window: spec.sliding_window,
             });
         };
         let real = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -117,6 +122,7 @@ impl Positions {
         Ok(Self {
             rope: rope(positions, b)?,
             mask: Tensor::from_vec(masks, (b, 1, t, keys), device)?,
+            window: spec.sliding_window,
         })
     }
 }

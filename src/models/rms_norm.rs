@@ -12,9 +12,9 @@
 use candle_core::Tensor;
 use flexmodel_cluster::ParamSlice;
 
-use crate::Result;
 use crate::models::parallel::{like, param};
 use crate::weights::HeldWeights;
+use crate::{HookLayer, HookPoint, Result};
 
 /// RMSNorm with a learned per-channel weight.
 #[derive(Debug, Clone)]
@@ -92,6 +92,19 @@ impl RmsNorm {
     /// The whole norm: `x / scale(x) · weight`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.times_weight(&Self::normalize(x, &self.scale(x)?)?)
+    }
+
+    /// The whole norm, its RMS and its normalized value going through the hooks at
+    /// `[scale, normalized]` (TransformerLens's `hook_scale` and `hook_normalized`).
+    pub fn forward_hooked(
+        &self,
+        x: &Tensor,
+        hooks: &mut dyn HookLayer,
+        [scale, normalized]: [HookPoint; 2],
+    ) -> Result<Tensor> {
+        let s = hooks.hook(scale, self.scale(x)?)?;
+        let n = hooks.hook(normalized, Self::normalize(x, &s)?)?;
+        self.times_weight(&n)
     }
 }
 

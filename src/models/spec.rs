@@ -51,8 +51,18 @@ pub trait ModelSpec: Send + Sync {
     /// The RMSNorm ε.
     fn rms_norm_eps(&self) -> f64;
 
+    /// Whether the LM head is the token embedding.
+    fn tied_embeddings(&self) -> bool;
+
+    /// The offset of every RMSNorm's weight: 0, or Gemma's 1 (`1 + w`).
+    fn norm_offset(&self) -> f64 {
+        0.0
+    }
+
     /// The number of weights of the whole model: a tied LM head once.
-    fn parameter_count(&self) -> u64;
+    fn parameter_count(&self) -> u64 {
+        self.stage_parameter_count(&Stage::whole(self.n_layers()), 1)
+    }
 
     /// The number of weights one of `tp` tensor-parallel ranks holds of `stage`
     /// (replicated parts whole, split parts its slice).
@@ -70,12 +80,20 @@ pub trait ModelSpec: Send + Sync {
         replicas: Option<Arc<dyn Collective>>,
     ) -> Result<Arc<dyn ModelShard>>;
 
-    /// The final norm, made from its weight (`model.norm.weight`) as the family uses it.
-    fn final_norm(&self, weight: Tensor) -> Result<RmsNorm>;
+    /// The final norm, made from its weight (`model.norm.weight`).
+    fn final_norm(&self, weight: Tensor) -> RmsNorm {
+        RmsNorm::new("model.norm.weight", weight, self.rms_norm_eps())
+            .with_offset(self.norm_offset())
+    }
 
     /// The weight the LM head multiplies by: `lm_head.weight`, or the embedding's when
     /// they are tied.
-    fn lm_head(&self) -> &'static str;
+    fn lm_head(&self) -> &'static str {
+        match self.tied_embeddings() {
+            true => "model.embed_tokens.weight",
+            false => "lm_head.weight",
+        }
+    }
 
     /// The Hugging Face `config.json` text of this configuration.
     fn to_hf_json(&self) -> String;

@@ -16,11 +16,18 @@ use crate::{Error, Result};
 /// How a family names its tensors in GGUF files, and what it undoes of llama.cpp's
 /// conversion.
 pub trait GgufNames: Send + Sync + std::fmt::Debug {
+    /// The family's tensors, as Hugging Face and llama.cpp name them.
+    fn table(&self) -> &NameTable;
+
     /// The GGUF name of a Hugging Face tensor name, if the family has that tensor.
-    fn gguf_name(&self, hf: &str) -> Option<String>;
+    fn gguf_name(&self, hf: &str) -> Option<String> {
+        self.table().gguf_name(hf)
+    }
 
     /// The Hugging Face name of a GGUF tensor name, if the family has that tensor.
-    fn hf_name(&self, gguf: &str) -> Option<String>;
+    fn hf_name(&self, gguf: &str) -> Option<String> {
+        self.table().hf_name(gguf)
+    }
 
     /// The tensor `hf` as Hugging Face holds it, from `tensor` as the file holds it
     /// (dequantized); an error says what does not fit.

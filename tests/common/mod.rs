@@ -413,3 +413,14 @@ pub fn flexmodel_binary() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_flexmodel").into())
 }
+
+/// Gemma 3 270M (fetched and joined into the cache on first use) and its model, loaded
+/// once per test binary.
+pub fn gemma3() -> &'static (Checkpoint, Arc<dyn ModelShard>) {
+    static MODEL: OnceLock<(Checkpoint, Arc<dyn ModelShard>)> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let checkpoint = Checkpoint::open("gemma3-270m").expect("open gemma3-270m");
+        let model = checkpoint.load_model().expect("build gemma3-270m");
+        (checkpoint, model)
+    })
+}

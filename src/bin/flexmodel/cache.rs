@@ -15,7 +15,7 @@ use crate::pass_args::PassArgs;
 /// Options of `flexmodel cache`.
 #[derive(Args, Debug)]
 pub struct CacheArgs {
-    /// `smollm2`, a .gguf file or a Hugging Face model directory.
+    /// `smollm2`, `gemma3-270m`, a .gguf file or a Hugging Face model directory.
     #[arg(long)]
     model: String,
     #[command(flatten)]

@@ -19,7 +19,7 @@ use crate::layout::{LayoutArgs, Plan};
 /// Options of `flexmodel generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// `smollm2`, a .gguf file or a Hugging Face model directory.
+    /// `smollm2`, `gemma3-270m`, a .gguf file or a Hugging Face model directory.
     #[arg(long)]
     model: String,
     /// The text to continue; repeat for a batch (prompts of unequal length are padded).

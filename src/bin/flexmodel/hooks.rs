@@ -10,7 +10,7 @@ use crate::layout::LayoutArgs;
 /// Options of `flexmodel hooks`.
 #[derive(Args, Debug)]
 pub struct HooksArgs {
-    /// `smollm2`, a .gguf file or a Hugging Face model directory.
+    /// `smollm2`, `gemma3-270m`, a .gguf file or a Hugging Face model directory.
     #[arg(long)]
     model: String,
     #[command(flatten)]

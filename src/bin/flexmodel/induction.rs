@@ -12,7 +12,7 @@ use crate::layout::{LayoutArgs, Plan};
 /// Options of `flexmodel induction`.
 #[derive(Args, Debug)]
 pub struct InductionArgs {
-    /// `smollm2`, a .gguf file or a Hugging Face model directory.
+    /// `smollm2`, `gemma3-270m`, a .gguf file or a Hugging Face model directory.
     #[arg(long)]
     model: String,
     /// Repeated sequences, one per line (token ids separated by spaces, each line a

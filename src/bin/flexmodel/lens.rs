@@ -14,7 +14,7 @@ use crate::layout::{LayoutArgs, Plan};
 /// Options of `flexmodel lens`.
 #[derive(Args, Debug)]
 pub struct LensArgs {
-    /// `smollm2`, a .gguf file or a Hugging Face model directory.
+    /// `smollm2`, `gemma3-270m`, a .gguf file or a Hugging Face model directory.
     #[arg(long)]
     model: String,
     /// Text to train the translators on (default: Tiny Shakespeare, fetched once from

@@ -9,6 +9,7 @@ use flexmodel_cluster::{Collective, TpRank};
 use super::LlamaConfig;
 use crate::hooks::{BlockSite, HookPoint};
 use crate::models::attention::{Attention, AttentionInput};
+use crate::models::decoder::residual;
 use crate::models::positions::Positions;
 use crate::models::{Activation, DecoderBlock, Mlp, RmsNorm};
 use crate::weights::HeldWeights;
@@ -95,14 +96,10 @@ impl DecoderBlock for Block {
         let layer = self.layer;
         let point = |site| HookPoint::Block { layer, site };
         let x = hooks.hook(point(BlockSite::RESID_PRE), x)?;
-        let s1 = hooks.hook(point(BlockSite::LN1_SCALE), self.ln1.scale(&x)?)?;
-        let n1 = hooks.hook(
-            point(BlockSite::LN1_NORMALIZED),
-            RmsNorm::normalize(&x, &s1)?,
-        )?;
+        let ln1 = [BlockSite::LN1_SCALE, BlockSite::LN1_NORMALIZED].map(point);
         let inputs = AttentionInput {
             resid: &x,
-            normed: &self.ln1.times_weight(&n1)?,
+            normed: &self.ln1.forward_hooked(&x, hooks, ln1)?,
             ln1: &self.ln1,
         };
         let attn = self
@@ -111,21 +108,10 @@ impl DecoderBlock for Block {
         let attn = hooks.hook(point(BlockSite::ATTN_OUT), attn)?;
         let x = hooks.hook(point(BlockSite::RESID_MID), residual(&x, &attn)?)?;
         let mlp_in = hooks.hook(point(BlockSite::MLP_IN), x.clone())?;
-        let s2 = hooks.hook(point(BlockSite::LN2_SCALE), self.ln2.scale(&mlp_in)?)?;
-        let n2 = hooks.hook(
-            point(BlockSite::LN2_NORMALIZED),
-            RmsNorm::normalize(&mlp_in, &s2)?,
-        )?;
-        let mlp = self
-            .mlp
-            .forward(&self.ln2.times_weight(&n2)?, layer, hooks, collective)?;
+        let ln2 = [BlockSite::LN2_SCALE, BlockSite::LN2_NORMALIZED].map(point);
+        let normed = self.ln2.forward_hooked(&mlp_in, hooks, ln2)?;
+        let mlp = self.mlp.forward(&normed, layer, hooks, collective)?;
         let mlp = hooks.hook(point(BlockSite::MLP_OUT), mlp)?;
         hooks.hook(point(BlockSite::RESID_POST), residual(&x, &mlp)?)
     }
-}
-
-/// The residual stream `x` plus what a sublayer wrote, `out`.
-fn residual(x: &Tensor, out: &Tensor) -> Result<Tensor> {
-    let _op = crate::op_span!("residual");
-    Ok((x + out)?)
 }

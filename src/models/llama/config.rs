@@ -4,15 +4,17 @@ use std::path::Path;
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use flexmodel_cluster::{Collective, TpRank};
 use serde::{Deserialize, Serialize};
 
 use super::block::Block;
-use super::{Llama, hook_points};
+use super::hook_points;
 use crate::hooks::{ModelPoints, Sizes};
+use crate::models::decoder;
+use crate::models::hf_json::{TokenIds, read_json, rope_scaling_json, rope_scaling_of};
 use crate::models::{
-    AttentionSpec, DecoderConfig, ModelShard, ModelSpec, PositionSpec, RmsNorm, RopeScaling, Stage,
+    AttentionSpec, DecoderConfig, ModelShard, ModelSpec, PositionSpec, RopeScaling, Stage,
 };
 use crate::weights::HeldWeights;
 use crate::weights::WeightSource;
@@ -139,19 +141,18 @@ impl LlamaConfig {
 
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let bad = |message: String| Error::BadConfig {
             path: path.to_path_buf(),
             message,
         };
-        let hf: HfConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let hf: HfConfig = read_json(path)?;
         let architecture = match hf.model_type.as_str() {
             "llama" => Architecture::Llama,
             "mistral" => Architecture::Mistral,
             "qwen2" => Architecture::Qwen2,
             other => {
                 return Err(bad(format!(
-                    "unsupported architecture {other:?} (supported: llama, mistral, qwen2)"
+                    "unsupported architecture {other:?} (supported: llama, mistral, qwen2, gemma3_text)"
                 )));
             }
         };
@@ -189,11 +190,7 @@ impl LlamaConfig {
                 || hf.attention_bias.unwrap_or(false),
             max_position_embeddings,
             bos_token_id: hf.bos_token_id,
-            eos_token_ids: match hf.eos_token_id {
-                None => vec![],
-                Some(TokenIds::One(id)) => vec![id],
-                Some(TokenIds::Many(ids)) => ids,
-            },
+            eos_token_ids: hf.eos_token_id.map_or(vec![], TokenIds::into_vec),
             dtype: DType::F32,
         };
         config.validate(path)?;
@@ -210,10 +207,6 @@ impl DecoderConfig for LlamaConfig {
 
     fn layer_positions(&self, _layer: usize) -> PositionSpec {
         self.positions()
-    }
-
-    fn tied_embeddings(&self) -> bool {
-        self.tie_word_embeddings
     }
 }
 
@@ -272,40 +265,16 @@ impl ModelSpec for LlamaConfig {
         self.rms_norm_eps
     }
 
-    /// Biases included, a tied LM head once.
-    fn parameter_count(&self) -> u64 {
-        self.stage_parameter_count(&Stage::whole(self.n_layers), 1)
+    fn tied_embeddings(&self) -> bool {
+        self.tie_word_embeddings
     }
 
-    /// Each block's slices (with more ranks than key/value heads, one of them whole),
-    /// the embedding's slice on the first stage (and on the last with a tied head), the
-    /// final norm and the LM head's slice on the last.
+    /// Each block's slices (biases included; with more ranks than key/value heads, one
+    /// of them whole) and its two norms.
     fn stage_parameter_count(&self, stage: &Stage, tp: usize) -> u64 {
-        let tp = tp as u64;
-        let [v, d, q, d_head, mlp] = [
-            self.vocab_size,
-            self.d_model,
-            self.n_heads * self.d_head,
-            self.d_head,
-            self.d_mlp,
-        ]
-        .map(|n| n as u64);
-        let kv = (self.n_kv_heads as u64 / tp).max(1) * d_head;
-        let biases = if self.attention_bias {
-            q / tp + 2 * kv
-        } else {
-            0
-        };
-        let per_layer = 2 * d * q / tp + 2 * d * kv + 3 * d * mlp / tp + 2 * d + biases;
-        let mut count = stage.layers.len() as u64 * per_layer;
-        let tied = self.tie_word_embeddings;
-        if stage.first || (stage.last && tied) {
-            count += v * d / tp;
-        }
-        if stage.last {
-            count += d + if tied { 0 } else { v * d / tp };
-        }
-        count
+        let [d, mlp] = [self.d_model, self.d_mlp].map(|n| n as u64);
+        let per_layer = self.attention().parameter_count(tp) + 3 * d * mlp / tp as u64 + 2 * d;
+        decoder::stage_parameter_count(self, stage, tp, per_layer)
     }
 
     fn load(
@@ -316,24 +285,7 @@ impl ModelSpec for LlamaConfig {
         device: &Device,
         replicas: Option<Arc<dyn Collective>>,
     ) -> Result<Arc<dyn ModelShard>> {
-        let model = match replicas {
-            Some(replicas) => {
-                Llama::load_stage_fsdp(self, weights, collective, stage, device, replicas)?
-            }
-            None => Llama::load_stage(self, weights, collective, stage, device)?,
-        };
-        Ok(Arc::new(model))
-    }
-
-    fn final_norm(&self, weight: Tensor) -> Result<RmsNorm> {
-        Ok(RmsNorm::new("model.norm.weight", weight, self.rms_norm_eps))
-    }
-
-    fn lm_head(&self) -> &'static str {
-        match self.tie_word_embeddings {
-            true => "model.embed_tokens.weight",
-            false => "lm_head.weight",
-        }
+        decoder::load_shard(self, weights, collective, stage, device, replicas)
     }
 
     /// The Hugging Face `config.json` text of this configuration.
@@ -362,11 +314,7 @@ impl ModelSpec for LlamaConfig {
             attention_bias: Some(self.attention_bias),
             max_position_embeddings: Some(self.max_position_embeddings),
             bos_token_id: self.bos_token_id,
-            eos_token_id: match self.eos_token_ids.as_slice() {
-                [] => None,
-                [id] => Some(TokenIds::One(*id)),
-                ids => Some(TokenIds::Many(ids.to_vec())),
-            },
+            eos_token_id: TokenIds::of(&self.eos_token_ids),
             hidden_act: "silu".to_string(),
             torch_dtype: "float32".to_string(),
         };
@@ -465,78 +413,6 @@ struct HfConfig {
 
 fn silu() -> String {
     "silu".to_string()
-}
-
-/// `eos_token_id` is a single id or a list of ids.
-#[derive(Serialize, Deserialize)]
-#[serde(untagged)]
-enum TokenIds {
-    One(u32),
-    Many(Vec<u32>),
-}
-
-/// The scaling a `rope_scaling` object describes (`rope_type`, or the older `type`);
-/// `None` for none or `default`; an error naming what is unsupported or missing.
-fn rope_scaling_of(
-    json: Option<&serde_json::Value>,
-) -> std::result::Result<Option<RopeScaling>, String> {
-    let Some(json) = json.filter(|j| !j.is_null()) else {
-        return Ok(None);
-    };
-    let kind = json
-        .get("rope_type")
-        .or_else(|| json.get("type"))
-        .and_then(|t| t.as_str())
-        .unwrap_or("default");
-    let number = |key: &str| {
-        json.get(key)
-            .and_then(serde_json::Value::as_f64)
-            .ok_or_else(|| format!("RoPE scaling ({json}) of type {kind} needs a number {key:?}"))
-    };
-    Ok(Some(match kind {
-        "default" => return Ok(None),
-        "linear" => RopeScaling::Linear {
-            factor: number("factor")?,
-        },
-        "dynamic" => RopeScaling::Dynamic {
-            factor: number("factor")?,
-        },
-        "llama3" => RopeScaling::Llama3 {
-            factor: number("factor")?,
-            low_freq_factor: number("low_freq_factor")?,
-            high_freq_factor: number("high_freq_factor")?,
-            original_max_position_embeddings: number("original_max_position_embeddings")? as usize,
-        },
-        _ => {
-            return Err(format!(
-                "RoPE scaling ({json}) is not supported: implemented are linear, dynamic and llama3"
-            ));
-        }
-    }))
-}
-
-/// `scaling` as a `rope_scaling` object.
-fn rope_scaling_json(scaling: &RopeScaling) -> serde_json::Value {
-    match *scaling {
-        RopeScaling::Linear { factor } => {
-            serde_json::json!({"rope_type": "linear", "factor": factor})
-        }
-        RopeScaling::Dynamic { factor } => {
-            serde_json::json!({"rope_type": "dynamic", "factor": factor})
-        }
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => serde_json::json!({
-            "rope_type": "llama3",
-            "factor": factor,
-            "low_freq_factor": low_freq_factor,
-            "high_freq_factor": high_freq_factor,
-            "original_max_position_embeddings": original_max_position_embeddings,
-        }),
-    }
 }
 
 #[cfg(test)]

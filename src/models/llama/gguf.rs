@@ -42,12 +42,8 @@ struct LlamaGguf {
 }
 
 impl GgufNames for LlamaGguf {
-    fn gguf_name(&self, hf: &str) -> Option<String> {
-        NAMES.gguf_name(hf)
-    }
-
-    fn hf_name(&self, gguf: &str) -> Option<String> {
-        NAMES.hf_name(gguf)
+    fn table(&self) -> &NameTable {
+        &NAMES
     }
 
     fn convert(&self, hf: &str, tensor: Tensor) -> std::result::Result<Tensor, String> {

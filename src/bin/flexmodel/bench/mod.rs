@@ -23,7 +23,7 @@ use crate::pass_args::PassArgs;
 /// Options of `flexmodel bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// `smollm2`, a .gguf file or a Hugging Face model directory.
+    /// `smollm2`, `gemma3-270m`, a .gguf file or a Hugging Face model directory.
     #[arg(long)]
     model: String,
     /// Sequences per batch.

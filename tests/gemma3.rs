@@ -339,3 +339,45 @@ fn every_layout_equals_the_single_shard_with_more_ranks_than_key_value_heads() {
         assert_matches_single(&label, single, sharded, GRADIENT_TOLERANCE, exact);
     }
 }
+
+#[test]
+fn every_gemma3_point_has_a_transformer_lens_name() {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference/transformer_lens_gemma3_names.py");
+    let run = Command::new(transformer_lens_python())
+        .arg(&script)
+        .env("HF_HUB_OFFLINE", "1")
+        .output_within(RUN_DEADLINE);
+    assert!(
+        run.status.success(),
+        "TransformerLens failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let theirs: std::collections::BTreeSet<String> = String::from_utf8(run.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let ours: Vec<String> = gemma3()
+        .0
+        .config
+        .points()
+        .all()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(ours.len(), 599);
+    // The logits are `unembed.hook_out` here and the model's output there.
+    let missing: Vec<&String> = ours
+        .iter()
+        .filter(|n| !theirs.contains(*n) && *n != "unembed.hook_out")
+        .collect();
+    assert!(missing.is_empty(), "not TransformerLens's: {missing:?}");
+    // TransformerLens's only block point FlexModel-rs lacks is the attention input it
+    // adds for its split q/k/v inputs.
+    let extra: Vec<&String> = theirs
+        .iter()
+        .filter(|n| !ours.contains(n) && !n.ends_with("hook_attn_in"))
+        .collect();
+    assert!(extra.is_empty(), "TransformerLens's only: {extra:?}");
+}

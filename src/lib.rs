@@ -35,6 +35,7 @@ pub mod models;
 pub mod plot;
 mod progress;
 pub mod runtime;
+pub mod sae;
 pub mod telemetry;
 pub mod text;
 pub mod tiny;

@@ -1,5 +1,5 @@
 //! A Hugging Face checkpoint's safetensors: `model.safetensors`, or shards listed in
-//! `model.safetensors.index.json`.
+//! `model.safetensors.index.json`; or any one safetensors file.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -30,6 +30,17 @@ impl SafetensorsDir {
         } else {
             vec!["model.safetensors".to_string()]
         };
+        Self::of_files(dir, &shards)
+    }
+
+    /// Opens the one safetensors file `name` in `dir` (an SAE's `sae_weights.safetensors`),
+    /// reading its header.
+    pub fn open_file(dir: &Path, name: &str) -> Result<Self> {
+        Self::of_files(dir, &[name.to_string()])
+    }
+
+    /// Opens the files `shards` of `dir`, no tensor in two of them.
+    fn of_files(dir: &Path, shards: &[String]) -> Result<Self> {
         let mut files = Vec::new();
         let mut routing = BTreeMap::new();
         for (i, shard) in shards.iter().enumerate() {

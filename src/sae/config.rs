@@ -30,8 +30,9 @@ pub enum Activation {
 /// How the input is normalized before encoding, and the reconstruction after decoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Normalization {
-    /// Neither (also SAELens's `expected_average_only_in`, whose factor SAELens folds
-    /// into the weights when it saves them).
+    /// Neither. Also SAELens's `expected_average_only_in` and `covariance_whitening`,
+    /// which it folds into the weights when it saves them and leaves out of an SAE's
+    /// pass.
     None,
     /// `x · √d_in / ‖x‖` in, undone out (`constant_norm_rescale`).
     ConstantNormRescale,
@@ -137,14 +138,15 @@ impl SaeConfig {
             }
         };
         let normalization = match text("normalize_activations").unwrap_or("none") {
-            "none" | "expected_average_only_in" => Normalization::None,
+            "none" | "expected_average_only_in" | "covariance_whitening" => Normalization::None,
             "constant_norm_rescale" => Normalization::ConstantNormRescale,
             "layer_norm" => Normalization::LayerNorm,
             other => {
                 return refuse(
                     "normalize_activations",
                     &format!("{other:?}"),
-                    "none, expected_average_only_in, constant_norm_rescale and layer_norm are",
+                    "none, expected_average_only_in, covariance_whitening, constant_norm_rescale \
+                     and layer_norm are",
                 );
             }
         };

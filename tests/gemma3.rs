@@ -263,8 +263,10 @@ fn gradients_at_gemma_points_match_finite_differences() {
         let grad = &captured[&format!("{point}_grad")];
         let analytic = norm(grad);
         let direction = (grad / analytic).unwrap();
-        let loss_at = |step: f64| {
-            let mut model = FlexModel::build(checkpoint, Layout::SINGLE).unwrap();
+        // One model for every evaluation: only the edit changes.
+        let mut loss_at = |step: f64| {
+            model.hooks_mut().clear();
+            model.store_mut().clear();
             let delta = (&direction * step).unwrap();
             let add = HookFunction::new(point).with_edit(edits::add(delta));
             model.hooks_mut().register(add).unwrap();
@@ -275,7 +277,7 @@ fn gradients_at_gemma_points_match_finite_differences() {
         // off the h² term of the central differences (the embedding's curvature makes
         // a 1% error of that term at 1e-3).
         let h = 1e-4 * norm(&captured[point]);
-        let central = |h: f64| (loss_at(h) - loss_at(-h)) / (2.0 * h);
+        let mut central = |h: f64| (loss_at(h) - loss_at(-h)) / (2.0 * h);
         let numeric = (4.0 * central(h) - central(2.0 * h)) / 3.0;
         let err = (numeric - analytic).abs() / analytic.abs();
         eprintln!(

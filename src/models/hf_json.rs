@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::hooks::Sizes;
 use crate::models::RopeScaling;
 use crate::{Error, Result};
 
@@ -16,6 +17,42 @@ pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
         path: path.to_path_buf(),
         message: e.to_string(),
     })
+}
+
+/// An error naming `source` unless `sizes` and `n_layers` describe a buildable decoder:
+/// every size positive, query heads a multiple of key/value heads, heads of even width
+/// (RoPE rotates pairs). The names are `config.json`'s.
+pub(crate) fn check_sizes(sizes: Sizes, n_layers: usize, source: &Path) -> Result<()> {
+    let fail = |message: String| {
+        Err(Error::BadConfig {
+            path: source.to_path_buf(),
+            message,
+        })
+    };
+    let positive = [
+        ("vocab_size", sizes.vocab_size),
+        ("hidden_size", sizes.d_model),
+        ("num_hidden_layers", n_layers),
+        ("num_attention_heads", sizes.n_heads),
+        ("num_key_value_heads", sizes.n_kv_heads),
+        ("head_dim", sizes.d_head),
+        ("intermediate_size", sizes.d_mlp),
+    ];
+    for (name, value) in positive {
+        if value == 0 {
+            return fail(format!("{name} must be positive"));
+        }
+    }
+    if !sizes.n_heads.is_multiple_of(sizes.n_kv_heads) {
+        return fail(format!(
+            "num_attention_heads = {} is not a multiple of num_key_value_heads = {}",
+            sizes.n_heads, sizes.n_kv_heads
+        ));
+    }
+    if !sizes.d_head.is_multiple_of(2) {
+        return fail(format!("head_dim = {} must be even for RoPE", sizes.d_head));
+    }
+    Ok(())
 }
 
 /// `eos_token_id` is a single id or a list of ids.

@@ -12,7 +12,9 @@ use super::block::Block;
 use super::hook_points;
 use crate::hooks::{ModelPoints, Sizes};
 use crate::models::decoder;
-use crate::models::hf_json::{TokenIds, read_json, rope_scaling_json, rope_scaling_of};
+use crate::models::hf_json::{
+    TokenIds, check_sizes, read_json, rope_scaling_json, rope_scaling_of,
+};
 use crate::models::{
     AttentionSpec, DecoderConfig, ModelShard, ModelSpec, PositionSpec, RopeScaling, Stage,
 };
@@ -108,29 +110,9 @@ impl Gemma3Config {
                 message,
             })
         };
-        let positive = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.d_model),
-            ("num_hidden_layers", self.n_layers),
-            ("num_attention_heads", self.n_heads),
-            ("num_key_value_heads", self.n_kv_heads),
-            ("head_dim", self.d_head),
-            ("intermediate_size", self.d_mlp),
-            ("sliding_window", self.sliding_window),
-        ];
-        for (name, value) in positive {
-            if value == 0 {
-                return fail(format!("{name} must be positive"));
-            }
-        }
-        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return fail(format!(
-                "num_attention_heads = {} is not a multiple of num_key_value_heads = {}",
-                self.n_heads, self.n_kv_heads
-            ));
-        }
-        if !self.d_head.is_multiple_of(2) {
-            return fail(format!("head_dim = {} must be even for RoPE", self.d_head));
+        check_sizes(self.sizes(), self.n_layers, source)?;
+        if self.sliding_window == 0 {
+            return fail("sliding_window must be positive".into());
         }
         if self.layer_types.len() != self.n_layers {
             return fail(format!(

@@ -138,6 +138,9 @@ pub enum Error {
     /// A layout that cannot split this model (or would not fit this machine).
     #[error("bad layout: {0}")]
     BadLayout(crate::runtime::sharding::LayoutProblem),
+    /// A sparse autoencoder asked for at a point that cannot host one.
+    #[error(transparent)]
+    CannotSplice(#[from] crate::hooks::point::CannotSplice),
     /// An argument of a public function outside what it accepts.
     #[error("{argument}: {problem}")]
     InvalidArgument {
@@ -280,6 +283,29 @@ pub enum Error {
         head: usize,
         /// The heads the point has.
         heads: usize,
+    },
+    /// A latent edit (`zero-latent`, `clamp-latent`) on a point that is not an SAE's
+    /// latents.
+    #[error(
+        "{edit}: {hook} is not an SAE's latents (HOOK.hook_sae_acts_pre or HOOK.hook_sae_acts_post)"
+    )]
+    NoLatentDimension {
+        /// The edit.
+        edit: &'static str,
+        /// The hook point's name.
+        hook: String,
+    },
+    /// A latent edit of a latent the SAE does not have.
+    #[error("{edit}: latent {latent} does not exist, {hook} has {latents} latents")]
+    NoSuchLatent {
+        /// The edit.
+        edit: &'static str,
+        /// The hook point's name.
+        hook: String,
+        /// The latent asked for.
+        latent: usize,
+        /// The latents the SAE has.
+        latents: usize,
     },
     /// An `add` edit whose tensor does not broadcast to the value.
     #[error("add: a tensor of shape {delta:?} does not broadcast to {hook} of shape {value:?}")]

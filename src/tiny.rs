@@ -377,6 +377,53 @@ fn byte_tokenizer() -> Result<Tokenizer> {
     Tokenizer::byte_level_bpe(&tokens, &[], &[], "gpt2")
 }
 
+/// Writes a random SAE to `dir` as SAELens saves one (`cfg.json`,
+/// `sae_weights.safetensors`): `architecture` `standard`, `topk` (with `k`) or `jumprelu`,
+/// `d_in` wide with `d_sae` latents, for `hook_name`. Its weights are drawn from `seed` at
+/// scales that leave a good part of the latents active on inputs of unit scale: the
+/// encoder and decoder `N(0, 1/d_in)`, the encoder bias `N(0, 0.1²)`, thresholds 0.05.
+pub fn write_random_sae(
+    dir: &Path,
+    architecture: &str,
+    (d_in, d_sae): (usize, usize),
+    k: usize,
+    hook_name: &str,
+    seed: u64,
+) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut draw = |shape: &[usize], std: f32| -> Result<Tensor> {
+        let normal = Normal::new(0.0, std).map_err(|e| Error::InvalidArgument {
+            argument: "d_in",
+            problem: e.to_string(),
+        })?;
+        let values: Vec<f32> = (0..shape.iter().product())
+            .map(|_| normal.sample(&mut rng))
+            .collect();
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+    };
+    let scale = (d_in as f32).sqrt().recip();
+    let mut tensors = std::collections::HashMap::from([
+        ("W_enc".to_string(), draw(&[d_in, d_sae], scale)?),
+        ("b_enc".to_string(), draw(&[d_sae], 0.1)?),
+        ("W_dec".to_string(), draw(&[d_sae, d_in], scale)?),
+        ("b_dec".to_string(), draw(&[d_in], 0.1)?),
+    ]);
+    if architecture == "jumprelu" {
+        let threshold = Tensor::full(0.05f32, d_sae, &Device::Cpu)?;
+        tensors.insert("threshold".to_string(), threshold);
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let config = serde_json::json!({
+        "architecture": architecture, "d_in": d_in, "d_sae": d_sae, "k": k,
+        "apply_b_dec_to_input": true, "normalize_activations": "none",
+        "dtype": "float32", "device": "cpu",
+        "metadata": {"hook_name": hook_name},
+    });
+    let path = dir.join(crate::sae::CONFIG_FILE);
+    std::fs::write(&path, config.to_string()).map_err(|e| Error::io(&path, e))?;
+    crate::weights::write_safetensors(&tensors, &dir.join(crate::sae::WEIGHTS_FILE))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -109,6 +109,7 @@ impl DatasetPlan {
             corpus_sha256: corpus.fingerprint(rows * spec.seq_len)?,
             hooks: columns.iter().map(|c| c.name.clone()).collect(),
             edits: spec.edits.clone(),
+            saes: spec.saes.iter().map(ToString::to_string).collect(),
             seq_len: spec.seq_len,
             batch: spec.batch,
             positions: spec.positions,
@@ -205,7 +206,8 @@ impl DatasetPlan {
 
 /// The hook columns `spec.hooks` names, in forward order, once each.
 fn columns(config: &ModelConfig, spec: &DatasetSpec) -> Result<Vec<Column>> {
-    let catalog = HookCatalog::new(config.points());
+    let (points, _) = crate::sae::splice_all(config.points(), &spec.saes)?;
+    let catalog = HookCatalog::new(points);
     let mut points = Vec::new();
     for pattern in &spec.hooks {
         points.extend(catalog.resolve(pattern, HookKind::Forward)?);
@@ -298,6 +300,9 @@ pub(crate) struct Manifest {
     corpus_sha256: String,
     hooks: Vec<String>,
     edits: Vec<String>,
+    /// The SAEs spliced in, `DIR@HOOK` each (absent without any, as before there were).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    saes: Vec<String>,
     seq_len: usize,
     batch: usize,
     positions: Positions,

@@ -74,6 +74,8 @@ pub struct DatasetSpec {
     /// ([`EditSpec::fingerprint`](crate::edits::EditSpec::fingerprint)); recorded so that
     /// a run under other edits is not taken for a resume.
     pub edits: Vec<String>,
+    /// The SAEs spliced into the model, whose points may be columns.
+    pub saes: Vec<crate::sae::SaeAttachment>,
     /// Tokens per sequence (a row).
     pub seq_len: usize,
     /// Sequences per forward pass.
@@ -100,6 +102,7 @@ impl DatasetSpec {
             model: model.into(),
             hooks: hooks.into_iter().map(Into::into).collect(),
             edits: Vec::new(),
+            saes: Vec::new(),
             seq_len: 128,
             batch: 8,
             max_tokens: None,

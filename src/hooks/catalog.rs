@@ -194,7 +194,7 @@ pub(crate) fn scope_limits(
     let before = |n: usize| {
         move |p: HookPoint| match p {
             HookPoint::Tokens | HookPoint::Embed => true,
-            HookPoint::Block { layer, .. } => layer < n,
+            HookPoint::Block { layer, .. } | HookPoint::Sae { layer, .. } => layer < n,
             _ => false,
         }
     };

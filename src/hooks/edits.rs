@@ -62,8 +62,46 @@ pub fn add(
     }
 }
 
-/// One `--edit` of the command line: `NAME=zero-head:H`, `NAME=scale:F` or
-/// `NAME=add:FILE.safetensors` (the tensor under key `NAME`).
+/// An edit that sets latent `latent` of an SAE's latents (`HOOK.hook_sae_acts_post`,
+/// `…_pre`) to `value` at every position: `0` turns it off, as SAELens's feature
+/// ablation does; a large value steers.
+pub fn clamp_latent(
+    latent: usize,
+    value: f64,
+) -> impl FnMut(&mut HookCtx<'_>, Tensor) -> Result<Tensor> + Send + 'static {
+    let edit = if value == 0.0 {
+        "zero-latent"
+    } else {
+        "clamp-latent"
+    };
+    move |ctx, x| {
+        if ctx.point().shape_spec().last() != Some(&crate::hooks::Size::Latents) {
+            return Err(Error::NoLatentDimension {
+                edit,
+                hook: ctx.name().to_string(),
+            });
+        }
+        let latents = x.dim(candle_core::D::Minus1)?;
+        if latent >= latents {
+            return Err(Error::NoSuchLatent {
+                edit,
+                hook: ctx.name().to_string(),
+                latent,
+                latents,
+            });
+        }
+        let mut shape = vec![1; x.rank()];
+        shape[x.rank() - 1] = latents;
+        let one_hot: Vec<f32> = (0..latents).map(|i| f32::from(i == latent)).collect();
+        let one_hot = Tensor::from_vec(one_hot, shape, x.device())?.to_dtype(x.dtype())?;
+        let kept = x.broadcast_mul(&(1.0 - &one_hot)?)?;
+        Ok(kept.broadcast_add(&(one_hot * value)?)?)
+    }
+}
+
+/// One `--edit` of the command line: `NAME=zero-head:H`, `NAME=scale:F`,
+/// `NAME=add:FILE.safetensors` (the tensor under key `NAME`), and on an SAE's latents
+/// `NAME=zero-latent:K` or `NAME=clamp-latent:K:V`.
 #[derive(Debug, Clone)]
 pub struct EditSpec {
     /// The hook point (or pattern) to edit.
@@ -81,6 +119,14 @@ pub enum EditAction {
     Scale(f64),
     /// Add a tensor (broadcast).
     Add(Tensor),
+    /// Set one latent of an SAE to a value at every position (`zero-latent:K` sets it
+    /// to 0).
+    ClampLatent {
+        /// The latent.
+        latent: usize,
+        /// Its value.
+        value: f64,
+    },
 }
 
 impl EditSpec {
@@ -92,7 +138,9 @@ impl EditSpec {
         };
         let (target, action) = spec
             .split_once('=')
-            .ok_or_else(|| bad("expected NAME=zero-head:H, NAME=scale:F or NAME=add:FILE"))?;
+            .ok_or_else(|| {
+                bad("expected NAME=zero-head:H, NAME=scale:F, NAME=add:FILE, NAME=zero-latent:K or NAME=clamp-latent:K:V")
+            })?;
         let (kind, arg) = action
             .split_once(':')
             .ok_or_else(|| bad("expected ACTION:ARGUMENT after '='"))?;
@@ -114,9 +162,30 @@ impl EditSpec {
                 EditAction::Scale(factor)
             }
             "add" => EditAction::Add(read_tensor(Path::new(arg), target)?),
+            "zero-latent" => EditAction::ClampLatent {
+                latent: arg
+                    .parse()
+                    .map_err(|_| bad("the latent must be a non-negative integer"))?,
+                value: 0.0,
+            },
+            "clamp-latent" => {
+                let (latent, value) = arg
+                    .split_once(':')
+                    .ok_or_else(|| bad("expected clamp-latent:K:VALUE"))?;
+                let latent = latent
+                    .parse()
+                    .map_err(|_| bad("the latent must be a non-negative integer"))?;
+                let value: f64 = value
+                    .parse()
+                    .map_err(|_| bad("the value must be a number"))?;
+                if !value.is_finite() {
+                    return Err(bad("the value must be finite"));
+                }
+                EditAction::ClampLatent { latent, value }
+            }
             other => {
                 return Err(bad(&format!(
-                    "unknown action {other:?} (zero-head, scale or add)"
+                    "unknown action {other:?} (zero-head, scale, add, zero-latent or clamp-latent)"
                 )));
             }
         };
@@ -134,6 +203,9 @@ impl EditSpec {
         Ok(match &self.action {
             EditAction::ZeroHead(h) => format!("{target}=zero-head:{h}"),
             EditAction::Scale(f) => format!("{target}=scale:{f}"),
+            EditAction::ClampLatent { latent, value } => {
+                format!("{target}=clamp-latent:{latent}:{value}")
+            }
             EditAction::Add(t) => format!(
                 "{target}=add:sha256:{}",
                 crate::weights::fingerprint::of_tensors([("delta", t)])?
@@ -148,6 +220,9 @@ impl EditSpec {
             EditAction::ZeroHead(h) => hook.with_edit(zero_head(*h)),
             EditAction::Scale(f) => hook.with_edit(scale(*f)),
             EditAction::Add(t) => hook.with_edit(add(t.clone())),
+            EditAction::ClampLatent { latent, value } => {
+                hook.with_edit(clamp_latent(*latent, *value))
+            }
         }
     }
 }
@@ -179,6 +254,16 @@ mod tests {
         assert!(
             matches!(EditSpec::parse("x=scale:0.5").unwrap().action, EditAction::Scale(f) if f == 0.5)
         );
+        let clamp = EditSpec::parse("a.hook_sae_acts_post=clamp-latent:7:-2.5").unwrap();
+        assert!(matches!(
+            clamp.action,
+            EditAction::ClampLatent { latent: 7, value } if value == -2.5
+        ));
+        let zero = EditSpec::parse("a.hook_sae_acts_post=zero-latent:7").unwrap();
+        assert!(matches!(
+            zero.action,
+            EditAction::ClampLatent { latent: 7, value } if value == 0.0
+        ));
     }
 
     #[test]
@@ -191,6 +276,9 @@ mod tests {
             ("x=scale:inf", "finite"),
             ("x=shift:1", "unknown action \"shift\""),
             ("=scale:2", "no hook name"),
+            ("x=zero-latent:k", "non-negative integer"),
+            ("x=clamp-latent:3", "clamp-latent:K:VALUE"),
+            ("x=clamp-latent:3:nan", "finite"),
         ] {
             let err = EditSpec::parse(spec).unwrap_err().to_string();
             assert!(err.contains(why), "{spec}: {err}");

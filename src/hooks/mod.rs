@@ -37,5 +37,5 @@ pub(crate) use pattern::nearest;
 pub use point::{BlockModule, HookPoint, ModelPoints, Sizes};
 pub use registry::{ALL, Groups, HookHandle, HookRegistry, HookSelector};
 pub use save_context::SaveContext;
-pub use site::{BlockSite, SiteSpec, Size};
+pub use site::{BlockSite, SaeSite, SiteSpec, Size};
 pub use store::ActivationStore;

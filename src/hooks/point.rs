@@ -9,7 +9,7 @@ use std::fmt;
 use flexmodel_cluster::ShardSpec;
 
 use crate::hooks::catalog::HookKind;
-use crate::hooks::site::{self, BlockSite, Size};
+use crate::hooks::site::{self, BlockSite, SaeSite, Size};
 
 /// A named tensor of the forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,6 +31,16 @@ pub enum HookPoint {
     LnFinalNormalized,
     /// `unembed.hook_out`: the logits.
     UnembedOut,
+    /// `blocks.{layer}.{host}.{site}`: a point inside the sparse autoencoder spliced at
+    /// a block's point (`blocks.6.hook_resid_post.hook_sae_acts_post`).
+    Sae {
+        /// The host point's block.
+        layer: usize,
+        /// The host point, where the SAE reads and what its output replaces.
+        host: BlockSite,
+        /// The point inside the SAE.
+        site: SaeSite,
+    },
 }
 
 impl HookPoint {
@@ -43,6 +53,15 @@ impl HookPoint {
             HookPoint::Block { site, .. } => site.shape(),
             HookPoint::LnFinalScale => &[B, T, One],
             HookPoint::UnembedOut => &[B, T, Vocab],
+            HookPoint::Sae { site, .. } => site.shape(),
+        }
+    }
+
+    /// The block this point is in, if it is in one.
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            HookPoint::Block { layer, .. } | HookPoint::Sae { layer, .. } => Some(layer),
+            _ => None,
         }
     }
 
@@ -103,10 +122,11 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    /// The size of `dim`; `None` for the batch and positions, which each call sets.
+    /// The size of `dim`; `None` for the batch and positions, which each call sets, and
+    /// for an SAE's latents, which are the SAE's ([`ModelPoints::size`]).
     pub fn of(self, dim: Size) -> Option<usize> {
         Some(match dim {
-            Size::Batch | Size::Seq => return None,
+            Size::Batch | Size::Seq | Size::Latents => return None,
             Size::Heads => self.n_heads,
             Size::KvHeads => self.n_kv_heads,
             Size::DHead => self.d_head,
@@ -134,12 +154,25 @@ pub struct BlockModule {
 /// in the order the forward pass reaches them, the sizes of their shapes, the number of
 /// blocks, and the Hugging Face modules that are points too. Points are numbered in
 /// forward order ([`index`](Self::index)).
+///
+/// A model with sparse autoencoders spliced at some of its points has their points too
+/// ([`with_sae`](Self::with_sae)), numbered after the model's own.
 #[derive(Debug, Clone)]
 pub struct ModelPoints {
     n_layers: usize,
     sites: &'static [BlockSite],
     sizes: Sizes,
     modules: &'static [BlockModule],
+    saes: Vec<Splice>,
+}
+
+/// A sparse autoencoder spliced at a point: where, and how many latents it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Splice {
+    /// The host point (a block's).
+    pub host: HookPoint,
+    /// The SAE's latents.
+    pub d_sae: usize,
 }
 
 /// The points outside the blocks: before them, and after.
@@ -164,6 +197,58 @@ impl ModelPoints {
             sites,
             sizes,
             modules,
+            saes: Vec::new(),
+        }
+    }
+
+    /// These points and those of an SAE of `d_sae` latents spliced at `host`: a point
+    /// of a block whose value is the residual stream's width and the same on every
+    /// tensor-parallel rank (`hook_resid_pre`, `hook_attn_out`, `hook_mlp_out`, …), with
+    /// no SAE yet.
+    pub fn with_sae(mut self, host: HookPoint, d_sae: usize) -> Result<Self, CannotSplice> {
+        let refuse = |why: &str| CannotSplice {
+            hook: host.to_string(),
+            why: why.to_string(),
+        };
+        if !matches!(host, HookPoint::Block { .. }) || !self.contains(host) {
+            return Err(refuse("it is not a point inside one of the model's blocks"));
+        }
+        if host.shape_spec() != [Size::Batch, Size::Seq, Size::DModel] {
+            return Err(refuse(
+                "an SAE reads a point of shape [b, t, d_model] (the residual stream's width)",
+            ));
+        }
+        if host.is_opt_in() {
+            return Err(refuse("it is an opt-in point"));
+        }
+        if self.splice_at(host).is_some() {
+            return Err(refuse("an SAE is spliced there already"));
+        }
+        if d_sae == 0 {
+            return Err(refuse("the SAE has no latents"));
+        }
+        self.saes.push(Splice { host, d_sae });
+        Ok(self)
+    }
+
+    /// The SAEs spliced at these points, in the order they were.
+    pub fn splices(&self) -> &[Splice] {
+        &self.saes
+    }
+
+    /// The position in [`splices`](Self::splices) of the SAE spliced at `host`.
+    pub fn splice_at(&self, host: HookPoint) -> Option<usize> {
+        self.saes.iter().position(|s| s.host == host)
+    }
+
+    /// The size of `dim` in `point`'s shape; `None` for the batch and positions.
+    pub fn size(&self, point: HookPoint, dim: Size) -> Option<usize> {
+        match (dim, point) {
+            (Size::Latents, HookPoint::Sae { layer, host, .. }) => {
+                let host = HookPoint::Block { layer, site: host };
+                self.splice_at(host).map(|i| self.saes[i].d_sae)
+            }
+            _ => self.sizes.of(dim),
         }
     }
 
@@ -194,15 +279,22 @@ impl ModelPoints {
                 .iter()
                 .map(move |&site| HookPoint::Block { layer, site })
         });
+        let saes = self.saes.iter().flat_map(|splice| sae_points(splice.host));
         BEFORE_BLOCKS
             .into_iter()
             .chain(blocks)
             .chain(AFTER_BLOCKS)
+            .chain(saes)
             .collect()
     }
 
     /// The number of hook points.
     pub fn count(&self) -> usize {
+        self.own_count() + self.saes.len() * SaeSite::ALL.len()
+    }
+
+    /// The number of the model's own points (without its SAEs').
+    fn own_count(&self) -> usize {
         BEFORE_BLOCKS.len() + self.n_layers * self.sites.len() + AFTER_BLOCKS.len()
     }
 
@@ -210,6 +302,9 @@ impl ModelPoints {
     pub fn contains(&self, point: HookPoint) -> bool {
         match point {
             HookPoint::Block { layer, site } => layer < self.n_layers && self.sites.contains(&site),
+            HookPoint::Sae { layer, host, .. } => self
+                .splice_at(HookPoint::Block { layer, site: host })
+                .is_some(),
             _ => true,
         }
     }
@@ -218,7 +313,8 @@ impl ModelPoints {
     ///
     /// # Panics
     ///
-    /// If `point` is not one of this model's (a site its family does not have).
+    /// If `point` is not one of this model's (a site its family does not have, an SAE
+    /// point where no SAE is spliced).
     pub fn index(&self, point: HookPoint) -> usize {
         let per_block = self.sites.len();
         let after = BEFORE_BLOCKS.len() + self.n_layers * per_block;
@@ -234,6 +330,13 @@ impl ModelPoints {
             HookPoint::LnFinalScale => after,
             HookPoint::LnFinalNormalized => after + 1,
             HookPoint::UnembedOut => after + 2,
+            HookPoint::Sae { layer, host, site } => {
+                let host = HookPoint::Block { layer, site: host };
+                let splice = self.splice_at(host);
+                let splice = splice.unwrap_or_else(|| panic!("no SAE is spliced at {host}"));
+                let ordinal = SaeSite::ALL.iter().position(|&s| s == site).unwrap_or(0);
+                self.own_count() + splice * SaeSite::ALL.len() + ordinal
+            }
         }
     }
 
@@ -247,7 +350,13 @@ impl ModelPoints {
                 layer: i / per_block,
                 site: self.sites[i % per_block],
             }),
-            Some(i) => AFTER_BLOCKS.get(i - blocks).copied(),
+            Some(i) if i < blocks + AFTER_BLOCKS.len() => AFTER_BLOCKS.get(i - blocks).copied(),
+            Some(i) => {
+                let i = i - blocks - AFTER_BLOCKS.len();
+                let per_sae = SaeSite::ALL.len();
+                let splice = self.saes.get(i / per_sae)?;
+                sae_points(splice.host).nth(i % per_sae)
+            }
         }
     }
 
@@ -268,7 +377,7 @@ impl ModelPoints {
         point
             .shape_spec()
             .iter()
-            .map(|&size| match (size, self.sizes.of(size)) {
+            .map(|&size| match (size, self.size(point, size)) {
                 (_, Some(n)) => Dim::Fixed(n),
                 (Size::Batch, None) => Dim::Batch,
                 (_, None) => Dim::Seq,
@@ -285,6 +394,18 @@ impl ModelPoints {
             .find(|p| p.to_string() == name)
         {
             return Ok(point);
+        }
+        if let Some((host, suffix)) = name.rsplit_once('.')
+            && let Some(&site) = SaeSite::ALL.iter().find(|s| s.suffix() == suffix)
+        {
+            let point = match self.parse(host)? {
+                HookPoint::Block { layer, site: host } => HookPoint::Sae { layer, host, site },
+                _ => return Err(fail()),
+            };
+            return match self.contains(point) {
+                true => Ok(point),
+                false => Err(fail()),
+            };
         }
         let rest = name.strip_prefix("blocks.").ok_or_else(fail)?;
         let (layer, suffix) = rest.split_once('.').ok_or_else(fail)?;
@@ -334,8 +455,34 @@ impl fmt::Display for HookPoint {
             HookPoint::LnFinalScale => f.write_str("ln_final.hook_scale"),
             HookPoint::LnFinalNormalized => f.write_str("ln_final.hook_normalized"),
             HookPoint::UnembedOut => f.write_str("unembed.hook_out"),
+            HookPoint::Sae { layer, host, site } => {
+                write!(f, "blocks.{layer}.{}.{}", host.suffix(), site.suffix())
+            }
         }
     }
+}
+
+/// The six points of the SAE spliced at `host` (a block's point), in forward order.
+fn sae_points(host: HookPoint) -> impl Iterator<Item = HookPoint> {
+    let (layer, host) = match host {
+        HookPoint::Block { layer, site } => (layer, Some(site)),
+        _ => (0, None),
+    };
+    host.into_iter().flat_map(move |host| {
+        SaeSite::ALL
+            .into_iter()
+            .map(move |site| HookPoint::Sae { layer, host, site })
+    })
+}
+
+/// A point where no SAE can be spliced, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot splice an SAE at {hook}: {why}")]
+pub struct CannotSplice {
+    /// The point's name.
+    pub hook: String,
+    /// Why not.
+    pub why: String,
 }
 
 /// A string that is not the name of any hook point.
@@ -410,6 +557,52 @@ pub(crate) mod tests {
             ShardSpec::Split { dim: 2 }
         );
         assert_eq!(HookPoint::Embed.shard_spec(), ShardSpec::Replicated);
+    }
+
+    #[test]
+    fn an_saes_points_follow_the_models_and_take_its_latents_size() {
+        let host = HookPoint::Block {
+            layer: 1,
+            site: BlockSite::RESID_POST,
+        };
+        let plain = points(2);
+        let points = plain.clone().with_sae(host, 10).unwrap();
+        assert_eq!(points.count(), plain.count() + 6);
+        for (i, point) in points.all().into_iter().enumerate() {
+            assert_eq!(points.index(point), i, "{point}");
+            assert_eq!(points.at(i), Some(point));
+            assert_eq!(points.parse(&point.to_string()), Ok(point));
+        }
+        let post = points
+            .parse("blocks.1.hook_resid_post.hook_sae_acts_post")
+            .unwrap();
+        assert_eq!(points.shape(post, 3, 5), [3, 5, 10]);
+        assert_eq!(post.shard_spec(), ShardSpec::Split { dim: 2 });
+        assert!(
+            points
+                .parse("blocks.0.hook_resid_post.hook_sae_acts_post")
+                .is_err()
+        );
+        let refused = |site| {
+            points
+                .clone()
+                .with_sae(HookPoint::Block { layer: 0, site }, 4)
+        };
+        assert!(
+            refused(BlockSite::Z)
+                .unwrap_err()
+                .why
+                .contains("[b, t, d_model]")
+        );
+        assert!(refused(BlockSite::LN1_SCALE).is_err());
+        assert!(
+            points
+                .clone()
+                .with_sae(host, 4)
+                .unwrap_err()
+                .why
+                .contains("already")
+        );
     }
 
     #[test]

@@ -32,12 +32,18 @@ pub enum Size {
     Vocab,
     /// One: a per-position scalar such as a norm's RMS.
     One,
+    /// The latents of the sparse autoencoder spliced at a point (split across
+    /// tensor-parallel ranks).
+    Latents,
 }
 
 impl Size {
     /// Whether tensor-parallel ranks each hold a slice of this dimension.
     fn is_split(self) -> bool {
-        matches!(self, Size::Heads | Size::KvHeads | Size::DMlp | Size::Vocab)
+        matches!(
+            self,
+            Size::Heads | Size::KvHeads | Size::DMlp | Size::Vocab | Size::Latents
+        )
     }
 }
 
@@ -226,6 +232,57 @@ pub(crate) fn attends(shape: &[Size]) -> bool {
 /// vocabulary; `None` when every rank holds all of it.
 pub(crate) fn split_dim(shape: &[Size]) -> Option<usize> {
     head_dim(shape).or_else(|| shape.iter().position(|s| s.is_split()))
+}
+
+/// A point inside a sparse autoencoder spliced at a hook point, named after it
+/// (`blocks.6.hook_resid_post.hook_sae_acts_post`) as SAELens's `HookedSAETransformer`
+/// names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SaeSite {
+    /// What the SAE reads: the hook point's value.
+    Input,
+    /// The latents' pre-activations.
+    ActsPre,
+    /// The latents' activations.
+    ActsPost,
+    /// The reconstruction, before the normalization is undone.
+    Recons,
+    /// What the reconstruction misses of the input (with the error term on).
+    Error,
+    /// What the model continues with.
+    Output,
+}
+
+impl SaeSite {
+    /// Every site, in the order a pass reaches them.
+    pub const ALL: [SaeSite; 6] = [
+        SaeSite::Input,
+        SaeSite::ActsPre,
+        SaeSite::ActsPost,
+        SaeSite::Recons,
+        SaeSite::Error,
+        SaeSite::Output,
+    ];
+
+    /// The name after the hook point's (`hook_sae_acts_post`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            SaeSite::Input => "hook_sae_input",
+            SaeSite::ActsPre => "hook_sae_acts_pre",
+            SaeSite::ActsPost => "hook_sae_acts_post",
+            SaeSite::Recons => "hook_sae_recons",
+            SaeSite::Error => "hook_sae_error",
+            SaeSite::Output => "hook_sae_output",
+        }
+    }
+
+    /// Its shape: the latents for the activations, else the host point's `[b, t, d]`.
+    pub fn shape(self) -> &'static [Size] {
+        match self {
+            SaeSite::ActsPre | SaeSite::ActsPost => &[B, T, Size::Latents],
+            _ => &[B, T, DModel],
+        }
+    }
 }
 
 impl fmt::Debug for BlockSite {

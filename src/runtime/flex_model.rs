@@ -20,6 +20,7 @@ use crate::models::{ModelConfig, ModelShard, Stage};
 use crate::runtime::launch::Placement;
 use crate::runtime::parameters::{self, RankSlices};
 use crate::runtime::sharding::{Shard, build_shards, check_fits_in_memory, check_layout, geometry};
+use crate::sae::{SaeAttachment, ShardSaes, splice_all};
 use crate::text::TokenBatch;
 use crate::text::token_batch::check_tokens;
 use crate::weights::{TensorMap, WeightSource};
@@ -33,6 +34,7 @@ enum Backend {
     /// backward passes in a one-rank runtime started on first use (it shares the weights).
     Single {
         model: Arc<dyn ModelShard>,
+        saes: ShardSaes,
         cache: KvCache,
         runtime: Option<Box<ShardRuntime>>,
     },
@@ -83,10 +85,11 @@ impl FlexModel {
         let config = model.model_config();
         let backend = Backend::Single {
             model,
+            saes: ShardSaes::default(),
             cache: KvCache::default(),
             runtime: None,
         };
-        Self::with_backend(config, Layout::SINGLE, backend)
+        Self::with_backend(config.points(), config, Layout::SINGLE, backend)
     }
 
     /// Builds the model of `checkpoint` split over `layout`: one shard actor per rank,
@@ -106,11 +109,25 @@ impl FlexModel {
         layout: Layout,
         placement: &Placement,
     ) -> Result<Self> {
+        Self::build_with_saes(checkpoint, layout, placement, &[])
+    }
+
+    /// Builds the model of `checkpoint` split over `layout`, its ranks placed as
+    /// `placement` says, with the sparse autoencoders `saes` spliced at their hook
+    /// points: each tensor-parallel rank holds its share of every SAE's latents, and
+    /// the SAEs' points (`HOOK.hook_sae_acts_post`, …) are the model's points too.
+    pub fn build_with_saes(
+        checkpoint: &Checkpoint,
+        layout: Layout,
+        placement: &Placement,
+        saes: &[SaeAttachment],
+    ) -> Result<Self> {
         let config = checkpoint
             .config
             .clone()
             .with_dtype(layout.model_dtype().dtype());
         check_layout(&config, &layout)?;
+        let (points, _) = splice_all(config.points(), saes)?;
         let workers = match placement {
             Placement::Threads => {
                 let whole_copy = !checkpoint.weights.reads_slices();
@@ -120,8 +137,8 @@ impl FlexModel {
             Placement::Processes(processes) => {
                 let origin = checkpoint.weights.origin();
                 let fingerprint = checkpoint.weights.fingerprint()?;
-                let launch = processes.launch(&layout, origin, fingerprint)?;
-                let (geometry, output) = geometry_of(&config, layout)?;
+                let launch = processes.launch(&layout, origin, saes, fingerprint)?;
+                let (geometry, output) = geometry_of(&points, layout)?;
                 Some(ShardRuntime::launch(layout, &launch, geometry, output)?)
             }
             Placement::Cluster(_) if !layout.device().is_cpu() => {
@@ -136,8 +153,8 @@ impl FlexModel {
             }
             Placement::Cluster(cluster) => {
                 let origin = checkpoint.weights.origin();
-                let launch = cluster.launch(origin, checkpoint.weights.fingerprint()?)?;
-                let (geometry, output) = geometry_of(&config, layout)?;
+                let launch = cluster.launch(origin, saes, checkpoint.weights.fingerprint()?)?;
+                let (geometry, output) = geometry_of(&points, layout)?;
                 Some(ShardRuntime::join(layout, &launch, geometry, output)?)
             }
         };
@@ -154,19 +171,21 @@ impl FlexModel {
                 runtime,
                 weight_bytes,
             };
-            return Ok(Self::with_backend(config, layout, backend));
+            return Ok(Self::with_backend(points, config, layout, backend));
         }
         if layout.world_size() == 1 {
             let whole = Stage::whole(config.n_layers());
             let device = &layout.device().device(0)?;
             let (weights, one) = (checkpoint.weights.as_ref(), Arc::new(SingleRank));
+            let saes = ShardSaes::load(saes, &points, &whole, one.clone(), device)?;
             let model = config.load(weights, one, whole, device, None)?;
             let backend = Backend::Single {
                 model,
+                saes,
                 cache: KvCache::default(),
                 runtime: None,
             };
-            return Ok(Self::with_backend(config, layout, backend));
+            return Ok(Self::with_backend(points, config, layout, backend));
         }
         // A source that cannot read a slice alone (GGUF's quantized blocks) is read and
         // dequantized once; each shard copies its slices.
@@ -179,11 +198,12 @@ impl FlexModel {
             .as_ref()
             .map_or(source, |w| w as &dyn WeightSource);
         let control = Arc::new(PassControl::default());
-        let shards = build_shards(&config, weights, &layout, &control)?;
+        let shards = build_shards(&config, weights, &layout, &control, (&points, saes))?;
         drop(in_memory);
-        let runtime = start_runtime(&config, layout, &shards, control)?;
-        let weight_bytes = shards.iter().map(|s| s.model().weight_bytes()).collect();
+        let runtime = start_runtime(&points, layout, &shards, control)?;
+        let weight_bytes = shards.iter().map(|s| s.weight_bytes()).collect();
         Ok(Self::with_backend(
+            points,
             config,
             layout,
             Backend::Sharded {
@@ -193,10 +213,15 @@ impl FlexModel {
         ))
     }
 
-    fn with_backend(config: ModelConfig, layout: Layout, backend: Backend) -> Self {
+    fn with_backend(
+        points: ModelPoints,
+        config: ModelConfig,
+        layout: Layout,
+        backend: Backend,
+    ) -> Self {
         Self {
-            points: config.points(),
-            registry: HookRegistry::new(HookCatalog::new(config.points())),
+            registry: HookRegistry::new(HookCatalog::new(points.clone())),
+            points,
             config,
             layout,
             backend,
@@ -253,7 +278,7 @@ impl FlexModel {
     /// The bytes of weights each rank holds, in rank order.
     pub fn shard_weight_bytes(&self) -> Vec<usize> {
         match &self.backend {
-            Backend::Single { model, .. } => vec![model.weight_bytes()],
+            Backend::Single { model, saes, .. } => vec![model.weight_bytes() + saes.weight_bytes()],
             Backend::Sharded { weight_bytes, .. } => weight_bytes.clone(),
         }
     }
@@ -375,8 +400,11 @@ impl FlexModel {
             (None, Logits::None) => Ok(None),
             _ => to_host(&out).map(Some),
         };
-        if let Backend::Single { model, cache, .. } = &mut self.backend
+        if let Backend::Single {
+            model, cache, saes, ..
+        } = &mut self.backend
             && self.registry.is_empty()
+            && saes.is_empty()
         {
             // A forward pass keeps no autograd graph: backward passes run in the runtime.
             let out = single_shard_span()
@@ -393,8 +421,13 @@ impl FlexModel {
         let mut hooks = PassHooks::new(plan, self.registry.entries(), &mut self.save, &self.points)
             .at(window, t)?;
         let out = match &mut self.backend {
-            Backend::Single { model, cache, .. } => single_shard_span()
-                .in_scope(|| model.forward_stage(tokens, window, cache, &mut hooks, false))
+            Backend::Single {
+                model, cache, saes, ..
+            } => single_shard_span()
+                .in_scope(|| {
+                    let hooks = &mut saes.around(&mut hooks);
+                    model.forward_stage(tokens, window, cache, hooks, false)
+                })
                 .map(returned)??,
             Backend::Sharded { runtime, .. } => {
                 let modes = hooks.modes();
@@ -475,13 +508,19 @@ impl FlexModel {
         };
         let runtime = match &mut self.backend {
             Backend::Sharded { runtime, .. } => runtime,
-            Backend::Single { model, runtime, .. } => match runtime {
+            Backend::Single {
+                model,
+                saes,
+                runtime,
+                ..
+            } => match runtime {
                 Some(runtime) => runtime,
                 None => {
-                    let shards = vec![Arc::new(Shard::new(model.clone(), self.points.clone()))];
+                    let shard = Shard::new(model.clone(), self.points.clone());
+                    let shards = vec![Arc::new(shard.with_saes(saes.clone()))];
                     let control = Arc::new(PassControl::default());
                     runtime.insert(Box::new(start_runtime(
-                        &self.config,
+                        &self.points,
                         self.layout,
                         &shards,
                         control,
@@ -627,14 +666,13 @@ impl FlexModel {
 
 /// Where every hook point, and the output, lives on `layout`.
 fn geometry_of(
-    config: &ModelConfig,
+    points: &ModelPoints,
     layout: Layout,
 ) -> Result<(Vec<PointGeometry>, PointGeometry)> {
-    let points = config.points();
     let geometry = points
         .all()
         .into_iter()
-        .map(|p| geometry(p, &points, &layout))
+        .map(|p| geometry(p, points, &layout))
         .collect::<Result<Vec<_>>>()?;
     let output = geometry[points.index(HookPoint::UnembedOut)].clone();
     Ok((geometry, output))
@@ -642,12 +680,12 @@ fn geometry_of(
 
 /// Starts the shard actors of `shards` (in rank order) with every hook point's geometry.
 fn start_runtime(
-    config: &ModelConfig,
+    points: &ModelPoints,
     layout: Layout,
     shards: &[Arc<Shard>],
     control: Arc<PassControl>,
 ) -> Result<ShardRuntime> {
-    let (geometry, output) = geometry_of(config, layout)?;
+    let (geometry, output) = geometry_of(points, layout)?;
     let models = shards
         .iter()
         .map(|s| s.clone() as Arc<dyn ShardModel>)

@@ -13,6 +13,7 @@ use flexmodel_cluster::{Collective, Layout};
 
 use crate::Checkpoint;
 use crate::runtime::sharding::{Shard, check_layout, check_rank_fits_in_memory, stage_of};
+use crate::sae::{self, SaeAttachment, ShardSaes};
 use crate::{Error, Result};
 
 /// Where the ranks of a model run.
@@ -52,12 +53,13 @@ impl Processes {
         &self,
         layout: &Layout,
         model: &std::path::Path,
+        saes: &[SaeAttachment],
         fingerprint: String,
     ) -> Result<WorkerLaunch> {
         Ok(WorkerLaunch {
             program: self.program.clone().unwrap_or_else(worker_program),
             args: vec!["worker".into()],
-            model: model_name(model)?,
+            model: sae::describe(&model_name(model)?, saes),
             fingerprint: Some(fingerprint),
             threads: self
                 .threads
@@ -82,11 +84,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// How to take the job's workers for the model at `origin`, whose weights have
-    /// `fingerprint`.
+    /// How to take the job's workers for the model at `origin`, with `saes` spliced in,
+    /// whose weights have `fingerprint`.
     pub(crate) fn launch(
         &self,
         origin: &std::path::Path,
+        saes: &[SaeAttachment],
         fingerprint: String,
     ) -> Result<JobLaunch> {
         let model = match &self.model {
@@ -95,7 +98,7 @@ impl Cluster {
         };
         Ok(JobLaunch {
             url: self.url.clone(),
-            model,
+            model: sae::describe(&model, saes),
             fingerprint: Some(fingerprint),
             token: Token::read(&self.token_file)?,
             trace: crate::telemetry::propagation(),
@@ -139,7 +142,8 @@ fn worker_program() -> PathBuf {
 
 /// Loads a worker's shard of a model: opens the model the assignment names on this
 /// machine's disk and reads only the tensors of its rank, one at a time,
-/// onto the worker's device.
+/// onto the worker's device, with its share of the SAEs the assignment names
+/// (`MODEL --sae DIR@HOOK ...`).
 pub struct CheckpointLoader;
 
 impl ShardLoader for CheckpointLoader {
@@ -150,7 +154,8 @@ impl ShardLoader for CheckpointLoader {
         tp: Arc<dyn Collective>,
         replicas: Option<Arc<dyn Collective>>,
     ) -> std::result::Result<LoadedShard, BoxError> {
-        let checkpoint = Checkpoint::open(&assignment.model)?;
+        let (model, saes) = sae::parse_description(&assignment.model)?;
+        let checkpoint = Checkpoint::open(&model)?;
         let layout = assignment.layout;
         let config = &checkpoint
             .config
@@ -164,9 +169,11 @@ impl ShardLoader for CheckpointLoader {
         }
         let stage = stage_of(config, &layout, layout.coords(assignment.rank).pp);
         let weights = checkpoint.weights.as_ref();
+        let (points, _) = sae::splice_all(config.points(), &saes)?;
+        let saes = ShardSaes::load(&saes, &points, &stage, tp.clone(), device)?;
         let model = config.load(weights, tp, stage, device, replicas)?;
         Ok(LoadedShard {
-            model: Arc::new(Shard::new(model, config.points())),
+            model: Arc::new(Shard::new(model, points).with_saes(saes)),
             fingerprint: checkpoint.weights.fingerprint()?,
         })
     }

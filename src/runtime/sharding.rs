@@ -11,11 +11,12 @@ use flexmodel_cluster::{
     split_evenly,
 };
 
-use crate::hooks::point::{HookPoint, ModelPoints, Sizes};
+use crate::hooks::point::{HookPoint, ModelPoints};
 use crate::hooks::site::Size;
 use crate::models::kv_heads_of;
 use crate::models::loss::vocab_parallel_loss;
 use crate::models::{ModelConfig, ModelShard, Stage};
+use crate::sae::{SaeAttachment, ShardSaes};
 use crate::weights::WeightSource;
 use crate::{Error, HookLayer, Result};
 
@@ -239,22 +240,25 @@ pub fn stage_of(config: &ModelConfig, layout: &Layout, stage: usize) -> Stage {
 fn stage_of_point(point: HookPoint, n_layers: usize, layout: &Layout) -> usize {
     match point {
         HookPoint::Tokens | HookPoint::Embed => 0,
-        HookPoint::Block { layer, .. } => split_evenly(n_layers, layout.pp())
-            .iter()
-            .position(|r| r.contains(&layer))
-            .unwrap_or(0),
+        HookPoint::Block { layer, .. } | HookPoint::Sae { layer, .. } => {
+            split_evenly(n_layers, layout.pp())
+                .iter()
+                .position(|r| r.contains(&layer))
+                .unwrap_or(0)
+        }
         HookPoint::LnFinalScale | HookPoint::LnFinalNormalized | HookPoint::UnembedOut => {
             layout.pp() - 1
         }
     }
 }
 
-/// The range each tensor-parallel rank holds of `dim`, the split dimension of a point:
-/// even slices, but key/value heads are replicated where there are more ranks than them.
-fn tp_ranges(dim: Size, sizes: Sizes, tp: usize) -> Result<Vec<Range<usize>>> {
-    let n = sizes
-        .of(dim)
-        .ok_or(Error::Internal("a hook point split along its positions"))?;
+/// The range each tensor-parallel rank holds of `dim` (of size `n`), the split dimension
+/// of a point: even slices, but key/value heads are replicated where there are more ranks
+/// than them, and an SAE's latents are split as evenly as they can be.
+fn tp_ranges(dim: Size, n: usize, tp: usize) -> Result<Vec<Range<usize>>> {
+    if dim == Size::Latents {
+        return Ok(split_evenly(n, tp));
+    }
     (0..tp)
         .map(|r| {
             let rank = TpRank::new(r, tp)?;
@@ -272,7 +276,10 @@ pub fn geometry(point: HookPoint, points: &ModelPoints, layout: &Layout) -> Resu
         ShardSpec::Replicated => None,
         ShardSpec::Split { dim } => {
             let size = point.shape_spec()[dim];
-            Some((dim, tp_ranges(size, points.sizes(), layout.tp())?))
+            let n = points
+                .size(point, size)
+                .ok_or(Error::Internal("a hook point split along its positions"))?;
+            Some((dim, tp_ranges(size, n, layout.tp())?))
         }
     };
     Ok(PointGeometry {
@@ -286,17 +293,32 @@ pub fn geometry(point: HookPoint, points: &ModelPoints, layout: &Layout) -> Resu
 pub struct Shard {
     model: Arc<dyn ModelShard>,
     points: ModelPoints,
+    saes: ShardSaes,
 }
 
 impl Shard {
     /// `model`, a shard of a model with `points`, as a shard of the runtime.
     pub fn new(model: Arc<dyn ModelShard>, points: ModelPoints) -> Self {
-        Self { model, points }
+        Self {
+            model,
+            points,
+            saes: ShardSaes::default(),
+        }
+    }
+
+    /// This shard with `saes` spliced in (their points are among its `points`).
+    pub fn with_saes(self, saes: ShardSaes) -> Self {
+        Self { saes, ..self }
     }
 
     /// The model's shard.
     pub fn model(&self) -> &Arc<dyn ModelShard> {
         &self.model
+    }
+
+    /// The bytes of weights it holds: the model's slices and its SAEs' latents.
+    pub fn weight_bytes(&self) -> usize {
+        self.model.weight_bytes() + self.saes.weight_bytes()
     }
 }
 
@@ -332,11 +354,12 @@ impl ShardModel for Shard {
             hooks,
             points: &self.points,
         };
+        let mut spliced = self.saes.around(&mut by_index);
         // The runtime's own errors (an aborted pass, an injected fault, a collective
         // whose peer is gone) go back as they are, so that their kind is known.
         match self
             .model
-            .forward_stage(input, window, cache, &mut by_index, backward)
+            .forward_stage(input, window, cache, &mut spliced, backward)
         {
             Ok(out) => Ok(out),
             Err(Error::ShardHook(e)) => Err(e),
@@ -376,7 +399,9 @@ pub fn build_shards(
     weights: &dyn WeightSource,
     layout: &Layout,
     control: &Arc<PassControl>,
+    saes: (&ModelPoints, &[SaeAttachment]),
 ) -> Result<Vec<Arc<Shard>>> {
+    let (points, attachments) = saes;
     check_layout(config, layout)?;
     let tp_groups = in_process_groups(layout, control, |c| c.tp, |r| layout.tp_group(r))?;
     let mut dp_groups = match layout.fsdp() {
@@ -390,8 +415,9 @@ pub fn build_shards(
         .map(|(rank, tp)| {
             let stage = stage_of(config, layout, layout.coords(rank).pp);
             let device = &layout.device().device(rank)?;
+            let saes = ShardSaes::load(attachments, points, &stage, tp.clone(), device)?;
             let model = config.load(weights, tp, stage, device, dp_groups.next())?;
-            Ok(Arc::new(Shard::new(model, config.points())))
+            Ok(Arc::new(Shard::new(model, points.clone()).with_saes(saes)))
         })
         .collect()
 }

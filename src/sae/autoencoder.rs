@@ -22,55 +22,7 @@ use flexmodel_cluster::{Collective, conjugate};
 
 use super::config::{Activation, Normalization, SaeConfig};
 use crate::Result;
-
-/// The points inside an SAE spliced at a hook point, named after it
-/// (`blocks.6.hook_resid_post.hook_sae_acts_post`), as SAELens's
-/// `HookedSAETransformer` names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SaeSite {
-    /// What the SAE reads: the hook point's value.
-    Input,
-    /// The latents' pre-activations.
-    ActsPre,
-    /// The latents' activations.
-    ActsPost,
-    /// The reconstruction, before the normalization is undone.
-    Recons,
-    /// What the reconstruction misses of the input (with the error term on).
-    Error,
-    /// What the model continues with.
-    Output,
-}
-
-impl SaeSite {
-    /// Every site, in the order a pass reaches them.
-    pub const ALL: [SaeSite; 6] = [
-        SaeSite::Input,
-        SaeSite::ActsPre,
-        SaeSite::ActsPost,
-        SaeSite::Recons,
-        SaeSite::Error,
-        SaeSite::Output,
-    ];
-
-    /// The name after the hook point's (`hook_sae_acts_post`).
-    pub fn suffix(self) -> &'static str {
-        match self {
-            SaeSite::Input => "hook_sae_input",
-            SaeSite::ActsPre => "hook_sae_acts_pre",
-            SaeSite::ActsPost => "hook_sae_acts_post",
-            SaeSite::Recons => "hook_sae_recons",
-            SaeSite::Error => "hook_sae_error",
-            SaeSite::Output => "hook_sae_output",
-        }
-    }
-
-    /// Whether its last dimension is the latents (split across tensor-parallel ranks)
-    /// rather than the input's width.
-    pub fn is_latent(self) -> bool {
-        matches!(self, SaeSite::ActsPre | SaeSite::ActsPost)
-    }
-}
+use crate::hooks::SaeSite;
 
 /// The parameters of an SAE, whole or one rank's latents of them, by SAELens's names:
 /// `W_enc` `[d_in, d_sae]`, `b_enc` `[d_sae]`, `W_dec` `[d_sae, d_in]`, `b_dec`
@@ -100,6 +52,7 @@ pub struct SparseAutoencoder {
 }
 
 /// What a normalization took off the input, to put back on the reconstruction.
+#[derive(Clone)]
 enum Undo {
     None,
     Divide(Tensor),
@@ -124,6 +77,39 @@ impl SparseAutoencoder {
         })
     }
 
+    /// This share on `device`.
+    pub fn to_device(self, device: &candle_core::Device) -> Result<Self> {
+        let w = &self.weights;
+        let weights = SaeWeights {
+            w_enc: w.w_enc.to_device(device)?,
+            b_enc: w.b_enc.to_device(device)?,
+            w_dec: w.w_dec.to_device(device)?,
+            b_dec: w.b_dec.to_device(device)?,
+            threshold: w
+                .threshold
+                .as_ref()
+                .map(|t| t.to_device(device))
+                .transpose()?,
+        };
+        Self::new(self.config, self.latents, weights)
+    }
+
+    /// The bytes of this share's weights.
+    pub fn weight_bytes(&self) -> usize {
+        let w = &self.weights;
+        [
+            Some(&w.w_enc),
+            Some(&w.b_enc),
+            Some(&w.w_dec),
+            Some(&w.b_dec),
+            w.threshold.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum()
+    }
+
     /// Its configuration.
     pub fn config(&self) -> &SaeConfig {
         &self.config
@@ -146,17 +132,31 @@ impl SparseAutoencoder {
         hook: &mut dyn FnMut(SaeSite, Tensor) -> Result<Tensor>,
         collective: &Arc<dyn Collective>,
     ) -> Result<Tensor> {
-        let input = hook(SaeSite::Input, x.clone())?;
+        // A hook that gives back the tensor it was handed changed nothing.
+        let mut untouched = true;
+        let mut run = |site, value: Tensor| {
+            let id = value.id();
+            let out = hook(site, value)?;
+            untouched &= out.id() == id;
+            Ok::<_, crate::Error>(out)
+        };
+        let input = run(SaeSite::Input, x.clone())?;
         let (normed, undo) = self.normalize(&input)?;
-        let pre = hook(SaeSite::ActsPre, self.pre_activations(&normed, collective)?)?;
-        let post = hook(SaeSite::ActsPost, self.activate(&pre, collective)?)?;
-        let recons = hook(SaeSite::Recons, self.decode(&post, collective)?)?;
+        let pre = run(SaeSite::ActsPre, self.pre_activations(&normed, collective)?)?;
+        let post = run(SaeSite::ActsPost, self.activate(&pre, collective)?)?;
+        let decoded = self.decode(&post, collective)?;
+        // The reconstruction of `x` that no hook changed, for the error term.
+        let clean = match (error_term, untouched) {
+            (false, _) => None,
+            (true, true) => Some(self.denormalize(decoded.clone(), undo.clone())?),
+            (true, false) => Some(self.reconstruct(&x.detach(), collective)?),
+        };
+        let recons = hook(SaeSite::Recons, decoded)?;
         let out = self.denormalize(recons, undo)?;
-        let out = match error_term {
-            false => out,
-            true => {
-                let clean = self.reconstruct(&x.detach(), collective)?;
-                let error = hook(SaeSite::Error, (x.detach() - clean)?)?;
+        let out = match clean {
+            None => out,
+            Some(clean) => {
+                let error = hook(SaeSite::Error, (x.detach() - clean.detach())?)?;
                 (out + error)?
             }
         };
@@ -483,7 +483,7 @@ mod tests {
                 handles.into_iter().map(|h| h.join().unwrap()).collect()
             });
             for site in SaeSite::ALL {
-                let actual = match site.is_latent() {
+                let actual = match site.shape().contains(&crate::hooks::Size::Latents) {
                     true => {
                         let parts: Vec<&Tensor> = pieces.iter().map(|p| &p[&site]).collect();
                         Tensor::cat(&parts, 2).unwrap()

@@ -4,17 +4,22 @@
 //! - [`config`]: an SAE's `cfg.json` (SAELens's architectures `standard`, `topk`,
 //!   `jumprelu`, and its options that change the math);
 //! - [`SparseAutoencoder`]: one rank's latents and the SAE's pass, with SAELens's hook
-//!   sites ([`SaeSite`]).
+//!   sites ([`SaeSite`](crate::hooks::SaeSite));
+//! - [`SaeAttachment`], [`ShardSaes`]: which SAEs a model has where, and one shard's
+//!   shares of them spliced into its hooks.
 
 mod autoencoder;
 pub mod config;
+mod splice;
 
 use std::path::Path;
 
-use flexmodel_cluster::TpRank;
+use flexmodel_cluster::{TpRank, split_evenly};
 
-pub use autoencoder::{SaeSite, SaeWeights, SparseAutoencoder};
+pub use autoencoder::{SaeWeights, SparseAutoencoder};
 pub use config::{Activation, Normalization, SaeConfig};
+pub use splice::{SaeAttachment, ShardSaes, SplicedHooks, splice_all};
+pub(crate) use splice::{describe, parse_description};
 
 use crate::weights::{SafetensorsDir, WeightSource};
 use crate::{Error, Result};
@@ -30,7 +35,7 @@ impl SparseAutoencoder {
     pub fn load(dir: &Path, tp: TpRank) -> Result<Self> {
         let config = SaeConfig::read(&dir.join(CONFIG_FILE))?;
         let source = SafetensorsDir::open_file(dir, WEIGHTS_FILE)?;
-        let latents = tp.slice_of("d_sae", config.d_sae)?;
+        let latents = split_evenly(config.d_sae, tp.size())[tp.rank()].clone();
         if latents.is_empty() {
             return Err(Error::InvalidArgument {
                 argument: "sae",

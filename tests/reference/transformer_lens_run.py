@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from llama_ref import save_safetensors  # noqa: E402
 
 
-def hooked(hf, config, **flags):
-    """A HookedTransformer of `hf`'s weights, unprocessed, with `flags` set."""
+def hooked(hf, config, model_class=HookedTransformer, **flags):
+    """A `model_class` (a HookedTransformer) of `hf`'s weights, unprocessed, with `flags` set."""
     n_heads = config["num_attention_heads"]
     d_head = config.get("head_dim") or config["hidden_size"] // n_heads
     cfg = HookedTransformerConfig(
@@ -51,7 +51,7 @@ def hooked(hf, config, **flags):
         device="cpu",
         **flags,
     )
-    model = HookedTransformer(cfg)
+    model = model_class(cfg)
     model.load_and_process_state_dict(
         convert_llama_weights(hf, cfg),
         fold_ln=False,

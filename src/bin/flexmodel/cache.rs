@@ -93,6 +93,7 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
         .iter()
         .map(|e| e.fingerprint())
         .collect::<flexmodel::Result<_>>()?;
+    spec.saes = args.layout.saes.clone();
     spec.seq_len = args.seq_len as usize;
     spec.batch = args.batch as usize;
     spec.max_tokens = args.max_tokens.map(|n| n as usize);

@@ -23,7 +23,7 @@ pub fn run(args: HooksArgs) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&args.model)?;
     let config = &checkpoint.config;
     flexmodel::runtime::sharding::check_layout(config, &args.layout.layout()?)?;
-    let points = config.points();
+    let (points, _) = flexmodel::sae::splice_all(config.points(), &args.layout.saes)?;
     let catalog = HookCatalog::new(points.clone());
     let rows: Vec<[String; 4]> = points
         .all()

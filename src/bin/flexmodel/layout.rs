@@ -1,4 +1,4 @@
-//! The `[--tp N] [--pp N] [--dp N] [--fsdp] [--model-dtype D] [--device D] [--procs | --cluster URL] [--token-file F]`
+//! The `[--tp N] [--pp N] [--dp N] [--fsdp] [--model-dtype D] [--device D] [--procs | --cluster URL] [--token-file F] [--sae DIR@HOOK]...`
 //! options every command takes, and the checks a command makes before it reads any
 //! weight.
 
@@ -8,6 +8,7 @@ use candle_core::Tensor;
 use clap::Args;
 use flexmodel::runtime::sharding::check_layout;
 use flexmodel::runtime::{Cluster, Placement, Processes};
+use flexmodel::sae::{SaeAttachment, splice_all};
 use flexmodel::text::check_tokens;
 use flexmodel::{Checkpoint, FlexModel, HookCatalog, HookKind, PassScope};
 use flexmodel_cluster::membership::ClusterUrl;
@@ -53,6 +54,15 @@ pub struct LayoutArgs {
     /// `--cluster`, required (the job's workers hold the same one).
     #[arg(long, value_name = "F")]
     pub token_file: Option<PathBuf>,
+    /// A sparse autoencoder saved by SAELens (`cfg.json`, `sae_weights.safetensors` in
+    /// DIR) spliced at the hook point HOOK, its points named `HOOK.hook_sae_acts_post`
+    /// and so on; its latents are split across tensor-parallel ranks. Repeatable.
+    #[arg(long = "sae", value_name = "DIR@HOOK", value_parser = parse_sae)]
+    pub saes: Vec<SaeAttachment>,
+}
+
+fn parse_sae(spec: &str) -> Result<SaeAttachment, String> {
+    spec.parse().map_err(|e: flexmodel::Error| e.to_string())
 }
 
 /// What a command will run, checked against the model before its weights are read.
@@ -101,15 +111,17 @@ impl LayoutArgs {
                 .into());
             }
         }
-        let catalog = HookCatalog::new(config.points());
+        let (points, _) = splice_all(config.points(), &self.saes)?;
+        let catalog = HookCatalog::new(points);
         for (target, kind) in plan.targets {
             catalog.resolve(target, kind)?;
             catalog.check_in_scope(target, kind, plan.scope)?;
         }
-        Ok(FlexModel::build_on(
+        Ok(FlexModel::build_with_saes(
             checkpoint,
             layout,
             &self.placement(model)?,
+            &self.saes,
         )?)
     }
 

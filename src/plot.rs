@@ -26,6 +26,8 @@ pub struct Heatmap<'a> {
     pub rows: &'a [Vec<f32>],
     /// A label per column (for example the tokens of a prompt); column numbers otherwise.
     pub column_names: Option<&'a [String]>,
+    /// A label per row, from the top; row numbers otherwise.
+    pub row_names: Option<&'a [String]>,
 }
 
 /// One named line of a [`LineChart`].
@@ -117,6 +119,9 @@ impl Heatmap<'_> {
         if self.column_names.is_some_and(|names| names.len() != n_cols) {
             return Err(plot_error(path, "one column name per column is needed"));
         }
+        if self.row_names.is_some_and(|names| names.len() != n_rows) {
+            return Err(plot_error(path, "one row name per row is needed"));
+        }
         register_font();
         let root = BitMapBackend::new(path, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
@@ -158,7 +163,13 @@ impl Heatmap<'_> {
         // Row 0 is drawn at the top.
         let row_label = |v: &SegmentValue<i32>| match v {
             SegmentValue::CenterOf(r) if *r >= n_rows => String::new(),
-            SegmentValue::CenterOf(r) => (n_rows - 1 - r).to_string(),
+            SegmentValue::CenterOf(r) => {
+                let row = (n_rows - 1 - r) as usize;
+                match self.row_names {
+                    Some(names) => names.get(row).cloned().unwrap_or_default(),
+                    None => row.to_string(),
+                }
+            }
             _ => String::new(),
         };
         let mut mesh = chart.configure_mesh();
@@ -351,6 +362,7 @@ mod tests {
             value_label: "score",
             rows: &rows,
             column_names: None,
+            row_names: None,
         }
         .save(&path)
         .unwrap();
@@ -369,6 +381,7 @@ mod tests {
             value_label: "v",
             rows: &rows,
             column_names: None,
+            row_names: None,
         }
         .save(&path)
         .unwrap();
@@ -391,6 +404,7 @@ mod tests {
             value_label: "v",
             rows: &ragged,
             column_names: None,
+            row_names: None,
         };
         assert!(map.save(&path).unwrap_err().to_string().contains("equal"));
         let rows = vec![vec![1.0, 2.0]];

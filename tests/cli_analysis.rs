@@ -301,38 +301,38 @@ fn lens_refuses_translators_of_another_model_and_a_missing_text() {
 }
 
 /// The README's per-layer table: (logit lens, tuned lens) KL in bits, from the
-/// gallery's `lens` command with its default budget.
+/// gallery's `lens` command (2048 training tokens).
 const README_LENS: [(f64, f64); 30] = [
-    (148.77, 16.40),
-    (19.64, 6.41),
-    (21.31, 5.75),
-    (20.90, 5.76),
-    (20.94, 5.77),
-    (20.97, 5.87),
-    (21.80, 5.78),
-    (21.45, 5.57),
-    (22.03, 5.44),
-    (23.87, 5.30),
-    (25.18, 5.13),
-    (26.40, 5.05),
-    (25.18, 5.07),
-    (24.14, 4.95),
-    (24.10, 4.89),
-    (23.97, 4.91),
-    (25.71, 4.76),
-    (25.66, 4.70),
-    (25.19, 4.64),
-    (24.18, 4.26),
-    (22.37, 4.07),
-    (21.48, 3.85),
-    (21.60, 3.65),
-    (20.05, 3.36),
-    (16.93, 2.80),
-    (12.27, 2.37),
-    (10.69, 2.09),
-    (9.18, 1.81),
-    (6.90, 1.50),
-    (5.02, 1.21),
+    (148.77, 47.89),
+    (19.64, 9.87),
+    (21.31, 9.35),
+    (20.90, 9.33),
+    (20.94, 9.48),
+    (20.97, 9.44),
+    (21.80, 9.29),
+    (21.45, 8.94),
+    (22.03, 8.94),
+    (23.87, 8.68),
+    (25.18, 8.50),
+    (26.40, 8.58),
+    (25.18, 8.68),
+    (24.14, 8.66),
+    (24.10, 8.62),
+    (23.97, 8.72),
+    (25.71, 8.35),
+    (25.66, 8.21),
+    (25.19, 8.19),
+    (24.18, 7.66),
+    (22.37, 7.31),
+    (21.48, 7.47),
+    (21.60, 6.95),
+    (20.05, 6.51),
+    (16.93, 5.66),
+    (12.27, 4.87),
+    (10.69, 4.48),
+    (9.18, 3.92),
+    (6.90, 3.28),
+    (5.02, 2.56),
 ];
 
 #[test]
@@ -343,13 +343,15 @@ fn the_readme_lens_run_beats_the_logit_lens_at_every_layer_with_the_tables_numbe
         env!("CARGO_MANIFEST_DIR"),
         "/examples/data/shakespeare_heldout.txt"
     );
-    // The README's command, default budget: 8192 training tokens, 2048 evaluation tokens.
+    // The README's command: 2048 training tokens, 2048 evaluation tokens.
     run_ok(&[
         "lens",
         "--model",
         "smollm2",
         "--eval-text",
         eval,
+        "--train-tokens",
+        "2048",
         "--out",
         out.to_str().unwrap(),
     ]);

@@ -151,6 +151,7 @@ impl Induction {
             value_label: "mean attention to the token after the first occurrence",
             rows: &rows,
             column_names: None,
+            row_names: None,
         }
         .save(&heatmap_path)?;
 

@@ -140,6 +140,7 @@ impl Patching {
             value_label: "fraction of the clean logit difference restored",
             rows: &self.restored,
             column_names: Some(positions),
+            row_names: None,
         }
         .save(path)
     }

@@ -6,9 +6,10 @@ HF_DIR is a Hugging Face LLaMA-family directory, built into a HookedSAETransform
 as transformer_lens_run.py builds its HookedTransformer (TransformerLens's own weight
 conversion, unprocessed weights). The SAE in SAE_DIR (`SAE.load_from_disk`) is attached
 at HOOK with its error term, so that alone it leaves the model's output unchanged;
-`--clamp K:V` sets latent K to V at every position (a hook on HOOK.hook_sae_acts_post).
 N tokens are generated greedily, each from a full forward pass over the whole sequence
-(no KV cache). Prints one JSON line: {"tokens": [the prompt's ids, then the generated ids]}.
+(no KV cache); with `--clamp K:V` a second time with latent K set to V at every position
+(a hook on HOOK.hook_sae_acts_post). Prints one JSON line: {"tokens": [the prompt's ids,
+then the generated ids], "clamped": [the same with the clamp]}.
 """
 
 import argparse
@@ -56,15 +57,22 @@ def main():
     parser.add_argument("--clamp")
     args = parser.parse_args()
     model = model_with_sae(args.model, args.sae, args.hook)
+    prompt = torch.tensor([[int(x) for x in args.prompt.split()]])
+    out = {"tokens": greedy(model, prompt, args.n)}
     if args.clamp:
         latent, value = args.clamp.split(":")
         model.add_hook(f"{args.hook}.hook_sae_acts_post", clamp(int(latent), float(value)))
-    tokens = torch.tensor([[int(x) for x in args.prompt.split()]])
+        out["clamped"] = greedy(model, prompt, args.n)
+    print(json.dumps(out))
+
+
+def greedy(model, tokens, n):
+    """`tokens` and `n` tokens after them, each the argmax of a full forward pass."""
     with torch.no_grad():
-        for _ in range(args.n):
+        for _ in range(n):
             next_token = model(tokens)[0, -1].argmax()
             tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
-    print(json.dumps({"tokens": tokens[0].tolist()}))
+    return tokens[0].tolist()
 
 
 if __name__ == "__main__":

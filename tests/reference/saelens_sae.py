@@ -8,23 +8,28 @@ them and its `SAETrainer` trains, on the CPU, without a language model), and sav
 inference SAE as SAELens's training runner does (`save_inference_model`: cfg.json and
 sae_weights.safetensors), with COLUMN as its hook name;
 
-    python saelens_sae.py random ARCH D_IN D_SAE OUT_DIR --seed S [--k K]
-        [--apply-b-dec-to-input] [--normalize-activations none|layer_norm|constant_norm_rescale]
-        [--rescale-acts-by-decoder-norm]
+    python saelens_sae.py random SPECS.json
 
-saves (`save_model`) an inference SAE of architecture ARCH (standard, topk or jumprelu)
-whose every parameter is drawn from a seeded generator, scaled for inputs of about unit
-size per component;
+saves (`save_model`) the inference SAEs a JSON list describes, each
+`{"out": DIR, "arch": "standard"|"topk"|"jumprelu", "d_in": N, "d_sae": N, "seed": S}`
+with optionally "k" (8), "apply_b_dec_to_input" (false), "normalize_activations" ("none",
+"layer_norm", "constant_norm_rescale") and "rescale_acts_by_decoder_norm" (false), every
+parameter drawn from its seed, scaled for inputs of about unit size per component;
 
-    python saelens_sae.py encode SAE_DIR ACTS.safetensors OUT.safetensors
+    python saelens_sae.py encode ACTS.safetensors OUT_DIR SAE_DIR...
 
-loads an SAE (`SAE.load_from_disk`, CPU, float32), runs it on the tensor "acts" ([n, d_in]
-or [b, t, d_in]) and writes "acts_pre" (hook_sae_acts_pre), "acts_post" (`encode`),
-"recons" (`decode` of acts_post) and "output" (the forward pass).
+loads each SAE (`SAE.load_from_disk`, CPU, float32), runs it on the tensor "acts" ([n,
+d_in] or [b, t, d_in]) with its error term on, as `HookedSAETransformer` splices it, and
+writes OUT_DIR/NAME.safetensors (NAME: the SAE's directory's name) with every `hook_sae_*`
+of its pass (`run_with_cache`), "encode" (what `encode` returns) and "decode" (`decode` of
+that).
 """
 
 import argparse
+import json
 import math
+import os
+import sys
 
 import datasets
 import torch
@@ -76,6 +81,7 @@ def activations_store(directory, column):
 
 
 def train(args):
+    """A standard SAE trained by SAELens on `args.column` of `args.dataset`, saved."""
     torch.manual_seed(args.seed)
     store = activations_store(args.dataset, args.column)
     sae = StandardTrainingSAE(StandardTrainingSAEConfig(
@@ -101,23 +107,28 @@ def train(args):
     print(f"trained {args.steps} steps: l0 {sae.cfg.metadata.l0:.1f}, saved to {args.out}")
 
 
-def random_sae(args):
-    """An inference SAE of `args.arch` with every parameter drawn from `args.seed`."""
+def random_sae(spec):
+    """An inference SAE as `spec` says (architecture, sizes, options) with every parameter
+    drawn from its seed, saved to its `out`."""
+    d_in, d_sae = spec["d_in"], spec["d_sae"]
     common = dict(
-        d_in=args.d_in,
-        d_sae=args.d_sae,
-        apply_b_dec_to_input=args.apply_b_dec_to_input,
-        normalize_activations=args.normalize_activations,
+        d_in=d_in,
+        d_sae=d_sae,
+        apply_b_dec_to_input=spec.get("apply_b_dec_to_input", False),
+        normalize_activations=spec.get("normalize_activations", "none"),
     )
-    if args.arch == "standard":
+    arch = spec["arch"]
+    if arch == "standard":
         sae = StandardSAE(StandardSAEConfig(**common))
-    elif args.arch == "topk":
-        sae = TopKSAE(TopKSAEConfig(
-            **common, k=args.k, rescale_acts_by_decoder_norm=args.rescale_acts_by_decoder_norm))
-    else:
+    elif arch == "topk":
+        rescale = spec.get("rescale_acts_by_decoder_norm", False)
+        sae = TopKSAE(TopKSAEConfig(**common, k=spec.get("k", 8),
+                                    rescale_acts_by_decoder_norm=rescale))
+    elif arch == "jumprelu":
         sae = JumpReLUSAE(JumpReLUSAEConfig(**common))
-    g = torch.Generator().manual_seed(args.seed)
-    d_in, d_sae = args.d_in, args.d_sae
+    else:
+        sys.exit(f"unknown architecture {arch!r}")
+    g = torch.Generator().manual_seed(spec["seed"])
     # Pre-activations of about unit size, decoder rows of norms between 0.5 and 2.
     params = {
         "W_enc": torch.randn(d_in, d_sae, generator=g) / math.sqrt(d_in),
@@ -126,27 +137,40 @@ def random_sae(args):
         * (0.5 + 1.5 * torch.rand(d_sae, 1, generator=g)),
         "b_dec": 0.2 * torch.randn(d_in, generator=g),
     }
-    if args.arch == "jumprelu":
+    if arch == "jumprelu":
         params["threshold"] = 0.1 + 0.6 * torch.rand(d_sae, generator=g)
     sae.load_state_dict(params)
-    sae.save_model(args.out)
-    print(f"saved a random {args.arch} SAE to {args.out}")
+    sae.save_model(spec["out"])
+    print(f"saved a random {arch} SAE to {spec['out']}")
+
+
+def random_saes(args):
+    """Every SAE the JSON list of `args.specs` describes."""
+    with open(args.specs) as f:
+        for spec in json.load(f):
+            random_sae(spec)
 
 
 def encode(args):
-    sae = SAE.load_from_disk(args.sae, device="cpu", dtype="float32")
+    """Each SAE of `args.saes` run by SAELens on "acts" of `args.acts` with its error term
+    on, as `HookedSAETransformer` runs a spliced SAE: every `hook_sae_*` of
+    `run_with_cache`, and what `encode` and `decode` return, saved under those names in
+    `args.out_dir`, one file per SAE named after its directory."""
     acts = load_file(args.acts)["acts"].float()
-    with torch.no_grad():
-        output, cache = sae.run_with_cache(acts, names_filter="hook_sae_acts_pre")
-        acts_post = sae.encode(acts)
-        recons = sae.decode(acts_post)
-    save_file({
-        "acts_pre": cache["hook_sae_acts_pre"].contiguous(),
-        "acts_post": acts_post.contiguous(),
-        "recons": recons.contiguous(),
-        "output": output.contiguous(),
-    }, args.out)
-    print(f"wrote {args.out}")
+    for sae_dir in args.saes:
+        sae = SAE.load_from_disk(sae_dir, device="cpu", dtype="float32")
+        with torch.no_grad():
+            # `decode` reads the normalization `encode` just stored: one after the other.
+            encoded = sae.encode(acts)
+            decoded = sae.decode(encoded)
+            sae.use_error_term = True
+            _, cache = sae.run_with_cache(acts, names_filter=lambda name: "hook_sae_" in name)
+        tensors = {name: value.contiguous() for name, value in cache.items()}
+        tensors["encode"] = encoded.contiguous()
+        tensors["decode"] = decoded.contiguous()
+        out = os.path.join(args.out_dir, os.path.basename(os.path.normpath(sae_dir)))
+        save_file(tensors, out + ".safetensors")
+        print(f"wrote {out}.safetensors: {sorted(tensors)}")
 
 
 def main():
@@ -161,21 +185,12 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=train)
     p = sub.add_parser("random")
-    p.add_argument("arch", choices=["standard", "topk", "jumprelu"])
-    p.add_argument("d_in", type=int)
-    p.add_argument("d_sae", type=int)
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--apply-b-dec-to-input", action="store_true")
-    p.add_argument("--normalize-activations", default="none",
-                   choices=["none", "layer_norm", "constant_norm_rescale"])
-    p.add_argument("--rescale-acts-by-decoder-norm", action="store_true")
-    p.set_defaults(run=random_sae)
+    p.add_argument("specs")
+    p.set_defaults(run=random_saes)
     p = sub.add_parser("encode")
-    p.add_argument("sae")
     p.add_argument("acts")
-    p.add_argument("out")
+    p.add_argument("out_dir")
+    p.add_argument("saes", nargs="+")
     p.set_defaults(run=encode)
     args = parser.parse_args()
     args.run(args)

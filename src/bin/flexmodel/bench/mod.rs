@@ -81,6 +81,8 @@ enum Variant {
     Capturing,
     /// The same hooks registered but disabled.
     Disabled,
+    /// The model without its `--sae`s, unhooked.
+    WithoutSaes,
 }
 
 /// Times forward passes: unhooked, and with `--hook` also capturing and with the hooks
@@ -140,16 +142,37 @@ pub fn run(args: BenchArgs, profile: Option<Profile>) -> anyhow::Result<()> {
         return cache::run(&args, &checkpoint, &mut model, corpus_tokens as usize);
     }
 
-    let variants: &[Variant] = match hooks.is_empty() {
-        true => &[Variant::Unhooked],
-        false => &[Variant::Unhooked, Variant::Capturing, Variant::Disabled],
+    // With SAEs spliced in, the same model without them, timed alongside.
+    let mut without_saes = match args.layout.saes.is_empty() {
+        true => None,
+        false => {
+            let layout = LayoutArgs {
+                saes: Vec::new(),
+                ..args.layout.clone()
+            };
+            let plan = Plan {
+                batches: std::slice::from_ref(&tokens),
+                targets: Vec::new(),
+                scope,
+            };
+            Some(layout.build(&checkpoint, &args.model, plan)?)
+        }
+    };
+    let variants: &[Variant] = match (hooks.is_empty(), without_saes.is_some()) {
+        (true, false) => &[Variant::Unhooked],
+        (true, true) => &[Variant::Unhooked, Variant::WithoutSaes],
+        (false, _) => &[Variant::Unhooked, Variant::Capturing, Variant::Disabled],
     };
     let (mut captured_bytes, mut captured_points) = (0, 0);
     let mut profiled = profile::Totals::new(variants.len());
     let mut pass = |variant: Variant| -> anyhow::Result<(f64, profile::Spans)> {
+        let model = match (variant, without_saes.as_mut()) {
+            (Variant::WithoutSaes, Some(plain)) => plain,
+            _ => &mut model,
+        };
         model.hooks_mut().clear();
-        if variant != Variant::Unhooked {
-            hooks.register(&mut model)?;
+        if variant != Variant::Unhooked && variant != Variant::WithoutSaes {
+            hooks.register(model)?;
             model
                 .hooks_mut()
                 .set_enabled("*", variant == Variant::Capturing)?;
@@ -217,6 +240,16 @@ pub fn run(args: BenchArgs, profile: Option<Profile>) -> anyhow::Result<()> {
             .map(|p| p.map_or("?".into(), |b| format!("{:.0}", b as f64 / 1e6)))
             .collect();
         println!("peak resident memory of each worker, MB: {}", mb.join(" "));
+    }
+    if let ([_, plain], Some(_)) = (stats.as_slice(), &without_saes) {
+        let cost = 100.0 * (base.median_ms / plain.median_ms - 1.0);
+        println!(
+            "without its {} SAEs: median {:.1} ms; the SAEs cost {cost:+.1}%",
+            args.layout.saes.len(),
+            plain.median_ms,
+        );
+        json["without_saes_median_ms"] = serde_json::json!(plain.median_ms);
+        json["sae_overhead_pct"] = serde_json::json!(cost);
     }
     if let [_, capturing, disabled] = stats.as_slice() {
         println!(

@@ -1,7 +1,7 @@
 //! The latents of an SAE that fire most on one prompt: SmolLM2 with the SAE spliced at
 //! its hook point (latents split over three tensor-parallel ranks), the prompt's
-//! `HOOK.hook_sae_acts_post` captured, and the latents with the largest activations drawn
-//! per token as a heatmap.
+//! `HOOK.hook_sae_acts_post` captured, and the latents with the largest activations (after
+//! the first token) drawn per token as a heatmap.
 //!
 //! ```sh
 //! cargo run --release --example sae_top_latents -- SAE_DIR@blocks.6.hook_resid_post out/sae_top_latents.png
@@ -43,7 +43,9 @@ fn main() -> anyhow::Result<()> {
         .context("no latents captured")?
         .get(0)?;
     let by_latent: Vec<Vec<f32>> = acts.t()?.contiguous()?.to_vec2()?;
-    let peak = |row: &Vec<f32>| row.iter().copied().fold(0f32, f32::max);
+    // The first position's latents are the model's attention sink, whatever the text:
+    // the ranking leaves it out (the figure draws it).
+    let peak = |row: &Vec<f32>| row[1..].iter().copied().fold(0f32, f32::max);
     let mut order: Vec<usize> = (0..by_latent.len()).collect();
     order.sort_by(|&a, &b| peak(&by_latent[b]).total_cmp(&peak(&by_latent[a])));
     order.truncate(TOP);
@@ -65,7 +67,7 @@ fn main() -> anyhow::Result<()> {
     Heatmap {
         title: &title,
         x_label: "token",
-        y_label: "latent",
+        y_label: "",
         value_label: "activation",
         rows: &rows,
         column_names: Some(&tokens),

@@ -1,14 +1,17 @@
 //! `--sae DIR@HOOK` on the command line: a capture with latent edits and gradients is the
 //! same on threads, worker processes and a job's workers, latents split over four
 //! tensor-parallel ranks; `generate` and `cache` splice the SAEs too (the latents a
-//! dataset column that Hugging Face `datasets` reads); bad `--sae` and latent edits are
-//! refused saying what is wrong.
+//! dataset column that Hugging Face `datasets` reads); an SAE too big for one rank's
+//! memory runs split over worker processes; bad `--sae` and latent edits are refused
+//! saying what is wrong.
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
-use common::cli::{flexmodel, succeeded, tensors, tiny_dir};
+use common::child::{OutputWithin, RUN_DEADLINE};
+use common::cli::{flexmodel, succeeded, succeeded_output, tensors, tiny_dir};
 use common::dataset::read_with_datasets;
 use common::etcd::TestJob;
 use flexmodel::tiny::write_random_sae;
@@ -240,4 +243,57 @@ fn a_bad_sae_or_latent_edit_is_refused_saying_what_is_wrong() {
         "blocks.0.hook_resid_post=clamp-latent:1:2",
     ]);
     assert!(error.contains("is not an SAE's latents"), "{error}");
+}
+
+#[test]
+fn an_sae_too_big_for_one_rank_runs_with_its_latents_split_over_worker_processes() {
+    let model = tiny_dir(6);
+    let dir = tempfile::tempdir().unwrap();
+    // 800 000 latents: W_enc and W_dec of 64 × 800 000 f32 each, 410 MB.
+    let big = dir.path().join("big");
+    write_random_sae(&big, "standard", (64, 800_000), 0, TOPK_HOST, 9).unwrap();
+    let sae_bytes = std::fs::metadata(big.join("sae_weights.safetensors"))
+        .unwrap()
+        .len();
+    // Memory for the tiny model and half the SAE: not for all of it in one process.
+    let limit = (sae_bytes / 2 + 16_000_000).to_string();
+    let sae = format!("{}@{TOPK_HOST}", big.display());
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--model",
+            model.path().to_str().unwrap(),
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--iters",
+            "1",
+            "--sae",
+            &sae,
+            "--json",
+        ];
+        args.extend(extra);
+        Command::new(common::flexmodel_binary())
+            .args(&args)
+            .env("FLEXMODEL_LOG", "warn")
+            .env("FLEXMODEL_MEMORY_BYTES", &limit)
+            .output_within(RUN_DEADLINE)
+    };
+    for threads in [&["--tp", "1"][..], &["--tp", "4"][..]] {
+        let out = bench(threads);
+        let error = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && error.contains("of memory is available"),
+            "{error}"
+        );
+    }
+    let out = bench(&["--tp", "4", "--procs"]);
+    let stdout = succeeded_output(out, "bench --tp 4 --procs");
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let peaks: Vec<u64> = serde_json::from_value(json["peak_rss_bytes_per_rank"].clone()).unwrap();
+    eprintln!("SAE {sae_bytes} bytes; each worker's peak resident memory: {peaks:?}");
+    for peak in peaks {
+        assert!(peak < sae_bytes / 2, "a worker peaked at {peak} bytes");
+    }
 }

@@ -127,11 +127,11 @@ impl FlexModel {
             .clone()
             .with_dtype(layout.model_dtype().dtype());
         check_layout(&config, &layout)?;
-        let (points, _) = splice_all(config.points(), saes)?;
+        let (points, sae_configs) = splice_all(config.points(), saes)?;
         let workers = match placement {
             Placement::Threads => {
                 let whole_copy = !checkpoint.weights.reads_slices();
-                check_fits_in_memory(&config, &layout, whole_copy)?;
+                check_fits_in_memory(&config, &layout, whole_copy, &sae_configs)?;
                 None
             }
             Placement::Processes(processes) => {

@@ -164,12 +164,12 @@ impl ShardLoader for CheckpointLoader {
         check_layout(config, &layout)?;
         // Weights on a GPU take none of this machine's memory (a job's worker computes
         // on its own device, whatever the layout says).
+        let (points, sae_configs) = sae::splice_all(config.points(), &saes)?;
         if device.is_cpu() {
-            check_rank_fits_in_memory(config, &layout, assignment.rank)?;
+            check_rank_fits_in_memory(config, &layout, assignment.rank, &sae_configs)?;
         }
         let stage = stage_of(config, &layout, layout.coords(assignment.rank).pp);
         let weights = checkpoint.weights.as_ref();
-        let (points, _) = sae::splice_all(config.points(), &saes)?;
         let saes = ShardSaes::load(&saes, &points, &stage, tp.clone(), device)?;
         let model = config.load(weights, tp, stage, device, replicas)?;
         Ok(LoadedShard {

@@ -16,7 +16,7 @@ use crate::hooks::site::Size;
 use crate::models::kv_heads_of;
 use crate::models::loss::vocab_parallel_loss;
 use crate::models::{ModelConfig, ModelShard, Stage};
-use crate::sae::{SaeAttachment, ShardSaes};
+use crate::sae::{SaeAttachment, SaeConfig, ShardSaes};
 use crate::weights::WeightSource;
 use crate::{Error, HookLayer, Result};
 
@@ -159,12 +159,18 @@ fn loading_bytes(config: &ModelConfig, layout: &Layout) -> u64 {
 /// their slices), so that a mistyped layout fails at once instead of being killed.
 /// Where the available memory cannot be read, nothing is checked. Ranks in worker
 /// processes check their own share ([`check_rank_fits_in_memory`]).
-pub fn check_fits_in_memory(config: &ModelConfig, layout: &Layout, whole_copy: bool) -> Result<()> {
+/// `saes` are the SAEs spliced in, each at its layer: a rank holds its latents' share.
+pub fn check_fits_in_memory(
+    config: &ModelConfig,
+    layout: &Layout,
+    whole_copy: bool,
+    saes: &[(usize, SaeConfig)],
+) -> Result<()> {
     let Some(available_bytes) = available_memory() else {
         return Ok(());
     };
     let held: u64 = (0..layout.world_size())
-        .map(|rank| host_weight_bytes(config, layout, rank))
+        .map(|rank| host_weight_bytes(config, layout, rank, saes))
         .sum();
     let transient = match whole_copy {
         true => config.parameter_count() * 4 + loading_bytes(config, layout),
@@ -181,13 +187,20 @@ pub fn check_fits_in_memory(config: &ModelConfig, layout: &Layout, whole_copy: b
     Ok(())
 }
 
-/// Checks that rank `rank` of `layout` can hold its share of the weights (and load it)
-/// in the memory this machine has available; an error names the rank and both sizes.
-pub fn check_rank_fits_in_memory(config: &ModelConfig, layout: &Layout, rank: usize) -> Result<()> {
+/// Checks that rank `rank` of `layout` can hold its share of the weights and of the SAEs
+/// `saes` (each at its layer), and load them, in the memory this machine has available;
+/// an error names the rank and both sizes.
+pub fn check_rank_fits_in_memory(
+    config: &ModelConfig,
+    layout: &Layout,
+    rank: usize,
+    saes: &[(usize, SaeConfig)],
+) -> Result<()> {
     let Some(available_bytes) = available_memory() else {
         return Ok(());
     };
-    let needed_bytes = host_weight_bytes(config, layout, rank) + loading_bytes(config, layout);
+    let needed_bytes =
+        host_weight_bytes(config, layout, rank, saes) + loading_bytes(config, layout);
     if needed_bytes > available_bytes {
         return Err(Error::BadLayout(LayoutProblem::RankDoesNotFit {
             rank,
@@ -198,13 +211,25 @@ pub fn check_rank_fits_in_memory(config: &ModelConfig, layout: &Layout, rank: us
     Ok(())
 }
 
-/// The bytes of weights rank `rank` holds in this machine's memory: none when it holds
-/// them on a GPU.
-fn host_weight_bytes(config: &ModelConfig, layout: &Layout, rank: usize) -> u64 {
-    match layout.device().is_cpu() {
-        true => rank_weight_bytes(config, layout, rank),
-        false => 0,
+/// The bytes of weights rank `rank` holds in this machine's memory, its shares of the
+/// SAEs `saes` (each at its layer) included: none when it holds them on a GPU.
+fn host_weight_bytes(
+    config: &ModelConfig,
+    layout: &Layout,
+    rank: usize,
+    saes: &[(usize, SaeConfig)],
+) -> u64 {
+    if !layout.device().is_cpu() {
+        return 0;
     }
+    let coords = layout.coords(rank);
+    let stage = stage_of(config, layout, coords.pp);
+    let sae_bytes: u64 = saes
+        .iter()
+        .filter(|(layer, _)| stage.layers.contains(layer))
+        .map(|(_, sae)| sae.share_bytes(coords.tp, layout.tp()))
+        .sum();
+    rank_weight_bytes(config, layout, rank) + sae_bytes
 }
 
 /// The variable that, set to a number of bytes, replaces `MemAvailable` in the memory

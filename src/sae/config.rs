@@ -58,6 +58,26 @@ pub struct SaeConfig {
 }
 
 impl SaeConfig {
+    /// The bytes of f32 weights tensor-parallel rank `rank` of `tp` holds of this SAE:
+    /// its latents' encoder columns, decoder rows, biases (and thresholds or decoder
+    /// norms), and the whole decoder bias.
+    pub fn share_bytes(&self, rank: usize, tp: usize) -> u64 {
+        let latents = flexmodel_cluster::split_evenly(self.d_sae, tp)
+            .get(rank)
+            .map_or(0, |r| r.len());
+        let per_latent = 2 * self.d_in
+            + 1
+            + match self.activation {
+                Activation::Relu => 0,
+                Activation::JumpRelu => 1,
+                Activation::TopK {
+                    rescale_acts_by_decoder_norm,
+                    ..
+                } => usize::from(rescale_acts_by_decoder_norm),
+            };
+        4 * (latents * per_latent + self.d_in) as u64
+    }
+
     /// Reads `cfg.json` at `path`.
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

@@ -95,18 +95,19 @@ impl std::fmt::Display for SaeAttachment {
     }
 }
 
-/// `points` with the points of every SAE of `saes` added, in order, and their
-/// configurations.
+/// `points` with the points of every SAE of `saes` added, in order, and each SAE's
+/// layer and configuration.
 pub fn splice_all(
     points: ModelPoints,
     saes: &[SaeAttachment],
-) -> Result<(ModelPoints, Vec<SaeConfig>)> {
+) -> Result<(ModelPoints, Vec<(usize, SaeConfig)>)> {
     let mut configs = Vec::with_capacity(saes.len());
     let mut points = points;
     for sae in saes {
         let (more, config) = sae.splice_into(points)?;
         points = more;
-        configs.push(config);
+        let layer = points.splices().last().and_then(|s| s.host.layer());
+        configs.push((layer.unwrap_or(0), config));
     }
     Ok((points, configs))
 }

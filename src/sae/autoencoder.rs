@@ -212,9 +212,7 @@ impl SparseAutoencoder {
         };
         // Every rank reads the whole input: its gradient is the ranks' sum.
         let centred = conjugate::copy_to_group(&centred, collective)?;
-        Ok(centred
-            .broadcast_matmul(&w.w_enc)?
-            .broadcast_add(&w.b_enc)?)
+        Ok(by_rows(&centred, &w.w_enc)?.broadcast_add(&w.b_enc)?)
     }
 
     /// The activations of the latents held.
@@ -250,41 +248,69 @@ impl SparseAutoencoder {
             Some(norms) => post.broadcast_div(norms)?,
             None => post.clone(),
         };
-        let part = post.broadcast_matmul(&self.weights.w_dec)?;
+        let part = by_rows(&post, &self.weights.w_dec)?;
         let whole = conjugate::all_reduce_sum(&part, collective.as_ref())?;
         Ok(whole.broadcast_add(&self.weights.b_dec)?)
     }
 }
 
+/// `x W` for `x` of any leading dimensions (`[.., n]`) and `w` `[n, m]`: one product of
+/// every position's row at once.
+fn by_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let n = dims.pop().unwrap_or(1);
+    let product = x.reshape(((), n))?.matmul(w)?;
+    dims.push(w.dim(1)?);
+    product.reshape(dims)
+}
+
 /// Each position's `k`-th largest value of `x` (`[.., n]`, this rank's latents) among
 /// every rank's, `[.., 1]`: from each rank's `k` largest, gathered.
 fn global_kth_largest(x: &Tensor, k: usize, collective: &Arc<dyn Collective>) -> Result<Tensor> {
-    let x = x.detach();
-    let n = x.dim(D::Minus1)?;
-    let local = x
-        .contiguous()?
-        .sort_last_dim(false)?
-        .0
-        .narrow(D::Minus1, 0, k.min(n))?;
-    // Every rank offers k candidates: a rank with fewer latents pads with −∞.
-    let local = match n < k {
-        false => local,
-        true => {
-            let mut shape = local.dims().to_vec();
-            *shape.last_mut().unwrap_or(&mut 0) = k - n;
-            let none = Tensor::full(f32::NEG_INFINITY, shape, x.device())?.to_dtype(x.dtype())?;
-            Tensor::cat(&[&local, &none], D::Minus1)?
-        }
-    };
+    let local = largest(&x.detach(), k)?;
     let candidates = match collective.tp_rank().size() {
         1 => local,
-        _ => collective.all_gather(&local.contiguous()?, local.rank() - 1)?,
+        _ => collective.all_gather(&local, local.rank() - 1)?,
     };
-    let sorted = candidates.contiguous()?.sort_last_dim(false)?.0;
-    Ok(sorted
-        .narrow(D::Minus1, k - 1, 1)?
-        .to_dtype(DType::F32)?
-        .to_dtype(x.dtype())?)
+    Ok(largest(&candidates, k)?.min_keepdim(D::Minus1)?)
+}
+
+/// The `k` largest values of each row of `x` (`[.., n]`), in no particular order,
+/// `[.., k]`; a row of fewer than `k` is padded with −∞. On the CPU by selection (linear
+/// in `n`, where a sort of thousands of latents a position cost more than the SAE's
+/// products), elsewhere by sorting.
+fn largest(x: &Tensor, k: usize) -> Result<Tensor> {
+    let n = x.dim(D::Minus1)?;
+    let mut shape = x.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = k;
+    }
+    let pad = |t: Tensor| -> Result<Tensor> {
+        if n >= k {
+            return Ok(t);
+        }
+        let mut pad_shape = shape.clone();
+        if let Some(last) = pad_shape.last_mut() {
+            *last = k - n;
+        }
+        let none = Tensor::full(f32::NEG_INFINITY, pad_shape, x.device())?.to_dtype(x.dtype())?;
+        Ok(Tensor::cat(&[&t, &none], D::Minus1)?)
+    };
+    if !x.device().is_cpu() || n == 0 {
+        let sorted = x.contiguous()?.sort_last_dim(false)?.0;
+        return pad(sorted.narrow(D::Minus1, 0, k.min(n))?);
+    }
+    let mut values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut kept = Vec::with_capacity(values.len() / n * k);
+    for row in values.chunks_mut(n) {
+        if n > k {
+            // Descending: the first k are the k largest.
+            row.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        }
+        kept.extend_from_slice(&row[..k.min(n)]);
+        kept.extend(std::iter::repeat_n(f32::NEG_INFINITY, k.saturating_sub(n)));
+    }
+    Ok(Tensor::from_vec(kept, shape, x.device())?.to_dtype(x.dtype())?)
 }
 
 #[cfg(test)]
@@ -419,6 +445,24 @@ mod tests {
             config(Activation::JumpRelu, Normalization::ConstantNormRescale),
             config(topk, Normalization::LayerNorm),
         ]
+    }
+
+    #[test]
+    fn the_k_largest_of_each_row_are_selected_and_short_rows_padded() {
+        let x = Tensor::new(
+            &[[3f32, -1.0, 7.0, 2.0], [0.0, 5.0, 5.5, -2.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut top = largest(&x, 2).unwrap().to_vec2::<f32>().unwrap();
+        for row in &mut top {
+            row.sort_by(|a, b| b.total_cmp(a));
+        }
+        assert_eq!(top, [[7.0, 3.0], [5.5, 5.0]]);
+        let padded = largest(&x, 6).unwrap().to_vec2::<f32>().unwrap();
+        assert!(padded[0][4..].iter().all(|&v| v == f32::NEG_INFINITY));
+        let kth = global_kth_largest(&x, 3, &(Arc::new(SingleRank) as Arc<dyn Collective>));
+        assert_eq!(kth.unwrap().to_vec2::<f32>().unwrap(), [[2.0], [0.0]]);
     }
 
     #[test]

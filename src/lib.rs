@@ -26,7 +26,10 @@
 //! ```
 
 pub mod analysis;
+pub mod api;
 mod checkpoint;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod dataset;
 mod error;
 pub mod hooks;

@@ -132,6 +132,15 @@ pub enum EditAction {
 impl EditSpec {
     /// Parses `spec`, reading the tensor of an `add:` from its file.
     pub fn parse(spec: &str) -> Result<Self> {
+        Self::parse_with(spec, &std::collections::BTreeMap::new())
+    }
+
+    /// Parses `spec`, whose `add:@KEY` takes the tensor `KEY` of `inline` (the tensors a
+    /// request sent along), and whose `add:FILE` reads the file.
+    pub fn parse_with(
+        spec: &str,
+        inline: &std::collections::BTreeMap<String, Tensor>,
+    ) -> Result<Self> {
         let bad = |why: &str| Error::MalformedEdit {
             spec: spec.to_string(),
             problem: why.to_string(),
@@ -161,7 +170,15 @@ impl EditSpec {
                 }
                 EditAction::Scale(factor)
             }
-            "add" => EditAction::Add(read_tensor(Path::new(arg), target)?),
+            "add" => match arg.strip_prefix('@') {
+                Some(key) => EditAction::Add(
+                    inline
+                        .get(key)
+                        .ok_or_else(|| bad(&format!("no tensor {key:?} was sent with the edits")))?
+                        .to_dtype(DType::F32)?,
+                ),
+                None => EditAction::Add(read_tensor(Path::new(arg), target)?),
+            },
             "zero-latent" => EditAction::ClampLatent {
                 latent: arg
                     .parse()

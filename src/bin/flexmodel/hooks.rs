@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use clap::Args;
-use flexmodel::{Checkpoint, HookCatalog, HookKind};
+use flexmodel::{Checkpoint, HookCatalog, HookKind, ModelPoints};
 
 use crate::layout::LayoutArgs;
 
@@ -24,6 +24,14 @@ pub fn run(args: HooksArgs) -> anyhow::Result<()> {
     let config = &checkpoint.config;
     flexmodel::runtime::sharding::check_layout(config, &args.layout.layout()?)?;
     let (points, _) = flexmodel::sae::splice_all(config.points(), &args.layout.saes)?;
+    std::io::stdout()
+        .lock()
+        .write_all(table(&points).as_bytes())?;
+    Ok(())
+}
+
+/// The table `flexmodel hooks` prints: a header, then a line per point.
+pub fn table(points: &ModelPoints) -> String {
     let catalog = HookCatalog::new(points.clone());
     let rows: Vec<[String; 4]> = points
         .all()
@@ -50,15 +58,14 @@ pub fn run(args: HooksArgs) -> anyhow::Result<()> {
         .collect();
     let width = |i: usize| rows.iter().map(|r| r[i].len()).max().unwrap_or(0);
     let (w0, w1, w2) = (width(0), width(1), width(2));
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "{:w0$}  {:w1$}  {:w2$}  module aliases",
+    let mut out = format!(
+        "{:w0$}  {:w1$}  {:w2$}  module aliases\n",
         "hook point", "shape", "tp shard"
-    )?;
+    );
     for [name, shape, spec, aliases] in rows {
         let line = format!("{name:w0$}  {shape:w1$}  {spec:w2$}  {aliases}");
-        writeln!(out, "{}", line.trim_end())?;
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
-    Ok(())
+    out
 }

@@ -12,6 +12,7 @@ mod layout;
 mod lens;
 mod pass_args;
 mod random_checkpoint;
+mod serve;
 mod worker;
 mod workers;
 
@@ -43,6 +44,8 @@ enum Command {
     Induction(induction::InductionArgs),
     /// Train a tuned lens and compare it with the logit lens on held-out text.
     Lens(lens::LensArgs),
+    /// Serve passes with hooks and edits over HTTP to clients with a token.
+    Serve(serve::ServeArgs),
     /// Join a job in etcd and serve its drivers' passes, one rank at a time.
     Worker(worker::WorkerArgs),
     /// List the workers of a job: id, host, address, device, rank, model, state.
@@ -78,6 +81,7 @@ fn main() -> std::process::ExitCode {
         Command::Induction(args) => induction::run(args),
         Command::Lens(args) => lens::run(args),
         Command::Workers(args) => workers::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::RandomCheckpoint(args) => random_checkpoint::run(args),
         Command::Worker(args) => {
             // The shard's thread may still be blocked in a pass: end the process now.

@@ -1,0 +1,74 @@
+//! The JSON of `flexmodel serve`'s requests and answers, shared by the server and the
+//! client ([`crate::client`]). The contract is in `docs/ARCHITECTURE.md` and the
+//! server's `/openapi.json`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/forward`: one pass over token ids or prompts, with captures and edits. The
+/// answer is a safetensors file keyed as `flexmodel capture --out` writes it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardRequest {
+    /// Token ids, a row per sequence (rows of unequal length are left-padded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Vec<Vec<u32>>>,
+    /// Texts to tokenize, a sequence each (instead of `tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<Vec<String>>,
+    /// Hook points to capture: exact names or globs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<String>,
+    /// Edits, as the command line's `--edit` writes them; `NAME=add:@KEY` adds the tensor
+    /// `KEY` of `tensors`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edits: Vec<String>,
+    /// Tensors the edits add, by key: each a safetensors file, base64-encoded, holding a
+    /// tensor under the key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tensors: BTreeMap<String, String>,
+    /// Persistent edits installed on the server to apply, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub use_edits: Vec<String>,
+    /// Which logits the pass computes: `all` (the default), `last` or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits: Option<String>,
+    /// Run blocks `0..N` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_at_layer: Option<usize>,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// The model, as `--model` named it.
+    pub model: String,
+    /// The layout (`tp=2 pp=1 dp=1`, …).
+    pub layout: String,
+    /// The ranks whose shards answer.
+    pub ranks_alive: usize,
+    /// Requests waiting for a pass.
+    pub queue: usize,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// `POST /v1/edits`: a persistent edit, installed under a name that requests opt into
+/// (`use_edits`); `GET /v1/edits` lists them as these.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedEdits {
+    /// Its name.
+    pub name: String,
+    /// The edits, as `--edit` writes them (`add:@KEY` takes a tensor of `tensors`).
+    pub edits: Vec<String>,
+    /// The tensors its `add:@KEY` edits add (as in [`ForwardRequest::tensors`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tensors: BTreeMap<String, String>,
+}

@@ -1,0 +1,316 @@
+//! `flexmodel serve`: a long-running driver that holds the model's ranks and answers HTTP
+//! requests of authenticated clients (axum on tokio). Each request is one pass on the
+//! model's thread; its hooks and edits are its own.
+
+mod clients;
+mod passes;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use clap::Args;
+use flexmodel::api::{ErrorBody, ForwardRequest, Health, NamedEdits};
+use flexmodel::edits::EditSpec;
+use flexmodel::{Checkpoint, HookCatalog, HookKind};
+use tokio::sync::oneshot;
+
+use crate::layout::{LayoutArgs, Plan};
+use clients::ClientTokens;
+use passes::{Failure, Job, Queue};
+
+/// Options of `flexmodel serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// `smollm2`, `gemma3-270m`, a .gguf file or a Hugging Face model directory.
+    #[arg(long)]
+    model: String,
+    /// The address to listen on (`127.0.0.1:8080`; port 0 takes a free one). The
+    /// address listened on is the first line printed.
+    #[arg(long)]
+    listen: SocketAddr,
+    #[command(flatten)]
+    layout: LayoutArgs,
+}
+
+/// What every request's handler shares.
+struct Served {
+    queue: Queue,
+    clients: ClientTokens,
+    health: Health,
+    hooks: String,
+    catalog: HookCatalog,
+    /// The persistent edits, by name.
+    edits: Mutex<BTreeMap<String, NamedEdits>>,
+}
+
+/// The OpenAPI document of the endpoints.
+const OPENAPI: &str = include_str!("openapi.json");
+
+/// Serves until SIGINT or SIGTERM.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let Some(token_file) = &args.layout.token_file else {
+        bail!("serve needs --token-file F: the clients' tokens, one per line");
+    };
+    let clients = ClientTokens::read(token_file)?;
+    let checkpoint = Checkpoint::open(&args.model)?;
+    let layout = args.layout.layout()?;
+    let (points, _) = flexmodel::sae::splice_all(checkpoint.config.points(), &args.layout.saes)?;
+    let health = Health {
+        model: args.model.clone(),
+        layout: layout.to_string(),
+        ranks_alive: layout.world_size(),
+        queue: 0,
+    };
+    let hooks = crate::hooks::table(&points);
+    let (layout_args, model_name) = (args.layout.clone(), args.model.clone());
+    let queue = passes::start(move || {
+        let model = layout_args.build(&checkpoint, &model_name, Plan::default())?;
+        Ok((model, checkpoint))
+    })?;
+    let served = Arc::new(Served {
+        queue,
+        clients,
+        health,
+        hooks,
+        catalog: HookCatalog::new(points),
+        edits: Mutex::new(BTreeMap::new()),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(listen(args.listen, served))
+}
+
+async fn listen(addr: SocketAddr, served: Arc<Served>) -> anyhow::Result<()> {
+    let authenticated = Router::new()
+        .route("/v1/forward", post(forward))
+        .route("/v1/hooks", get(hooks))
+        .route("/v1/edits", post(install_edits).get(list_edits))
+        .route("/v1/edits/{name}", delete(remove_edits))
+        .route("/v1/health", get(health))
+        .route_layer(middleware::from_fn_with_state(served.clone(), authenticate));
+    let app = Router::new()
+        .merge(authenticated)
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .with_state(served);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    println!("listening on {}", listener.local_addr()?);
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    // SIGINT and SIGTERM end the process (see `main`), its workers stopped first.
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// An error answer: `{"error": TEXT}` with `status`.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = ErrorBody {
+        error: message.into(),
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+/// Lets through the requests that carry `Authorization: Bearer TOKEN` with a client's
+/// token; 401 otherwise.
+async fn authenticate(State(served): State<Arc<Served>>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if served.clients.accepts(token.trim().as_bytes()) => next.run(request).await,
+        Some(_) => error(
+            StatusCode::UNAUTHORIZED,
+            "the bearer token is not a client's",
+        ),
+        None => error(
+            StatusCode::UNAUTHORIZED,
+            "every request needs an `Authorization: Bearer TOKEN` header",
+        ),
+    }
+}
+
+async fn forward(State(served): State<Arc<Served>>, body: Bytes) -> Response {
+    let request: ForwardRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the request's JSON: {e}")),
+    };
+    let request = match with_persistent_edits(&served, request) {
+        Ok(request) => request,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let (reply, answer) = oneshot::channel();
+    if !served.queue.submit(Job::Forward { request, reply }) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the model's thread has stopped",
+        );
+    }
+    match answer.await {
+        Ok(Ok(bytes)) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
+        Ok(Err(Failure { status, message })) => error(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            message,
+        ),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the model's thread has stopped",
+        ),
+    }
+}
+
+/// `request` with the persistent edits it opts into before its own: their tensors'
+/// keys prefixed with the edit's name.
+fn with_persistent_edits(
+    served: &Served,
+    mut request: ForwardRequest,
+) -> Result<ForwardRequest, String> {
+    let installed = served
+        .edits
+        .lock()
+        .map_err(|_| "the edits' lock is poisoned")?;
+    let mut edits = Vec::new();
+    for name in std::mem::take(&mut request.use_edits) {
+        let named = installed.get(&name).ok_or_else(|| {
+            let known: Vec<&str> = installed.keys().map(String::as_str).collect();
+            format!("no persistent edit is named {name:?} (installed: {known:?})")
+        })?;
+        for spec in &named.edits {
+            edits.push(spec.replace("=add:@", &format!("=add:@{name}/")));
+        }
+        for (key, tensor) in &named.tensors {
+            request
+                .tensors
+                .insert(format!("{name}/{key}"), tensor.clone());
+        }
+    }
+    edits.append(&mut request.edits);
+    request.edits = edits;
+    Ok(request)
+}
+
+/// Installs (or replaces) a persistent edit, checked against the model's hook points.
+async fn install_edits(State(served): State<Arc<Served>>, body: Bytes) -> Response {
+    let named: NamedEdits = match serde_json::from_slice(&body) {
+        Ok(named) => named,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the request's JSON: {e}")),
+    };
+    let valid_name = !named.name.is_empty()
+        && named
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if !valid_name {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "an edit's name is letters, digits, '_', '.' and '-', not {:?}",
+                named.name
+            ),
+        );
+    }
+    let checked = passes::inline_tensors(&named.tensors)
+        .map_err(|f| f.message)
+        .and_then(|inline| {
+            for spec in &named.edits {
+                let edit = EditSpec::parse_with(spec, &inline).map_err(|e| e.to_string())?;
+                served
+                    .catalog
+                    .resolve(&edit.target, HookKind::Forward)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        });
+    if let Err(message) = checked {
+        return error(StatusCode::BAD_REQUEST, message);
+    }
+    let Ok(mut installed) = served.edits.lock() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the edits' lock is poisoned",
+        );
+    };
+    let listed = NamedEdits {
+        tensors: BTreeMap::new(),
+        ..named.clone()
+    };
+    installed.insert(named.name.clone(), named);
+    (StatusCode::CREATED, axum::Json(listed)).into_response()
+}
+
+/// The persistent edits (without their tensors).
+async fn list_edits(State(served): State<Arc<Served>>) -> Response {
+    let Ok(installed) = served.edits.lock() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the edits' lock is poisoned",
+        );
+    };
+    let listed: Vec<NamedEdits> = installed
+        .values()
+        .map(|named| NamedEdits {
+            tensors: BTreeMap::new(),
+            ..named.clone()
+        })
+        .collect();
+    axum::Json(listed).into_response()
+}
+
+async fn remove_edits(State(served): State<Arc<Served>>, Path(name): Path<String>) -> Response {
+    let Ok(mut installed) = served.edits.lock() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the edits' lock is poisoned",
+        );
+    };
+    match installed.remove(&name) {
+        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no persistent edit is named {name:?}"),
+        ),
+    }
+}
+
+async fn hooks(State(served): State<Arc<Served>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        served.hooks.clone(),
+    )
+        .into_response()
+}
+
+async fn health(State(served): State<Arc<Served>>) -> Response {
+    let health = Health {
+        queue: served.queue.depth(),
+        ..served.health.clone()
+    };
+    axum::Json(health).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn not_found(request: Request) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no endpoint {} {}", request.method(), request.uri().path()),
+    )
+}

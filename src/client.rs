@@ -1,0 +1,183 @@
+//! A client of `flexmodel serve` (feature `client`): typed requests, tensors back.
+//!
+//! ```no_run
+//! use flexmodel::api::ForwardRequest;
+//! use flexmodel::client::Client;
+//!
+//! # fn main() -> Result<(), flexmodel::client::ClientError> {
+//! let client = Client::new("http://127.0.0.1:8080", std::fs::read_to_string("token")?.trim());
+//! let request = ForwardRequest::prompts(["The capital of France is"])
+//!     .hook("blocks.*.hook_resid_post")
+//!     .edit("blocks.3.attn.hook_z=zero-head:1");
+//! let tensors = client.forward(&request)?;
+//! let resid = &tensors["blocks.29.hook_resid_post"];
+//! # let _ = resid;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+
+use crate::api::{ErrorBody, ForwardRequest, Health};
+
+/// What went wrong with a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached, or the connection broke.
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    /// The server answered with an error.
+    #[error("the server answered {status}: {message}")]
+    Server {
+        /// The HTTP status.
+        status: u16,
+        /// What the server said.
+        message: String,
+    },
+    /// The answer was not the tensors it should be.
+    #[error("the answer's tensors: {0}")]
+    Tensors(#[from] candle_core::Error),
+    /// A file the request needed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A server's address and a client's token.
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Client {
+    /// The server at `base` (`http://HOST:PORT`), authenticated with `token`.
+    pub fn new(base: impl Into<String>, token: impl Into<String>) -> Self {
+        Self {
+            base: base.into().trim_end_matches('/').to_string(),
+            token: token.into(),
+            http: reqwest::blocking::Client::builder()
+                .timeout(None)
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The captures (and `loss`, `attention_mask`) of one pass, by name.
+    pub fn forward(
+        &self,
+        request: &ForwardRequest,
+    ) -> Result<HashMap<String, Tensor>, ClientError> {
+        let body = serde_json::to_vec(request).map_err(|e| ClientError::Server {
+            status: 0,
+            message: format!("the request does not serialize: {e}"),
+        })?;
+        let answer = self
+            .http
+            .post(format!("{}/v1/forward", self.base))
+            .bearer_auth(&self.token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()?;
+        let bytes = checked(answer)?.bytes()?;
+        Ok(candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?)
+    }
+
+    /// The server's model, layout, live ranks and queue.
+    pub fn health(&self) -> Result<Health, ClientError> {
+        let answer = self.get("/v1/health")?;
+        serde_json::from_slice(&answer.bytes()?).map_err(|e| ClientError::Server {
+            status: 200,
+            message: format!("not health: {e}"),
+        })
+    }
+
+    /// The hook points, as `flexmodel hooks` prints them.
+    pub fn hooks(&self) -> Result<String, ClientError> {
+        Ok(self.get("/v1/hooks")?.text()?)
+    }
+
+    fn get(&self, path: &str) -> Result<reqwest::blocking::Response, ClientError> {
+        let answer = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()?;
+        checked(answer)
+    }
+}
+
+/// `answer`, or the error it carries.
+fn checked(
+    answer: reqwest::blocking::Response,
+) -> Result<reqwest::blocking::Response, ClientError> {
+    let status = answer.status();
+    if status.is_success() {
+        return Ok(answer);
+    }
+    let body = answer.bytes().unwrap_or_default();
+    let message = match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(error) => error.error,
+        Err(_) => String::from_utf8_lossy(&body).into_owned(),
+    };
+    Err(ClientError::Server {
+        status: status.as_u16(),
+        message,
+    })
+}
+
+impl ForwardRequest {
+    /// A pass over token ids, a row per sequence.
+    pub fn tokens(rows: impl IntoIterator<Item = Vec<u32>>) -> Self {
+        Self {
+            tokens: Some(rows.into_iter().collect()),
+            ..Self::default()
+        }
+    }
+
+    /// A pass over texts, a sequence each.
+    pub fn prompts<S: Into<String>>(texts: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            prompts: Some(texts.into_iter().map(Into::into).collect()),
+            ..Self::default()
+        }
+    }
+
+    /// Also captures `pattern`.
+    pub fn hook(mut self, pattern: impl Into<String>) -> Self {
+        self.hooks.push(pattern.into());
+        self
+    }
+
+    /// Also applies `spec` (`--edit`'s syntax).
+    pub fn edit(mut self, spec: impl Into<String>) -> Self {
+        self.edits.push(spec.into());
+        self
+    }
+
+    /// Adds `delta` to `target` (broadcast), sent along with the request.
+    pub fn add(mut self, target: &str, delta: &Tensor) -> Result<Self, ClientError> {
+        use base64::Engine as _;
+        let key = format!("add{}", self.tensors.len());
+        let file = tempfile::NamedTempFile::new()?;
+        delta.save_safetensors(&key, file.path())?;
+        let bytes = std::fs::read(file.path())?;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+        self.edits.push(format!("{target}=add:@{key}"));
+        self.tensors.insert(key, encoded);
+        Ok(self)
+    }
+
+    /// Which logits the pass computes: `all`, `last` or `none`.
+    pub fn logits(mut self, logits: impl Into<String>) -> Self {
+        self.logits = Some(logits.into());
+        self
+    }
+
+    /// Runs blocks `0..n` only.
+    pub fn stop_at_layer(mut self, n: usize) -> Self {
+        self.stop_at_layer = Some(n);
+        self
+    }
+}

@@ -1,0 +1,323 @@
+//! `flexmodel serve` on loopback: a forward request with captures and edits answers what
+//! `flexmodel capture` writes, asked through the Rust client, curl and Python's
+//! `requests`; a missing or wrong token, bad JSON, an unknown hook and an unknown path
+//! are refused (401, 400, 404) saying what is wrong, and the server goes on serving.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use candle_core::{Device, Tensor};
+use common::cli::{succeeded, tensors, tiny_dir};
+use common::etcd::TokenFile;
+use flexmodel::api::ForwardRequest;
+use flexmodel::client::{Client, ClientError};
+
+/// A `flexmodel serve` process, killed and reaped when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    /// Serves the model at `model` to the clients of `tokens`, with `extra` options.
+    fn start(model: &Path, tokens: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(common::flexmodel_binary())
+            .args(["serve", "--model", model.to_str().unwrap()])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--token-file",
+                tokens.to_str().unwrap(),
+            ])
+            .args(extra)
+            .env("FLEXMODEL_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting flexmodel serve");
+        let mut line = String::new();
+        let stdout = child.stdout.take().unwrap();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("serve printed {line:?}"))
+            .to_string();
+        Server {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bytes_of(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+#[test]
+fn a_served_forward_pass_is_what_capture_writes_for_every_client() {
+    let model = tiny_dir(11);
+    let tokens = TokenFile::new("alice-secret\nbob-secret\n");
+    let dir = tempfile::tempdir().unwrap();
+    // A vector to add, sent inline by the client and from a file to `capture`.
+    let delta = Tensor::arange(0f32, 64.0, &Device::Cpu).unwrap();
+    let delta = (delta * 0.01).unwrap();
+    let delta_file = dir.path().join("delta.safetensors");
+    delta
+        .save_safetensors("blocks.1.hook_resid_pre", &delta_file)
+        .unwrap();
+    let edits = [
+        "blocks.0.attn.hook_z=zero-head:3",
+        "blocks.2.hook_mlp_out=scale:0.5",
+    ];
+    let out = dir.path().join("capture.safetensors");
+    let add = format!("blocks.1.hook_resid_pre=add:{}", delta_file.display());
+    for layout in [&[][..], &["--tp", "2"][..]] {
+        let mut args = vec![
+            "capture",
+            "--model",
+            model.path().to_str().unwrap(),
+            "--tokens-file",
+        ];
+        let rows = dir.path().join("rows.txt");
+        std::fs::write(&rows, "5 17 200 3 99\n1 2 3\n").unwrap();
+        args.push(rows.to_str().unwrap());
+        for hook in ["blocks.*.hook_resid_post", "blocks.0.attn.hook_pattern"] {
+            args.extend(["--hook", hook]);
+        }
+        for edit in edits {
+            args.extend(["--edit", edit]);
+        }
+        args.extend(["--edit", &add, "--out", out.to_str().unwrap()]);
+        args.extend(layout);
+        succeeded(&args);
+        let expected = tensors(&out);
+
+        let server = Server::start(model.path(), &tokens.path, layout);
+        let request = ForwardRequest::tokens([vec![5, 17, 200, 3, 99], vec![1, 2, 3]])
+            .hook("blocks.*.hook_resid_post")
+            .hook("blocks.0.attn.hook_pattern")
+            .edit(edits[0])
+            .edit(edits[1])
+            .add("blocks.1.hook_resid_pre", &delta)
+            .unwrap();
+        for token in ["alice-secret", "bob-secret"] {
+            let answer = Client::new(&server.url, token).forward(&request).unwrap();
+            let mut answer: Vec<(String, Vec<f32>)> = answer
+                .iter()
+                .map(|(k, t)| {
+                    (
+                        k.clone(),
+                        bytes_of(&t.to_dtype(candle_core::DType::F32).unwrap()),
+                    )
+                })
+                .collect();
+            answer.sort_by(|a, b| a.0.cmp(&b.0));
+            assert_eq!(answer, expected, "{layout:?}: served as captured");
+        }
+        let health = Client::new(&server.url, "bob-secret").health().unwrap();
+        assert_eq!(health.model, model.path().to_str().unwrap());
+        assert_eq!(health.ranks_alive, if layout.is_empty() { 1 } else { 2 });
+        assert_eq!(health.queue, 0);
+    }
+}
+
+#[test]
+fn curl_and_python_get_the_same_answer_and_bad_requests_are_refused_saying_why() {
+    let model = tiny_dir(12);
+    let tokens = TokenFile::new("carol-secret\n");
+    let server = Server::start(model.path(), &tokens.path, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let body = r#"{"tokens": [[5, 6, 7, 8]], "hooks": ["blocks.3.hook_resid_post"],
+        "edits": ["blocks.1.hook_mlp_out=scale:2"]}"#;
+    let curl_out = dir.path().join("curl.safetensors");
+    let curl = Command::new("curl")
+        .args(["-sS", "--fail-with-body", "-o", curl_out.to_str().unwrap()])
+        .args(["-H", "Authorization: Bearer carol-secret"])
+        .args(["-H", "Content-Type: application/json", "--data", body])
+        .arg(format!("{}/v1/forward", server.url))
+        .output()
+        .unwrap();
+    assert!(
+        curl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&curl.stdout)
+    );
+    let from_curl = tensors(&curl_out);
+    let python_out = dir.path().join("python.safetensors");
+    let script = format!(
+        r#"
+import json, sys, requests
+from safetensors.numpy import load, save_file
+answer = requests.post("{url}/v1/forward", headers={{"Authorization": "Bearer carol-secret"}},
+                       json=json.loads('''{body}'''))
+answer.raise_for_status()
+save_file(load(answer.content), "{out}")
+"#,
+        url = server.url,
+        out = python_out.display()
+    );
+    let python = Command::new(common::transformer_lens_python())
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        python.status.success(),
+        "{}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    assert_eq!(tensors(&python_out), from_curl);
+    assert!(
+        from_curl
+            .iter()
+            .any(|(k, _)| k == "blocks.3.hook_resid_post")
+    );
+
+    let refused = |token: Option<&str>, method: &str, path: &str, body: &str| {
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "-X", method, "-w", "\n%{http_code}"]);
+        if let Some(token) = token {
+            curl.args(["-H", &format!("Authorization: Bearer {token}")]);
+        }
+        let out = curl
+            .args(["--data", body])
+            .arg(format!("{}{path}", server.url))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (json, code) = text.rsplit_once('\n').unwrap();
+        let error: serde_json::Value = serde_json::from_str(json).unwrap();
+        (
+            code.to_string(),
+            error["error"].as_str().unwrap().to_string(),
+        )
+    };
+    let (code, error) = refused(None, "POST", "/v1/forward", body);
+    assert_eq!(code, "401");
+    assert!(error.contains("Authorization: Bearer"), "{error}");
+    let (code, _) = refused(Some("mallory"), "POST", "/v1/forward", body);
+    assert_eq!(code, "401");
+    let (code, error) = refused(Some("carol-secret"), "POST", "/v1/forward", "{not json");
+    assert_eq!(code, "400");
+    assert!(error.contains("JSON"), "{error}");
+    let unknown = r#"{"tokens": [[1, 2]], "hooks": ["blocks.0.hook_resid_psot"]}"#;
+    let (code, error) = refused(Some("carol-secret"), "POST", "/v1/forward", unknown);
+    assert_eq!(code, "400");
+    assert!(
+        error.contains("blocks.0.hook_resid_pre"),
+        "suggests the nearest: {error}"
+    );
+    let outside = r#"{"tokens": [[1, 99999]]}"#;
+    let (code, error) = refused(Some("carol-secret"), "POST", "/v1/forward", outside);
+    assert_eq!(code, "400");
+    assert!(error.contains("99999"), "{error}");
+    let (code, error) = refused(Some("carol-secret"), "GET", "/v2/nothing", "");
+    assert_eq!(code, "404");
+    assert!(error.contains("/v2/nothing"), "{error}");
+
+    // The server still serves, and tells its hooks and its OpenAPI document.
+    let client = Client::new(&server.url, "carol-secret");
+    let hooks = client.hooks().unwrap();
+    assert!(
+        hooks
+            .lines()
+            .any(|l| l.starts_with("blocks.3.attn.hook_pattern"))
+    );
+    let request = ForwardRequest::tokens([vec![5, 6, 7, 8]]).hook("blocks.3.hook_resid_post");
+    assert!(client.forward(&request).is_ok());
+    let missing = Client::new(&server.url, "carol-secret").forward(&ForwardRequest::default());
+    assert!(matches!(
+        missing,
+        Err(ClientError::Server { status: 400, .. })
+    ));
+    let openapi = Command::new("curl")
+        .args(["-sS", &format!("{}/openapi.json", server.url)])
+        .output()
+        .unwrap();
+    let openapi: serde_json::Value = serde_json::from_slice(&openapi.stdout).unwrap();
+    assert!(openapi["paths"]["/v1/forward"]["post"].is_object());
+}
+
+#[test]
+fn persistent_edits_apply_only_to_the_requests_that_opt_in() {
+    let model = tiny_dir(13);
+    let tokens = TokenFile::new("dave-secret\n");
+    let server = Server::start(model.path(), &tokens.path, &["--tp", "2"]);
+    let client = Client::new(&server.url, "dave-secret");
+    let rows = || [vec![9, 8, 7, 6, 5]];
+    let plain = ForwardRequest::tokens(rows()).hook("blocks.3.hook_resid_post");
+    let inline = plain.clone().edit("blocks.2.hook_mlp_out=scale:0.5");
+    let opted = ForwardRequest {
+        use_edits: vec!["half-mlp".into()],
+        ..plain.clone()
+    };
+    let http = curl_with(&server.url, "dave-secret");
+    let installed = http(
+        "POST",
+        "/v1/edits",
+        r#"{"name": "half-mlp", "edits": ["blocks.2.hook_mlp_out=scale:0.5"]}"#,
+    );
+    assert_eq!(installed.0, "201", "{}", installed.1);
+    let refused = http(
+        "POST",
+        "/v1/edits",
+        r#"{"name": "x", "edits": ["blocks.9.hook_z=scale:2"]}"#,
+    );
+    assert_eq!(refused.0, "400", "{}", refused.1);
+    let listed = http("GET", "/v1/edits", "");
+    assert!(
+        listed.1.contains("half-mlp") && listed.1.contains("scale:0.5"),
+        "{}",
+        listed.1
+    );
+
+    let resid = |request: &ForwardRequest| {
+        bytes_of(&client.forward(request).unwrap()["blocks.3.hook_resid_post"])
+    };
+    let (plain_resid, inline_resid, opted_resid) = (resid(&plain), resid(&inline), resid(&opted));
+    assert_eq!(
+        opted_resid, inline_resid,
+        "the persistent edit applies to who opts in"
+    );
+    assert_ne!(plain_resid, inline_resid);
+    assert_eq!(resid(&plain), plain_resid, "and to no one else");
+
+    assert_eq!(http("DELETE", "/v1/edits/half-mlp", "").0, "204");
+    assert_eq!(http("DELETE", "/v1/edits/half-mlp", "").0, "404");
+    let gone = client.forward(&opted).unwrap_err().to_string();
+    assert!(
+        gone.contains("no persistent edit is named \"half-mlp\""),
+        "{gone}"
+    );
+}
+
+/// `(status, body)` of `METHOD PATH` with `body`, through curl with `token`.
+fn curl_with(url: &str, token: &str) -> impl Fn(&str, &str, &str) -> (String, String) {
+    let (url, token) = (url.to_string(), token.to_string());
+    move |method, path, body| {
+        let out = Command::new("curl")
+            .args(["-sS", "-X", method, "-w", "\n%{http_code}"])
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .args(["-H", "Content-Type: application/json"])
+            .args(if body.is_empty() {
+                vec![]
+            } else {
+                vec!["--data", body]
+            })
+            .arg(format!("{url}{path}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.to_string(), body.to_string())
+    }
+}

@@ -179,16 +179,8 @@ fn generate_and_cache_splice_the_saes_and_the_latents_are_a_dataset_column() {
     assert_eq!(values.dims(), [rows, 32, D_SAE]);
     assert_eq!(read.columns[TOPK_HOST].dims(), [rows, 32, 64]);
     // Five latents of the top-k a position are active.
-    let active = values
-        .ne(0f32)
-        .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap();
-    let per_position = active.sum(2).unwrap().flatten_all().unwrap();
     assert!(
-        per_position
-            .to_vec1::<f32>()
-            .unwrap()
+        common::active_per_position(values)
             .iter()
             .all(|&n| n == 5.0)
     );

@@ -8,8 +8,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use common::{assert_matches_single, batch, rel_error, take_last_calls};
+use candle_core::{Device, Tensor};
+use common::{active_per_position, assert_matches_single, batch, rel_error, take_last_calls};
 use flexmodel::models::LlamaConfig;
 use flexmodel::runtime::Placement;
 use flexmodel::sae::SaeAttachment;
@@ -108,15 +108,7 @@ fn every_layout_with_saes_equals_the_single_shard_latents_split_over_three_ranks
     // position.
     let post = &values[&format!("{TOPK_HOST}.hook_sae_acts_post")];
     assert_eq!(post.dims(), [4, 7, D_SAE]);
-    let active = post.ne(0f32).unwrap().to_dtype(DType::F32).unwrap();
-    let per_position = active.sum(2).unwrap().flatten_all().unwrap();
-    assert!(
-        per_position
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .all(|&n| n == 7.0)
-    );
+    assert!(active_per_position(post).iter().all(|&n| n == 7.0));
     // The edits change the logits, which the SAEs alone (error term on) do not.
     let plain = build(&checkpoint, Layout::SINGLE, &[])
         .forward(tokens())

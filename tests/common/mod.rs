@@ -197,6 +197,18 @@ pub fn take_last_calls(model: &mut flexmodel::FlexModel) -> BTreeMap<String, Ten
         .collect()
 }
 
+/// How many latents are active (non-zero) at each position of `latents` (`[b, t, d_sae]`).
+pub fn active_per_position(latents: &Tensor) -> Vec<f32> {
+    let active = latents.ne(0f32).unwrap().to_dtype(DType::F32).unwrap();
+    active
+        .sum(2)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// The largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)

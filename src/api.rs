@@ -37,6 +37,10 @@ pub struct ForwardRequest {
     /// Run blocks `0..N` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_at_layer: Option<usize>,
+    /// Answer within this many milliseconds of arriving, or fail with 504 (the request
+    /// is dropped if its pass has not started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
 /// `GET /v1/health`.
@@ -50,6 +54,13 @@ pub struct Health {
     pub ranks_alive: usize,
     /// Requests waiting for a pass.
     pub queue: usize,
+    /// Passes run since the server started (each serves one or more requests).
+    #[serde(default)]
+    pub passes: u64,
+    /// Requests dropped before their pass because their client left (or their deadline
+    /// passed).
+    #[serde(default)]
+    pub cancelled: u64,
 }
 
 /// The body of every error answer.

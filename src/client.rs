@@ -180,4 +180,16 @@ impl ForwardRequest {
         self.stop_at_layer = Some(n);
         self
     }
+
+    /// Applies the persistent edit installed on the server under `name`.
+    pub fn use_edits(mut self, name: impl Into<String>) -> Self {
+        self.use_edits.push(name.into());
+        self
+    }
+
+    /// Fails with 504 unless answered within `ms` milliseconds of arriving.
+    pub fn deadline_ms(mut self, ms: u64) -> Self {
+        self.deadline_ms = Some(ms);
+        self
+    }
 }

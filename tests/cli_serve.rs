@@ -321,3 +321,86 @@ fn curl_with(url: &str, token: &str) -> impl Fn(&str, &str, &str) -> (String, St
         (code.to_string(), body.to_string())
     }
 }
+
+/// Sorted `(name, values)` of an answer.
+fn sorted(answer: &std::collections::HashMap<String, Tensor>) -> Vec<(String, Vec<f32>)> {
+    let mut named: Vec<(String, Vec<f32>)> = answer
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                bytes_of(&t.to_dtype(candle_core::DType::F32).unwrap()),
+            )
+        })
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// Requests of different lengths, hooks and edits (one a persistent edit), for the
+/// batching tests.
+fn varied_requests() -> Vec<ForwardRequest> {
+    let delta = (Tensor::arange(0f32, 64.0, &Device::Cpu).unwrap() * 0.01).unwrap();
+    vec![
+        ForwardRequest::tokens([vec![5, 17, 200, 3, 99], vec![1, 2, 3]])
+            .hook("blocks.*.hook_resid_post")
+            .hook("blocks.0.attn.hook_pattern")
+            .edit("blocks.0.attn.hook_z=zero-head:3")
+            .add("blocks.1.hook_resid_pre", &delta)
+            .unwrap(),
+        ForwardRequest::tokens([vec![7, 8]])
+            .hook("blocks.1.hook_resid_post")
+            .edit("blocks.0.hook_mlp_out=scale:0.5"),
+        ForwardRequest::tokens([vec![9, 10, 11, 12, 13, 14, 15, 16]])
+            .hook("blocks.0.attn.hook_pattern")
+            .hook("blocks.3.hook_resid_post"),
+        ForwardRequest::tokens([vec![40, 41, 42], vec![43, 44, 45]])
+            .hook("blocks.*.hook_resid_post")
+            .use_edits("half-mlp"),
+    ]
+}
+
+#[test]
+fn concurrent_requests_with_different_edits_share_a_pass_and_each_gets_its_own_answer() {
+    let model = tiny_dir(14);
+    let tokens = TokenFile::new("erin-secret\n");
+    for layout in [&[][..], &["--tp", "2", "--pp", "2"][..]] {
+        let mut options = vec!["--batch-window-ms", "1500"];
+        options.extend(layout);
+        let server = Server::start(model.path(), &tokens.path, &options);
+        let client = Client::new(&server.url, "erin-secret");
+        let http = curl_with(&server.url, "erin-secret");
+        let body = r#"{"name": "half-mlp", "edits": ["blocks.2.hook_mlp_out=scale:0.5"]}"#;
+        assert_eq!(http("POST", "/v1/edits", body).0, "201");
+        let requests = varied_requests();
+        // Alone: one request at a time, a pass each.
+        let alone: Vec<_> = requests
+            .iter()
+            .map(|r| sorted(&client.forward(r).unwrap()))
+            .collect();
+        let passes = client.health().unwrap().passes;
+        assert_eq!(passes, requests.len() as u64);
+        // Together: sent at once, they share one pass.
+        let together: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = requests
+                .iter()
+                .map(|r| {
+                    let client = Client::new(&server.url, "erin-secret");
+                    s.spawn(move || sorted(&client.forward(r).unwrap()))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(client.health().unwrap().passes, passes + 1, "{layout:?}");
+        for (i, (alone, together)) in alone.iter().zip(&together).enumerate() {
+            assert_eq!(alone, together, "{layout:?}: request {i}, bit for bit");
+        }
+        // Each got its own rows and positions only.
+        let shape = |i: usize, name: &str| {
+            let answer = client.forward(&requests[i]).unwrap();
+            answer[name].dims().to_vec()
+        };
+        assert_eq!(shape(1, "blocks.1.hook_resid_post"), [1, 2, 64]);
+        assert_eq!(shape(2, "blocks.0.attn.hook_pattern")[2..], [8, 8]);
+    }
+}

@@ -33,3 +33,8 @@ pub fn rms(x: &Tensor, eps: f64) -> Result<Tensor> {
 pub fn scaled_masked(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     (scores * scale)?.broadcast_add(mask)
 }
+
+/// `pattern · v`, a matrix product per sequence and head.
+pub fn attend(pattern: &Tensor, v: &Tensor) -> Result<Tensor> {
+    pattern.matmul(v)
+}

@@ -16,7 +16,9 @@
 //! | [`swiglu`] | `silu(gate) · up` |
 //! | [`rms`] | `√(mean(x²) + ε)` over the last dimension |
 //! | [`scaled_masked`] | `scores · scale + mask` |
+//! | [`attend`] | `pattern · v` (summed over the keys in order, for results that no masked key changes) |
 
+mod attend;
 pub mod composed;
 mod exp;
 mod rms;
@@ -26,6 +28,7 @@ mod scores;
 mod softmax;
 mod swiglu;
 
+pub use attend::attend;
 pub use rms::rms;
 pub use rope::rope;
 pub use scores::scaled_masked;

@@ -48,18 +48,22 @@ pub(crate) fn for_each_row(
 }
 
 /// Σ `f(v)` over `values`, in 16 lanes so that the compiler vectorizes the loop (a
-/// single running sum must add in order, one element at a time).
+/// single running sum must add in order, one element at a time). Element `i` always
+/// adds into lane `i mod 16`, so zeros after the values change no bit of the sum.
 #[inline(always)]
 pub(crate) fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut lanes = [0f32; 16];
     let chunks = values.chunks_exact(16);
-    let rest: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    let rest = chunks.remainder();
     for chunk in chunks {
         for (lane, &v) in lanes.iter_mut().zip(chunk) {
             *lane += f(v);
         }
     }
-    lanes.iter().sum::<f32>() + rest
+    for (lane, &v) in lanes.iter_mut().zip(rest) {
+        *lane += f(v);
+    }
+    lanes.iter().sum::<f32>()
 }
 
 /// The largest of `values` (−∞ for none), in 16 lanes as [`lane_sum`].

@@ -2,7 +2,7 @@
 //! gradients autograd takes through each.
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use flexmodel_kernels::{composed, rms, rope, scaled_masked, softmax_last_dim, swiglu};
+use flexmodel_kernels::{attend, composed, rms, rope, scaled_masked, softmax_last_dim, swiglu};
 
 /// The largest `|a − b| / max|b|`.
 fn rel_error(a: &Tensor, b: &Tensor) -> f32 {
@@ -135,6 +135,59 @@ fn scaled_masked_equals_the_composed_chain_bit_for_bit_for_both_mask_shapes() {
 }
 
 #[test]
+fn attend_equals_the_matrix_product_and_so_do_both_gradients() {
+    let mask = Tensor::tril2(70, DType::F32, &Device::Cpu).unwrap();
+    let pattern = softmax_last_dim(
+        &uniform(&[2, 3, 70, 70], 14)
+            .broadcast_add(&((mask - 1.0).unwrap() * 1e30).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let v = uniform(&[2, 3, 70, 64], 15);
+    agree(
+        &pattern,
+        |p| attend(p, &v).unwrap(),
+        |p| composed::attend(p, &v).unwrap(),
+        // Measured: 1.2e-7 and 0 (the sums in another order; the gradients are products).
+        (1e-6, 1e-6),
+    );
+    agree(
+        &v,
+        |v| attend(&pattern, v).unwrap(),
+        |v| composed::attend(&pattern, v).unwrap(),
+        (1e-6, 1e-6),
+    );
+}
+
+#[test]
+fn masked_keys_after_a_querys_own_change_no_bit_of_softmax_or_attend() {
+    // 20 real keys alone, then the same keys followed by 37 masked ones.
+    let scores = uniform(&[1, 2, 20, 20], 16);
+    let v = uniform(&[1, 2, 20, 64], 17);
+    let longer = Tensor::cat(
+        &[
+            &scores,
+            &Tensor::full(f32::NEG_INFINITY, (1, 2, 20, 37), &Device::Cpu).unwrap(),
+        ],
+        D::Minus1,
+    )
+    .unwrap();
+    let more_values = Tensor::cat(&[&v, &uniform(&[1, 2, 37, 64], 18)], 2).unwrap();
+    let (alone, padded) = (
+        softmax_last_dim(&scores).unwrap(),
+        softmax_last_dim(&longer).unwrap(),
+    );
+    assert_eq!(
+        rel_error(&padded.narrow(3, 0, 20).unwrap(), &alone),
+        0.0,
+        "softmax"
+    );
+    let z = attend(&alone, &v).unwrap();
+    let z_padded = attend(&padded, &more_values).unwrap();
+    assert_eq!(rel_error(&z_padded, &z), 0.0, "attend");
+}
+
+#[test]
 fn shapes_the_kernels_cannot_take_are_errors_naming_the_shapes() {
     let x = uniform(&[2, 5, 3, 8], 11);
     let wrong = uniform(&[1, 4, 1, 8], 12);
@@ -144,6 +197,8 @@ fn shapes_the_kernels_cannot_take_are_errors_naming_the_shapes() {
     assert!(err.contains("differ"), "{err}");
     let err = scaled_masked(&x, &wrong, 1.0).unwrap_err().to_string();
     assert!(err.contains("mask"), "{err}");
+    let err = attend(&x, &wrong).unwrap_err().to_string();
+    assert!(err.contains("[1, 4, 1, 8]"), "{err}");
 }
 
 #[test]

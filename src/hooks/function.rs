@@ -5,8 +5,9 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 
+use crate::hooks::Size;
 use crate::hooks::catalog::HookKind;
-use crate::{HookPoint, Result, SaveContext};
+use crate::{Error, HookPoint, Result, SaveContext};
 
 /// An edit: receives the full, unsharded value of a hook point and returns the value
 /// the model continues with (same shape and dtype).
@@ -121,6 +122,18 @@ impl HookFunction {
         self
     }
 
+    /// Confines the edit to sequences `rows` of the batch and their first `len`
+    /// positions: the edit sees only that part of the value (with its part of the
+    /// attention mask), as if those sequences were a pass of their own, and the rest of
+    /// the value goes on unchanged. This is how one batch serves many requests, each
+    /// with its own edits (their sequences padded on the right to the batch's length).
+    pub fn on_sequences(mut self, rows: Range<usize>, len: usize) -> Self {
+        if let Some(edit) = self.edit.take() {
+            self.edit = Some(confined(edit, rows, len));
+        }
+        self
+    }
+
     /// Does not store the value in the activation store (edit-only hooks).
     pub fn without_capture(mut self) -> Self {
         self.capture = false;
@@ -137,4 +150,55 @@ impl HookFunction {
     pub fn target(&self) -> &str {
         &self.target
     }
+}
+
+/// `edit`, run on sequences `rows` over their first `len` positions only.
+fn confined(mut edit: Box<EditFn>, rows: Range<usize>, len: usize) -> Box<EditFn> {
+    Box::new(move |ctx, x| {
+        let spec = ctx.point.shape_spec();
+        if spec.len() != x.rank() {
+            return Err(Error::Internal(
+                "a hook point's value has another rank than its shape says",
+            ));
+        }
+        let end = ctx.positions.end;
+        let mut ranges = Vec::with_capacity(spec.len());
+        for (dim, size) in spec.iter().enumerate() {
+            let n = x.dim(dim)?;
+            ranges.push(match size {
+                Size::Batch => rows.start.min(n)..rows.end.min(n),
+                // A dimension of positions holds the call's last `n` positions up to
+                // `end`: queries (`positions()`) or keys (`0..end`).
+                Size::Seq => 0..len.saturating_sub(end.saturating_sub(n)).min(n),
+                _ => 0..n,
+            });
+        }
+        if ranges.iter().any(|r| r.is_empty()) {
+            return Ok(x);
+        }
+        let mut part = x.clone();
+        for (dim, range) in ranges.iter().enumerate() {
+            part = part.narrow(dim, range.start, range.len())?;
+        }
+        let mask = match ctx.attention_mask {
+            Some(mask) => {
+                let keys = len.min(mask.dim(1)?);
+                let mask = mask.narrow(0, ranges[0].start, ranges[0].len())?;
+                let mask = mask.narrow(1, 0, keys)?;
+                let padded = mask.flatten_all()?.min(0)?.to_scalar::<f32>()? == 0.0;
+                padded.then_some(mask)
+            }
+            None => None,
+        };
+        let mut own = HookCtx {
+            point: ctx.point,
+            name: ctx.name,
+            call: ctx.call,
+            positions: ctx.positions.start.min(len)..end.min(len),
+            attention_mask: mask.as_ref(),
+            save: ctx.save,
+        };
+        let edited = edit(&mut own, part)?;
+        Ok(x.slice_assign(&ranges, &edited)?)
+    })
 }

@@ -274,7 +274,7 @@ impl Attention {
         let z = {
             let _op = crate::op_span!("attention");
             let pattern = pattern.reshape((b, kv, group * t, keys))?;
-            pattern.matmul(&v)?.reshape((b, h, t, dh))?
+            flexmodel_kernels::attend(&pattern, &v)?.reshape((b, h, t, dh))?
         };
         let z = {
             let _op = crate::op_span!("layout");

@@ -1,13 +1,15 @@
 //! `flexmodel serve`: a long-running driver that holds the model's ranks and answers HTTP
-//! requests of authenticated clients (axum on tokio). Each request is one pass on the
-//! model's thread; its hooks and edits are its own.
+//! requests of authenticated clients (axum on tokio). Forward requests that arrive
+//! within a short window run as one batch, each with only its own hooks and edits.
 
+mod batching;
 mod clients;
 mod passes;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use axum::Router;
@@ -20,12 +22,13 @@ use axum::routing::{delete, get, post};
 use clap::Args;
 use flexmodel::api::{ErrorBody, ForwardRequest, Health, NamedEdits};
 use flexmodel::edits::EditSpec;
-use flexmodel::{Checkpoint, HookCatalog, HookKind};
+use flexmodel::{Checkpoint, HookCatalog, HookKind, Tokenizer};
 use tokio::sync::oneshot;
 
 use crate::layout::{LayoutArgs, Plan};
+use batching::Prepared;
 use clients::ClientTokens;
-use passes::{Failure, Job, Queue};
+use passes::{Batching, Failure, Job, ModelSource, Queue, Refused};
 
 /// Options of `flexmodel serve`.
 #[derive(Args, Debug)]
@@ -37,6 +40,16 @@ pub struct ServeArgs {
     /// address listened on is the first line printed.
     #[arg(long)]
     listen: SocketAddr,
+    /// How long a forward request waits for others to share its pass, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    batch_window_ms: u64,
+    /// The most tokens (sequences × padded length) one pass runs; a request of more is
+    /// refused (400).
+    #[arg(long, default_value_t = 16384)]
+    max_batch_tokens: usize,
+    /// The most requests waiting for a pass; more are turned away (429, `Retry-After`).
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
     #[command(flatten)]
     layout: LayoutArgs,
 }
@@ -48,6 +61,10 @@ struct Served {
     health: Health,
     hooks: String,
     catalog: HookCatalog,
+    tokenizer: Tokenizer,
+    vocab_size: usize,
+    context: usize,
+    max_batch_tokens: usize,
     /// The persistent edits, by name.
     edits: Mutex<BTreeMap<String, NamedEdits>>,
 }
@@ -69,19 +86,37 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         layout: layout.to_string(),
         ranks_alive: layout.world_size(),
         queue: 0,
+        passes: 0,
+        cancelled: 0,
     };
     let hooks = crate::hooks::table(&points);
+    let tokenizer = checkpoint.tokenizer.clone();
+    let (vocab_size, context) = (checkpoint.config.vocab_size(), checkpoint.config.context());
     let (layout_args, model_name) = (args.layout.clone(), args.model.clone());
-    let queue = passes::start(move || {
-        let model = layout_args.build(&checkpoint, &model_name, Plan::default())?;
-        Ok((model, checkpoint))
-    })?;
+    let ranks = layout.world_size();
+    let source = ModelSource {
+        build: move || {
+            let model = layout_args.build(&checkpoint, &model_name, Plan::default())?;
+            Ok((model, ranks))
+        },
+        rebuild_after_loss: args.layout.cluster.is_none(),
+    };
+    let batching = Batching {
+        window: Duration::from_millis(args.batch_window_ms),
+        max_batch_tokens: args.max_batch_tokens,
+        max_queue: args.max_queue,
+    };
+    let queue = passes::start(source, batching)?;
     let served = Arc::new(Served {
         queue,
         clients,
         health,
         hooks,
         catalog: HookCatalog::new(points),
+        tokenizer,
+        vocab_size,
+        context,
+        max_batch_tokens: args.max_batch_tokens,
         edits: Mutex::new(BTreeMap::new()),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -145,34 +180,113 @@ async fn authenticate(State(served): State<Arc<Served>>, request: Request, next:
 }
 
 async fn forward(State(served): State<Arc<Served>>, body: Bytes) -> Response {
+    let arrived = Instant::now();
     let request: ForwardRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("the request's JSON: {e}")),
     };
-    let request = match with_persistent_edits(&served, request) {
-        Ok(request) => request,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    let deadline = request.deadline_ms.map(Duration::from_millis);
+    let prepared = match with_persistent_edits(&served, request)
+        .map_err(Failure::bad)
+        .and_then(|request| prepare(&served, &request))
+    {
+        Ok(prepared) => prepared,
+        Err(failure) => return failed(failure),
     };
     let (reply, answer) = oneshot::channel();
-    if !served.queue.submit(Job::Forward { request, reply }) {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the model's thread has stopped",
-        );
+    let job = Job {
+        request: prepared,
+        arrived,
+        reply,
+    };
+    match served.queue.submit(job) {
+        Ok(()) => {}
+        Err(Refused::Full { retry_after_s }) => {
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "the queue is full ({} requests wait); try again in {retry_after_s} s",
+                    served.queue.depth()
+                ),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, retry_after_s.into());
+            return response;
+        }
+        Err(Refused::Stopped) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the model's thread has stopped",
+            );
+        }
     }
-    match answer.await {
+    let answer = match deadline {
+        // Dropping `answer` at the deadline drops the request if its pass has not begun.
+        Some(deadline) => {
+            match tokio::time::timeout_at((arrived + deadline).into(), answer).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    return error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "the request's deadline of {} ms passed before its answer",
+                            deadline.as_millis()
+                        ),
+                    );
+                }
+            }
+        }
+        None => answer.await,
+    };
+    match answer {
         Ok(Ok(bytes)) => {
             ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
         }
-        Ok(Err(Failure { status, message })) => error(
-            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            message,
-        ),
+        Ok(Err(failure)) => failed(failure),
         Err(_) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the model's thread has stopped",
         ),
     }
+}
+
+/// The error answer of `failure`.
+fn failed(Failure { status, message }: Failure) -> Response {
+    error(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        message,
+    )
+}
+
+/// `request` tokenized and checked, ready to join a batch.
+fn prepare(served: &Served, request: &ForwardRequest) -> Result<Prepared, Failure> {
+    let rows = match (&request.tokens, &request.prompts) {
+        (Some(rows), None) => rows.clone(),
+        (None, Some(prompts)) => prompts
+            .iter()
+            .map(|text| served.tokenizer.encode(text))
+            .collect::<flexmodel::Result<_>>()?,
+        _ => return Err(Failure::bad("give either tokens or prompts")),
+    };
+    let prepared = Prepared::new(
+        request,
+        rows,
+        &served.catalog,
+        served.vocab_size,
+        served.context,
+    )?;
+    let tokens = prepared.sequences() * prepared.len();
+    if tokens > served.max_batch_tokens {
+        return Err(Failure::bad(format!(
+            "the request is {} sequences of up to {} tokens ({tokens} with padding); \
+             a pass of this server runs at most {} (--max-batch-tokens)",
+            prepared.sequences(),
+            prepared.len(),
+            served.max_batch_tokens
+        )));
+    }
+    Ok(prepared)
 }
 
 /// `request` with the persistent edits it opts into before its own: their tensors'
@@ -225,7 +339,7 @@ async fn install_edits(State(served): State<Arc<Served>>, body: Bytes) -> Respon
             ),
         );
     }
-    let checked = passes::inline_tensors(&named.tensors)
+    let checked = batching::inline_tensors(&named.tensors)
         .map_err(|f| f.message)
         .and_then(|inline| {
             for spec in &named.edits {
@@ -299,6 +413,9 @@ async fn hooks(State(served): State<Arc<Served>>) -> Response {
 async fn health(State(served): State<Arc<Served>>) -> Response {
     let health = Health {
         queue: served.queue.depth(),
+        ranks_alive: served.queue.ranks_alive(),
+        passes: served.queue.passes(),
+        cancelled: served.queue.cancelled(),
         ..served.health.clone()
     };
     axum::Json(health).into_response()

@@ -1,18 +1,16 @@
-//! The thread that holds the model and runs the requests' passes, one after another.
+//! The thread that holds the model: it gathers the requests that arrive within a short
+//! window into batches and runs them, a pass per batch.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
-use flexmodel::api::ForwardRequest;
-use flexmodel::edits::EditSpec;
-use flexmodel::{
-    Checkpoint, FlexModel, HookFunction, Logits, PassScope, TokenBatch, masked_next_token_loss,
-    next_token_loss,
-};
+use flexmodel::FlexModel;
 use tokio::sync::oneshot;
+
+use super::batching::{self, BatchKey, Prepared};
 
 /// Why a request failed: the HTTP status and what to tell the client.
 #[derive(Debug)]
@@ -53,74 +51,165 @@ impl From<candle_core::Error> for Failure {
     }
 }
 
-/// A request for the model's thread, with where its answer goes.
-pub enum Job {
-    /// One forward pass; the answer is a safetensors file.
-    Forward {
-        request: ForwardRequest,
-        reply: oneshot::Sender<Result<Vec<u8>, Failure>>,
-    },
+/// A forward request waiting for its pass, with where its answer goes.
+pub struct Job {
+    /// The request.
+    pub request: Prepared,
+    /// When it arrived.
+    pub arrived: Instant,
+    /// Its answer: the safetensors file, or why not.
+    pub reply: oneshot::Sender<Result<Vec<u8>, Failure>>,
 }
 
-/// The sending side of the model's queue, with its depth.
+/// How the model's thread gathers requests into passes.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// How long the first request of a pass waits for others to join it.
+    pub window: Duration,
+    /// The most tokens (sequences × padded length) one pass runs.
+    pub max_batch_tokens: usize,
+    /// The most requests waiting at once; more are turned away (429).
+    pub max_queue: usize,
+}
+
+/// What the model's thread and the handlers share.
+#[derive(Default)]
+struct Counters {
+    /// Requests queued and not yet taken into a pass.
+    waiting: AtomicUsize,
+    /// Passes run.
+    passes: AtomicU64,
+    /// Requests dropped before their pass because their client had left.
+    cancelled: AtomicU64,
+    /// The last pass's time, in milliseconds.
+    last_pass_ms: AtomicU64,
+    /// The ranks whose shards answer.
+    ranks_alive: AtomicUsize,
+}
+
+/// The sending side of the model's queue.
 #[derive(Clone)]
 pub struct Queue {
     jobs: mpsc::Sender<Job>,
-    depth: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
+    max_queue: usize,
+}
+
+/// Why a request was not queued.
+pub enum Refused {
+    /// The queue is full: try again after this many seconds.
+    Full { retry_after_s: u64 },
+    /// The model's thread has stopped.
+    Stopped,
 }
 
 impl Queue {
-    /// Queues `job`; false if the model's thread is gone.
-    pub fn submit(&self, job: Job) -> bool {
-        self.depth.fetch_add(1, Ordering::SeqCst);
-        let sent = self.jobs.send(job).is_ok();
-        if !sent {
-            self.depth.fetch_sub(1, Ordering::SeqCst);
+    /// Queues `job`, unless the queue is full or the model's thread gone.
+    pub fn submit(&self, job: Job) -> Result<(), Refused> {
+        let waiting = self.counters.waiting.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.max_queue {
+            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
+            // The passes ahead, at the last pass's pace.
+            let pass_ms = self.counters.last_pass_ms.load(Ordering::SeqCst).max(1);
+            let ahead = (waiting as u64).div_ceil(self.max_queue.max(1) as u64) + 1;
+            return Err(Refused::Full {
+                retry_after_s: (pass_ms * ahead).div_ceil(1000).max(1),
+            });
         }
-        sent
+        if self.jobs.send(job).is_err() {
+            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refused::Stopped);
+        }
+        Ok(())
     }
 
-    /// The requests waiting for the model.
+    /// The requests waiting for a pass.
     pub fn depth(&self) -> usize {
-        self.depth.load(Ordering::SeqCst)
+        self.counters.waiting.load(Ordering::SeqCst)
+    }
+
+    /// The passes run so far.
+    pub fn passes(&self) -> u64 {
+        self.counters.passes.load(Ordering::SeqCst)
+    }
+
+    /// The requests dropped because their client left before their pass.
+    pub fn cancelled(&self) -> u64 {
+        self.counters.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// The ranks whose shards answer.
+    pub fn ranks_alive(&self) -> usize {
+        self.counters.ranks_alive.load(Ordering::SeqCst)
     }
 }
 
-/// Starts the model's thread: it builds the model with `build` (the model stays on that
-/// thread), says so, then runs the queue's requests one after another. Returns the
-/// queue once the model is built, or why it could not be.
-pub fn start<B>(build: B) -> anyhow::Result<Queue>
+/// How the model's thread gets its model: built at the start, and built again after a
+/// pass lost a rank when `rebuild_after_loss` (worker processes of its own, which do
+/// not come back; a `--cluster` job takes a replacement worker by itself).
+pub struct ModelSource<B> {
+    /// Builds the model, returning it with its number of ranks.
+    pub build: B,
+    /// Whether to build it again after a rank was lost.
+    pub rebuild_after_loss: bool,
+}
+
+/// Starts the model's thread: it builds the model (which stays on that thread), then
+/// runs the queue's requests in batches. Returns the queue once the model is built, or
+/// why it could not be.
+pub fn start<B>(source: ModelSource<B>, batching: Batching) -> anyhow::Result<Queue>
 where
-    B: FnOnce() -> anyhow::Result<(FlexModel, Checkpoint)> + Send + 'static,
+    B: FnMut() -> anyhow::Result<(FlexModel, usize)> + Send + 'static,
 {
     let (jobs, received) = mpsc::channel::<Job>();
-    let depth = Arc::new(AtomicUsize::new(0));
+    let counters = Arc::new(Counters::default());
     let queue = Queue {
         jobs,
-        depth: depth.clone(),
+        counters: counters.clone(),
+        max_queue: batching.max_queue,
     };
     let (ready, built) = mpsc::channel();
     std::thread::Builder::new()
         .name("flexmodel-model".into())
         .spawn(move || {
-            let (mut model, checkpoint) = match build() {
-                Ok(built) => built,
+            let ModelSource {
+                mut build,
+                rebuild_after_loss,
+            } = source;
+            let mut model = match build() {
+                Ok((model, ranks)) => {
+                    counters.ranks_alive.store(ranks, Ordering::SeqCst);
+                    model
+                }
                 Err(e) => {
                     let _ = ready.send(Err(e));
                     return;
                 }
             };
             let _ = ready.send(Ok(()));
-            for job in received {
-                depth.fetch_sub(1, Ordering::SeqCst);
-                match job {
-                    Job::Forward { request, reply } => {
-                        let answer = forward(&mut model, &checkpoint, &request);
-                        // What a pass leaves behind is not the next request's.
-                        model.hooks_mut().clear();
-                        model.store_mut().clear();
-                        // A client that left no longer waits for its answer.
-                        let _ = reply.send(answer);
+            let mut waiting = VecDeque::new();
+            while gather(&received, &mut waiting, batching.window) {
+                let batch = take_batch(&mut waiting, batching.max_batch_tokens, &counters);
+                if batch.is_empty() {
+                    continue;
+                }
+                let started = Instant::now();
+                let lost_rank = run_batch(&mut model, batch);
+                counters
+                    .last_pass_ms
+                    .store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
+                counters.passes.fetch_add(1, Ordering::SeqCst);
+                if lost_rank && rebuild_after_loss {
+                    let alive = counters.ranks_alive.load(Ordering::SeqCst);
+                    counters
+                        .ranks_alive
+                        .store(alive.saturating_sub(1), Ordering::SeqCst);
+                    match build() {
+                        Ok((rebuilt, ranks)) => {
+                            model = rebuilt;
+                            counters.ranks_alive.store(ranks, Ordering::SeqCst);
+                        }
+                        Err(e) => tracing::error!("rebuilding the model after a lost rank: {e:#}"),
                     }
                 }
             }
@@ -131,108 +220,99 @@ where
     Ok(queue)
 }
 
-/// The pass of `request` (its persistent edits already among its own): its captures,
-/// the loss and the attention mask, as `flexmodel capture --out` writes them, in a
-/// safetensors file.
-fn forward(
-    model: &mut FlexModel,
-    checkpoint: &Checkpoint,
-    request: &ForwardRequest,
-) -> Result<Vec<u8>, Failure> {
-    let batch = batch_of(checkpoint, request)?;
-    let inline = inline_tensors(&request.tensors)?;
-    for spec in &request.edits {
-        let edit = EditSpec::parse_with(spec, &inline)?;
-        model.hooks_mut().register(edit.hook_function())?;
-    }
-    for pattern in &request.hooks {
-        model
-            .hooks_mut()
-            .register(HookFunction::new(pattern.clone()))?;
-    }
-    let logits = match request.logits.as_deref() {
-        None | Some("all") => Logits::All,
-        Some("last") => Logits::Last,
-        Some("none") => Logits::None,
-        Some(other) => {
-            return Err(Failure::bad(format!(
-                "logits is all, last or none, not {other:?}"
-            )));
-        }
-    };
-    let scope = PassScope {
-        stop_at_layer: request.stop_at_layer,
-        logits,
-    };
-    let output = model.forward_scoped(&batch, scope)?;
-    let full = request.stop_at_layer.is_none() && logits == Logits::All;
-    let mut out: HashMap<String, Tensor> = HashMap::new();
-    for (name, calls) in model.store().iter() {
-        if let Some(last) = calls.last() {
-            out.insert(name.to_string(), last.to_dtype(DType::F32)?.contiguous()?);
+/// Waits for a request if none is waiting, then for the window from the oldest
+/// waiting request's arrival; false once the queue's senders are all gone.
+fn gather(received: &mpsc::Receiver<Job>, waiting: &mut VecDeque<Job>, window: Duration) -> bool {
+    if waiting.is_empty() {
+        match received.recv() {
+            Ok(job) => waiting.push_back(job),
+            Err(_) => return false,
         }
     }
-    let seq = batch.dims()?.1;
-    if let (Some(logits), true, true) = (output, full, seq > 1) {
-        let tokens = batch.tokens();
-        let loss = match batch.attention_mask() {
-            Some(mask) => masked_next_token_loss(&logits, tokens, mask)?,
-            None => next_token_loss(&logits, tokens)?,
+    let until = waiting
+        .front()
+        .map_or_else(Instant::now, |j| j.arrived + window);
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match received.recv_timeout(left) {
+            Ok(job) => waiting.push_back(job),
+            Err(RecvTimeoutError::Timeout) => break,
+            Err(RecvTimeoutError::Disconnected) => return !waiting.is_empty(),
+        }
+    }
+    // Whatever else is already here joins too.
+    waiting.extend(received.try_iter());
+    true
+}
+
+/// The next pass's requests: the oldest waiting request and, in order of arrival, those
+/// of the same key that fit in `max_tokens` with it. Requests whose clients left are
+/// dropped on the way.
+fn take_batch(waiting: &mut VecDeque<Job>, max_tokens: usize, counters: &Counters) -> Vec<Job> {
+    let mut batch: Vec<Job> = Vec::new();
+    let mut key: Option<BatchKey> = None;
+    let (mut rows, mut len) = (0usize, 0usize);
+    let mut kept = VecDeque::with_capacity(waiting.len());
+    for job in waiting.drain(..) {
+        if job.reply.is_closed() {
+            counters.waiting.fetch_sub(1, Ordering::SeqCst);
+            counters.cancelled.fetch_add(1, Ordering::SeqCst);
+            continue;
+        }
+        let fits = match key {
+            None => true,
+            Some(key) => {
+                let joined_len = len.max(job.request.len());
+                key == job.request.key()
+                    && (rows + job.request.sequences()) * joined_len <= max_tokens
+            }
         };
-        out.insert("loss".to_string(), loss.reshape(1)?);
+        if !fits {
+            kept.push_back(job);
+            continue;
+        }
+        key = Some(job.request.key());
+        rows += job.request.sequences();
+        len = len.max(job.request.len());
+        counters.waiting.fetch_sub(1, Ordering::SeqCst);
+        batch.push(job);
     }
-    if let Some(mask) = batch.attention_mask() {
-        out.insert("attention_mask".to_string(), mask.clone());
-    }
-    safetensors_bytes(&out)
+    *waiting = kept;
+    batch
 }
 
-/// The request's batch: its token rows or its prompts, left-padded.
-fn batch_of(checkpoint: &Checkpoint, request: &ForwardRequest) -> Result<TokenBatch, Failure> {
-    let rows = match (&request.tokens, &request.prompts) {
-        (Some(rows), None) => rows.clone(),
-        (None, Some(prompts)) => prompts
-            .iter()
-            .map(|text| checkpoint.tokenizer.encode(text))
-            .collect::<flexmodel::Result<_>>()?,
-        _ => return Err(Failure::bad("give either tokens or prompts")),
-    };
-    if rows.is_empty() {
-        return Err(Failure::bad("the batch has no sequence"));
+/// Runs `batch` as one pass and answers its requests; true if the pass lost a rank. A
+/// pass that fails for another reason is run again a request at a time, so that only
+/// the request at fault gets its error.
+fn run_batch(model: &mut FlexModel, batch: Vec<Job>) -> bool {
+    let requests: Vec<&Prepared> = batch.iter().map(|job| &job.request).collect();
+    let answers = batching::run(model, &requests);
+    // What a pass leaves behind is not the next one's.
+    model.hooks_mut().clear();
+    model.store_mut().clear();
+    match answers {
+        Ok(answers) => {
+            for (job, answer) in batch.into_iter().zip(answers) {
+                // A client that left no longer waits for its answer.
+                let _ = job.reply.send(Ok(answer));
+            }
+            false
+        }
+        Err(failure) if failure.status == 503 || batch.len() == 1 => {
+            for job in batch {
+                let _ = job.reply.send(Err(Failure {
+                    status: failure.status,
+                    message: failure.message.clone(),
+                }));
+            }
+            failure.status == 503
+        }
+        Err(_) => {
+            let mut lost = false;
+            for job in batch {
+                lost |= run_batch(model, vec![job]);
+            }
+            lost
+        }
     }
-    Ok(TokenBatch::left_padded(&rows)?)
-}
-
-/// The tensors a request sent along, by key: each a base64-encoded safetensors file
-/// holding a tensor under its key.
-pub fn inline_tensors(
-    sent: &BTreeMap<String, String>,
-) -> Result<BTreeMap<String, Tensor>, Failure> {
-    use base64::Engine as _;
-    let mut tensors = BTreeMap::new();
-    for (key, encoded) in sent {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .map_err(|e| Failure::bad(format!("tensors.{key}: not base64: {e}")))?;
-        let mut file = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| Failure::bad(format!("tensors.{key}: not a safetensors file: {e}")))?;
-        let tensor = file.remove(key).ok_or_else(|| {
-            Failure::bad(format!("tensors.{key}: no tensor under the key {key:?}"))
-        })?;
-        tensors.insert(key.clone(), tensor);
-    }
-    Ok(tensors)
-}
-
-/// `tensors` as the bytes of a safetensors file.
-fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>, Failure> {
-    let file = tempfile::NamedTempFile::new().map_err(|e| Failure {
-        status: 500,
-        message: format!("a temporary file for the answer: {e}"),
-    })?;
-    flexmodel::weights::write_safetensors(tensors, file.path())?;
-    std::fs::read(file.path()).map_err(|e| Failure {
-        status: 500,
-        message: format!("reading the answer back: {e}"),
-    })
 }

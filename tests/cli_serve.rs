@@ -357,6 +357,11 @@ fn varied_requests() -> Vec<ForwardRequest> {
         ForwardRequest::tokens([vec![40, 41, 42], vec![43, 44, 45]])
             .hook("blocks.*.hook_resid_post")
             .use_edits("half-mlp"),
+        ForwardRequest::tokens([vec![50]]).hook("blocks.*.hook_resid_post"),
+        ForwardRequest::tokens([(60..77).collect(), (80..91).collect()])
+            .hook("blocks.*.attn.hook_pattern")
+            .hook("blocks.3.hook_resid_post")
+            .edit("blocks.1.attn.hook_z=zero-head:0"),
     ]
 }
 
@@ -403,4 +408,170 @@ fn concurrent_requests_with_different_edits_share_a_pass_and_each_gets_its_own_a
         assert_eq!(shape(1, "blocks.1.hook_resid_post"), [1, 2, 64]);
         assert_eq!(shape(2, "blocks.0.attn.hook_pattern")[2..], [8, 8]);
     }
+}
+
+/// The server's health, polled until `done` holds (at most 10 s).
+fn health_when(
+    client: &Client,
+    done: impl Fn(&flexmodel::api::Health) -> bool,
+) -> flexmodel::api::Health {
+    let start = std::time::Instant::now();
+    loop {
+        let health = client.health().unwrap();
+        if done(&health) || start.elapsed() > std::time::Duration::from_secs(10) {
+            return health;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_full_queue_says_when_to_retry_and_late_or_departed_requests_are_dropped_unrun() {
+    let model = tiny_dir(15);
+    let tokens = TokenFile::new("frank-secret\n");
+    let options = ["--batch-window-ms", "2000", "--max-queue", "2"];
+    let server = Server::start(model.path(), &tokens.path, &options);
+    let client = Client::new(&server.url, "frank-secret");
+    let request = ForwardRequest::tokens([vec![1, 2, 3]]).hook("blocks.0.hook_resid_post");
+    let body = serde_json::to_string(&request).unwrap();
+    std::thread::scope(|s| {
+        // Two requests wait out the window: the queue is full.
+        let waiting: Vec<_> = (0..2)
+            .map(|_| {
+                let client = Client::new(&server.url, "frank-secret");
+                let request = request.clone();
+                s.spawn(move || client.forward(&request))
+            })
+            .collect();
+        health_when(&client, |h| h.queue == 2);
+        let out = Command::new("curl")
+            .args(["-sS", "-i", "-H", "Authorization: Bearer frank-secret"])
+            .args(["-H", "Content-Type: application/json", "--data", &body])
+            .arg(format!("{}/v1/forward", server.url))
+            .output()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        assert!(answer.starts_with("http/1.1 429"), "{answer}");
+        let retry: u64 = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("retry-after: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no Retry-After: {answer}"));
+        assert!(retry >= 1, "{answer}");
+        assert!(answer.contains("the queue is full"), "{answer}");
+        for handle in waiting {
+            assert!(
+                handle.join().unwrap().is_ok(),
+                "accepted requests are answered"
+            );
+        }
+    });
+    let passes = client.health().unwrap().passes;
+    assert_eq!(passes, 1);
+
+    // A deadline shorter than the window: 504 at the deadline, and the request never runs.
+    let start = std::time::Instant::now();
+    let late = client.forward(&request.clone().deadline_ms(300));
+    let took = start.elapsed();
+    assert!(
+        matches!(&late, Err(ClientError::Server { status: 504, message }) if message.contains("300 ms")),
+        "{late:?}"
+    );
+    assert!(
+        took < std::time::Duration::from_millis(1500),
+        "took {took:?}"
+    );
+    let health = health_when(&client, |h| h.cancelled == 1);
+    assert_eq!(
+        (health.cancelled, health.passes, health.queue),
+        (1, passes, 0)
+    );
+
+    // A client that hangs up before its pass: dropped unrun, the server unharmed.
+    let hung_up = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "0.5",
+            "-H",
+            "Authorization: Bearer frank-secret",
+        ])
+        .args(["-H", "Content-Type: application/json", "--data", &body])
+        .arg(format!("{}/v1/forward", server.url))
+        .output()
+        .unwrap();
+    assert_eq!(hung_up.status.code(), Some(28), "curl timed out");
+    let health = health_when(&client, |h| h.cancelled == 2);
+    assert_eq!(
+        (health.cancelled, health.passes, health.queue),
+        (2, passes, 0)
+    );
+    assert!(client.forward(&request).is_ok());
+    assert_eq!(client.health().unwrap().passes, passes + 1);
+}
+
+/// The pids of the processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_worker_lost_mid_pass_fails_that_pass_with_503_naming_its_rank_and_the_server_recovers() {
+    let model = tiny_dir(16);
+    let tokens = TokenFile::new("grace-secret\n");
+    let options = ["--procs", "--tp", "2", "--batch-window-ms", "300"];
+    let server = Server::start(model.path(), &tokens.path, &options);
+    let client = Client::new(&server.url, "grace-secret");
+    let request = ForwardRequest::tokens([vec![4, 5, 6, 7]]).hook("blocks.3.hook_resid_post");
+    let before = sorted(&client.forward(&request).unwrap());
+    let workers = children(server.child.id());
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    // Stopped, a worker answers no more: the pass waits on it until its heartbeats stop.
+    let victim = workers[1];
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &victim.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let failed: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let client = Client::new(&server.url, "grace-secret");
+                let request = request.clone();
+                s.spawn(move || client.forward(&request))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let _ = Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status();
+    for answer in failed {
+        match answer {
+            Err(ClientError::Server {
+                status: 503,
+                message,
+            }) => {
+                assert!(message.starts_with("rank "), "{message}")
+            }
+            other => panic!("expected 503 naming the rank, got {other:?}"),
+        }
+    }
+    // The server builds its ranks again and answers as before.
+    let after = sorted(&client.forward(&request).unwrap());
+    assert_eq!(after, before);
+    let health = client.health().unwrap();
+    assert_eq!(health.ranks_alive, 2);
+    let workers_now = children(server.child.id());
+    assert_eq!(workers_now.len(), 2, "{workers_now:?}");
+    assert!(!workers_now.contains(&victim));
 }

@@ -11,7 +11,7 @@
 
 use candle_core::{D, DType, Device, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
-use flexmodel_kernels::{composed, rms, rope, scaled_masked, softmax_last_dim, swiglu};
+use flexmodel_kernels::{attend, composed, rms, rope, scores, softmax_last_dim, swiglu};
 
 const TOKENS: usize = 4 * 128;
 
@@ -28,9 +28,17 @@ fn tensor(shape: &[usize]) -> Tensor {
 
 fn kernels(c: &mut Criterion) {
     let (b, t, heads, d_head, d, hidden) = (4, 128, 9, 64, 576, 1536);
-    let scores = tensor(&[b, heads, t, t]);
+    let raw_scores = tensor(&[b, heads, t, t]);
     let mask = Tensor::tril2(t, DType::F32, &Device::Cpu).unwrap();
-    let mask = ((mask - 1.0).unwrap() * 1e30).unwrap();
+    let minus_inf = Tensor::full(f32::NEG_INFINITY, (t, t), &Device::Cpu).unwrap();
+    let mask = mask
+        .ne(0f32)
+        .unwrap()
+        .where_cond(&mask.zeros_like().unwrap(), &minus_inf)
+        .unwrap();
+    // SmolLM2's grouped heads: 3 key heads of 3 query heads each.
+    let (q, k) = (tensor(&[b, 3, 3 * t, d_head]), tensor(&[b, 3, t, d_head]));
+    let pattern = softmax_last_dim(&scores(&q, &k, &mask, 0.125).unwrap()).unwrap();
     let x = tensor(&[b, t, heads, d_head]);
     let angles = tensor(&[1, t, 1, d_head / 2]);
     let angles = Tensor::cat(&[&angles, &angles], D::Minus1).unwrap();
@@ -41,16 +49,22 @@ fn kernels(c: &mut Criterion) {
     let mut group = c.benchmark_group("fused vs composed");
     group.sample_size(20);
     group.bench_function("softmax fused", |bench| {
-        bench.iter(|| softmax_last_dim(&scores).unwrap())
+        bench.iter(|| softmax_last_dim(&raw_scores).unwrap())
     });
     group.bench_function("softmax composed", |bench| {
-        bench.iter(|| composed::softmax_last_dim(&scores).unwrap())
+        bench.iter(|| composed::softmax_last_dim(&raw_scores).unwrap())
     });
-    group.bench_function("scaled_masked fused", |bench| {
-        bench.iter(|| scaled_masked(&scores, &mask, 0.125).unwrap())
+    group.bench_function("scores fused", |bench| {
+        bench.iter(|| scores(&q, &k, &mask, 0.125).unwrap())
     });
-    group.bench_function("scaled_masked composed", |bench| {
-        bench.iter(|| composed::scaled_masked(&scores, &mask, 0.125).unwrap())
+    group.bench_function("scores composed", |bench| {
+        bench.iter(|| composed::scores(&q, &k, &mask, 0.125).unwrap())
+    });
+    group.bench_function("attend fused", |bench| {
+        bench.iter(|| attend(&pattern, &k).unwrap())
+    });
+    group.bench_function("attend composed", |bench| {
+        bench.iter(|| composed::attend(&pattern, &k).unwrap())
     });
     group.bench_function("rope fused", |bench| {
         bench.iter(|| rope(&x, &cos, &sin).unwrap())

@@ -4,6 +4,9 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use crate::rows::{for_each_row, simd, slice};
 
+/// Output columns a row's inner loop sums at once (a multiple of 8 lanes).
+const WIDTH: usize = 64;
+
 /// `pattern · v` for `pattern` of shape `[b, h, m, keys]` and `v` of `[b, h, keys, d]`:
 /// each output element is summed over the keys in their order, skipping keys of weight
 /// 0. So a query's result depends only on the keys it attends to: keys masked after
@@ -49,11 +52,32 @@ impl CustomOp2 for Attend {
             let weights = &pattern[r * keys..(r + 1) * keys];
             let values = &values[block * keys * d..(block + 1) * keys * d];
             simd(|| {
+                // The row a block of WIDTH columns at a time, summed in registers.
+                let mut columns = row.chunks_exact_mut(WIDTH);
+                for (c, out) in (&mut columns).enumerate() {
+                    let mut sums = [0f32; WIDTH];
+                    for (k, &w) in weights.iter().enumerate() {
+                        if w == 0.0 {
+                            continue;
+                        }
+                        let at = k * d + c * WIDTH;
+                        let values: &[f32; WIDTH] = values[at..at + WIDTH]
+                            .try_into()
+                            .expect("a block of WIDTH values");
+                        for (s, &x) in sums.iter_mut().zip(values) {
+                            *s += w * x;
+                        }
+                    }
+                    out.copy_from_slice(&sums);
+                }
+                let rest = columns.into_remainder();
+                let (first, n) = (d - rest.len(), rest.len());
                 for (k, &w) in weights.iter().enumerate() {
                     if w == 0.0 {
                         continue;
                     }
-                    for (o, &x) in row.iter_mut().zip(&values[k * d..(k + 1) * d]) {
+                    let at = k * d + first;
+                    for (o, &x) in rest.iter_mut().zip(&values[at..at + n]) {
                         *o += w * x;
                     }
                 }

@@ -29,9 +29,19 @@ pub fn rms(x: &Tensor, eps: f64) -> Result<Tensor> {
     (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()
 }
 
-/// `scores · scale + mask`, the mask broadcast.
-pub fn scaled_masked(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    (scores * scale)?.broadcast_add(mask)
+/// `q · kᵀ · scale + mask`, the heads' rows grouped as [`crate::scores`] takes them.
+pub fn scores(q: &Tensor, k: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, m, _) = q.dims4()?;
+    let keys = k.dim(2)?;
+    let t = mask.dim(mask.rank() - 2)?;
+    let raw = q.matmul(&k.t()?)?.reshape((b, h, m / t, t, keys))?;
+    let mask = match mask.rank() {
+        4 => mask.unsqueeze(1)?,
+        _ => mask.clone(),
+    };
+    (raw * scale)?
+        .broadcast_add(&mask)?
+        .reshape((b, h, m, keys))
 }
 
 /// `pattern · v`, a matrix product per sequence and head.

@@ -15,7 +15,7 @@
 //! | [`rope`] | `x·cos + rotate_half(x)·sin` |
 //! | [`swiglu`] | `silu(gate) · up` |
 //! | [`rms`] | `√(mean(x²) + ε)` over the last dimension |
-//! | [`scaled_masked`] | `scores · scale + mask` |
+//! | [`scores`] | `q · kᵀ · scale + mask` (summed over the head's width in order, masked ones skipped) |
 //! | [`attend`] | `pattern · v` (summed over the keys in order, for results that no masked key changes) |
 
 mod attend;
@@ -31,7 +31,7 @@ mod swiglu;
 pub use attend::attend;
 pub use rms::rms;
 pub use rope::rope;
-pub use scores::scaled_masked;
+pub use scores::scores;
 pub use softmax::softmax_last_dim;
 pub use swiglu::swiglu;
 

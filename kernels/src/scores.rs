@@ -1,74 +1,145 @@
 //! Attention scores, scaled and masked.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::rows::{for_each_row, slice};
+use crate::rows::{for_each_row, simd, slice};
 
-/// `scores · scale + mask` for `scores` of shape `[b, heads, t, keys]` and an additive
-/// `mask` of shape `[t, keys]` (every sequence alike) or `[b, 1, t, keys]`.
-pub fn scaled_masked(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, _, t, keys) = scores.dims4()?;
-    let per_sequence = match mask.dims() {
-        [mt, mk] if (*mt, *mk) == (t, keys) => false,
-        [mb, 1, mt, mk] if (*mb, *mt, *mk) == (b, t, keys) => true,
+/// Keys a row's inner loop takes at once (a multiple of 8 lanes).
+const KEYS_AT_ONCE: usize = 64;
+
+/// `q · kᵀ · scale + mask` for queries `q` of shape `[b, h, m, d]` and keys `k` of
+/// `[b, h, keys, d]`, the `m` rows of each head being `m / t` groups of the `t` queries
+/// (grouped-query attention), and an additive `mask` of `[t, keys]` (every sequence
+/// alike) or `[b, 1, t, keys]`. Each score is summed over `d` in order and a masked
+/// one (−∞) is not computed: a score depends on its query and key alone, whatever
+/// else the batch holds, which a blocked matrix product does not promise.
+pub fn scores(q: &Tensor, k: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, m, d) = q.dims4()?;
+    let (kb, kh, keys, kd) = k.dims4()?;
+    if (kb, kh, kd) != (b, h, d) {
+        candle_core::bail!(
+            "scores: queries of {:?} need keys of [{b}, {h}, keys, {d}], not {:?}",
+            q.dims(),
+            k.dims()
+        );
+    }
+    let t = match mask.dims() {
+        [mt, mk] if *mk == keys && *mt > 0 && m % mt == 0 => *mt,
+        [mb, 1, mt, mk] if *mb == b && *mk == keys && *mt > 0 && m % mt == 0 => *mt,
         other => candle_core::bail!(
-            "scaled_masked: scores {:?} need a mask of [{t}, {keys}] or [{b}, 1, {t}, {keys}], not {other:?}",
-            scores.dims()
+            "scores: queries {:?} and keys {:?} need a mask of [t, {keys}] or [{b}, 1, t, {keys}] with t dividing {m}, not {other:?}",
+            q.dims(),
+            k.dims()
         ),
     };
-    if !crate::fusable(&[scores, mask]) {
-        return crate::composed::scaled_masked(scores, mask, scale);
+    if !crate::fusable(&[q, k, mask]) {
+        return crate::composed::scores(q, k, mask, scale);
     }
-    let op = ScaledMasked {
+    let op = Scores {
         scale: scale as f32,
-        per_sequence,
+        t,
+        per_sequence: mask.rank() == 4,
     };
-    scores.contiguous()?.apply_op2(&mask.contiguous()?, op)
+    // Keys transposed, so that a query's scores against consecutive keys are lanes.
+    let keys_by_dim = k.t()?.contiguous()?;
+    q.contiguous()?
+        .apply_op3(&keys_by_dim, &mask.contiguous()?, op)
 }
 
-struct ScaledMasked {
+struct Scores {
     scale: f32,
+    t: usize,
     per_sequence: bool,
 }
 
-impl CustomOp2 for ScaledMasked {
+impl CustomOp3 for Scores {
     fn name(&self) -> &'static str {
-        "fused-scaled-masked"
+        "fused-scores"
     }
 
     fn cpu_fwd(
         &self,
-        ss: &CpuStorage,
-        sl: &Layout,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
         ms: &CpuStorage,
         ml: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (scores, mask) = (slice(ss, sl, self.name())?, slice(ms, ml, self.name())?);
-        let &[_, heads, t, keys] = sl.dims() else {
-            candle_core::bail!("scaled_masked: scores must have four dimensions");
+        let name = self.name();
+        let (q, k, mask) = (
+            slice(qs, ql, name)?,
+            slice(ks, kl, name)?,
+            slice(ms, ml, name)?,
+        );
+        let (&[b, h, m, d], &[.., keys]) = (ql.dims(), kl.dims()) else {
+            candle_core::bail!("scores: the queries and keys must have four dimensions");
         };
-        let mut out = vec![0f32; scores.len()];
-        for_each_row(&mut out, keys, 2 * keys, |r, row| {
-            let (seq, query) = (r / (heads * t), r % t);
-            let m = match self.per_sequence {
+        let t = self.t;
+        let mut out = vec![0f32; b * h * m * keys];
+        for_each_row(&mut out, keys, d * keys, |r, row| {
+            let block = r / m;
+            let (seq, query) = (r / (h * m), r % t);
+            let mask_at = match self.per_sequence {
                 true => (seq * t + query) * keys,
                 false => query * keys,
             };
-            let input = &scores[r * keys..(r + 1) * keys];
-            for ((o, &s), &m) in row.iter_mut().zip(input).zip(&mask[m..m + keys]) {
-                *o = s * self.scale + m;
-            }
+            let mask = &mask[mask_at..mask_at + keys];
+            let query = &q[r * d..(r + 1) * d];
+            let keys_by_dim = &k[block * d * keys..(block + 1) * d * keys];
+            simd(|| {
+                for first in (0..keys).step_by(KEYS_AT_ONCE) {
+                    let n = KEYS_AT_ONCE.min(keys - first);
+                    let (mask, row) = (&mask[first..first + n], &mut row[first..first + n]);
+                    if mask.iter().all(|&m| m == f32::NEG_INFINITY) {
+                        row.fill(f32::NEG_INFINITY);
+                        continue;
+                    }
+                    let mut sums = [0f32; KEYS_AT_ONCE];
+                    if n == KEYS_AT_ONCE {
+                        // A whole block: fixed-size lanes the compiler keeps in registers.
+                        for (i, &x) in query.iter().enumerate() {
+                            let at = i * keys + first;
+                            let keys: &[f32; KEYS_AT_ONCE] = keys_by_dim[at..at + KEYS_AT_ONCE]
+                                .try_into()
+                                .expect("a block of KEYS_AT_ONCE keys");
+                            for (s, &y) in sums.iter_mut().zip(keys) {
+                                *s += x * y;
+                            }
+                        }
+                    } else {
+                        for (i, &x) in query.iter().enumerate() {
+                            let at = i * keys + first;
+                            for (s, &y) in sums.iter_mut().zip(&keys_by_dim[at..at + n]) {
+                                *s += x * y;
+                            }
+                        }
+                    }
+                    for ((o, &s), &m) in row.iter_mut().zip(&sums).zip(mask) {
+                        *o = match m == f32::NEG_INFINITY {
+                            true => m,
+                            false => s * self.scale + m,
+                        };
+                    }
+                }
+            })
         });
-        Ok((CpuStorage::F32(out), sl.shape().clone()))
+        Ok((CpuStorage::F32(out), Shape::from((b, h, m, keys))))
     }
 
+    /// The gradients of the queries and keys; the mask has none.
     fn bwd(
         &self,
-        _: &Tensor,
+        q: &Tensor,
+        keys_by_dim: &Tensor,
         _: &Tensor,
         _: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((grad * f64::from(self.scale))?), None))
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = (grad * f64::from(self.scale))?;
+        let grad_q = grad.matmul(&keys_by_dim.t()?)?;
+        // The gradient of the transposed keys, `qᵀ · grad`, is [b, h, d, keys].
+        let grad_keys_by_dim = q.t()?.matmul(&grad)?;
+        Ok((Some(grad_q), Some(grad_keys_by_dim), None))
     }
 }

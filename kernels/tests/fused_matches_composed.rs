@@ -2,7 +2,7 @@
 //! gradients autograd takes through each.
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use flexmodel_kernels::{attend, composed, rms, rope, scaled_masked, softmax_last_dim, swiglu};
+use flexmodel_kernels::{attend, composed, rms, rope, scores, softmax_last_dim, swiglu};
 
 /// The largest `|a − b| / max|b|`.
 fn rel_error(a: &Tensor, b: &Tensor) -> f32 {
@@ -119,17 +119,36 @@ fn rms_equals_the_composed_chain_and_so_does_its_gradient() {
 }
 
 #[test]
-fn scaled_masked_equals_the_composed_chain_bit_for_bit_for_both_mask_shapes() {
-    let scores = uniform(&[2, 3, 40, 60], 8);
-    for mask in [uniform(&[40, 60], 9), uniform(&[2, 1, 40, 60], 10)] {
-        let fused = scaled_masked(&scores, &mask, 0.125).unwrap();
-        let chain = composed::scaled_masked(&scores, &mask, 0.125).unwrap();
-        assert_eq!(rel_error(&fused, &chain), 0.0, "mask {:?}", mask.dims());
+fn scores_equal_the_composed_chain_for_both_mask_shapes_and_so_do_the_gradients() {
+    // Two query heads per key head, 40 queries each, against 60 keys (20 cached).
+    let (q, k) = (uniform(&[2, 3, 80, 32], 8), uniform(&[2, 3, 60, 32], 9));
+    let keep = Tensor::tril2(60, DType::F32, &Device::Cpu).unwrap();
+    let keep = keep.narrow(0, 20, 40).unwrap();
+    let minus_inf = Tensor::full(f32::NEG_INFINITY, (40, 60), &Device::Cpu).unwrap();
+    let causal = keep
+        .ne(0f32)
+        .unwrap()
+        .where_cond(&keep.zeros_like().unwrap(), &minus_inf)
+        .unwrap();
+    let per_sequence = uniform(&[2, 1, 40, 60], 10).broadcast_add(&causal).unwrap();
+    // Compared after the softmax, which turns the masked −∞ into zeros.
+    for mask in [causal, per_sequence] {
+        let fused = |q: &Tensor, k: &Tensor| softmax_last_dim(&scores(q, k, &mask, 0.125).unwrap());
+        let chain = |q: &Tensor, k: &Tensor| {
+            composed::softmax_last_dim(&composed::scores(q, k, &mask, 0.125).unwrap())
+        };
+        // Measured: 5.0e-7 and 3.4e-7 (sums in another order).
         agree(
-            &scores,
-            |s| scaled_masked(s, &mask, 0.125).unwrap(),
-            |s| composed::scaled_masked(s, &mask, 0.125).unwrap(),
-            (0.0, 0.0),
+            &q,
+            |q| fused(q, &k).unwrap(),
+            |q| chain(q, &k).unwrap(),
+            (2e-6, 1e-6),
+        );
+        agree(
+            &k,
+            |k| fused(&q, k).unwrap(),
+            |k| chain(&q, k).unwrap(),
+            (2e-6, 1e-6),
         );
     }
 }
@@ -160,13 +179,13 @@ fn attend_equals_the_matrix_product_and_so_do_both_gradients() {
 }
 
 #[test]
-fn masked_keys_after_a_querys_own_change_no_bit_of_softmax_or_attend() {
+fn masked_keys_after_a_querys_own_change_no_bit_of_scores_softmax_or_attend() {
     // 20 real keys alone, then the same keys followed by 37 masked ones.
-    let scores = uniform(&[1, 2, 20, 20], 16);
+    let raw = uniform(&[1, 2, 20, 20], 16);
     let v = uniform(&[1, 2, 20, 64], 17);
     let longer = Tensor::cat(
         &[
-            &scores,
+            &raw,
             &Tensor::full(f32::NEG_INFINITY, (1, 2, 20, 37), &Device::Cpu).unwrap(),
         ],
         D::Minus1,
@@ -174,13 +193,32 @@ fn masked_keys_after_a_querys_own_change_no_bit_of_softmax_or_attend() {
     .unwrap();
     let more_values = Tensor::cat(&[&v, &uniform(&[1, 2, 37, 64], 18)], 2).unwrap();
     let (alone, padded) = (
-        softmax_last_dim(&scores).unwrap(),
+        softmax_last_dim(&raw).unwrap(),
         softmax_last_dim(&longer).unwrap(),
     );
     assert_eq!(
         rel_error(&padded.narrow(3, 0, 20).unwrap(), &alone),
         0.0,
         "softmax"
+    );
+    // Scores of 20 queries against their keys, then against those and 37 more, masked.
+    let (q, k) = (uniform(&[1, 2, 20, 32], 19), uniform(&[1, 2, 20, 32], 20));
+    let more_keys = Tensor::cat(&[&k, &uniform(&[1, 2, 37, 32], 21)], 2).unwrap();
+    let mask = Tensor::zeros((20, 20), DType::F32, &Device::Cpu).unwrap();
+    let more_mask = Tensor::cat(
+        &[
+            &mask,
+            &Tensor::full(f32::NEG_INFINITY, (20, 37), &Device::Cpu).unwrap(),
+        ],
+        1,
+    )
+    .unwrap();
+    let own = scores(&q, &k, &mask, 0.5).unwrap();
+    let with_more = scores(&q, &more_keys, &more_mask, 0.5).unwrap();
+    assert_eq!(
+        rel_error(&with_more.narrow(3, 0, 20).unwrap(), &own),
+        0.0,
+        "scores"
     );
     let z = attend(&alone, &v).unwrap();
     let z_padded = attend(&padded, &more_values).unwrap();
@@ -195,7 +233,7 @@ fn shapes_the_kernels_cannot_take_are_errors_naming_the_shapes() {
     assert!(err.contains("[1, 4, 1, 8]"), "{err}");
     let err = swiglu(&x, &wrong).unwrap_err().to_string();
     assert!(err.contains("differ"), "{err}");
-    let err = scaled_masked(&x, &wrong, 1.0).unwrap_err().to_string();
+    let err = scores(&x, &x, &wrong, 1.0).unwrap_err().to_string();
     assert!(err.contains("mask"), "{err}");
     let err = attend(&x, &wrong).unwrap_err().to_string();
     assert!(err.contains("[1, 4, 1, 8]"), "{err}");

@@ -255,8 +255,7 @@ impl Attention {
         let scores = {
             let _op = crate::op_span!("attention");
             let q = q.reshape((b, kv, group * t, dh))?;
-            let raw = q.matmul(&k.t()?)?.reshape((b, h, t, keys))?;
-            flexmodel_kernels::scaled_masked(&raw, &mask, scale)?
+            flexmodel_kernels::scores(&q, &k, &mask, scale)?.reshape((b, h, t, keys))?
         };
         // Hooks see every key of the sequence: those the cache dropped as masked.
         let scores = hooked_over_all_keys(

@@ -43,6 +43,75 @@ pub struct ForwardRequest {
     pub deadline_ms: Option<u64>,
 }
 
+/// `POST /v1/generate`: continuations of prompts (one left-padded batch) through the
+/// key/value cache, with captures and edits at every step. The answer is the JSON of
+/// `flexmodel generate --json` (and `captures`, a base64 safetensors file of what
+/// `generate --out` writes, when `hooks` are given); with `stream`, server-sent events:
+/// `token` per token, then `done` with that JSON (or `error`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    /// The texts to continue.
+    pub prompts: Vec<String>,
+    /// The most tokens to generate per prompt (default 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
+    /// Hook points to capture over the whole generation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<String>,
+    /// Edits at every step, as in [`ForwardRequest::edits`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edits: Vec<String>,
+    /// The tensors of `add:@KEY` edits, as in [`ForwardRequest::tensors`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tensors: BTreeMap<String, String>,
+    /// Persistent edits to apply, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub use_edits: Vec<String>,
+    /// Sample at this temperature (above 0) instead of taking the most likely token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// With `temperature`: sample among the most likely tokens whose probabilities reach
+    /// this together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// With `temperature`: the sampler's seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Stream the tokens as server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+}
+
+/// The answer of `POST /v1/generate` (and the `done` event of a stream): the JSON of
+/// `flexmodel generate --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateAnswer {
+    /// Each prompt's completion.
+    pub completions: Vec<Completion>,
+    /// The time of the pass over the prompts.
+    pub prefill_ms: f64,
+    /// The time of the decoding steps.
+    pub decode_ms: f64,
+    /// Whether the key/value cache was used.
+    pub kv_cache: bool,
+    /// With `hooks`: the captures of the whole generation and `attention_mask`, as
+    /// `generate --out` writes them, a base64 safetensors file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captures: Option<String>,
+}
+
+/// One prompt's completion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    /// The prompt.
+    pub prompt: String,
+    /// Its tokens and then the generated ones.
+    pub tokens: Vec<u32>,
+    /// The generated text (without a final end-of-sequence token).
+    pub text: String,
+}
+
 /// `GET /v1/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {

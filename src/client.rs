@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 
-use crate::api::{ErrorBody, ForwardRequest, Health};
+use crate::api::{ErrorBody, ForwardRequest, GenerateAnswer, GenerateRequest, Health};
 
 /// What went wrong with a request.
 #[derive(Debug, thiserror::Error)]
@@ -69,19 +69,38 @@ impl Client {
         &self,
         request: &ForwardRequest,
     ) -> Result<HashMap<String, Tensor>, ClientError> {
+        let bytes = self.post("/v1/forward", request)?;
+        Ok(candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?)
+    }
+
+    /// The completions of a generation (`request.stream` is ignored: the client waits
+    /// for the whole answer).
+    pub fn generate(&self, request: &GenerateRequest) -> Result<GenerateAnswer, ClientError> {
+        let request = GenerateRequest {
+            stream: false,
+            ..request.clone()
+        };
+        let bytes = self.post("/v1/generate", &request)?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Server {
+            status: 200,
+            message: format!("not a generation's answer: {e}"),
+        })
+    }
+
+    /// The body of the answer to `request` posted as JSON to `path`.
+    fn post(&self, path: &str, request: &impl serde::Serialize) -> Result<Vec<u8>, ClientError> {
         let body = serde_json::to_vec(request).map_err(|e| ClientError::Server {
             status: 0,
             message: format!("the request does not serialize: {e}"),
         })?;
         let answer = self
             .http
-            .post(format!("{}/v1/forward", self.base))
+            .post(format!("{}{path}", self.base))
             .bearer_auth(&self.token)
             .header("content-type", "application/json")
             .body(body)
             .send()?;
-        let bytes = checked(answer)?.bytes()?;
-        Ok(candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?)
+        Ok(checked(answer)?.bytes()?.to_vec())
     }
 
     /// The server's model, layout, live ranks and queue.
@@ -190,6 +209,51 @@ impl ForwardRequest {
     /// Fails with 504 unless answered within `ms` milliseconds of arriving.
     pub fn deadline_ms(mut self, ms: u64) -> Self {
         self.deadline_ms = Some(ms);
+        self
+    }
+}
+
+impl GenerateAnswer {
+    /// The captures of the generation, by name (none without `hooks`).
+    pub fn captures(&self) -> Result<HashMap<String, Tensor>, ClientError> {
+        use base64::Engine as _;
+        let Some(encoded) = &self.captures else {
+            return Ok(HashMap::new());
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|e| ClientError::Server {
+                status: 200,
+                message: format!("the captures are not base64: {e}"),
+            })?;
+        Ok(candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?)
+    }
+}
+
+impl GenerateRequest {
+    /// Continuations of `prompts`, greedy, 32 tokens at most.
+    pub fn prompts<S: Into<String>>(texts: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            prompts: texts.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Generates at most `n` tokens per prompt.
+    pub fn max_new_tokens(mut self, n: usize) -> Self {
+        self.max_new_tokens = Some(n);
+        self
+    }
+
+    /// Captures `pattern` over the whole generation.
+    pub fn hook(mut self, pattern: impl Into<String>) -> Self {
+        self.hooks.push(pattern.into());
+        self
+    }
+
+    /// Applies `spec` (as `--edit` writes it) at every step.
+    pub fn edit(mut self, spec: impl Into<String>) -> Self {
+        self.edits.push(spec.into());
         self
     }
 }

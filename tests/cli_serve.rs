@@ -575,3 +575,110 @@ fn a_worker_lost_mid_pass_fails_that_pass_with_503_naming_its_rank_and_the_serve
     assert_eq!(workers_now.len(), 2, "{workers_now:?}");
     assert!(!workers_now.contains(&victim));
 }
+
+#[test]
+fn a_served_generation_is_what_generate_prints_and_streams_a_token_per_event() {
+    let model = tiny_dir(17);
+    let tokens = TokenFile::new("heidi-secret\n");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("generation.safetensors");
+    let prompts = ["hello world", "ab"];
+    let edit = "blocks.1.hook_resid_post=scale:1.5";
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.path().to_str().unwrap(),
+        "--json",
+    ];
+    for prompt in prompts {
+        args.extend(["--prompt", prompt]);
+    }
+    args.extend(["--max-new-tokens", "6", "--edit", edit, "--tp", "2"]);
+    args.extend([
+        "--hook",
+        "blocks.0.hook_resid_post",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let printed = succeeded(&args);
+    let expected: serde_json::Value =
+        serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+
+    let server = Server::start(model.path(), &tokens.path, &["--tp", "2"]);
+    let client = Client::new(&server.url, "heidi-secret");
+    let request = flexmodel::api::GenerateRequest::prompts(prompts)
+        .max_new_tokens(6)
+        .edit(edit)
+        .hook("blocks.0.hook_resid_post");
+    let answer = client.generate(&request).unwrap();
+    assert_eq!(
+        serde_json::to_value(&answer.completions).unwrap(),
+        expected["completions"]
+    );
+    let captures = sorted(&answer.captures().unwrap());
+    assert_eq!(
+        captures,
+        tensors(&out),
+        "the captures generate --out writes"
+    );
+
+    // Streamed: a `token` event per generated token, then `done` with the same answer.
+    let body = serde_json::to_string(&flexmodel::api::GenerateRequest {
+        stream: true,
+        ..request.clone()
+    })
+    .unwrap();
+    let streamed = Command::new("curl")
+        .args(["-sS", "-N", "-H", "Authorization: Bearer heidi-secret"])
+        .args(["-H", "Content-Type: application/json", "--data", &body])
+        .arg(format!("{}/v1/generate", server.url))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&streamed.stdout).to_string();
+    let events: Vec<(String, serde_json::Value)> = text
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let field = |name: &str| {
+                e.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap_or_else(|| panic!("no {name} in {e:?}"))
+                    .trim()
+                    .to_string()
+            };
+            (
+                field("event:"),
+                serde_json::from_str(&field("data:")).unwrap(),
+            )
+        })
+        .collect();
+    let generated: usize = answer
+        .completions
+        .iter()
+        .zip(prompts)
+        .map(|(c, p)| {
+            c.tokens.len()
+                - flexmodel::Checkpoint::open(model.path().to_str().unwrap())
+                    .unwrap()
+                    .tokenizer
+                    .encode(p)
+                    .unwrap()
+                    .len()
+        })
+        .sum();
+    let (last, token_events) = events.split_last().unwrap();
+    assert_eq!(token_events.len(), generated, "{text}");
+    assert!(
+        token_events
+            .iter()
+            .all(|(name, data)| name == "token" && data["token"].is_u64())
+    );
+    assert_eq!(last.0, "done");
+    assert_eq!(last.1["completions"], expected["completions"]);
+
+    let refused = client.generate(&request.clone().max_new_tokens(0));
+    assert!(
+        matches!(&refused, Err(ClientError::Server { status: 400, message }) if message.contains("max_new_tokens")),
+        "{refused:?}"
+    );
+}

@@ -69,7 +69,7 @@ pub enum Decoding {
 
 impl Decoding {
     /// Checks the parameters of sampling.
-    fn check(self) -> Result<()> {
+    pub fn check(self) -> Result<()> {
         let Decoding::Sample {
             temperature, top_p, ..
         } = self

@@ -82,12 +82,7 @@ impl Prepared {
             stop_at_layer: request.stop_at_layer,
             logits,
         };
-        let inline = inline_tensors(&request.tensors)?;
-        let edits = request
-            .edits
-            .iter()
-            .map(|spec| EditSpec::parse_with(spec, &inline))
-            .collect::<flexmodel::Result<Vec<_>>>()?;
+        let edits = parse_edits(&request.edits, &request.tensors)?;
         for edit in &edits {
             catalog.check_in_scope(&edit.target, HookKind::Forward, scope)?;
             catalog.resolve(&edit.target, HookKind::Forward)?;
@@ -239,6 +234,20 @@ fn request_mask(request: &Prepared) -> Result<Option<Tensor>, Failure> {
         .cloned())
 }
 
+/// A request's `edits` (the command line's `--edit` strings), their `add:@KEY` tensors
+/// from `tensors`.
+pub fn parse_edits(
+    edits: &[String],
+    tensors: &BTreeMap<String, String>,
+) -> Result<Vec<EditSpec>, Failure> {
+    let inline = inline_tensors(tensors)?;
+    let parsed = edits
+        .iter()
+        .map(|spec| EditSpec::parse_with(spec, &inline))
+        .collect::<flexmodel::Result<Vec<_>>>()?;
+    Ok(parsed)
+}
+
 /// The tensors a request sent along, by key: each a base64-encoded safetensors file
 /// holding a tensor under its key.
 pub fn inline_tensors(
@@ -261,7 +270,7 @@ pub fn inline_tensors(
 }
 
 /// `tensors` as the bytes of a safetensors file.
-fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>, Failure> {
+pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>, Failure> {
     let file = tempfile::NamedTempFile::new().map_err(|e| Failure {
         status: 500,
         message: format!("a temporary file for the answer: {e}"),

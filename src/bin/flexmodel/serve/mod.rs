@@ -4,6 +4,7 @@
 
 mod batching;
 mod clients;
+mod generation;
 mod passes;
 
 use std::collections::BTreeMap;
@@ -17,10 +18,10 @@ use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Response, sse};
 use axum::routing::{delete, get, post};
 use clap::Args;
-use flexmodel::api::{ErrorBody, ForwardRequest, Health, NamedEdits};
+use flexmodel::api::{ErrorBody, ForwardRequest, GenerateRequest, Health, NamedEdits};
 use flexmodel::edits::EditSpec;
 use flexmodel::{Checkpoint, HookCatalog, HookKind, Tokenizer};
 use tokio::sync::oneshot;
@@ -28,7 +29,7 @@ use tokio::sync::oneshot;
 use crate::layout::{LayoutArgs, Plan};
 use batching::Prepared;
 use clients::ClientTokens;
-use passes::{Batching, Failure, Job, ModelSource, Queue, Refused};
+use passes::{Batching, Failure, Job, ModelSource, Queue, Refused, Work};
 
 /// Options of `flexmodel serve`.
 #[derive(Args, Debug)]
@@ -61,7 +62,7 @@ struct Served {
     health: Health,
     hooks: String,
     catalog: HookCatalog,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     vocab_size: usize,
     context: usize,
     max_batch_tokens: usize,
@@ -90,7 +91,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         cancelled: 0,
     };
     let hooks = crate::hooks::table(&points);
-    let tokenizer = checkpoint.tokenizer.clone();
+    let tokenizer = Arc::new(checkpoint.tokenizer.clone());
     let (vocab_size, context) = (checkpoint.config.vocab_size(), checkpoint.config.context());
     let (layout_args, model_name) = (args.layout.clone(), args.model.clone());
     let ranks = layout.world_size();
@@ -129,6 +130,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn listen(addr: SocketAddr, served: Arc<Served>) -> anyhow::Result<()> {
     let authenticated = Router::new()
         .route("/v1/forward", post(forward))
+        .route("/v1/generate", post(generate))
         .route("/v1/hooks", get(hooks))
         .route("/v1/edits", post(install_edits).get(list_edits))
         .route("/v1/edits/{name}", delete(remove_edits))
@@ -186,40 +188,26 @@ async fn forward(State(served): State<Arc<Served>>, body: Bytes) -> Response {
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("the request's JSON: {e}")),
     };
     let deadline = request.deadline_ms.map(Duration::from_millis);
-    let prepared = match with_persistent_edits(&served, request)
-        .map_err(Failure::bad)
-        .and_then(|request| prepare(&served, &request))
-    {
-        Ok(prepared) => prepared,
-        Err(failure) => return failed(failure),
-    };
+    let mut request = request;
+    let use_edits = std::mem::take(&mut request.use_edits);
+    let prepared =
+        match with_persistent_edits(&served, use_edits, &mut request.edits, &mut request.tensors)
+            .map_err(Failure::bad)
+            .and_then(|()| prepare(&served, &request))
+        {
+            Ok(prepared) => prepared,
+            Err(failure) => return failed(failure),
+        };
     let (reply, answer) = oneshot::channel();
     let job = Job {
-        request: prepared,
         arrived,
-        reply,
+        work: Work::Forward {
+            request: prepared,
+            reply,
+        },
     };
-    match served.queue.submit(job) {
-        Ok(()) => {}
-        Err(Refused::Full { retry_after_s }) => {
-            let mut response = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "the queue is full ({} requests wait); try again in {retry_after_s} s",
-                    served.queue.depth()
-                ),
-            );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, retry_after_s.into());
-            return response;
-        }
-        Err(Refused::Stopped) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the model's thread has stopped",
-            );
-        }
+    if let Err(refused) = served.queue.submit(job) {
+        return refusal(&served, refused);
     }
     let answer = match deadline {
         // Dropping `answer` at the deadline drops the request if its pass has not begun.
@@ -249,6 +237,99 @@ async fn forward(State(served): State<Arc<Served>>, body: Bytes) -> Response {
             "the model's thread has stopped",
         ),
     }
+}
+
+/// The answer to a request the queue did not take.
+fn refusal(served: &Served, refused: Refused) -> Response {
+    match refused {
+        Refused::Full { retry_after_s } => {
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "the queue is full ({} requests wait); try again in {retry_after_s} s",
+                    served.queue.depth()
+                ),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, retry_after_s.into());
+            response
+        }
+        Refused::Stopped => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the model's thread has stopped",
+        ),
+    }
+}
+
+/// `POST /v1/generate`: the JSON of `generate --json`, or with `stream` server-sent
+/// events, `token` per token and then `done` (or `error`).
+async fn generate(State(served): State<Arc<Served>>, body: Bytes) -> Response {
+    let arrived = Instant::now();
+    let mut request: GenerateRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the request's JSON: {e}")),
+    };
+    let use_edits = std::mem::take(&mut request.use_edits);
+    let prepared =
+        match with_persistent_edits(&served, use_edits, &mut request.edits, &mut request.tensors)
+            .map_err(Failure::bad)
+            .and_then(|()| {
+                generation::Prepared::new(
+                    &request,
+                    &served.catalog,
+                    served.tokenizer.clone(),
+                    served.vocab_size,
+                )
+            }) {
+            Ok(prepared) => prepared,
+            Err(failure) => return failed(failure),
+        };
+    let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let job = Job {
+        arrived,
+        work: Work::Generate {
+            request: prepared,
+            events,
+        },
+    };
+    if let Err(refused) = served.queue.submit(job) {
+        return refusal(&served, refused);
+    }
+    if !request.stream {
+        while let Some(event) = received.recv().await {
+            match event {
+                generation::Event::Token { .. } => {}
+                generation::Event::Done(answer) => return axum::Json(answer).into_response(),
+                generation::Event::Failed(failure) => return failed(failure),
+            }
+        }
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the model's thread has stopped",
+        );
+    }
+    let stream = futures_util::stream::unfold(received, |mut received| async move {
+        let event = match received.recv().await? {
+            generation::Event::Token {
+                sequence,
+                token,
+                text,
+            } => sse::Event::default()
+                .event("token")
+                .json_data(serde_json::json!({"sequence": sequence, "token": token, "text": text})),
+            generation::Event::Done(answer) => {
+                sse::Event::default().event("done").json_data(answer)
+            }
+            generation::Event::Failed(failure) => {
+                sse::Event::default().event("error").json_data(ErrorBody {
+                    error: failure.message,
+                })
+            }
+        };
+        Some((event, received))
+    });
+    sse::Sse::new(stream).into_response()
 }
 
 /// The error answer of `failure`.
@@ -289,34 +370,34 @@ fn prepare(served: &Served, request: &ForwardRequest) -> Result<Prepared, Failur
     Ok(prepared)
 }
 
-/// `request` with the persistent edits it opts into before its own: their tensors'
-/// keys prefixed with the edit's name.
+/// Puts the persistent edits named in `use_edits` before a request's own `edits`, their
+/// tensors among its `tensors` under keys prefixed with the edit's name.
 fn with_persistent_edits(
     served: &Served,
-    mut request: ForwardRequest,
-) -> Result<ForwardRequest, String> {
+    use_edits: Vec<String>,
+    edits: &mut Vec<String>,
+    tensors: &mut BTreeMap<String, String>,
+) -> Result<(), String> {
     let installed = served
         .edits
         .lock()
         .map_err(|_| "the edits' lock is poisoned")?;
-    let mut edits = Vec::new();
-    for name in std::mem::take(&mut request.use_edits) {
+    let mut persistent = Vec::new();
+    for name in use_edits {
         let named = installed.get(&name).ok_or_else(|| {
             let known: Vec<&str> = installed.keys().map(String::as_str).collect();
             format!("no persistent edit is named {name:?} (installed: {known:?})")
         })?;
         for spec in &named.edits {
-            edits.push(spec.replace("=add:@", &format!("=add:@{name}/")));
+            persistent.push(spec.replace("=add:@", &format!("=add:@{name}/")));
         }
         for (key, tensor) in &named.tensors {
-            request
-                .tensors
-                .insert(format!("{name}/{key}"), tensor.clone());
+            tensors.insert(format!("{name}/{key}"), tensor.clone());
         }
     }
-    edits.append(&mut request.edits);
-    request.edits = edits;
-    Ok(request)
+    persistent.append(edits);
+    *edits = persistent;
+    Ok(())
 }
 
 /// Installs (or replaces) a persistent edit, checked against the model's hook points.

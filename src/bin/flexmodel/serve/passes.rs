@@ -11,6 +11,7 @@ use flexmodel::FlexModel;
 use tokio::sync::oneshot;
 
 use super::batching::{self, BatchKey, Prepared};
+use super::generation;
 
 /// Why a request failed: the HTTP status and what to tell the client.
 #[derive(Debug)]
@@ -51,14 +52,34 @@ impl From<candle_core::Error> for Failure {
     }
 }
 
-/// A forward request waiting for its pass, with where its answer goes.
+/// A request waiting for the model, with where its answer goes.
 pub struct Job {
-    /// The request.
-    pub request: Prepared,
     /// When it arrived.
     pub arrived: Instant,
-    /// Its answer: the safetensors file, or why not.
-    pub reply: oneshot::Sender<Result<Vec<u8>, Failure>>,
+    /// What it asks.
+    pub work: Work,
+}
+
+/// What a request asks of the model.
+pub enum Work {
+    /// A forward pass, shared with the other forward requests of its batch; the answer
+    /// is a safetensors file.
+    Forward { request: Prepared, reply: Reply },
+    /// A generation, run on its own; its tokens and its end go to `events`.
+    Generate {
+        request: generation::Prepared,
+        events: tokio::sync::mpsc::UnboundedSender<generation::Event>,
+    },
+}
+
+impl Job {
+    /// Whether its client is gone.
+    fn abandoned(&self) -> bool {
+        match &self.work {
+            Work::Forward { reply, .. } => reply.is_closed(),
+            Work::Generate { events, .. } => events.is_closed(),
+        }
+    }
 }
 
 /// How the model's thread gathers requests into passes.
@@ -245,35 +266,38 @@ fn gather(received: &mpsc::Receiver<Job>, waiting: &mut VecDeque<Job>, window: D
     true
 }
 
-/// The next pass's requests: the oldest waiting request and, in order of arrival, those
-/// of the same key that fit in `max_tokens` with it. Requests whose clients left are
-/// dropped on the way.
+/// The next pass's requests: a generation on its own, or the oldest waiting forward
+/// request and, in order of arrival, the forward requests of the same key that fit in
+/// `max_tokens` with it. Requests whose clients left are dropped on the way.
 fn take_batch(waiting: &mut VecDeque<Job>, max_tokens: usize, counters: &Counters) -> Vec<Job> {
     let mut batch: Vec<Job> = Vec::new();
     let mut key: Option<BatchKey> = None;
     let (mut rows, mut len) = (0usize, 0usize);
     let mut kept = VecDeque::with_capacity(waiting.len());
     for job in waiting.drain(..) {
-        if job.reply.is_closed() {
+        if job.abandoned() {
             counters.waiting.fetch_sub(1, Ordering::SeqCst);
             counters.cancelled.fetch_add(1, Ordering::SeqCst);
             continue;
         }
-        let fits = match key {
-            None => true,
-            Some(key) => {
-                let joined_len = len.max(job.request.len());
-                key == job.request.key()
-                    && (rows + job.request.sequences()) * joined_len <= max_tokens
+        let fits = match (&job.work, key, batch.first().map(|j| &j.work)) {
+            (_, _, Some(Work::Generate { .. })) => false,
+            (Work::Generate { .. }, _, first) => first.is_none(),
+            (Work::Forward { .. }, None, _) => true,
+            (Work::Forward { request, .. }, Some(key), _) => {
+                key == request.key()
+                    && (rows + request.sequences()) * len.max(request.len()) <= max_tokens
             }
         };
         if !fits {
             kept.push_back(job);
             continue;
         }
-        key = Some(job.request.key());
-        rows += job.request.sequences();
-        len = len.max(job.request.len());
+        if let Work::Forward { request, .. } = &job.work {
+            key = Some(request.key());
+            rows += request.sequences();
+            len = len.max(request.len());
+        }
         counters.waiting.fetch_sub(1, Ordering::SeqCst);
         batch.push(job);
     }
@@ -281,26 +305,44 @@ fn take_batch(waiting: &mut VecDeque<Job>, max_tokens: usize, counters: &Counter
     batch
 }
 
-/// Runs `batch` as one pass and answers its requests; true if the pass lost a rank. A
+/// Runs `batch` (a generation, or forward requests as one pass) and answers its
+/// requests; true if it lost a rank.
+fn run_batch(model: &mut FlexModel, batch: Vec<Job>) -> bool {
+    let mut forwards = Vec::with_capacity(batch.len());
+    for job in batch {
+        match job.work {
+            Work::Forward { request, reply } => forwards.push((request, reply)),
+            Work::Generate { request, events } => {
+                let lost = generation::run(model, &request, &events);
+                model.hooks_mut().clear();
+                model.store_mut().clear();
+                return lost;
+            }
+        }
+    }
+    run_forwards(model, forwards)
+}
+
+/// Runs forward requests as one pass and answers them; true if the pass lost a rank. A
 /// pass that fails for another reason is run again a request at a time, so that only
 /// the request at fault gets its error.
-fn run_batch(model: &mut FlexModel, batch: Vec<Job>) -> bool {
-    let requests: Vec<&Prepared> = batch.iter().map(|job| &job.request).collect();
+fn run_forwards(model: &mut FlexModel, batch: Vec<(Prepared, Reply)>) -> bool {
+    let requests: Vec<&Prepared> = batch.iter().map(|(request, _)| request).collect();
     let answers = batching::run(model, &requests);
     // What a pass leaves behind is not the next one's.
     model.hooks_mut().clear();
     model.store_mut().clear();
     match answers {
         Ok(answers) => {
-            for (job, answer) in batch.into_iter().zip(answers) {
+            for ((_, reply), answer) in batch.into_iter().zip(answers) {
                 // A client that left no longer waits for its answer.
-                let _ = job.reply.send(Ok(answer));
+                let _ = reply.send(Ok(answer));
             }
             false
         }
         Err(failure) if failure.status == 503 || batch.len() == 1 => {
-            for job in batch {
-                let _ = job.reply.send(Err(Failure {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(Failure {
                     status: failure.status,
                     message: failure.message.clone(),
                 }));
@@ -309,10 +351,13 @@ fn run_batch(model: &mut FlexModel, batch: Vec<Job>) -> bool {
         }
         Err(_) => {
             let mut lost = false;
-            for job in batch {
-                lost |= run_batch(model, vec![job]);
+            for one in batch {
+                lost |= run_forwards(model, vec![one]);
             }
             lost
         }
     }
 }
+
+/// Where a forward request's answer goes.
+type Reply = oneshot::Sender<Result<Vec<u8>, Failure>>;

@@ -37,10 +37,30 @@ pub struct ForwardRequest {
     /// Run blocks `0..N` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_at_layer: Option<usize>,
+    /// Also capture the gradient of this metric at each hooked point (`NAME_grad`); the
+    /// answer's `loss` is the metric's value. Such a request runs in a pass of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad: Option<GradMetric>,
     /// Answer within this many milliseconds of arriving, or fail with 504 (the request
     /// is dropped if its pass has not started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+}
+
+/// What a forward request's gradients are of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum GradMetric {
+    /// `"loss"`: the mean next-token cross-entropy, as `flexmodel capture --grad`.
+    Loss,
+    /// `{"logit_diff": {"answer": A, "wrong": W}}`: the mean over sequences of the last
+    /// position's logit of token `answer` minus that of token `wrong`.
+    LogitDiff {
+        /// The token the metric favours.
+        answer: u32,
+        /// The token it is measured against.
+        wrong: u32,
+    },
 }
 
 /// `POST /v1/generate`: continuations of prompts (one left-padded batch) through the

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 
-use crate::api::{ErrorBody, ForwardRequest, GenerateAnswer, GenerateRequest, Health};
+use crate::api::{ErrorBody, ForwardRequest, GenerateAnswer, GenerateRequest, GradMetric, Health};
 
 /// What went wrong with a request.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +203,12 @@ impl ForwardRequest {
     /// Applies the persistent edit installed on the server under `name`.
     pub fn use_edits(mut self, name: impl Into<String>) -> Self {
         self.use_edits.push(name.into());
+        self
+    }
+
+    /// Also captures the gradient of `metric` at each hooked point (`NAME_grad`).
+    pub fn grad(mut self, metric: GradMetric) -> Self {
+        self.grad = Some(metric);
         self
     }
 

@@ -6,13 +6,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
-use flexmodel::api::ForwardRequest;
+use flexmodel::api::{ForwardRequest, GradMetric};
 use flexmodel::edits::EditSpec;
 use flexmodel::hooks::Size;
 use flexmodel::text::PAD_TOKEN;
 use flexmodel::{
-    FlexModel, HookCatalog, HookFunction, HookKind, HookPoint, Logits, PassScope, TokenBatch,
-    masked_next_token_loss, next_token_loss,
+    FlexModel, Groups, HookCatalog, HookFunction, HookKind, HookPoint, Logits, PassScope,
+    TokenBatch, masked_next_token_loss, next_token_loss,
 };
 
 use super::passes::Failure;
@@ -28,6 +28,8 @@ pub struct Prepared {
     /// The points it captures, in the order of the model's points.
     captures: Vec<HookPoint>,
     scope: PassScope,
+    /// The metric whose gradients it captures, if any (such a request runs alone).
+    grad: Option<GradMetric>,
 }
 
 /// What a pass's requests must share to run in it: the same scope, and with the last
@@ -92,6 +94,12 @@ impl Prepared {
             catalog.check_in_scope(pattern, HookKind::Forward, scope)?;
             captures.extend(catalog.resolve(pattern, HookKind::Forward)?);
         }
+        if let Some(metric) = request.grad {
+            check_grad(metric, &rows, scope, vocab_size)?;
+            for pattern in &request.hooks {
+                catalog.resolve(pattern, HookKind::Backward)?;
+            }
+        }
         let points = catalog.points();
         captures.sort_by_key(|&p| points.index(p));
         captures.dedup();
@@ -101,7 +109,13 @@ impl Prepared {
             edits,
             captures,
             scope,
+            grad: request.grad,
         })
+    }
+
+    /// Whether it runs in a pass of its own (a backward pass is the request's alone).
+    pub fn alone(&self) -> bool {
+        self.grad.is_some()
     }
 
     /// Its number of sequences.
@@ -121,6 +135,37 @@ impl Prepared {
     /// The length of its longest sequence.
     pub fn len(&self) -> usize {
         self.len
+    }
+}
+
+/// Checks that a pass of `rows` can take the gradient of `metric`.
+fn check_grad(
+    metric: GradMetric,
+    rows: &[Vec<u32>],
+    scope: PassScope,
+    vocab_size: usize,
+) -> Result<(), Failure> {
+    if scope.stop_at_layer.is_some() || scope.logits != Logits::All {
+        return Err(Failure::bad(
+            "grad needs every position's logits: no stop_at_layer, and logits all",
+        ));
+    }
+    match metric {
+        GradMetric::Loss if rows.iter().all(|r| r.len() < 2) => Err(Failure::bad(
+            "grad \"loss\" needs a sequence of two tokens or more (the loss predicts the next token)",
+        )),
+        GradMetric::LogitDiff { answer, wrong } => {
+            match [answer, wrong]
+                .into_iter()
+                .find(|&t| t as usize >= vocab_size)
+            {
+                Some(id) => Err(Failure::bad(format!(
+                    "grad logit_diff: token id {id} is outside the vocabulary of {vocab_size}"
+                ))),
+                None => Ok(()),
+            }
+        }
+        GradMetric::Loss => Ok(()),
     }
 }
 
@@ -169,21 +214,49 @@ pub fn run(model: &mut FlexModel, requests: &[&Prepared]) -> Result<Vec<Vec<u8>>
             .hooks_mut()
             .register(HookFunction::new(point.to_string()))?;
     }
-    let output = model.forward_scoped(&batch, scope)?;
+    let (output, metric) = match (first.grad, requests.len()) {
+        (None, _) => (model.forward_scoped(&batch, scope)?, None),
+        (Some(grad), 1) => {
+            for point in &first.captures {
+                model
+                    .hooks_mut()
+                    .register(HookFunction::backward(point.to_string()))?;
+            }
+            let (logits, value) = match grad {
+                GradMetric::Loss => model.forward_backward(&batch)?,
+                GradMetric::LogitDiff { answer, wrong } => {
+                    model.forward_backward_with_loss(&batch, &Groups::All, |logits| {
+                        logit_difference(logits, answer, wrong)
+                    })?
+                }
+            };
+            (Some(logits), Some(value))
+        }
+        (Some(_), _) => {
+            return Err(Failure {
+                status: 500,
+                message: "a request with grad was batched with others".into(),
+            });
+        }
+    };
     let full = scope.stop_at_layer.is_none() && scope.logits == Logits::All;
     let mut answers = Vec::with_capacity(requests.len());
     for (request, span) in requests.iter().zip(spans) {
         let mut out: HashMap<String, Tensor> = HashMap::new();
         for &point in &request.captures {
             let name = point.to_string();
-            let Some(value) = model.store().get(&name).and_then(|calls| calls.last()) else {
-                continue;
-            };
-            let own = own_part(value, point, &span, request.len)?;
-            out.insert(name, own.to_dtype(DType::F32)?.contiguous()?);
+            for key in [name.clone(), format!("{name}_grad")] {
+                let Some(value) = model.store().get(&key).and_then(|calls| calls.last()) else {
+                    continue;
+                };
+                let own = own_part(value, point, &span, request.len)?;
+                out.insert(key, own.to_dtype(DType::F32)?.contiguous()?);
+            }
         }
         let own_mask = request_mask(request)?;
-        if let (Some(logits), true, true) = (&output, full, request.len > 1) {
+        if let Some(value) = metric {
+            out.insert("loss".to_string(), Tensor::new(&[value], &Device::Cpu)?);
+        } else if let (Some(logits), true, true) = (&output, full, request.len > 1) {
             let logits = logits
                 .narrow(0, span.start, span.len())?
                 .narrow(1, 0, request.len)?;
@@ -204,6 +277,16 @@ pub fn run(model: &mut FlexModel, requests: &[&Prepared]) -> Result<Vec<Vec<u8>>
         answers.push(safetensors_bytes(&out)?);
     }
     Ok(answers)
+}
+
+/// The mean over sequences of the last position's logit of `answer` minus that of
+/// `wrong` (sequences are left-padded: the last position is every sequence's last token).
+fn logit_difference(logits: &Tensor, answer: u32, wrong: u32) -> flexmodel::Result<Tensor> {
+    let (_, t, _) = logits.dims3()?;
+    let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?;
+    let answer = last.narrow(1, answer as usize, 1)?;
+    let wrong = last.narrow(1, wrong as usize, 1)?;
+    Ok((answer - wrong)?.mean_all()?)
 }
 
 /// The part of a capture of `point` that belongs to the sequences `rows`, `len` long.

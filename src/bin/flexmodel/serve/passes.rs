@@ -285,7 +285,11 @@ fn take_batch(waiting: &mut VecDeque<Job>, max_tokens: usize, counters: &Counter
             (Work::Generate { .. }, _, first) => first.is_none(),
             (Work::Forward { .. }, None, _) => true,
             (Work::Forward { request, .. }, Some(key), _) => {
-                key == request.key()
+                !request.alone()
+                    && !batch.iter().any(
+                        |j| matches!(&j.work, Work::Forward { request, .. } if request.alone()),
+                    )
+                    && key == request.key()
                     && (rows + request.sequences()) * len.max(request.len()) <= max_tokens
             }
         };

@@ -5,7 +5,7 @@
 //! use flexmodel::client::Client;
 //!
 //! # fn main() -> Result<(), flexmodel::client::ClientError> {
-//! let client = Client::new("http://127.0.0.1:8080", std::fs::read_to_string("token")?.trim());
+//! let client = Client::new("http://127.0.0.1:8080", std::fs::read_to_string("token")?.trim())?;
 //! let request = ForwardRequest::prompts(["The capital of France is"])
 //!     .hook("blocks.*.hook_resid_post")
 //!     .edit("blocks.3.attn.hook_z=zero-head:1");
@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
+use tokio_rustls::rustls;
 
 use crate::api::{ErrorBody, ForwardRequest, GenerateAnswer, GenerateRequest, GradMetric, Health};
 
@@ -42,6 +43,9 @@ pub enum ClientError {
     /// A file the request needed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The certificates to trust.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A server's address and a client's token.
@@ -53,15 +57,37 @@ pub struct Client {
 
 impl Client {
     /// The server at `base` (`http://HOST:PORT`), authenticated with `token`.
-    pub fn new(base: impl Into<String>, token: impl Into<String>) -> Self {
-        Self {
+    pub fn new(base: impl Into<String>, token: impl Into<String>) -> Result<Self, ClientError> {
+        Ok(Self {
             base: base.into().trim_end_matches('/').to_string(),
             token: token.into(),
-            http: reqwest::blocking::Client::builder()
-                .timeout(None)
-                .build()
-                .unwrap_or_default(),
+            http: http_client(rustls::RootCertStore::empty())?,
+        })
+    }
+
+    /// The server at `base` (`https://HOST:PORT`), whose certificate must chain to one of
+    /// the PEM certificates in the file `ca` (a self-signed certificate to itself),
+    /// authenticated with `token`.
+    pub fn with_ca(
+        base: impl Into<String>,
+        token: impl Into<String>,
+        ca: &std::path::Path,
+    ) -> Result<Self, ClientError> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let tls = |e: &dyn std::fmt::Display| ClientError::Tls(format!("{}: {e}", ca.display()));
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).map_err(|e| tls(&e))? {
+            roots.add(cert.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
         }
+        if roots.is_empty() {
+            return Err(tls(&"holds no certificate"));
+        }
+        Ok(Self {
+            base: base.into().trim_end_matches('/').to_string(),
+            token: token.into(),
+            http: http_client(roots)?,
+        })
     }
 
     /// The captures (and `loss`, `attention_mask`) of one pass, by name.
@@ -125,6 +151,24 @@ impl Client {
             .send()?;
         checked(answer)
     }
+}
+
+/// An HTTP client without a time limit whose TLS (rustls, with ring's cryptography)
+/// trusts `roots`.
+fn http_client(roots: rustls::RootCertStore) -> Result<reqwest::blocking::Client, ClientError> {
+    // ring rather than aws-lc (which builds a C library with cmake); rustls marks ring's
+    // provider deprecated because it has no post-quantum key exchange.
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(reqwest::blocking::Client::builder()
+        .timeout(None)
+        .tls_backend_preconfigured(config)
+        .build()?)
 }
 
 /// `answer`, or the error it carries.

@@ -111,7 +111,10 @@ fn a_served_forward_pass_is_what_capture_writes_for_every_client() {
             .add("blocks.1.hook_resid_pre", &delta)
             .unwrap();
         for token in ["alice-secret", "bob-secret"] {
-            let answer = Client::new(&server.url, token).forward(&request).unwrap();
+            let answer = Client::new(&server.url, token)
+                .unwrap()
+                .forward(&request)
+                .unwrap();
             let mut answer: Vec<(String, Vec<f32>)> = answer
                 .iter()
                 .map(|(k, t)| {
@@ -124,7 +127,10 @@ fn a_served_forward_pass_is_what_capture_writes_for_every_client() {
             answer.sort_by(|a, b| a.0.cmp(&b.0));
             assert_eq!(answer, expected, "{layout:?}: served as captured");
         }
-        let health = Client::new(&server.url, "bob-secret").health().unwrap();
+        let health = Client::new(&server.url, "bob-secret")
+            .unwrap()
+            .health()
+            .unwrap();
         assert_eq!(health.model, model.path().to_str().unwrap());
         assert_eq!(health.ranks_alive, if layout.is_empty() { 1 } else { 2 });
         assert_eq!(health.queue, 0);
@@ -225,7 +231,7 @@ save_file(load(answer.content), "{out}")
     assert!(error.contains("/v2/nothing"), "{error}");
 
     // The server still serves, and tells its hooks and its OpenAPI document.
-    let client = Client::new(&server.url, "carol-secret");
+    let client = Client::new(&server.url, "carol-secret").unwrap();
     let hooks = client.hooks().unwrap();
     assert!(
         hooks
@@ -234,7 +240,9 @@ save_file(load(answer.content), "{out}")
     );
     let request = ForwardRequest::tokens([vec![5, 6, 7, 8]]).hook("blocks.3.hook_resid_post");
     assert!(client.forward(&request).is_ok());
-    let missing = Client::new(&server.url, "carol-secret").forward(&ForwardRequest::default());
+    let missing = Client::new(&server.url, "carol-secret")
+        .unwrap()
+        .forward(&ForwardRequest::default());
     assert!(matches!(
         missing,
         Err(ClientError::Server { status: 400, .. })
@@ -252,7 +260,7 @@ fn persistent_edits_apply_only_to_the_requests_that_opt_in() {
     let model = tiny_dir(13);
     let tokens = TokenFile::new("dave-secret\n");
     let server = Server::start(model.path(), &tokens.path, &["--tp", "2"]);
-    let client = Client::new(&server.url, "dave-secret");
+    let client = Client::new(&server.url, "dave-secret").unwrap();
     let rows = || [vec![9, 8, 7, 6, 5]];
     let plain = ForwardRequest::tokens(rows()).hook("blocks.3.hook_resid_post");
     let inline = plain.clone().edit("blocks.2.hook_mlp_out=scale:0.5");
@@ -373,7 +381,7 @@ fn concurrent_requests_with_different_edits_share_a_pass_and_each_gets_its_own_a
         let mut options = vec!["--batch-window-ms", "1500"];
         options.extend(layout);
         let server = Server::start(model.path(), &tokens.path, &options);
-        let client = Client::new(&server.url, "erin-secret");
+        let client = Client::new(&server.url, "erin-secret").unwrap();
         let http = curl_with(&server.url, "erin-secret");
         let body = r#"{"name": "half-mlp", "edits": ["blocks.2.hook_mlp_out=scale:0.5"]}"#;
         assert_eq!(http("POST", "/v1/edits", body).0, "201");
@@ -390,7 +398,7 @@ fn concurrent_requests_with_different_edits_share_a_pass_and_each_gets_its_own_a
             let handles: Vec<_> = requests
                 .iter()
                 .map(|r| {
-                    let client = Client::new(&server.url, "erin-secret");
+                    let client = Client::new(&server.url, "erin-secret").unwrap();
                     s.spawn(move || sorted(&client.forward(r).unwrap()))
                 })
                 .collect();
@@ -431,14 +439,14 @@ fn a_full_queue_says_when_to_retry_and_late_or_departed_requests_are_dropped_unr
     let tokens = TokenFile::new("frank-secret\n");
     let options = ["--batch-window-ms", "2000", "--max-queue", "2"];
     let server = Server::start(model.path(), &tokens.path, &options);
-    let client = Client::new(&server.url, "frank-secret");
+    let client = Client::new(&server.url, "frank-secret").unwrap();
     let request = ForwardRequest::tokens([vec![1, 2, 3]]).hook("blocks.0.hook_resid_post");
     let body = serde_json::to_string(&request).unwrap();
     std::thread::scope(|s| {
         // Two requests wait out the window: the queue is full.
         let waiting: Vec<_> = (0..2)
             .map(|_| {
-                let client = Client::new(&server.url, "frank-secret");
+                let client = Client::new(&server.url, "frank-secret").unwrap();
                 let request = request.clone();
                 s.spawn(move || client.forward(&request))
             })
@@ -528,7 +536,7 @@ fn a_worker_lost_mid_pass_fails_that_pass_with_503_naming_its_rank_and_the_serve
     let tokens = TokenFile::new("grace-secret\n");
     let options = ["--procs", "--tp", "2", "--batch-window-ms", "300"];
     let server = Server::start(model.path(), &tokens.path, &options);
-    let client = Client::new(&server.url, "grace-secret");
+    let client = Client::new(&server.url, "grace-secret").unwrap();
     let request = ForwardRequest::tokens([vec![4, 5, 6, 7]]).hook("blocks.3.hook_resid_post");
     let before = sorted(&client.forward(&request).unwrap());
     let workers = children(server.child.id());
@@ -545,7 +553,7 @@ fn a_worker_lost_mid_pass_fails_that_pass_with_503_naming_its_rank_and_the_serve
     let failed: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2)
             .map(|_| {
-                let client = Client::new(&server.url, "grace-secret");
+                let client = Client::new(&server.url, "grace-secret").unwrap();
                 let request = request.clone();
                 s.spawn(move || client.forward(&request))
             })
@@ -605,7 +613,7 @@ fn a_served_generation_is_what_generate_prints_and_streams_a_token_per_event() {
         serde_json::from_str(printed.lines().last().unwrap()).unwrap();
 
     let server = Server::start(model.path(), &tokens.path, &["--tp", "2"]);
-    let client = Client::new(&server.url, "heidi-secret");
+    let client = Client::new(&server.url, "heidi-secret").unwrap();
     let request = flexmodel::api::GenerateRequest::prompts(prompts)
         .max_new_tokens(6)
         .edit(edit)
@@ -707,7 +715,7 @@ fn gradients_of_the_loss_are_what_capture_grad_writes_and_of_a_logit_difference_
         out.to_str().unwrap(),
     ]);
     let server = Server::start(model.path(), &tokens.path, &[]);
-    let client = Client::new(&server.url, "ivan-secret");
+    let client = Client::new(&server.url, "ivan-secret").unwrap();
     let request = ForwardRequest::tokens([vec![5, 17, 200, 3, 99], vec![1, 2, 3]]).hook(hook);
     let answer = client
         .forward(&request.clone().grad(GradMetric::Loss))
@@ -749,4 +757,110 @@ fn gradients_of_the_loss_are_what_capture_grad_writes_and_of_a_logit_difference_
         matches!(&refused, Err(ClientError::Server { status: 400, message }) if message.contains("grad")),
         "{refused:?}"
     );
+}
+
+#[test]
+fn with_a_certificate_the_server_speaks_https_only_and_a_silent_client_holds_up_no_one() {
+    let model = tiny_dir(19);
+    let tokens = TokenFile::new("judy-secret\n");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        // A server's certificate, not a CA's (webpki refuses a CA's as the server's).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=serverAuth"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let options = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let server = Server::start(model.path(), &tokens.path, &options);
+    let https = server.url.replace("http://", "https://");
+    // A client that connects and never speaks.
+    let _silent = std::net::TcpStream::connect(server.url.trim_start_matches("http://")).unwrap();
+    let body = r#"{"tokens": [[5, 6, 7, 8]], "hooks": ["blocks.3.hook_resid_post"]}"#;
+    let curl = |url: &str, extra: &[&str]| {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .args(extra)
+            .args(["-H", "Authorization: Bearer judy-secret", "--data", body])
+            .arg(format!("{url}/v1/forward"))
+            .output()
+            .unwrap()
+    };
+    let trusted = curl(&https, &["--cacert", cert.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&trusted.stdout), "200");
+    // Python's requests, trusting the certificate, gets the same tensors.
+    let script = format!(
+        r#"
+import requests
+from safetensors.numpy import load
+answer = requests.post("{https}/v1/forward", headers={{"Authorization": "Bearer judy-secret"}},
+                       data='{body}', verify="{cert}")
+answer.raise_for_status()
+print(sorted(load(answer.content)))
+"#,
+        cert = cert.display()
+    );
+    let python = Command::new(common::transformer_lens_python())
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        python.status.success(),
+        "{}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    assert!(String::from_utf8_lossy(&python.stdout).contains("blocks.3.hook_resid_post"));
+    // The Rust client, trusting the certificate.
+    let client = Client::with_ca(&https, "judy-secret", &cert).unwrap();
+    let request = ForwardRequest::tokens([vec![5, 6, 7, 8]]).hook("blocks.3.hook_resid_post");
+    let answer = client.forward(&request);
+    assert!(answer.is_ok(), "{answer:?}");
+    let stranger = Client::new(&https, "judy-secret")
+        .unwrap()
+        .forward(&request);
+    assert!(
+        matches!(stranger, Err(ClientError::Http(_))),
+        "{stranger:?}"
+    );
+    // Not trusted, or plain HTTP: no answer.
+    let untrusted = curl(&https, &[]);
+    assert_eq!(
+        untrusted.status.code(),
+        Some(60),
+        "the certificate is not trusted"
+    );
+    let plain = curl(&server.url, &[]);
+    assert_ne!(String::from_utf8_lossy(&plain.stdout), "200");
 }

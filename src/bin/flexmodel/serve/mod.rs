@@ -6,9 +6,11 @@ mod batching;
 mod clients;
 mod generation;
 mod passes;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,6 +43,12 @@ pub struct ServeArgs {
     /// address listened on is the first line printed.
     #[arg(long)]
     listen: SocketAddr,
+    /// Serve HTTPS with this certificate chain (PEM, the server's certificate first).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// How long a forward request waits for others to share its pass, in milliseconds.
     #[arg(long, default_value_t = 5)]
     batch_window_ms: u64,
@@ -79,6 +87,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         bail!("serve needs --token-file F: the clients' tokens, one per line");
     };
     let clients = ClientTokens::read(token_file)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::config(cert, key)?),
+        _ => None,
+    };
     let checkpoint = Checkpoint::open(&args.model)?;
     let layout = args.layout.layout()?;
     let (points, _) = flexmodel::sae::splice_all(checkpoint.config.points(), &args.layout.saes)?;
@@ -124,10 +136,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(listen(args.listen, served))
+    runtime.block_on(listen(args.listen, tls, served))
 }
 
-async fn listen(addr: SocketAddr, served: Arc<Served>) -> anyhow::Result<()> {
+async fn listen(
+    addr: SocketAddr,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    served: Arc<Served>,
+) -> anyhow::Result<()> {
     let authenticated = Router::new()
         .route("/v1/forward", post(forward))
         .route("/v1/generate", post(generate))
@@ -148,7 +164,10 @@ async fn listen(addr: SocketAddr, served: Arc<Served>) -> anyhow::Result<()> {
     use std::io::Write as _;
     std::io::stdout().flush()?;
     // SIGINT and SIGTERM end the process (see `main`), its workers stopped first.
-    axum::serve(listener, app).await?;
+    match tls {
+        Some(config) => axum::serve(tls::TlsListener::new(listener, config)?, app).await?,
+        None => axum::serve(listener, app).await?,
+    }
     Ok(())
 }
 

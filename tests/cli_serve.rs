@@ -59,6 +59,20 @@ impl Drop for Server {
     }
 }
 
+/// What Python (with `requests` and `safetensors`) prints running `script`.
+fn python(script: &str) -> String {
+    let out = Command::new(common::transformer_lens_python())
+        .args(["-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn bytes_of(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
@@ -172,15 +186,7 @@ save_file(load(answer.content), "{out}")
         url = server.url,
         out = python_out.display()
     );
-    let python = Command::new(common::transformer_lens_python())
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        python.status.success(),
-        "{}",
-        String::from_utf8_lossy(&python.stderr)
-    );
+    python(&script);
     assert_eq!(tensors(&python_out), from_curl);
     assert!(
         from_curl
@@ -832,16 +838,7 @@ print(sorted(load(answer.content)))
 "#,
         cert = cert.display()
     );
-    let python = Command::new(common::transformer_lens_python())
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        python.status.success(),
-        "{}",
-        String::from_utf8_lossy(&python.stderr)
-    );
-    assert!(String::from_utf8_lossy(&python.stdout).contains("blocks.3.hook_resid_post"));
+    assert!(python(&script).contains("blocks.3.hook_resid_post"));
     // The Rust client, trusting the certificate.
     let client = Client::with_ca(&https, "judy-secret", &cert).unwrap();
     let request = ForwardRequest::tokens([vec![5, 6, 7, 8]]).hook("blocks.3.hook_resid_post");

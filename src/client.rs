@@ -153,14 +153,23 @@ impl Client {
     }
 }
 
-/// An HTTP client without a time limit whose TLS (rustls, with ring's cryptography)
-/// trusts `roots`.
-fn http_client(roots: rustls::RootCertStore) -> Result<reqwest::blocking::Client, ClientError> {
+/// ring's cryptography for rustls, made the process's default if it has none: this
+/// feature builds reqwest's rustls without a provider of its own, and reqwest's other
+/// users in the process (the OTLP exporter over HTTP) take the default.
+pub(crate) fn ring_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
     // ring rather than aws-lc (which builds a C library with cmake); rustls marks ring's
     // provider deprecated because it has no post-quantum key exchange.
     #[allow(deprecated)]
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let ring = rustls::crypto::ring::default_provider();
+    // Refused (and harmless) when the process already has a default.
+    let _ = ring.clone().install_default();
+    std::sync::Arc::new(ring)
+}
+
+/// An HTTP client without a time limit whose TLS (rustls, with ring's cryptography)
+/// trusts `roots`.
+fn http_client(roots: rustls::RootCertStore) -> Result<reqwest::blocking::Client, ClientError> {
+    let config = rustls::ClientConfig::builder_with_provider(ring_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Tls(e.to_string()))?
         .with_root_certificates(roots)

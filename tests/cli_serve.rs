@@ -5,59 +5,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use common::cli::{succeeded, tensors, tiny_dir};
 use common::etcd::TokenFile;
+use common::serve::Server;
 use flexmodel::api::ForwardRequest;
 use flexmodel::client::{Client, ClientError};
-
-/// A `flexmodel serve` process, killed and reaped when dropped.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    /// Serves the model at `model` to the clients of `tokens`, with `extra` options.
-    fn start(model: &Path, tokens: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(common::flexmodel_binary())
-            .args(["serve", "--model", model.to_str().unwrap()])
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--token-file",
-                tokens.to_str().unwrap(),
-            ])
-            .args(extra)
-            .env("FLEXMODEL_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting flexmodel serve");
-        let mut line = String::new();
-        let stdout = child.stdout.take().unwrap();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("serve printed {line:?}"))
-            .to_string();
-        Server {
-            child,
-            url: format!("http://{addr}"),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// What Python (with `requests` and `safetensors`) prints running `script`.
 fn python(script: &str) -> String {

@@ -32,6 +32,8 @@ struct ReceivedSpan {
     span_id: Vec<u8>,
     parent: Vec<u8>,
     attributes: HashMap<String, String>,
+    /// The `(trace id, span id)` of each span it links to.
+    links: Vec<(Vec<u8>, Vec<u8>)>,
     /// The `process.pid` of the resource that exported it.
     pid: String,
 }
@@ -78,6 +80,11 @@ fn spans_of(requests: &[ExportTraceServiceRequest]) -> (Vec<ReceivedSpan>, Vec<S
                     .attributes
                     .iter()
                     .map(|kv| (kv.key.clone(), text(&kv.value)))
+                    .collect(),
+                links: span
+                    .links
+                    .iter()
+                    .map(|l| (l.trace_id.clone(), l.span_id.clone()))
                     .collect(),
             });
         }
@@ -451,4 +458,69 @@ fn under_a_job_one_pass_is_one_trace_with_shard_spans_from_every_long_running_wo
         worker_pids
     );
     assert!(!shard_pids.contains(root.pid.as_str()));
+}
+
+#[test]
+fn a_served_request_is_a_trace_of_its_own_linked_both_ways_to_the_pass_it_shared() {
+    use flexmodel::api::ForwardRequest;
+    use flexmodel::client::Client;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let (sender, received) = channel();
+    std::thread::spawn(move || serve_http(listener, sender));
+    let dir = tempfile::tempdir().unwrap();
+    tiny_checkpoint(4).unwrap().save_hf_dir(dir.path()).unwrap();
+    let tokens = common::etcd::TokenFile::new("kim-secret\n");
+    let endpoint = format!("http://{address}");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+    ];
+    let options = ["--batch-window-ms", "1500", "--tp", "2"];
+    let server = common::serve::Server::start_with_env(dir.path(), &tokens.path, &options, &env);
+    let request = ForwardRequest::tokens([vec![1, 2, 3]]).hook("blocks.0.hook_resid_post");
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            let client = Client::new(&server.url, "kim-secret").unwrap();
+            let request = request.clone();
+            s.spawn(move || client.forward(&request).unwrap());
+        }
+    });
+    server.terminate();
+    let mut requests = Vec::new();
+    while let Ok((_, request)) = received.recv_timeout(Duration::from_secs(2)) {
+        requests.push(request);
+    }
+    let (spans, _) = spans_of(&requests);
+    let named =
+        |name: &str| -> Vec<&ReceivedSpan> { spans.iter().filter(|s| s.name == name).collect() };
+    let (served, passes) = (named("serve.request"), named("serve.pass"));
+    assert_eq!(served.len(), 2, "{spans:#?}");
+    assert_eq!(passes.len(), 1, "one pass for both");
+    let pass = passes[0];
+    assert_ne!(
+        served[0].trace_id, served[1].trace_id,
+        "a trace per request"
+    );
+    for request in &served {
+        assert!(request.parent.is_empty(), "a request is its trace's root");
+        assert_ne!(request.trace_id, pass.trace_id);
+        assert!(
+            pass.links
+                .contains(&(request.trace_id.clone(), request.span_id.clone()))
+        );
+        assert_eq!(
+            request.links,
+            [(pass.trace_id.clone(), pass.span_id.clone())]
+        );
+        assert_eq!(
+            request.attributes.get("serve.endpoint").map(String::as_str),
+            Some("/v1/forward")
+        );
+    }
+    // The model's pass runs in the pass's trace, under it.
+    let forward = named("forward");
+    assert_eq!(forward.len(), 1, "{forward:#?}");
+    assert_eq!(forward[0].trace_id, pass.trace_id);
+    assert_eq!(forward[0].parent, pass.span_id);
 }

@@ -580,16 +580,17 @@ impl FlexModel {
         Ok((b, t))
     }
 
-    /// The root span of one pass (a new trace): `forward`, or `backward` for a forward
-    /// and backward pass.
+    /// The span of one pass: `forward`, or `backward` for a forward and backward pass; a
+    /// child of the span current when it runs (a server's pass of many requests), else
+    /// the root of a new trace.
     fn pass_span(&self, backward: bool, tokens: &Tensor) -> tracing::Span {
         let (b, t) = tokens.dims2().unwrap_or_default();
         let layout = self.layout();
         let (tp, pp, dp) = (layout.tp() as i64, layout.pp() as i64, layout.dp() as i64);
         let (batch, seq) = (b as i64, t as i64);
         match backward {
-            false => tracing::info_span!(parent: None, "forward", batch, seq, tp, pp, dp),
-            true => tracing::info_span!(parent: None, "backward", batch, seq, tp, pp, dp),
+            false => tracing::info_span!("forward", batch, seq, tp, pp, dp),
+            true => tracing::info_span!("backward", batch, seq, tp, pp, dp),
         }
     }
 

@@ -196,6 +196,13 @@ pub fn init(logs: EnvFilter, profile: Option<Profile>) -> Result<Telemetry> {
     })
 }
 
+/// Exports every finished span now: for an exit that skips destructors (on a signal),
+/// which would lose the spans the batch exporter holds.
+pub fn flush() {
+    #[cfg(feature = "otlp")]
+    otlp::flush();
+}
+
 /// How a pass's trace context travels to worker processes, so that their spans join
 /// the driver's trace: W3C trace context with the `otlp` feature, nothing without.
 pub fn propagation() -> Option<std::sync::Arc<dyn flexmodel_actors::TracePropagation>> {

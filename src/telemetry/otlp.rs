@@ -12,6 +12,18 @@ use tracing_subscriber::registry::LookupSpan;
 
 use super::{OtlpConfig, OtlpProtocol, Result, TelemetryError, env_var, first_set};
 
+/// The process's exporting provider, for [`flush`].
+static EXPORTING: std::sync::OnceLock<SdkTracerProvider> = std::sync::OnceLock::new();
+
+/// Exports every finished span now.
+pub(super) fn flush() {
+    if let Some(provider) = EXPORTING.get()
+        && let Err(e) = provider.force_flush()
+    {
+        tracing::warn!("exporting the finished traces failed: {e}");
+    }
+}
+
 /// A running exporter; dropping it flushes every finished span.
 pub(super) struct Exporter {
     provider: SdkTracerProvider,
@@ -40,6 +52,9 @@ impl Exporter {
                 (exporter, Some(runtime))
             }
             OtlpProtocol::HttpProtobuf => {
+                // reqwest's rustls needs a provider when the client feature built it.
+                #[cfg(feature = "client")]
+                crate::client::ring_provider();
                 let exporter = SpanExporter::builder()
                     .with_http()
                     .with_protocol(Protocol::HttpBinary)
@@ -58,6 +73,7 @@ impl Exporter {
             .with_resource(resource.build())
             .with_batch_exporter(exporter)
             .build();
+        let _ = EXPORTING.set(provider.clone());
         Ok(Self { provider, runtime })
     }
 

@@ -10,6 +10,7 @@ pub mod netns;
 pub mod parity;
 pub mod processes;
 pub mod relay;
+pub mod serve;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

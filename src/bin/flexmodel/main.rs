@@ -169,6 +169,7 @@ fn stop_workers_on_signals() {
             EXITING_ON_SIGNAL.store(true, std::sync::atomic::Ordering::SeqCst);
             flexmodel::runtime::stop_every_worker();
             flexmodel::runtime::leave_every_job();
+            flexmodel::telemetry::flush();
             std::process::exit(128 + signal);
         }
     });

@@ -218,8 +218,16 @@ async fn forward(State(served): State<Arc<Served>>, body: Bytes) -> Response {
             Err(failure) => return failed(failure),
         };
     let (reply, answer) = oneshot::channel();
+    let span = tracing::info_span!(
+        parent: None,
+        "serve.request",
+        serve.endpoint = "/v1/forward",
+        serve.sequences = prepared.sequences() as i64,
+        serve.tokens = (prepared.sequences() * prepared.len()) as i64
+    );
     let job = Job {
         arrived,
+        span,
         work: Work::Forward {
             request: prepared,
             reply,
@@ -305,8 +313,15 @@ async fn generate(State(served): State<Arc<Served>>, body: Bytes) -> Response {
             Err(failure) => return failed(failure),
         };
     let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let span = tracing::info_span!(
+        parent: None,
+        "serve.request",
+        serve.endpoint = "/v1/generate",
+        serve.sequences = request.prompts.len() as i64
+    );
     let job = Job {
         arrived,
+        span,
         work: Work::Generate {
             request: prepared,
             events,

@@ -56,6 +56,8 @@ impl From<candle_core::Error> for Failure {
 pub struct Job {
     /// When it arrived.
     pub arrived: Instant,
+    /// Its span (`serve.request`, the root of its trace), linked to its pass's.
+    pub span: tracing::Span,
     /// What it asks.
     pub work: Work,
 }
@@ -215,7 +217,17 @@ where
                     continue;
                 }
                 let started = Instant::now();
-                let lost_rank = run_batch(&mut model, batch);
+                // The pass is a trace of its own, linked both ways to its requests'.
+                let pass = tracing::info_span!(
+                    parent: None,
+                    "serve.pass",
+                    serve.requests = batch.len() as i64
+                );
+                for job in &batch {
+                    pass.follows_from(job.span.id());
+                    job.span.follows_from(pass.id());
+                }
+                let lost_rank = pass.in_scope(|| run_batch(&mut model, batch));
                 counters
                     .last_pass_ms
                     .store(started.elapsed().as_millis() as u64, Ordering::SeqCst);

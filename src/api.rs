@@ -20,6 +20,15 @@ pub struct ForwardRequest {
     /// Hook points to capture: exact names or globs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hooks: Vec<String>,
+    /// Which positions of each capture to answer (along its positions, the queries'
+    /// where a point has two): `"all"` (the default), `"last"` or a list of indices into
+    /// the request's left-padded sequences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positions: Option<Positions>,
+    /// A reduction of each capture over its chosen positions, done on the server:
+    /// `"mean"` (over the real tokens among them) or `"none"` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduce: Option<Reduce>,
     /// Edits, as the command line's `--edit` writes them; `NAME=add:@KEY` adds the tensor
     /// `KEY` of `tensors`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -45,6 +54,36 @@ pub struct ForwardRequest {
     /// is dropped if its pass has not started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+}
+
+/// The positions of a forward request's captures to answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Positions {
+    /// `"all"` or `"last"`.
+    Named(NamedPositions),
+    /// Indices into the request's left-padded sequences.
+    List(Vec<usize>),
+}
+
+/// `"all"` or `"last"` of [`Positions`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NamedPositions {
+    /// Every position.
+    All,
+    /// The last position (every sequence's last token: they are left-padded).
+    Last,
+}
+
+/// A reduction of a forward request's captures over their positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reduce {
+    /// None: the positions stay.
+    None,
+    /// The mean over the chosen positions that are real tokens.
+    Mean,
 }
 
 /// What a forward request's gradients are of.

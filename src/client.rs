@@ -21,7 +21,10 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use tokio_rustls::rustls;
 
-use crate::api::{ErrorBody, ForwardRequest, GenerateAnswer, GenerateRequest, GradMetric, Health};
+use crate::api::{
+    ErrorBody, ForwardRequest, GenerateAnswer, GenerateRequest, GradMetric, Health, Positions,
+    Reduce,
+};
 
 /// What went wrong with a request.
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +259,18 @@ impl ForwardRequest {
     /// Applies the persistent edit installed on the server under `name`.
     pub fn use_edits(mut self, name: impl Into<String>) -> Self {
         self.use_edits.push(name.into());
+        self
+    }
+
+    /// Answers only `positions` of each capture.
+    pub fn positions(mut self, positions: Positions) -> Self {
+        self.positions = Some(positions);
+        self
+    }
+
+    /// Reduces each capture over its positions on the server.
+    pub fn reduce(mut self, reduce: Reduce) -> Self {
+        self.reduce = Some(reduce);
         self
     }
 

@@ -816,3 +816,69 @@ print(sorted(load(answer.content)))
     let plain = curl(&server.url, &[]);
     assert_ne!(String::from_utf8_lossy(&plain.stdout), "200");
 }
+
+#[test]
+fn chosen_positions_and_their_mean_are_taken_on_the_server() {
+    use flexmodel::api::{NamedPositions, Positions, Reduce};
+    let model = tiny_dir(20);
+    let tokens = TokenFile::new("leo-secret\n");
+    let server = Server::start(model.path(), &tokens.path, &[]);
+    let client = Client::new(&server.url, "leo-secret").unwrap();
+    let (resid, pattern) = ("blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern");
+    // The second sequence is left-padded: its tokens are positions 2, 3 and 4.
+    let request = ForwardRequest::tokens([vec![5, 17, 200, 3, 99], vec![1, 2, 3]])
+        .hook(resid)
+        .hook(pattern);
+    let full = client.forward(&request).unwrap();
+    let ask = |positions: Option<Positions>, reduce: Option<Reduce>| {
+        let request = ForwardRequest {
+            positions,
+            reduce,
+            ..request.clone()
+        };
+        client.forward(&request)
+    };
+    let last = ask(Some(Positions::Named(NamedPositions::Last)), None).unwrap();
+    assert_eq!(
+        bytes_of(&last[resid]),
+        bytes_of(&full[resid].narrow(1, 4, 1).unwrap())
+    );
+    // A pattern's positions are its queries.
+    assert_eq!(last[pattern].dims(), [2, 8, 1, 5]);
+    assert_eq!(
+        bytes_of(&last[pattern]),
+        bytes_of(&full[pattern].narrow(2, 4, 1).unwrap())
+    );
+    let listed = ask(Some(Positions::List(vec![3, 0])), None).unwrap();
+    let ids = Tensor::new(&[3u32, 0], &Device::Cpu).unwrap();
+    assert_eq!(
+        bytes_of(&listed[resid]),
+        bytes_of(&full[resid].index_select(&ids, 1).unwrap())
+    );
+    // The mean is over each sequence's real tokens.
+    let mean = ask(None, Some(Reduce::Mean)).unwrap();
+    assert_eq!(mean[resid].dims(), [2, 64]);
+    let expected = Tensor::cat(
+        &[
+            &full[resid].narrow(0, 0, 1).unwrap().mean(1).unwrap(),
+            &full[resid]
+                .narrow(0, 1, 1)
+                .unwrap()
+                .narrow(1, 2, 3)
+                .unwrap()
+                .mean(1)
+                .unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let worst = common::max_abs_diff(&mean[resid], &expected);
+    assert!(worst < 1e-6, "{worst:e}");
+    for bad in [vec![5], vec![]] {
+        let refused = ask(Some(Positions::List(bad.clone())), None);
+        assert!(
+            matches!(&refused, Err(ClientError::Server { status: 400, message }) if message.contains("positions")),
+            "{bad:?}: {refused:?}"
+        );
+    }
+}

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
-use flexmodel::api::{ForwardRequest, GradMetric};
+use flexmodel::api::{ForwardRequest, GradMetric, NamedPositions, Positions, Reduce};
 use flexmodel::edits::EditSpec;
 use flexmodel::hooks::Size;
 use flexmodel::text::PAD_TOKEN;
@@ -30,6 +30,9 @@ pub struct Prepared {
     scope: PassScope,
     /// The metric whose gradients it captures, if any (such a request runs alone).
     grad: Option<GradMetric>,
+    /// The positions of each capture to answer, and their reduction.
+    positions: Positions,
+    reduce: Reduce,
 }
 
 /// What a pass's requests must share to run in it: the same scope, and with the last
@@ -110,6 +113,8 @@ impl Prepared {
             captures,
             scope,
             grad: request.grad,
+            positions: checked_positions(request.positions.clone(), len)?,
+            reduce: request.reduce.unwrap_or(Reduce::None),
         })
     }
 
@@ -135,6 +140,23 @@ impl Prepared {
     /// The length of its longest sequence.
     pub fn len(&self) -> usize {
         self.len
+    }
+}
+
+/// `positions` (all by default), checked against the request's length `len`.
+fn checked_positions(positions: Option<Positions>, len: usize) -> Result<Positions, Failure> {
+    match positions {
+        None => Ok(Positions::Named(NamedPositions::All)),
+        Some(Positions::List(list)) if list.is_empty() => {
+            Err(Failure::bad("positions: an empty list chooses nothing"))
+        }
+        Some(Positions::List(list)) => match list.iter().find(|&&i| i >= len) {
+            Some(i) => Err(Failure::bad(format!(
+                "positions: {i} is beyond the request's {len} positions"
+            ))),
+            None => Ok(Positions::List(list)),
+        },
+        Some(named) => Ok(named),
     }
 }
 
@@ -243,6 +265,7 @@ pub fn run(model: &mut FlexModel, requests: &[&Prepared]) -> Result<Vec<Vec<u8>>
     let mut answers = Vec::with_capacity(requests.len());
     for (request, span) in requests.iter().zip(spans) {
         let mut out: HashMap<String, Tensor> = HashMap::new();
+        let own_mask = request_mask(request)?;
         for &point in &request.captures {
             let name = point.to_string();
             for key in [name.clone(), format!("{name}_grad")] {
@@ -250,10 +273,10 @@ pub fn run(model: &mut FlexModel, requests: &[&Prepared]) -> Result<Vec<Vec<u8>>
                     continue;
                 };
                 let own = own_part(value, point, &span, request.len)?;
+                let own = chosen(own, point, request, own_mask.as_ref())?;
                 out.insert(key, own.to_dtype(DType::F32)?.contiguous()?);
             }
         }
-        let own_mask = request_mask(request)?;
         if let Some(value) = metric {
             out.insert("loss".to_string(), Tensor::new(&[value], &Device::Cpu)?);
         } else if let (Some(logits), true, true) = (&output, full, request.len > 1) {
@@ -305,6 +328,54 @@ fn own_part(
         };
     }
     Ok(part)
+}
+
+/// `request`'s chosen positions of `value` (its capture of `point`, or that capture's
+/// gradient), reduced as it asks; `mask` is its attention mask (`None`: no padding).
+/// A point without positions is answered whole.
+fn chosen(
+    value: Tensor,
+    point: HookPoint,
+    request: &Prepared,
+    mask: Option<&Tensor>,
+) -> Result<Tensor, Failure> {
+    let Some(dim) = point.shape_spec().iter().position(|&s| s == Size::Seq) else {
+        return Ok(value);
+    };
+    let mask = match mask {
+        Some(mask) => mask.clone(),
+        None => Tensor::ones((request.rows.len(), request.len), DType::F32, &Device::Cpu)?,
+    };
+    let (value, mask) = match &request.positions {
+        Positions::Named(NamedPositions::All) => (value, mask),
+        Positions::Named(NamedPositions::Last) => (
+            value.narrow(dim, request.len - 1, 1)?,
+            mask.narrow(1, request.len - 1, 1)?,
+        ),
+        Positions::List(list) => {
+            let list: Vec<u32> = list.iter().map(|&i| i as u32).collect();
+            let list = Tensor::new(list.as_slice(), &Device::Cpu)?;
+            (
+                value.index_select(&list, dim)?,
+                mask.index_select(&list, 1)?,
+            )
+        }
+    };
+    match request.reduce {
+        Reduce::None => Ok(value),
+        Reduce::Mean => {
+            // The mask as [b, 1, …, n, …, 1], n at the positions' dimension.
+            let mut shape = vec![1; value.rank()];
+            shape[0] = mask.dim(0)?;
+            shape[dim] = mask.dim(1)?;
+            let weights = mask.reshape(shape)?.to_dtype(value.dtype())?;
+            let sum = value.broadcast_mul(&weights)?.sum(dim)?;
+            let mut count_shape = vec![1; sum.rank()];
+            count_shape[0] = mask.dim(0)?;
+            let count = mask.sum(1)?.clamp(1f32, f32::MAX)?.reshape(count_shape)?;
+            Ok(sum.broadcast_div(&count.to_dtype(value.dtype())?)?)
+        }
+    }
 }
 
 /// The attention mask of `request`'s sequences alone, `None` if none is padded.

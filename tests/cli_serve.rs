@@ -882,3 +882,44 @@ fn chosen_positions_and_their_mean_are_taken_on_the_server() {
         );
     }
 }
+
+#[test]
+fn a_server_over_a_job_answers_as_threads_do_and_goes_on_with_a_replacement_worker() {
+    use common::etcd::{JobWorker, TestJob, members, wait_for_members};
+    let mut job = TestJob::start("serve", 1, 2);
+    let model = tiny_dir(21);
+    let token = std::fs::read_to_string(&job.token.path).unwrap();
+    let token = token.trim();
+    let url = job.url.to_string();
+    let request = ForwardRequest::tokens([vec![3, 1, 4, 1, 5], vec![9, 2, 6]])
+        .hook("blocks.*.hook_resid_post")
+        .edit("blocks.1.attn.hook_z=zero-head:2");
+    let threads = Server::start(model.path(), &job.token.path, &["--tp", "2"]);
+    let expected = sorted(
+        &Client::new(&threads.url, token)
+            .unwrap()
+            .forward(&request)
+            .unwrap(),
+    );
+    drop(threads);
+    let options = ["--tp", "2", "--cluster", url.as_str()];
+    let server = Server::start(model.path(), &job.token.path, &options);
+    let client = Client::new(&server.url, token).unwrap();
+    assert_eq!(
+        sorted(&client.forward(&request).unwrap()),
+        expected,
+        "as threads answer"
+    );
+    // A worker dies between passes and a replacement joins the job: the server's next
+    // pass takes it (the job's driver waits for the rank to be filled).
+    let victim = members(&job.url)[0].pid;
+    common::processes::signal(victim, "KILL");
+    job.workers.push(JobWorker::start(
+        &job.url,
+        Some(&job.token.path),
+        "127.0.0.1:0",
+    ));
+    wait_for_members(&job.url, 2);
+    assert_eq!(sorted(&client.forward(&request).unwrap()), expected);
+    assert_eq!(client.health().unwrap().ranks_alive, 2);
+}

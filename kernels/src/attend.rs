@@ -2,7 +2,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::rows::{for_each_row, simd, slice};
+use crate::rows::{for_each_row, slice};
+use crate::with_fma;
 
 /// Output columns a row's inner loop sums at once (a multiple of 8 lanes).
 const WIDTH: usize = 64;
@@ -51,37 +52,7 @@ impl CustomOp2 for Attend {
             let block = r / m;
             let weights = &pattern[r * keys..(r + 1) * keys];
             let values = &values[block * keys * d..(block + 1) * keys * d];
-            simd(|| {
-                // The row a block of WIDTH columns at a time, summed in registers.
-                let mut columns = row.chunks_exact_mut(WIDTH);
-                for (c, out) in (&mut columns).enumerate() {
-                    let mut sums = [0f32; WIDTH];
-                    for (k, &w) in weights.iter().enumerate() {
-                        if w == 0.0 {
-                            continue;
-                        }
-                        let at = k * d + c * WIDTH;
-                        let values: &[f32; WIDTH] = values[at..at + WIDTH]
-                            .try_into()
-                            .expect("a block of WIDTH values");
-                        for (s, &x) in sums.iter_mut().zip(values) {
-                            *s += w * x;
-                        }
-                    }
-                    out.copy_from_slice(&sums);
-                }
-                let rest = columns.into_remainder();
-                let (first, n) = (d - rest.len(), rest.len());
-                for (k, &w) in weights.iter().enumerate() {
-                    if w == 0.0 {
-                        continue;
-                    }
-                    let at = k * d + first;
-                    for (o, &x) in rest.iter_mut().zip(&values[at..at + n]) {
-                        *o += w * x;
-                    }
-                }
-            })
+            with_fma!(attend_row(row, weights, values))
         });
         Ok((CpuStorage::F32(out), Shape::from((b, h, m, d))))
     }
@@ -96,5 +67,37 @@ impl CustomOp2 for Attend {
         let grad_pattern = grad.matmul(&v.t()?)?;
         let grad_v = pattern.t()?.matmul(grad)?;
         Ok((Some(grad_pattern), Some(grad_v)))
+    }
+}
+
+/// One query's output: the `weights`' sum of the rows of `values` (`[keys, d]`), by
+/// fused multiply-adds, [`WIDTH`] columns at a time.
+#[inline(always)]
+fn attend_row(row: &mut [f32], weights: &[f32], values: &[f32]) {
+    let d = row.len();
+    let mut columns = row.chunks_exact_mut(WIDTH);
+    for (c, out) in (&mut columns).enumerate() {
+        let mut sums = [0f32; WIDTH];
+        for (k, &w) in weights.iter().enumerate() {
+            if w == 0.0 {
+                continue;
+            }
+            let at = k * d + c * WIDTH;
+            for (s, &x) in sums.iter_mut().zip(&values[at..at + WIDTH]) {
+                *s = w.mul_add(x, *s);
+            }
+        }
+        out.copy_from_slice(&sums);
+    }
+    let rest = columns.into_remainder();
+    let (first, n) = (d - rest.len(), rest.len());
+    for (k, &w) in weights.iter().enumerate() {
+        if w == 0.0 {
+            continue;
+        }
+        let at = k * d + first;
+        for (o, &x) in rest.iter_mut().zip(&values[at..at + n]) {
+            *o = w.mul_add(x, *o);
+        }
     }
 }

@@ -2,7 +2,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::rows::{for_each_row, simd, slice};
+use crate::rows::{for_each_row, slice};
+use crate::with_fma;
 
 /// Keys a row's inner loop takes at once (a multiple of 8 lanes).
 const KEYS_AT_ONCE: usize = 64;
@@ -87,42 +88,8 @@ impl CustomOp3 for Scores {
             let mask = &mask[mask_at..mask_at + keys];
             let query = &q[r * d..(r + 1) * d];
             let keys_by_dim = &k[block * d * keys..(block + 1) * d * keys];
-            simd(|| {
-                for first in (0..keys).step_by(KEYS_AT_ONCE) {
-                    let n = KEYS_AT_ONCE.min(keys - first);
-                    let (mask, row) = (&mask[first..first + n], &mut row[first..first + n]);
-                    if mask.iter().all(|&m| m == f32::NEG_INFINITY) {
-                        row.fill(f32::NEG_INFINITY);
-                        continue;
-                    }
-                    let mut sums = [0f32; KEYS_AT_ONCE];
-                    if n == KEYS_AT_ONCE {
-                        // A whole block: fixed-size lanes the compiler keeps in registers.
-                        for (i, &x) in query.iter().enumerate() {
-                            let at = i * keys + first;
-                            let keys: &[f32; KEYS_AT_ONCE] = keys_by_dim[at..at + KEYS_AT_ONCE]
-                                .try_into()
-                                .expect("a block of KEYS_AT_ONCE keys");
-                            for (s, &y) in sums.iter_mut().zip(keys) {
-                                *s += x * y;
-                            }
-                        }
-                    } else {
-                        for (i, &x) in query.iter().enumerate() {
-                            let at = i * keys + first;
-                            for (s, &y) in sums.iter_mut().zip(&keys_by_dim[at..at + n]) {
-                                *s += x * y;
-                            }
-                        }
-                    }
-                    for ((o, &s), &m) in row.iter_mut().zip(&sums).zip(mask) {
-                        *o = match m == f32::NEG_INFINITY {
-                            true => m,
-                            false => s * self.scale + m,
-                        };
-                    }
-                }
-            })
+            let scale = self.scale;
+            with_fma!(score_row(row, query, keys_by_dim, mask, scale))
         });
         Ok((CpuStorage::F32(out), Shape::from((b, h, m, keys))))
     }
@@ -141,5 +108,33 @@ impl CustomOp3 for Scores {
         // The gradient of the transposed keys, `qᵀ · grad`, is [b, h, d, keys].
         let grad_keys_by_dim = q.t()?.matmul(&grad)?;
         Ok((Some(grad_q), Some(grad_keys_by_dim), None))
+    }
+}
+
+/// One query's scores against `keys` keys (`keys_by_dim` is `[d, keys]`), blocks of
+/// [`KEYS_AT_ONCE`] at a time, each score summed over `d` by fused multiply-adds.
+#[inline(always)]
+fn score_row(row: &mut [f32], query: &[f32], keys_by_dim: &[f32], mask: &[f32], scale: f32) {
+    let keys = row.len();
+    for first in (0..keys).step_by(KEYS_AT_ONCE) {
+        let n = KEYS_AT_ONCE.min(keys - first);
+        let (mask, row) = (&mask[first..first + n], &mut row[first..first + n]);
+        if mask.iter().all(|&m| m == f32::NEG_INFINITY) {
+            row.fill(f32::NEG_INFINITY);
+            continue;
+        }
+        let mut sums = [0f32; KEYS_AT_ONCE];
+        for (i, &x) in query.iter().enumerate() {
+            let at = i * keys + first;
+            for (s, &y) in sums.iter_mut().zip(&keys_by_dim[at..at + n]) {
+                *s = x.mul_add(y, *s);
+            }
+        }
+        for ((o, &s), &m) in row.iter_mut().zip(&sums).zip(mask) {
+            *o = match m == f32::NEG_INFINITY {
+                true => m,
+                false => s * scale + m,
+            };
+        }
     }
 }

@@ -75,6 +75,14 @@ pub enum Work {
 }
 
 impl Job {
+    /// Whether it runs in a pass of its own: a generation, or a backward pass.
+    fn alone(&self) -> bool {
+        match &self.work {
+            Work::Forward { request, .. } => request.alone(),
+            Work::Generate { .. } => true,
+        }
+    }
+
     /// Whether its client is gone.
     fn abandoned(&self) -> bool {
         match &self.work {
@@ -292,18 +300,15 @@ fn take_batch(waiting: &mut VecDeque<Job>, max_tokens: usize, counters: &Counter
             counters.cancelled.fetch_add(1, Ordering::SeqCst);
             continue;
         }
-        let fits = match (&job.work, key, batch.first().map(|j| &j.work)) {
-            (_, _, Some(Work::Generate { .. })) => false,
-            (Work::Generate { .. }, _, first) => first.is_none(),
-            (Work::Forward { .. }, None, _) => true,
-            (Work::Forward { request, .. }, Some(key), _) => {
-                !request.alone()
-                    && !batch.iter().any(
-                        |j| matches!(&j.work, Work::Forward { request, .. } if request.alone()),
-                    )
+        let fits = match (&job.work, key, batch.first()) {
+            (_, _, None) => true,
+            (Work::Forward { request, .. }, Some(key), Some(first)) => {
+                !job.alone()
+                    && !first.alone()
                     && key == request.key()
                     && (rows + request.sequences()) * len.max(request.len()) <= max_tokens
             }
+            _ => false,
         };
         if !fits {
             kept.push_back(job);
